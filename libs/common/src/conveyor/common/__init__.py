@@ -1,0 +1,1 @@
+"""Code every Conveyor service shares: settings, logging, Redis keys and scripts, gRPC bootstrap, client."""

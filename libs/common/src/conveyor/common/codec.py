@@ -1,0 +1,134 @@
+"""Conversions between the wire forms and the stored forms of contract messages.
+
+Clients send payloads as ``google.protobuf.Struct`` (what grpcurl speaks) or as
+JSON bytes; Conveyor stores and moves them as compact JSON bytes, converted once
+at the door (ADR 0003). Responses always carry the Struct/Value forms.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+
+from conveyor.v1 import event_pb2, job_pb2
+
+_JOB_FIELD_TAG = bytes([(12 << 3) | 2])  # JobEvent.job, length-delimited
+
+
+def _plain(value: Any) -> Any:
+    """Struct numbers are doubles; give handlers 3 rather than 3.0 when it is whole."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def struct_to_json(value: struct_pb2.Struct) -> bytes:
+    """Compact JSON bytes of a Struct."""
+    return dumps(_plain(json_format.MessageToDict(value)))
+
+
+def dumps(value: Any) -> bytes:
+    """Compact JSON bytes of a JSON-able value."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def json_to_struct(data: bytes) -> struct_pb2.Struct:
+    """A Struct from JSON bytes of an object."""
+    out = struct_pb2.Struct()
+    if data:
+        out.update(json.loads(data))
+    return out
+
+
+def json_to_value(data: bytes) -> struct_pb2.Value:
+    """A Value from JSON bytes."""
+    out = struct_pb2.Value()
+    if data:
+        json_format.Parse(data, out)
+    return out
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def embed_job(event: bytes, job: bytes) -> bytes:
+    """Serialized JobEvent ``event`` with ``job`` (serialized Job) set as its ``job`` field.
+
+    Protobuf parsers merge repeated occurrences of a message field, so appending the
+    field is the same as setting it, without parsing and re-serializing the job.
+    """
+    return event + _JOB_FIELD_TAG + _varint(len(job)) + job
+
+
+def public_job(job: job_pb2.Job) -> job_pb2.Job:
+    """``job`` as clients see it: payload as a Struct."""
+    if job.payload_json:
+        out = job_pb2.Job()
+        out.CopyFrom(job)
+        out.payload.CopyFrom(json_to_struct(job.payload_json))
+        out.ClearField("payload_json")
+        return out
+    return job
+
+
+def public_event(event: event_pb2.JobEvent) -> event_pb2.JobEvent:
+    """``event`` as clients see it: result as a Value, the job's payload as a Struct."""
+    if not event.result_json and not event.job.payload_json:
+        return event
+    out = event_pb2.JobEvent()
+    out.CopyFrom(event)
+    if event.result_json:
+        out.result.CopyFrom(json_to_value(event.result_json))
+        out.ClearField("result_json")
+    if event.job.payload_json:
+        out.job.CopyFrom(public_job(event.job))
+    return out
+
+
+def decode_event(event_id: bytes | str, data: bytes) -> event_pb2.JobEvent:
+    """A JobEvent read from an event stream entry, with its id filled in."""
+    event = event_pb2.JobEvent.FromString(data)
+    event.id = event_id.decode() if isinstance(event_id, bytes) else event_id
+    return event
+
+
+FINAL_EVENTS = frozenset(
+    {
+        event_pb2.EVENT_TYPE_SUCCEEDED,
+        event_pb2.EVENT_TYPE_FAILED,
+        event_pb2.EVENT_TYPE_DEAD_LETTERED,
+        event_pb2.EVENT_TYPE_CANCELLED,
+    }
+)
+FINAL_STATES = frozenset(
+    {
+        job_pb2.JOB_STATE_SUCCEEDED,
+        job_pb2.JOB_STATE_FAILED,
+        job_pb2.JOB_STATE_DEAD_LETTERED,
+        job_pb2.JOB_STATE_CANCELLED,
+    }
+)
+#: The state a job is in right after each event.
+STATE_AFTER_EVENT = {
+    event_pb2.EVENT_TYPE_QUEUED: job_pb2.JOB_STATE_QUEUED,
+    event_pb2.EVENT_TYPE_DELAYED: job_pb2.JOB_STATE_DELAYED,
+    event_pb2.EVENT_TYPE_ACTIVE: job_pb2.JOB_STATE_ACTIVE,
+    event_pb2.EVENT_TYPE_PROGRESS: job_pb2.JOB_STATE_ACTIVE,
+    event_pb2.EVENT_TYPE_RETRY_SCHEDULED: job_pb2.JOB_STATE_RETRY_SCHEDULED,
+    event_pb2.EVENT_TYPE_SUCCEEDED: job_pb2.JOB_STATE_SUCCEEDED,
+    event_pb2.EVENT_TYPE_FAILED: job_pb2.JOB_STATE_FAILED,
+    event_pb2.EVENT_TYPE_DEAD_LETTERED: job_pb2.JOB_STATE_DEAD_LETTERED,
+    event_pb2.EVENT_TYPE_CANCELLED: job_pb2.JOB_STATE_CANCELLED,
+}

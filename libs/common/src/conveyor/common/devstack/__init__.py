@@ -1,0 +1,1 @@
+"""Private Redis and PostgreSQL servers plus the `make up` supervisor for local development and tests."""

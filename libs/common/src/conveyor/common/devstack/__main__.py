@@ -1,0 +1,267 @@
+"""`make up`: a private Redis and PostgreSQL plus every Conveyor service, supervised in the foreground.
+
+Usage: python -m conveyor.common.devstack [--data-dir .run] [--workers 2]
+
+Owns the local development stack: starts the servers (data kept under --data-dir between
+runs), launches results, producer and N workers with the same Python, waits for their gRPC
+health checks, prints example client commands, streams their logs with a name prefix, and
+on Ctrl-C or SIGTERM stops the services (SIGTERM, then SIGKILL after 10 s) and the servers.
+Ports come from CONVEYOR_DEV_{REDIS,PG,PRODUCER,RESULTS,WORKER}_PORT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conveyor.common.devstack.servers import PostgresServer, RedisServer, postgres_can_reach
+
+READY_TIMEOUT = 30.0
+STOP_GRACE = 10.0
+_out_lock = threading.Lock()
+_COLORS = ["36", "35", "33", "32", "34", "31"]
+
+
+def _say(prefix: str, text: str, color: str = "1") -> None:
+    if sys.stdout.isatty():
+        prefix = f"\x1b[{color}m{prefix}\x1b[0m"
+    with _out_lock:
+        sys.stdout.write(f"{prefix} | {text}\n")
+        sys.stdout.flush()
+
+
+def _note(text: str) -> None:
+    _say(f"{'devstack':<9}", text)
+
+
+def _port(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        raise SystemExit(f"{name} must be a port number, got {raw!r}") from None
+
+
+@dataclass
+class Service:
+    """One supervised service process and the tail of its output."""
+
+    name: str
+    module: str
+    addr: str
+    env: dict[str, str]
+    color: str
+    proc: subprocess.Popen[bytes] | None = None
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
+    pump: threading.Thread | None = None
+
+    def launch(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", self.module],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            process_group=0,  # Ctrl-C reaches only the supervisor, which stops services before servers
+        )
+        self.pump = threading.Thread(target=self._pump, name=f"pump-{self.name}", daemon=True)
+        self.pump.start()
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.tail.append(line)
+            _say(f"{self.name:<9}", line, self.color)
+
+    @property
+    def exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def report_exit(self) -> None:
+        assert self.proc is not None
+        if self.pump is not None:
+            self.pump.join(2.0)  # let the last lines arrive before summarising
+        _note(f"{self.name} exited with {self.proc.returncode}; its last output:")
+        for line in self.tail:
+            _note(f"  {line}")
+
+
+def _serving(addr: str) -> bool:
+    with grpc.insecure_channel(addr) as channel:
+        # types-grpcio-health-checking declares no methods on HealthStub.
+        check: Callable[..., health_pb2.HealthCheckResponse] = health_pb2_grpc.HealthStub(channel).Check  # type: ignore[attr-defined]
+        try:
+            reply = check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _wait_serving(services: list[Service], stop: threading.Event) -> Service | None:
+    """Wait until every service reports SERVING; return the first that exited instead."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    pending = list(services)
+    while pending and not stop.is_set():
+        for svc in list(pending):
+            if svc.exited:
+                return svc
+            if _serving(svc.addr):
+                _note(f"{svc.name} is serving on {svc.addr}")
+                pending.remove(svc)
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(s.name for s in pending)
+            raise TimeoutError(f"not SERVING after {READY_TIMEOUT:.0f}s: {names}")
+        stop.wait(0.2)
+    return None
+
+
+def _stop_services(services: list[Service]) -> None:
+    running = [s for s in services if s.proc is not None and s.proc.poll() is None]
+    for svc in running:
+        assert svc.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(svc.proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE
+    for svc in running:
+        assert svc.proc is not None
+        try:
+            svc.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _note(f"{svc.name} ignored SIGTERM for {STOP_GRACE:.0f}s: killing it")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(svc.proc.pid, signal.SIGKILL)
+            svc.proc.wait()
+    for svc in services:
+        if svc.pump is not None:
+            svc.pump.join(2.0)
+
+
+def _pg_data_dir(data_dir: Path) -> Path:
+    """`data_dir/postgres`, or a stable /tmp directory when the postgres user cannot reach data_dir."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if postgres_can_reach(data_dir):
+        return data_dir / "postgres"
+    # As root the server runs as `postgres`, which cannot enter e.g. /root; keyed by path so reruns reuse it.
+    key = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:10]
+    base = Path("/tmp") / f"conveyor-dev-{key}"
+    base.mkdir(exist_ok=True)
+    base.chmod(0o755)
+    _note(f"postgres cannot reach {data_dir}: keeping PostgreSQL data in {base / 'postgres'} instead")
+    return base / "postgres"
+
+
+def _print_commands(producer: str, results: str, redis_url: str, database_url: str) -> None:
+    buf = "npx buf curl --protocol grpc --http2-prior-knowledge"
+    enqueue = '{"queue":"default","type":"demo.sleep","payload":{"seconds":3,"steps":5}}'
+    job = '{"jobId":"<JOB_ID>"}'
+    calls = [
+        ("enqueue a demo job (prints its jobId)", producer, "ProducerService/Enqueue", enqueue),
+        ("watch it live (paste the jobId)", producer, "ProducerService/Watch", job),
+        ("the job as the producer sees it (Redis)", producer, "ProducerService/GetJob", job),
+        ("the job as recorded in PostgreSQL", results, "ResultsService/GetJob", job),
+        ("list jobs", results, "ResultsService/ListJobs", '{"queue":"default","pageSize":10}'),
+    ]
+    lines = ["", "Conveyor is up; Ctrl-C stops everything.", "", "# buf curl (from the repo root)"]
+    lines.append("# list services")
+    lines.append(f"{buf} --list-services http://{producer}")
+    for title, addr, method, body in calls:
+        lines += [f"# {title}", f"{buf} -d {shlex.quote(body)} http://{addr}/conveyor.v1.{method}"]
+    lines += ["", "# grpcurl", f"grpcurl -plaintext {producer} list"]
+    for _, addr, method, body in calls:
+        lines.append(f"grpcurl -plaintext -d {shlex.quote(body)} {addr} conveyor.v1.{method}")
+    lines += ["", f"# redis-cli -u {redis_url}", f"# psql {database_url}", ""]
+    with _out_lock:
+        print("\n".join(lines), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m conveyor.common.devstack", description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=Path(".run"), help="where Redis/PostgreSQL keep data")
+    parser.add_argument("--workers", type=int, default=2, help="number of worker processes")
+    args = parser.parse_args(argv)
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    data_dir: Path = args.data_dir.resolve()
+    redis = RedisServer(port=_port("CONVEYOR_DEV_REDIS_PORT", 56379), data_dir=data_dir / "redis")
+    pg = PostgresServer(port=_port("CONVEYOR_DEV_PG_PORT", 55432), data_dir=_pg_data_dir(data_dir))
+    services: list[Service] = []
+    failed = False
+    try:
+        redis.start()
+        _note(f"redis {redis.url} (data {redis.data_dir}, log {redis.log_path})")
+        pg.start()
+        _note(f"postgres {pg.url} (data {pg.data_dir}, log {pg.log_path})")
+
+        base = dict(os.environ)
+        base.update(REDIS_URL=redis.url, DATABASE_URL=pg.url, CONVEYOR_LOG_FORMAT="console", PYTHONUNBUFFERED="1")
+        results = f"127.0.0.1:{_port('CONVEYOR_DEV_RESULTS_PORT', 50052)}"
+        producer = f"127.0.0.1:{_port('CONVEYOR_DEV_PRODUCER_PORT', 50051)}"
+        worker_base = _port("CONVEYOR_DEV_WORKER_PORT", 50061)
+        specs = [
+            ("results", "conveyor.results", results, {}),
+            ("producer", "conveyor.producer", producer, {"CONVEYOR_RESULTS_ADDR": results}),
+        ]
+        for i in range(args.workers):
+            addr = f"127.0.0.1:{worker_base + i}"
+            extra = {"CONVEYOR_QUEUES": "default", "CONVEYOR_WORKER_ID": f"worker-{i + 1}"}
+            specs.append((f"worker-{i + 1}", "conveyor.worker", addr, extra))
+        for n, (name, module, addr, extra) in enumerate(specs):
+            env = {**base, "CONVEYOR_GRPC_ADDR": addr, **extra}
+            services.append(Service(name, module, addr, env, _COLORS[n % len(_COLORS)]))
+        for svc in services:
+            if not stop.is_set():
+                svc.launch()
+
+        dead = _wait_serving(services, stop)
+        if dead is not None:
+            dead.report_exit()
+            failed = True
+        elif not stop.is_set():
+            _print_commands(producer, results, redis.url, pg.url)
+        while not failed and not stop.wait(0.5):
+            dead = next((s for s in services if s.exited), None)
+            if dead is not None:
+                dead.report_exit()
+                failed = True
+            for server in (redis, pg):
+                if not server.running:
+                    _note(f"{server.name} stopped unexpectedly; log: {server.log_path}")
+                    failed = True
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        _note(f"error: {exc}")
+        failed = True
+    finally:
+        _note("stopping services")
+        _stop_services(services)
+        pg.close()
+        redis.close()
+        _note("stopped")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

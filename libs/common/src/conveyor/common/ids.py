@@ -1,0 +1,93 @@
+"""Job ids and Redis stream ids.
+
+A job id is ``<queue>/<ULID>``: the ULID is time-ordered (48-bit milliseconds,
+then 80 random bits, Crockford base 32) and the queue prefix lets every service
+find the job's keys without a global index (ADR 0002).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_ULID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+QUEUE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_STREAM_ID_RE = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+
+
+class _UlidGenerator:
+    """Monotonic ULIDs: within one millisecond the random part counts up."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = -1
+        self._last_rand = 0
+
+    def new(self) -> str:
+        with self._lock:
+            ms = time.time_ns() // 1_000_000
+            if ms <= self._last_ms:
+                ms = self._last_ms
+                rand = self._last_rand + 1
+                if rand >= 1 << 80:  # 2^80 ids in one millisecond: borrow the next one
+                    ms, rand = ms + 1, int.from_bytes(os.urandom(10), "big") >> 1
+            else:
+                # One bit short of 80, so counting up within a millisecond cannot overflow in practice.
+                rand = int.from_bytes(os.urandom(10), "big") >> 1
+            self._last_ms, self._last_rand = ms, rand
+        value = (ms << 80) | rand
+        chars = []
+        for _ in range(26):
+            chars.append(_ALPHABET[value & 31])
+            value >>= 5
+        return "".join(reversed(chars))
+
+
+_generator = _UlidGenerator()
+
+
+def new_ulid() -> str:
+    """A new time-ordered ULID."""
+    return _generator.new()
+
+
+def make_job_id(queue: str, ulid: str) -> str:
+    """The public id of a job."""
+    return f"{queue}/{ulid}"
+
+
+def parse_job_id(job_id: str) -> tuple[str, str] | None:
+    """Split a job id into (queue, ulid), or None when it is not one of ours."""
+    queue, sep, ulid = job_id.rpartition("/")
+    if not sep or not QUEUE_RE.match(queue) or not _ULID_RE.match(ulid):
+        return None
+    return queue, ulid
+
+
+def ulid_time_ms(ulid: str) -> int:
+    """Milliseconds since the epoch encoded in a ULID."""
+    value = 0
+    for ch in ulid[:10]:
+        value = value * 32 + _ALPHABET.index(ch)
+    return value
+
+
+def parse_stream_id(value: str) -> tuple[int, int] | None:
+    """``"<ms>-<seq>"`` as a comparable tuple, or None if malformed."""
+    m = _STREAM_ID_RE.match(value)
+    if not m:
+        return None
+    ms, seq = int(m.group(1)), int(m.group(2))
+    if ms >= 1 << 64 or seq >= 1 << 64:
+        return None
+    return ms, seq
+
+
+def stream_id_key(value: str | bytes) -> tuple[int, int]:
+    """Sort key of a stream id that Redis produced (trusted input)."""
+    text = value.decode() if isinstance(value, bytes) else value
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)

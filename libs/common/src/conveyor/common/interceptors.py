@@ -1,0 +1,158 @@
+"""Server interceptor: request context, one log line per RPC, errors to gRPC status.
+
+This is the only place that aborts an RPC. ConveyorError subclasses carry their
+code and google.rpc details; store outages become UNAVAILABLE; anything else is
+logged with its traceback and sent as INTERNAL "internal error" — never a stack
+trace on the wire.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import any_pb2
+from google.rpc import status_pb2
+from grpc_status import rpc_status
+
+from conveyor.common.errors import ConveyorError, Internal, InvalidArgument, Unavailable
+
+log = structlog.get_logger("conveyor.rpc")
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]
+
+
+def to_status(err: ConveyorError) -> grpc.Status:
+    """The gRPC status (with packed google.rpc details) that stands for ``err``."""
+    details = []
+    for message in err.details():
+        packed = any_pb2.Any()
+        packed.Pack(message)
+        details.append(packed)
+    return rpc_status.to_status(status_pb2.Status(code=err.code.value[0], message=err.message, details=details))
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Binds rpc/peer/request_id into the log context and maps exceptions to statuses.
+
+    Args:
+        unavailable: Exception types meaning a backing store is down (mapped to UNAVAILABLE).
+    """
+
+    def __init__(self, unavailable: tuple[type[BaseException], ...] = ()) -> None:
+        self._unavailable = unavailable
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex[:16])
+        deserializer = _lenient(handler.request_deserializer)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method, request_id),
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method, request_id),
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _wrap_unary(self, behavior: Any, method: str, request_id: str) -> Any:
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            with structlog.contextvars.bound_contextvars(rpc=method, request_id=request_id):
+                code = grpc.StatusCode.OK
+                try:
+                    _check_parsed(request)
+                    return await behavior(request, context)
+                except BaseException as exc:
+                    code = await self._abort(exc, context)
+                    raise
+                finally:
+                    _finished(method, code, started)
+
+        return unary
+
+    def _wrap_stream(self, behavior: Any, method: str, request_id: str) -> Any:
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            with structlog.contextvars.bound_contextvars(rpc=method, request_id=request_id):
+                code = grpc.StatusCode.OK
+                try:
+                    _check_parsed(request)
+                    async for response in behavior(request, context):
+                        yield response
+                except BaseException as exc:
+                    code = await self._abort(exc, context)
+                    raise
+                finally:
+                    _finished(method, code, started)
+
+        return stream
+
+    async def _abort(self, exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+        """Abort the RPC for ``exc`` (raises), or return the code when there is nothing to map."""
+        if isinstance(exc, grpc.aio.AbortError):
+            code = context.code()
+            return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+        if not isinstance(exc, Exception):  # cancellation, shutdown: let it through
+            return grpc.StatusCode.CANCELLED
+        if isinstance(exc, ConveyorError):
+            err = exc
+        elif isinstance(exc, self._unavailable):
+            log.warning("backend_unavailable", error=str(exc), error_type=type(exc).__name__)
+            err = Unavailable(f"a backing store is unavailable ({type(exc).__name__}); retry shortly")
+        else:
+            log.error("rpc_failed", exc_info=exc)
+            err = Internal("internal error")
+        status = to_status(err)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+        return status.code  # not reached: abort raises
+
+
+class _Unparsable:
+    """Stands in for a request whose bytes are not the message they claim to be."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """Wrap a request deserializer so garbage bytes become INVALID_ARGUMENT, not INTERNAL."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Unparsable(exc)
+
+    return parse
+
+
+def _check_parsed(request: Any) -> None:
+    if isinstance(request, _Unparsable):
+        raise InvalidArgument({"request": f"the request bytes are not a valid protobuf message ({request.error})"})
+
+
+def _finished(method: str, code: grpc.StatusCode, started: float) -> None:
+    duration_ms = round((time.perf_counter() - started) * 1000, 3)
+    if code == grpc.StatusCode.OK:
+        # Debug level: the hot path (Enqueue) would spend more on this line than on its work.
+        log.debug("rpc_finished", rpc=method, code=code.name, duration_ms=duration_ms)
+    else:
+        log.info("rpc_finished", rpc=method, code=code.name, duration_ms=duration_ms)

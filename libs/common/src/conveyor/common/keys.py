@@ -1,0 +1,65 @@
+"""Every Redis key Conveyor uses, in one place.
+
+All keys of one queue carry the hash tag ``{<queue>}`` so that a queue lives on a
+single Redis Cluster slot (Lua scripts touch several of them at once) while
+different queues spread across shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+PREFIX = "conveyor"
+#: Consumer group of the workers on every job stream.
+WORKER_GROUP = "workers"
+#: Consumer group of the results service on every event stream.
+RESULTS_GROUP = "results"
+#: Priority bands, lowest to highest. Each band is its own stream.
+MIN_PRIORITY = 1
+MAX_PRIORITY = 9
+DEFAULT_PRIORITY = 5
+BANDS = tuple(range(MIN_PRIORITY, MAX_PRIORITY + 1))
+
+#: Every queue ever used (discovery for the results service and operators).
+QUEUES = f"{PREFIX}:queues"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueKeys:
+    """The keys of one queue."""
+
+    queue: str
+    #: HASH job ulid -> live record (see scripts.Record).
+    state: str
+    #: STREAM of JobEvents (fields j=ulid, e=JobEvent bytes), read by Watch and the results service.
+    events: str
+    #: ZSET of finished job ulids, scored by the time their live record expires.
+    done: str
+    #: Job streams by priority band, lowest band first (fields j=ulid, d=Job bytes).
+    bands: tuple[str, ...]
+
+    def band(self, priority: int) -> str:
+        """The job stream of one priority band."""
+        return self.bands[priority - MIN_PRIORITY]
+
+    def idempotency(self, key: str) -> str:
+        """The key that remembers which job an idempotency key made."""
+        return f"{PREFIX}:{{{self.queue}}}:idem:{key}"
+
+    def script_keys(self) -> list[str]:
+        """The fixed KEYS every per-queue script takes: state, events, done, then the bands."""
+        return [self.state, self.events, self.done, *self.bands]
+
+
+@cache
+def queue_keys(queue: str) -> QueueKeys:
+    """Keys of ``queue`` (cached: there are few queues and many calls)."""
+    base = f"{PREFIX}:{{{queue}}}"
+    return QueueKeys(
+        queue=queue,
+        state=f"{base}:state",
+        events=f"{base}:events",
+        done=f"{base}:done",
+        bands=tuple(f"{base}:jobs:{p}" for p in BANDS),
+    )

@@ -1,0 +1,53 @@
+"""structlog set-up: JSON lines in production, readable lines on a terminal.
+
+Context (job_id, queue, attempt, worker, rpc...) lives in contextvars, so every
+line logged while handling a job or an RPC carries it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure(service: str, level: str = "info", fmt: str = "auto", cache: bool = True) -> None:
+    """Configure structlog once per process.
+
+    Args:
+        service: Added to every line as ``service``.
+        level: Lowest level written.
+        fmt: "json", "console", or "auto" (JSON unless stdout is a terminal).
+        cache: Cache loggers on first use; tests turn this off so capture_logs sees them.
+    """
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+
+    def add_service(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+        event.setdefault("service", service)
+        return event
+
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_service,
+    ]
+    if use_json:
+        processors += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+    else:
+        processors.append(structlog.dev.ConsoleRenderer())
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=cache,
+    )
+
+
+def get_logger(name: str) -> Any:
+    """A logger for a module."""
+    return structlog.get_logger(name)

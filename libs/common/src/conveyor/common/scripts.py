@@ -1,0 +1,171 @@
+"""The Lua scripts (lua/*.lua) and typed calls to them.
+
+Every multi-step change of queue state happens in one of these scripts, so two
+workers or producers can never interleave half-done changes (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from conveyor.common.keys import BANDS, RESULTS_GROUP, WORKER_GROUP, QueueKeys
+
+
+def _source(name: str) -> str:
+    return (resources.files("conveyor.common") / "lua" / f"{name}.lua").read_text()
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A job's live record in the queue's state hash: ``state|attempt|priority|entry|first_event|final_event``."""
+
+    state: int
+    attempt: int
+    priority: int
+    entry_id: str
+    first_event_id: str
+    final_event_id: str
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> Record:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        state, attempt, priority, entry_id, first, final = text.split("|")
+        return cls(int(state), int(attempt), int(priority), entry_id, first, final)
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """One job for the enqueue script."""
+
+    ulid: str
+    priority: int
+    job: bytes
+    queued_event: bytes
+    idempotency_key: str = ""
+    idempotency_window_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    ulid: str
+    created: bool
+    state: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A job a worker claimed."""
+
+    band: int
+    entry_id: str
+    ulid: str
+    attempt: int
+    job: bytes
+    active_event_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A final outcome for the complete script."""
+
+    band: int
+    entry_id: str
+    ulid: str
+    deliveries: int
+    state: int
+    event: bytes
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Scripts:
+    """The registered scripts of one Redis client."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._enqueue = client.register_script(_source("enqueue"))
+        self._claim = client.register_script(_source("claim"))
+        self._complete = client.register_script(_source("complete"))
+        self._progress = client.register_script(_source("progress"))
+        self._job_events = client.register_script(_source("job_events"))
+        self._trim_events = client.register_script(_source("trim_events"))
+
+    async def enqueue(self, keys: QueueKeys, jobs: list[NewJob]) -> list[EnqueueResult]:
+        """Add ``jobs`` to one queue atomically; known idempotency keys return their job."""
+        idem_keys: list[str] = []
+        idem_index: dict[str, int] = {}
+        args: list[Any] = [len(jobs)]
+        for job in jobs:
+            index = 0
+            if job.idempotency_key:
+                index = idem_index.get(job.idempotency_key, 0)
+                if not index:
+                    idem_keys.append(keys.idempotency(job.idempotency_key))
+                    index = idem_index[job.idempotency_key] = len(idem_keys)
+            args += [job.ulid, job.priority, job.job, job.queued_event, index, job.idempotency_window_ms]
+        raw = await self._enqueue(keys=[*keys.script_keys(), *idem_keys], args=args)
+        return [EnqueueResult(_text(raw[i]), bool(raw[i + 1]), int(raw[i + 2])) for i in range(0, len(raw), 3)]
+
+    async def claim(self, keys: QueueKeys, consumer: str, count: int) -> tuple[list[Claimed], dict[int, str]]:
+        """Claim up to ``count`` jobs, highest band first.
+
+        Returns:
+            The claimed jobs, and (only when none was claimed) the last id of each band
+            to block on for newer entries.
+        """
+        claimed_raw, wait_raw = await self._claim(
+            keys=keys.script_keys(), args=[WORKER_GROUP, consumer, count, keys.queue]
+        )
+        claimed = [
+            Claimed(
+                band=int(claimed_raw[i]),
+                entry_id=_text(claimed_raw[i + 1]),
+                ulid=_text(claimed_raw[i + 2]),
+                attempt=int(claimed_raw[i + 3]),
+                job=claimed_raw[i + 4],
+                active_event_id=_text(claimed_raw[i + 5]),
+            )
+            for i in range(0, len(claimed_raw), 6)
+        ]
+        wait_from = {band: _text(last) for band, last in zip(BANDS, wait_raw, strict=False)}
+        return claimed, wait_from
+
+    async def complete(
+        self, keys: QueueKeys, consumer: str, retention_ms: int, outcomes: list[Outcome]
+    ) -> list[str | None]:
+        """Ack and record outcomes; None for each outcome refused because the claim moved on."""
+        args: list[Any] = [WORKER_GROUP, consumer, retention_ms, len(outcomes)]
+        for o in outcomes:
+            args += [o.band, o.entry_id, o.ulid, o.deliveries, o.state, o.event]
+        raw = await self._complete(keys=keys.script_keys(), args=args)
+        return [None if r == 0 else _text(r) for r in raw]
+
+    async def progress(
+        self, keys: QueueKeys, band: int, consumer: str, entry_id: str, ulid: str, event: bytes
+    ) -> str | None:
+        """Append a PROGRESS event; None when this consumer no longer owns the job."""
+        raw = await self._progress(
+            keys=[keys.events, keys.band(band)], args=[WORKER_GROUP, consumer, entry_id, ulid, event]
+        )
+        return None if raw == 0 else _text(raw)
+
+    async def job_events(
+        self, keys: QueueKeys, ulid: str, start: str, scan: int = 2000
+    ) -> tuple[list[tuple[str, bytes]], str]:
+        """One job's events in [start, ...) of the event stream, scanning at most ``scan`` entries.
+
+        ``start`` is an inclusive id, or ``"(" + id`` for exclusive. Returns the matches
+        and the id to continue after ("" at the end of the stream).
+        """
+        matches, next_id = await self._job_events(keys=[keys.events], args=[ulid, start, scan])
+        pairs = [(_text(matches[i]), matches[i + 1]) for i in range(0, len(matches), 2)]
+        return pairs, _text(next_id)
+
+    async def trim_events(self, keys: QueueKeys, cutoff_ms: int) -> int:
+        """Trim events older than ``cutoff_ms`` that the results service has acknowledged."""
+        return int(await self._trim_events(keys=[keys.events], args=[RESULTS_GROUP, f"{cutoff_ms}-0"]))

@@ -1,0 +1,130 @@
+"""The gRPC server bootstrap every service uses: aio server, health, reflection, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from conveyor.common.interceptors import ServerInterceptor
+
+log = structlog.get_logger("conveyor.server")
+
+MAX_MESSAGE_BYTES = 64 << 20
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+@dataclass(frozen=True)
+class Service:
+    """One gRPC service to host: its generated ``add_*_to_server`` function and servicer."""
+
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    #: Full name, e.g. "conveyor.v1.ProducerService" (from the generated descriptor).
+    name: str
+
+
+@dataclass
+class RunningServer:
+    """A started server; ``port`` is the bound port (useful with port 0)."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    names: list[str] = field(default_factory=list)
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Report NOT_SERVING, then stop, letting in-flight RPCs finish within ``grace``."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start(
+    addr: str,
+    services: Sequence[Service],
+    *,
+    unavailable: tuple[type[BaseException], ...] = (),
+) -> RunningServer:
+    """Start a server on ``addr`` ("host:port", port 0 picks a free one) hosting ``services``.
+
+    Every server also hosts grpc.health.v1 (SERVING for "" and each service) and
+    server reflection, so grpcurl and Kubernetes probes work out of the box.
+    """
+    server = grpc.aio.server(interceptors=[ServerInterceptor(unavailable)], options=SERVER_OPTIONS)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [s.name for s in services]
+    for s in services:
+        s.add_to_server(s.servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(addr)
+    if port == 0:
+        raise OSError(f"cannot listen on {addr}")
+    await server.start()
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server=server, port=port, health=health_servicer, names=names)
+
+
+async def serve(
+    addr: str,
+    services: Sequence[Service],
+    *,
+    grace: float = 10.0,
+    unavailable: tuple[type[BaseException], ...] = (),
+    background: Sequence[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = (),
+    on_shutdown: Sequence[Callable[[], Awaitable[Any]]] = (),
+) -> None:
+    """Run a server until SIGTERM or SIGINT, then shut down gracefully.
+
+    Args:
+        addr: Listen address.
+        services: The services to host.
+        grace: Seconds in-flight RPCs (and background tasks) get to finish.
+        unavailable: Exception types that mean a backing store is down.
+        background: Coroutines run beside the server; each gets the stop event and
+            must return soon after it is set.
+        on_shutdown: Awaited in order after the server stopped (close clients).
+    """
+    running = await start(addr, services, unavailable=unavailable)
+    log.info("server_started", addr=addr, port=running.port, services=running.names)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(job(stop)) for job in background]
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        # A background task that dies takes the process down rather than leaving it half-alive.
+        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not waiter and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        stop.set()
+        log.info("server_stopping", grace_s=grace)
+        await running.health.enter_graceful_shutdown()
+        results = await asyncio.gather(running.server.stop(grace), *tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.error("shutdown_task_failed", exc_info=result)
+        for close in on_shutdown:
+            await close()
+        waiter.cancel()
+        log.info("server_stopped")

@@ -1,0 +1,163 @@
+"""Configuration from environment variables, read once at start-up.
+
+Every setting has a default that works with `make up`. A bad value fails fast
+with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:56379/0"
+DEFAULT_DATABASE_URL = "postgresql://conveyor@127.0.0.1:55432/conveyor"
+
+
+class SettingsError(ValueError):
+    """A configuration variable holds a value Conveyor cannot use."""
+
+
+class _Env:
+    def __init__(self, env: Mapping[str, str] | None) -> None:
+        self._env = os.environ if env is None else env
+
+    def text(self, name: str, default: str, *aliases: str) -> str:
+        for key in (name, *aliases):
+            value = self._env.get(key)
+            if value:
+                return value
+        return default
+
+    def integer(self, name: str, default: int, minimum: int = 0) -> int:
+        raw = self._env.get(name)
+        if not raw:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r}: expected an integer") from None
+        if value < minimum:
+            raise SettingsError(f"{name}={raw!r}: must be at least {minimum}")
+        return value
+
+    def number(self, name: str, default: float, minimum: float = 0.0) -> float:
+        raw = self._env.get(name)
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r}: expected a number") from None
+        if value < minimum:
+            raise SettingsError(f"{name}={raw!r}: must be at least {minimum}")
+        return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self._env.get(name) or default
+        if value not in choices:
+            raise SettingsError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+        return value
+
+    def items(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        raw = self._env.get(name)
+        if not raw:
+            return default
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class CommonSettings:
+    """What every service reads."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    grpc_addr: str = "127.0.0.1:50051"
+    log_level: str = "info"
+    #: "json", "console", or "auto" (JSON unless stdout is a terminal).
+    log_format: str = "auto"
+    #: How long finished jobs' live records and events stay in Redis, in seconds.
+    retention_s: float = 300.0
+    #: Seconds a stopping server lets in-flight RPCs finish.
+    shutdown_grace_s: float = 10.0
+
+    @classmethod
+    def _common(cls, env: _Env, default_addr: str) -> dict[str, object]:
+        return {
+            "redis_url": env.text("REDIS_URL", DEFAULT_REDIS_URL, "CONVEYOR_REDIS_URL"),
+            "grpc_addr": env.text("CONVEYOR_GRPC_ADDR", default_addr),
+            "log_level": env.choice("CONVEYOR_LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+            "log_format": env.choice("CONVEYOR_LOG_FORMAT", "auto", ("auto", "json", "console")),
+            "retention_s": env.number("CONVEYOR_RETENTION_SECONDS", 300.0, minimum=1.0),
+            "shutdown_grace_s": env.number("CONVEYOR_SHUTDOWN_GRACE_SECONDS", 10.0),
+        }
+
+
+@dataclass(frozen=True)
+class ProducerSettings(CommonSettings):
+    """The producer's settings."""
+
+    #: Where ResultsService listens; Watch and GetJob fall back to it for old jobs.
+    results_addr: str = "127.0.0.1:50052"
+    max_payload_bytes: int = 1 << 20
+    max_batch: int = 1000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ProducerSettings:
+        e = _Env(env)
+        return cls(
+            **cls._common(e, "127.0.0.1:50051"),  # type: ignore[arg-type]
+            results_addr=e.text("CONVEYOR_RESULTS_ADDR", "127.0.0.1:50052"),
+            max_payload_bytes=e.integer("CONVEYOR_MAX_PAYLOAD_BYTES", 1 << 20, minimum=1),
+            max_batch=e.integer("CONVEYOR_MAX_BATCH", 1000, minimum=1),
+        )
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class WorkerSettings(CommonSettings):
+    """The worker's settings."""
+
+    queues: tuple[str, ...] = ("default",)
+    #: Jobs one worker process runs at once.
+    concurrency: int = 50
+    #: "module:attribute" of Handlers objects, comma-separated.
+    handlers: tuple[str, ...] = ("conveyor.worker.demo:handlers",)
+    worker_id: str = field(default_factory=_default_worker_id)
+    #: Longest wait for new work before checking again, in seconds.
+    poll_interval_s: float = 5.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
+        e = _Env(env)
+        return cls(
+            **cls._common(e, "127.0.0.1:50061"),  # type: ignore[arg-type]
+            queues=e.items("CONVEYOR_QUEUES", ("default",)),
+            concurrency=e.integer("CONVEYOR_CONCURRENCY", 50, minimum=1),
+            handlers=e.items("CONVEYOR_HANDLERS", ("conveyor.worker.demo:handlers",)),
+            worker_id=e.text("CONVEYOR_WORKER_ID", _default_worker_id()),
+            poll_interval_s=e.number("CONVEYOR_POLL_INTERVAL_SECONDS", 5.0, minimum=0.05),
+        )
+
+
+@dataclass(frozen=True)
+class ResultsSettings(CommonSettings):
+    """The results service's settings."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    #: Most events projected in one PostgreSQL transaction.
+    batch_size: int = 1000
+    pool_size: int = 4
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ResultsSettings:
+        e = _Env(env)
+        return cls(
+            **cls._common(e, "127.0.0.1:50052"),  # type: ignore[arg-type]
+            database_url=e.text("DATABASE_URL", DEFAULT_DATABASE_URL, "CONVEYOR_DATABASE_URL"),
+            batch_size=e.integer("CONVEYOR_RESULTS_BATCH", 1000, minimum=1),
+            pool_size=e.integer("CONVEYOR_DB_POOL_SIZE", 4, minimum=1),
+        )

@@ -1,0 +1,1 @@
+"""Generated from protos/conveyor/v1; do not edit: make proto."""

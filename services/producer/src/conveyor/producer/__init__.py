@@ -1,0 +1,1 @@
+"""Conveyor producer: the gRPC front door (Enqueue, EnqueueBatch, Watch, GetJob)."""

@@ -1,0 +1,58 @@
+"""Producer process: `python -m conveyor.producer`. Wiring only."""
+
+from __future__ import annotations
+
+import asyncio
+
+from conveyor.common import logs, server
+from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
+from conveyor.common.scripts import Scripts
+from conveyor.common.settings import ProducerSettings
+from conveyor.producer.enqueue import Enqueuer
+from conveyor.producer.history import History
+from conveyor.producer.jobs import JobReader
+from conveyor.producer.servicer import ProducerServicer
+from conveyor.producer.watch import Watcher
+from conveyor.v1 import producer_service_pb2, producer_service_pb2_grpc
+
+
+async def run() -> None:
+    settings = ProducerSettings.from_env()
+    logs.configure(service="producer", level=settings.log_level, fmt=settings.log_format)
+    redis = await connect_redis(settings.redis_url)
+    tail_redis = make_redis(settings.redis_url, blocking=True)
+    scripts = Scripts(redis)
+    history = History(settings.results_addr)
+    watcher = Watcher(redis, tail_redis, scripts, history)
+    servicer = ProducerServicer(
+        enqueuer=Enqueuer(redis, scripts, settings.max_payload_bytes, settings.max_batch),
+        watcher=watcher,
+        jobs=JobReader(redis, history),
+    )
+    await server.serve(
+        settings.grpc_addr,
+        [
+            server.Service(
+                producer_service_pb2_grpc.add_ProducerServiceServicer_to_server,
+                servicer,
+                producer_service_pb2.DESCRIPTOR.services_by_name["ProducerService"].full_name,
+            )
+        ],
+        grace=settings.shutdown_grace_s,
+        unavailable=REDIS_UNAVAILABLE,
+        on_shutdown=[watcher.close, history.close, redis.aclose, tail_redis.aclose],
+    )
+
+
+def main() -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - optional speed-up
+        pass
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

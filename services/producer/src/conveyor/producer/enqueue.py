@@ -1,0 +1,120 @@
+"""Writing validated jobs into their queues' streams, one Lua call per queue per batch."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import redis.asyncio as aioredis
+
+from conveyor.common.codec import embed_job
+from conveyor.common.errors import InvalidArgument, ResourceExhausted
+from conveyor.common.ids import make_job_id, new_ulid
+from conveyor.common.keys import QUEUES, queue_keys
+from conveyor.common.redis import sadd
+from conveyor.common.scripts import NewJob, Scripts
+from conveyor.producer.validate import ValidJob, validate_all
+from conveyor.v1 import event_pb2, job_pb2, producer_service_pb2
+
+_PAYLOAD_TAG = bytes([(5 << 3) | 2])  # Job.payload_json, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def build_job(valid: ValidJob, ulid: str, now_ns: int) -> tuple[bytes, bytes]:
+    """The Job as stored in the stream, and the QUEUED event (whose job has no payload).
+
+    The payload is appended as raw bytes after serializing the rest once: the stream
+    entry needs it, the QUEUED event does not (it would double the memory of a waiting job).
+    """
+    r = valid.request
+    job = job_pb2.Job(
+        id=make_job_id(r.queue, ulid),
+        queue=r.queue,
+        type=r.type,
+        priority=valid.priority,
+        labels=r.labels,
+        idempotency_key=r.idempotency_key,
+        state=job_pb2.JOB_STATE_QUEUED,
+    )
+    if r.HasField("retry"):
+        job.retry.CopyFrom(r.retry)
+    if r.HasField("timeout"):
+        job.timeout.CopyFrom(r.timeout)
+    job.created_at.FromNanoseconds(now_ns)
+    without_payload = job.SerializeToString()
+    event = event_pb2.JobEvent(job_id=job.id, type=event_pb2.EVENT_TYPE_QUEUED)
+    event.time.FromNanoseconds(now_ns)
+    queued_event = embed_job(event.SerializeToString(), without_payload)
+    payload = valid.payload_json
+    stored = without_payload + _PAYLOAD_TAG + _varint(len(payload)) + payload
+    return stored, queued_event
+
+
+class Enqueuer:
+    """Validates and writes jobs.
+
+    Args:
+        redis: Client for the queues' Redis.
+        scripts: Scripts registered on that client.
+        max_payload_bytes: Largest payload accepted, as JSON bytes.
+        max_batch: Most jobs in one EnqueueBatch.
+    """
+
+    def __init__(self, redis: aioredis.Redis, scripts: Scripts, max_payload_bytes: int, max_batch: int) -> None:
+        self._redis = redis
+        self._scripts = scripts
+        self._max_payload_bytes = max_payload_bytes
+        self._max_batch = max_batch
+        self._known_queues: set[str] = set()
+
+    async def enqueue(
+        self, requests: list[producer_service_pb2.EnqueueRequest], batch: bool
+    ) -> list[producer_service_pb2.EnqueueResponse]:
+        """Validate all requests, then write them; responses are in request order."""
+        if batch and not requests:
+            raise InvalidArgument({"jobs": "at least one job is required"})
+        if len(requests) > self._max_batch:
+            raise ResourceExhausted(f"jobs: {len(requests)} jobs in one batch; the limit is {self._max_batch}")
+        valid = validate_all(requests, self._max_payload_bytes, batch)
+        by_queue: dict[str, list[tuple[int, NewJob]]] = defaultdict(list)
+        now_ns = time.time_ns()
+        for index, v in enumerate(valid):
+            ulid = new_ulid()
+            stored, queued_event = build_job(v, ulid, now_ns)
+            by_queue[v.request.queue].append(
+                (
+                    index,
+                    NewJob(
+                        ulid=ulid,
+                        priority=v.priority,
+                        job=stored,
+                        queued_event=queued_event,
+                        idempotency_key=v.request.idempotency_key,
+                        idempotency_window_ms=v.idempotency_window_ms,
+                    ),
+                )
+            )
+        responses: list[producer_service_pb2.EnqueueResponse] = [producer_service_pb2.EnqueueResponse() for _ in valid]
+        for queue, items in by_queue.items():
+            await self._register(queue)
+            results = await self._scripts.enqueue(queue_keys(queue), [job for _, job in items])
+            for (index, _), result in zip(items, results, strict=True):
+                r = responses[index]
+                r.job_id = make_job_id(queue, result.ulid)
+                r.created = result.created
+                r.state = result.state  # type: ignore[assignment]
+        return responses
+
+    async def _register(self, queue: str) -> None:
+        # Discovery for the results service and operators; once per queue per process.
+        if queue not in self._known_queues:
+            await sadd(self._redis, QUEUES, queue)
+            self._known_queues.add(queue)

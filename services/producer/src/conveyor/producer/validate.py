@@ -1,0 +1,151 @@
+"""Validation of EnqueueRequest: bad input is refused before anything is written.
+
+Returns plain values; every violation names its field (``jobs[3].queue`` in a
+batch) so that the INVALID_ARGUMENT status carries a google.rpc.BadRequest a
+person can act on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from conveyor.common.codec import struct_to_json
+from conveyor.common.errors import InvalidArgument, ResourceExhausted, Unimplemented
+from conveyor.common.ids import QUEUE_RE
+from conveyor.common.keys import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
+from conveyor.v1 import producer_service_pb2
+
+TYPE_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+MAX_IDEMPOTENCY_KEY = 256
+DEFAULT_IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000
+MAX_IDEMPOTENCY_WINDOW_MS = 30 * 24 * 3600 * 1000
+MAX_LABELS = 32
+MAX_LABEL_KEY = 64
+MAX_LABEL_VALUE = 256
+MAX_ATTEMPTS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class ValidJob:
+    """An EnqueueRequest that passed validation, with its payload as JSON bytes."""
+
+    request: producer_service_pb2.EnqueueRequest
+    payload_json: bytes
+    priority: int
+    idempotency_window_ms: int
+
+
+def _duration_ms(seconds: int, nanos: int) -> int:
+    return seconds * 1000 + nanos // 1_000_000
+
+
+def validate(
+    request: producer_service_pb2.EnqueueRequest, max_payload_bytes: int, prefix: str = ""
+) -> tuple[ValidJob | None, dict[str, str]]:
+    """Check one request.
+
+    Returns:
+        The valid job (or None) and the violations, field path -> why.
+
+    Raises:
+        ResourceExhausted: The payload is over ``max_payload_bytes``.
+    """
+    bad: dict[str, str] = {}
+    if not request.queue:
+        bad[f"{prefix}queue"] = "required"
+    elif not QUEUE_RE.match(request.queue):
+        bad[f"{prefix}queue"] = "must be 1-64 characters from A-Z a-z 0-9 _ . -"
+    if not request.type:
+        bad[f"{prefix}type"] = "required"
+    elif not TYPE_RE.match(request.type):
+        bad[f"{prefix}type"] = "must be 1-128 characters from A-Z a-z 0-9 _ . : -"
+
+    payload = b"{}"
+    if request.HasField("payload") and request.payload_json:
+        bad[f"{prefix}payload_json"] = "set either payload or payload_json, not both"
+    elif request.payload_json:
+        payload = bytes(request.payload_json)
+        try:
+            if not isinstance(json.loads(payload), dict):
+                bad[f"{prefix}payload_json"] = "must be a JSON object"
+        except (UnicodeDecodeError, ValueError):
+            bad[f"{prefix}payload_json"] = "must be UTF-8 JSON text of an object"
+    elif request.HasField("payload"):
+        try:
+            payload = struct_to_json(request.payload)
+        except ValueError as exc:  # NaN or infinity cannot be JSON
+            bad[f"{prefix}payload"] = f"cannot be represented as JSON: {exc}"
+    if len(payload) > max_payload_bytes:
+        raise ResourceExhausted(
+            f"{prefix}payload is {len(payload)} bytes as JSON; the limit is {max_payload_bytes} bytes"
+        )
+
+    if len(request.idempotency_key.encode()) > MAX_IDEMPOTENCY_KEY:
+        bad[f"{prefix}idempotency_key"] = f"must be at most {MAX_IDEMPOTENCY_KEY} bytes"
+    window_ms = DEFAULT_IDEMPOTENCY_WINDOW_MS
+    if request.HasField("idempotency_window"):
+        w = request.idempotency_window
+        window_ms = _duration_ms(w.seconds, w.nanos)
+        if w.seconds < 0 or w.nanos < 0:
+            bad[f"{prefix}idempotency_window"] = "must not be negative"
+        elif window_ms > MAX_IDEMPOTENCY_WINDOW_MS:
+            bad[f"{prefix}idempotency_window"] = "must be at most 30 days"
+        elif window_ms == 0:
+            window_ms = DEFAULT_IDEMPOTENCY_WINDOW_MS
+
+    priority = request.priority or DEFAULT_PRIORITY
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        bad[f"{prefix}priority"] = f"must be 0 (default) or {MIN_PRIORITY}-{MAX_PRIORITY}"
+
+    if request.HasField("delay") and request.HasField("run_at"):
+        bad[f"{prefix}delay"] = "set either delay or run_at, not both"
+    if request.HasField("delay"):
+        if request.delay.seconds < 0 or request.delay.nanos < 0:
+            bad[f"{prefix}delay"] = "must not be negative"
+        elif request.delay.seconds or request.delay.nanos:
+            raise Unimplemented(f"{prefix}delay: delayed jobs are not supported yet (issue #3)")
+    if request.HasField("run_at"):
+        raise Unimplemented(f"{prefix}run_at: delayed jobs are not supported yet (issue #3)")
+
+    if request.HasField("timeout") and (request.timeout.seconds < 0 or request.timeout.nanos < 0):
+        bad[f"{prefix}timeout"] = "must not be negative"
+    if request.HasField("retry"):
+        retry = request.retry
+        if not 0 <= retry.max_attempts <= MAX_ATTEMPTS:
+            bad[f"{prefix}retry.max_attempts"] = f"must be 0 (default) to {MAX_ATTEMPTS}"
+        for name in ("base", "cap"):
+            d = getattr(retry, name)
+            if d.seconds < 0 or d.nanos < 0:
+                bad[f"{prefix}retry.{name}"] = "must not be negative"
+        if not 0.0 <= retry.jitter <= 1.0:
+            bad[f"{prefix}retry.jitter"] = "must be between 0 and 1"
+
+    if len(request.labels) > MAX_LABELS:
+        bad[f"{prefix}labels"] = f"at most {MAX_LABELS} labels"
+    for key, value in request.labels.items():
+        if not key or len(key.encode()) > MAX_LABEL_KEY:
+            bad[f"{prefix}labels[{key!r}]"] = f"keys must be 1-{MAX_LABEL_KEY} bytes"
+        elif len(value.encode()) > MAX_LABEL_VALUE:
+            bad[f"{prefix}labels[{key!r}]"] = f"values must be at most {MAX_LABEL_VALUE} bytes"
+
+    if bad:
+        return None, bad
+    return ValidJob(request, payload, priority, window_ms), bad
+
+
+def validate_all(
+    requests: list[producer_service_pb2.EnqueueRequest], max_payload_bytes: int, batch: bool
+) -> list[ValidJob]:
+    """Validate every request; raise one InvalidArgument naming every bad field."""
+    valid: list[ValidJob] = []
+    bad: dict[str, str] = {}
+    for i, request in enumerate(requests):
+        job, violations = validate(request, max_payload_bytes, f"jobs[{i}]." if batch else "")
+        bad.update(violations)
+        if job is not None:
+            valid.append(job)
+    if bad:
+        raise InvalidArgument(bad)
+    return valid

@@ -1,0 +1,44 @@
+"""Worker process: `python -m conveyor.worker`. Wiring only."""
+
+from __future__ import annotations
+
+import asyncio
+
+from conveyor.common import logs, server
+from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
+from conveyor.common.scripts import Scripts
+from conveyor.common.settings import WorkerSettings
+from conveyor.worker.handlers import load_handlers
+from conveyor.worker.runner import Runner
+
+
+async def run() -> None:
+    settings = WorkerSettings.from_env()
+    logs.configure(service="worker", level=settings.log_level, fmt=settings.log_format)
+    handlers = load_handlers(settings.handlers)
+    redis = await connect_redis(settings.redis_url)
+    wait_redis = make_redis(settings.redis_url, blocking=True)
+    runner = Runner(redis, wait_redis, Scripts(redis), handlers, settings)
+    # Health and reflection only: probes and grpcurl see a live worker.
+    await server.serve(
+        settings.grpc_addr,
+        [],
+        grace=1.0,
+        unavailable=REDIS_UNAVAILABLE,
+        background=[runner.run],
+        on_shutdown=[redis.aclose, wait_redis.aclose],
+    )
+
+
+def main() -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - optional speed-up
+        pass
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

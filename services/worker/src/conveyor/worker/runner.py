@@ -1,0 +1,258 @@
+"""The worker's loop: claim jobs in batches, run them with bounded concurrency, record outcomes in batches.
+
+Per queue, a claimer calls the claim script for as many jobs as there are free
+slots (highest priority first) and, when the queue is empty, blocks on the job
+streams for new entries; finished attempts go to a completer that records many
+outcomes per round trip, each acked atomically with its event (invariant 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import redis.asyncio as aioredis
+import structlog
+
+from conveyor.common.keys import BANDS, QueueKeys, queue_keys
+from conveyor.common.redis import REDIS_UNAVAILABLE
+from conveyor.common.scripts import Claimed, Outcome, Scripts
+from conveyor.common.settings import WorkerSettings
+from conveyor.v1 import event_pb2, job_pb2
+from conveyor.worker.execute import Attempt, run_attempt
+from conveyor.worker.handlers import Handlers
+
+log = structlog.get_logger("conveyor.worker")
+
+MAX_CLAIM = 100
+MAX_COMPLETE = 500
+
+
+class Slots:
+    """Counts jobs in flight across all queues of one worker process."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.busy = 0
+        self._changed = asyncio.Event()
+
+    @property
+    def free(self) -> int:
+        return self.size - self.busy
+
+    def take(self, n: int) -> None:
+        self.busy += n
+
+    def give(self, n: int = 1) -> None:
+        self.busy -= n
+        self._changed.set()
+
+    async def wait_free(self) -> None:
+        while self.free <= 0:
+            self._changed.clear()
+            await self._changed.wait()
+
+
+class _Backoff:
+    def __init__(self) -> None:
+        self.delay = 0.05
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self.delay)
+        self.delay = min(self.delay * 2, 2.0)
+
+    def reset(self) -> None:
+        self.delay = 0.05
+
+
+class QueueRunner:
+    """Claims and runs the jobs of one queue."""
+
+    def __init__(
+        self,
+        keys: QueueKeys,
+        redis: aioredis.Redis,
+        wait_redis: aioredis.Redis,
+        scripts: Scripts,
+        handlers: Handlers,
+        settings: WorkerSettings,
+        slots: Slots,
+    ) -> None:
+        self._keys = keys
+        self._redis = redis
+        self._wait_redis = wait_redis
+        self._scripts = scripts
+        self._handlers = handlers
+        self._settings = settings
+        self._slots = slots
+        self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
+        self._running: set[asyncio.Task[None]] = set()
+        self._retention_ms = int(settings.retention_s * 1000)
+
+    async def claim_loop(self, stop: asyncio.Event) -> None:
+        """Claim while there is room, until ``stop`` is set."""
+        backoff = _Backoff()
+        consumer = self._settings.worker_id
+        while not stop.is_set():
+            await _until(stop, self._slots.wait_free())
+            if stop.is_set():
+                break
+            try:
+                claimed, wait_from = await self._scripts.claim(self._keys, consumer, min(self._slots.free, MAX_CLAIM))
+                backoff.reset()
+            except REDIS_UNAVAILABLE as exc:
+                log.warning("claim_failed_redis_unavailable", queue=self._keys.queue, error=str(exc))
+                await _until(stop, backoff.sleep())
+                continue
+            if claimed:
+                self._slots.take(len(claimed))
+                for c in claimed:
+                    task = asyncio.create_task(self._run(c))
+                    self._running.add(task)
+                    task.add_done_callback(self._running.discard)
+            else:
+                await _until(stop, self._wait_for_work(wait_from))
+
+    async def _wait_for_work(self, wait_from: dict[int, str]) -> None:
+        """Block until any band has an entry newer than when the claim found none."""
+        streams: dict[bytes | str | memoryview, int | bytes | str | memoryview] = {
+            self._keys.band(band): wait_from.get(band, "0-0") for band in reversed(BANDS)
+        }
+        try:
+            await self._wait_redis.xread(streams, count=1, block=int(self._settings.poll_interval_s * 1000))
+        except REDIS_UNAVAILABLE as exc:
+            log.warning("wait_failed_redis_unavailable", queue=self._keys.queue, error=str(exc))
+            await asyncio.sleep(0.5)
+
+    async def _run(self, claimed: Claimed) -> None:
+        job = job_pb2.Job.FromString(claimed.job)
+        attempt = Attempt(job=job, job_bytes=claimed.job, attempt=claimed.attempt)
+        worker_id = self._settings.worker_id
+        with structlog.contextvars.bound_contextvars(
+            job_id=job.id, queue=job.queue, type=job.type, attempt=claimed.attempt, worker=worker_id
+        ):
+
+            async def report(percent: float, message: str) -> None:
+                event = event_pb2.JobEvent(
+                    job_id=job.id,
+                    type=event_pb2.EVENT_TYPE_PROGRESS,
+                    attempt=claimed.attempt,
+                    worker=worker_id,
+                )
+                event.progress.percent = percent
+                event.progress.message = message
+                event.time.FromNanoseconds(time.time_ns())
+                await self._scripts.progress(
+                    self._keys, claimed.band, worker_id, claimed.entry_id, claimed.ulid, event.SerializeToString()
+                )
+
+            state, event_bytes = await run_attempt(attempt, self._handlers, worker_id, report)
+        self._outcomes.put_nowait(
+            Outcome(
+                band=claimed.band,
+                entry_id=claimed.entry_id,
+                ulid=claimed.ulid,
+                deliveries=1,
+                state=state,
+                event=event_bytes,
+            )
+        )
+
+    async def complete_loop(self, stop: asyncio.Event, drained: asyncio.Event) -> None:
+        """Record outcomes in batches until ``drained`` is set and none is left."""
+        backoff = _Backoff()
+        batch: list[Outcome] = []
+        while True:
+            if not batch:
+                if drained.is_set() and self._outcomes.empty():
+                    return
+                getter = asyncio.ensure_future(self._outcomes.get())
+                drainer = asyncio.ensure_future(drained.wait())
+                await asyncio.wait([getter, drainer], return_when=asyncio.FIRST_COMPLETED)
+                drainer.cancel()
+                if not getter.done():
+                    getter.cancel()
+                    continue
+                batch.append(getter.result())
+                while len(batch) < MAX_COMPLETE and not self._outcomes.empty():
+                    batch.append(self._outcomes.get_nowait())
+            try:
+                results = await self._scripts.complete(self._keys, self._settings.worker_id, self._retention_ms, batch)
+                backoff.reset()
+            except REDIS_UNAVAILABLE as exc:
+                # The entries stay pending: retrying the same outcomes is safe (fenced, idempotent).
+                log.warning("complete_failed_redis_unavailable", queue=self._keys.queue, error=str(exc))
+                await backoff.sleep()
+                continue
+            for outcome, event_id in zip(batch, results, strict=True):
+                if event_id is None:
+                    log.warning(
+                        "job_outcome_refused",
+                        queue=self._keys.queue,
+                        ulid=outcome.ulid,
+                        reason="the claim moved to another worker",
+                    )
+            self._slots.give(len(batch))
+            batch = []
+
+    async def drain(self, grace_s: float) -> None:
+        """Let running attempts finish within ``grace_s``; cancel the rest (their entries stay pending)."""
+        if self._running:
+            _, pending = await asyncio.wait(set(self._running), timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("jobs_abandoned_at_shutdown", queue=self._keys.queue, count=len(pending))
+                await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _until(stop: asyncio.Event, work: object) -> None:
+    """Await ``work`` (a coroutine) but give up as soon as ``stop`` is set."""
+    task = asyncio.ensure_future(work)  # type: ignore[call-overload]
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, *REDIS_UNAVAILABLE):
+            await task
+
+
+class Runner:
+    """Runs every configured queue with one shared concurrency limit.
+
+    Args:
+        redis: Client for scripts.
+        wait_redis: Client for blocking reads (no socket timeout).
+        scripts: Scripts on ``redis``.
+        handlers: The job handlers.
+        settings: Worker settings (queues, concurrency, worker id, retention, grace).
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        wait_redis: aioredis.Redis,
+        scripts: Scripts,
+        handlers: Handlers,
+        settings: WorkerSettings,
+    ) -> None:
+        self._settings = settings
+        slots = Slots(settings.concurrency)
+        self.queues = [
+            QueueRunner(queue_keys(q), redis, wait_redis, scripts, handlers, settings, slots) for q in settings.queues
+        ]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until ``stop`` is set, then drain gracefully."""
+        log.info("worker_started", worker=self._settings.worker_id, queues=list(self._settings.queues))
+        drained = asyncio.Event()
+        completers = [asyncio.create_task(q.complete_loop(stop, drained)) for q in self.queues]
+        try:
+            await asyncio.gather(*(q.claim_loop(stop) for q in self.queues))
+            await asyncio.gather(*(q.drain(self._settings.shutdown_grace_s) for q in self.queues))
+        finally:
+            drained.set()
+            await asyncio.gather(*completers, return_exceptions=True)
+        log.info("worker_stopped", worker=self._settings.worker_id)

@@ -1,0 +1,46 @@
+"""Handlers used by the tests (beside the shipped demo handlers)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from typing import Any
+
+from conveyor.worker.demo import handlers as demo
+from conveyor.worker.handlers import Handlers, JobContext
+
+handlers = Handlers()
+handlers.merge(demo)
+
+#: How many times each job id ran, across every in-process worker.
+runs: Counter[str] = Counter()
+#: Jobs of type test.gate wait for this event.
+gate = asyncio.Event()
+#: Order in which jobs started.
+started: list[str] = []
+
+
+@handlers.register("test.count")
+async def count(payload: dict[str, Any], ctx: JobContext) -> int:
+    runs[ctx.job_id] += 1
+    started.append(ctx.job_id)
+    return runs[ctx.job_id]
+
+
+@handlers.register("test.gate")
+async def gated(payload: dict[str, Any], ctx: JobContext) -> str:
+    started.append(ctx.job_id)
+    await gate.wait()
+    return "opened"
+
+
+@handlers.register("test.sync")
+def sync_handler(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    ctx.progress_threadsafe(50, "half way in a thread")
+    return {"thread": threading.current_thread().name != "MainThread", "echo": payload}
+
+
+@handlers.register("test.unserializable")
+async def unserializable(payload: dict[str, Any], ctx: JobContext) -> object:
+    return object()

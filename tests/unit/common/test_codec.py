@@ -1,0 +1,40 @@
+import json
+
+import pytest
+from google.protobuf import struct_pb2
+
+from conveyor.common.codec import embed_job, json_to_struct, public_event, struct_to_json
+from conveyor.v1 import event_pb2, job_pb2
+
+
+def test_struct_to_json_keeps_whole_numbers_whole() -> None:
+    s = struct_pb2.Struct()
+    s.update({"n": 3, "x": 1.5, "nested": {"list": [1, "a", None, True]}})
+    assert json.loads(struct_to_json(s)) == {"n": 3, "x": 1.5, "nested": {"list": [1, "a", None, True]}}
+    assert b" " not in struct_to_json(s)
+
+
+def test_struct_with_nan_is_refused() -> None:
+    s = struct_pb2.Struct()
+    s.update({"bad": float("nan")})
+    with pytest.raises(ValueError):
+        struct_to_json(s)
+
+
+def test_embed_job_is_the_same_as_setting_the_field() -> None:
+    job = job_pb2.Job(id="q/01ARZ3NDEKTSV4RRFFQ69G5FAV", queue="q", type="t", payload_json=b'{"a":1}')
+    event = event_pb2.JobEvent(job_id=job.id, type=event_pb2.EVENT_TYPE_SUCCEEDED, attempt=2)
+    decoded = event_pb2.JobEvent.FromString(embed_job(event.SerializeToString(), job.SerializeToString()))
+    expected = event_pb2.JobEvent()
+    expected.CopyFrom(event)
+    expected.job.CopyFrom(job)
+    assert decoded == expected
+
+
+def test_public_event_converts_stored_json_to_wire_types() -> None:
+    event = event_pb2.JobEvent(result_json=b'{"ok":true}')
+    event.job.payload_json = b'{"a":[1,2]}'
+    public = public_event(event)
+    assert not public.result_json and not public.job.payload_json
+    assert public.result.struct_value["ok"] is True
+    assert public.job.payload == json_to_struct(b'{"a":[1,2]}')

@@ -1,0 +1,37 @@
+from conveyor.common.ids import make_job_id, new_ulid, parse_job_id, parse_stream_id, stream_id_key, ulid_time_ms
+
+
+def test_ulids_are_unique_sorted_and_carry_the_time() -> None:
+    ids = [new_ulid() for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    assert all(len(u) == 26 for u in ids)
+    import time
+
+    assert abs(ulid_time_ms(ids[-1]) - time.time() * 1000) < 5000
+
+
+def test_job_id_round_trips_through_parse() -> None:
+    ulid = new_ulid()
+    assert parse_job_id(make_job_id("emails.v2", ulid)) == ("emails.v2", ulid)
+
+
+def test_parse_job_id_rejects_garbage() -> None:
+    for bad in [
+        "",
+        "nope",
+        "/01ARZ3NDEKTSV4RRFFQ69G5FAV",
+        "q/short",
+        "bad queue/01ARZ3NDEKTSV4RRFFQ69G5FAV",
+        "q/01ARZ3NDEKTSV4RRFFQ69G5FAU!",
+    ]:
+        assert parse_job_id(bad) is None, bad
+
+
+def test_stream_ids_compare_numerically() -> None:
+    assert stream_id_key("9-0") < stream_id_key("10-0")
+    assert stream_id_key(b"10-2") > stream_id_key("10-1")
+    assert parse_stream_id("1732540000000-3") == (1732540000000, 3)
+    assert parse_stream_id("12") is None
+    assert parse_stream_id("a-b") is None
+    assert parse_stream_id("99999999999999999999-0") is None

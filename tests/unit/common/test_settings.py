@@ -1,0 +1,29 @@
+import pytest
+
+from conveyor.common.settings import ProducerSettings, SettingsError, WorkerSettings
+
+
+def test_defaults_match_make_up() -> None:
+    s = ProducerSettings.from_env({})
+    assert s.redis_url == "redis://127.0.0.1:56379/0"
+    assert s.grpc_addr == "127.0.0.1:50051"
+
+
+def test_worker_reads_lists_and_numbers() -> None:
+    s = WorkerSettings.from_env({"CONVEYOR_QUEUES": "a, b", "CONVEYOR_CONCURRENCY": "7", "REDIS_URL": "redis://x:1/0"})
+    assert s.queues == ("a", "b")
+    assert s.concurrency == 7
+    assert s.redis_url == "redis://x:1/0"
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"CONVEYOR_CONCURRENCY": "many"}, "CONVEYOR_CONCURRENCY"),
+        ({"CONVEYOR_CONCURRENCY": "0"}, "CONVEYOR_CONCURRENCY"),
+        ({"CONVEYOR_LOG_FORMAT": "xml"}, "CONVEYOR_LOG_FORMAT"),
+    ],
+)
+def test_a_bad_value_names_its_variable(env: dict[str, str], name: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        WorkerSettings.from_env(env)

@@ -1,0 +1,67 @@
+import pytest
+from google.protobuf import duration_pb2
+
+from conveyor.common.errors import InvalidArgument, ResourceExhausted, Unimplemented
+from conveyor.producer.validate import validate_all
+from conveyor.v1 import producer_service_pb2 as p
+
+
+def ok(**kw: object) -> p.EnqueueRequest:
+    base: dict[str, object] = {"queue": "default", "type": "demo.echo"}
+    base.update(kw)
+    return p.EnqueueRequest(**base)  # type: ignore[arg-type]
+
+
+def violations(req: p.EnqueueRequest, batch: bool = False) -> dict[str, str]:
+    with pytest.raises(InvalidArgument) as info:
+        validate_all([req], 1000, batch)
+    return info.value.violations
+
+
+def test_a_valid_request_passes_with_defaults() -> None:
+    (job,) = validate_all([ok(payload={"a": 1})], 1000, False)
+    assert job.priority == 5
+    assert job.payload_json == b'{"a":1}'
+
+
+@pytest.mark.parametrize(
+    ("req", "field"),
+    [
+        (ok(queue=""), "queue"),
+        (ok(queue="has space"), "queue"),
+        (ok(queue="x" * 65), "queue"),
+        (ok(queue="a/b"), "queue"),
+        (ok(type=""), "type"),
+        (ok(type="bad type"), "type"),
+        (ok(type="t" * 129), "type"),
+        (ok(priority=10), "priority"),
+        (ok(priority=-1), "priority"),
+        (ok(payload_json=b"\xff\xfe"), "payload_json"),
+        (ok(payload_json=b"[1,2]"), "payload_json"),
+        (ok(payload_json=b"{not json"), "payload_json"),
+        (ok(payload_json=b"{}", payload={"a": 1}), "payload_json"),
+        (ok(delay=duration_pb2.Duration(seconds=-1)), "delay"),
+        (ok(timeout=duration_pb2.Duration(seconds=-5)), "timeout"),
+        (ok(idempotency_key="k" * 257), "idempotency_key"),
+        (ok(idempotency_window=duration_pb2.Duration(seconds=-1)), "idempotency_window"),
+        (ok(labels={"": "x"}), "labels['']"),
+    ],
+)
+def test_bad_fields_are_named(req: p.EnqueueRequest, field: str) -> None:
+    assert field in violations(req)
+
+
+def test_batch_violations_name_the_job_index() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validate_all([ok(), ok(queue="")], 1000, True)
+    assert list(info.value.violations) == ["jobs[1].queue"]
+
+
+def test_oversize_payload_is_resource_exhausted() -> None:
+    with pytest.raises(ResourceExhausted, match="limit is 1000 bytes"):
+        validate_all([ok(payload_json=b'{"a":"' + b"x" * 1000 + b'"}')], 1000, False)
+
+
+def test_a_positive_delay_is_not_supported_yet() -> None:
+    with pytest.raises(Unimplemented):
+        validate_all([ok(delay=duration_pb2.Duration(seconds=5))], 1000, False)
