@@ -55,7 +55,6 @@ lint: venv
 
 typecheck: venv
 	$(VENV)/bin/mypy -p conveyor.common -p conveyor.producer -p conveyor.worker -p conveyor.results
-	$(VENV)/bin/mypy tests
 
 # Tests start their own Redis and PostgreSQL; CONVEYOR_SLOW=1 adds the slow ones.
 test: venv proto-check

@@ -287,7 +287,7 @@ async def test_several_workers_share_a_queue_and_run_each_job_once(
         ids |= {
             r.job_id for r in (await producer.stub.EnqueueBatch(p.EnqueueBatchRequest(jobs=reqs[i : i + 200]))).results
         }
-    await wait_for(lambda: _ran(ids), "all jobs ran", timeout=30)
+    await wait_for(lambda: _ran(ids), "all jobs ran", within=30)
     keys = queue_keys("default")
     await wait_for(lambda: _stream_empty(redis_client, keys.band(5)), "acks")
     assert sum(test_handlers.runs.values()) == 600

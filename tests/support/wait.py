@@ -10,13 +10,25 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-async def wait_for(check: Callable[[], Awaitable[T]], what: str, timeout: float = 10.0, interval: float = 0.02) -> T:
+async def wait_for(check: Callable[[], Awaitable[T]], what: str, within: float = 10.0, interval: float = 0.02) -> T:
     """Poll ``check`` until it returns something truthy; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         value = await check()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last value: {value!r})")
+            raise AssertionError(f"timed out after {within} s waiting for {what} (last value: {value!r})")
         await asyncio.sleep(interval)
+
+
+def wait_until(check: Callable[[], T], what: str, within: float = 10.0, interval: float = 0.05) -> T:
+    """Synchronous :func:`wait_for`."""
+    deadline = time.monotonic() + within
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what} (last value: {value!r})")
+        time.sleep(interval)

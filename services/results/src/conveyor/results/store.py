@@ -7,14 +7,20 @@ events, both with binary array parameters (DESIGN.md: text arrays cost 24% end t
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from psycopg_pool import AsyncConnectionPool
+import psycopg
+import structlog
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from conveyor.v1 import job_pb2
+
+log = structlog.get_logger("conveyor.results.store")
 
 #: pg_advisory_xact_lock key that serialises migrations across results processes ("conveyor" in ASCII).
 MIGRATION_LOCK = 0x636F6E7665796F72
@@ -268,15 +274,70 @@ def job_columns(rows: list[JobRow]) -> list[list[Any]]:
     ]
 
 
+_TEXT_FIELDS = ("queue", "type", "progress_message", "idempotency_key", "worker")
+_JSON_FIELDS = ("payload", "result", "error", "labels")
+
+
+def _clean_text(value: str) -> str:
+    return value.replace("\x00", "")
+
+
+def _clean_json(value: str) -> str | None:
+    # jsonb refuses NUL characters, raw or escaped; anything still not JSON is dropped.
+    text = value.replace("\x00", "").replace("\\u0000", "")
+    try:
+        json.loads(text)
+    except ValueError:
+        return None
+    return text
+
+
+def sanitize(row: JobRow) -> None:
+    """Make ``row`` acceptable to PostgreSQL, losing as little as possible (the salvage path)."""
+    for name in _TEXT_FIELDS:
+        value = getattr(row, name)
+        if value is not None:
+            setattr(row, name, _clean_text(value))
+    for name in _JSON_FIELDS:
+        value = getattr(row, name)
+        if value is not None:
+            setattr(row, name, _clean_json(value))
+    if row.priority is not None:
+        row.priority = max(-(2**15), min(2**15 - 1, row.priority))
+
+
+async def open_pool(url: str, max_size: int, *, attempt_timeout_s: float = 10.0) -> AsyncConnectionPool[Any]:
+    """An open pool on ``url``; while PostgreSQL cannot be reached, log and keep trying.
+
+    Connections are in autocommit mode: reads need no transaction, writes open one explicitly.
+    """
+    delay = 0.5
+    while True:
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            url, min_size=1, max_size=max_size, open=False, kwargs={"autocommit": True}, name="results"
+        )
+        try:
+            await pool.open(wait=True, timeout=attempt_timeout_s)
+            return pool
+        except PoolTimeout:
+            # wait() closed the pool: the next attempt starts a new one.
+            log.warning("postgres_unavailable", retry_in_s=delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
 class Store:
     """The results service's writes to PostgreSQL.
 
     Args:
         pool: An open connection pool on the results database.
+        connect_timeout_s: Longest wait for a pooled connection before a write fails
+            (psycopg_pool.PoolTimeout), so that an outage surfaces quickly as a retry.
     """
 
-    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+    def __init__(self, pool: AsyncConnectionPool[Any], connect_timeout_s: float = 5.0) -> None:
         self._pool = pool
+        self._timeout = connect_timeout_s
 
     async def migrate(self) -> list[int]:
         """Apply the packaged migrations not applied yet, in one transaction.
@@ -319,8 +380,36 @@ class Store:
         """
         rows = sorted(rows, key=lambda r: r.job_id)
         events = sorted(events)
-        async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+        async with self._pool.connection(self._timeout) as conn, conn.transaction(), conn.cursor() as cur:
             if rows:
                 await cur.execute(UPSERT_JOBS, job_columns(rows))
             if events:
                 await cur.execute(INSERT_EVENTS, [list(col) for col in zip(*events, strict=True)])
+
+    async def write_salvaging(self, rows: list[JobRow], events: list[EventRow]) -> list[str]:
+        """Like write, for a batch PostgreSQL refused: clean each row, write each in its own savepoint.
+
+        Returns:
+            The ids of jobs whose row or events could still not be written (they are skipped,
+            so that one poison event cannot stop the projection of every queue).
+        """
+        dropped: list[str] = []
+        async with self._pool.connection(self._timeout) as conn, conn.transaction(), conn.cursor() as cur:
+            for row in sorted(rows, key=lambda r: r.job_id):
+                sanitize(row)
+                try:
+                    async with conn.transaction():
+                        await cur.execute(UPSERT_JOBS, job_columns([row]))
+                except psycopg.OperationalError:
+                    raise
+                except psycopg.Error:
+                    dropped.append(row.job_id)
+            for event in sorted(events):
+                try:
+                    async with conn.transaction():
+                        await cur.execute(INSERT_EVENTS, [[value] for value in event])
+                except psycopg.OperationalError:
+                    raise
+                except psycopg.Error:
+                    dropped.append(event[0])
+        return sorted(set(dropped))

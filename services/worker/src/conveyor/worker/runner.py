@@ -254,5 +254,10 @@ class Runner:
             await asyncio.gather(*(q.drain(self._settings.shutdown_grace_s) for q in self.queues))
         finally:
             drained.set()
+            # Outcomes that cannot be recorded within the grace (Redis down) stay pending
+            # in Redis and are reclaimed later: at-least-once, never lost.
+            _, stuck = await asyncio.wait(completers, timeout=self._settings.shutdown_grace_s)
+            for task in stuck:
+                task.cancel()
             await asyncio.gather(*completers, return_exceptions=True)
         log.info("worker_stopped", worker=self._settings.worker_id)

@@ -1,0 +1,180 @@
+"""Load driver for bench/run.py: one client process that enqueues jobs over gRPC and reports.
+
+Not meant to be run by hand (bench/run.py starts it), but it can be:
+
+    .venv/bin/python bench/driver.py batch --addr 127.0.0.1:50051 --n 20000 --batch 100 --inflight 4
+
+Modes (all with 100-byte JSON payloads sent as ``payload_json``):
+  batch   EnqueueBatch of --batch jobs, --inflight batches in flight; --idem gives every job a
+          unique idempotency key
+  single  unary Enqueue awaited one at a time
+  conc    unary Enqueue from --inflight concurrent callers
+  rate    unary Enqueue awaited, paced at --rate jobs/s for --duration s; writes
+          [[job_id, t_send], ...] to --out (t_send: epoch seconds just before the call)
+
+Prints one JSON line: n, t0, t1 (epoch seconds around the timed part), jobs_per_s, and the
+driver's own CPU seconds over the timed part (cpu_s). Before t0 it connects, checks health
+and does --warmup jobs (not counted) unless --warmup 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conveyor.v1 import producer_service_pb2 as p
+from conveyor.v1 import producer_service_pb2_grpc
+
+JOB_TYPE = "demo.noop"
+
+
+def payload_100() -> bytes:
+    """A JSON object whose serialized form is exactly 100 bytes."""
+    head, tail = b'{"p":"', b'"}'
+    body = head + b"x" * (100 - len(head) - len(tail)) + tail
+    json.loads(body)
+    assert len(body) == 100
+    return body
+
+
+PAYLOAD = payload_100()
+
+
+def cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+async def wait_healthy(channel: grpc.aio.Channel, timeout: float) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            r = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+            if r.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError("producer not SERVING")
+        await asyncio.sleep(0.05)
+
+
+def request(queue: str, key: str = "") -> p.EnqueueRequest:
+    return p.EnqueueRequest(queue=queue, type=JOB_TYPE, payload_json=PAYLOAD, idempotency_key=key)
+
+
+async def run_batch(stub: producer_service_pb2_grpc.ProducerServiceStub, a: argparse.Namespace) -> dict:
+    n, size = a.n, a.batch
+    key_prefix = f"k{os.getpid()}-{time.time_ns()}-" if a.idem else ""
+    starts = list(range(0, n, size))
+    next_index = 0
+    created = 0
+
+    async def sender() -> None:
+        nonlocal next_index, created
+        while next_index < len(starts):
+            start = starts[next_index]
+            next_index += 1
+            m = min(size, n - start)
+            if key_prefix:
+                jobs = [request(a.queue, f"{key_prefix}{start + k}") for k in range(m)]
+            else:
+                jobs = [request(a.queue) for _ in range(m)]
+            resp = await stub.EnqueueBatch(p.EnqueueBatchRequest(jobs=jobs), timeout=a.timeout)
+            created += sum(1 for r in resp.results if r.created)
+
+    c0, t0 = cpu_s(), time.time()
+    await asyncio.gather(*(sender() for _ in range(a.inflight)))
+    t1, c1 = time.time(), cpu_s()
+    return {"n": n, "created": created, "batch": size, "inflight": a.inflight, "idem": a.idem,
+            "t0": t0, "t1": t1, "jobs_per_s": n / (t1 - t0), "cpu_s": c1 - c0}
+
+
+async def run_single(stub: producer_service_pb2_grpc.ProducerServiceStub, a: argparse.Namespace) -> dict:
+    c0, t0 = cpu_s(), time.time()
+    for _ in range(a.n):
+        await stub.Enqueue(request(a.queue), timeout=a.timeout)
+    t1, c1 = time.time(), cpu_s()
+    return {"n": a.n, "t0": t0, "t1": t1, "jobs_per_s": a.n / (t1 - t0), "cpu_s": c1 - c0}
+
+
+async def run_conc(stub: producer_service_pb2_grpc.ProducerServiceStub, a: argparse.Namespace) -> dict:
+    n, c = a.n, a.inflight
+
+    async def caller(k: int) -> None:
+        for _ in range(n // c + (1 if k < n % c else 0)):
+            await stub.Enqueue(request(a.queue), timeout=a.timeout)
+
+    c0, t0 = cpu_s(), time.time()
+    await asyncio.gather(*(caller(k) for k in range(c)))
+    t1, c1 = time.time(), cpu_s()
+    return {"n": n, "inflight": c, "t0": t0, "t1": t1, "jobs_per_s": n / (t1 - t0), "cpu_s": c1 - c0}
+
+
+async def run_rate(stub: producer_service_pb2_grpc.ProducerServiceStub, a: argparse.Namespace) -> dict:
+    n = int(a.rate * a.duration)
+    sent: list[tuple[str, float]] = []
+    c0, t0 = cpu_s(), time.time()
+    p0 = time.perf_counter()
+    for i in range(n):
+        wait = p0 + i / a.rate - time.perf_counter()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        ts = time.time()
+        r = await stub.Enqueue(request(a.queue), timeout=a.timeout)
+        sent.append((r.job_id, ts))
+    t1, c1 = time.time(), cpu_s()
+    with open(a.out, "w") as f:
+        json.dump(sent, f)
+    return {"n": n, "rate": a.rate, "t0": t0, "t1": t1, "jobs_per_s": n / (t1 - t0), "cpu_s": c1 - c0}
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["batch", "single", "conc", "rate"])
+    ap.add_argument("--addr", required=True)
+    ap.add_argument("--queue", default="bench")
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--inflight", type=int, default=4)
+    ap.add_argument("--idem", action="store_true")
+    ap.add_argument("--rate", type=float, default=200.0)
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--warmup", type=int, default=0, help="jobs enqueued (same mode) before timing")
+    ap.add_argument("--timeout", type=float, default=30.0, help="deadline of each RPC, s")
+    ap.add_argument("--out", help="rate mode: where to write the send times")
+    a = ap.parse_args()
+    async with grpc.aio.insecure_channel(a.addr) as channel:
+        await wait_healthy(channel, 30.0)
+        stub = producer_service_pb2_grpc.ProducerServiceStub(channel)
+        if a.warmup:
+            if a.mode == "batch":
+                key = f"warm-{os.getpid()}-" if a.idem else ""
+                jobs = [request(a.queue, f"{key}{k}" if key else "") for k in range(a.warmup)]
+                await stub.EnqueueBatch(p.EnqueueBatchRequest(jobs=jobs), timeout=a.timeout)
+            else:
+                for _ in range(a.warmup):
+                    await stub.Enqueue(request(a.queue), timeout=a.timeout)
+        run = {"batch": run_batch, "single": run_single, "conc": run_conc, "rate": run_rate}[a.mode]
+        out = await run(stub, a)
+    out.update(mode=a.mode, warmup=a.warmup)
+    sys.stdout.write(json.dumps(out) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(main())

@@ -1,0 +1,866 @@
+#!/usr/bin/env python3
+"""Conveyor's benchmarks (DESIGN.md, "Budgets"), optionally side by side with BullMQ in the same run.
+
+    .venv/bin/python bench/run.py [--n 20000] [--reps 3] [--only e2e,bulk,single,conc,latency,mem,finish]
+                                  [--json bench/results/conveyor.jsonl] [--with-bullmq]
+
+Every measurement starts a fresh stack: a private redis-server (AOF, appendfsync everysec,
+noeviction), a private PostgreSQL (fsync on, synchronous_commit on, track_commit_timestamp on)
+and the services as subprocesses of this Python (`python -m conveyor.producer|results|worker`),
+then drives it from a separate client process (bench/driver.py). Handlers are `demo.noop`,
+payloads are 100-byte JSON objects sent as `payload_json`. Each measurement prints one JSON line;
+the end prints a table of medians against the DESIGN.md budget table (see bench/README.md).
+
+With --with-bullmq, ../shared/peers/baseline.py runs once per repetition, interleaved with
+Conveyor's repetitions (same machine, same run), and the table shows ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conveyor.common.devstack.servers import PostgresServer, RedisServer, free_port
+from conveyor.common.keys import queue_keys
+from conveyor.v1 import event_pb2
+from conveyor.v1 import producer_service_pb2 as p
+from conveyor.v1 import producer_service_pb2_grpc
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from driver import JOB_TYPE, PAYLOAD  # noqa: E402
+
+PY = sys.executable
+BASELINE = ROOT.parent / "shared" / "peers" / "baseline.py"
+QUEUE = "bench"
+KEYS = queue_keys(QUEUE)
+BAND = KEYS.band(5)  # default priority
+SUCCEEDED = 5  # conveyor.v1.JobState.JOB_STATE_SUCCEEDED
+CLK = os.sysconf("SC_CLK_TCK")
+POLL = 0.02
+ALL = ("e2e", "bulk", "single", "conc", "latency", "mem", "finish")
+ONCE = ("mem", "finish")  # deterministic or slow: first repetition only
+BULLMQ_NAMES = {"e2e": "e2e", "bulk": "bulk", "single": "single", "conc": "conc", "latency": "latency", "mem": "mem"}
+PG_SETTINGS = {"track_commit_timestamp": "on"}  # fsync and synchronous_commit stay at their durable defaults
+SERVICES = ("producer", "worker", "results")
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"# {msg}", file=sys.stderr, flush=True)
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def wait_until(check: Callable[[], Any], what: str, timeout: float, interval: float = POLL) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what} (last: {value!r})")
+        time.sleep(interval)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# -- CPU accounting ---------------------------------------------------------------------------
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(ppid, utime+stime+cutime+cstime in ticks) of ``pid``; cutime/cstime hold reaped children."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return int(fields[1]), sum(int(x) for x in fields[11:15])
+
+
+def tree_ticks(root: int) -> int:
+    """CPU ticks of ``root`` and all its descendants (e.g. postmaster + backends)."""
+    stats: dict[int, tuple[int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            s = _stat(int(entry))
+            if s is not None:
+                stats[int(entry)] = s
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            total += stats[pid][1]
+        todo.extend(children.get(pid, []))
+    return total
+
+
+# -- the stack ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    name: str
+    addr: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@dataclass
+class Stack:
+    """Private Redis + PostgreSQL + services, started fresh; use as a context manager."""
+
+    workdir: Path
+    worker: bool = True
+    retention_s: float | None = None
+    concurrency: int = 50
+    services: dict[str, Service] = field(default_factory=dict)
+    redis_server: RedisServer | None = None
+    pg_server: PostgresServer | None = None
+    r: redis.Redis | None = None
+    db: psycopg.Connection[Any] | None = None
+
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.redis_server = RedisServer(appendonly=True)
+        self.redis_server.start()
+        self.pg_server = PostgresServer(settings=PG_SETTINGS)
+        self.pg_server.start(timeout=60)
+        env = dict(
+            os.environ,
+            REDIS_URL=self.redis_server.url,
+            DATABASE_URL=self.pg_server.url,
+            CONVEYOR_LOG_LEVEL="warning",
+            CONVEYOR_LOG_FORMAT="json",
+            PYTHONUNBUFFERED="1",
+        )
+        if self.retention_s is not None:
+            env["CONVEYOR_RETENTION_SECONDS"] = str(self.retention_s)
+        results_addr = f"127.0.0.1:{free_port()}"
+        self._spawn("results", env, results_addr)
+        self._spawn("producer", env, f"127.0.0.1:{free_port()}", CONVEYOR_RESULTS_ADDR=results_addr)
+        if self.worker:
+            self._spawn(
+                "worker", env, f"127.0.0.1:{free_port()}", CONVEYOR_QUEUES=QUEUE,
+                CONVEYOR_CONCURRENCY=str(self.concurrency), CONVEYOR_WORKER_ID="bench-worker-1",
+            )  # fmt: skip
+        for s in self.services.values():
+            self._wait_healthy(s, 60.0)
+        self.r = redis.Redis.from_url(self.redis_server.url, socket_timeout=30, socket_connect_timeout=5)
+        self.db = psycopg.connect(self.pg_server.url, autocommit=True, connect_timeout=10)
+
+    def _spawn(self, name: str, env: dict[str, str], addr: str, **extra: str) -> None:
+        log_path = self.workdir / f"{name}.log"
+        with log_path.open("ab") as out:
+            proc = subprocess.Popen(
+                [PY, "-m", f"conveyor.{name}"],
+                env={**env, "CONVEYOR_GRPC_ADDR": addr, **extra},
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd=ROOT, start_new_session=True,
+            )  # fmt: skip
+        self.services[name] = Service(name, addr, proc, log_path)
+
+    def _wait_healthy(self, s: Service, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(s.addr) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if s.proc.poll() is not None:
+                    raise BenchError(
+                        f"service {s.name} exited with {s.proc.returncode} while starting; "
+                        f"last lines of {s.log_path}:\n{tail(s.log_path)}"
+                    )
+                with contextlib.suppress(grpc.RpcError):
+                    r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                if time.monotonic() > deadline:
+                    raise BenchError(
+                        f"service {s.name} not SERVING after {timeout:.0f} s; "
+                        f"last lines of {s.log_path}:\n{tail(s.log_path)}"
+                    )
+                time.sleep(0.05)
+
+    def check_alive(self) -> None:
+        for s in self.services.values():
+            if s.proc.poll() is not None:
+                raise BenchError(f"service {s.name} died (exit {s.proc.returncode}); last lines:\n{tail(s.log_path)}")
+
+    def stop(self) -> None:
+        for s in reversed(list(self.services.values())):
+            if s.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(s.proc.pid, signal.SIGTERM)
+        for s in reversed(list(self.services.values())):
+            try:
+                s.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(s.proc.pid, signal.SIGKILL)
+                s.proc.wait(5)
+        for closer in (self.db, self.r):
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    closer.close()
+        for server in (self.pg_server, self.redis_server):
+            if server is not None:
+                try:
+                    server.close()
+                except Exception as exc:  # noqa: BLE001 - keep stopping the rest
+                    log(f"stopping {server.name} failed: {exc}")
+
+    # -- helpers used by the measurements ----------------------------------------------------
+
+    @property
+    def producer_addr(self) -> str:
+        return self.services["producer"].addr
+
+    def redis_pid(self) -> int:
+        assert self.r is not None
+        return int(self.r.info("server")["process_id"])
+
+    def postmaster_pid(self) -> int:
+        assert self.pg_server is not None
+        return int((self.pg_server.data_dir / "postmaster.pid").read_text().split()[0])
+
+    def cpu_ticks(self) -> dict[str, int]:
+        out = {name: tree_ticks(s.proc.pid) for name, s in self.services.items()}
+        out["redis"] = tree_ticks(self.redis_pid())
+        out["postgres"] = tree_ticks(self.postmaster_pid())
+        return out
+
+    def used_memory(self) -> int:
+        assert self.r is not None
+        return int(self.r.info("memory")["used_memory"])
+
+    def succeeded(self) -> int:
+        assert self.db is not None
+        return int(self.db.execute("SELECT count(*) FROM jobs WHERE state = %s", (SUCCEEDED,)).fetchone()[0])
+
+    def wait_committed(self, n: int, timeout: float) -> float:
+        """Poll PostgreSQL until ``n`` jobs are SUCCEEDED; returns the time it saw them."""
+
+        def check() -> bool:
+            self.check_alive()
+            return self.succeeded() >= n
+
+        wait_until(check, f"{n} SUCCEEDED rows in PostgreSQL", timeout)
+        return time.time()
+
+    def wait_handled(self, n: int, timeout: float) -> float:
+        """Wait until ``n`` jobs were added to the job stream and every one was acked (stream empty).
+
+        Returns the Redis time of the last outcome event (the newest entry of the event stream).
+        """
+        assert self.r is not None
+
+        def check() -> bool:
+            self.check_alive()
+            try:
+                info = self.r.xinfo_stream(BAND)
+            except redis.ResponseError:
+                return False
+            return int(info["entries-added"]) >= n and int(info["length"]) == 0
+
+        wait_until(check, f"{n} jobs handled (job stream drained)", timeout)
+        last = self.r.xrevrange(KEYS.events, "+", "-", count=1)
+        return int(last[0][0].split(b"-")[0]) / 1000 if last else time.time()
+
+    def warmup(self, n: int = 100) -> int:
+        """Run ``n`` jobs through the whole pipeline (queue discovered, scripts loaded, connections open)."""
+        with grpc.insecure_channel(self.producer_addr) as channel:
+            stub = producer_service_pb2_grpc.ProducerServiceStub(channel)
+            jobs = [p.EnqueueRequest(queue=QUEUE, type=JOB_TYPE, payload_json=PAYLOAD) for _ in range(n)]
+            stub.EnqueueBatch(p.EnqueueBatchRequest(jobs=jobs), timeout=30)
+        if self.worker:
+            self.wait_committed(n, 60)
+        return n
+
+    def results_caught_up(self) -> bool:
+        """Whether the results service has read and acked every event of the queue."""
+        assert self.r is not None
+        try:
+            groups = self.r.xinfo_groups(KEYS.events)
+        except redis.ResponseError:
+            return False
+        g = next((g for g in groups if g["name"] == b"results"), None)
+        return g is not None and int(g["pending"]) == 0 and g.get("lag") == 0
+
+    def wait_results_caught_up(self, timeout: float) -> None:
+        def check() -> bool:
+            self.check_alive()
+            return self.results_caught_up()
+
+        wait_until(check, "the results service to ack every event", timeout, 0.05)
+
+    def driver(self, mode: str, *args: str) -> Driver:
+        return Driver(self, [PY, str(HERE / "driver.py"), mode, "--addr", self.producer_addr, "--queue", QUEUE, *args])
+
+
+class Driver:
+    """The load driver subprocess."""
+
+    def __init__(self, stack: Stack, argv: list[str]) -> None:
+        self.log_path = stack.workdir / "driver.log"
+        self.err = self.log_path.open("ab")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.err, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)  # fmt: skip
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise BenchError(f"driver did not finish within {timeout:.0f} s; log:\n{tail(self.log_path)}") from None
+        finally:
+            self.err.close()
+        if self.proc.returncode != 0:
+            raise BenchError(f"driver failed ({self.proc.returncode}):\n{tail(self.log_path)}")
+        lines = [line for line in out.decode().splitlines() if line.startswith("{")]
+        if not lines:
+            raise BenchError(f"driver printed no result:\n{tail(self.log_path)}")
+        return json.loads(lines[-1])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+@contextlib.contextmanager
+def driver_cleanup(d: Driver) -> Iterator[Driver]:
+    try:
+        yield d
+    finally:
+        d.kill()
+        with contextlib.suppress(Exception):
+            d.err.close()
+
+
+def cpu_report(before: dict[str, int], after: dict[str, int], driver_cpu: float, bench_cpu: float, n: int) -> dict:
+    cpu = {k: (after[k] - before[k]) / CLK for k in before}
+    cpu["driver"] = driver_cpu
+    cpu["bench"] = bench_cpu
+    cpu["total"] = sum(cpu.values())
+    return {
+        "cpu_s": {k: round(v, 3) for k, v in cpu.items()},
+        "cpu_us_per_job": {k: round(v / n * 1e6, 2) for k, v in cpu.items()},
+    }
+
+
+# -- measurements ------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, a: argparse.Namespace, workdir: Path) -> None:
+        self.a = a
+        self.workdir = workdir
+        self.count = 0
+
+    def stack(self, **kw: Any) -> Stack:
+        self.count += 1
+        d = self.workdir / f"stack{self.count:02d}"
+        d.mkdir()
+        return Stack(d, **kw)
+
+    def e2e(self) -> list[dict]:
+        n = self.a.n
+        with self.stack(worker=True) as st:
+            warm = st.warmup(100)
+            time.sleep(0.5)  # idle and ready: the worker is blocked waiting for work
+            cpu0, bench0 = st.cpu_ticks(), time.process_time()
+            with driver_cleanup(st.driver("batch", "--n", str(n), "--batch", "100",
+                                          "--inflight", str(self.a.inflight))) as d:  # fmt: skip
+                t_handled = st.wait_handled(warm + n, timeout=300)
+                t_seen = st.wait_committed(warm + n, timeout=300)
+                cpu1, bench1 = st.cpu_ticks(), time.process_time()
+                res = d.result(60)
+            t0 = res["t0"]
+            assert st.db is not None
+            # Exact commit instants: track_commit_timestamp gives each row's committing transaction's time.
+            row = st.db.execute(
+                """
+                SELECT count(*),
+                       extract(epoch FROM max(pg_xact_commit_timestamp(xmin)))::float8,
+                       percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY lag_ms),
+                       max(lag_ms),
+                       count(DISTINCT xmin::text)
+                FROM (SELECT xmin,
+                             extract(epoch FROM pg_xact_commit_timestamp(xmin))::float8 * 1000
+                               - last_event_ms AS lag_ms
+                      FROM jobs WHERE state = %s AND created_at >= to_timestamp(%s)) s
+                """,
+                (SUCCEEDED, t0),
+            ).fetchone()
+            done, t_commit, (lag50, lag99), lag_max, txns = row
+        if done != n:
+            raise BenchError(f"e2e: {done} of {n} timed jobs SUCCEEDED in PostgreSQL")
+        e2e = {
+            "metric": "e2e_jobs_per_s",
+            "value": n / (t_commit - t0),
+            "handlers_jobs_per_s": n / (t_handled - t0),
+            "enqueue_jobs_per_s": res["jobs_per_s"],
+            "n": n,
+            "inflight": res["inflight"],
+            "enqueue_s": res["t1"] - t0,
+            "handlers_done_s": t_handled - t0,
+            "committed_s": t_commit - t0,
+            "committed_poll_s": t_seen - t0,
+            "lost": n - done,
+            **cpu_report(cpu0, cpu1, res["cpu_s"], bench1 - bench0, n),
+        }
+        lag = {
+            "metric": "projection_lag_ms",
+            "p50": lag50,
+            "p99": lag99,
+            "max": lag_max,
+            "n": done,
+            "commits": txns,
+            "method": "per job: pg_xact_commit_timestamp(xmin) of its SUCCEEDED row - ms of the outcome "
+            "event's Redis stream id (jobs.last_event_ms), during the e2e run",
+        }
+        return [e2e, lag]
+
+    def enqueue_only(self, metric: str, mode: str, n: int, *args: str) -> list[dict]:
+        with self.stack(worker=False) as st:
+            # Steady state: the results service knows the queue and is idle (it projects the QUEUED
+            # events during the measurement, as it would in production).
+            st.warmup(100)
+            st.wait_results_caught_up(30)
+            cpu0, bench0 = st.cpu_ticks(), time.process_time()
+            with driver_cleanup(st.driver(mode, "--n", str(n), *args)) as d:
+                res = d.result(300)
+            cpu1, bench1 = st.cpu_ticks(), time.process_time()
+        row = {"metric": metric, "value": res["jobs_per_s"], "n": n,
+               **{k: res[k] for k in ("inflight", "batch", "idem", "created") if k in res},
+               **cpu_report(cpu0, cpu1, res["cpu_s"], bench1 - bench0, n)}  # fmt: skip
+        if "created" in res and res["created"] != n:
+            raise BenchError(f"{metric}: only {res['created']} of {n} jobs were created")
+        return [row]
+
+    def bulk(self) -> list[dict]:
+        return self.enqueue_only("bulk_jobs_per_s", "batch", self.a.n, "--batch", "100", "--inflight",
+                                 str(self.a.inflight), "--idem", "--warmup", "100")  # fmt: skip
+
+    def single(self) -> list[dict]:
+        return self.enqueue_only("single_jobs_per_s", "single", min(self.a.n, 5000), "--warmup", "20")
+
+    def conc(self) -> list[dict]:
+        return self.enqueue_only("concurrent64_jobs_per_s", "conc", self.a.n, "--inflight", "64", "--warmup", "64")
+
+    def latency(self) -> list[dict]:
+        rate, duration = 200.0, self.a.latency_s
+        n = int(rate * duration)
+        with self.stack(worker=True) as st:
+            warm = st.warmup(100)
+            time.sleep(0.5)
+            out = st.workdir / "sent.json"
+            with driver_cleanup(st.driver("rate", "--rate", str(rate), "--duration", str(duration),
+                                          "--out", str(out))) as d:  # fmt: skip
+                res = d.result(duration + 120)
+            st.wait_handled(warm + n, timeout=60)
+            sent = dict(json.loads(out.read_text()))
+            assert st.r is not None
+            active: dict[str, float] = {}
+            created: dict[str, float] = {}
+            start = "-"
+            while True:
+                page = st.r.xrange(KEYS.events, start, "+", count=5000)
+                for entry_id, fields in page:
+                    ev = event_pb2.JobEvent.FromString(fields[b"e"])
+                    if ev.job_id not in sent:
+                        continue
+                    if ev.type == event_pb2.EVENT_TYPE_ACTIVE and ev.job_id not in active:
+                        active[ev.job_id] = ev.time.seconds + ev.time.nanos / 1e9
+                    elif ev.type == event_pb2.EVENT_TYPE_QUEUED:
+                        c = ev.job.created_at
+                        created[ev.job_id] = c.seconds + c.nanos / 1e9
+                if len(page) < 5000:
+                    break
+                start = "(" + page[-1][0].decode()
+        lat = [(active[j] - t) * 1000 for j, t in sent.items() if j in active]
+        srv = [(active[j] - created[j]) * 1000 for j in active if j in created]
+        if not lat:
+            raise BenchError("latency: no ACTIVE events found for the jobs sent")
+        return [{
+            "metric": "latency_ms",
+            "p50": pct(lat, 50), "p99": pct(lat, 99), "max": max(lat),
+            "server_p50": pct(srv, 50) if srv else None, "server_p99": pct(srv, 99) if srv else None,
+            "n": n, "lost": n - len(lat), "rate": rate, "achieved_rate": res["jobs_per_s"],
+            "method": "client time just before the unary Enqueue -> ACTIVE event time (Redis TIME at claim) "
+            "in the queue's event stream; server_*: producer created_at -> ACTIVE",
+        }]  # fmt: skip
+
+    def _mem(self, idem: bool) -> dict:
+        n = self.a.mem_n
+        with self.stack(worker=False) as st:
+            m0 = st.used_memory()
+            args = ["--n", str(n), "--batch", "100", "--inflight", str(self.a.inflight)]
+            with driver_cleanup(st.driver("batch", *args, *(["--idem"] if idem else []))) as d:
+                res = d.result(300)
+            m1 = st.used_memory()
+            assert st.r is not None
+            caught = True
+            try:
+                st.wait_results_caught_up(120)
+            except BenchError as exc:
+                log(str(exc))
+                caught = False
+            m2 = st.used_memory()
+            breakdown = key_breakdown(st.r)
+        if res["created"] != n:
+            raise BenchError(f"mem: only {res['created']} of {n} jobs were created")
+        return {
+            "metric": "bytes_per_waiting_job_idem" if idem else "bytes_per_waiting_job",
+            "value": (m2 - m0) / n,
+            "right_after_enqueue": (m1 - m0) / n,
+            "results_caught_up": caught,
+            "n": n,
+            "idem": idem,
+            "breakdown_bytes_per_job": {k: round(v / n, 1) for k, v in breakdown.items()},
+        }
+
+    def mem(self) -> list[dict]:
+        return [self._mem(False), self._mem(True)]
+
+    def finish(self) -> list[dict]:
+        n, retention = self.a.finish_n, 5.0
+        with self.stack(worker=True, retention_s=retention) as st:
+            assert st.r is not None
+            time.sleep(1.0)
+            m0, k0 = st.used_memory(), st.r.dbsize()
+            with driver_cleanup(st.driver("batch", "--n", str(n), "--batch", "100",
+                                          "--inflight", str(self.a.inflight))) as d:  # fmt: skip
+                st.wait_handled(n, timeout=300)
+                st.wait_committed(n, timeout=300)
+                d.result(60)
+            t_done = time.monotonic()
+            m_peak = st.used_memory()
+
+            def per_job_left() -> dict[str, int]:
+                left = {
+                    "state": int(st.r.hlen(KEYS.state)),
+                    "events": int(st.r.xlen(KEYS.events)),
+                    "done": int(st.r.zcard(KEYS.done)),
+                    "jobs": sum(int(st.r.xlen(b)) for b in KEYS.bands if st.r.exists(b)),
+                }
+                left["idem_keys"] = sum(1 for _ in st.r.scan_iter(match=KEYS.idempotency("*"), count=1000))
+                return left
+
+            waited_ok = True
+            try:
+                wait_until(lambda: not any(per_job_left().values()), "per-job Redis data to expire",
+                           retention + self.a.finish_wait, 0.5)  # fmt: skip
+            except BenchError:
+                waited_ok = False
+            time.sleep(0.5)
+            m1, k1 = st.used_memory(), st.r.dbsize()
+            left = per_job_left()
+            waited = time.monotonic() - t_done
+            breakdown = key_breakdown(st.r)
+            after_poke = None
+            if not waited_ok:
+                # Diagnostic: does one more job (new traffic) set expiry going?
+                st.warmup(1)
+                st.wait_committed(n + 1, 30)
+                time.sleep(1.5)
+                after_poke = {**per_job_left(), "above_baseline": st.used_memory() - m0}
+        above = m1 - m0
+        return [{
+            "metric": "memory_after_finish",
+            "value": above,
+            "n": n,
+            "retention_s": retention,
+            "waited_s": round(waited, 1),
+            "baseline_bytes": m0,
+            "peak_above_baseline": m_peak - m0,
+            "keys_before": k0,
+            "keys_after": k1,
+            "per_job_left": left,
+            "key_bytes": breakdown,
+            "after_one_more_job": after_poke,
+            "back_to_baseline": waited_ok and not any(left.values()) and above < 256 * 1024,
+        }]  # fmt: skip
+
+
+def key_breakdown(r: redis.Redis) -> dict[str, int]:
+    """MEMORY USAGE summed per key family (the idempotency keys grouped as one)."""
+    out: dict[str, int] = {}
+    keys = list(r.scan_iter(match="conveyor:*", count=1000))
+    for i in range(0, len(keys), 1000):
+        chunk = keys[i : i + 1000]
+        pipe = r.pipeline(transaction=False)
+        for k in chunk:
+            pipe.execute_command("MEMORY", "USAGE", k, "SAMPLES", "0")
+        for k, used in zip(chunk, pipe.execute(), strict=True):
+            name = k.decode()
+            if ":idem:" in name:
+                name = name[: name.index(":idem:")] + ":idem:*"
+            out[name] = out.get(name, 0) + int(used or 0)
+    return out
+
+
+# -- BullMQ ------------------------------------------------------------------------------------
+
+
+def run_bullmq(a: argparse.Namespace, only: list[str]) -> list[dict]:
+    names = [BULLMQ_NAMES[w] for w in only if w in BULLMQ_NAMES]
+    if not names:
+        return []
+    if not BASELINE.exists():
+        raise BenchError(f"{BASELINE} not found")
+    cmd = [PY, str(BASELINE), "--reps", "1", "--n", str(a.n), "--only", ",".join(names)]
+    log("bullmq: " + " ".join(cmd[1:]))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, check=False)
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0:
+        raise BenchError(f"baseline.py failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return rows
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Figure:
+    label: str
+    conveyor: tuple[str, str]  # (metric, key)
+    bullmq: tuple[str, str] | None
+    target: str
+    #: (conveyor median, bullmq median or None) -> pass? (None: informational)
+    check: Callable[[float, float | None], bool | None]
+    unit: str = ""
+
+
+def _ratio_at_least(k: float) -> Callable[[float, float | None], bool | None]:
+    return lambda c, b: None if b is None else c / b >= k
+
+
+FIGURES = [
+    Figure("end to end, jobs/s (-> PG commit)", ("e2e_jobs_per_s", "value"), ("e2e_jobs_per_s", "value"),
+           ">= 2x BullMQ", _ratio_at_least(2.0)),
+    Figure("  e2e to last handler done (info)", ("e2e_jobs_per_s", "handlers_jobs_per_s"),
+           ("e2e_jobs_per_s", "value"), "info", lambda c, b: None),
+    Figure("batch enqueue (100, idem keys), jobs/s", ("bulk_jobs_per_s", "value"), ("bulk_jobs_per_s", "value"),
+           ">= 3x BullMQ", _ratio_at_least(3.0)),
+    Figure("64 concurrent unary Enqueue, jobs/s", ("concurrent64_jobs_per_s", "value"),
+           ("concurrent64_jobs_per_s", "value"), ">= 1x BullMQ", _ratio_at_least(1.0)),
+    Figure("unary Enqueue one at a time, jobs/s", ("single_jobs_per_s", "value"), ("single_jobs_per_s", "value"),
+           ">= 0.5x BullMQ", _ratio_at_least(0.5)),
+    Figure("enqueue -> handler start p50, ms", ("latency_ms", "p50"), ("latency_ms", "p50"), "info",
+           lambda c, b: None),
+    Figure("enqueue -> handler start p99, ms", ("latency_ms", "p99"), ("latency_ms", "p99"),
+           "<= BullMQ and <= 2 ms", lambda c, b: c <= 2.0 and (b is None or c <= b)),
+    Figure("Redis bytes per waiting job", ("bytes_per_waiting_job", "value"), ("bytes_per_waiting_job", "value"),
+           "<= 365 B", lambda c, b: c <= 365),
+    Figure("  same, every job with an idem key", ("bytes_per_waiting_job_idem", "value"), None,
+           "info (<= 365 B?)", lambda c, b: None),
+    Figure("Redis bytes above baseline after finish", ("memory_after_finish", "value"), None,
+           "back to baseline", lambda c, b: None),
+    Figure("PG projection lag p50, ms", ("projection_lag_ms", "p50"), None, "info", lambda c, b: None),
+    Figure("PG projection lag p99, ms", ("projection_lag_ms", "p99"), None, "< 1000 ms", lambda c, b: c < 1000),
+]
+
+
+def fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:,.2f}"
+
+
+def median_of(rows: list[dict], peer: str, metric: str, key: str) -> tuple[float, float, float, int] | None:
+    xs = [r[key] for r in rows if r.get("peer") == peer and r.get("metric") == metric and r.get(key) is not None]
+    if not xs:
+        return None
+    return statistics.median(xs), min(xs), max(xs), len(xs)
+
+
+def print_table(rows: list[dict], with_bullmq: bool) -> None:
+    header = f"{'figure':41s} {'Conveyor':>10s} {'(min-max)':>19s} {'BullMQ':>10s} {'ratio':>7s}  {'target':24s} result"
+    print("\nMedians over repetitions (Conveyor min-max in brackets); ratio = Conveyor / BullMQ, same run")
+    print(header)
+    print("-" * len(header))
+    for f in FIGURES:
+        c = median_of(rows, "conveyor", *f.conveyor)
+        b = median_of(rows, "bullmq-node", *f.bullmq) if f.bullmq else None
+        if c is None:
+            continue
+        cm = c[0]
+        bm = b[0] if b else None
+        ratio = f"{cm / bm:.2f}x" if bm else "-"
+        verdict = f.check(cm, bm)
+        if f.conveyor[0] == "memory_after_finish":
+            ok = [r.get("back_to_baseline") for r in rows if r.get("metric") == "memory_after_finish"]
+            verdict = all(ok) if ok else None
+        if verdict is None and f.target != "info" and bm is None and f.bullmq:
+            result = "n/a (no BullMQ figure)"
+        else:
+            result = {True: "PASS", False: "FAIL", None: ""}[verdict]
+        spread = f"({fmt(c[1])}-{fmt(c[2])})" if c[3] > 1 else ""
+        print(f"{f.label:41s} {fmt(cm):>10s} {spread:>19s} {fmt(bm):>10s} {ratio:>7s}  {f.target:24s} {result}")
+    print(f"{'concurrent Watch streams (1,000)':41s} {'not measured':>10s}")
+    if not with_bullmq:
+        print("(run with --with-bullmq for the BullMQ column and ratios)")
+
+    e2e = [r for r in rows if r.get("peer") == "conveyor" and r.get("metric") == "e2e_jobs_per_s" and "cpu_s" in r]
+    if e2e:
+        print("\nCPU during end to end (median over repetitions): seconds, and us of CPU per job")
+        names = list(e2e[0]["cpu_s"])
+        total_us = statistics.median(r["cpu_us_per_job"]["total"] for r in e2e)
+        for name in names:
+            s = statistics.median(r["cpu_s"][name] for r in e2e)
+            us = statistics.median(r["cpu_us_per_job"][name] for r in e2e)
+            share = f"{us / total_us * 100:5.1f} %" if total_us and name != "total" else ""
+            print(f"  {name:10s} {s:8.2f} s {us:9.1f} us/job  {share}")
+        walls = statistics.median(r["committed_s"] for r in e2e)
+        print(f"  wall      {walls:8.2f} s   (first enqueue -> last commit); {os.cpu_count()} CPUs")
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def environment() -> dict:
+    def cmd(*argv: str) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+
+    pg_bin = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
+    return {
+        "metric": "environment",
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "redis": cmd("redis-server", "--version"),
+        "postgres": cmd(str(pg_bin[-1]), "--version") if pg_bin else "?",
+        "redis_config": "appendonly yes, appendfsync everysec, save '', maxmemory-policy noeviction",
+        "postgres_config": "fsync on, synchronous_commit on (defaults), track_commit_timestamp on",
+        "services": "producer, results, worker (concurrency 50, demo.noop) as `python -m`; log level warning",
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=20000, help="jobs per throughput measurement")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only", default=",".join(ALL), help="comma list of " + ",".join(ALL))
+    ap.add_argument("--json", help="append every measurement to this JSON-lines file")
+    ap.add_argument("--with-bullmq", action="store_true", help="also run ../shared/peers/baseline.py, interleaved")
+    ap.add_argument("--inflight", type=int, default=4, help="EnqueueBatch calls in flight (e2e, bulk, mem)")
+    ap.add_argument("--mem-n", type=int, default=100_000, help="waiting jobs for bytes_per_waiting_job")
+    ap.add_argument("--finish-n", type=int, default=None, help="jobs for memory_after_finish (default --n)")
+    ap.add_argument("--finish-wait", type=float, default=25.0, help="s to wait beyond the retention")
+    ap.add_argument("--latency-s", type=float, default=10.0, help="duration of the 200 jobs/s latency run")
+    ap.add_argument("--keep", action="store_true", help="keep the logs directory")
+    a = ap.parse_args()
+    a.finish_n = a.finish_n or a.n
+    only = [w.strip() for w in a.only.split(",") if w.strip()]
+    bad = [w for w in only if w not in ALL]
+    if bad:
+        ap.error(f"unknown figures {bad}; choose from {','.join(ALL)}")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+
+    workdir = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
+    bench = Bench(a, workdir)
+    rows: list[dict] = []
+    failures = 0
+    started = time.monotonic()
+
+    def emit(row: dict) -> None:
+        row.setdefault("ts", time.time())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    emit({**environment(), "peer": "conveyor", "argv": sys.argv[1:]})
+    try:
+        for rep in range(a.reps):
+            if a.with_bullmq:
+                b_only = [w for w in only if not (w in ONCE and rep > 0)]
+                try:
+                    for row in run_bullmq(a, b_only):
+                        row.update(peer="bullmq-node", rep=rep)
+                        emit(row)
+                except (BenchError, subprocess.TimeoutExpired) as exc:
+                    failures += 1
+                    emit({"metric": "error", "peer": "bullmq-node", "rep": rep, "error": str(exc)})
+            for what in only:
+                if what in ONCE and rep > 0:
+                    continue
+                log(f"rep {rep + 1}/{a.reps}: {what} ({time.monotonic() - started:.0f} s so far)")
+                try:
+                    for row in getattr(bench, what)():
+                        row.update(peer="conveyor", rep=rep)
+                        emit(row)
+                except Exception as exc:  # noqa: BLE001 - report and go on with the next figure
+                    failures += 1
+                    traceback.print_exc()
+                    emit({"metric": "error", "peer": "conveyor", "figure": what, "rep": rep, "error": str(exc)})
+    except KeyboardInterrupt:
+        log("interrupted")
+    finally:
+        print_table(rows, a.with_bullmq)
+        print(f"\n{time.monotonic() - started:.0f} s in all; logs in {workdir}" if (failures or a.keep)
+              else f"\n{time.monotonic() - started:.0f} s in all")
+        if not failures and not a.keep:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Conveyor results: projects job events into PostgreSQL and serves ResultsService."""

@@ -1,0 +1,61 @@
+"""Results process: `python -m conveyor.results`. Wiring only."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import psycopg
+import psycopg_pool
+
+from conveyor.common import logs, server
+from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
+from conveyor.common.settings import ResultsSettings
+from conveyor.results.projector import Projector
+from conveyor.results.queries import Queries
+from conveyor.results.servicer import ResultsServicer
+from conveyor.results.store import Store, open_pool
+from conveyor.v1 import results_service_pb2, results_service_pb2_grpc
+
+
+async def run() -> None:
+    settings = ResultsSettings.from_env()
+    logs.configure(service="results", level=settings.log_level, fmt=settings.log_format)
+    consumer = os.environ.get("CONVEYOR_RESULTS_CONSUMER") or f"results-{socket.gethostname()}-{os.getpid()}"
+    redis = await connect_redis(settings.redis_url)
+    blocking = make_redis(settings.redis_url, blocking=True)
+    pool = await open_pool(settings.database_url, settings.pool_size)
+    store = Store(pool)
+    await store.migrate()
+    projector = Projector(
+        redis, blocking, store, consumer=consumer, batch_size=settings.batch_size, retention_s=settings.retention_s
+    )
+    await server.serve(
+        settings.grpc_addr,
+        [
+            server.Service(
+                results_service_pb2_grpc.add_ResultsServiceServicer_to_server,
+                ResultsServicer(Queries(pool)),
+                results_service_pb2.DESCRIPTOR.services_by_name["ResultsService"].full_name,
+            )
+        ],
+        grace=settings.shutdown_grace_s,
+        unavailable=(*REDIS_UNAVAILABLE, psycopg.OperationalError, psycopg_pool.PoolTimeout),
+        background=[projector.run],
+        on_shutdown=[pool.close, redis.aclose, blocking.aclose],
+    )
+
+
+def main() -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - optional speed-up
+        pass
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,467 @@
+"""The projector: reads every queue's event stream as consumer group ``results`` and folds the events into PostgreSQL.
+
+One projector task runs per results process. A reader task pulls batches with XREADGROUP
+(and, at start and every ``claim_interval_s``, its own pending entries and stale ones of
+dead peers) and folds each into job rows; a writer task commits each batch in one
+transaction and only then acks it, while the reader already fetches the next one.
+
+Invariant 3 (DESIGN.md): an event is acked only after PostgreSQL committed it.
+Invariant 5: PostgreSQL or Redis being down stops nobody; events wait in Redis, the
+projector retries with backoff and catches up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+import psycopg_pool
+import redis.asyncio as aioredis
+import structlog
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
+from redis.exceptions import ResponseError
+
+from conveyor.common.codec import STATE_AFTER_EVENT, struct_to_json
+from conveyor.common.ids import parse_job_id, ulid_time_ms
+from conveyor.common.keys import QUEUES, RESULTS_GROUP, queue_keys
+from conveyor.common.redis import REDIS_UNAVAILABLE
+from conveyor.common.scripts import Scripts
+from conveyor.results.store import EventRow, JobRow, Store
+from conveyor.v1 import event_pb2, job_pb2
+
+log = structlog.get_logger("conveyor.results.projector")
+
+#: Errors that mean "PostgreSQL cannot be reached right now": retry the same batch.
+PG_UNAVAILABLE: tuple[type[BaseException], ...] = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
+
+_FINAL_STATES = frozenset(
+    {
+        job_pb2.JOB_STATE_SUCCEEDED,
+        job_pb2.JOB_STATE_FAILED,
+        job_pb2.JOB_STATE_DEAD_LETTERED,
+        job_pb2.JOB_STATE_CANCELLED,
+    }
+)
+# Only these outcomes may be reopened, by a newer QUEUED/DELAYED (re-queued dead letters).
+_REOPENABLE_STATES = frozenset({job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_DEAD_LETTERED})
+_REQUEUE_EVENTS = frozenset({event_pb2.EVENT_TYPE_QUEUED, event_pb2.EVENT_TYPE_DELAYED})
+_OUTCOME_WITH_ERROR = frozenset(
+    {event_pb2.EVENT_TYPE_FAILED, event_pb2.EVENT_TYPE_DEAD_LETTERED, event_pb2.EVENT_TYPE_CANCELLED}
+)
+_EMPTY_LABELS = "{}"
+_TRIM_ERRORS: tuple[type[BaseException], ...] = (*REDIS_UNAVAILABLE, ResponseError)
+
+
+def _us(ts: Timestamp) -> int:
+    return ts.seconds * 1_000_000 + ts.nanos // 1000
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class Batch:
+    """Entries read together: their folded job rows, their event rows, and the ids to ack per stream."""
+
+    __slots__ = ("acks", "events", "rows", "size")
+
+    def __init__(self) -> None:
+        self.rows: dict[str, JobRow] = {}
+        self.events: list[EventRow] = []
+        self.acks: dict[str, list[bytes]] = {}
+        self.size = 0
+
+    def add(self, queue: str, stream: str, entries: Sequence[tuple[Any, Any]], deleted: Sequence[bytes] = ()) -> None:
+        """Fold one stream's entries (in id order) into the batch.
+
+        ``deleted`` are ids whose entries Redis no longer has (XAUTOCLAIM): nothing to
+        project, but they are acked with the rest.
+        """
+        acks = self.acks.setdefault(stream, [])
+        acks.extend(deleted)
+        for entry_id, fields in entries:
+            if entry_id is None:  # a deleted entry as Redis 6.2 reported it
+                continue
+            acks.append(entry_id)
+            data = fields.get(b"e") if fields else None
+            if not data:
+                continue  # deleted while pending: nothing left to project
+            try:
+                self._fold_one(queue, entry_id, fields, data)
+            except (DecodeError, ValueError) as exc:
+                # A poison entry must not wedge the projector: log it and move on (it is acked).
+                log.warning("event_malformed", queue=queue, entry_id=entry_id.decode(), error=str(exc))
+        self.size += len(entries) + len(deleted)
+
+    def _fold_one(self, queue: str, entry_id: bytes, fields: dict[bytes, bytes], data: bytes) -> None:
+        ms_raw, _, seq_raw = entry_id.partition(b"-")
+        ms, seq = int(ms_raw), int(seq_raw or 0)
+        event = event_pb2.JobEvent.FromString(data)
+        job_id = event.job_id
+        if not job_id:
+            ulid = fields.get(b"j", b"").decode()
+            if not ulid:
+                raise ValueError("event without job id")
+            job_id = f"{queue}/{ulid}"
+        etype = event.type
+        at_us = _us(event.time) if event.HasField("time") else ms * 1000
+        self.events.append((job_id, ms, seq, etype, event.attempt, at_us, data))
+        state = STATE_AFTER_EVENT.get(etype)
+        if state is None:
+            return  # an event type this version does not know: kept in the history only
+        row = self.rows.get(job_id)
+        if row is None:
+            row = self.rows[job_id] = JobRow(job_id, queue)
+        elif row.state in _FINAL_STATES and not (row.state in _REOPENABLE_STATES and etype in _REQUEUE_EVENTS):
+            return  # Invariant 2: a final state is never overwritten (a late ACTIVE is ignored)
+        apply_event(row, event, etype, state, ms, seq, at_us)
+
+    def finish(self) -> list[JobRow]:
+        """The folded rows, with created_at filled in where no event carried the job."""
+        rows = list(self.rows.values())
+        for row in rows:
+            if row.created_us is None:
+                # The ULID holds the creation millisecond: a stable sort key until the job itself arrives.
+                parsed = parse_job_id(row.job_id)
+                row.created_us = ulid_time_ms(parsed[1]) * 1000 if parsed else row.updated_us
+        return rows
+
+
+def apply_event(row: JobRow, event: event_pb2.JobEvent, etype: int, state: int, ms: int, seq: int, at_us: int) -> None:
+    """Apply one event to a row folded from the job's earlier events of the same batch."""
+    if event.HasField("job"):
+        _take_job(row, event.job)
+    row.state = state
+    row.last_ms, row.last_seq = ms, seq
+    if at_us > row.updated_us:
+        row.updated_us = at_us
+    if event.attempt > row.attempts:
+        row.attempts = event.attempt
+    if event.worker:
+        row.worker = event.worker
+    if etype == event_pb2.EVENT_TYPE_ACTIVE:
+        row.started_us = at_us
+    elif etype == event_pb2.EVENT_TYPE_PROGRESS:
+        row.progress_percent = event.progress.percent
+        row.progress_message = event.progress.message
+    elif etype == event_pb2.EVENT_TYPE_SUCCEEDED:
+        if event.result_json:
+            row.result = event.result_json.decode("utf-8", "replace")
+        elif event.HasField("result"):
+            row.result = json_format.MessageToJson(event.result, indent=None)
+        row.finished_us = at_us
+    elif etype in _OUTCOME_WITH_ERROR:
+        if event.HasField("error"):
+            row.error = _error_json(event.error)
+        row.finished_us = at_us
+    elif etype == event_pb2.EVENT_TYPE_RETRY_SCHEDULED:
+        if event.HasField("error"):
+            row.error = _error_json(event.error)
+        if event.HasField("next_run_at"):
+            row.run_at_us = _us(event.next_run_at)
+    elif etype in _REQUEUE_EVENTS:
+        row.queued_ms, row.queued_seq = ms, seq
+        row.finished_us = None
+        if event.HasField("next_run_at"):
+            row.run_at_us = _us(event.next_run_at)
+
+
+def _error_json(error: job_pb2.JobError) -> str:
+    return _dumps({"message": error.message, "kind": error.kind, "retryable": error.retryable})
+
+
+def _take_job(row: JobRow, job: job_pb2.Job) -> None:
+    """The job's own fields, from an event carrying it (QUEUED, or a final event with the payload)."""
+    row.type = job.type
+    row.priority = job.priority
+    row.idempotency_key = job.idempotency_key or None
+    row.labels = _dumps(dict(job.labels)) if job.labels else _EMPTY_LABELS
+    if job.HasField("retry"):
+        row.retry = job.retry.SerializeToString()
+        row.max_attempts = job.retry.max_attempts
+    else:
+        row.retry, row.max_attempts = None, None
+    row.timeout_ms = (job.timeout.seconds * 1000 + job.timeout.nanos // 1_000_000) if job.HasField("timeout") else None
+    if job.HasField("created_at"):
+        row.created_us = _us(job.created_at)
+    if job.HasField("run_at"):
+        row.run_at_us = _us(job.run_at)
+    if job.payload_json:
+        row.payload = job.payload_json.decode("utf-8", "replace")
+    elif job.HasField("payload"):
+        row.payload = struct_to_json(job.payload).decode()
+
+
+class _Backoff:
+    """Exponential backoff with jitter, capped: 0.1 s, 0.2 s, ... 2 s."""
+
+    def __init__(self, base: float = 0.1, cap: float = 2.0) -> None:
+        self._base, self._cap, self._n = base, cap, 0
+
+    def reset(self) -> None:
+        self._n = 0
+
+    def next(self) -> float:
+        delay = min(self._cap, self._base * float(1 << self._n))
+        self._n = min(self._n + 1, 16)
+        return delay * (0.5 + random.random() / 2)
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep, waking early when ``stop`` is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+class Projector:
+    """Projects every queue's events into PostgreSQL through ``store``.
+
+    Args:
+        redis: Client for commands that return at once (acks, pending reads, claims, trims).
+        blocking: Client without a read timeout, for XREADGROUP BLOCK.
+        store: Where batches are written.
+        consumer: This process's consumer name in group ``results`` (unique per process).
+        batch_size: COUNT of each XREADGROUP, per stream.
+        retention_s: Events older than this (and acked) are trimmed from the streams.
+        claim_idle_ms: Pending entries idle this long are taken over from other consumers.
+        claim_interval_s: How often to look for such entries.
+        refresh_s: How often the set of queues is re-read.
+        block_ms: Longest wait of one XREADGROUP (bounds how long stopping takes).
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        blocking: aioredis.Redis,
+        store: Store,
+        *,
+        consumer: str,
+        batch_size: int = 1000,
+        retention_s: float = 300.0,
+        claim_idle_ms: int = 60_000,
+        claim_interval_s: float = 30.0,
+        refresh_s: float = 2.0,
+        block_ms: int = 1000,
+    ) -> None:
+        self._redis = redis
+        self._blocking = blocking
+        self._store = store
+        self._scripts = Scripts(redis)
+        self.consumer = consumer
+        self._batch_size = batch_size
+        self._retention_ms = int(retention_s * 1000)
+        self._claim_idle_ms = claim_idle_ms
+        self._claim_interval_s = claim_interval_s
+        self._refresh_s = refresh_s
+        self._block_ms = block_ms
+        #: stream key -> queue name, for every queue whose group is known to exist.
+        self._streams: dict[str, str] = {}
+        self._refreshed_at = -1e9
+        self._claimed_at = -1e9
+        self._trimmed_at: dict[str, float] = {}
+        #: Events committed and acked since start (for operators and benchmarks).
+        self.projected = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Project until ``stop`` is set; then finish the batches in flight (commit and ack) and return."""
+        batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
+        reader = asyncio.create_task(self._read(stop, batches), name="results-reader")
+        log.info("projector_started", consumer=self.consumer)
+        try:
+            await self._write(stop, batches)
+        finally:
+            reader.cancel()
+            (outcome,) = await asyncio.gather(reader, return_exceptions=True)
+            log.info("projector_stopped", consumer=self.consumer, projected=self.projected)
+        if isinstance(outcome, Exception):
+            # A reader that died of a bug takes the process down (server.serve) rather than idling.
+            raise outcome
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def _read(self, stop: asyncio.Event, out: asyncio.Queue[Batch | None]) -> None:
+        backoff = _Backoff()
+        try:
+            while not stop.is_set():
+                try:
+                    await self._read_once(out)
+                    backoff.reset()
+                except ResponseError as exc:
+                    if "NOGROUP" in str(exc):
+                        # A stream or its group vanished (deleted, Redis restarted empty): create it again.
+                        log.warning("results_group_missing", error=str(exc))
+                        self._streams.clear()
+                        self._refreshed_at = -1e9
+                    else:
+                        log.warning("redis_error", error=str(exc))
+                        await _sleep(stop, backoff.next())
+                except REDIS_UNAVAILABLE as exc:
+                    log.warning("redis_unavailable", error=str(exc) or type(exc).__name__)
+                    await _sleep(stop, backoff.next())
+        finally:
+            with contextlib.suppress(asyncio.CancelledError):
+                await out.put(None)
+
+    async def _read_once(self, out: asyncio.Queue[Batch | None]) -> None:
+        now = time.monotonic()
+        if now - self._refreshed_at >= self._refresh_s:
+            for stream, queue in await self._discover():
+                # Entries delivered to this consumer before a restart, never acked.
+                await self._read_pending(queue, stream, out)
+            self._refreshed_at = time.monotonic()
+        if now - self._claimed_at >= self._claim_interval_s:
+            await self._claim_stale(out)
+            self._claimed_at = time.monotonic()
+        if not self._streams:
+            await asyncio.sleep(min(self._refresh_s, self._block_ms / 1000))
+            return
+        reply = await self._blocking.xreadgroup(
+            RESULTS_GROUP,
+            self.consumer,
+            dict.fromkeys(self._streams, ">"),
+            count=self._batch_size,
+            block=self._block_ms,
+        )
+        if reply:
+            batch = Batch()
+            for stream, entries in reply:
+                key = stream.decode()
+                batch.add(self._streams[key], key, entries)
+            await out.put(batch)
+
+    async def _discover(self) -> list[tuple[str, str]]:
+        """Re-read the queue set; create group ``results`` on new queues' streams. Returns the new (stream, queue)."""
+        members: set[bytes] = await self._redis.smembers(QUEUES)  # type: ignore[misc]  # redis-py's sync|async union
+        names = sorted(m.decode() for m in members)
+        new: list[tuple[str, str]] = []
+        for queue in names:
+            stream = queue_keys(queue).events
+            if stream in self._streams:
+                continue
+            try:
+                await self._redis.xgroup_create(stream, RESULTS_GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+            self._streams[stream] = queue
+            new.append((stream, queue))
+            log.info("queue_discovered", queue=queue)
+        return new
+
+    async def _read_pending(self, queue: str, stream: str, out: asyncio.Queue[Batch | None]) -> None:
+        # Id "<n>" (not ">") returns this consumer's pending entries after n: page through them.
+        start: bytes = b"0"
+        while True:
+            reply = await self._redis.xreadgroup(RESULTS_GROUP, self.consumer, {stream: start}, count=self._batch_size)
+            entries = reply[0][1] if reply else []
+            if not entries:
+                return
+            batch = Batch()
+            batch.add(queue, stream, entries)
+            await out.put(batch)
+            log.info("pending_reread", queue=queue, entries=len(entries))
+            start = entries[-1][0]
+
+    async def _claim_stale(self, out: asyncio.Queue[Batch | None]) -> None:
+        """Take over entries pending longer than claim_idle_ms (a results process died holding them)."""
+        for stream, queue in list(self._streams.items()):
+            cursor: bytes | str = b"0-0"
+            while True:
+                reply = await self._redis.xautoclaim(
+                    stream,
+                    RESULTS_GROUP,
+                    self.consumer,
+                    min_idle_time=self._claim_idle_ms,
+                    start_id=cursor,
+                    count=self._batch_size,
+                )
+                cursor, entries = reply[0], reply[1]
+                # Redis 7 reports entries deleted while pending separately; ack them too.
+                deleted = reply[2] if len(reply) > 2 else []
+                if entries or deleted:
+                    batch = Batch()
+                    batch.add(queue, stream, entries, deleted)
+                    await out.put(batch)
+                    log.info("pending_claimed", queue=queue, entries=len(entries), deleted=len(deleted))
+                if cursor in (b"0-0", "0-0"):
+                    break
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def _write(self, stop: asyncio.Event, batches: asyncio.Queue[Batch | None]) -> None:
+        while True:
+            batch = await batches.get()
+            if batch is None:
+                return
+            if not await self._commit(stop, batch):
+                return  # stopping while PostgreSQL is down: the entries stay pending for next time
+            await self._ack(stop, batch)
+
+    async def _commit(self, stop: asyncio.Event, batch: Batch) -> bool:
+        rows = batch.finish()
+        backoff = _Backoff()
+        salvage = False
+        while True:
+            try:
+                if salvage:
+                    for job_id in await self._store.write_salvaging(rows, batch.events):
+                        log.error("job_row_dropped", job_id=job_id)
+                else:
+                    await self._store.write(rows, batch.events)
+                return True
+            except PG_UNAVAILABLE as exc:
+                log.warning("postgres_unavailable", error=str(exc) or type(exc).__name__, entries=batch.size)
+            except psycopg.Error as exc:
+                # Data PostgreSQL refuses (NUL bytes, bad JSON...): retry row by row, cleaned up.
+                log.error("batch_rejected", error=str(exc), entries=batch.size, salvage=salvage)
+                salvage = True
+            if stop.is_set():
+                log.warning("batch_abandoned", entries=batch.size)
+                return False
+            await _sleep(stop, backoff.next())
+
+    async def _ack(self, stop: asyncio.Event, batch: Batch) -> None:
+        backoff = _Backoff()
+        while True:
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for stream, ids in batch.acks.items():
+                        if ids:
+                            pipe.xack(stream, RESULTS_GROUP, *ids)
+                    await pipe.execute()
+                break
+            except ResponseError as exc:
+                # NOGROUP: the stream went away, and its pending entries with it.
+                log.warning("ack_failed", error=str(exc), entries=batch.size)
+                break
+            except REDIS_UNAVAILABLE as exc:
+                # Committed already: replaying these entries later is harmless, so give up on stop.
+                log.warning("ack_failed", error=str(exc) or type(exc).__name__, entries=batch.size)
+                if stop.is_set():
+                    return
+                await _sleep(stop, backoff.next())
+        self.projected += batch.size
+        await self._trim(batch)
+
+    async def _trim(self, batch: Batch) -> None:
+        now = time.monotonic()
+        cutoff_ms = int(time.time() * 1000) - self._retention_ms
+        for stream in batch.acks:
+            if now - self._trimmed_at.get(stream, -1e9) < 1.0:
+                continue
+            self._trimmed_at[stream] = now
+            queue = self._streams.get(stream)
+            if queue is None:
+                continue
+            try:
+                await self._scripts.trim_events(queue_keys(queue), cutoff_ms)
+            except _TRIM_ERRORS as exc:
+                log.warning("trim_failed", queue=queue, error=str(exc))

@@ -1,0 +1,201 @@
+"""PostgreSQL reads of the results service: jobs and their event history as contract messages.
+
+All read SQL lives here (writes are in store.py). Rows become ``conveyor.v1`` messages in
+their public form: payload as a Struct, result as a Value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from conveyor.common.codec import json_to_struct, json_to_value, public_event
+from conveyor.v1 import event_pb2, job_pb2
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+_JOB_SELECT = """
+SELECT job_id, queue, type, state, priority, payload::text, result::text, error,
+       progress_percent, progress_message, attempts, retry, timeout_ms, labels,
+       idempotency_key, worker, created_at, run_at, started_at, finished_at, updated_at
+FROM jobs
+"""
+
+
+def to_us(value: datetime) -> int:
+    """Microseconds since the epoch of an aware datetime (exact)."""
+    delta = value - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_us(us: int) -> datetime:
+    """The aware UTC datetime ``us`` microseconds after the epoch (exact)."""
+    return EPOCH + timedelta(microseconds=us)
+
+
+@dataclass(frozen=True, slots=True)
+class JobFilter:
+    """ListJobs filters; empty or None means "any"."""
+
+    queue: str = ""
+    state: int = 0
+    type: str = ""
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+def _job(row: tuple[Any, ...]) -> job_pb2.Job:
+    (
+        job_id,
+        queue,
+        type_,
+        state,
+        priority,
+        payload,
+        result,
+        error,
+        progress_percent,
+        progress_message,
+        attempts,
+        retry,
+        timeout_ms,
+        labels,
+        idempotency_key,
+        worker,
+        created_at,
+        run_at,
+        started_at,
+        finished_at,
+        updated_at,
+    ) = row
+    job = job_pb2.Job(
+        id=job_id,
+        queue=queue,
+        type=type_ or "",
+        state=state,
+        priority=priority or 0,
+        attempt=attempts,
+        idempotency_key=idempotency_key or "",
+        worker=worker or "",
+        labels=labels or {},
+    )
+    if payload is not None:
+        job.payload.CopyFrom(json_to_struct(payload.encode()))
+    else:
+        job.payload.SetInParent()  # "Responses always fill this field."
+    if result is not None:
+        job.result.CopyFrom(json_to_value(result.encode()))
+    if error is not None:
+        job.error.message = str(error.get("message", ""))
+        job.error.kind = str(error.get("kind", ""))
+        job.error.retryable = bool(error.get("retryable", False))
+    if progress_percent is not None:
+        job.progress.percent = progress_percent
+        job.progress.message = progress_message or ""
+    if retry is not None:
+        job.retry.ParseFromString(retry)
+    if timeout_ms is not None:
+        job.timeout.FromMilliseconds(timeout_ms)
+    for field, value in (
+        (job.created_at, created_at),
+        (job.run_at, run_at),
+        (job.started_at, started_at),
+        (job.finished_at, finished_at),
+        (job.updated_at, updated_at),
+    ):
+        if value is not None:
+            field.FromDatetime(value)
+    return job
+
+
+class Queries:
+    """The results service's reads from PostgreSQL.
+
+    Args:
+        pool: An open connection pool on the results database.
+        connect_timeout_s: Longest wait for a pooled connection (then psycopg_pool.PoolTimeout,
+            which the server maps to UNAVAILABLE).
+    """
+
+    def __init__(self, pool: AsyncConnectionPool[Any], connect_timeout_s: float = 5.0) -> None:
+        self._pool = pool
+        self._timeout = connect_timeout_s
+
+    async def get_job(self, job_id: str) -> job_pb2.Job | None:
+        """The job ``job_id`` as last projected, or None."""
+        async with self._pool.connection(self._timeout) as conn:
+            cur = await conn.execute(_JOB_SELECT + "WHERE job_id = %s", (job_id,))
+            row = await cur.fetchone()
+        return _job(row) if row is not None else None
+
+    async def list_jobs(
+        self, filters: JobFilter, after: tuple[datetime, str] | None, limit: int
+    ) -> list[tuple[job_pb2.Job, datetime]]:
+        """Jobs matching ``filters``, newest first by (created_at, job_id), strictly after ``after``.
+
+        Returns:
+            Up to ``limit`` jobs, each with its exact created_at (for the next page's key).
+        """
+        where: list[sql.Composable] = []
+        params: list[Any] = []
+        if filters.queue:
+            where.append(sql.SQL("queue = %s"))
+            params.append(filters.queue)
+        if filters.state:
+            where.append(sql.SQL("state = %s"))
+            params.append(filters.state)
+        if filters.type:
+            where.append(sql.SQL("type = %s"))
+            params.append(filters.type)
+        if filters.created_after is not None:
+            where.append(sql.SQL("created_at >= %s"))
+            params.append(filters.created_after)
+        if filters.created_before is not None:
+            where.append(sql.SQL("created_at < %s"))
+            params.append(filters.created_before)
+        if after is not None:
+            # Keyset paging: a row comparison the (…, created_at DESC, job_id DESC) indexes serve.
+            where.append(sql.SQL("(created_at, job_id) < (%s, %s)"))
+            params.extend(after)
+        query: sql.Composable = sql.SQL(_JOB_SELECT)
+        if where:
+            query += sql.SQL("WHERE ") + sql.SQL(" AND ").join(where)
+        query += sql.SQL(" ORDER BY created_at DESC, job_id DESC LIMIT %s")
+        params.append(limit)
+        async with self._pool.connection(self._timeout) as conn:
+            cur = await conn.execute(query, params)
+            rows = await cur.fetchall()
+        return [(_job(row), row[16]) for row in rows]
+
+    async def job_exists(self, job_id: str) -> bool:
+        """Whether anything of ``job_id`` was projected: its row or any of its events."""
+        async with self._pool.connection(self._timeout) as conn:
+            cur = await conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE job_id = %s)"
+                " OR EXISTS (SELECT 1 FROM job_events WHERE job_id = %s)",
+                (job_id, job_id),
+            )
+            row = await cur.fetchone()
+        return bool(row and row[0])
+
+    async def list_events(self, job_id: str, after: tuple[int, int] | None, limit: int) -> list[event_pb2.JobEvent]:
+        """``job_id``'s events after the stream id ``after``, oldest first, in their public form."""
+        after_ms, after_seq = after if after is not None else (-1, -1)
+        async with self._pool.connection(self._timeout) as conn:
+            cur = await conn.execute(
+                "SELECT event_ms, event_seq, data FROM job_events"
+                " WHERE job_id = %s AND (event_ms, event_seq) > (%s, %s)"
+                " ORDER BY event_ms, event_seq LIMIT %s",
+                (job_id, after_ms, after_seq, limit),
+            )
+            rows = await cur.fetchall()
+        events = []
+        for ms, seq, data in rows:
+            event = event_pb2.JobEvent.FromString(data)
+            event.id = f"{ms}-{seq}"
+            events.append(public_event(event))
+        return events

@@ -1,0 +1,164 @@
+"""ResultsService: request validation, page tokens, and thin methods over Queries.
+
+Errors are raised as conveyor.common.errors exceptions; the server's interceptor turns them
+into statuses (INVALID_ARGUMENT with google.rpc.BadRequest naming the field, NOT_FOUND).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from conveyor.common.errors import InvalidArgument, NotFound
+from conveyor.common.ids import QUEUE_RE, parse_job_id, parse_stream_id
+from conveyor.results.queries import JobFilter, Queries, from_us, to_us
+from conveyor.v1 import job_pb2, results_service_pb2, results_service_pb2_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+DEFAULT_JOBS_PAGE = 100
+DEFAULT_EVENTS_PAGE = 1000
+MAX_PAGE = 1000
+_MAX_BIGINT = 2**63 - 1
+_JOB_STATES = frozenset(job_pb2.JobState.values())
+_JOB_ID_HELP = "must be a job id '<queue>/<ULID>'"
+
+
+def _page_size(value: int, default: int, field: str) -> int:
+    if value == 0:
+        return default
+    if value < 0 or value > MAX_PAGE:
+        raise InvalidArgument({field: f"must be between 1 and {MAX_PAGE} (0 means {default})"})
+    return value
+
+
+def _job_id(value: str) -> str:
+    if not value:
+        raise InvalidArgument({"job_id": "is required"})
+    if parse_job_id(value) is None:
+        raise InvalidArgument({"job_id": _JOB_ID_HELP})
+    return value
+
+
+def _time(ts: Timestamp, field: str) -> datetime:
+    try:
+        return ts.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument({field: "is out of range"}) from None
+
+
+def _filters(request: results_service_pb2.ListJobsRequest) -> JobFilter:
+    violations: dict[str, str] = {}
+    if request.queue and not QUEUE_RE.match(request.queue):
+        violations["queue"] = "must be 1-64 letters, digits, '_', '.' or '-'"
+    if request.state not in _JOB_STATES:
+        violations["state"] = "is not a JobState"
+    filters = JobFilter(
+        queue=request.queue,
+        state=request.state if "state" not in violations else 0,
+        type=request.type,
+        created_after=_time(request.created_after, "created_after") if request.HasField("created_after") else None,
+        created_before=_time(request.created_before, "created_before") if request.HasField("created_before") else None,
+    )
+    if violations:
+        raise InvalidArgument(violations)
+    return filters
+
+
+def filter_hash(filters: JobFilter) -> str:
+    """A short digest of ``filters``, carried in page tokens to refuse a token used with other filters."""
+    canonical = json.dumps(
+        [
+            filters.queue,
+            filters.state,
+            filters.type,
+            to_us(filters.created_after) if filters.created_after is not None else None,
+            to_us(filters.created_before) if filters.created_before is not None else None,
+        ],
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def encode_page_token(created_at: datetime, job_id: str, filters: JobFilter) -> str:
+    """An opaque token for the page after the job (created_at, job_id)."""
+    raw = json.dumps({"c": to_us(created_at), "j": job_id, "f": filter_hash(filters)}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str, filters: JobFilter) -> tuple[datetime, str]:
+    """The (created_at, job_id) a token continues after.
+
+    Raises:
+        InvalidArgument: The token is not one of ours, or was made for other filters.
+    """
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        data = json.loads(raw)
+        created_us, job_id, digest = data["c"], data["j"], data["f"]
+        if not isinstance(created_us, int) or not isinstance(job_id, str) or not isinstance(digest, str):
+            raise ValueError("bad token fields")
+        created_at = from_us(created_us)
+    except (ValueError, TypeError, KeyError, OverflowError, binascii.Error):
+        raise InvalidArgument({"page_token": "is not a token from a previous ListJobs response"}) from None
+    if digest != filter_hash(filters):
+        raise InvalidArgument({"page_token": "was issued for different filters; use the same filters or start over"})
+    return created_at, job_id
+
+
+class ResultsServicer(results_service_pb2_grpc.ResultsServiceServicer):
+    """Serves jobs and their histories from PostgreSQL.
+
+    Args:
+        queries: The read side of the results database.
+    """
+
+    def __init__(self, queries: Queries) -> None:
+        self._queries = queries
+
+    async def GetJob(
+        self, request: results_service_pb2.ResultsServiceGetJobRequest, context: Context
+    ) -> results_service_pb2.ResultsServiceGetJobResponse:
+        job_id = _job_id(request.job_id)
+        job = await self._queries.get_job(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found")
+        return results_service_pb2.ResultsServiceGetJobResponse(job=job)
+
+    async def ListJobs(
+        self, request: results_service_pb2.ListJobsRequest, context: Context
+    ) -> results_service_pb2.ListJobsResponse:
+        limit = _page_size(request.page_size, DEFAULT_JOBS_PAGE, "page_size")
+        filters = _filters(request)
+        after = decode_page_token(request.page_token, filters) if request.page_token else None
+        # One more than asked tells whether another page follows, so the last page has no token.
+        found = await self._queries.list_jobs(filters, after, limit + 1)
+        page = found[:limit]
+        response = results_service_pb2.ListJobsResponse(jobs=[job for job, _ in page])
+        if len(found) > limit:
+            last_job, last_created = page[-1]
+            response.next_page_token = encode_page_token(last_created, last_job.id, filters)
+        return response
+
+    async def ListJobEvents(
+        self, request: results_service_pb2.ListJobEventsRequest, context: Context
+    ) -> results_service_pb2.ListJobEventsResponse:
+        job_id = _job_id(request.job_id)
+        limit = _page_size(request.page_size, DEFAULT_EVENTS_PAGE, "page_size")
+        after: tuple[int, int] | None = None
+        if request.after_event_id:
+            after = parse_stream_id(request.after_event_id)
+            if after is None:
+                raise InvalidArgument({"after_event_id": "must be an event id like '1732540000000-0'"})
+            after = (min(after[0], _MAX_BIGINT), min(after[1], _MAX_BIGINT))
+        events = await self._queries.list_events(job_id, after, limit + 1)
+        if not events and not await self._queries.job_exists(job_id):
+            raise NotFound(f"job {job_id} not found")
+        return results_service_pb2.ListJobEventsResponse(events=events[:limit], has_more=len(events) > limit)

@@ -1,0 +1,138 @@
+"""Folding a batch of stream entries into job rows (no sockets): the Python half of invariant 2."""
+
+from __future__ import annotations
+
+import json
+
+from conveyor.common.ids import ulid_time_ms
+from conveyor.common.keys import queue_keys
+from conveyor.results.projector import Batch
+from conveyor.v1 import event_pb2, job_pb2
+from tests.unit.results.builders import BASE_S, JobHistory
+
+STREAM = queue_keys("default").events
+
+
+def entries(events: list[event_pb2.JobEvent], start_ms: int = 1000) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    return [
+        (f"{start_ms + i}-{i % 2}".encode(), {b"j": e.job_id.rpartition("/")[2].encode(), b"e": e.SerializeToString()})
+        for i, e in enumerate(events)
+    ]
+
+
+def fold(events: list[event_pb2.JobEvent]) -> Batch:
+    batch = Batch()
+    batch.add("default", STREAM, entries(events))
+    return batch
+
+
+def test_lifecycle_folds_into_one_final_row() -> None:
+    job = JobHistory(payload={"a": 1}, labels={"x": "y"}, created=2.0)
+    batch = fold(job.lifecycle(start=2.0, result=[1, 2]))
+    (row,) = batch.finish()
+    assert row.job_id == job.job_id and row.queue == "default" and row.type == "demo.echo"
+    assert row.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert json.loads(row.payload or "") == {"a": 1}
+    assert json.loads(row.result or "") == [1, 2]
+    assert json.loads(row.labels or "") == {"x": "y"}
+    assert row.attempts == 1 and row.max_attempts == 3 and row.timeout_ms == 30_000
+    assert row.worker == "w1"
+    assert (row.progress_percent, row.progress_message) == (50.0, "half way")
+    assert row.created_us == (BASE_S + 2) * 1_000_000
+    assert row.started_us == (BASE_S + 3) * 1_000_000
+    assert row.finished_us == row.updated_us == (BASE_S + 5) * 1_000_000
+    assert (row.last_ms, row.last_seq) == (1003, 1)
+    assert (row.queued_ms, row.queued_seq) == (1000, 0)
+    assert [e[1:4] for e in batch.events] == [
+        (1000, 0, event_pb2.EVENT_TYPE_QUEUED),
+        (1001, 1, event_pb2.EVENT_TYPE_ACTIVE),
+        (1002, 0, event_pb2.EVENT_TYPE_PROGRESS),
+        (1003, 1, event_pb2.EVENT_TYPE_SUCCEEDED),
+    ]
+    assert batch.acks == {STREAM: [b"1000-0", b"1001-1", b"1002-0", b"1003-1"]}
+
+
+def test_events_after_a_final_state_are_ignored_but_kept_in_history() -> None:
+    job = JobHistory()
+    batch = fold([job.queued(0), job.active(1), job.succeeded(2, "ok"), job.active(3, worker="late")])
+    (row,) = batch.finish()
+    assert row.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert row.worker == "w1"
+    assert row.last_ms == 1002
+    assert len(batch.events) == 4
+
+
+def test_a_requeue_reopens_a_dead_letter_but_not_a_cancelled_job() -> None:
+    dead, cancelled = JobHistory(), JobHistory()
+    batch = fold(
+        [
+            dead.queued(0),
+            dead.failed(1, event_pb2.EVENT_TYPE_DEAD_LETTERED),
+            dead.queued(2, attempt=1),
+            cancelled.queued(0),
+            cancelled.failed(1, event_pb2.EVENT_TYPE_CANCELLED),
+            cancelled.queued(2),
+        ]
+    )
+    by_id = {r.job_id: r for r in batch.finish()}
+    assert by_id[dead.job_id].state == job_pb2.JOB_STATE_QUEUED
+    assert by_id[dead.job_id].finished_us is None
+    assert by_id[dead.job_id].queued_ms == 1002
+    assert by_id[cancelled.job_id].state == job_pb2.JOB_STATE_CANCELLED
+    assert by_id[cancelled.job_id].finished_us is not None
+
+
+def test_retry_and_delay_set_error_and_run_at() -> None:
+    job = JobHistory()
+    (row,) = fold([job.queued(0), job.active(1), job.retry(2, until=9, message="nope")]).finish()
+    assert row.state == job_pb2.JOB_STATE_RETRY_SCHEDULED
+    assert json.loads(row.error or "") == {"message": "nope", "kind": "RuntimeError", "retryable": True}
+    assert row.run_at_us == (BASE_S + 9) * 1_000_000
+    (row,) = fold([job.delayed(0, until=30)]).finish()
+    assert row.state == job_pb2.JOB_STATE_DELAYED and row.run_at_us == (BASE_S + 30) * 1_000_000
+
+
+def test_a_row_without_its_job_takes_created_at_from_the_ulid() -> None:
+    job = JobHistory()
+    (row,) = fold([job.active(1)]).finish()
+    assert row.type is None and row.labels is None
+    assert row.created_us == ulid_time_ms(job.job_id.rpartition("/")[2]) * 1000
+
+
+def test_malformed_and_deleted_entries_are_acked_and_skipped() -> None:
+    job = JobHistory()
+    batch = Batch()
+    batch.add(
+        "default",
+        STREAM,
+        [
+            (b"1-0", {b"j": b"X", b"e": b"\xff\xff not a protobuf"}),
+            (b"2-0", {}),  # deleted while pending: XREADGROUP 0 returns no fields
+            (b"3-0", {b"j": job.job_id.rpartition("/")[2].encode(), b"e": job.queued().SerializeToString()}),
+            (b"4-0", {b"j": b"", b"e": event_pb2.JobEvent(type=event_pb2.EVENT_TYPE_ACTIVE).SerializeToString()}),
+        ],
+        deleted=[b"0-5"],
+    )
+    assert [r.job_id for r in batch.finish()] == [job.job_id]
+    assert sorted(batch.acks[STREAM]) == [b"0-5", b"1-0", b"2-0", b"3-0", b"4-0"]
+    assert batch.size == 5
+
+
+def test_unknown_event_types_are_kept_in_history_only() -> None:
+    job = JobHistory()
+    future = event_pb2.JobEvent(job_id=job.job_id, type=77)  # type: ignore[arg-type]
+    batch = fold([future])
+    assert batch.finish() == []
+    assert [e[3] for e in batch.events] == [77]
+
+
+def test_job_id_falls_back_to_the_queue_and_entry_ulid() -> None:
+    job = JobHistory()
+    event = job.queued()
+    event.ClearField("job_id")
+    batch = Batch()
+    batch.add(
+        "default", STREAM, [(b"1-0", {b"j": job.job_id.rpartition("/")[2].encode(), b"e": event.SerializeToString()})]
+    )
+    (row,) = batch.finish()
+    assert row.job_id == job.job_id

