@@ -323,3 +323,24 @@ async def test_health_and_reflection(producer: Producer) -> None:
     responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {s.name async for r in responses for s in r.list_services_response.service}
     assert {"conveyor.v1.ProducerService", "grpc.health.v1.Health"} <= names
+
+
+async def test_finished_jobs_leave_redis_after_the_retention_even_when_idle(
+    producer: Producer, start_worker: StartWorker, redis_client: redis.asyncio.Redis
+) -> None:
+    await start_worker(retention_s=0.3)
+    keys = queue_keys("default")
+    reqs = [p.EnqueueRequest(queue="default", type="test.count") for _ in range(300)]
+    ids = {r.job_id for r in (await producer.stub.EnqueueBatch(p.EnqueueBatchRequest(jobs=reqs))).results}
+    await wait_for(lambda: _ran(ids), "all jobs ran")
+
+    async def nothing_left() -> bool:
+        sizes = [
+            await redis_client.hlen(keys.state),
+            await redis_client.zcard(keys.done),
+            await redis_client.xlen(keys.band(5)),
+        ]
+        return sizes == [0, 0, 0]
+
+    # No job completes after these: the worker's timer, not a later completion, cleans up.
+    await wait_for(nothing_left, "live records and job entries to leave Redis", within=10)

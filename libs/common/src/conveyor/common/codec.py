@@ -97,10 +97,24 @@ def public_event(event: event_pb2.JobEvent) -> event_pb2.JobEvent:
     return out
 
 
-def decode_event(event_id: bytes | str, data: bytes) -> event_pb2.JobEvent:
-    """A JobEvent read from an event stream entry, with its id filled in."""
+def restore_job(job: job_pb2.Job, job_id: str, queue: str) -> job_pb2.Job:
+    """Fill in what Redis does not store (the id and queue are known from the key)."""
+    job.id = job_id
+    job.queue = queue
+    return job
+
+
+def decode_event(event_id: bytes | str, data: bytes, job_id: str) -> event_pb2.JobEvent:
+    """A JobEvent read from an event stream entry, with its id and its job's id filled in.
+
+    Redis stores events without the job id (the entry's ``j`` field and the stream's
+    queue give it), to keep each event small (ADR 0001).
+    """
     event = event_pb2.JobEvent.FromString(data)
     event.id = event_id.decode() if isinstance(event_id, bytes) else event_id
+    event.job_id = job_id
+    if event.HasField("job"):
+        restore_job(event.job, job_id, job_id.rpartition("/")[0])
     return event
 
 

@@ -94,6 +94,7 @@ class Scripts:
         self._progress = client.register_script(_source("progress"))
         self._job_events = client.register_script(_source("job_events"))
         self._trim_events = client.register_script(_source("trim_events"))
+        self._expire_records = client.register_script(_source("expire_records"))
 
     async def enqueue(self, keys: QueueKeys, jobs: list[NewJob]) -> list[EnqueueResult]:
         """Add ``jobs`` to one queue atomically; known idempotency keys return their job."""
@@ -118,9 +119,7 @@ class Scripts:
             The claimed jobs, and (only when none was claimed) the last id of each band
             to block on for newer entries.
         """
-        claimed_raw, wait_raw = await self._claim(
-            keys=keys.script_keys(), args=[WORKER_GROUP, consumer, count, keys.queue]
-        )
+        claimed_raw, wait_raw = await self._claim(keys=keys.script_keys(), args=[WORKER_GROUP, consumer, count])
         claimed = [
             Claimed(
                 band=int(claimed_raw[i]),
@@ -165,6 +164,10 @@ class Scripts:
         matches, next_id = await self._job_events(keys=[keys.events], args=[ulid, start, scan])
         pairs = [(_text(matches[i]), matches[i + 1]) for i in range(0, len(matches), 2)]
         return pairs, _text(next_id)
+
+    async def expire_records(self, keys: QueueKeys, limit: int = 1000) -> int:
+        """Drop up to ``limit`` live records whose retention has passed; returns how many."""
+        return int(await self._expire_records(keys=[keys.state, keys.done], args=[limit]))
 
     async def trim_events(self, keys: QueueKeys, cutoff_ms: int) -> int:
         """Trim events older than ``cutoff_ms`` that the results service has acknowledged."""

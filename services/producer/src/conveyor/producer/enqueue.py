@@ -7,7 +7,6 @@ from collections import defaultdict
 
 import redis.asyncio as aioredis
 
-from conveyor.common.codec import embed_job
 from conveyor.common.errors import InvalidArgument, ResourceExhausted
 from conveyor.common.ids import make_job_id, new_ulid
 from conveyor.common.keys import QUEUES, queue_keys
@@ -28,34 +27,27 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def build_job(valid: ValidJob, ulid: str, now_ns: int) -> tuple[bytes, bytes]:
-    """The Job as stored in the stream, and the QUEUED event (whose job has no payload).
+def build_job(valid: ValidJob, now_ns: int) -> tuple[bytes, bytes]:
+    """The Job as stored in the stream, and its QUEUED event.
 
-    The payload is appended as raw bytes after serializing the rest once: the stream
-    entry needs it, the QUEUED event does not (it would double the memory of a waiting job).
+    Both leave out what the keys already say (job id, queue) and the QUEUED event
+    carries only the job's type and priority: a waiting job's bytes are its memory cost
+    (ADR 0001). The payload is appended as raw bytes to the serialized rest.
     """
     r = valid.request
-    job = job_pb2.Job(
-        id=make_job_id(r.queue, ulid),
-        queue=r.queue,
-        type=r.type,
-        priority=valid.priority,
-        labels=r.labels,
-        idempotency_key=r.idempotency_key,
-        state=job_pb2.JOB_STATE_QUEUED,
-    )
+    job = job_pb2.Job(type=r.type, priority=valid.priority, labels=r.labels, idempotency_key=r.idempotency_key)
     if r.HasField("retry"):
         job.retry.CopyFrom(r.retry)
     if r.HasField("timeout"):
         job.timeout.CopyFrom(r.timeout)
     job.created_at.FromNanoseconds(now_ns)
-    without_payload = job.SerializeToString()
-    event = event_pb2.JobEvent(job_id=job.id, type=event_pb2.EVENT_TYPE_QUEUED)
-    event.time.FromNanoseconds(now_ns)
-    queued_event = embed_job(event.SerializeToString(), without_payload)
     payload = valid.payload_json
-    stored = without_payload + _PAYLOAD_TAG + _varint(len(payload)) + payload
-    return stored, queued_event
+    stored = job.SerializeToString() + _PAYLOAD_TAG + _varint(len(payload)) + payload
+    event = event_pb2.JobEvent(type=event_pb2.EVENT_TYPE_QUEUED)
+    event.time.FromNanoseconds(now_ns)
+    event.job.type = r.type
+    event.job.priority = valid.priority
+    return stored, event.SerializeToString()
 
 
 class Enqueuer:
@@ -88,7 +80,7 @@ class Enqueuer:
         now_ns = time.time_ns()
         for index, v in enumerate(valid):
             ulid = new_ulid()
-            stored, queued_event = build_job(v, ulid, now_ns)
+            stored, queued_event = build_job(v, now_ns)
             by_queue[v.request.queue].append(
                 (
                     index,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from conveyor.common.codec import FINAL_STATES, decode_event, json_to_value, public_job
+from conveyor.common.codec import FINAL_STATES, decode_event, json_to_value, public_job, restore_job
 from conveyor.common.errors import InvalidArgument
 from conveyor.common.ids import parse_job_id
 from conveyor.common.keys import queue_keys
@@ -35,7 +35,7 @@ class JobReader:
             if record.state in FINAL_STATES and record.final_event_id:
                 entries = await self._redis.xrange(keys.events, record.final_event_id, record.final_event_id)
                 if entries:
-                    event = decode_event(entries[0][0], entries[0][1][b"e"])
+                    event = decode_event(entries[0][0], entries[0][1][b"e"], job_id)
                     job = public_job(event.job)
                     job.state = record.state  # type: ignore[assignment]
                     job.attempt = record.attempt
@@ -50,7 +50,7 @@ class JobReader:
             else:
                 entries = await self._redis.xrange(keys.band(record.priority), record.entry_id, record.entry_id)
                 if entries:
-                    job = public_job(job_pb2.Job.FromString(entries[0][1][b"d"]))
+                    job = public_job(restore_job(job_pb2.Job.FromString(entries[0][1][b"d"]), job_id, queue))
                     job.state = record.state  # type: ignore[assignment]
                     job.attempt = record.attempt
                     return job

@@ -116,9 +116,10 @@ class EventTail:
             for _stream, entries in replies or ():
                 for entry_id, fields in entries:
                     self._last_id = entry_id.decode()
-                    subs = self._subs.get(fields[b"j"].decode())
+                    ulid = fields[b"j"].decode()
+                    subs = self._subs.get(ulid)
                     if subs:
-                        event = decode_event(entry_id, fields[b"e"])
+                        event = decode_event(entry_id, fields[b"e"], f"{self._keys.queue}/{ulid}")
                         key = stream_id_key(entry_id)
                         for sub in list(subs):
                             sub.offer(key, event)
@@ -229,7 +230,7 @@ class Watcher:
         while True:
             matches, next_id = await self._scripts.job_events(keys, ulid, start)
             for event_id, data in matches:
-                yield stream_id_key(event_id), decode_event(event_id, data)
+                yield stream_id_key(event_id), decode_event(event_id, data, job_id)
             if not next_id:
                 return
             start = "(" + next_id

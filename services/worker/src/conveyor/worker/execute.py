@@ -46,7 +46,8 @@ async def run_attempt(
         The final JobState and the serialized outcome JobEvent (with the job embedded).
     """
     job = attempt.job
-    event = event_pb2.JobEvent(job_id=job.id, attempt=attempt.attempt, worker=worker_id)
+    # The job id is not stored in the event: the entry's j field and the stream say it.
+    event = event_pb2.JobEvent(attempt=attempt.attempt, worker=worker_id)
     handler = handlers.get(job.type)
     started = time.perf_counter()
     if handler is None:

@@ -27,6 +27,8 @@ log = structlog.get_logger("conveyor.worker")
 
 MAX_CLAIM = 100
 MAX_COMPLETE = 500
+MAINTENANCE_INTERVAL_S = 1.0
+EXPIRE_BATCH = 1000
 
 
 class Slots:
@@ -127,6 +129,8 @@ class QueueRunner:
 
     async def _run(self, claimed: Claimed) -> None:
         job = job_pb2.Job.FromString(claimed.job)
+        job.id = f"{self._keys.queue}/{claimed.ulid}"
+        job.queue = self._keys.queue
         attempt = Attempt(job=job, job_bytes=claimed.job, attempt=claimed.attempt)
         worker_id = self._settings.worker_id
         with structlog.contextvars.bound_contextvars(
@@ -135,7 +139,6 @@ class QueueRunner:
 
             async def report(percent: float, message: str) -> None:
                 event = event_pb2.JobEvent(
-                    job_id=job.id,
                     type=event_pb2.EVENT_TYPE_PROGRESS,
                     attempt=claimed.attempt,
                     worker=worker_id,
@@ -196,6 +199,17 @@ class QueueRunner:
             self._slots.give(len(batch))
             batch = []
 
+    async def maintain(self, stop: asyncio.Event) -> None:
+        """Housekeeping on a timer, so that an idle queue also gives its memory back."""
+        while not stop.is_set():
+            try:
+                while await self._scripts.expire_records(self._keys, EXPIRE_BATCH) == EXPIRE_BATCH:
+                    pass
+            except REDIS_UNAVAILABLE as exc:
+                log.warning("maintenance_failed_redis_unavailable", queue=self._keys.queue, error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), MAINTENANCE_INTERVAL_S)
+
     async def drain(self, grace_s: float) -> None:
         """Let running attempts finish within ``grace_s``; cancel the rest (their entries stay pending)."""
         if self._running:
@@ -249,6 +263,7 @@ class Runner:
         log.info("worker_started", worker=self._settings.worker_id, queues=list(self._settings.queues))
         drained = asyncio.Event()
         completers = [asyncio.create_task(q.complete_loop(stop, drained)) for q in self.queues]
+        maintainers = [asyncio.create_task(q.maintain(stop)) for q in self.queues]
         try:
             await asyncio.gather(*(q.claim_loop(stop) for q in self.queues))
             await asyncio.gather(*(q.drain(self._settings.shutdown_grace_s) for q in self.queues))
@@ -259,5 +274,5 @@ class Runner:
             _, stuck = await asyncio.wait(completers, timeout=self._settings.shutdown_grace_s)
             for task in stuck:
                 task.cancel()
-            await asyncio.gather(*completers, return_exceptions=True)
+            await asyncio.gather(*completers, *maintainers, return_exceptions=True)
         log.info("worker_stopped", worker=self._settings.worker_id)

@@ -2,14 +2,14 @@
 Each claimed job gets attempt + 1, state ACTIVE and an ACTIVE event in the same step, so
 a job is never running without the queue knowing it.
 KEYS[1] state hash  KEYS[2] events stream  KEYS[3] done zset  KEYS[4..12] job streams, bands 1..9
-ARGV[1] consumer group  ARGV[2] consumer (worker id)  ARGV[3] count  ARGV[4] queue name
+ARGV[1] consumer group  ARGV[2] consumer (worker id)  ARGV[3] count
 returns {claimed, wait_from}:
   claimed: flat array, 6 values per job: band, entry id, ulid, attempt, Job bytes, ACTIVE event id
   wait_from: when nothing was claimed, the last generated id of each band (1..9, "0-0" when
   the stream does not exist) so the caller can block for newer entries without a gap
 ]]
 local state_key, events_key = KEYS[1], KEYS[2]
-local group, consumer, want, queue = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local group, consumer, want = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 local function varint(v)
   local parts = {}
@@ -49,7 +49,8 @@ for band = 9, 1, -1 do
           redis.call('XDEL', stream, entry_id)
         else
           attempt = tonumber(attempt) + 1
-          local event = bytes_field(0x12, queue .. '/' .. ulid) .. string.char(0x18) .. varint(2)
+          -- JobEvent{type: ACTIVE, attempt, time, worker}; the job id is the entry's j field.
+          local event = string.char(0x18) .. varint(2)
             .. string.char(0x20) .. varint(attempt) .. bytes_field(0x2a, timestamp) .. bytes_field(0x32, consumer)
           local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
           redis.call('HSET', state_key, ulid, '3|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. final_ev)
