@@ -52,9 +52,9 @@ def cpu_s() -> float:
     return t.user + t.system
 
 
-async def wait_healthy(channel: grpc.aio.Channel, timeout: float) -> None:
+async def wait_healthy(channel: grpc.aio.Channel, within: float) -> None:
     stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         try:
             r = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
@@ -94,8 +94,17 @@ async def run_batch(stub: producer_service_pb2_grpc.ProducerServiceStub, a: argp
     c0, t0 = cpu_s(), time.time()
     await asyncio.gather(*(sender() for _ in range(a.inflight)))
     t1, c1 = time.time(), cpu_s()
-    return {"n": n, "created": created, "batch": size, "inflight": a.inflight, "idem": a.idem,
-            "t0": t0, "t1": t1, "jobs_per_s": n / (t1 - t0), "cpu_s": c1 - c0}
+    return {
+        "n": n,
+        "created": created,
+        "batch": size,
+        "inflight": a.inflight,
+        "idem": a.idem,
+        "t0": t0,
+        "t1": t1,
+        "jobs_per_s": n / (t1 - t0),
+        "cpu_s": c1 - c0,
+    }
 
 
 async def run_single(stub: producer_service_pb2_grpc.ProducerServiceStub, a: argparse.Namespace) -> dict:
@@ -132,12 +141,10 @@ async def run_rate(stub: producer_service_pb2_grpc.ProducerServiceStub, a: argpa
         r = await stub.Enqueue(request(a.queue), timeout=a.timeout)
         sent.append((r.job_id, ts))
     t1, c1 = time.time(), cpu_s()
-    with open(a.out, "w") as f:
-        json.dump(sent, f)
-    return {"n": n, "rate": a.rate, "t0": t0, "t1": t1, "jobs_per_s": n / (t1 - t0), "cpu_s": c1 - c0}
+    return {"sent": sent, "n": n, "rate": a.rate, "t0": t0, "t1": t1, "jobs_per_s": n / (t1 - t0), "cpu_s": c1 - c0}
 
 
-async def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["batch", "single", "conc", "rate"])
     ap.add_argument("--addr", required=True)
@@ -151,7 +158,10 @@ async def main() -> None:
     ap.add_argument("--warmup", type=int, default=0, help="jobs enqueued (same mode) before timing")
     ap.add_argument("--timeout", type=float, default=30.0, help="deadline of each RPC, s")
     ap.add_argument("--out", help="rate mode: where to write the send times")
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+async def main(a: argparse.Namespace) -> dict:
     async with grpc.aio.insecure_channel(a.addr) as channel:
         await wait_healthy(channel, 30.0)
         stub = producer_service_pb2_grpc.ProducerServiceStub(channel)
@@ -166,8 +176,7 @@ async def main() -> None:
         run = {"batch": run_batch, "single": run_single, "conc": run_conc, "rate": run_rate}[a.mode]
         out = await run(stub, a)
     out.update(mode=a.mode, warmup=a.warmup)
-    sys.stdout.write(json.dumps(out) + "\n")
-    sys.stdout.flush()
+    return out
 
 
 if __name__ == "__main__":
@@ -177,4 +186,11 @@ if __name__ == "__main__":
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(main())
+    args = parse_args()
+    result = asyncio.run(main(args))
+    sent = result.pop("sent", None)
+    if sent is not None:
+        with open(args.out, "w") as f:
+            json.dump(sent, f)
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()

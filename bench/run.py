@@ -41,9 +41,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor.common.devstack.servers import PostgresServer, RedisServer, free_port
 from conveyor.common.keys import queue_keys
-from conveyor.v1 import event_pb2
+from conveyor.v1 import event_pb2, producer_service_pb2_grpc
 from conveyor.v1 import producer_service_pb2 as p
-from conveyor.v1 import producer_service_pb2_grpc
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -253,7 +252,7 @@ class Stack:
             if server is not None:
                 try:
                     server.close()
-                except Exception as exc:  # noqa: BLE001 - keep stopping the rest
+                except Exception as exc:  # keep stopping the rest
                     log(f"stopping {server.name} failed: {exc}")
 
     # -- helpers used by the measurements ----------------------------------------------------
@@ -514,7 +513,7 @@ class Bench:
             start = "-"
             while True:
                 page = st.r.xrange(KEYS.events, start, "+", count=5000)
-                for entry_id, fields in page:
+                for _entry_id, fields in page:
                     ev = event_pb2.JobEvent.FromString(fields[b"e"])
                     if ev.job_id not in sent:
                         continue
@@ -685,26 +684,70 @@ def _ratio_at_least(k: float) -> Callable[[float, float | None], bool | None]:
 
 
 FIGURES = [
-    Figure("end to end, jobs/s (-> PG commit)", ("e2e_jobs_per_s", "value"), ("e2e_jobs_per_s", "value"),
-           ">= 2x BullMQ", _ratio_at_least(2.0)),
-    Figure("  e2e to last handler done (info)", ("e2e_jobs_per_s", "handlers_jobs_per_s"),
-           ("e2e_jobs_per_s", "value"), "info", lambda c, b: None),
-    Figure("batch enqueue (100, idem keys), jobs/s", ("bulk_jobs_per_s", "value"), ("bulk_jobs_per_s", "value"),
-           ">= 3x BullMQ", _ratio_at_least(3.0)),
-    Figure("64 concurrent unary Enqueue, jobs/s", ("concurrent64_jobs_per_s", "value"),
-           ("concurrent64_jobs_per_s", "value"), ">= 1x BullMQ", _ratio_at_least(1.0)),
-    Figure("unary Enqueue one at a time, jobs/s", ("single_jobs_per_s", "value"), ("single_jobs_per_s", "value"),
-           ">= 0.5x BullMQ", _ratio_at_least(0.5)),
-    Figure("enqueue -> handler start p50, ms", ("latency_ms", "p50"), ("latency_ms", "p50"), "info",
-           lambda c, b: None),
-    Figure("enqueue -> handler start p99, ms", ("latency_ms", "p99"), ("latency_ms", "p99"),
-           "<= BullMQ and <= 2 ms", lambda c, b: c <= 2.0 and (b is None or c <= b)),
-    Figure("Redis bytes per waiting job", ("bytes_per_waiting_job", "value"), ("bytes_per_waiting_job", "value"),
-           "<= 365 B", lambda c, b: c <= 365),
-    Figure("  same, every job with an idem key", ("bytes_per_waiting_job_idem", "value"), None,
-           "info (<= 365 B?)", lambda c, b: None),
-    Figure("Redis bytes above baseline after finish", ("memory_after_finish", "value"), None,
-           "back to baseline", lambda c, b: None),
+    Figure(
+        "end to end, jobs/s (-> PG commit)",
+        ("e2e_jobs_per_s", "value"),
+        ("e2e_jobs_per_s", "value"),
+        ">= 2x BullMQ",
+        _ratio_at_least(2.0),
+    ),
+    Figure(
+        "  e2e to last handler done (info)",
+        ("e2e_jobs_per_s", "handlers_jobs_per_s"),
+        ("e2e_jobs_per_s", "value"),
+        "info",
+        lambda c, b: None,
+    ),
+    Figure(
+        "batch enqueue (100, idem keys), jobs/s",
+        ("bulk_jobs_per_s", "value"),
+        ("bulk_jobs_per_s", "value"),
+        ">= 3x BullMQ",
+        _ratio_at_least(3.0),
+    ),
+    Figure(
+        "64 concurrent unary Enqueue, jobs/s",
+        ("concurrent64_jobs_per_s", "value"),
+        ("concurrent64_jobs_per_s", "value"),
+        ">= 1x BullMQ",
+        _ratio_at_least(1.0),
+    ),
+    Figure(
+        "unary Enqueue one at a time, jobs/s",
+        ("single_jobs_per_s", "value"),
+        ("single_jobs_per_s", "value"),
+        ">= 0.5x BullMQ",
+        _ratio_at_least(0.5),
+    ),
+    Figure("enqueue -> handler start p50, ms", ("latency_ms", "p50"), ("latency_ms", "p50"), "info", lambda c, b: None),
+    Figure(
+        "enqueue -> handler start p99, ms",
+        ("latency_ms", "p99"),
+        ("latency_ms", "p99"),
+        "<= BullMQ and <= 2 ms",
+        lambda c, b: c <= 2.0 and (b is None or c <= b),
+    ),
+    Figure(
+        "Redis bytes per waiting job",
+        ("bytes_per_waiting_job", "value"),
+        ("bytes_per_waiting_job", "value"),
+        "<= 365 B",
+        lambda c, b: c <= 365,
+    ),
+    Figure(
+        "  same, every job with an idem key",
+        ("bytes_per_waiting_job_idem", "value"),
+        None,
+        "info (<= 365 B?)",
+        lambda c, b: None,
+    ),
+    Figure(
+        "Redis bytes above baseline after finish",
+        ("memory_after_finish", "value"),
+        None,
+        "back to baseline",
+        lambda c, b: None,
+    ),
     Figure("PG projection lag p50, ms", ("projection_lag_ms", "p50"), None, "info", lambda c, b: None),
     Figure("PG projection lag p99, ms", ("projection_lag_ms", "p99"), None, "< 1000 ms", lambda c, b: c < 1000),
 ]
@@ -845,7 +888,7 @@ def main() -> int:
                     for row in getattr(bench, what)():
                         row.update(peer="conveyor", rep=rep)
                         emit(row)
-                except Exception as exc:  # noqa: BLE001 - report and go on with the next figure
+                except Exception as exc:  # report, go on with the next figure
                     failures += 1
                     traceback.print_exc()
                     emit({"metric": "error", "peer": "conveyor", "figure": what, "rep": rep, "error": str(exc)})
@@ -853,8 +896,11 @@ def main() -> int:
         log("interrupted")
     finally:
         print_table(rows, a.with_bullmq)
-        print(f"\n{time.monotonic() - started:.0f} s in all; logs in {workdir}" if (failures or a.keep)
-              else f"\n{time.monotonic() - started:.0f} s in all")
+        print(
+            f"\n{time.monotonic() - started:.0f} s in all; logs in {workdir}"
+            if (failures or a.keep)
+            else f"\n{time.monotonic() - started:.0f} s in all"
+        )
         if not failures and not a.keep:
             import shutil
 

@@ -26,15 +26,16 @@ from conveyor.v1 import event_pb2, job_pb2
 PAYLOAD = json.dumps({"data": "x" * 86}).encode()  # 100 bytes, as in the DESIGN.md budgets
 
 
-def job_events(queue: str, t: int) -> list[tuple[str, bytes]]:
+def job_events(t: int) -> list[tuple[str, bytes]]:
     """QUEUED, ACTIVE, SUCCEEDED of one job: what a no-op handler leaves in the stream."""
     ulid = new_ulid()
-    job = job_pb2.Job(id=f"{queue}/{ulid}", queue=queue, type="demo.noop", priority=5)
+    # As Redis keeps them (ADR 0001): no job id in events, no id or queue in the job.
+    job = job_pb2.Job(type="demo.noop", priority=5)
     job.created_at.FromSeconds(t)
-    queued = event_pb2.JobEvent(job_id=job.id, type=event_pb2.EVENT_TYPE_QUEUED, job=job)
-    active = event_pb2.JobEvent(job_id=job.id, type=event_pb2.EVENT_TYPE_ACTIVE, attempt=1, worker="w")
+    queued = event_pb2.JobEvent(type=event_pb2.EVENT_TYPE_QUEUED, job=job)
+    active = event_pb2.JobEvent(type=event_pb2.EVENT_TYPE_ACTIVE, attempt=1, worker="w")
     done = event_pb2.JobEvent(
-        job_id=job.id, type=event_pb2.EVENT_TYPE_SUCCEEDED, attempt=1, worker="w", result_json=b'{"ok":true}', job=job
+        type=event_pb2.EVENT_TYPE_SUCCEEDED, attempt=1, worker="w", result_json=b'{"ok":true}', job=job
     )
     done.job.payload_json = PAYLOAD
     for e in (queued, active, done):
@@ -49,7 +50,7 @@ async def measure(jobs: int, batch_size: int, spread: bool) -> None:
         stream = queue_keys("bench").events
         await redis.sadd(QUEUES, "bench")  # type: ignore[misc]
         t = int(time.time())
-        lives = [job_events("bench", t) for _ in range(jobs)]
+        lives = [job_events(t) for _ in range(jobs)]
         # Adjacent: each job's three events follow each other (a batch folds 3 events per row).
         # Spread: every QUEUED, then every ACTIVE, then every SUCCEEDED (one row per event, the worst case).
         order = (
@@ -71,7 +72,7 @@ async def measure(jobs: int, batch_size: int, spread: bool) -> None:
         started = time.perf_counter()
         cpu = time.process_time()
         task = asyncio.create_task(projector.run(stop))
-        while projector.projected < total:
+        while projector.projected < total:  # noqa: ASYNC110 - polling a counter is the measurement
             await asyncio.sleep(0.01)
         elapsed = time.perf_counter() - started
         cpu_used = time.process_time() - cpu

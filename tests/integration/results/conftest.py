@@ -27,6 +27,7 @@ from conveyor.results.servicer import ResultsServicer
 from conveyor.results.store import Store, open_pool
 from conveyor.v1 import event_pb2, results_service_pb2, results_service_pb2_grpc
 from tests.support.wait import wait_for
+from tests.unit.results.builders import stored
 
 RESULTS_DB = "results_test"
 
@@ -123,7 +124,7 @@ class Events:
         """XADD ``event`` (SADDing the queue first, as the producer does); returns its stream id."""
         await self.client.sadd(QUEUES, self.queue)  # type: ignore[misc]
         ulid = event.job_id.rpartition("/")[2]
-        raw = await self.client.xadd(self.stream, {b"j": ulid.encode(), b"e": event.SerializeToString()}, id=entry_id)
+        raw = await self.client.xadd(self.stream, {b"j": ulid.encode(), b"e": stored(event)}, id=entry_id)
         return raw.decode() if isinstance(raw, bytes) else str(raw)
 
     async def add_all(self, events: list[event_pb2.JobEvent]) -> list[str]:

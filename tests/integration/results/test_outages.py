@@ -130,3 +130,52 @@ async def test_redis_restart_is_survived_and_projection_resumes(
             await client.aclose()
             await blocking.aclose()
             await own_events.client.aclose()
+
+
+async def test_stopping_while_postgres_is_down_returns_promptly_and_acks_nothing(
+    own_pg: PostgresServer, events: Events, start_projector: StartProjector
+) -> None:
+    pool = await open_pool(own_pg.url, 2)
+    store = Store(pool, connect_timeout_s=0.5)
+    await store.migrate()
+    try:
+        await asyncio.to_thread(own_pg.stop)
+        jobs = [JobHistory() for _ in range(10)]
+        for job in jobs:
+            await events.add_all(job.lifecycle())
+        # Small batches fill the projector's queue, so the reader is blocked handing one over.
+        running = await start_projector(store, batch_size=2)
+        await wait_for(lambda: _delivered(events, 6), "the reader blocked behind a full queue")
+
+        with capture_logs() as logs:
+            await asyncio.wait_for(running.stop(), 10)
+        assert any(e["event"] == "batch_abandoned" for e in logs)
+        pending, lag = await events.unacked()
+        assert pending + lag == 40  # nothing was acked
+
+        await asyncio.to_thread(own_pg.start)
+        await start_projector(store, claim_idle_ms=0)  # takes over the stopped consumer's entries
+        await events.wait_caught_up(within=30)
+        assert await counts(pool) == (10, 40, 10)
+    finally:
+        await pool.close()
+
+
+async def _delivered(events: Events, at_least: int) -> bool:
+    try:
+        pending, _ = await events.unacked()
+    except (AssertionError, redis.ResponseError):  # the projector has not created the group yet
+        return False
+    return pending >= at_least
+
+
+async def test_a_reader_that_fails_unexpectedly_takes_the_projector_down(
+    store: Store, events: Events, start_projector: StartProjector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(self: Projector, out: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Projector, "_read_once", broken)
+    running = await start_projector(store)
+    with pytest.raises(RuntimeError, match="a bug"):
+        await asyncio.wait_for(running.task, 10)

@@ -127,6 +127,27 @@ async def test_late_active_does_not_overwrite_succeeded(
     assert count == 3
 
 
+async def test_consumers_of_dead_processes_are_removed_once_nothing_is_pending(
+    store: Store, events: Events, redis_client: redis.asyncio.Redis, start_projector: StartProjector
+) -> None:
+    await events.add(JobHistory().queued())
+    await redis_client.xgroup_create(events.stream, RESULTS_GROUP, id="0", mkstream=True)
+    await redis_client.xreadgroup(RESULTS_GROUP, "dead-holding", {events.stream: ">"}, count=1)
+    await redis_client.xgroup_createconsumer(events.stream, RESULTS_GROUP, "dead-idle")
+    # claim_idle_ms high: the entry of "dead-holding" is not taken over, so that consumer must stay.
+    running = await start_projector(store, stale_consumer_ms=0, claim_idle_ms=3_600_000)
+
+    async def consumers() -> set[bytes]:
+        return {c["name"] for c in await redis_client.xinfo_consumers(events.stream, RESULTS_GROUP)}
+
+    async def idle_one_deleted() -> bool:
+        return b"dead-idle" not in await consumers()
+
+    await wait_for(idle_one_deleted, "the idle consumer deleted")
+    assert b"dead-holding" in await consumers()
+    await running.stop()
+
+
 async def test_group_is_created_for_a_queue_without_stream(
     store: Store, pool: AsyncConnectionPool[Any], redis_client: redis.asyncio.Redis, start_projector: StartProjector
 ) -> None:

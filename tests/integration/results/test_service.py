@@ -136,7 +136,7 @@ async def test_list_jobs_pages_newest_first_completely_without_overlap(
 
 
 async def test_list_jobs_filters_by_queue_state_type_and_time(
-    store: Store, events: Events, start_projector: StartProjector, results: ResultsClient, redis_client: object
+    store: Store, events: Events, start_projector: StartProjector, results: ResultsClient
 ) -> None:
     done = [JobHistory(type="a", created=float(i)) for i in range(3)]
     waiting = [JobHistory(type="b", created=10.0 + i) for i in range(2)]

@@ -12,7 +12,7 @@ from conveyor.common.keys import queue_keys
 from conveyor.results.projector import Batch
 from conveyor.results.store import Store
 from conveyor.v1 import event_pb2, job_pb2
-from tests.unit.results.builders import JobHistory
+from tests.unit.results.builders import JobHistory, stored
 
 STREAM = queue_keys("default").events
 
@@ -22,10 +22,7 @@ def batch_of(entries: list[tuple[str, event_pb2.JobEvent]]) -> Batch:
     batch.add(
         "default",
         STREAM,
-        [
-            (entry_id.encode(), {b"j": e.job_id.rpartition("/")[2].encode(), b"e": e.SerializeToString()})
-            for entry_id, e in entries
-        ],
+        [(entry_id.encode(), {b"j": e.job_id.rpartition("/")[2].encode(), b"e": stored(e)}) for entry_id, e in entries],
     )
     return batch
 

@@ -20,6 +20,17 @@ def ts(seconds: float) -> timestamp_pb2.Timestamp:
     return out
 
 
+def stored(event: event_pb2.JobEvent) -> bytes:
+    """``event`` serialized as Redis keeps it: without the job id, nor the job's id and queue (ADR 0001)."""
+    out = event_pb2.JobEvent()
+    out.CopyFrom(event)
+    out.ClearField("job_id")
+    if out.HasField("job"):
+        out.job.ClearField("id")
+        out.job.ClearField("queue")
+    return out.SerializeToString()
+
+
 class JobHistory:
     """Events of one job, with times ``at`` seconds after BASE_S."""
 

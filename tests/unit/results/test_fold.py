@@ -8,14 +8,14 @@ from conveyor.common.ids import ulid_time_ms
 from conveyor.common.keys import queue_keys
 from conveyor.results.projector import Batch
 from conveyor.v1 import event_pb2, job_pb2
-from tests.unit.results.builders import BASE_S, JobHistory
+from tests.unit.results.builders import BASE_S, JobHistory, stored
 
 STREAM = queue_keys("default").events
 
 
 def entries(events: list[event_pb2.JobEvent], start_ms: int = 1000) -> list[tuple[bytes, dict[bytes, bytes]]]:
     return [
-        (f"{start_ms + i}-{i % 2}".encode(), {b"j": e.job_id.rpartition("/")[2].encode(), b"e": e.SerializeToString()})
+        (f"{start_ms + i}-{i % 2}".encode(), {b"j": e.job_id.rpartition("/")[2].encode(), b"e": stored(e)})
         for i, e in enumerate(events)
     ]
 
@@ -126,13 +126,16 @@ def test_unknown_event_types_are_kept_in_history_only() -> None:
     assert [e[3] for e in batch.events] == [77]
 
 
-def test_job_id_falls_back_to_the_queue_and_entry_ulid() -> None:
-    job = JobHistory()
-    event = job.queued()
-    event.ClearField("job_id")
+def test_job_id_comes_from_the_queue_and_entry_ulid_else_from_the_event() -> None:
+    from_entry, from_event = JobHistory(), JobHistory()
     batch = Batch()
     batch.add(
-        "default", STREAM, [(b"1-0", {b"j": job.job_id.rpartition("/")[2].encode(), b"e": event.SerializeToString()})]
+        "default",
+        STREAM,
+        [
+            (b"1-0", {b"j": from_entry.job_id.rpartition("/")[2].encode(), b"e": stored(from_entry.queued())}),
+            (b"2-0", {b"e": from_event.queued().SerializeToString()}),  # no j field: the event's own id
+        ],
     )
-    (row,) = batch.finish()
-    assert row.job_id == job.job_id
+    assert sorted(r.job_id for r in batch.finish()) == sorted([from_entry.job_id, from_event.job_id])
+    assert {e[0] for e in batch.events} == {from_entry.job_id, from_event.job_id}

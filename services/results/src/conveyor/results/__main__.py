@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 
@@ -22,6 +23,8 @@ from conveyor.v1 import results_service_pb2, results_service_pb2_grpc
 async def run() -> None:
     settings = ResultsSettings.from_env()
     logs.configure(service="results", level=settings.log_level, fmt=settings.log_format)
+    # psycopg_pool logs each failed reconnect as unstructured text; our own warnings cover outages.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     consumer = os.environ.get("CONVEYOR_RESULTS_CONSUMER") or f"results-{socket.gethostname()}-{os.getpid()}"
     redis = await connect_redis(settings.redis_url)
     blocking = make_redis(settings.redis_url, blocking=True)

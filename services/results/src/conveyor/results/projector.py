@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 from redis.exceptions import ResponseError
 
-from conveyor.common.codec import STATE_AFTER_EVENT, struct_to_json
+from conveyor.common.codec import FINAL_STATES, STATE_AFTER_EVENT, struct_to_json
 from conveyor.common.ids import parse_job_id, ulid_time_ms
 from conveyor.common.keys import QUEUES, RESULTS_GROUP, queue_keys
 from conveyor.common.redis import REDIS_UNAVAILABLE
@@ -39,17 +39,12 @@ from conveyor.v1 import event_pb2, job_pb2
 
 log = structlog.get_logger("conveyor.results.projector")
 
+#: How much longer than its BLOCK time one XREADGROUP may take before the connection is presumed dead.
+READ_GRACE_S = 10.0
+
 #: Errors that mean "PostgreSQL cannot be reached right now": retry the same batch.
 PG_UNAVAILABLE: tuple[type[BaseException], ...] = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
 
-_FINAL_STATES = frozenset(
-    {
-        job_pb2.JOB_STATE_SUCCEEDED,
-        job_pb2.JOB_STATE_FAILED,
-        job_pb2.JOB_STATE_DEAD_LETTERED,
-        job_pb2.JOB_STATE_CANCELLED,
-    }
-)
 # Only these outcomes may be reopened, by a newer QUEUED/DELAYED (re-queued dead letters).
 _REOPENABLE_STATES = frozenset({job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_DEAD_LETTERED})
 _REQUEUE_EVENTS = frozenset({event_pb2.EVENT_TYPE_QUEUED, event_pb2.EVENT_TYPE_DELAYED})
@@ -57,6 +52,8 @@ _OUTCOME_WITH_ERROR = frozenset(
     {event_pb2.EVENT_TYPE_FAILED, event_pb2.EVENT_TYPE_DEAD_LETTERED, event_pb2.EVENT_TYPE_CANCELLED}
 )
 _EMPTY_LABELS = "{}"
+# TimeoutError: a blocking read that outlived its grace (see READ_GRACE_S).
+_READ_ERRORS: tuple[type[BaseException], ...] = (*REDIS_UNAVAILABLE, TimeoutError)
 _TRIM_ERRORS: tuple[type[BaseException], ...] = (*REDIS_UNAVAILABLE, ResponseError)
 
 
@@ -105,12 +102,12 @@ class Batch:
         ms_raw, _, seq_raw = entry_id.partition(b"-")
         ms, seq = int(ms_raw), int(seq_raw or 0)
         event = event_pb2.JobEvent.FromString(data)
-        job_id = event.job_id
+        # Redis keeps events without their job id (ADR 0001): the stream's queue and the
+        # entry's ULID give it. An event that does carry one is accepted as a fallback.
+        ulid = fields.get(b"j")
+        job_id = f"{queue}/{ulid.decode()}" if ulid else event.job_id
         if not job_id:
-            ulid = fields.get(b"j", b"").decode()
-            if not ulid:
-                raise ValueError("event without job id")
-            job_id = f"{queue}/{ulid}"
+            raise ValueError("event without job id")
         etype = event.type
         at_us = _us(event.time) if event.HasField("time") else ms * 1000
         self.events.append((job_id, ms, seq, etype, event.attempt, at_us, data))
@@ -120,7 +117,7 @@ class Batch:
         row = self.rows.get(job_id)
         if row is None:
             row = self.rows[job_id] = JobRow(job_id, queue)
-        elif row.state in _FINAL_STATES and not (row.state in _REOPENABLE_STATES and etype in _REQUEUE_EVENTS):
+        elif row.state in FINAL_STATES and not (row.state in _REOPENABLE_STATES and etype in _REQUEUE_EVENTS):
             return  # Invariant 2: a final state is never overwritten (a late ACTIVE is ignored)
         apply_event(row, event, etype, state, ms, seq, at_us)
 
@@ -233,6 +230,8 @@ class Projector:
         retention_s: Events older than this (and acked) are trimmed from the streams.
         claim_idle_ms: Pending entries idle this long are taken over from other consumers.
         claim_interval_s: How often to look for such entries.
+        stale_consumer_ms: Other consumers idle this long with nothing pending are deleted from the
+            group (each restart of a results process with a pid-based name adds one).
         refresh_s: How often the set of queues is re-read.
         block_ms: Longest wait of one XREADGROUP (bounds how long stopping takes).
     """
@@ -248,6 +247,7 @@ class Projector:
         retention_s: float = 300.0,
         claim_idle_ms: int = 60_000,
         claim_interval_s: float = 30.0,
+        stale_consumer_ms: int = 3_600_000,
         refresh_s: float = 2.0,
         block_ms: int = 1000,
     ) -> None:
@@ -260,6 +260,7 @@ class Projector:
         self._retention_ms = int(retention_s * 1000)
         self._claim_idle_ms = claim_idle_ms
         self._claim_interval_s = claim_interval_s
+        self._stale_consumer_ms = stale_consumer_ms
         self._refresh_s = refresh_s
         self._block_ms = block_ms
         #: stream key -> queue name, for every queue whose group is known to exist.
@@ -302,13 +303,17 @@ class Projector:
                         self._refreshed_at = -1e9
                     else:
                         log.warning("redis_error", error=str(exc))
-                        await _sleep(stop, backoff.next())
-                except REDIS_UNAVAILABLE as exc:
+                    await _sleep(stop, backoff.next())
+                except _READ_ERRORS as exc:
                     log.warning("redis_unavailable", error=str(exc) or type(exc).__name__)
                     await _sleep(stop, backoff.next())
-        finally:
-            with contextlib.suppress(asyncio.CancelledError):
-                await out.put(None)
+        except asyncio.CancelledError:
+            raise  # run() cancels the reader only once the writer has ended
+        except BaseException:
+            await out.put(None)  # a bug: the writer finishes what is queued, then run() re-raises this
+            raise
+        # Stopping: the end marker waits behind the batches in flight, which the writer commits and acks.
+        await out.put(None)
 
     async def _read_once(self, out: asyncio.Queue[Batch | None]) -> None:
         now = time.monotonic()
@@ -323,13 +328,16 @@ class Projector:
         if not self._streams:
             await asyncio.sleep(min(self._refresh_s, self._block_ms / 1000))
             return
-        reply = await self._blocking.xreadgroup(
-            RESULTS_GROUP,
-            self.consumer,
-            dict.fromkeys(self._streams, ">"),
-            count=self._batch_size,
-            block=self._block_ms,
-        )
+        # The blocking client has no socket timeout; a connection that died silently must not hang
+        # the reader forever. Entries lost in flight stay pending and are claimed back later.
+        async with asyncio.timeout(self._block_ms / 1000 + READ_GRACE_S):
+            reply = await self._blocking.xreadgroup(
+                RESULTS_GROUP,
+                self.consumer,
+                dict.fromkeys(self._streams, ">"),
+                count=self._batch_size,
+                block=self._block_ms,
+            )
         if reply:
             batch = Batch()
             for stream, entries in reply:
@@ -393,6 +401,11 @@ class Projector:
                     log.info("pending_claimed", queue=queue, entries=len(entries), deleted=len(deleted))
                 if cursor in (b"0-0", "0-0"):
                     break
+            for info in await self._redis.xinfo_consumers(stream, RESULTS_GROUP):
+                name = info["name"]
+                if info["pending"] == 0 and info["idle"] >= self._stale_consumer_ms and name != self.consumer.encode():
+                    await self._redis.xgroup_delconsumer(stream, RESULTS_GROUP, name)
+                    log.info("consumer_deleted", queue=queue, consumer=name.decode())
 
     # -- writing ---------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from typing import Any
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from conveyor.common.codec import json_to_struct, json_to_value, public_event
+from conveyor.common.codec import decode_event, json_to_struct, json_to_value, public_event
 from conveyor.v1 import event_pb2, job_pb2
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -193,9 +193,5 @@ class Queries:
                 (job_id, after_ms, after_seq, limit),
             )
             rows = await cur.fetchall()
-        events = []
-        for ms, seq, data in rows:
-            event = event_pb2.JobEvent.FromString(data)
-            event.id = f"{ms}-{seq}"
-            events.append(public_event(event))
-        return events
+        # Stored as Redis held them, without the job id (ADR 0001): fill it in for clients.
+        return [public_event(decode_event(f"{ms}-{seq}", data, job_id)) for ms, seq, data in rows]
