@@ -21,14 +21,14 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from conveyor.common.codec import dumps
-from conveyor.common.errors import ConveyorError, Internal, InvalidArgument
+from conveyor.common.errors import ConveyorError, Internal, InvalidArgument, ResourceExhausted
 from conveyor.v1 import (
     event_pb2,
     job_pb2,
@@ -49,7 +49,8 @@ def from_rpc_error(exc: grpc.aio.AioRpcError | grpc.RpcError) -> ConveyorError:
     """The ConveyorError that a failed call stands for, with google.rpc details unpacked."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     message = (exc.details() if hasattr(exc, "details") else None) or str(code)
-    status = rpc_status.from_call(exc) if isinstance(exc, grpc.Call) else None
+    # AioRpcError is not a grpc.Call but has the methods from_call reads.
+    status = rpc_status.from_call(cast(grpc.Call, exc)) if hasattr(exc, "trailing_metadata") else None
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         violations: dict[str, str] = {}
         details: list[Any] = list(status.details) if status else []
@@ -73,6 +74,7 @@ class ConveyorClient:
         results_addr: "host:port" of ResultsService (for :meth:`list_jobs`); optional.
         timeout: Deadline of each unary call, in seconds.
         retries: Extra tries for UNAVAILABLE / DEADLINE_EXCEEDED.
+        coalesce: Send concurrent :meth:`enqueue` calls together as EnqueueBatch calls.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class ConveyorClient:
         *,
         timeout: float = 10.0,
         retries: int = 3,
+        coalesce: bool = True,
     ) -> None:
         self._channel = grpc.aio.insecure_channel(producer_addr)
         self._producer = producer_service_pb2_grpc.ProducerServiceStub(self._channel)
@@ -91,6 +94,7 @@ class ConveyorClient:
         )
         self._timeout = timeout
         self._retries = retries
+        self._coalescer = _Coalescer(self) if coalesce else None
 
     async def __aenter__(self) -> Self:
         return self
@@ -166,6 +170,10 @@ class ConveyorClient:
     ) -> producer_service_pb2.EnqueueResponse:
         """Enqueue one job; ``options`` are those of :meth:`request`.
 
+        Concurrent calls from one client are coalesced into EnqueueBatch calls (one
+        gRPC call carries many jobs), unless the client was made with ``coalesce=False``.
+        Each call still gets its own result or its own error.
+
         Returns:
             The job id, whether it was newly created, and its state.
 
@@ -175,6 +183,8 @@ class ConveyorClient:
             Unavailable: Redis or the producer could not be reached after retries.
         """
         req = self.request(queue, type, payload, **options)
+        if self._coalescer is not None:
+            return await self._coalescer.submit(req)
         return await self._call(lambda: self._producer.Enqueue(req, timeout=self._timeout))
 
     async def enqueue_batch(
@@ -188,6 +198,9 @@ class ConveyorClient:
         req = producer_service_pb2.EnqueueBatchRequest(jobs=requests)
         response = await self._call(lambda: self._producer.EnqueueBatch(req, timeout=self._timeout))
         return list(response.results)
+
+    async def _enqueue_one(self, req: producer_service_pb2.EnqueueRequest) -> producer_service_pb2.EnqueueResponse:
+        return await self._call(lambda: self._producer.Enqueue(req, timeout=self._timeout))
 
     async def get_job(self, job_id: str) -> job_pb2.Job:
         """The job's current state, payload and outcome.
@@ -228,3 +241,80 @@ class ConveyorClient:
         stub = self._results
         req = results_service_pb2.ListJobsRequest(**filters)
         return await self._call(lambda: stub.ListJobs(req, timeout=self._timeout))
+
+
+class _Coalescer:
+    """Gathers concurrent enqueue calls into EnqueueBatch calls.
+
+    A call waits only for the batch it joins: whatever is pending when a sender task
+    runs goes out together, up to MAX_BATCH jobs, with at most MAX_SENDERS batches in
+    flight. An EnqueueBatch is all or none, so when one bad job makes it fail with
+    INVALID_ARGUMENT or RESOURCE_EXHAUSTED, its jobs are sent again one by one and each
+    caller gets its own answer.
+    """
+
+    MAX_BATCH = 500
+    MAX_SENDERS = 4
+
+    def __init__(self, client: ConveyorClient) -> None:
+        self._client = client
+        self._pending: list[
+            tuple[producer_service_pb2.EnqueueRequest, asyncio.Future[producer_service_pb2.EnqueueResponse]]
+        ] = []
+        self._senders = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
+
+    async def submit(self, req: producer_service_pb2.EnqueueRequest) -> producer_service_pb2.EnqueueResponse:
+        future: asyncio.Future[producer_service_pb2.EnqueueResponse] = asyncio.get_running_loop().create_future()
+        self._pending.append((req, future))
+        if self._senders < self.MAX_SENDERS:
+            self._senders += 1
+            task = asyncio.get_running_loop().create_task(self._send())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _send(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[: self.MAX_BATCH]
+                del self._pending[: self.MAX_BATCH]
+                await self._send_batch(batch)
+        finally:
+            self._senders -= 1
+
+    async def _send_batch(
+        self,
+        batch: list[tuple[producer_service_pb2.EnqueueRequest, asyncio.Future[producer_service_pb2.EnqueueResponse]]],
+    ) -> None:
+        if len(batch) == 1:
+            req, future = batch[0]
+            await self._settle(future, self._client._enqueue_one(req))
+            return
+        try:
+            results = await self._client.enqueue_batch([req for req, _ in batch])
+        except (InvalidArgument, ResourceExhausted):
+            await asyncio.gather(*(self._settle(f, self._client._enqueue_one(r)) for r, f in batch))
+            return
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    @staticmethod
+    async def _settle(
+        future: asyncio.Future[producer_service_pb2.EnqueueResponse],
+        call: Awaitable[producer_service_pb2.EnqueueResponse],
+    ) -> None:
+        try:
+            result = await call
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(result)
