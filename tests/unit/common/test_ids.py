@@ -35,3 +35,12 @@ def test_stream_ids_compare_numerically() -> None:
     assert parse_stream_id("12") is None
     assert parse_stream_id("a-b") is None
     assert parse_stream_id("99999999999999999999-0") is None
+
+
+def test_ulid_encoding_matches_the_crockford_definition() -> None:
+    ulid = new_ulid()
+    value = 0
+    for ch in ulid:
+        value = value * 32 + "0123456789ABCDEFGHJKMNPQRSTVWXYZ".index(ch)
+    assert value < 1 << 128
+    assert value >> 80 == ulid_time_ms(ulid)

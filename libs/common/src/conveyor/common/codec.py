@@ -33,9 +33,13 @@ def struct_to_json(value: struct_pb2.Struct) -> bytes:
     return dumps(_plain(json_format.MessageToDict(value)))
 
 
+# json.dumps with non-default options builds a new encoder on every call; keep one.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def dumps(value: Any) -> bytes:
     """Compact JSON bytes of a JSON-able value."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return _ENCODER.encode(value).encode()
 
 
 def json_to_struct(data: bytes) -> struct_pb2.Struct:

@@ -7,12 +7,14 @@ find the job's keys without a global index (ADR 0002).
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import threading
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
 _ULID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 QUEUE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _STREAM_ID_RE = re.compile(r"^(\d{1,20})-(\d{1,20})$")
@@ -38,12 +40,10 @@ class _UlidGenerator:
                 # One bit short of 80, so counting up within a millisecond cannot overflow in practice.
                 rand = int.from_bytes(os.urandom(10), "big") >> 1
             self._last_ms, self._last_rand = ms, rand
-        value = (ms << 80) | rand
-        chars = []
-        for _ in range(26):
-            chars.append(_ALPHABET[value & 31])
-            value >>= 5
-        return "".join(reversed(chars))
+        # 130 bits of base 32 are the last 26 characters of 20 bytes' worth (160 bits);
+        # the C base32 encoder plus a translation beats a Python loop by ~10x.
+        encoded = base64.b32encode(((ms << 80) | rand).to_bytes(20, "big"))[6:]
+        return encoded.translate(_TO_CROCKFORD).decode()
 
 
 _generator = _UlidGenerator()

@@ -6,6 +6,7 @@ workers or producers can never interleave half-done changes (DESIGN.md).
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -21,7 +22,11 @@ def _source(name: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """A job's live record in the queue's state hash: ``state|attempt|priority|entry|first_event|final_event``."""
+    """A job's live record in the queue's state hash.
+
+    Stored as ``state|attempt|priority|entry|first_event|final_event[|consumer]``; the
+    consumer is there while the job is ACTIVE (with the attempt, it fences completions).
+    """
 
     state: int
     attempt: int
@@ -29,12 +34,13 @@ class Record:
     entry_id: str
     first_event_id: str
     final_event_id: str
+    consumer: str = ""
 
     @classmethod
     def parse(cls, raw: bytes | str) -> Record:
         text = raw.decode() if isinstance(raw, bytes) else raw
-        state, attempt, priority, entry_id, first, final = text.split("|")
-        return cls(int(state), int(attempt), int(priority), entry_id, first, final)
+        state, attempt, priority, entry_id, first, final, *owner = text.split("|", 6)
+        return cls(int(state), int(attempt), int(priority), entry_id, first, final, owner[0] if owner else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +81,17 @@ class Outcome:
     band: int
     entry_id: str
     ulid: str
-    deliveries: int
+    attempt: int
     state: int
     event: bytes
+
+
+# Hot-path scripts take their per-job values packed into one argument (see the .lua headers):
+# redis-py encodes each argument separately, which cost more than the work itself.
+_JOB_HEAD = struct.Struct(">26sBHdI")
+_LEN = struct.Struct(">I")
+_OUTCOME_HEAD = struct.Struct(">BH")
+_OUTCOME_MID = struct.Struct(">26sIBI")
 
 
 def _text(value: Any) -> str:
@@ -100,7 +114,7 @@ class Scripts:
         """Add ``jobs`` to one queue atomically; known idempotency keys return their job."""
         idem_keys: list[str] = []
         idem_index: dict[str, int] = {}
-        args: list[Any] = [len(jobs)]
+        parts: list[bytes] = []
         for job in jobs:
             index = 0
             if job.idempotency_key:
@@ -108,8 +122,13 @@ class Scripts:
                 if not index:
                     idem_keys.append(keys.idempotency(job.idempotency_key))
                     index = idem_index[job.idempotency_key] = len(idem_keys)
-            args += [job.ulid, job.priority, job.job, job.queued_event, index, job.idempotency_window_ms]
-        raw = await self._enqueue(keys=[*keys.script_keys(), *idem_keys], args=args)
+            parts += [
+                _JOB_HEAD.pack(job.ulid.encode(), job.priority, index, float(job.idempotency_window_ms), len(job.job)),
+                job.job,
+                _LEN.pack(len(job.queued_event)),
+                job.queued_event,
+            ]
+        raw = await self._enqueue(keys=[*keys.script_keys(), *idem_keys], args=[len(jobs), b"".join(parts)])
         return [EnqueueResult(_text(raw[i]), bool(raw[i + 1]), int(raw[i + 2])) for i in range(0, len(raw), 3)]
 
     async def claim(self, keys: QueueKeys, consumer: str, count: int) -> tuple[list[Claimed], dict[int, str]]:
@@ -138,19 +157,23 @@ class Scripts:
         self, keys: QueueKeys, consumer: str, retention_ms: int, outcomes: list[Outcome]
     ) -> list[str | None]:
         """Ack and record outcomes; None for each outcome refused because the claim moved on."""
-        args: list[Any] = [WORKER_GROUP, consumer, retention_ms, len(outcomes)]
+        parts: list[bytes] = []
         for o in outcomes:
-            args += [o.band, o.entry_id, o.ulid, o.deliveries, o.state, o.event]
-        raw = await self._complete(keys=keys.script_keys(), args=args)
+            entry_id = o.entry_id.encode()
+            parts += [
+                _OUTCOME_HEAD.pack(o.band, len(entry_id)),
+                entry_id,
+                _OUTCOME_MID.pack(o.ulid.encode(), o.attempt, o.state, len(o.event)),
+                o.event,
+            ]
+        raw = await self._complete(
+            keys=keys.script_keys(), args=[WORKER_GROUP, consumer, retention_ms, len(outcomes), b"".join(parts)]
+        )
         return [None if r == 0 else _text(r) for r in raw]
 
-    async def progress(
-        self, keys: QueueKeys, band: int, consumer: str, entry_id: str, ulid: str, event: bytes
-    ) -> str | None:
-        """Append a PROGRESS event; None when this consumer no longer owns the job."""
-        raw = await self._progress(
-            keys=[keys.events, keys.band(band)], args=[WORKER_GROUP, consumer, entry_id, ulid, event]
-        )
+    async def progress(self, keys: QueueKeys, consumer: str, ulid: str, attempt: int, event: bytes) -> str | None:
+        """Append a PROGRESS event; None when this consumer no longer holds the job's claim."""
+        raw = await self._progress(keys=[keys.events, keys.state], args=[consumer, ulid, attempt, event])
         return None if raw == 0 else _text(raw)
 
     async def job_events(

@@ -14,7 +14,7 @@ import structlog
 
 from conveyor.common.codec import dumps, embed_job
 from conveyor.v1 import event_pb2, job_pb2
-from conveyor.worker.handlers import Handlers, JobContext, PermanentError, is_async
+from conveyor.worker.handlers import Handlers, JobContext, PermanentError
 
 log = structlog.get_logger("conveyor.worker")
 
@@ -71,7 +71,7 @@ async def run_attempt(
         timeout = job.timeout.ToTimedelta().total_seconds() if job.HasField("timeout") else 0.0
         try:
             payload: dict[str, Any] = json.loads(job.payload_json) if job.payload_json else {}
-            if is_async(handler):
+            if handlers.is_async(job.type):
                 call: Awaitable[Any] = handler(payload, ctx)
             else:
                 call = asyncio.to_thread(handler, payload, ctx)

@@ -85,6 +85,7 @@ class Handlers:
 
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
+        self._async: dict[str, bool] = {}
 
     def register(self, job_type: str) -> Callable[[Handler], Handler]:
         """Decorator registering a handler for ``job_type``.
@@ -97,6 +98,7 @@ class Handlers:
             if job_type in self._handlers:
                 raise ValueError(f"a handler for {job_type!r} is already registered")
             self._handlers[job_type] = fn
+            self._async[job_type] = inspect.iscoroutinefunction(fn)
             return fn
 
         return decorate
@@ -104,6 +106,10 @@ class Handlers:
     def get(self, job_type: str) -> Handler | None:
         """The handler for ``job_type``, or None."""
         return self._handlers.get(job_type)
+
+    def is_async(self, job_type: str) -> bool:
+        """Whether the handler for ``job_type`` is a coroutine function."""
+        return self._async.get(job_type, False)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._handlers)
@@ -115,10 +121,6 @@ class Handlers:
         """Add ``other``'s handlers; a type registered twice is an error."""
         for job_type, fn in other._handlers.items():
             self.register(job_type)(fn)
-
-
-def is_async(fn: Handler) -> bool:
-    return inspect.iscoroutinefunction(fn)
 
 
 def load_handlers(specs: tuple[str, ...]) -> Handlers:

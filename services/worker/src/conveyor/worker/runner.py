@@ -133,30 +133,27 @@ class QueueRunner:
         job.queue = self._keys.queue
         attempt = Attempt(job=job, job_bytes=claimed.job, attempt=claimed.attempt)
         worker_id = self._settings.worker_id
-        with structlog.contextvars.bound_contextvars(
+        # Each attempt runs in its own task, whose context is a copy: bind without unbinding.
+        structlog.contextvars.bind_contextvars(
             job_id=job.id, queue=job.queue, type=job.type, attempt=claimed.attempt, worker=worker_id
-        ):
+        )
 
-            async def report(percent: float, message: str) -> None:
-                event = event_pb2.JobEvent(
-                    type=event_pb2.EVENT_TYPE_PROGRESS,
-                    attempt=claimed.attempt,
-                    worker=worker_id,
-                )
-                event.progress.percent = percent
-                event.progress.message = message
-                event.time.FromNanoseconds(time.time_ns())
-                await self._scripts.progress(
-                    self._keys, claimed.band, worker_id, claimed.entry_id, claimed.ulid, event.SerializeToString()
-                )
+        async def report(percent: float, message: str) -> None:
+            event = event_pb2.JobEvent(type=event_pb2.EVENT_TYPE_PROGRESS, attempt=claimed.attempt, worker=worker_id)
+            event.progress.percent = percent
+            event.progress.message = message
+            event.time.FromNanoseconds(time.time_ns())
+            await self._scripts.progress(
+                self._keys, worker_id, claimed.ulid, claimed.attempt, event.SerializeToString()
+            )
 
-            state, event_bytes = await run_attempt(attempt, self._handlers, worker_id, report)
+        state, event_bytes = await run_attempt(attempt, self._handlers, worker_id, report)
         self._outcomes.put_nowait(
             Outcome(
                 band=claimed.band,
                 entry_id=claimed.entry_id,
                 ulid=claimed.ulid,
-                deliveries=1,
+                attempt=claimed.attempt,
                 state=state,
                 event=event_bytes,
             )

@@ -41,7 +41,7 @@ for band = 9, 1, -1 do
         local rec = ulid and redis.call('HGET', state_key, ulid)
         local st, attempt, prio, eid, first_ev, final_ev
         if rec then
-          st, attempt, prio, eid, first_ev, final_ev = string.match(rec, '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)$')
+          st, attempt, prio, eid, first_ev, final_ev = string.match(rec, '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)')
         end
         if not st or tonumber(st) >= 5 then
           -- Cancelled or expired while waiting: never run it.
@@ -53,7 +53,8 @@ for band = 9, 1, -1 do
           local event = string.char(0x18) .. varint(2)
             .. string.char(0x20) .. varint(attempt) .. bytes_field(0x2a, timestamp) .. bytes_field(0x32, consumer)
           local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
-          redis.call('HSET', state_key, ulid, '3|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. final_ev)
+          -- The attempt number and the consumer are the claim's fencing token (complete.lua).
+          redis.call('HSET', state_key, ulid, '3|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. final_ev .. '|' .. consumer)
           claimed[#claimed + 1] = band
           claimed[#claimed + 1] = entry_id
           claimed[#claimed + 1] = ulid

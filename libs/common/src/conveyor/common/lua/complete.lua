@@ -1,37 +1,38 @@
 --[[ complete: record final outcomes, each acked in the same step as its event.
 Invariant 3 (DESIGN.md): no ack without its outcome, no outcome without its ack.
-Fencing: an outcome is accepted only while this consumer still owns the entry with the
-same delivery count; a stale owner (its job was reclaimed) changes nothing.
+Fencing: an outcome is accepted only while the job's live record still names this
+consumer and this attempt as its claim (a reclaim bumps the attempt), so a stale owner
+whose job was taken over changes nothing.
 Also expires the live records of jobs that finished more than the retention ago.
 KEYS[1] state hash  KEYS[2] events stream  KEYS[3] done zset  KEYS[4..12] job streams, bands 1..9
 ARGV[1] consumer group  ARGV[2] consumer  ARGV[3] record retention ms  ARGV[4] number of outcomes
-then 6 values per outcome: band, entry id, ulid, deliveries, final JobState, JobEvent bytes
+ARGV[5] the outcomes packed back to back, each as struct '>B I2 c0 c26 I4 B I4 c0':
+  band, entry id, ulid, attempt, final JobState, JobEvent bytes
 returns an array with, per outcome, the event id, or 0 when fenced off
 ]]
 local state_key, events_key, done_key = KEYS[1], KEYS[2], KEYS[3]
-local group, consumer, retention, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local group, consumer, retention, n, packed = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local pos = 1
 
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 
 local out = {}
-for i = 0, n - 1 do
-  local base = 5 + i * 6
-  local band, entry_id, ulid = tonumber(ARGV[base]), ARGV[base + 1], ARGV[base + 2]
-  local deliveries, final_state, event = tonumber(ARGV[base + 3]), ARGV[base + 4], ARGV[base + 5]
+for _ = 1, n do
+  local band, entry_id, ulid, attempt, final_state, event
+  band, entry_id, ulid, attempt, final_state, event, pos = struct.unpack('>B I2 c0 c26 I4 B I4 c0', packed, pos)
   local stream = KEYS[3 + band]
-  local pending = redis.call('XPENDING', stream, group, entry_id, entry_id, 1)
-  local owner = pending[1]
-  if owner and owner[2] == consumer and tonumber(owner[4]) == deliveries then
+  local rec = redis.call('HGET', state_key, ulid)
+  local st, att, prio, eid, first_ev, owner
+  if rec then
+    st, att, prio, eid, first_ev, _, owner = string.match(rec, '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)|?(.*)$')
+  end
+  if st == '3' and tonumber(att) == attempt and owner == consumer and eid == entry_id then
     redis.call('XACK', stream, group, entry_id)
     redis.call('XDEL', stream, entry_id)
     local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
-    local rec = redis.call('HGET', state_key, ulid)
-    if rec then
-      local _, attempt, prio, eid, first_ev = string.match(rec, '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|')
-      redis.call('HSET', state_key, ulid, final_state .. '|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)
-      redis.call('ZADD', done_key, now_ms + retention, ulid)
-    end
+    redis.call('HSET', state_key, ulid, final_state .. '|' .. att .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)
+    redis.call('ZADD', done_key, now_ms + retention, ulid)
     out[#out + 1] = event_id
   else
     out[#out + 1] = 0

@@ -3,23 +3,24 @@ Invariant 1 (DESIGN.md): the job, its live record and its QUEUED event are writt
 in one step, or not at all; a known idempotency key adds nothing.
 KEYS[1] state hash  KEYS[2] events stream  KEYS[3] done zset  KEYS[4..12] job streams, bands 1..9
 KEYS[13..] the idempotency keys the jobs name
-ARGV[1] number of jobs, then 6 values per job:
-  ulid, priority (1-9), Job bytes, QUEUED JobEvent bytes,
-  idempotency key index (0 = none, else 1-based into KEYS[13..]), idempotency window ms
+ARGV[1] number of jobs  ARGV[2] the jobs packed back to back (one argument, so the client
+  encodes one buffer rather than six per job), each as struct '>c26 B H d I4 c0 I4 c0':
+  ulid, priority (1-9), idempotency key index (0 = none, else 1-based into KEYS[13..]),
+  idempotency window ms, Job bytes, QUEUED JobEvent bytes
 returns a flat array, 3 values per job: ulid, created (1|0), JobState (0 = no longer in Redis)
 ]]
 local state_key, events_key = KEYS[1], KEYS[2]
-local n = tonumber(ARGV[1])
+local n, packed = tonumber(ARGV[1]), ARGV[2]
+local pos = 1
 local out = {}
 
 if redis.call('EXISTS', events_key) == 0 then
   redis.call('XGROUP', 'CREATE', events_key, 'results', '0', 'MKSTREAM')
 end
 
-for i = 0, n - 1 do
-  local base = 2 + i * 6
-  local ulid, prio, job, event = ARGV[base], tonumber(ARGV[base + 1]), ARGV[base + 2], ARGV[base + 3]
-  local idem_index, idem_ttl = tonumber(ARGV[base + 4]), ARGV[base + 5]
+for _ = 1, n do
+  local ulid, prio, idem_index, idem_ttl, job, event
+  ulid, prio, idem_index, idem_ttl, job, event, pos = struct.unpack('>c26 B H d I4 c0 I4 c0', packed, pos)
   local existing = false
   if idem_index > 0 then
     existing = redis.call('GET', KEYS[12 + idem_index])
@@ -41,7 +42,7 @@ for i = 0, n - 1 do
     -- record: state|attempt|priority|entry id|first event id|final event id
     redis.call('HSET', state_key, ulid, '1|0|' .. prio .. '|' .. entry_id .. '|' .. event_id .. '|')
     if idem_index > 0 then
-      redis.call('SET', KEYS[12 + idem_index], ulid, 'PX', idem_ttl)
+      redis.call('SET', KEYS[12 + idem_index], ulid, 'PX', string.format('%d', idem_ttl))
     end
     out[#out + 1] = ulid
     out[#out + 1] = 1

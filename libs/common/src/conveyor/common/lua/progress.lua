@@ -1,11 +1,12 @@
---[[ progress: append a PROGRESS event while this consumer still owns the job's entry.
-KEYS[1] events stream  KEYS[2] the job's stream (its band)
-ARGV[1] consumer group  ARGV[2] consumer  ARGV[3] entry id  ARGV[4] ulid  ARGV[5] JobEvent bytes
-returns the event id, or 0 when this consumer no longer owns the entry
+--[[ progress: append a PROGRESS event while this consumer still holds the job's claim.
+KEYS[1] events stream  KEYS[2] state hash
+ARGV[1] consumer  ARGV[2] ulid  ARGV[3] attempt  ARGV[4] JobEvent bytes
+returns the event id, or 0 when the claim has moved on (fenced, as in complete.lua)
 ]]
-local pending = redis.call('XPENDING', KEYS[2], ARGV[1], ARGV[3], ARGV[3], 1)
-local owner = pending[1]
-if not owner or owner[2] ~= ARGV[2] then
+local rec = redis.call('HGET', KEYS[2], ARGV[2])
+if not rec then return 0 end
+local st, att, owner = string.match(rec, '^(%d+)|(%d+)|[^|]*|[^|]*|[^|]*|[^|]*|?(.*)$')
+if st ~= '3' or att ~= ARGV[3] or owner ~= ARGV[1] then
   return 0
 end
-return redis.call('XADD', KEYS[1], '*', 'j', ARGV[4], 'e', ARGV[5])
+return redis.call('XADD', KEYS[1], '*', 'j', ARGV[2], 'e', ARGV[4])
