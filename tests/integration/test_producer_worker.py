@@ -253,8 +253,9 @@ async def test_get_job_shows_a_queued_job_then_its_outcome(producer: Producer, s
 async def test_failures_are_clear_outcomes_not_crashes(producer: Producer, start_worker: StartWorker) -> None:
     await start_worker()
     unknown = await enqueue(producer, "no.such.handler")
-    failing = await enqueue(producer, "demo.fail", payload={"message": "boom"})
-    bad_result = await enqueue(producer, "test.unserializable")
+    once = job_pb2.RetryPolicy(max_attempts=1)
+    failing = await enqueue(producer, "demo.fail", payload={"message": "boom"}, retry=once)
+    bad_result = await enqueue(producer, "test.unserializable", retry=once)
     sync_job = await enqueue(producer, "test.sync", payload={"a": 1})
     unknown_events = await watch_all(producer, unknown.job_id)
     assert unknown_events[-1].type == E.EVENT_TYPE_FAILED
@@ -270,7 +271,11 @@ async def test_failures_are_clear_outcomes_not_crashes(producer: Producer, start
 async def test_timeout_fails_the_attempt(producer: Producer, start_worker: StartWorker) -> None:
     await start_worker()
     job = await enqueue(
-        producer, "demo.sleep", payload={"seconds": 5, "steps": 1}, timeout=duration_pb2.Duration(nanos=100_000_000)
+        producer,
+        "demo.sleep",
+        payload={"seconds": 5, "steps": 1},
+        timeout=duration_pb2.Duration(nanos=100_000_000),
+        retry=job_pb2.RetryPolicy(max_attempts=1),
     )
     final = (await watch_all(producer, job.job_id))[-1]
     assert final.type == E.EVENT_TYPE_FAILED and final.error.kind == "Timeout"

@@ -44,3 +44,12 @@ def sync_handler(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
 @handlers.register("test.unserializable")
 async def unserializable(payload: dict[str, Any], ctx: JobContext) -> object:
     return object()
+
+
+@handlers.register("test.flaky")
+async def flaky(payload: dict[str, Any], ctx: JobContext) -> int:
+    """Fails until attempt ``succeed_on``."""
+    runs[ctx.job_id] += 1
+    if ctx.attempt < int(payload.get("succeed_on", 2)):
+        raise ConnectionError(f"flaky failure on attempt {ctx.attempt}")
+    return ctx.attempt

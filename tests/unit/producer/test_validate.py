@@ -1,7 +1,7 @@
 import pytest
 from google.protobuf import duration_pb2
 
-from conveyor.common.errors import InvalidArgument, ResourceExhausted, Unimplemented
+from conveyor.common.errors import InvalidArgument, ResourceExhausted
 from conveyor.producer.validate import validate_all
 from conveyor.v1 import producer_service_pb2 as p
 
@@ -62,6 +62,32 @@ def test_oversize_payload_is_resource_exhausted() -> None:
         validate_all([ok(payload_json=b'{"a":"' + b"x" * 1000 + b'"}')], 1000, False)
 
 
-def test_a_positive_delay_is_not_supported_yet() -> None:
-    with pytest.raises(Unimplemented):
-        validate_all([ok(delay=duration_pb2.Duration(seconds=5))], 1000, False)
+def test_delays_resolve_to_a_due_time_and_the_past_means_now() -> None:
+    import time
+
+    from google.protobuf import timestamp_pb2
+
+    now_ms = time.time_ns() // 1_000_000
+    (delayed,) = validate_all([ok(delay=duration_pb2.Duration(seconds=5))], 1000, False)
+    assert abs(delayed.due_ms - (now_ms + 5000)) < 1000
+    at = timestamp_pb2.Timestamp()
+    at.FromMilliseconds(now_ms + 60_000)
+    (scheduled,) = validate_all([ok(run_at=at)], 1000, False)
+    assert scheduled.due_ms == now_ms + 60_000
+    at.FromMilliseconds(now_ms - 60_000)
+    (past,) = validate_all([ok(run_at=at)], 1000, False)
+    assert past.due_ms == 0
+    assert "delay" in violations(ok(delay=duration_pb2.Duration(seconds=400 * 86400)))
+    assert "delay" in violations(ok(delay=duration_pb2.Duration(seconds=1), run_at=at))
+
+
+def test_the_retry_policy_gets_the_queue_defaults() -> None:
+    from conveyor.v1 import job_pb2
+
+    (job,) = validate_all([ok()], 1000, False)
+    assert job.retry.max_attempts == 3 and job.retry.backoff == job_pb2.BACKOFF_EXPONENTIAL
+    assert job.retry.base.ToMilliseconds() == 1000 and job.retry.cap.ToMilliseconds() == 300_000
+    (custom,) = validate_all([ok(retry=job_pb2.RetryPolicy(max_attempts=1))], 1000, False)
+    assert custom.retry.max_attempts == 1 and custom.retry.jitter == 0
+    assert "retry.jitter" in violations(ok(retry=job_pb2.RetryPolicy(jitter=2)))
+    assert "retry.max_attempts" in violations(ok(retry=job_pb2.RetryPolicy(max_attempts=1000)))

@@ -36,6 +36,12 @@ class QueueKeys:
     events: str
     #: ZSET of finished job ulids, scored by the time their live record expires.
     done: str
+    #: ZSET of delayed and retry-scheduled job ulids, scored by the ms they become due.
+    delayed: str
+    #: HASH ulid -> Job bytes of jobs waiting in ``delayed`` (they have no stream entry meanwhile).
+    parked: str
+    #: STREAM of wake-up signals (capped): a delayed job or a retry was scheduled.
+    signal: str
     #: Job streams by priority band, lowest band first (fields j=ulid, d=Job bytes).
     bands: tuple[str, ...]
 
@@ -48,8 +54,8 @@ class QueueKeys:
         return f"{PREFIX}:{{{self.queue}}}:idem:{key}"
 
     def script_keys(self) -> list[str]:
-        """The fixed KEYS every per-queue script takes: state, events, done, then the bands."""
-        return [self.state, self.events, self.done, *self.bands]
+        """The fixed KEYS every per-queue script takes: state, events, done, the bands, delayed, parked, signal."""
+        return [self.state, self.events, self.done, *self.bands, self.delayed, self.parked, self.signal]
 
 
 @cache
@@ -61,5 +67,8 @@ def queue_keys(queue: str) -> QueueKeys:
         state=f"{base}:state",
         events=f"{base}:events",
         done=f"{base}:done",
+        delayed=f"{base}:delayed",
+        parked=f"{base}:parked",
+        signal=f"{base}:signal",
         bands=tuple(f"{base}:jobs:{p}" for p in BANDS),
     )

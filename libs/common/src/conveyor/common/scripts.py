@@ -13,7 +13,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from conveyor.common.keys import BANDS, RESULTS_GROUP, WORKER_GROUP, QueueKeys
+from conveyor.common.keys import RESULTS_GROUP, WORKER_GROUP, QueueKeys
 
 
 def _source(name: str) -> str:
@@ -53,6 +53,8 @@ class NewJob:
     queued_event: bytes
     idempotency_key: str = ""
     idempotency_window_ms: int = 0
+    #: When the job becomes due, ms since the epoch; 0 = now.
+    due_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,17 @@ class Claimed:
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """What a claim returned."""
+
+    claimed: list[Claimed]
+    #: When nothing was claimed: stream key -> last id, to block on for anything newer.
+    wait_from: dict[str, str]
+    #: When nothing was claimed: ms when the earliest delayed job is due, if any.
+    next_due_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """A final outcome for the complete script."""
 
@@ -84,14 +97,16 @@ class Outcome:
     attempt: int
     state: int
     event: bytes
+    #: For RETRY_SCHEDULED: when the next attempt is due, ms since the epoch.
+    due_ms: int = 0
 
 
 # Hot-path scripts take their per-job values packed into one argument (see the .lua headers):
 # redis-py encodes each argument separately, which cost more than the work itself.
-_JOB_HEAD = struct.Struct(">26sBHdI")
+_JOB_HEAD = struct.Struct(">26sBHddI")
 _LEN = struct.Struct(">I")
 _OUTCOME_HEAD = struct.Struct(">BH")
-_OUTCOME_MID = struct.Struct(">26sIBI")
+_OUTCOME_MID = struct.Struct(">26sIBdI")
 
 
 def _text(value: Any) -> str:
@@ -123,7 +138,14 @@ class Scripts:
                     idem_keys.append(keys.idempotency(job.idempotency_key))
                     index = idem_index[job.idempotency_key] = len(idem_keys)
             parts += [
-                _JOB_HEAD.pack(job.ulid.encode(), job.priority, index, float(job.idempotency_window_ms), len(job.job)),
+                _JOB_HEAD.pack(
+                    job.ulid.encode(),
+                    job.priority,
+                    index,
+                    float(job.idempotency_window_ms),
+                    float(job.due_ms),
+                    len(job.job),
+                ),
                 job.job,
                 _LEN.pack(len(job.queued_event)),
                 job.queued_event,
@@ -131,14 +153,11 @@ class Scripts:
         raw = await self._enqueue(keys=[*keys.script_keys(), *idem_keys], args=[len(jobs), b"".join(parts)])
         return [EnqueueResult(_text(raw[i]), bool(raw[i + 1]), int(raw[i + 2])) for i in range(0, len(raw), 3)]
 
-    async def claim(self, keys: QueueKeys, consumer: str, count: int) -> tuple[list[Claimed], dict[int, str]]:
-        """Claim up to ``count`` jobs, highest band first.
-
-        Returns:
-            The claimed jobs, and (only when none was claimed) the last id of each band
-            to block on for newer entries.
-        """
-        claimed_raw, wait_raw = await self._claim(keys=keys.script_keys(), args=[WORKER_GROUP, consumer, count])
+    async def claim(self, keys: QueueKeys, consumer: str, count: int) -> ClaimResult:
+        """Promote due delayed jobs, then claim up to ``count`` jobs, highest band first."""
+        claimed_raw, wait_raw, next_due = await self._claim(
+            keys=keys.script_keys(), args=[WORKER_GROUP, consumer, count]
+        )
         claimed = [
             Claimed(
                 band=int(claimed_raw[i]),
@@ -150,8 +169,8 @@ class Scripts:
             )
             for i in range(0, len(claimed_raw), 6)
         ]
-        wait_from = {band: _text(last) for band, last in zip(BANDS, wait_raw, strict=False)}
-        return claimed, wait_from
+        wait_from = {key: _text(last) for key, last in zip([*keys.bands, keys.signal], wait_raw, strict=False)}
+        return ClaimResult(claimed, wait_from, int(float(next_due)) if next_due else None)
 
     async def complete(
         self, keys: QueueKeys, consumer: str, retention_ms: int, outcomes: list[Outcome]
@@ -163,7 +182,7 @@ class Scripts:
             parts += [
                 _OUTCOME_HEAD.pack(o.band, len(entry_id)),
                 entry_id,
-                _OUTCOME_MID.pack(o.ulid.encode(), o.attempt, o.state, len(o.event)),
+                _OUTCOME_MID.pack(o.ulid.encode(), o.attempt, o.state, float(o.due_ms), len(o.event)),
                 o.event,
             ]
         raw = await self._complete(

@@ -35,15 +35,19 @@ def build_job(valid: ValidJob, now_ns: int) -> tuple[bytes, bytes]:
     (ADR 0001). The payload is appended as raw bytes to the serialized rest.
     """
     r = valid.request
-    job = job_pb2.Job(type=r.type, priority=valid.priority, labels=r.labels, idempotency_key=r.idempotency_key)
-    if r.HasField("retry"):
-        job.retry.CopyFrom(r.retry)
+    job = job_pb2.Job(
+        type=r.type, priority=valid.priority, labels=r.labels, idempotency_key=r.idempotency_key, retry=valid.retry
+    )
     if r.HasField("timeout"):
         job.timeout.CopyFrom(r.timeout)
     job.created_at.FromNanoseconds(now_ns)
+    if valid.due_ms:
+        job.run_at.FromMilliseconds(valid.due_ms)
     payload = valid.payload_json
     stored = job.SerializeToString() + _PAYLOAD_TAG + _varint(len(payload)) + payload
-    event = event_pb2.JobEvent(type=event_pb2.EVENT_TYPE_QUEUED)
+    event = event_pb2.JobEvent(type=event_pb2.EVENT_TYPE_DELAYED if valid.due_ms else event_pb2.EVENT_TYPE_QUEUED)
+    if valid.due_ms:
+        event.next_run_at.FromMilliseconds(valid.due_ms)
     event.time.FromNanoseconds(now_ns)
     event.job.type = r.type
     event.job.priority = valid.priority
@@ -91,6 +95,7 @@ class Enqueuer:
                         queued_event=queued_event,
                         idempotency_key=v.request.idempotency_key,
                         idempotency_window_ms=v.idempotency_window_ms,
+                        due_ms=v.due_ms,
                     ),
                 )
             )

@@ -48,10 +48,17 @@ class JobReader:
                     job.worker = event.worker
                     return job
             else:
-                entries = await self._redis.xrange(keys.band(record.priority), record.entry_id, record.entry_id)
-                if entries:
-                    job = public_job(restore_job(job_pb2.Job.FromString(entries[0][1][b"d"]), job_id, queue))
+                data: bytes | None = None
+                if record.entry_id:
+                    entries = await self._redis.xrange(keys.band(record.priority), record.entry_id, record.entry_id)
+                    data = entries[0][1][b"d"] if entries else None
+                else:  # delayed or waiting for a retry: parked until due
+                    data = await hget(self._redis, keys.parked, ulid)
+                if data is not None:
+                    job = public_job(restore_job(job_pb2.Job.FromString(data), job_id, queue))
                     job.state = record.state  # type: ignore[assignment]
                     job.attempt = record.attempt
+                    if record.consumer:
+                        job.worker = record.consumer
                     return job
         return await self._history.get_job(job_id)

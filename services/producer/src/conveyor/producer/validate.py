@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
 
 from conveyor.common.codec import struct_to_json
-from conveyor.common.errors import InvalidArgument, ResourceExhausted, Unimplemented
+from conveyor.common.errors import InvalidArgument, ResourceExhausted
 from conveyor.common.ids import QUEUE_RE
 from conveyor.common.keys import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
-from conveyor.v1 import producer_service_pb2
+from conveyor.v1 import job_pb2, producer_service_pb2
 
 TYPE_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 MAX_IDEMPOTENCY_KEY = 256
@@ -25,6 +26,12 @@ MAX_LABELS = 32
 MAX_LABEL_KEY = 64
 MAX_LABEL_VALUE = 256
 MAX_ATTEMPTS = 100
+MAX_DELAY_MS = 365 * 24 * 3600 * 1000
+#: Queue defaults for a job that does not say: 3 attempts, 1 s, 2 s... at most 5 min apart.
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_BACKOFF_BASE_MS = 1000
+DEFAULT_BACKOFF_CAP_MS = 300_000
+DEFAULT_JITTER = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +42,10 @@ class ValidJob:
     payload_json: bytes
     priority: int
     idempotency_window_ms: int
+    #: The retry policy with the queue defaults filled in.
+    retry: job_pb2.RetryPolicy
+    #: When the job becomes due (ms since the epoch), or 0 for now.
+    due_ms: int = 0
 
 
 def _duration_ms(seconds: int, nanos: int) -> int:
@@ -42,7 +53,7 @@ def _duration_ms(seconds: int, nanos: int) -> int:
 
 
 def validate(
-    request: producer_service_pb2.EnqueueRequest, max_payload_bytes: int, prefix: str = ""
+    request: producer_service_pb2.EnqueueRequest, max_payload_bytes: int, prefix: str = "", now_ms: int = 0
 ) -> tuple[ValidJob | None, dict[str, str]]:
     """Check one request.
 
@@ -99,20 +110,31 @@ def validate(
     if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
         bad[f"{prefix}priority"] = f"must be 0 (default) or {MIN_PRIORITY}-{MAX_PRIORITY}"
 
+    due_ms = 0
     if request.HasField("delay") and request.HasField("run_at"):
         bad[f"{prefix}delay"] = "set either delay or run_at, not both"
-    if request.HasField("delay"):
+    elif request.HasField("delay"):
+        delay_ms = _duration_ms(request.delay.seconds, request.delay.nanos)
         if request.delay.seconds < 0 or request.delay.nanos < 0:
             bad[f"{prefix}delay"] = "must not be negative"
-        elif request.delay.seconds or request.delay.nanos:
-            raise Unimplemented(f"{prefix}delay: delayed jobs are not supported yet (issue #3)")
-    if request.HasField("run_at"):
-        raise Unimplemented(f"{prefix}run_at: delayed jobs are not supported yet (issue #3)")
+        elif delay_ms > MAX_DELAY_MS:
+            bad[f"{prefix}delay"] = "must be at most 365 days"
+        elif delay_ms > 0:
+            due_ms = now_ms + delay_ms
+    elif request.HasField("run_at"):
+        run_at_ms = request.run_at.seconds * 1000 + request.run_at.nanos // 1_000_000
+        if not 0 <= request.run_at.nanos < 1_000_000_000:
+            bad[f"{prefix}run_at"] = "nanos must be 0 to 999,999,999"
+        elif run_at_ms > now_ms + MAX_DELAY_MS:
+            bad[f"{prefix}run_at"] = "must be at most 365 days ahead"
+        elif run_at_ms > now_ms:
+            due_ms = run_at_ms  # a time in the past means now
 
     if request.HasField("timeout") and (request.timeout.seconds < 0 or request.timeout.nanos < 0):
         bad[f"{prefix}timeout"] = "must not be negative"
+    retry = job_pb2.RetryPolicy()
     if request.HasField("retry"):
-        retry = request.retry
+        retry.CopyFrom(request.retry)
         if not 0 <= retry.max_attempts <= MAX_ATTEMPTS:
             bad[f"{prefix}retry.max_attempts"] = f"must be 0 (default) to {MAX_ATTEMPTS}"
         for name in ("base", "cap"):
@@ -121,6 +143,16 @@ def validate(
                 bad[f"{prefix}retry.{name}"] = "must not be negative"
         if not 0.0 <= retry.jitter <= 1.0:
             bad[f"{prefix}retry.jitter"] = "must be between 0 and 1"
+    else:
+        retry.jitter = DEFAULT_JITTER
+    if not retry.max_attempts:
+        retry.max_attempts = DEFAULT_MAX_ATTEMPTS
+    if not retry.backoff:
+        retry.backoff = job_pb2.BACKOFF_EXPONENTIAL
+    if not retry.HasField("base") or not (retry.base.seconds or retry.base.nanos):
+        retry.base.FromMilliseconds(DEFAULT_BACKOFF_BASE_MS)
+    if not retry.HasField("cap") or not (retry.cap.seconds or retry.cap.nanos):
+        retry.cap.FromMilliseconds(DEFAULT_BACKOFF_CAP_MS)
 
     if len(request.labels) > MAX_LABELS:
         bad[f"{prefix}labels"] = f"at most {MAX_LABELS} labels"
@@ -132,7 +164,7 @@ def validate(
 
     if bad:
         return None, bad
-    return ValidJob(request, payload, priority, window_ms), bad
+    return ValidJob(request, payload, priority, window_ms, retry, due_ms), bad
 
 
 def validate_all(
@@ -141,8 +173,9 @@ def validate_all(
     """Validate every request; raise one InvalidArgument naming every bad field."""
     valid: list[ValidJob] = []
     bad: dict[str, str] = {}
+    now_ms = time.time_ns() // 1_000_000
     for i, request in enumerate(requests):
-        job, violations = validate(request, max_payload_bytes, f"jobs[{i}]." if batch else "")
+        job, violations = validate(request, max_payload_bytes, f"jobs[{i}]." if batch else "", now_ms)
         bad.update(violations)
         if job is not None:
             valid.append(job)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +14,7 @@ import structlog
 from conveyor.common.codec import dumps, embed_job
 from conveyor.v1 import event_pb2, job_pb2
 from conveyor.worker.handlers import Handlers, JobContext, PermanentError
+from conveyor.worker.retry import retry_delay_ms, should_retry
 
 log = structlog.get_logger("conveyor.worker")
 
@@ -39,11 +39,12 @@ async def run_attempt(
     handlers: Handlers,
     worker_id: str,
     report: Callable[[float, str], Awaitable[None]],
-) -> tuple[int, bytes]:
+) -> tuple[int, bytes, int]:
     """Run the job's handler once.
 
     Returns:
-        The final JobState and the serialized outcome JobEvent (with the job embedded).
+        The new JobState (SUCCEEDED, RETRY_SCHEDULED or FAILED), the serialized outcome
+        JobEvent (final ones with the job embedded), and for a retry when it is due (ms).
     """
     job = attempt.job
     # The job id is not stored in the event: the entry's j field and the stream say it.
@@ -94,9 +95,16 @@ async def run_attempt(
             log.warning("job_failed", error_kind=type(exc).__name__, error=str(exc), exc_info=exc)
         except Exception as exc:
             event.type = event_pb2.EVENT_TYPE_FAILED
-            detail = "".join(traceback.format_exception_only(exc)).strip()
-            event.error.CopyFrom(_error(detail, type(exc).__name__, True))
+            event.error.CopyFrom(_error(str(exc) or type(exc).__name__, type(exc).__name__, True))
             log.warning("job_failed", error_kind=type(exc).__name__, error=str(exc), exc_info=exc)
-    event.time.FromNanoseconds(time.time_ns())
-    state = job_pb2.JOB_STATE_SUCCEEDED if event.type == event_pb2.EVENT_TYPE_SUCCEEDED else job_pb2.JOB_STATE_FAILED
-    return state, embed_job(event.SerializeToString(), attempt.job_bytes)
+    now_ns = time.time_ns()
+    event.time.FromNanoseconds(now_ns)
+    if event.type == event_pb2.EVENT_TYPE_SUCCEEDED:
+        return job_pb2.JOB_STATE_SUCCEEDED, embed_job(event.SerializeToString(), attempt.job_bytes), 0
+    if should_retry(job.retry, attempt.attempt, event.error.retryable):
+        due_ms = now_ns // 1_000_000 + retry_delay_ms(job.retry, attempt.attempt)
+        event.type = event_pb2.EVENT_TYPE_RETRY_SCHEDULED
+        event.next_run_at.FromMilliseconds(due_ms)
+        log.info("job_retry_scheduled", next_run_at_ms=due_ms, max_attempts=job.retry.max_attempts)
+        return job_pb2.JOB_STATE_RETRY_SCHEDULED, event.SerializeToString(), due_ms
+    return job_pb2.JOB_STATE_FAILED, embed_job(event.SerializeToString(), attempt.job_bytes), 0

@@ -15,9 +15,9 @@ import time
 import redis.asyncio as aioredis
 import structlog
 
-from conveyor.common.keys import BANDS, QueueKeys, queue_keys
+from conveyor.common.keys import QueueKeys, queue_keys
 from conveyor.common.redis import REDIS_UNAVAILABLE
-from conveyor.common.scripts import Claimed, Outcome, Scripts
+from conveyor.common.scripts import Claimed, ClaimResult, Outcome, Scripts
 from conveyor.common.settings import WorkerSettings
 from conveyor.v1 import event_pb2, job_pb2
 from conveyor.worker.execute import Attempt, run_attempt
@@ -101,28 +101,35 @@ class QueueRunner:
             if stop.is_set():
                 break
             try:
-                claimed, wait_from = await self._scripts.claim(self._keys, consumer, min(self._slots.free, MAX_CLAIM))
+                result = await self._scripts.claim(self._keys, consumer, min(self._slots.free, MAX_CLAIM))
                 backoff.reset()
             except REDIS_UNAVAILABLE as exc:
                 log.warning("claim_failed_redis_unavailable", queue=self._keys.queue, error=str(exc))
                 await _until(stop, backoff.sleep())
                 continue
-            if claimed:
-                self._slots.take(len(claimed))
-                for c in claimed:
+            if result.claimed:
+                self._slots.take(len(result.claimed))
+                for c in result.claimed:
                     task = asyncio.create_task(self._run(c))
                     self._running.add(task)
                     task.add_done_callback(self._running.discard)
             else:
-                await _until(stop, self._wait_for_work(wait_from))
+                await _until(stop, self._wait_for_work(result))
 
-    async def _wait_for_work(self, wait_from: dict[int, str]) -> None:
-        """Block until any band has an entry newer than when the claim found none."""
+    async def _wait_for_work(self, result: ClaimResult) -> None:
+        """Block until a stream has an entry newer than when the claim found none, or a delayed job is due.
+
+        The signal stream wakes us when a delayed job or a retry is scheduled, so the
+        wait is recomputed; nothing busy-polls.
+        """
+        block_ms = int(self._settings.poll_interval_s * 1000)
+        if result.next_due_ms is not None:
+            block_ms = max(1, min(block_ms, result.next_due_ms - time.time_ns() // 1_000_000 + 1))
         streams: dict[bytes | str | memoryview, int | bytes | str | memoryview] = {
-            self._keys.band(band): wait_from.get(band, "0-0") for band in reversed(BANDS)
+            k: v for k, v in result.wait_from.items()
         }
         try:
-            await self._wait_redis.xread(streams, count=1, block=int(self._settings.poll_interval_s * 1000))
+            await self._wait_redis.xread(streams, count=1, block=block_ms)
         except REDIS_UNAVAILABLE as exc:
             log.warning("wait_failed_redis_unavailable", queue=self._keys.queue, error=str(exc))
             await asyncio.sleep(0.5)
@@ -147,7 +154,7 @@ class QueueRunner:
                 self._keys, worker_id, claimed.ulid, claimed.attempt, event.SerializeToString()
             )
 
-        state, event_bytes = await run_attempt(attempt, self._handlers, worker_id, report)
+        state, event_bytes, due_ms = await run_attempt(attempt, self._handlers, worker_id, report)
         self._outcomes.put_nowait(
             Outcome(
                 band=claimed.band,
@@ -156,6 +163,7 @@ class QueueRunner:
                 attempt=claimed.attempt,
                 state=state,
                 event=event_bytes,
+                due_ms=due_ms,
             )
         )
 

@@ -1,14 +1,19 @@
---[[ claim: take up to COUNT waiting jobs, highest priority band first, and mark them ACTIVE.
-Each claimed job gets attempt + 1, state ACTIVE and an ACTIVE event in the same step, so
-a job is never running without the queue knowing it.
+--[[ claim: promote due delayed jobs, then take up to COUNT waiting jobs, highest priority
+band first, and mark them ACTIVE.
+Promotion is atomic here, so whichever worker gets there first promotes a due job, once
+(no scheduler process to lose). Each claimed job gets attempt + 1, state ACTIVE, this
+consumer as owner and an ACTIVE event in the same step.
 KEYS[1] state hash  KEYS[2] events stream  KEYS[3] done zset  KEYS[4..12] job streams, bands 1..9
+KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream
 ARGV[1] consumer group  ARGV[2] consumer (worker id)  ARGV[3] count
-returns {claimed, wait_from}:
+returns {claimed, wait_from, next_due}:
   claimed: flat array, 6 values per job: band, entry id, ulid, attempt, Job bytes, ACTIVE event id
-  wait_from: when nothing was claimed, the last generated id of each band (1..9, "0-0" when
-  the stream does not exist) so the caller can block for newer entries without a gap
+  wait_from: when nothing was claimed, the last generated id of each band 1..9 and of the
+    signal stream ("0-0" when a stream does not exist), so the caller can block for newer
+    entries without a gap
+  next_due: ms when the earliest delayed job is due ("" when none)
 ]]
-local state_key, events_key = KEYS[1], KEYS[2]
+local state_key, events_key, delayed_key, parked_key, signal_key = KEYS[1], KEYS[2], KEYS[13], KEYS[14], KEYS[15]
 local group, consumer, want = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 local function varint(v)
@@ -23,7 +28,29 @@ end
 local function bytes_field(tag, s) return string.char(tag) .. varint(#s) .. s end
 
 local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local timestamp = string.char(0x08) .. varint(tonumber(now[1])) .. string.char(0x10) .. varint(tonumber(now[2]) * 1000)
+local RECORD = '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)'
+
+-- Promote due jobs: JobEvent{type: QUEUED, time} for each.
+local due = redis.call('ZRANGEBYSCORE', delayed_key, '-inf', now_ms, 'LIMIT', 0, 1000)
+for _, ulid in ipairs(due) do
+  local job = redis.call('HGET', parked_key, ulid)
+  local rec = redis.call('HGET', state_key, ulid)
+  local st, attempt, prio, eid, first_ev, final_ev
+  if rec then st, attempt, prio, eid, first_ev, final_ev = string.match(rec, RECORD) end
+  if job and (st == '2' or st == '4') then
+    local stream = KEYS[3 + tonumber(prio)]
+    if redis.call('EXISTS', stream) == 0 then
+      redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+    end
+    local entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', job)
+    redis.call('XADD', events_key, '*', 'j', ulid, 'e', string.char(0x18) .. varint(1) .. bytes_field(0x2a, timestamp))
+    redis.call('HSET', state_key, ulid, '1|' .. attempt .. '|' .. prio .. '|' .. entry_id .. '|' .. first_ev .. '|' .. final_ev)
+  end
+  redis.call('HDEL', parked_key, ulid)
+  redis.call('ZREM', delayed_key, ulid)
+end
 
 local claimed = {}
 for band = 9, 1, -1 do
@@ -40,18 +67,16 @@ for band = 9, 1, -1 do
         end
         local rec = ulid and redis.call('HGET', state_key, ulid)
         local st, attempt, prio, eid, first_ev, final_ev
-        if rec then
-          st, attempt, prio, eid, first_ev, final_ev = string.match(rec, '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)')
-        end
-        if not st or tonumber(st) >= 5 then
-          -- Cancelled or expired while waiting: never run it.
+        if rec then st, attempt, prio, eid, first_ev, final_ev = string.match(rec, RECORD) end
+        if not st or tonumber(st) >= 5 or eid ~= entry_id then
+          -- Cancelled, expired or superseded while waiting: never run it.
           redis.call('XACK', stream, group, entry_id)
           redis.call('XDEL', stream, entry_id)
         else
           attempt = tonumber(attempt) + 1
           -- JobEvent{type: ACTIVE, attempt, time, worker}; the job id is the entry's j field.
-          local event = string.char(0x18) .. varint(2)
-            .. string.char(0x20) .. varint(attempt) .. bytes_field(0x2a, timestamp) .. bytes_field(0x32, consumer)
+          local event = string.char(0x18) .. varint(2) .. string.char(0x20) .. varint(attempt)
+            .. bytes_field(0x2a, timestamp) .. bytes_field(0x32, consumer)
           local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
           -- The attempt number and the consumer are the claim's fencing token (complete.lua).
           redis.call('HSET', state_key, ulid, '3|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. final_ev .. '|' .. consumer)
@@ -69,17 +94,19 @@ for band = 9, 1, -1 do
 end
 
 local wait_from = {}
+local next_due = ''
 if #claimed == 0 then
-  for band = 1, 9 do
-    local stream = KEYS[3 + band]
-    local last = '0-0'
-    if redis.call('EXISTS', stream) == 1 then
-      local info = redis.call('XINFO', 'STREAM', stream)
-      for f = 1, #info, 2 do
-        if info[f] == 'last-generated-id' then last = info[f + 1] end
-      end
+  local function last_id(stream)
+    if redis.call('EXISTS', stream) == 0 then return '0-0' end
+    local info = redis.call('XINFO', 'STREAM', stream)
+    for f = 1, #info, 2 do
+      if info[f] == 'last-generated-id' then return info[f + 1] end
     end
-    wait_from[band] = last
+    return '0-0'
   end
+  for band = 1, 9 do wait_from[band] = last_id(KEYS[3 + band]) end
+  wait_from[10] = last_id(signal_key)
+  local first = redis.call('ZRANGE', delayed_key, 0, 0, 'WITHSCORES')
+  if first[2] then next_due = first[2] end
 end
-return {claimed, wait_from}
+return {claimed, wait_from, next_due}

@@ -1,16 +1,19 @@
---[[ complete: record final outcomes, each acked in the same step as its event.
+--[[ complete: record outcomes, each acked in the same step as its event.
 Invariant 3 (DESIGN.md): no ack without its outcome, no outcome without its ack.
 Fencing: an outcome is accepted only while the job's live record still names this
-consumer and this attempt as its claim (a reclaim bumps the attempt), so a stale owner
-whose job was taken over changes nothing.
-Also expires the live records of jobs that finished more than the retention ago.
+consumer, this attempt and this entry as its claim (a reclaim bumps the attempt), so a
+stale owner whose job was taken over changes nothing.
+A RETRY_SCHEDULED outcome parks the job (delayed zset + parked hash) until it is due;
+final outcomes keep the record for the retention. Also expires records past it.
 KEYS[1] state hash  KEYS[2] events stream  KEYS[3] done zset  KEYS[4..12] job streams, bands 1..9
+KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream
 ARGV[1] consumer group  ARGV[2] consumer  ARGV[3] record retention ms  ARGV[4] number of outcomes
-ARGV[5] the outcomes packed back to back, each as struct '>B I2 c0 c26 I4 B I4 c0':
-  band, entry id, ulid, attempt, final JobState, JobEvent bytes
+ARGV[5] the outcomes packed back to back, each as struct '>B I2 c0 c26 I4 B d I4 c0':
+  band, entry id, ulid, attempt, JobState (4 = retry, else final), due ms (retries), JobEvent bytes
 returns an array with, per outcome, the event id, or 0 when fenced off
 ]]
 local state_key, events_key, done_key = KEYS[1], KEYS[2], KEYS[3]
+local delayed_key, parked_key, signal_key = KEYS[13], KEYS[14], KEYS[15]
 local group, consumer, retention, n, packed = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local pos = 1
 
@@ -18,9 +21,10 @@ local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 
 local out = {}
+local signalled = false
 for _ = 1, n do
-  local band, entry_id, ulid, attempt, final_state, event
-  band, entry_id, ulid, attempt, final_state, event, pos = struct.unpack('>B I2 c0 c26 I4 B I4 c0', packed, pos)
+  local band, entry_id, ulid, attempt, new_state, due, event
+  band, entry_id, ulid, attempt, new_state, due, event, pos = struct.unpack('>B I2 c0 c26 I4 B d I4 c0', packed, pos)
   local stream = KEYS[3 + band]
   local rec = redis.call('HGET', state_key, ulid)
   local st, att, prio, eid, first_ev, owner
@@ -28,15 +32,34 @@ for _ = 1, n do
     st, att, prio, eid, first_ev, _, owner = string.match(rec, '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)|?(.*)$')
   end
   if st == '3' and tonumber(att) == attempt and owner == consumer and eid == entry_id then
+    local job = nil
+    if new_state == 4 then
+      local entry = redis.call('XRANGE', stream, entry_id, entry_id)[1]
+      if entry then
+        for f = 1, #entry[2], 2 do
+          if entry[2][f] == 'd' then job = entry[2][f + 1] end
+        end
+      end
+    end
     redis.call('XACK', stream, group, entry_id)
     redis.call('XDEL', stream, entry_id)
     local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
-    redis.call('HSET', state_key, ulid, final_state .. '|' .. att .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)
-    redis.call('ZADD', done_key, now_ms + retention, ulid)
+    if job then
+      redis.call('HSET', parked_key, ulid, job)
+      redis.call('ZADD', delayed_key, due, ulid)
+      redis.call('HSET', state_key, ulid, '4|' .. att .. '|' .. prio .. '||' .. first_ev .. '|')
+      signalled = true
+    else
+      redis.call('HSET', state_key, ulid, new_state .. '|' .. att .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)
+      redis.call('ZADD', done_key, now_ms + retention, ulid)
+    end
     out[#out + 1] = event_id
   else
     out[#out + 1] = 0
   end
+end
+if signalled then
+  redis.call('XADD', signal_key, 'MAXLEN', '~', 16, '*', 's', 'retry')
 end
 
 -- Invariant 7: live records of finished jobs leave Redis after the retention.
