@@ -8,11 +8,12 @@ from dataclasses import dataclass, replace
 
 import grpc
 import pytest
+import redis as sync_redis
 import redis.asyncio
 
 from conveyor.common import server
 from conveyor.common.redis import REDIS_UNAVAILABLE, make_redis
-from conveyor.common.scripts import Scripts
+from conveyor.common.scripts import Heartbeat, Scripts
 from conveyor.common.settings import WorkerSettings
 from conveyor.producer.enqueue import Enqueuer
 from conveyor.producer.history import History
@@ -88,6 +89,7 @@ StartWorker = Callable[..., Awaitable[WorkerHandle]]
 async def start_worker(redis_client: redis.asyncio.Redis, redis_url: str) -> AsyncIterator[StartWorker]:
     """Factory: start an in-process worker (Runner) with the test handlers; stopped at teardown."""
     started: list[tuple[WorkerHandle, list[redis.asyncio.Redis]]] = []
+    beats: list[sync_redis.Redis] = []
     test_handlers.runs.clear()
     test_handlers.started.clear()
     test_handlers.gate.clear()
@@ -99,10 +101,12 @@ async def start_worker(redis_client: redis.asyncio.Redis, redis_url: str) -> Asy
         )
         client = make_redis(redis_url)
         wait = make_redis(redis_url, blocking=True)
-        runner = Runner(client, wait, Scripts(client), test_handlers.handlers, settings)
+        beat = sync_redis.Redis.from_url(redis_url)
+        runner = Runner(client, wait, Scripts(client), test_handlers.handlers, settings, Heartbeat(beat))
         stop = asyncio.Event()
         handle = WorkerHandle(settings, stop, asyncio.create_task(runner.run(stop)))
         started.append((handle, [client, wait]))
+        beats.append(beat)
         return handle
 
     yield start
@@ -111,3 +115,5 @@ async def start_worker(redis_client: redis.asyncio.Redis, redis_url: str) -> Asy
         await handle.stop()
         for c in clients:
             await c.aclose()
+    for beat in beats:
+        beat.close()

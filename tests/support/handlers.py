@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -52,4 +54,22 @@ async def flaky(payload: dict[str, Any], ctx: JobContext) -> int:
     runs[ctx.job_id] += 1
     if ctx.attempt < int(payload.get("succeed_on", 2)):
         raise ConnectionError(f"flaky failure on attempt {ctx.attempt}")
+    return ctx.attempt
+
+
+@handlers.register("test.crash")
+async def crash(payload: dict[str, Any], ctx: JobContext) -> int:
+    """Kills its own worker process (no cleanup, as a segfault would) while attempt < ``until``."""
+    if ctx.attempt < int(payload.get("until", 1_000_000)):
+        os._exit(1)
+    return ctx.attempt
+
+
+@handlers.register("test.spin")
+async def spin(payload: dict[str, Any], ctx: JobContext) -> int:
+    """Holds the event loop with CPU work for ``seconds``: only a heartbeat thread can keep the claim."""
+    deadline = time.monotonic() + float(payload.get("seconds", 1))
+    n = 0
+    while time.monotonic() < deadline:
+        n += 1
     return ctx.attempt

@@ -16,6 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor.common.devstack.servers import free_port
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 class ServiceProcess:
     """One service process in its own process group, logging to a file."""
@@ -30,13 +32,15 @@ class ServiceProcess:
             "CONVEYOR_LOG_FORMAT": "json",
             "CONVEYOR_LOG_LEVEL": "info",
             "PYTHONUNBUFFERED": "1",
+            # Workers may load handlers from tests.support.handlers.
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])),
             **env,
             "CONVEYOR_GRPC_ADDR": self.addr,
         }
         self._log = Path(tempfile.mkstemp(prefix=f"conveyor-{self.name}-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> ServiceProcess:
+    def start(self, timeout: float = 30.0, wait: bool = True) -> ServiceProcess:
         with self._log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", f"conveyor.{self.service}"],
@@ -45,7 +49,8 @@ class ServiceProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.wait_serving(timeout)
+        if wait:
+            self.wait_serving(timeout)
         return self
 
     def wait_serving(self, timeout: float) -> None:

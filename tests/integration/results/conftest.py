@@ -24,12 +24,30 @@ from conveyor.common.redis import REDIS_UNAVAILABLE, make_redis
 from conveyor.results.projector import Projector
 from conveyor.results.queries import Queries
 from conveyor.results.servicer import ResultsServicer
-from conveyor.results.store import Store, open_pool
+from conveyor.results.store import Store, open_pool, unpack_events
 from conveyor.v1 import event_pb2, results_service_pb2, results_service_pb2_grpc
 from tests.support.wait import wait_for
 from tests.unit.results.builders import stored
 
 RESULTS_DB = "results_test"
+
+
+async def stored_events(pool: AsyncConnectionPool[Any], job_id: str | None = None) -> list[tuple[str, str, int]]:
+    """Every distinct event in job_events (of ``job_id``, or all): (job_id, "ms-seq", type), by job then id.
+
+    History rows pack several events, and a replay may store an event twice; readers merge by
+    event id, and so does this.
+    """
+    async with pool.connection() as conn:
+        if job_id is None:
+            cur = await conn.execute("SELECT job_id, events FROM job_events")
+        else:
+            cur = await conn.execute("SELECT job_id, events FROM job_events WHERE job_id = %s", (job_id,))
+        rows = await cur.fetchall()
+    found = {(jid, ms, seq): data for jid, packed in rows for ms, seq, data in unpack_events(packed)}
+    return [
+        (jid, f"{ms}-{seq}", event_pb2.JobEvent.FromString(found[jid, ms, seq]).type) for jid, ms, seq in sorted(found)
+    ]
 
 
 async def reset_database(admin_url: str, db_url: str, database: str) -> None:

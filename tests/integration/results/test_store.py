@@ -10,6 +10,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from conveyor.common.keys import queue_keys
 from conveyor.results.projector import Batch
+from conveyor.results.queries import Queries
 from conveyor.results.store import Store
 from conveyor.v1 import event_pb2, job_pb2
 from tests.unit.results.builders import JobHistory, stored
@@ -196,3 +197,52 @@ async def test_any_split_into_batches_with_replays_equals_folding_everything_at_
                 # A crash before XACK replays an earlier batch (or this one) later.
                 await write(store, batches[rng.randint(0, n)])
         assert await rows(pool) == expected, f"trial {trial}"
+
+
+async def listed(pool: AsyncConnectionPool[Any], job_id: str, page: int) -> list[str]:
+    """Every event id of ``job_id`` as ListJobEvents pages through them ``page`` at a time."""
+    out: list[str] = []
+    after: tuple[int, int] | None = None
+    while True:
+        events = await Queries(pool).list_events(job_id, after, page + 1)
+        out += [e.id for e in events[:page]]
+        if len(events) <= page:
+            return out
+        ms, _, seq = events[page - 1].id.partition("-")
+        after = (int(ms), int(seq))
+
+
+async def test_a_replay_with_other_batch_boundaries_loses_no_event_and_repeats_none(
+    store: Store, pool: AsyncConnectionPool[Any]
+) -> None:
+    job = JobHistory()
+    entries = numbered([job.queued(0), job.active(1), *[job.progress(2 + i, i, f"p{i}") for i in range(8)]])
+    ids = [entry_id for entry_id, _ in entries]
+    # Committed, not acked; then re-read with the same first entry but more after it (same history
+    # row key: its records are appended), and with other boundaries (overlapping rows).
+    await write(store, entries[:1])
+    await write(store, entries[:3])
+    await write(store, entries[2:6])
+    await write(store, entries[1:4])
+    await write(store, entries[5:])
+    await write(store, entries[5:])  # an exact replay changes nothing
+    for page in (1, 2, 3, 100):
+        assert await listed(pool, job.job_id, page) == ids, f"page {page}"
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM job_events WHERE first_ms = 1005")
+        assert await cur.fetchone() == (1,)
+        cur = await conn.execute("SELECT length(events) FROM job_events WHERE first_ms = 1000")
+        row = await cur.fetchone()
+    assert row is not None
+    single = len(stored(job.queued(0))) + 20
+    assert row[0] < 5 * single  # [e0] then [e0, e1, e2] appended once, not on every replay
+
+
+async def test_events_of_one_batch_share_one_history_row_per_job(store: Store, pool: AsyncConnectionPool[Any]) -> None:
+    a, b = JobHistory(), JobHistory()
+    await write(store, numbered([a.queued(0), b.queued(0), a.active(1), b.active(1), a.succeeded(2, "ok")]))
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT job_id, first_ms, last_ms FROM job_events ORDER BY job_id")
+        rows = await cur.fetchall()
+    assert sorted(rows) == sorted([(a.job_id, 1000, 1004), (b.job_id, 1001, 1003)])
+    assert await listed(pool, a.job_id, 2) == ["1000-0", "1002-0", "1004-0"]

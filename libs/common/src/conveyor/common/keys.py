@@ -42,6 +42,8 @@ class QueueKeys:
     parked: str
     #: STREAM of wake-up signals (capped): a delayed job or a retry was scheduled.
     signal: str
+    #: STREAM of dead letters: final failures and poison jobs (j=ulid, d=Job bytes, e=final JobEvent).
+    dead: str
     #: Job streams by priority band, lowest band first (fields j=ulid, d=Job bytes).
     bands: tuple[str, ...]
 
@@ -54,8 +56,8 @@ class QueueKeys:
         return f"{PREFIX}:{{{self.queue}}}:idem:{key}"
 
     def script_keys(self) -> list[str]:
-        """The fixed KEYS every per-queue script takes: state, events, done, the bands, delayed, parked, signal."""
-        return [self.state, self.events, self.done, *self.bands, self.delayed, self.parked, self.signal]
+        """The fixed KEYS of every per-queue script: state, events, done, bands, delayed, parked, signal, dead."""
+        return [self.state, self.events, self.done, *self.bands, self.delayed, self.parked, self.signal, self.dead]
 
 
 @cache
@@ -70,5 +72,6 @@ def queue_keys(queue: str) -> QueueKeys:
         delayed=f"{base}:delayed",
         parked=f"{base}:parked",
         signal=f"{base}:signal",
+        dead=f"{base}:dead",
         bands=tuple(f"{base}:jobs:{p}" for p in BANDS),
     )

@@ -107,6 +107,41 @@ _JOB_HEAD = struct.Struct(">26sBHddI")
 _LEN = struct.Struct(">I")
 _OUTCOME_HEAD = struct.Struct(">BH")
 _OUTCOME_MID = struct.Struct(">26sIBdI")
+_BEAT_TAIL = struct.Struct(">26sI")
+
+
+def _claimed(raw: list[Any]) -> list[Claimed]:
+    return [
+        Claimed(
+            band=int(raw[i]),
+            entry_id=_text(raw[i + 1]),
+            ulid=_text(raw[i + 2]),
+            attempt=int(raw[i + 3]),
+            job=raw[i + 4],
+            active_event_id=_text(raw[i + 5]),
+        )
+        for i in range(0, len(raw), 6)
+    ]
+
+
+class Heartbeat:
+    """The heartbeat script on a synchronous client, for the worker's heartbeat thread.
+
+    A thread with its own connection keeps claims alive even while a CPU-bound handler
+    holds the event loop (invariant 4).
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._script = client.register_script(_source("heartbeat"))
+
+    def beat(self, keys: QueueKeys, consumer: str, claims: list[Claimed]) -> list[bool]:
+        """Reset the idle time of each claim still held; False for each lost."""
+        parts: list[bytes] = []
+        for c in claims:
+            entry_id = c.entry_id.encode()
+            parts += [_OUTCOME_HEAD.pack(c.band, len(entry_id)), entry_id, _BEAT_TAIL.pack(c.ulid.encode(), c.attempt)]
+        raw = self._script(keys=keys.script_keys(), args=[WORKER_GROUP, consumer, len(claims), b"".join(parts)])
+        return [bool(r) for r in raw]
 
 
 def _text(value: Any) -> str:
@@ -124,6 +159,7 @@ class Scripts:
         self._job_events = client.register_script(_source("job_events"))
         self._trim_events = client.register_script(_source("trim_events"))
         self._expire_records = client.register_script(_source("expire_records"))
+        self._reclaim = client.register_script(_source("reclaim"))
 
     async def enqueue(self, keys: QueueKeys, jobs: list[NewJob]) -> list[EnqueueResult]:
         """Add ``jobs`` to one queue atomically; known idempotency keys return their job."""
@@ -158,17 +194,7 @@ class Scripts:
         claimed_raw, wait_raw, next_due = await self._claim(
             keys=keys.script_keys(), args=[WORKER_GROUP, consumer, count]
         )
-        claimed = [
-            Claimed(
-                band=int(claimed_raw[i]),
-                entry_id=_text(claimed_raw[i + 1]),
-                ulid=_text(claimed_raw[i + 2]),
-                attempt=int(claimed_raw[i + 3]),
-                job=claimed_raw[i + 4],
-                active_event_id=_text(claimed_raw[i + 5]),
-            )
-            for i in range(0, len(claimed_raw), 6)
-        ]
+        claimed = _claimed(claimed_raw)
         wait_from = {key: _text(last) for key, last in zip([*keys.bands, keys.signal], wait_raw, strict=False)}
         return ClaimResult(claimed, wait_from, int(float(next_due)) if next_due else None)
 
@@ -206,6 +232,19 @@ class Scripts:
         matches, next_id = await self._job_events(keys=[keys.events], args=[ulid, start, scan])
         pairs = [(_text(matches[i]), matches[i + 1]) for i in range(0, len(matches), 2)]
         return pairs, _text(next_id)
+
+    async def reclaim(
+        self, keys: QueueKeys, consumer: str, min_idle_ms: int, count: int, max_deliveries: int, retention_ms: int
+    ) -> tuple[list[Claimed], list[str]]:
+        """Take over up to ``count`` jobs idle longer than ``min_idle_ms``; dead-letter poison ones.
+
+        Returns:
+            The jobs now claimed by ``consumer``, and the ulids that went to the dead letters.
+        """
+        claimed_raw, dead = await self._reclaim(
+            keys=keys.script_keys(), args=[WORKER_GROUP, consumer, min_idle_ms, count, max_deliveries, retention_ms]
+        )
+        return _claimed(claimed_raw), [_text(u) for u in dead]
 
     async def expire_records(self, keys: QueueKeys, limit: int = 1000) -> int:
         """Drop up to ``limit`` live records whose retention has passed; returns how many."""

@@ -129,6 +129,10 @@ class WorkerSettings(CommonSettings):
     worker_id: str = field(default_factory=_default_worker_id)
     #: Longest wait for new work before checking again, in seconds.
     poll_interval_s: float = 5.0
+    #: A claimed job whose worker has not heartbeated for this long is taken over by another.
+    visibility_timeout_s: float = 30.0
+    #: Deliveries without an outcome (crashed or stalled workers) before a job is dead-lettered.
+    max_deliveries: int = 5
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -140,6 +144,8 @@ class WorkerSettings(CommonSettings):
             handlers=e.items("CONVEYOR_HANDLERS", ("conveyor.worker.demo:handlers",)),
             worker_id=e.text("CONVEYOR_WORKER_ID", _default_worker_id()),
             poll_interval_s=e.number("CONVEYOR_POLL_INTERVAL_SECONDS", 5.0, minimum=0.05),
+            visibility_timeout_s=e.number("CONVEYOR_VISIBILITY_TIMEOUT_SECONDS", 30.0, minimum=0.5),
+            max_deliveries=e.integer("CONVEYOR_MAX_DELIVERIES", 5, minimum=1),
         )
 
 

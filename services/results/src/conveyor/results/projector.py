@@ -17,7 +17,7 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -34,7 +34,7 @@ from conveyor.common.ids import parse_job_id, ulid_time_ms
 from conveyor.common.keys import QUEUES, RESULTS_GROUP, queue_keys
 from conveyor.common.redis import REDIS_UNAVAILABLE
 from conveyor.common.scripts import Scripts
-from conveyor.results.store import EventRow, JobRow, Store
+from conveyor.results.store import HistoryRow, JobRow, Store, pack_event
 from conveyor.v1 import event_pb2, job_pb2
 
 log = structlog.get_logger("conveyor.results.projector")
@@ -65,52 +65,83 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-class Batch:
-    """Entries read together: their folded job rows, their event rows, and the ids to ack per stream."""
+def _entry_fields(fields: Any) -> tuple[bytes | None, bytes | None]:
+    """(``e``, ``j``) of a stream entry's fields: a raw [k, v, k, v...] reply (the hot path) or a dict."""
+    if isinstance(fields, dict):
+        return fields.get(b"e"), fields.get(b"j")
+    if len(fields) == 4 and fields[0] == b"j" and fields[2] == b"e":  # as the Lua scripts write them
+        return fields[3], fields[1]
+    data = ulid = None
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] == b"e":
+            data = fields[i + 1]
+        elif fields[i] == b"j":
+            ulid = fields[i + 1]
+    return data, ulid
 
-    __slots__ = ("acks", "events", "rows", "size")
+
+class Batch:
+    """Entries read together: their folded job rows, their history rows, and the ids to ack per stream.
+
+    ``events`` (one job_events row per job, see store.HistoryRow) is filled by ``finish``.
+    """
+
+    __slots__ = ("_history", "acks", "events", "rows", "size")
 
     def __init__(self) -> None:
         self.rows: dict[str, JobRow] = {}
-        self.events: list[EventRow] = []
+        #: job id -> [first_ms, first_seq, last_ms, last_seq, packed records...]
+        self._history: dict[str, list[Any]] = {}
+        self.events: list[HistoryRow] = []
         self.acks: dict[str, list[bytes]] = {}
         self.size = 0
 
-    def add(self, queue: str, stream: str, entries: Sequence[tuple[Any, Any]], deleted: Sequence[bytes] = ()) -> None:
+    def add(self, queue: str, stream: str, entries: Sequence[Any], deleted: Sequence[bytes] = ()) -> None:
         """Fold one stream's entries (in id order) into the batch.
 
-        ``deleted`` are ids whose entries Redis no longer has (XAUTOCLAIM): nothing to
+        ``entries`` are (id, fields) pairs, fields either as Redis sent them ([k, v, ...]) or as
+        a dict. ``deleted`` are ids whose entries Redis no longer has (XAUTOCLAIM): nothing to
         project, but they are acked with the rest.
         """
         acks = self.acks.setdefault(stream, [])
         acks.extend(deleted)
+        prefix = queue + "/"
         for entry_id, fields in entries:
             if entry_id is None:  # a deleted entry as Redis 6.2 reported it
                 continue
             acks.append(entry_id)
-            data = fields.get(b"e") if fields else None
-            if not data:
+            if not fields:
                 continue  # deleted while pending: nothing left to project
+            data, ulid = _entry_fields(fields)
+            if not data:
+                continue
             try:
-                self._fold_one(queue, entry_id, fields, data)
+                self._fold_one(queue, prefix, entry_id, ulid, data)
             except (DecodeError, ValueError) as exc:
                 # A poison entry must not wedge the projector: log it and move on (it is acked).
                 log.warning("event_malformed", queue=queue, entry_id=entry_id.decode(), error=str(exc))
         self.size += len(entries) + len(deleted)
 
-    def _fold_one(self, queue: str, entry_id: bytes, fields: dict[bytes, bytes], data: bytes) -> None:
+    def _fold_one(self, queue: str, prefix: str, entry_id: bytes, ulid: bytes | None, data: bytes) -> None:
         ms_raw, _, seq_raw = entry_id.partition(b"-")
         ms, seq = int(ms_raw), int(seq_raw or 0)
         event = event_pb2.JobEvent.FromString(data)
         # Redis keeps events without their job id (ADR 0001): the stream's queue and the
         # entry's ULID give it. An event that does carry one is accepted as a fallback.
-        ulid = fields.get(b"j")
-        job_id = f"{queue}/{ulid.decode()}" if ulid else event.job_id
+        job_id = prefix + ulid.decode() if ulid else event.job_id
         if not job_id:
             raise ValueError("event without job id")
+        record = pack_event(ms, seq, data)
+        history = self._history.get(job_id)
+        if history is None:
+            self._history[job_id] = [ms, seq, ms, seq, record]
+        else:
+            if (ms, seq) < (history[0], history[1]):
+                history[0], history[1] = ms, seq
+            if (ms, seq) > (history[2], history[3]):
+                history[2], history[3] = ms, seq
+            history.append(record)
         etype = event.type
-        at_us = _us(event.time) if event.HasField("time") else ms * 1000
-        self.events.append((job_id, ms, seq, etype, event.attempt, at_us, data))
         state = STATE_AFTER_EVENT.get(etype)
         if state is None:
             return  # an event type this version does not know: kept in the history only
@@ -119,16 +150,21 @@ class Batch:
             row = self.rows[job_id] = JobRow(job_id, queue)
         elif row.state in FINAL_STATES and not (row.state in _REOPENABLE_STATES and etype in _REQUEUE_EVENTS):
             return  # Invariant 2: a final state is never overwritten (a late ACTIVE is ignored)
+        at_us = _us(event.time) if event.HasField("time") else ms * 1000
         apply_event(row, event, etype, state, ms, seq, at_us)
 
     def finish(self) -> list[JobRow]:
-        """The folded rows, with created_at filled in where no event carried the job."""
+        """The folded rows, with created_at filled in where no event carried the job; fills ``events``."""
         rows = list(self.rows.values())
         for row in rows:
             if row.created_us is None:
                 # The ULID holds the creation millisecond: a stable sort key until the job itself arrives.
                 parsed = parse_job_id(row.job_id)
                 row.created_us = ulid_time_ms(parsed[1]) * 1000 if parsed else row.updated_us
+        self.events = [
+            (job_id, h[0], h[1], h[2], h[3], h[4] if len(h) == 5 else b"".join(h[4:]))
+            for job_id, h in self._history.items()
+        ]
         return rows
 
 
@@ -195,6 +231,28 @@ def _take_job(row: JobRow, job: job_pb2.Job) -> None:
         row.payload = job.payload_json.decode("utf-8", "replace")
     elif job.HasField("payload"):
         row.payload = struct_to_json(job.payload).decode()
+
+
+async def _xreadgroup(
+    client: aioredis.Redis,
+    consumer: str,
+    streams: Iterable[str],
+    start: bytes | str,
+    count: int,
+    block: int | None = None,
+) -> list[Any]:
+    """XREADGROUP as Redis answers it: [[stream, [[id, [field, value, ...] or None], ...]], ...].
+
+    The command name is sent as bytes, which redis-py finds no reply callback for: the reply is
+    returned raw instead of being turned into a dict per entry (a third of the read's cost).
+    """
+    args: list[Any] = [b"XREADGROUP", b"GROUP", RESULTS_GROUP, consumer, b"COUNT", count]
+    if block is not None:
+        args += [b"BLOCK", block]
+    keys = list(streams)
+    args += [b"STREAMS", *keys, *([start] * len(keys))]
+    reply = await client.execute_command(*args)  # type: ignore[no-untyped-call]
+    return reply or []
 
 
 class _Backoff:
@@ -331,12 +389,8 @@ class Projector:
         # The blocking client has no socket timeout; a connection that died silently must not hang
         # the reader forever. Entries lost in flight stay pending and are claimed back later.
         async with asyncio.timeout(self._block_ms / 1000 + READ_GRACE_S):
-            reply = await self._blocking.xreadgroup(
-                RESULTS_GROUP,
-                self.consumer,
-                dict.fromkeys(self._streams, ">"),
-                count=self._batch_size,
-                block=self._block_ms,
+            reply = await _xreadgroup(
+                self._blocking, self.consumer, self._streams, ">", self._batch_size, block=self._block_ms
             )
         if reply:
             batch = Batch()
@@ -368,7 +422,7 @@ class Projector:
         # Id "<n>" (not ">") returns this consumer's pending entries after n: page through them.
         start: bytes = b"0"
         while True:
-            reply = await self._redis.xreadgroup(RESULTS_GROUP, self.consumer, {stream: start}, count=self._batch_size)
+            reply = await _xreadgroup(self._redis, self.consumer, [stream], start, self._batch_size)
             entries = reply[0][1] if reply else []
             if not entries:
                 return

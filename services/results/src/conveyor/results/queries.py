@@ -14,6 +14,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from conveyor.common.codec import decode_event, json_to_struct, json_to_value, public_event
+from conveyor.results.store import unpack_events
 from conveyor.v1 import event_pb2, job_pb2
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -146,8 +147,9 @@ class Queries:
             where.append(sql.SQL("queue = %s"))
             params.append(filters.queue)
         if filters.state:
-            where.append(sql.SQL("state = %s"))
-            params.append(filters.state)
+            # A literal (a validated JobState number), not a parameter: the planner can then use the
+            # partial jobs_state_created_idx for the states it holds, in a prepared statement too.
+            where.append(sql.SQL("state = {}").format(sql.Literal(int(filters.state))))
         if filters.type:
             where.append(sql.SQL("type = %s"))
             params.append(filters.type)
@@ -183,15 +185,35 @@ class Queries:
         return bool(row and row[0])
 
     async def list_events(self, job_id: str, after: tuple[int, int] | None, limit: int) -> list[event_pb2.JobEvent]:
-        """``job_id``'s events after the stream id ``after``, oldest first, in their public form."""
-        after_ms, after_seq = after if after is not None else (-1, -1)
+        """``job_id``'s events after the stream id ``after``, oldest first, in their public form.
+
+        History rows (one per job and projected batch) are read in order of their first event
+        and merged by event id, so an event stored twice by a replay is returned once. Reading
+        stops as soon as no row left can hold an event older than the ``limit``-th found.
+        """
+        after_key = after if after is not None else (-1, -1)
+        found: dict[tuple[int, int], bytes] = {}
+        row_key = (-1, -1)
+        page = max(limit, 16)
         async with self._pool.connection(self._timeout) as conn:
-            cur = await conn.execute(
-                "SELECT event_ms, event_seq, data FROM job_events"
-                " WHERE job_id = %s AND (event_ms, event_seq) > (%s, %s)"
-                " ORDER BY event_ms, event_seq LIMIT %s",
-                (job_id, after_ms, after_seq, limit),
-            )
-            rows = await cur.fetchall()
+            while True:
+                cur = await conn.execute(
+                    "SELECT first_ms, first_seq, events FROM job_events"
+                    " WHERE job_id = %s AND (last_ms, last_seq) > (%s, %s) AND (first_ms, first_seq) > (%s, %s)"
+                    " ORDER BY first_ms, first_seq LIMIT %s",
+                    (job_id, *after_key, *row_key, page),
+                )
+                rows = await cur.fetchall()
+                for _first_ms, _first_seq, packed in rows:
+                    for ms, seq, data in unpack_events(packed):
+                        if (ms, seq) > after_key:
+                            found.setdefault((ms, seq), data)
+                if len(rows) < page:
+                    break
+                row_key = (rows[-1][0], rows[-1][1])
+                # Rows not read yet hold only events newer than row_key.
+                if len(found) >= limit and sorted(found)[limit - 1] <= row_key:
+                    break
+        ids = sorted(found)[:limit]
         # Stored as Redis held them, without the job id (ADR 0001): fill it in for clients.
-        return [public_event(decode_event(f"{ms}-{seq}", data, job_id)) for ms, seq, data in rows]
+        return [public_event(decode_event(f"{ms}-{seq}", found[ms, seq], job_id)) for ms, seq in ids]

@@ -2,7 +2,8 @@
 
 All SQL that changes the database lives here (reads are in queries.py). A batch is written
 in one transaction: one set-based upsert of the folded job rows and one insert of the raw
-events, both with binary array parameters (DESIGN.md: text arrays cost 24% end to end).
+events (one history row per job), both with binary array parameters (DESIGN.md: text arrays
+cost 24% end to end), packed by pgarrays rather than psycopg's per-element list dumper.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import struct
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -18,6 +20,15 @@ import psycopg
 import structlog
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from conveyor.results.pgarrays import (
+    PackedArray,
+    bytea_array,
+    float8_array,
+    int2_array,
+    int4_array,
+    int8_array,
+    text_array,
+)
 from conveyor.v1 import job_pb2
 
 log = structlog.get_logger("conveyor.results.store")
@@ -117,8 +128,29 @@ class JobRow:
         self.queued_seq = 0
 
 
-#: One job_events row: (job_id, event_ms, event_seq, type, attempt, at_us, data).
-EventRow = tuple[str, int, int, int, int, int, bytes]
+#: One job_events row: (job_id, first_ms, first_seq, last_ms, last_seq, packed events); see pack_event.
+HistoryRow = tuple[str, int, int, int, int, bytes]
+
+_EVENT_HEAD = struct.Struct(">qqi")
+
+
+def pack_event(ms: int, seq: int, data: bytes) -> bytes:
+    """One record of a job_events row: the event's stream id, its length, the serialized event."""
+    return _EVENT_HEAD.pack(ms, seq, len(data)) + data
+
+
+def unpack_events(packed: bytes) -> list[tuple[int, int, bytes]]:
+    """The (event_ms, event_seq, data) records of a job_events row, as packed."""
+    out: list[tuple[int, int, bytes]] = []
+    view = memoryview(packed)
+    pos, end, head = 0, len(packed), _EVENT_HEAD.size
+    while pos < end:
+        ms, seq, size = _EVENT_HEAD.unpack_from(packed, pos)
+        pos += head
+        out.append((ms, seq, bytes(view[pos : pos + size])))
+        pos += size
+    return out
+
 
 _FINAL = ",".join(
     str(s)
@@ -232,45 +264,63 @@ WHERE (
 )
 """
 
-# Replayed events are already there: the stream id makes the insert idempotent.
-INSERT_EVENTS = f"""
-INSERT INTO job_events (job_id, event_ms, event_seq, type, attempt, at, data)
-SELECT e.job_id, e.event_ms, e.event_seq, e.type, e.attempt, {_ts("e.at_us")}, e.data
-FROM unnest(%b::text[], %b::int8[], %b::int8[], %b::int2[], %b::int4[], %b::int8[], %b::bytea[])
-    AS e(job_id, event_ms, event_seq, type, attempt, at_us, data)
-ON CONFLICT DO NOTHING
+# One row per job and batch. A replay with the same first event finds its row: it appends its
+# records unless they are already there as they are (an exact replay changes nothing); readers
+# merge duplicates by event id, so appending is always safe and never loses an event.
+INSERT_EVENTS = """
+INSERT INTO job_events AS h (job_id, first_ms, first_seq, last_ms, last_seq, events)
+SELECT * FROM unnest(%b::text[], %b::int8[], %b::int8[], %b::int8[], %b::int8[], %b::bytea[])
+ON CONFLICT (job_id, first_ms, first_seq) DO UPDATE SET
+    events = h.events || EXCLUDED.events,
+    last_ms = CASE WHEN (EXCLUDED.last_ms, EXCLUDED.last_seq) > (h.last_ms, h.last_seq)
+                   THEN EXCLUDED.last_ms ELSE h.last_ms END,
+    last_seq = CASE WHEN (EXCLUDED.last_ms, EXCLUDED.last_seq) > (h.last_ms, h.last_seq)
+                    THEN EXCLUDED.last_seq ELSE h.last_seq END
+WHERE position(EXCLUDED.events IN h.events) = 0
 """
 
 
-def job_columns(rows: list[JobRow]) -> list[list[Any]]:
-    """The unnest() arrays of ``rows``, one list per column of _JOB_COLUMNS."""
+def job_columns(rows: list[JobRow]) -> list[PackedArray]:
+    """The unnest() arrays of ``rows``, one per column of _JOB_COLUMNS, packed (see pgarrays)."""
     return [
-        [r.job_id for r in rows],
-        [r.queue for r in rows],
-        [r.type for r in rows],
-        [r.state for r in rows],
-        [r.priority for r in rows],
-        [r.payload for r in rows],
-        [r.result for r in rows],
-        [r.error for r in rows],
-        [r.progress_percent for r in rows],
-        [r.progress_message for r in rows],
-        [r.attempts for r in rows],
-        [r.max_attempts for r in rows],
-        [r.retry for r in rows],
-        [r.timeout_ms for r in rows],
-        [r.labels for r in rows],
-        [r.idempotency_key for r in rows],
-        [r.worker for r in rows],
-        [r.created_us for r in rows],
-        [r.run_at_us for r in rows],
-        [r.started_us for r in rows],
-        [r.finished_us for r in rows],
-        [r.updated_us for r in rows],
-        [r.last_ms for r in rows],
-        [r.last_seq for r in rows],
-        [r.queued_ms for r in rows],
-        [r.queued_seq for r in rows],
+        text_array([r.job_id for r in rows]),
+        text_array([r.queue for r in rows]),
+        text_array([r.type for r in rows]),
+        int2_array([r.state for r in rows]),
+        int2_array([r.priority for r in rows]),
+        text_array([r.payload for r in rows]),
+        text_array([r.result for r in rows]),
+        text_array([r.error for r in rows]),
+        float8_array([r.progress_percent for r in rows]),
+        text_array([r.progress_message for r in rows]),
+        int4_array([r.attempts for r in rows]),
+        int4_array([r.max_attempts for r in rows]),
+        bytea_array([r.retry for r in rows]),
+        int8_array([r.timeout_ms for r in rows]),
+        text_array([r.labels for r in rows]),
+        text_array([r.idempotency_key for r in rows]),
+        text_array([r.worker for r in rows]),
+        int8_array([r.created_us for r in rows]),
+        int8_array([r.run_at_us for r in rows]),
+        int8_array([r.started_us for r in rows]),
+        int8_array([r.finished_us for r in rows]),
+        int8_array([r.updated_us for r in rows]),
+        int8_array([r.last_ms for r in rows]),
+        int8_array([r.last_seq for r in rows]),
+        int8_array([r.queued_ms for r in rows]),
+        int8_array([r.queued_seq for r in rows]),
+    ]
+
+
+def history_columns(history: list[HistoryRow]) -> list[PackedArray]:
+    """The unnest() arrays of INSERT_EVENTS for ``history``."""
+    return [
+        text_array([h[0] for h in history]),
+        int8_array([h[1] for h in history]),
+        int8_array([h[2] for h in history]),
+        int8_array([h[3] for h in history]),
+        int8_array([h[4] for h in history]),
+        bytea_array([h[5] for h in history]),
     ]
 
 
@@ -372,8 +422,8 @@ class Store:
                 applied.append(migration.version)
         return applied
 
-    async def write(self, rows: list[JobRow], events: list[EventRow]) -> None:
-        """Upsert ``rows`` and insert ``events`` in one transaction.
+    async def write(self, rows: list[JobRow], events: list[HistoryRow]) -> None:
+        """Upsert ``rows`` and insert the history rows ``events`` in one transaction.
 
         Both are sorted by key first, so that two results processes writing overlapping
         jobs lock them in the same order and cannot deadlock.
@@ -384,9 +434,9 @@ class Store:
             if rows:
                 await cur.execute(UPSERT_JOBS, job_columns(rows))
             if events:
-                await cur.execute(INSERT_EVENTS, [list(col) for col in zip(*events, strict=True)])
+                await cur.execute(INSERT_EVENTS, history_columns(events))
 
-    async def write_salvaging(self, rows: list[JobRow], events: list[EventRow]) -> list[str]:
+    async def write_salvaging(self, rows: list[JobRow], events: list[HistoryRow]) -> list[str]:
         """Like write, for a batch PostgreSQL refused: clean each row, write each in its own savepoint.
 
         Returns:
@@ -407,7 +457,7 @@ class Store:
             for event in sorted(events):
                 try:
                     async with conn.transaction():
-                        await cur.execute(INSERT_EVENTS, [[value] for value in event])
+                        await cur.execute(INSERT_EVENTS, history_columns([event]))
                 except psycopg.OperationalError:
                     raise
                 except psycopg.Error:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import redis as sync_redis
+
 from conveyor.common import logs, server
 from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
-from conveyor.common.scripts import Scripts
+from conveyor.common.scripts import Heartbeat, Scripts
 from conveyor.common.settings import WorkerSettings
 from conveyor.worker.handlers import load_handlers
 from conveyor.worker.runner import Runner
@@ -18,7 +20,13 @@ async def run() -> None:
     handlers = load_handlers(settings.handlers)
     redis = await connect_redis(settings.redis_url)
     wait_redis = make_redis(settings.redis_url, blocking=True)
-    runner = Runner(redis, wait_redis, Scripts(redis), handlers, settings)
+    # A synchronous client for the heartbeat thread (it must not share the event loop).
+    beat_redis = sync_redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    runner = Runner(redis, wait_redis, Scripts(redis), handlers, settings, Heartbeat(beat_redis))
+
+    async def close_beat() -> None:
+        beat_redis.close()
+
     # Health and reflection only: probes and grpcurl see a live worker.
     await server.serve(
         settings.grpc_addr,
@@ -26,7 +34,7 @@ async def run() -> None:
         grace=1.0,
         unavailable=REDIS_UNAVAILABLE,
         background=[runner.run],
-        on_shutdown=[redis.aclose, wait_redis.aclose],
+        on_shutdown=[redis.aclose, wait_redis.aclose, close_beat],
     )
 
 

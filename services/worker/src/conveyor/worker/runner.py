@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 
 import redis.asyncio as aioredis
@@ -17,7 +18,7 @@ import structlog
 
 from conveyor.common.keys import QueueKeys, queue_keys
 from conveyor.common.redis import REDIS_UNAVAILABLE
-from conveyor.common.scripts import Claimed, ClaimResult, Outcome, Scripts
+from conveyor.common.scripts import Claimed, ClaimResult, Heartbeat, Outcome, Scripts
 from conveyor.common.settings import WorkerSettings
 from conveyor.v1 import event_pb2, job_pb2
 from conveyor.worker.execute import Attempt, run_attempt
@@ -90,6 +91,8 @@ class QueueRunner:
         self._slots = slots
         self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
         self._running: set[asyncio.Task[None]] = set()
+        #: Claims held until their outcome is recorded (entry id -> claim); the heartbeat reads it.
+        self.active: dict[str, Claimed] = {}
         self._retention_ms = int(settings.retention_s * 1000)
 
     async def claim_loop(self, stop: asyncio.Event) -> None:
@@ -108,11 +111,7 @@ class QueueRunner:
                 await _until(stop, backoff.sleep())
                 continue
             if result.claimed:
-                self._slots.take(len(result.claimed))
-                for c in result.claimed:
-                    task = asyncio.create_task(self._run(c))
-                    self._running.add(task)
-                    task.add_done_callback(self._running.discard)
+                self._start(result.claimed)
             else:
                 await _until(stop, self._wait_for_work(result))
 
@@ -133,6 +132,18 @@ class QueueRunner:
         except REDIS_UNAVAILABLE as exc:
             log.warning("wait_failed_redis_unavailable", queue=self._keys.queue, error=str(exc))
             await asyncio.sleep(0.5)
+
+    def _start(self, claimed: list[Claimed]) -> None:
+        self._slots.take(len(claimed))
+        for c in claimed:
+            self.active[c.entry_id] = c
+            task = asyncio.create_task(self._run(c))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    @property
+    def keys(self) -> QueueKeys:
+        return self._keys
 
     async def _run(self, claimed: Claimed) -> None:
         job = job_pb2.Job.FromString(claimed.job)
@@ -194,6 +205,7 @@ class QueueRunner:
                 await backoff.sleep()
                 continue
             for outcome, event_id in zip(batch, results, strict=True):
+                self.active.pop(outcome.entry_id, None)
                 if event_id is None:
                     log.warning(
                         "job_outcome_refused",
@@ -205,15 +217,31 @@ class QueueRunner:
             batch = []
 
     async def maintain(self, stop: asyncio.Event) -> None:
-        """Housekeeping on a timer, so that an idle queue also gives its memory back."""
+        """On a timer: take over jobs of dead workers, and expire finished records (idle queues too)."""
+        settings = self._settings
+        interval = min(MAINTENANCE_INTERVAL_S, settings.visibility_timeout_s / 4)
         while not stop.is_set():
             try:
+                if self._slots.free > 0:
+                    claimed, dead = await self._scripts.reclaim(
+                        self._keys,
+                        settings.worker_id,
+                        int(settings.visibility_timeout_s * 1000),
+                        min(self._slots.free, MAX_CLAIM),
+                        settings.max_deliveries,
+                        self._retention_ms,
+                    )
+                    if claimed:
+                        log.warning("jobs_reclaimed", queue=self._keys.queue, count=len(claimed))
+                        self._start(claimed)
+                    for ulid in dead:
+                        log.error("job_dead_lettered", queue=self._keys.queue, job_id=f"{self._keys.queue}/{ulid}")
                 while await self._scripts.expire_records(self._keys, EXPIRE_BATCH) == EXPIRE_BATCH:
                     pass
             except REDIS_UNAVAILABLE as exc:
                 log.warning("maintenance_failed_redis_unavailable", queue=self._keys.queue, error=str(exc))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), MAINTENANCE_INTERVAL_S)
+                await asyncio.wait_for(stop.wait(), interval)
 
     async def drain(self, grace_s: float) -> None:
         """Let running attempts finish within ``grace_s``; cancel the rest (their entries stay pending)."""
@@ -224,6 +252,10 @@ class QueueRunner:
             if pending:
                 log.warning("jobs_abandoned_at_shutdown", queue=self._keys.queue, count=len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
+
+    def abandon_unrecorded(self) -> None:
+        """Stop heartbeating claims whose outcome was not recorded: others reclaim them."""
+        self.active.clear()
 
 
 async def _until(stop: asyncio.Event, work: object) -> None:
@@ -256,17 +288,39 @@ class Runner:
         scripts: Scripts,
         handlers: Handlers,
         settings: WorkerSettings,
+        heartbeat: Heartbeat,
     ) -> None:
         self._settings = settings
+        self._heartbeat = heartbeat
         slots = Slots(settings.concurrency)
         self.queues = [
             QueueRunner(queue_keys(q), redis, wait_redis, scripts, handlers, settings, slots) for q in settings.queues
         ]
 
+    def _beat(self, stopped: threading.Event) -> None:
+        """Heartbeat thread: every third of the visibility timeout, renew every held claim."""
+        interval = self._settings.visibility_timeout_s / 3
+        while not stopped.wait(interval):
+            for q in self.queues:
+                claims = list(q.active.values())
+                if not claims:
+                    continue
+                try:
+                    held = self._heartbeat.beat(q.keys, self._settings.worker_id, claims)
+                except Exception as exc:  # a missed beat is retried next interval; never kill the thread
+                    log.warning("heartbeat_failed", queue=q.keys.queue, error=str(exc))
+                    continue
+                lost = [c.ulid for c, ok in zip(claims, held, strict=True) if not ok and c.entry_id in q.active]
+                if lost:
+                    log.warning("claims_lost", queue=q.keys.queue, count=len(lost), ulids=lost[:10])
+
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set, then drain gracefully."""
         log.info("worker_started", worker=self._settings.worker_id, queues=list(self._settings.queues))
         drained = asyncio.Event()
+        beating = threading.Event()
+        heart = threading.Thread(target=self._beat, args=(beating,), name="conveyor-heartbeat", daemon=True)
+        heart.start()
         completers = [asyncio.create_task(q.complete_loop(stop, drained)) for q in self.queues]
         maintainers = [asyncio.create_task(q.maintain(stop)) for q in self.queues]
         try:
@@ -280,4 +334,8 @@ class Runner:
             for task in stuck:
                 task.cancel()
             await asyncio.gather(*completers, *maintainers, return_exceptions=True)
+            for q in self.queues:
+                q.abandon_unrecorded()
+            beating.set()
+            await asyncio.to_thread(heart.join)
         log.info("worker_stopped", worker=self._settings.worker_id)

@@ -3,17 +3,18 @@ Invariant 3 (DESIGN.md): no ack without its outcome, no outcome without its ack.
 Fencing: an outcome is accepted only while the job's live record still names this
 consumer, this attempt and this entry as its claim (a reclaim bumps the attempt), so a
 stale owner whose job was taken over changes nothing.
-A RETRY_SCHEDULED outcome parks the job (delayed zset + parked hash) until it is due;
-final outcomes keep the record for the retention. Also expires records past it.
+A RETRY_SCHEDULED outcome parks the job (delayed zset + parked hash) until it is due; a
+final FAILED also goes to the dead-letter stream with its last error; final outcomes keep
+the record for the retention. Also expires records past it.
 KEYS[1] state hash  KEYS[2] events stream  KEYS[3] done zset  KEYS[4..12] job streams, bands 1..9
-KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream
+KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream  KEYS[16] dead stream
 ARGV[1] consumer group  ARGV[2] consumer  ARGV[3] record retention ms  ARGV[4] number of outcomes
 ARGV[5] the outcomes packed back to back, each as struct '>B I2 c0 c26 I4 B d I4 c0':
   band, entry id, ulid, attempt, JobState (4 = retry, else final), due ms (retries), JobEvent bytes
 returns an array with, per outcome, the event id, or 0 when fenced off
 ]]
 local state_key, events_key, done_key = KEYS[1], KEYS[2], KEYS[3]
-local delayed_key, parked_key, signal_key = KEYS[13], KEYS[14], KEYS[15]
+local delayed_key, parked_key, signal_key, dead_key = KEYS[13], KEYS[14], KEYS[15], KEYS[16]
 local group, consumer, retention, n, packed = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local pos = 1
 
@@ -33,7 +34,7 @@ for _ = 1, n do
   end
   if st == '3' and tonumber(att) == attempt and owner == consumer and eid == entry_id then
     local job = nil
-    if new_state == 4 then
+    if new_state == 4 or new_state == 6 then
       local entry = redis.call('XRANGE', stream, entry_id, entry_id)[1]
       if entry then
         for f = 1, #entry[2], 2 do
@@ -44,7 +45,10 @@ for _ = 1, n do
     redis.call('XACK', stream, group, entry_id)
     redis.call('XDEL', stream, entry_id)
     local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
-    if job then
+    if new_state == 6 and job then
+      redis.call('XADD', dead_key, '*', 'j', ulid, 'd', job, 'e', event)
+    end
+    if new_state == 4 and job then
       redis.call('HSET', parked_key, ulid, job)
       redis.call('ZADD', delayed_key, due, ulid)
       redis.call('HSET', state_key, ulid, '4|' .. att .. '|' .. prio .. '||' .. first_ev .. '|')

@@ -1,0 +1,91 @@
+--[[ reclaim: take over jobs whose worker stopped heartbeating (invariant 4, DESIGN.md).
+Entries idle longer than the visibility timeout are claimed with XAUTOCLAIM (looping on
+its cursor, bounded), each becoming a new attempt owned by this consumer, exactly as in
+claim.lua. An entry delivered more than the delivery limit is a poison job: it goes to the
+dead-letter stream as DEAD_LETTERED instead of killing another worker. Ids XAUTOCLAIM
+reports as deleted are acked so the pending list does not keep them.
+KEYS[1] state hash  KEYS[2] events stream  KEYS[3] done zset  KEYS[4..12] job streams, bands 1..9
+KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream  KEYS[16] dead stream
+ARGV[1] consumer group  ARGV[2] consumer  ARGV[3] min idle ms  ARGV[4] most jobs to take
+ARGV[5] delivery limit  ARGV[6] record retention ms
+returns {claimed, dead}: claimed as in claim.lua (6 values per job); dead = ulids dead-lettered
+]]
+local state_key, events_key, done_key, dead_key = KEYS[1], KEYS[2], KEYS[3], KEYS[16]
+local group, consumer, min_idle, want = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local limit, retention = tonumber(ARGV[5]), tonumber(ARGV[6])
+
+local function varint(v)
+  local parts = {}
+  while v >= 128 do
+    parts[#parts + 1] = string.char(v % 128 + 128)
+    v = math.floor(v / 128)
+  end
+  parts[#parts + 1] = string.char(v)
+  return table.concat(parts)
+end
+local function bytes_field(tag, s) return string.char(tag) .. varint(#s) .. s end
+
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local timestamp = string.char(0x08) .. varint(tonumber(now[1])) .. string.char(0x10) .. varint(tonumber(now[2]) * 1000)
+local RECORD = '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)'
+
+local claimed, dead = {}, {}
+for band = 9, 1, -1 do
+  local stream = KEYS[3 + band]
+  if want <= 0 then break end
+  if redis.call('EXISTS', stream) == 1 then
+    local cursor = '0-0'
+    for _ = 1, 10 do
+      local res = redis.call('XAUTOCLAIM', stream, group, consumer, min_idle, cursor, 'COUNT', want)
+      cursor = res[1]
+      for _, gone in ipairs(res[3] or {}) do
+        redis.call('XACK', stream, group, gone)
+      end
+      for _, entry in ipairs(res[2]) do
+        local entry_id, fields = entry[1], entry[2]
+        local ulid, job
+        for f = 1, #fields, 2 do
+          if fields[f] == 'j' then ulid = fields[f + 1] elseif fields[f] == 'd' then job = fields[f + 1] end
+        end
+        local deliveries = redis.call('XPENDING', stream, group, entry_id, entry_id, 1)[1][4]
+        local rec = ulid and redis.call('HGET', state_key, ulid)
+        local st, attempt, prio, eid, first_ev, final_ev
+        if rec then st, attempt, prio, eid, first_ev, final_ev = string.match(rec, RECORD) end
+        if not st or tonumber(st) >= 5 or eid ~= entry_id then
+          redis.call('XACK', stream, group, entry_id)
+          redis.call('XDEL', stream, entry_id)
+        elseif deliveries > limit then
+          -- JobEvent{type: DEAD_LETTERED, attempt, time, worker, error{message, kind}, job}
+          local message = 'delivered ' .. (deliveries - 1) .. ' times without an outcome (its workers died or stalled); delivery limit ' .. limit
+          local err = bytes_field(0x0a, message) .. bytes_field(0x12, 'DeliveryLimit')
+          local event = string.char(0x18) .. varint(7) .. string.char(0x20) .. varint(tonumber(attempt))
+            .. bytes_field(0x2a, timestamp) .. bytes_field(0x32, consumer) .. bytes_field(0x52, err) .. bytes_field(0x62, job)
+          redis.call('XACK', stream, group, entry_id)
+          redis.call('XDEL', stream, entry_id)
+          local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
+          redis.call('XADD', dead_key, '*', 'j', ulid, 'd', job, 'e', event)
+          redis.call('HSET', state_key, ulid, '7|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)
+          redis.call('ZADD', done_key, now_ms + retention, ulid)
+          dead[#dead + 1] = ulid
+        else
+          attempt = tonumber(attempt) + 1
+          local event = string.char(0x18) .. varint(2) .. string.char(0x20) .. varint(attempt)
+            .. bytes_field(0x2a, timestamp) .. bytes_field(0x32, consumer)
+          local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
+          redis.call('HSET', state_key, ulid, '3|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. final_ev .. '|' .. consumer)
+          claimed[#claimed + 1] = band
+          claimed[#claimed + 1] = entry_id
+          claimed[#claimed + 1] = ulid
+          claimed[#claimed + 1] = attempt
+          claimed[#claimed + 1] = job
+          claimed[#claimed + 1] = event_id
+          want = want - 1
+        end
+        if want <= 0 then break end
+      end
+      if cursor == '0-0' or want <= 0 then break end
+    end
+  end
+end
+return {claimed, dead}

@@ -1,0 +1,74 @@
+"""A stack of real processes to break: private Redis, PostgreSQL database, results, producer; workers per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+
+from conveyor.common.devstack.servers import PostgresServer, RedisServer
+from tests.support.processes import ServiceProcess
+
+QUEUE = "faults"
+
+
+@dataclass
+class FaultStack:
+    redis: RedisServer
+    database_url: str
+    results: ServiceProcess
+    producer: ServiceProcess
+
+    def env(self) -> dict[str, str]:
+        return {"REDIS_URL": self.redis.url, "CONVEYOR_RETENTION_SECONDS": "60"}
+
+
+@pytest.fixture(scope="module")
+def fault_stack(pg_server: PostgresServer) -> Iterator[FaultStack]:
+    database = f"faults_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_server.url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{database}"')
+    database_url = pg_server.url.rsplit("/", 1)[0] + f"/{database}"
+    with RedisServer() as redis_server:
+        common = {"REDIS_URL": redis_server.url, "CONVEYOR_RETENTION_SECONDS": "60"}
+        results = ServiceProcess("results", {**common, "DATABASE_URL": database_url})
+        producer = ServiceProcess("producer", {**common, "CONVEYOR_RESULTS_ADDR": results.addr})
+        try:
+            results.start()
+            producer.start()
+            yield FaultStack(redis_server, database_url, results, producer)
+        finally:
+            producer.kill()
+            results.kill()
+
+
+StartWorker = Callable[..., ServiceProcess]
+
+
+@pytest.fixture
+def worker_process(fault_stack: FaultStack) -> Iterator[StartWorker]:
+    """Factory: start a worker process on the fault stack (killed at teardown)."""
+    started: list[ServiceProcess] = []
+
+    def start(name: str, wait: bool = True, **env: str) -> ServiceProcess:
+        worker = ServiceProcess(
+            "worker",
+            {
+                **fault_stack.env(),
+                "CONVEYOR_QUEUES": QUEUE,
+                "CONVEYOR_WORKER_ID": name,
+                "CONVEYOR_HANDLERS": "tests.support.handlers:handlers",
+                "CONVEYOR_VISIBILITY_TIMEOUT_SECONDS": "2",
+                **env,
+            },
+            name=name,
+        )
+        started.append(worker)
+        return worker.start(wait=wait)
+
+    yield start
+    for worker in started:
+        worker.kill()
