@@ -218,3 +218,17 @@ async def test_concurrent_migrations_apply_once(results_db: str) -> None:
     finally:
         for p in pools:
             await p.close()
+
+
+async def test_acked_events_leave_redis_after_the_retention_even_when_idle(
+    store: Store, events: Events, redis_client: redis.asyncio.Redis, start_projector: StartProjector
+) -> None:
+    await events.add_all(JobHistory().lifecycle())
+    await start_projector(store, retention_s=0.5, block_ms=200)
+    await events.wait_caught_up()
+
+    async def emptied() -> bool:
+        # Nothing new arrives: only the idle path can trim.
+        return await redis_client.xlen(events.stream) == 0
+
+    await wait_for(emptied, "idle trimming of acked events", within=10.0, interval=0.2)

@@ -398,6 +398,9 @@ class Projector:
                 key = stream.decode()
                 batch.add(self._streams[key], key, entries)
             await out.put(batch)
+        else:
+            # Idle: events past the retention still leave Redis (invariant 7), not only after the next batch.
+            await self._trim(list(self._streams))
 
     async def _discover(self) -> list[tuple[str, str]]:
         """Re-read the queue set; create group ``results`` on new queues' streams. Returns the new (stream, queue)."""
@@ -516,12 +519,13 @@ class Projector:
                     return
                 await _sleep(stop, backoff.next())
         self.projected += batch.size
-        await self._trim(batch)
+        await self._trim(list(batch.acks))
 
-    async def _trim(self, batch: Batch) -> None:
+    async def _trim(self, streams: list[str]) -> None:
+        """Trim acked events older than the retention, at most once a second per stream."""
         now = time.monotonic()
         cutoff_ms = int(time.time() * 1000) - self._retention_ms
-        for stream in batch.acks:
+        for stream in streams:
             if now - self._trimmed_at.get(stream, -1e9) < 1.0:
                 continue
             self._trimmed_at[stream] = now

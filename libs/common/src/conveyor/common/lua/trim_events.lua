@@ -21,7 +21,9 @@ for _, g in ipairs(groups) do
   if name == ARGV[1] then delivered = last end
 end
 if not delivered then return 0 end
-local limit = delivered
+-- Everything up to and including the last delivered entry may go (MINID keeps ids >= limit).
+local dms, dseq = string.match(delivered, '^(%d+)-(%d+)$')
+local limit = dms .. '-' .. string.format('%d', tonumber(dseq) + 1)
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1])
 if pending[1] > 0 and older(pending[2], limit) then limit = pending[2] end
 if older(cutoff, limit) then limit = cutoff end
