@@ -15,12 +15,15 @@ from conveyor.common import server
 from conveyor.common.redis import REDIS_UNAVAILABLE, make_redis
 from conveyor.common.scripts import Heartbeat, Scripts
 from conveyor.common.settings import WorkerSettings
+from conveyor.producer.admin import AdminServicer
+from conveyor.producer.cancel import Canceller
+from conveyor.producer.dead_letters import DeadLetters
 from conveyor.producer.enqueue import Enqueuer
 from conveyor.producer.history import History
 from conveyor.producer.jobs import JobReader
 from conveyor.producer.servicer import ProducerServicer
 from conveyor.producer.watch import Watcher
-from conveyor.v1 import producer_service_pb2, producer_service_pb2_grpc
+from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, producer_service_pb2, producer_service_pb2_grpc
 from conveyor.worker.runner import Runner
 from tests.support import handlers as test_handlers
 
@@ -30,6 +33,7 @@ class Producer:
     addr: str
     stub: producer_service_pb2_grpc.ProducerServiceAsyncStub
     channel: grpc.aio.Channel
+    admin: admin_service_pb2_grpc.AdminServiceAsyncStub
 
 
 async def start_producer(redis_url: str, results_addr: str = "") -> tuple[Producer, Callable[[], Awaitable[None]]]:
@@ -38,7 +42,13 @@ async def start_producer(redis_url: str, results_addr: str = "") -> tuple[Produc
     scripts = Scripts(client)
     history = History(results_addr)
     watcher = Watcher(client, tail, scripts, history)
-    servicer = ProducerServicer(Enqueuer(client, scripts, 64 * 1024, 1000), watcher, JobReader(client, history))
+    servicer = ProducerServicer(
+        Enqueuer(client, scripts, 64 * 1024, 1000),
+        watcher,
+        JobReader(client, history),
+        Canceller(scripts, history, 300_000),
+    )
+    admin = AdminServicer(DeadLetters(client, scripts))
     running = await server.start(
         "127.0.0.1:0",
         [
@@ -46,7 +56,12 @@ async def start_producer(redis_url: str, results_addr: str = "") -> tuple[Produc
                 producer_service_pb2_grpc.add_ProducerServiceServicer_to_server,
                 servicer,
                 producer_service_pb2.DESCRIPTOR.services_by_name["ProducerService"].full_name,
-            )
+            ),
+            server.Service(
+                admin_service_pb2_grpc.add_AdminServiceServicer_to_server,
+                admin,
+                admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+            ),
         ],
         unavailable=REDIS_UNAVAILABLE,
     )
@@ -61,7 +76,15 @@ async def start_producer(redis_url: str, results_addr: str = "") -> tuple[Produc
         await client.aclose()
         await tail.aclose()
 
-    return Producer(addr, producer_service_pb2_grpc.ProducerServiceStub(channel), channel), stop
+    return (
+        Producer(
+            addr,
+            producer_service_pb2_grpc.ProducerServiceStub(channel),
+            channel,
+            admin_service_pb2_grpc.AdminServiceStub(channel),
+        ),
+        stop,
+    )
 
 
 @pytest.fixture

@@ -73,3 +73,13 @@ async def spin(payload: dict[str, Any], ctx: JobContext) -> int:
     while time.monotonic() < deadline:
         n += 1
     return ctx.attempt
+
+
+@handlers.register("test.sync_until_cancelled")
+def sync_until_cancelled(payload: dict[str, Any], ctx: JobContext) -> str:
+    """A sync handler that stops cooperatively when its job is cancelled."""
+    started.append(ctx.job_id)
+    deadline = time.monotonic() + 30
+    while not ctx.cancelled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return "stopped"

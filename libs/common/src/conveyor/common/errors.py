@@ -64,6 +64,24 @@ class FailedPrecondition(ConveyorError):
 
     code = grpc.StatusCode.FAILED_PRECONDITION
 
+    def __init__(self, message: str, subject: str = "", kind: str = "STATE") -> None:
+        super().__init__(message)
+        self.subject = subject
+        self.kind = kind
+
+    def details(self) -> list[Message]:
+        if not self.subject:
+            return []
+        return [
+            error_details_pb2.PreconditionFailure(
+                violations=[
+                    error_details_pb2.PreconditionFailure.Violation(
+                        type=self.kind, subject=self.subject, description=self.message
+                    )
+                ]
+            )
+        ]
+
 
 class ResourceExhausted(ConveyorError):
     """A payload, batch or buffer is over its limit."""

@@ -4,10 +4,15 @@ This is the only place that aborts an RPC. ConveyorError subclasses carry their
 code and google.rpc details; store outages become UNAVAILABLE; anything else is
 logged with its traceback and sent as INTERNAL "internal error" — never a stack
 trace on the wire.
+
+It also ends server streams (Watch) when the server shuts down: ``shutdown()`` makes
+every open stream end at once with UNAVAILABLE, so a client resumes on another
+replica with ``after_event_id`` instead of hanging until the grace period expires.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +29,25 @@ from conveyor.common.errors import ConveyorError, Internal, InvalidArgument, Una
 log = structlog.get_logger("conveyor.rpc")
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]
+
+#: Why an open server stream ends when its server shuts down (a client retries elsewhere).
+SHUTTING_DOWN = (
+    "server shutting down; call again (another replica answers), "
+    "and resume a Watch with after_event_id set to the id of the last event received"
+)
+
+
+class _OpenStream:
+    """A server stream in progress: its task, and whether it is inside the servicer's generator."""
+
+    __slots__ = ("inside", "stopping", "task")
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        self.task = task
+        #: True while the task awaits the servicer's next response (a cancel lands in the servicer).
+        self.inside = False
+        #: Set by shutdown(): end the stream at the next chance.
+        self.stopping = False
 
 
 def to_status(err: ConveyorError) -> grpc.Status:
@@ -45,6 +69,21 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, unavailable: tuple[type[BaseException], ...] = ()) -> None:
         self._unavailable = unavailable
+        self._streams: set[_OpenStream] = set()
+        self._closing = False
+
+    def shutdown(self) -> None:
+        """End every open server stream with UNAVAILABLE (SHUTTING_DOWN), and any stream started from now on.
+
+        A stream waiting for its next response is cancelled there (the servicer's ``finally``
+        blocks run); one busy sending a response ends right after that send. Unary calls are
+        not touched: they finish within the server's grace period.
+        """
+        self._closing = True
+        for open_stream in list(self._streams):
+            open_stream.stopping = True
+            if open_stream.inside and open_stream.task is not None:
+                open_stream.task.cancel()
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -93,7 +132,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 code = grpc.StatusCode.OK
                 try:
                     _check_parsed(request)
-                    async for response in behavior(request, context):
+                    async for response in self._until_shutdown(behavior(request, context)):
                         yield response
                 except BaseException as exc:
                     code = await self._abort(exc, context)
@@ -102,6 +141,39 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     _finished(method, code, started)
 
         return stream
+
+    async def _until_shutdown(self, responses: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """``responses``, until shutdown() ends them with Unavailable(SHUTTING_DOWN).
+
+        The stream runs in the RPC's own task (no task per response): shutdown() cancels that
+        task only while it waits inside ``responses``, so the cancellation never lands in
+        gRPC's own send of a response.
+        """
+        task = asyncio.current_task()
+        me = _OpenStream(task)
+        self._streams.add(me)
+        try:
+            while True:
+                if self._closing or me.stopping:
+                    raise Unavailable(SHUTTING_DOWN)
+                me.inside = True
+                try:
+                    response = await anext(responses)
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    if not me.stopping or task is None:
+                        raise  # the client went away, or the server's grace expired
+                    task.uncancel()
+                    raise Unavailable(SHUTTING_DOWN) from None
+                finally:
+                    me.inside = False
+                yield response
+        finally:
+            self._streams.discard(me)
+            aclose = getattr(responses, "aclose", None)
+            if aclose is not None:
+                await aclose()  # the servicer's finally blocks run now, not at garbage collection
 
     async def _abort(self, exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
         """Abort the RPC for ``exc`` (raises), or return the code when there is nothing to map."""

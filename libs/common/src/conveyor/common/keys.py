@@ -44,6 +44,8 @@ class QueueKeys:
     signal: str
     #: STREAM of dead letters: final failures and poison jobs (j=ulid, d=Job bytes, e=final JobEvent).
     dead: str
+    #: HASH ulid -> reason, for running jobs asked to stop by CancelJob.
+    cancel: str
     #: Job streams by priority band, lowest band first (fields j=ulid, d=Job bytes).
     bands: tuple[str, ...]
 
@@ -56,8 +58,18 @@ class QueueKeys:
         return f"{PREFIX}:{{{self.queue}}}:idem:{key}"
 
     def script_keys(self) -> list[str]:
-        """The fixed KEYS of every per-queue script: state, events, done, bands, delayed, parked, signal, dead."""
-        return [self.state, self.events, self.done, *self.bands, self.delayed, self.parked, self.signal, self.dead]
+        """The fixed KEYS of every per-queue script (see the .lua headers for their positions)."""
+        return [
+            self.state,
+            self.events,
+            self.done,
+            *self.bands,
+            self.delayed,
+            self.parked,
+            self.signal,
+            self.dead,
+            self.cancel,
+        ]
 
 
 @cache
@@ -73,5 +85,6 @@ def queue_keys(queue: str) -> QueueKeys:
         parked=f"{base}:parked",
         signal=f"{base}:signal",
         dead=f"{base}:dead",
+        cancel=f"{base}:cancel",
         bands=tuple(f"{base}:jobs:{p}" for p in BANDS),
     )

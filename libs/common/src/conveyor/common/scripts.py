@@ -134,14 +134,19 @@ class Heartbeat:
     def __init__(self, client: Any) -> None:
         self._script = client.register_script(_source("heartbeat"))
 
-    def beat(self, keys: QueueKeys, consumer: str, claims: list[Claimed]) -> list[bool]:
-        """Reset the idle time of each claim still held; False for each lost."""
+    def beat(self, keys: QueueKeys, consumer: str, claims: list[Claimed]) -> list[bool | str]:
+        """Reset the idle time of each claim still held.
+
+        Returns:
+            Per claim: True (held), False (lost to another worker) or, when CancelJob asked
+            the running attempt to stop, the reason.
+        """
         parts: list[bytes] = []
         for c in claims:
             entry_id = c.entry_id.encode()
             parts += [_OUTCOME_HEAD.pack(c.band, len(entry_id)), entry_id, _BEAT_TAIL.pack(c.ulid.encode(), c.attempt)]
         raw = self._script(keys=keys.script_keys(), args=[WORKER_GROUP, consumer, len(claims), b"".join(parts)])
-        return [bool(r) for r in raw]
+        return [_text(r) if isinstance(r, bytes) else bool(r) for r in raw]
 
 
 def _text(value: Any) -> str:
@@ -160,6 +165,9 @@ class Scripts:
         self._trim_events = client.register_script(_source("trim_events"))
         self._expire_records = client.register_script(_source("expire_records"))
         self._reclaim = client.register_script(_source("reclaim"))
+        self._cancel = client.register_script(_source("cancel"))
+        self._retry_dead = client.register_script(_source("retry_dead"))
+        self._purge_dead = client.register_script(_source("purge_dead"))
 
     async def enqueue(self, keys: QueueKeys, jobs: list[NewJob]) -> list[EnqueueResult]:
         """Add ``jobs`` to one queue atomically; known idempotency keys return their job."""
@@ -245,6 +253,19 @@ class Scripts:
             keys=keys.script_keys(), args=[WORKER_GROUP, consumer, min_idle_ms, count, max_deliveries, retention_ms]
         )
         return _claimed(claimed_raw), [_text(u) for u in dead]
+
+    async def cancel(self, keys: QueueKeys, ulid: str, event: bytes, retention_ms: int, reason: str) -> tuple[int, int]:
+        """Cancel one job: (1 cancelled now | 2 running attempt signalled | 0 already final | -1 unknown, state)."""
+        outcome, state = await self._cancel(keys=keys.script_keys(), args=[ulid, event, retention_ms, reason])
+        return int(outcome), int(state)
+
+    async def retry_dead(self, keys: QueueKeys, ulid: str = "", most: int = 1000) -> list[str]:
+        """Queue dead letters again (one ulid, or all when empty); returns the ulids queued."""
+        return [_text(u) for u in await self._retry_dead(keys=keys.script_keys(), args=[ulid, most])]
+
+    async def purge_dead(self, keys: QueueKeys, ulid: str = "") -> int:
+        """Delete dead letters (one ulid, or all when empty); returns how many."""
+        return int(await self._purge_dead(keys=[keys.dead], args=[ulid]))
 
     async def expire_records(self, keys: QueueKeys, limit: int = 1000) -> int:
         """Drop up to ``limit`` live records whose retention has passed; returns how many."""

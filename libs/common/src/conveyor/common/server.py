@@ -46,10 +46,17 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     names: list[str] = field(default_factory=list)
+    interceptor: ServerInterceptor = field(default_factory=ServerInterceptor)
 
     async def stop(self, grace: float | None = 1.0) -> None:
-        """Report NOT_SERVING, then stop, letting in-flight RPCs finish within ``grace``."""
+        """Report NOT_SERVING, end open streams with UNAVAILABLE, then stop, letting unary RPCs finish within ``grace``.
+
+        Server streams (Watch) never finish by themselves within a grace period: they end at
+        once with UNAVAILABLE ("server shutting down ... after_event_id"), so that clients
+        resume on another replica right away rather than when the grace expires.
+        """
         await self.health.enter_graceful_shutdown()
+        self.interceptor.shutdown()
         await self.server.stop(grace)
 
 
@@ -64,7 +71,8 @@ async def start(
     Every server also hosts grpc.health.v1 (SERVING for "" and each service) and
     server reflection, so grpcurl and Kubernetes probes work out of the box.
     """
-    server = grpc.aio.server(interceptors=[ServerInterceptor(unavailable)], options=SERVER_OPTIONS)
+    interceptor = ServerInterceptor(unavailable)
+    server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [s.name for s in services]
@@ -79,7 +87,7 @@ async def start(
     await server.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server=server, port=port, health=health_servicer, names=names)
+    return RunningServer(server=server, port=port, health=health_servicer, names=names, interceptor=interceptor)
 
 
 async def serve(
@@ -96,7 +104,8 @@ async def serve(
     Args:
         addr: Listen address.
         services: The services to host.
-        grace: Seconds in-flight RPCs (and background tasks) get to finish.
+        grace: Seconds in-flight unary RPCs (and background tasks) get to finish; server
+            streams end at once with UNAVAILABLE (see RunningServer.stop).
         unavailable: Exception types that mean a backing store is down.
         background: Coroutines run beside the server; each gets the stop event and
             must return soon after it is set.
@@ -120,6 +129,7 @@ async def serve(
         stop.set()
         log.info("server_stopping", grace_s=grace)
         await running.health.enter_graceful_shutdown()
+        running.interceptor.shutdown()  # open streams end now with UNAVAILABLE; unary calls get the grace
         results = await asyncio.gather(running.server.stop(grace), *tasks, return_exceptions=True)
         for result in results:
             if isinstance(result, Exception):

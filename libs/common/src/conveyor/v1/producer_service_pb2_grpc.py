@@ -55,6 +55,11 @@ class ProducerServiceStub:
                 request_serializer=conveyor_dot_v1_dot_producer__service__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_producer__service__pb2.GetJobResponse.FromString,
                 _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/conveyor.v1.ProducerService/CancelJob',
+                request_serializer=conveyor_dot_v1_dot_producer__service__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_producer__service__pb2.CancelJobResponse.FromString,
+                _registered_method=True)
 
 
 class ProducerServiceServicer:
@@ -93,6 +98,16 @@ class ProducerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelJob(self, request, context):
+        """CancelJob cancels a job. A queued, delayed or retry-scheduled job never runs
+        (CANCELLED at once); a running one gets a cooperative cancel signal (its async
+        handler is cancelled, a sync one sees ctx.cancelled) and ends CANCELLED.
+        Cancelling a finished job is FAILED_PRECONDITION; repeating a cancel is harmless.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProducerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +130,11 @@ def add_ProducerServiceServicer_to_server(servicer, server):
                     servicer.GetJob,
                     request_deserializer=conveyor_dot_v1_dot_producer__service__pb2.GetJobRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_producer__service__pb2.GetJobResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=conveyor_dot_v1_dot_producer__service__pb2.CancelJobRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_producer__service__pb2.CancelJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +246,33 @@ class ProducerService:
             '/conveyor.v1.ProducerService/GetJob',
             conveyor_dot_v1_dot_producer__service__pb2.GetJobRequest.SerializeToString,
             conveyor_dot_v1_dot_producer__service__pb2.GetJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ProducerService/CancelJob',
+            conveyor_dot_v1_dot_producer__service__pb2.CancelJobRequest.SerializeToString,
+            conveyor_dot_v1_dot_producer__service__pb2.CancelJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,12 @@ class ProducerServiceStub:
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_producer_service_pb2.GetJobRequest, _producer_service_pb2.GetJobResponse]
     """GetJob returns a job's current state, payload and outcome."""
+    CancelJob: _grpc.UnaryUnaryMultiCallable[_producer_service_pb2.CancelJobRequest, _producer_service_pb2.CancelJobResponse]
+    """CancelJob cancels a job. A queued, delayed or retry-scheduled job never runs
+    (CANCELLED at once); a running one gets a cooperative cancel signal (its async
+    handler is cancelled, a sync one sees ctx.cancelled) and ends CANCELLED.
+    Cancelling a finished job is FAILED_PRECONDITION; repeating a cancel is harmless.
+    """
 
 @_typing.type_check_only
 class ProducerServiceAsyncStub(ProducerServiceStub):
@@ -69,6 +75,12 @@ class ProducerServiceAsyncStub(ProducerServiceStub):
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_producer_service_pb2.GetJobRequest, _producer_service_pb2.GetJobResponse]  # type: ignore[assignment]
     """GetJob returns a job's current state, payload and outcome."""
+    CancelJob: _aio.UnaryUnaryMultiCallable[_producer_service_pb2.CancelJobRequest, _producer_service_pb2.CancelJobResponse]  # type: ignore[assignment]
+    """CancelJob cancels a job. A queued, delayed or retry-scheduled job never runs
+    (CANCELLED at once); a running one gets a cooperative cancel signal (its async
+    handler is cancelled, a sync one sees ctx.cancelled) and ends CANCELLED.
+    Cancelling a finished job is FAILED_PRECONDITION; repeating a cancel is harmless.
+    """
 
 class ProducerServiceServicer(metaclass=_abc_1.ABCMeta):
     """ProducerService accepts jobs and streams their progress."""
@@ -111,5 +123,17 @@ class ProducerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_producer_service_pb2.GetJobResponse, _abc.Awaitable[_producer_service_pb2.GetJobResponse]]:
         """GetJob returns a job's current state, payload and outcome."""
+
+    @_abc_1.abstractmethod
+    def CancelJob(
+        self,
+        request: _producer_service_pb2.CancelJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_producer_service_pb2.CancelJobResponse, _abc.Awaitable[_producer_service_pb2.CancelJobResponse]]:
+        """CancelJob cancels a job. A queued, delayed or retry-scheduled job never runs
+        (CANCELLED at once); a running one gets a cooperative cancel signal (its async
+        handler is cancelled, a sync one sees ctx.cancelled) and ends CANCELLED.
+        Cancelling a finished job is FAILED_PRECONDITION; repeating a cancel is harmless.
+        """
 
 def add_ProducerServiceServicer_to_server(servicer: ProducerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

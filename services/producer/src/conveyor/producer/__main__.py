@@ -8,12 +8,15 @@ from conveyor.common import logs, server
 from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
 from conveyor.common.scripts import Scripts
 from conveyor.common.settings import ProducerSettings
+from conveyor.producer.admin import AdminServicer
+from conveyor.producer.cancel import Canceller
+from conveyor.producer.dead_letters import DeadLetters
 from conveyor.producer.enqueue import Enqueuer
 from conveyor.producer.history import History
 from conveyor.producer.jobs import JobReader
 from conveyor.producer.servicer import ProducerServicer
 from conveyor.producer.watch import Watcher
-from conveyor.v1 import producer_service_pb2, producer_service_pb2_grpc
+from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, producer_service_pb2, producer_service_pb2_grpc
 
 
 async def run() -> None:
@@ -28,7 +31,9 @@ async def run() -> None:
         enqueuer=Enqueuer(redis, scripts, settings.max_payload_bytes, settings.max_batch),
         watcher=watcher,
         jobs=JobReader(redis, history),
+        canceller=Canceller(scripts, history, int(settings.retention_s * 1000)),
     )
+    admin = AdminServicer(DeadLetters(redis, scripts))
     await server.serve(
         settings.grpc_addr,
         [
@@ -36,7 +41,12 @@ async def run() -> None:
                 producer_service_pb2_grpc.add_ProducerServiceServicer_to_server,
                 servicer,
                 producer_service_pb2.DESCRIPTOR.services_by_name["ProducerService"].full_name,
-            )
+            ),
+            server.Service(
+                admin_service_pb2_grpc.add_AdminServiceServicer_to_server,
+                admin,
+                admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+            ),
         ],
         grace=settings.shutdown_grace_s,
         unavailable=REDIS_UNAVAILABLE,

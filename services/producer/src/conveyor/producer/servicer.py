@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 
+from conveyor.producer.cancel import Canceller
 from conveyor.producer.enqueue import Enqueuer
 from conveyor.producer.jobs import JobReader
 from conveyor.producer.watch import Watcher
@@ -18,10 +19,11 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class ProducerServicer(producer_service_pb2_grpc.ProducerServiceServicer):
     """The front door: validates and enqueues jobs, streams their events."""
 
-    def __init__(self, enqueuer: Enqueuer, watcher: Watcher, jobs: JobReader) -> None:
+    def __init__(self, enqueuer: Enqueuer, watcher: Watcher, jobs: JobReader, canceller: Canceller) -> None:
         self._enqueuer = enqueuer
         self._watcher = watcher
         self._jobs = jobs
+        self._canceller = canceller
 
     async def Enqueue(
         self, request: producer_service_pb2.EnqueueRequest, context: Context
@@ -45,3 +47,8 @@ class ProducerServicer(producer_service_pb2_grpc.ProducerServiceServicer):
         self, request: producer_service_pb2.GetJobRequest, context: Context
     ) -> producer_service_pb2.GetJobResponse:
         return producer_service_pb2.GetJobResponse(job=await self._jobs.get(request.job_id))
+
+    async def CancelJob(
+        self, request: producer_service_pb2.CancelJobRequest, context: Context
+    ) -> producer_service_pb2.CancelJobResponse:
+        return await self._canceller.cancel(request.job_id, request.reason)

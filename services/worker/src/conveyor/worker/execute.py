@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -34,11 +35,20 @@ def _error(message: str, kind: str, retryable: bool) -> job_pb2.JobError:
     return job_pb2.JobError(message=message[:MAX_ERROR_MESSAGE], kind=kind, retryable=retryable)
 
 
+@dataclass
+class Cancellation:
+    """Set by the heartbeat thread when CancelJob asks a running attempt to stop."""
+
+    requested: threading.Event = field(default_factory=threading.Event)
+    reason: str = "cancelled"
+
+
 async def run_attempt(
     attempt: Attempt,
     handlers: Handlers,
     worker_id: str,
     report: Callable[[float, str], Awaitable[None]],
+    cancellation: Cancellation | None = None,
 ) -> tuple[int, bytes, int]:
     """Run the job's handler once.
 
@@ -68,6 +78,7 @@ async def run_attempt(
             labels=dict(job.labels),
             _report=report,
             _loop=loop,
+            _cancel=(cancellation or Cancellation()).requested,
         )
         timeout = job.timeout.ToTimedelta().total_seconds() if job.HasField("timeout") else 0.0
         try:
@@ -80,6 +91,12 @@ async def run_attempt(
             event.result_json = dumps(result)
             event.type = event_pb2.EVENT_TYPE_SUCCEEDED
             log.debug("job_succeeded", duration_ms=round((time.perf_counter() - started) * 1000, 3))
+        except asyncio.CancelledError:
+            if cancellation is None or not cancellation.requested.is_set():
+                raise  # shutting down: the claim stays pending for another worker
+            event.type = event_pb2.EVENT_TYPE_CANCELLED
+            event.error.CopyFrom(_error(cancellation.reason, "Cancelled", False))
+            log.info("job_cancelled", reason=cancellation.reason)
         except TimeoutError:
             event.type = event_pb2.EVENT_TYPE_FAILED
             event.error.CopyFrom(_error(f"the attempt ran longer than its timeout of {timeout:g} s", "Timeout", True))
@@ -101,6 +118,8 @@ async def run_attempt(
     event.time.FromNanoseconds(now_ns)
     if event.type == event_pb2.EVENT_TYPE_SUCCEEDED:
         return job_pb2.JOB_STATE_SUCCEEDED, embed_job(event.SerializeToString(), attempt.job_bytes), 0
+    if event.type == event_pb2.EVENT_TYPE_CANCELLED:
+        return job_pb2.JOB_STATE_CANCELLED, embed_job(event.SerializeToString(), attempt.job_bytes), 0
     if should_retry(job.retry, attempt.attempt, event.error.retryable):
         due_ms = now_ns // 1_000_000 + retry_delay_ms(job.retry, attempt.attempt)
         event.type = event_pb2.EVENT_TYPE_RETRY_SCHEDULED

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,16 @@ class JobContext:
     labels: Mapping[str, str]
     _report: Callable[[float, str], Awaitable[None]] = field(repr=False)
     _loop: asyncio.AbstractEventLoop = field(repr=False)
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once CancelJob asked this attempt to stop.
+
+        An async handler is cancelled for you (``asyncio.CancelledError`` at its next
+        await); a sync handler, which runs in a thread, should check this between steps.
+        """
+        return self._cancel.is_set()
 
     async def progress(self, percent: float, message: str = "") -> None:
         """Report progress (0-100) from an async handler; watchers see it at once.

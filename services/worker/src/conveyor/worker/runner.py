@@ -21,7 +21,7 @@ from conveyor.common.redis import REDIS_UNAVAILABLE
 from conveyor.common.scripts import Claimed, ClaimResult, Heartbeat, Outcome, Scripts
 from conveyor.common.settings import WorkerSettings
 from conveyor.v1 import event_pb2, job_pb2
-from conveyor.worker.execute import Attempt, run_attempt
+from conveyor.worker.execute import Attempt, Cancellation, run_attempt
 from conveyor.worker.handlers import Handlers
 
 log = structlog.get_logger("conveyor.worker")
@@ -93,6 +93,8 @@ class QueueRunner:
         self._running: set[asyncio.Task[None]] = set()
         #: Claims held until their outcome is recorded (entry id -> claim); the heartbeat reads it.
         self.active: dict[str, Claimed] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._cancels: dict[str, Cancellation] = {}
         self._retention_ms = int(settings.retention_s * 1000)
 
     async def claim_loop(self, stop: asyncio.Event) -> None:
@@ -137,15 +139,25 @@ class QueueRunner:
         self._slots.take(len(claimed))
         for c in claimed:
             self.active[c.entry_id] = c
-            task = asyncio.create_task(self._run(c))
+            cancellation = self._cancels[c.entry_id] = Cancellation()
+            task = self._tasks[c.entry_id] = asyncio.create_task(self._run(c, cancellation))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    def request_cancel(self, entry_id: str, reason: str) -> None:
+        """CancelJob asked this running attempt to stop (called on the loop by the heartbeat thread)."""
+        cancellation, task = self._cancels.get(entry_id), self._tasks.get(entry_id)
+        if cancellation is None or task is None or cancellation.requested.is_set():
+            return
+        cancellation.reason = reason
+        cancellation.requested.set()
+        task.cancel()
 
     @property
     def keys(self) -> QueueKeys:
         return self._keys
 
-    async def _run(self, claimed: Claimed) -> None:
+    async def _run(self, claimed: Claimed, cancellation: Cancellation) -> None:
         job = job_pb2.Job.FromString(claimed.job)
         job.id = f"{self._keys.queue}/{claimed.ulid}"
         job.queue = self._keys.queue
@@ -165,7 +177,7 @@ class QueueRunner:
                 self._keys, worker_id, claimed.ulid, claimed.attempt, event.SerializeToString()
             )
 
-        state, event_bytes, due_ms = await run_attempt(attempt, self._handlers, worker_id, report)
+        state, event_bytes, due_ms = await run_attempt(attempt, self._handlers, worker_id, report, cancellation)
         self._outcomes.put_nowait(
             Outcome(
                 band=claimed.band,
@@ -206,6 +218,8 @@ class QueueRunner:
                 continue
             for outcome, event_id in zip(batch, results, strict=True):
                 self.active.pop(outcome.entry_id, None)
+                self._tasks.pop(outcome.entry_id, None)
+                self._cancels.pop(outcome.entry_id, None)
                 if event_id is None:
                     log.warning(
                         "job_outcome_refused",
@@ -256,6 +270,8 @@ class QueueRunner:
     def abandon_unrecorded(self) -> None:
         """Stop heartbeating claims whose outcome was not recorded: others reclaim them."""
         self.active.clear()
+        self._tasks.clear()
+        self._cancels.clear()
 
 
 async def _until(stop: asyncio.Event, work: object) -> None:
@@ -297,9 +313,10 @@ class Runner:
             QueueRunner(queue_keys(q), redis, wait_redis, scripts, handlers, settings, slots) for q in settings.queues
         ]
 
-    def _beat(self, stopped: threading.Event) -> None:
-        """Heartbeat thread: every third of the visibility timeout, renew every held claim."""
-        interval = self._settings.visibility_timeout_s / 3
+    def _beat(self, stopped: threading.Event, loop: asyncio.AbstractEventLoop) -> None:
+        """Heartbeat thread: renew every held claim (every third of the visibility timeout, at
+        most a second apart, which is also how soon a running attempt sees CancelJob)."""
+        interval = min(self._settings.visibility_timeout_s / 3, 1.0)
         while not stopped.wait(interval):
             for q in self.queues:
                 claims = list(q.active.values())
@@ -310,7 +327,10 @@ class Runner:
                 except Exception as exc:  # a missed beat is retried next interval; never kill the thread
                     log.warning("heartbeat_failed", queue=q.keys.queue, error=str(exc))
                     continue
-                lost = [c.ulid for c, ok in zip(claims, held, strict=True) if not ok and c.entry_id in q.active]
+                for c, status in zip(claims, held, strict=True):
+                    if isinstance(status, str):
+                        loop.call_soon_threadsafe(q.request_cancel, c.entry_id, status)
+                lost = [c.ulid for c, ok in zip(claims, held, strict=True) if ok is False and c.entry_id in q.active]
                 if lost:
                     log.warning("claims_lost", queue=q.keys.queue, count=len(lost), ulids=lost[:10])
 
@@ -319,7 +339,9 @@ class Runner:
         log.info("worker_started", worker=self._settings.worker_id, queues=list(self._settings.queues))
         drained = asyncio.Event()
         beating = threading.Event()
-        heart = threading.Thread(target=self._beat, args=(beating,), name="conveyor-heartbeat", daemon=True)
+        heart = threading.Thread(
+            target=self._beat, args=(beating, asyncio.get_running_loop()), name="conveyor-heartbeat", daemon=True
+        )
         heart.start()
         completers = [asyncio.create_task(q.complete_loop(stop, drained)) for q in self.queues]
         maintainers = [asyncio.create_task(q.maintain(stop)) for q in self.queues]

@@ -8,6 +8,7 @@ final FAILED also goes to the dead-letter stream with its last error; final outc
 the record for the retention. Also expires records past it.
 KEYS[1] state hash  KEYS[2] events stream  KEYS[3] done zset  KEYS[4..12] job streams, bands 1..9
 KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream  KEYS[16] dead stream
+KEYS[17] cancel hash
 ARGV[1] consumer group  ARGV[2] consumer  ARGV[3] record retention ms  ARGV[4] number of outcomes
 ARGV[5] the outcomes packed back to back, each as struct '>B I2 c0 c26 I4 B d I4 c0':
   band, entry id, ulid, attempt, JobState (4 = retry, else final), due ms (retries), JobEvent bytes
@@ -44,9 +45,10 @@ for _ = 1, n do
     end
     redis.call('XACK', stream, group, entry_id)
     redis.call('XDEL', stream, entry_id)
+    redis.call('HDEL', KEYS[17], ulid)
     local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
     if new_state == 6 and job then
-      redis.call('XADD', dead_key, '*', 'j', ulid, 'd', job, 'e', event)
+      redis.call('XADD', dead_key, '*', 'j', ulid, 'd', job, 'e', event, 'p', prio, 'a', att)
     end
     if new_state == 4 and job then
       redis.call('HSET', parked_key, ulid, job)

@@ -6,6 +6,7 @@ dead-letter stream as DEAD_LETTERED instead of killing another worker. Ids XAUTO
 reports as deleted are acked so the pending list does not keep them.
 KEYS[1] state hash  KEYS[2] events stream  KEYS[3] done zset  KEYS[4..12] job streams, bands 1..9
 KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream  KEYS[16] dead stream
+KEYS[17] cancel hash (a reclaimed job whose cancel was requested ends CANCELLED instead of running)
 ARGV[1] consumer group  ARGV[2] consumer  ARGV[3] min idle ms  ARGV[4] most jobs to take
 ARGV[5] delivery limit  ARGV[6] record retention ms
 returns {claimed, dead}: claimed as in claim.lua (6 values per job); dead = ulids dead-lettered
@@ -55,6 +56,19 @@ for band = 9, 1, -1 do
         if not st or tonumber(st) >= 5 or eid ~= entry_id then
           redis.call('XACK', stream, group, entry_id)
           redis.call('XDEL', stream, entry_id)
+        elseif redis.call('HEXISTS', KEYS[17], ulid) == 1 then
+          -- JobEvent{type: CANCELLED, attempt, time, worker, error{message, kind}, job}
+          local reason = redis.call('HGET', KEYS[17], ulid)
+          if reason == '' then reason = 'cancelled' end
+          local err = bytes_field(0x0a, reason) .. bytes_field(0x12, 'Cancelled')
+          local event = string.char(0x18) .. varint(8) .. string.char(0x20) .. varint(tonumber(attempt))
+            .. bytes_field(0x2a, timestamp) .. bytes_field(0x32, consumer) .. bytes_field(0x52, err) .. bytes_field(0x62, job)
+          redis.call('XACK', stream, group, entry_id)
+          redis.call('XDEL', stream, entry_id)
+          redis.call('HDEL', KEYS[17], ulid)
+          local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
+          redis.call('HSET', state_key, ulid, '8|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)
+          redis.call('ZADD', done_key, now_ms + retention, ulid)
         elseif deliveries > limit then
           -- JobEvent{type: DEAD_LETTERED, attempt, time, worker, error{message, kind}, job}
           local message = 'delivered ' .. (deliveries - 1) .. ' times without an outcome (its workers died or stalled); delivery limit ' .. limit
@@ -64,7 +78,7 @@ for band = 9, 1, -1 do
           redis.call('XACK', stream, group, entry_id)
           redis.call('XDEL', stream, entry_id)
           local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
-          redis.call('XADD', dead_key, '*', 'j', ulid, 'd', job, 'e', event)
+          redis.call('XADD', dead_key, '*', 'j', ulid, 'd', job, 'e', event, 'p', prio, 'a', attempt)
           redis.call('HSET', state_key, ulid, '7|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)
           redis.call('ZADD', done_key, now_ms + retention, ulid)
           dead[#dead + 1] = ulid

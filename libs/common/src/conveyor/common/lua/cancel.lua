@@ -1,0 +1,59 @@
+--[[ cancel: cancel one job (CancelJob).
+A queued, delayed or retry-scheduled job is removed from where it waits and ends CANCELLED
+now, so it never runs. A running job is marked in the cancel hash; its worker's heartbeat
+sees the mark, stops the attempt and records CANCELLED (complete.lua). Finished jobs are
+left alone. Idempotent: a second cancel changes nothing.
+KEYS as in claim.lua: [1] state [2] events [3] done [4..12] bands [13] delayed [14] parked
+[15] signal [16] dead [17] cancel
+ARGV[1] ulid  ARGV[2] CANCELLED JobEvent bytes (without the job)  ARGV[3] retention ms  ARGV[4] reason
+returns {outcome, state}: outcome 1 = cancelled now, 2 = running attempt signalled,
+  0 = already final (state says which), -1 = no live record
+]]
+local state_key, events_key, done_key = KEYS[1], KEYS[2], KEYS[3]
+local delayed_key, parked_key, cancel_key = KEYS[13], KEYS[14], KEYS[17]
+local ulid, event, retention, reason = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+
+local function varint(v)
+  local parts = {}
+  while v >= 128 do
+    parts[#parts + 1] = string.char(v % 128 + 128)
+    v = math.floor(v / 128)
+  end
+  parts[#parts + 1] = string.char(v)
+  return table.concat(parts)
+end
+
+local rec = redis.call('HGET', state_key, ulid)
+if not rec then return {-1, 0} end
+local st, att, prio, eid, first_ev = string.match(rec, '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|')
+local state = tonumber(st)
+if state >= 5 then return {0, state} end
+if state == 3 then
+  redis.call('HSET', cancel_key, ulid, reason)
+  return {2, 3}
+end
+
+local job = nil
+if state == 1 then
+  local stream = KEYS[3 + tonumber(prio)]
+  local entry = redis.call('XRANGE', stream, eid, eid)[1]
+  if entry then
+    for f = 1, #entry[2], 2 do
+      if entry[2][f] == 'd' then job = entry[2][f + 1] end
+    end
+  end
+  redis.call('XDEL', stream, eid)
+else
+  job = redis.call('HGET', parked_key, ulid)
+  redis.call('ZREM', delayed_key, ulid)
+  redis.call('HDEL', parked_key, ulid)
+end
+if job then
+  event = event .. string.char(0x62) .. varint(#job) .. job  -- JobEvent.job: the final event carries the job
+end
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
+redis.call('HSET', state_key, ulid, '8|' .. att .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)
+redis.call('ZADD', done_key, now_ms + retention, ulid)
+return {1, 8}

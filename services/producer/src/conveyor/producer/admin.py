@@ -1,0 +1,37 @@
+"""AdminService: thin gRPC methods over DeadLetters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from conveyor.producer.dead_letters import DeadLetters
+from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
+    """Operator controls: dead letters."""
+
+    def __init__(self, dead_letters: DeadLetters) -> None:
+        self._dead = dead_letters
+
+    async def ListDeadLetters(
+        self, request: admin_service_pb2.ListDeadLettersRequest, context: Context
+    ) -> admin_service_pb2.ListDeadLettersResponse:
+        return await self._dead.page(request.queue, request.page_size, request.page_token)
+
+    async def RetryDeadLetters(
+        self, request: admin_service_pb2.RetryDeadLettersRequest, context: Context
+    ) -> admin_service_pb2.RetryDeadLettersResponse:
+        job_ids = await self._dead.retry(request.queue, request.job_id, request.all)
+        return admin_service_pb2.RetryDeadLettersResponse(job_ids=job_ids)
+
+    async def PurgeDeadLetters(
+        self, request: admin_service_pb2.PurgeDeadLettersRequest, context: Context
+    ) -> admin_service_pb2.PurgeDeadLettersResponse:
+        return admin_service_pb2.PurgeDeadLettersResponse(
+            purged=await self._dead.purge(request.queue, request.job_id, request.all)
+        )
