@@ -182,3 +182,45 @@ def test_an_external_client_drives_the_stack_over_reflection(stack: Stack) -> No
     bad = buf_curl(f"{base}/conveyor.v1.ProducerService/Enqueue", data=json.dumps({"queue": "no spaces", "type": "t"}))
     assert bad.returncode == 3 * 8, bad  # buf curl exits with the gRPC code times 8
     assert "invalid_argument" in bad.stderr
+
+
+async def test_redis_returns_to_baseline_after_jobs_finish_and_the_retention_passes(stack: Stack) -> None:
+    """Invariant 7: nothing in Redis grows with the number of jobs ever run."""
+    redis = make_redis(stack.redis.url)
+    keys = queue_keys("retention")
+    per_job = [keys.state, keys.done, keys.events, *keys.bands, keys.delayed, keys.parked, keys.dead]
+
+    async def size(key: str) -> int:
+        kind = (await redis.type(key)).decode()
+        if kind == "hash":
+            return int(await redis.hlen(key))
+        if kind == "zset":
+            return int(await redis.zcard(key))
+        if kind == "stream":
+            return int(await redis.xlen(key))
+        return 0
+
+    try:
+        async with ConveyorClient(stack.producer.addr, stack.results.addr) as client:
+            baseline_keys = await redis.dbsize()
+            requests = [client.request("retention", "demo.noop", {"i": i}, idempotency_key="") for i in range(2000)]
+            for i in range(0, len(requests), 500):
+                await client.enqueue_batch(requests[i : i + 500])
+            # The stack's workers serve QUEUE only: start one for this queue.
+            worker = ServiceProcess(
+                "worker",
+                {"REDIS_URL": stack.redis.url, "CONVEYOR_RETENTION_SECONDS": RETENTION, "CONVEYOR_QUEUES": "retention"},
+                name="retention-worker",
+            ).start()
+            try:
+
+                async def back_to_baseline() -> bool:
+                    return not any([await size(key) for key in per_job])
+
+                await wait_for(back_to_baseline, "per-job data to leave Redis", within=40, interval=0.5)
+            finally:
+                worker.stop()
+            # Only fixed per-queue keys are left (streams, groups), whatever the number of jobs.
+            assert await redis.dbsize() - baseline_keys <= len(keys.bands) + 4
+    finally:
+        await redis.aclose()
