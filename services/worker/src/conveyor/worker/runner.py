@@ -93,6 +93,8 @@ class QueueRunner:
         self._running: set[asyncio.Task[None]] = set()
         #: Claims held until their outcome is recorded (entry id -> claim); the heartbeat reads it.
         self.active: dict[str, Claimed] = {}
+        #: Entries whose outcome is being recorded: a heartbeat that finds them no longer ACTIVE is not a loss.
+        self.completing: set[str] = set()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancels: dict[str, Cancellation] = {}
         self._retention_ms = int(settings.retention_s * 1000)
@@ -208,6 +210,7 @@ class QueueRunner:
                 batch.append(getter.result())
                 while len(batch) < MAX_COMPLETE and not self._outcomes.empty():
                     batch.append(self._outcomes.get_nowait())
+            self.completing.update(o.entry_id for o in batch)
             try:
                 results = await self._scripts.complete(self._keys, self._settings.worker_id, self._retention_ms, batch)
                 backoff.reset()
@@ -218,6 +221,7 @@ class QueueRunner:
                 continue
             for outcome, event_id in zip(batch, results, strict=True):
                 self.active.pop(outcome.entry_id, None)
+                self.completing.discard(outcome.entry_id)
                 self._tasks.pop(outcome.entry_id, None)
                 self._cancels.pop(outcome.entry_id, None)
                 if event_id is None:
@@ -330,7 +334,11 @@ class Runner:
                 for c, status in zip(claims, held, strict=True):
                     if isinstance(status, str):
                         loop.call_soon_threadsafe(q.request_cancel, c.entry_id, status)
-                lost = [c.ulid for c, ok in zip(claims, held, strict=True) if ok is False and c.entry_id in q.active]
+                lost = [
+                    c.ulid
+                    for c, ok in zip(claims, held, strict=True)
+                    if ok is False and c.entry_id in q.active and c.entry_id not in q.completing
+                ]
                 if lost:
                     log.warning("claims_lost", queue=q.keys.queue, count=len(lost), ulids=lost[:10])
 

@@ -1,0 +1,817 @@
+#!/usr/bin/env python3
+"""Chaos run: many jobs, handlers failing at random, workers SIGKILLed at random intervals.
+
+    .venv/bin/python bench/chaos.py [--jobs 20000] [--workers 3] [--fail-rate 0.05]
+                                    [--kill-every 2-6] [--seed N] [--deadline 600] [--keep]
+
+Starts a private stack (the same as bench/run.py: redis-server with AOF, PostgreSQL with
+fsync on, `python -m conveyor.results` and `conveyor.producer`), plus N workers running
+`bench/chaos_handlers.py` (`chaos.work`: sleeps 0-200 ms, fails on every attempt when its
+payload says so). The driver decides from the seed which jobs fail, enqueues them all with
+`EnqueueBatch` (500 a call), and meanwhile a killer SIGKILLs a random worker every 2-6 s and
+starts a replacement under a new worker id, until every job is final in PostgreSQL (or the
+deadline). Workers run with a 2 s visibility timeout and a delivery limit of 10.
+
+Then it checks, from PostgreSQL, Redis and `ResultsService.ListJobEvents`: one row per job and
+no other; every row final; fail-jobs FAILED (after all their attempts) and the others SUCCEEDED
+(DEAD_LETTERED counted apart, with why); nothing pending, queued or parked in Redis; the
+dead-letter stream holding exactly the FAILED/DEAD_LETTERED jobs; every job's history starting
+with QUEUED and holding exactly one final event, last. Prints the figures and a PASS/FAIL per
+check; exits 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from run import BenchError, Stack, log, tail  # noqa: E402
+
+from conveyor.common.devstack.servers import free_port  # noqa: E402
+from conveyor.common.keys import WORKER_GROUP, queue_keys  # noqa: E402
+from conveyor.v1 import (  # noqa: E402
+    event_pb2,
+    job_pb2,
+    producer_service_pb2,
+    producer_service_pb2_grpc,
+    results_service_pb2,
+    results_service_pb2_grpc,
+)
+
+PY = sys.executable
+QUEUE = "chaos"
+KEYS = queue_keys(QUEUE)
+JOB_TYPE = "chaos.work"
+HANDLERS = "bench.chaos_handlers:handlers"
+BATCH = 500
+ENQUEUE_INFLIGHT = 4
+HISTORY_INFLIGHT = 32
+VISIBILITY_S = 2
+MAX_DELIVERIES = 10
+MAX_ATTEMPTS = 3
+
+QUEUED, ACTIVE, SUCCEEDED, FAILED, DEAD = 1, 3, 5, 6, 7  # conveyor.v1.JobState
+FINAL_STATES = (SUCCEEDED, FAILED, DEAD)
+ET = event_pb2
+FINAL_EVENTS = {ET.EVENT_TYPE_SUCCEEDED, ET.EVENT_TYPE_FAILED, ET.EVENT_TYPE_DEAD_LETTERED, ET.EVENT_TYPE_CANCELLED}
+EVENT_FOR_STATE = {SUCCEEDED: ET.EVENT_TYPE_SUCCEEDED, FAILED: ET.EVENT_TYPE_FAILED, DEAD: ET.EVENT_TYPE_DEAD_LETTERED}
+STATE_NAMES = {v: k.removeprefix("JOB_STATE_") for k, v in job_pb2.JobState.items()}
+EVENT_NAMES = {v: k.removeprefix("EVENT_TYPE_") for k, v in event_pb2.EventType.items()}
+
+
+# -- workers ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    worker_id: str
+    addr: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    started: float
+    killed_at: float | None = None
+
+
+@dataclass
+class Pool:
+    """The worker processes: started, killed and replaced by the chaos driver."""
+
+    stack: Stack
+    workdir: Path
+    concurrency: int
+    workers: list[Worker] = field(default_factory=list)
+    next_id: int = 1
+
+    def env(self) -> dict[str, str]:
+        assert self.stack.redis_server is not None
+        return dict(
+            os.environ,
+            REDIS_URL=self.stack.redis_server.url,
+            PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+            PYTHONUNBUFFERED="1",
+            CONVEYOR_LOG_LEVEL="warning",
+            CONVEYOR_LOG_FORMAT="json",
+            CONVEYOR_QUEUES=QUEUE,
+            CONVEYOR_HANDLERS=HANDLERS,
+            CONVEYOR_CONCURRENCY=str(self.concurrency),
+            CONVEYOR_VISIBILITY_TIMEOUT_SECONDS=str(VISIBILITY_S),
+            CONVEYOR_MAX_DELIVERIES=str(MAX_DELIVERIES),
+        )
+
+    def spawn(self) -> Worker:
+        worker_id = f"chaos-w{self.next_id}"
+        self.next_id += 1
+        addr = f"127.0.0.1:{free_port()}"
+        log_path = self.workdir / f"{worker_id}.log"
+        with log_path.open("ab") as out:
+            proc = subprocess.Popen(
+                [PY, "-m", "conveyor.worker"],
+                env={**self.env(), "CONVEYOR_WORKER_ID": worker_id, "CONVEYOR_GRPC_ADDR": addr},
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd=ROOT, start_new_session=True,
+            )  # fmt: skip
+        w = Worker(worker_id, addr, proc, log_path, time.monotonic())
+        self.workers.append(w)
+        return w
+
+    @property
+    def alive(self) -> list[Worker]:
+        return [w for w in self.workers if w.killed_at is None and w.proc.poll() is None]
+
+    def died_on_their_own(self) -> list[Worker]:
+        return [w for w in self.workers if w.killed_at is None and w.proc.poll() is not None]
+
+    def kill(self, w: Worker) -> None:
+        w.killed_at = time.monotonic()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(w.proc.pid, signal.SIGKILL)
+        w.proc.wait(10)
+
+    def stop_all(self) -> None:
+        live = [w for w in self.workers if w.proc.poll() is None]
+        for w in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(w.proc.pid, signal.SIGTERM)
+        for w in live:
+            try:
+                w.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(w.proc.pid, signal.SIGKILL)
+                w.proc.wait(5)
+
+
+async def wait_healthy(w: Worker, within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    async with grpc.aio.insecure_channel(w.addr) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if w.proc.poll() is not None:
+                raise BenchError(
+                    f"worker {w.worker_id} exited with {w.proc.returncode} while starting:\n{tail(w.log_path)}"
+                )
+            with contextlib.suppress(grpc.RpcError):
+                r = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            if time.monotonic() > deadline:
+                raise BenchError(f"worker {w.worker_id} not SERVING after {within_s:.0f} s:\n{tail(w.log_path)}")
+            await asyncio.sleep(0.05)
+
+
+# -- Redis and PostgreSQL observations -------------------------------------------------------
+
+
+def redis_queue_state(stack: Stack) -> dict[str, Any]:
+    """Lengths, pending entries, delayed/parked jobs, and how far the results service is behind."""
+    r = stack.r
+    assert r is not None
+    out: dict[str, Any] = {"xlen": 0, "pending": 0, "bands": {}}
+    for band, key in enumerate(KEYS.bands, start=1):
+        if not r.exists(key):
+            continue
+        xlen = int(r.xlen(key))
+        try:
+            pending = int(r.xpending(key, WORKER_GROUP)["pending"])
+        except Exception:  # no group yet
+            pending = 0
+        out["xlen"] += xlen
+        out["pending"] += pending
+        if xlen or pending:
+            out["bands"][band] = {"xlen": xlen, "pending": pending}
+    out["delayed"] = int(r.zcard(KEYS.delayed))
+    out["parked"] = int(r.hlen(KEYS.parked))
+    out["results_pending"], out["results_lag"] = None, None
+    with contextlib.suppress(Exception):
+        for g in r.xinfo_groups(KEYS.events):
+            if g["name"] == b"results":
+                out["results_pending"], out["results_lag"] = int(g["pending"]), g.get("lag")
+    return out
+
+
+def settled(s: dict[str, Any]) -> bool:
+    return (
+        s["xlen"] == 0 and s["pending"] == 0 and s["delayed"] == 0 and s["parked"] == 0
+        and s["results_pending"] == 0 and s["results_lag"] == 0
+    )  # fmt: skip
+
+
+def held_by(stack: Stack, worker_id: str) -> int:
+    """Entries ``worker_id`` holds (claimed, no outcome yet) across the job streams."""
+    r = stack.r
+    assert r is not None
+    held = 0
+    for key in KEYS.bands:
+        with contextlib.suppress(Exception):
+            for c in r.xinfo_consumers(key, WORKER_GROUP):
+                if c["name"].decode() == worker_id:
+                    held += int(c["pending"])
+    return held
+
+
+def pg_states(stack: Stack) -> Counter[int]:
+    assert stack.db is not None
+    rows = stack.db.execute("SELECT state, count(*) FROM jobs WHERE queue = %s GROUP BY state", (QUEUE,)).fetchall()
+    return Counter({int(s): int(n) for s, n in rows})
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    a: argparse.Namespace
+    stack: Stack
+    pool: Pool
+    fail: dict[str, bool] = field(default_factory=dict)  # job id -> meant to fail
+    index: dict[str, int] = field(default_factory=dict)  # job id -> i
+    kills: list[dict[str, Any]] = field(default_factory=list)
+    t0: float = 0.0  # wall clock of the first EnqueueBatch
+    t_enqueued: float = 0.0
+    t_final_seen: float | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    errors: list[str] = field(default_factory=list)
+    starting: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def enqueue(self) -> None:
+        a = self.a
+        rng = random.Random(a.seed)
+        retry = job_pb2.RetryPolicy(max_attempts=MAX_ATTEMPTS, backoff=job_pb2.BACKOFF_EXPONENTIAL, jitter=0.1)
+        retry.base.FromMilliseconds(50)
+        retry.cap.FromMilliseconds(200)
+        plan: list[tuple[int, bool, bytes]] = []
+        for i in range(a.jobs):
+            fail = rng.random() < a.fail_rate
+            payload = {"i": i, "fail": fail, "sleep_ms": round(rng.uniform(0, a.sleep_ms), 3)}
+            plan.append((i, fail, json.dumps(payload, separators=(",", ":")).encode()))
+        sem = asyncio.Semaphore(ENQUEUE_INFLIGHT)
+        async with grpc.aio.insecure_channel(self.stack.producer_addr) as channel:
+            stub = producer_service_pb2_grpc.ProducerServiceStub(channel)
+
+            async def send(chunk: list[tuple[int, bool, bytes]]) -> None:
+                req = producer_service_pb2.EnqueueBatchRequest(
+                    jobs=[
+                        producer_service_pb2.EnqueueRequest(queue=QUEUE, type=JOB_TYPE, payload_json=p, retry=retry)
+                        for _, _, p in chunk
+                    ]
+                )
+                async with sem:
+                    resp = await stub.EnqueueBatch(req, timeout=60)
+                if len(resp.results) != len(chunk):
+                    raise BenchError(f"EnqueueBatch answered {len(resp.results)} results for {len(chunk)} jobs")
+                for (i, fail, _), res in zip(chunk, resp.results, strict=True):
+                    if not res.created or not res.job_id:
+                        raise BenchError(f"job {i} was not created: {res}")
+                    if res.job_id in self.fail:
+                        raise BenchError(f"job id {res.job_id} returned twice")
+                    self.fail[res.job_id] = fail
+                    self.index[res.job_id] = i
+
+            self.t0 = time.time()
+            await asyncio.gather(*(send(plan[k : k + BATCH]) for k in range(0, len(plan), BATCH)))
+            self.t_enqueued = time.time()
+        log(
+            f"enqueued {len(self.fail)} jobs in {self.t_enqueued - self.t0:.2f} s "
+            f"({sum(self.fail.values())} meant to fail)"
+        )
+
+    async def killer(self) -> None:
+        lo, hi = self.a.kill_lo, self.a.kill_hi
+        rng = random.Random(f"{self.a.seed}-killer")
+        while not self.done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.done.wait(), rng.uniform(lo, hi))
+            if self.done.is_set():
+                return
+            alive = self.pool.alive
+            if not alive:
+                continue
+            victim = rng.choice(alive)
+            held = held_by(self.stack, victim.worker_id)
+            self.pool.kill(victim)
+            fresh = self.pool.spawn()
+            self.kills.append(
+                {"t": round(time.time() - self.t0, 2), "worker": victim.worker_id, "held": held,
+                 "uptime_s": round(victim.killed_at - victim.started, 1),  # type: ignore[operator]
+                 "replacement": fresh.worker_id}
+            )  # fmt: skip
+            log(f"killed {victim.worker_id} (holding {held} jobs), started {fresh.worker_id}")
+            # The next interval runs from this kill: a replacement may itself be killed while starting.
+            starting = asyncio.create_task(self.started(fresh))
+            self.starting.add(starting)
+            starting.add_done_callback(self.starting.discard)
+
+    async def started(self, w: Worker) -> None:
+        """A replacement that fails to start (not killed by us meanwhile) ends the run with an error."""
+        try:
+            await wait_healthy(w, 60)
+        except BenchError as exc:
+            if w.killed_at is None:
+                self.errors.append(str(exc))
+                self.done.set()
+
+    async def progress(self) -> None:
+        while not self.done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.done.wait(), self.a.progress)
+            if not self.done.is_set():
+                self.print_progress()
+
+    def print_progress(self) -> None:
+        st = pg_states(self.stack)
+        final = sum(st[s] for s in FINAL_STATES)
+        rs = redis_queue_state(self.stack)
+        log(
+            f"[{time.time() - self.t0:6.1f} s] final {final}/{self.a.jobs} "
+            f"(succeeded {st[SUCCEEDED]}, failed {st[FAILED]}, dead {st[DEAD]}; rows {sum(st.values())}) | "
+            f"redis: stream {rs['xlen']}, pending {rs['pending']}, delayed {rs['delayed']}, "
+            f"results lag {rs['results_lag']} | workers alive {len(self.pool.alive)}, killed {len(self.kills)}"
+        )
+
+    async def watch_final(self) -> None:
+        """Until every job is final in PostgreSQL (or the deadline, or a service died)."""
+        deadline = time.monotonic() + self.a.deadline
+        while not self.done.is_set():
+            try:
+                self.stack.check_alive()
+            except BenchError as exc:
+                self.errors.append(str(exc))
+                break
+            crashed = self.pool.died_on_their_own()
+            if crashed:
+                w = crashed[0]
+                self.errors.append(f"worker {w.worker_id} exited by itself ({w.proc.returncode}):\n{tail(w.log_path)}")
+                break
+            st = pg_states(self.stack)
+            if self.fail and sum(st[s] for s in FINAL_STATES) >= len(self.fail):
+                self.t_final_seen = time.time()
+                break
+            if time.monotonic() > deadline:
+                self.errors.append(f"deadline: not every job final after {self.a.deadline:.0f} s ({dict(st)})")
+                break
+            await asyncio.sleep(0.2)
+        self.done.set()
+
+    async def drive(self) -> None:
+        killer = asyncio.create_task(self.killer())
+        progress = asyncio.create_task(self.progress())
+        try:
+            await self.enqueue()
+            await self.watch_final()
+        finally:
+            self.done.set()
+            for task in self.starting:
+                task.cancel()
+            await asyncio.gather(killer, progress, *self.starting, return_exceptions=True)
+        self.print_progress()
+
+    async def histories(self) -> dict[str, list[event_pb2.JobEvent]]:
+        assert self.stack.services["results"]
+        out: dict[str, list[event_pb2.JobEvent]] = {}
+        sem = asyncio.Semaphore(HISTORY_INFLIGHT)
+        async with grpc.aio.insecure_channel(self.stack.services["results"].addr) as channel:
+            stub = results_service_pb2_grpc.ResultsServiceStub(channel)
+
+            async def one(job_id: str) -> None:
+                events: list[event_pb2.JobEvent] = []
+                after = ""
+                async with sem:
+                    while True:
+                        resp = await stub.ListJobEvents(
+                            results_service_pb2.ListJobEventsRequest(
+                                job_id=job_id, after_event_id=after, page_size=1000
+                            ),
+                            timeout=60,
+                        )
+                        events.extend(resp.events)
+                        if not resp.has_more or not resp.events:
+                            break
+                        after = resp.events[-1].id
+                out[job_id] = events
+
+            await asyncio.gather(*(one(j) for j in self.fail))
+        return out
+
+
+# -- verification ----------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+def sid(event_id: str) -> tuple[int, int]:
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def few(xs: list[Any] | set[Any], k: int = 3) -> str:
+    """``len(xs)`` and the first ``k`` of them, for a check's detail."""
+    return f"{len(xs)} {sorted(xs)[:k] if isinstance(xs, set) else xs[:k]}"
+
+
+JobEvents = dict[str, list[event_pb2.JobEvent]]
+
+
+def verify(run: Run, rs: dict[str, Any], histories: JobEvents) -> tuple[list[Check], dict[str, Any]]:
+    stack, n = run.stack, len(run.fail)
+    db, r = stack.db, stack.r
+    assert db is not None and r is not None
+    checks: list[Check] = []
+    figures: dict[str, Any] = {}
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        checks.append(Check(name, ok, detail))
+
+    # PostgreSQL: one row per job, every row final, the right outcome.
+    q = "SELECT count(*), count(DISTINCT job_id) FROM jobs WHERE queue = %s"
+    total, distinct = db.execute(q, (QUEUE,)).fetchone()
+    all_rows = db.execute("SELECT count(*) FROM jobs").fetchone()[0]
+    check(
+        "rows: count(*) = count(distinct job_id) = jobs",
+        total == distinct == n == all_rows,
+        f"count {total}, distinct {distinct}, jobs {n}, rows in table {all_rows}",
+    )
+    q = "SELECT job_id, state, attempts, error, result->'i', payload->'i', worker FROM jobs WHERE queue = %s"
+    rows = db.execute(q, (QUEUE,)).fetchall()
+    by_id = {row[0]: row for row in rows}
+    missing = [j for j in run.fail if j not in by_id]
+    extra = [j for j in by_id if j not in run.fail]
+    check(
+        "rows: exactly the enqueued job ids", not missing and not extra, f"missing {few(missing)}, unknown {few(extra)}"
+    )
+    states = Counter(int(row[1]) for row in rows)
+    not_final = [row[0] for row in rows if row[1] not in FINAL_STATES]
+    named = {STATE_NAMES[k]: v for k, v in states.items()}
+    check("rows: every job final (none pending)", not not_final, f"not final {few(not_final)}; states {named}")
+    wrong_fail = [j for j, f in run.fail.items() if f and j in by_id and by_id[j][1] not in (FAILED, DEAD)]
+    wrong_ok = [j for j, f in run.fail.items() if not f and j in by_id and by_id[j][1] not in (SUCCEEDED, DEAD)]
+    check(
+        "rows: fail-jobs FAILED, the others SUCCEEDED (or DEAD_LETTERED)",
+        not wrong_fail and not wrong_ok,
+        f"fail-jobs not failed {few(wrong_fail)}, others not succeeded {few(wrong_ok)}",
+    )
+    early = [row[0] for row in rows if row[1] == FAILED and row[2] < MAX_ATTEMPTS]
+    kinds = Counter((row[3] or {}).get("kind") for row in rows if row[1] == FAILED)
+    check(
+        f"rows: FAILED only after {MAX_ATTEMPTS} attempts, error ChaosFailure",
+        not early and set(kinds) <= {"ChaosFailure"},
+        f"too few attempts {few(early)}; error kinds {dict(kinds)}",
+    )
+    bad_result = [row[0] for row in rows if row[1] == SUCCEEDED and row[4] != row[5]]
+    check("rows: every SUCCEEDED result matches its payload", not bad_result, few(bad_result))
+
+    dead_rows = [row for row in rows if row[1] == DEAD]
+    dead_why: Counter[str] = Counter()
+    for row in dead_rows:
+        err = row[3] or {}
+        dead_why[f"{'fail-job' if run.fail.get(row[0]) else 'healthy'}: {err.get('kind')}: {err.get('message')}"] += 1
+    figures["dead_lettered_why"] = dict(dead_why)
+    figures["dead_lettered_ids"] = [row[0] for row in dead_rows][:10]
+
+    # Redis: nothing left to do, nothing pending, the dead-letter stream right.
+    check(
+        "redis: job streams empty (XLEN 0), no entry pending (XPENDING 0)",
+        rs["xlen"] == 0 and rs["pending"] == 0,
+        f"xlen {rs['xlen']}, pending {rs['pending']} {rs['bands']}",
+    )
+    check(
+        "redis: delayed zset and parked hash empty",
+        rs["delayed"] == 0 and rs["parked"] == 0,
+        f"delayed {rs['delayed']}, parked {rs['parked']}",
+    )
+    check(
+        "redis: results service caught up (group pending 0, lag 0)",
+        rs["results_pending"] == 0 and rs["results_lag"] == 0,
+        f"pending {rs['results_pending']}, lag {rs['results_lag']}",
+    )
+    live_not_final = []
+    for ulid, rec in r.hscan_iter(KEYS.state, count=1000):
+        if int(rec.split(b"|", 1)[0]) not in FINAL_STATES:
+            live_not_final.append((ulid.decode(), rec.decode(errors="replace")[:60]))
+    check("redis: no live record in a non-final state", not live_not_final, few(live_not_final))
+    dead_entries = [fields[b"j"].decode() for _, fields in r.xrange(KEYS.dead, "-", "+")]
+    dead_expected = {row[0].split("/", 1)[1] for row in rows if row[1] in (FAILED, DEAD)}
+    dup_dead = [u for u, c in Counter(dead_entries).items() if c > 1]
+    check(
+        "redis: dead-letter stream = the FAILED + DEAD_LETTERED jobs, once each",
+        not dup_dead and set(dead_entries) == dead_expected,
+        f"entries {len(dead_entries)}, expected {len(dead_expected)}, twice {few(dup_dead)}, "
+        f"missing {few(dead_expected - set(dead_entries))}, extra {few(set(dead_entries) - dead_expected)}",
+    )
+
+    # History, via ResultsService.ListJobEvents.
+    no_history: list[str] = []
+    not_one_final: list[Any] = []
+    final_not_last: list[Any] = []
+    final_mismatch: list[Any] = []
+    wrong_attempt: list[Any] = []
+    not_queued_first: list[Any] = []
+    unordered: list[str] = []
+    reclaims = 0  # ACTIVE right after ACTIVE/PROGRESS: an attempt that took over a dead worker's claim
+    reruns = 0  # healthy jobs whose handler was started more than once
+    active_total = 0
+    for job_id, events in histories.items():
+        if not events:
+            no_history.append(job_id)
+            continue
+        types = [e.type for e in events]
+        finals = [k for k, t in enumerate(types) if t in FINAL_EVENTS]
+        if len(finals) != 1:
+            not_one_final.append((job_id, [EVENT_NAMES[types[k]] for k in finals]))
+        elif finals[0] != len(types) - 1:
+            final_not_last.append((job_id, [EVENT_NAMES[t] for t in types[finals[0] :]]))
+        row = by_id.get(job_id)
+        if finals and row is not None:
+            last = events[finals[-1]]
+            if last.type != EVENT_FOR_STATE.get(row[1]):
+                final_mismatch.append((job_id, STATE_NAMES[row[1]], EVENT_NAMES[last.type]))
+            if last.attempt != row[2]:
+                wrong_attempt.append((job_id, row[2], last.attempt))
+        if types[0] != ET.EVENT_TYPE_QUEUED:
+            not_queued_first.append((job_id, EVENT_NAMES[types[0]]))
+        ids = [sid(e.id) for e in events]
+        if any(b <= a for a, b in itertools.pairwise(ids)):
+            unordered.append(job_id)
+        actives = types.count(ET.EVENT_TYPE_ACTIVE)
+        reclaims += sum(
+            1
+            for prev, t in itertools.pairwise(types)
+            if t == ET.EVENT_TYPE_ACTIVE and prev in (ET.EVENT_TYPE_ACTIVE, ET.EVENT_TYPE_PROGRESS)
+        )
+        active_total += actives
+        if not run.fail[job_id] and actives > 1:
+            reruns += 1
+    check("history: every job has events (ListJobEvents)", not no_history, few(no_history))
+    check("history: exactly one final event per job", not not_one_final, few(not_one_final))
+    check(
+        "history: final event is the last, first is QUEUED, ids increase",
+        not final_not_last and not not_queued_first and not unordered,
+        f"after final {few(final_not_last, 2)}, first not QUEUED {few(not_queued_first, 2)}, "
+        f"unordered {few(unordered, 2)}",
+    )
+    check(
+        "history: final event = row state, its attempt = row attempts",
+        not final_mismatch and not wrong_attempt,
+        f"state {few(final_mismatch)}, attempt {few(wrong_attempt)}",
+    )
+
+    figures.update(
+        jobs=n,
+        meant_to_fail=sum(run.fail.values()),
+        succeeded=states[SUCCEEDED],
+        failed=states[FAILED],
+        dead_lettered=states[DEAD],
+        attempts_started=active_total,
+        attempts_in_rows=sum(int(row[2]) for row in rows),
+        reclaimed_attempts=reclaims,
+        healthy_jobs_run_more_than_once=reruns,
+    )
+    return checks, figures
+
+
+def worker_log_counts(pool: Pool) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """What the workers logged about chaos: reclaims, refused (fenced) outcomes, lost claims, dead letters, errors.
+
+    Also the (worker, ulid) pairs of the `claims_lost` warnings (the first 10 ulids of each).
+    """
+    counts: Counter[str] = Counter()
+    lost: list[tuple[str, str]] = []
+    for w in pool.workers:
+        try:
+            lines = w.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                if line.strip():
+                    counts["non-JSON lines"] += 1
+                continue
+            ev = rec.get("event", "")
+            if ev == "jobs_reclaimed":
+                counts["jobs_reclaimed (sum of counts)"] += int(rec.get("count", 0))
+            elif ev == "job_failed":
+                counts["job_failed (handler raised)"] += 1
+            elif ev:
+                counts[ev] += 1
+            if ev == "claims_lost":
+                lost += [(w.worker_id, u) for u in rec.get("ulids", [])]
+    return dict(counts), lost
+
+
+def classify_lost(lost: list[tuple[str, str]], histories: dict[str, list[event_pb2.JobEvent]]) -> Counter[str]:
+    """Was a `claims_lost` warning true? True when another worker started an attempt after this one's."""
+    out: Counter[str] = Counter()
+    for worker, ulid in lost:
+        events = histories.get(f"{QUEUE}/{ulid}", [])
+        mine = [k for k, e in enumerate(events) if e.type == ET.EVENT_TYPE_ACTIVE and e.worker == worker]
+        taken = mine and any(e.type == ET.EVENT_TYPE_ACTIVE and e.worker != worker for e in events[mine[0] + 1 :])
+        final = next((e for e in events if e.type in FINAL_EVENTS), None)
+        if taken:
+            out["taken over by another worker (true)"] += 1
+        elif final is not None and final.worker == worker:
+            out[f"finished by the same worker, {EVENT_NAMES[final.type]} (spurious)"] += 1
+        else:
+            out["other"] += 1
+    return out
+
+
+def print_summary(run: Run, checks: list[Check], figures: dict[str, Any], wlog: dict[str, int]) -> None:
+    a = run.a
+    t_end = figures.get("last_commit_wall") or run.t_final_seen or time.time()
+    duration = t_end - run.t0
+    held = sum(k["held"] for k in run.kills)
+    print()
+    print(
+        f"Chaos run: {a.jobs} jobs, {a.workers} workers (concurrency {a.concurrency}), fail rate {a.fail_rate}, "
+        f"kill every {a.kill_lo:g}-{a.kill_hi:g} s, seed {a.seed}"
+    )
+    print(
+        f"  visibility timeout {VISIBILITY_S} s, delivery limit {MAX_DELIVERIES}, retry: {MAX_ATTEMPTS} attempts, "
+        f"exponential 50-200 ms; handler sleep 0-{a.sleep_ms:g} ms"
+    )
+    meant = figures.get("meant_to_fail", sum(run.fail.values()))
+    rows = [
+        (
+            "jobs enqueued",
+            f"{figures.get('jobs', len(run.fail))} ({meant} meant to fail)",
+        ),
+        ("succeeded", figures.get("succeeded")),
+        ("failed", figures.get("failed")),
+        ("dead-lettered", figures.get("dead_lettered")),
+        (
+            "workers killed (SIGKILL)",
+            f"{len(run.kills)} (holding {held} claimed jobs in all, read just before each kill)",
+        ),
+        ("workers started", len(run.pool.workers)),
+        (
+            "attempts started (ACTIVE events)",
+            f"{figures.get('attempts_started')} (rows' attempts sum {figures.get('attempts_in_rows')})",
+        ),
+        ("reclaimed attempts (ACTIVE after ACTIVE)", figures.get("reclaimed_attempts")),
+        ("healthy jobs run more than once", figures.get("healthy_jobs_run_more_than_once")),
+        ("enqueue (EnqueueBatch of 500)", f"{run.t_enqueued - run.t0:.2f} s"),
+        ("duration (first enqueue -> last commit)", f"{duration:.2f} s"),
+        ("throughput", f"{len(run.fail) / duration:,.0f} jobs/s" if duration > 0 else "-"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print()
+    for k, v in rows:
+        print(f"  {k:{width}s}  {v}")
+    if figures.get("dead_lettered_why"):
+        print("  dead letters, why:")
+        for why, c in figures["dead_lettered_why"].items():
+            print(f"    {c:5d} x {why}")
+    if wlog:
+        print("  worker logs: " + ", ".join(f"{k} {v}" for k, v in sorted(wlog.items())))
+    if figures.get("claims_lost_warnings"):
+        print(
+            "  claims_lost warnings, per ulid: "
+            + ", ".join(f"{v} {k}" for k, v in figures["claims_lost_warnings"].items())
+        )
+    if run.kills:
+        print("  kills: " + ", ".join(f"{k['t']}s {k['worker']}({k['held']})" for k in run.kills))
+    print()
+    width = max(len(c.name) for c in checks) if checks else 10
+    for c in checks:
+        print(f"  {'PASS' if c.ok else 'FAIL'}  {c.name:{width}s}  {'' if c.ok else c.detail}".rstrip())
+    passed = all(c.ok for c in checks) and bool(checks)
+    print(f"\n  RESULT: {'PASS' if passed else 'FAIL'} ({sum(c.ok for c in checks)}/{len(checks)} checks)")
+
+
+async def main_async(a: argparse.Namespace, workdir: Path) -> int:
+    started = time.monotonic()
+    log(f"starting the stack in {workdir}")
+    with Stack(workdir, worker=False) as stack:
+        pool = Pool(stack, workdir, a.concurrency)
+        try:
+            for _ in range(a.workers):
+                pool.spawn()
+            await asyncio.gather(*(wait_healthy(w, 60) for w in pool.workers))
+            log(f"stack up in {time.monotonic() - started:.1f} s: {a.workers} workers")
+            run = Run(a, stack, pool)
+            await run.drive()
+            checks: list[Check] = []
+            if run.errors:
+                for e in run.errors:
+                    log(f"error: {e}")
+                checks.append(Check("run: finished before the deadline, no service died", False, run.errors[0][:300]))
+            else:
+                checks.append(Check("run: finished before the deadline, no service died", True))
+            # Let Redis settle: stragglers reclaimed, results caught up.
+            settle_deadline = time.monotonic() + a.settle
+            rs = redis_queue_state(stack)
+            while not settled(rs) and time.monotonic() < settle_deadline:
+                await asyncio.sleep(0.25)
+                rs = redis_queue_state(stack)
+            assert stack.db is not None
+            last = stack.db.execute(
+                "SELECT extract(epoch FROM max(pg_xact_commit_timestamp(xmin))) FROM jobs WHERE queue = %s", (QUEUE,)
+            ).fetchone()[0]
+            log("reading every job's history (ListJobEvents)")
+            t_hist = time.monotonic()
+            histories = await run.histories()
+            log(f"read {len(histories)} histories in {time.monotonic() - t_hist:.1f} s")
+            more, figures = verify(run, rs, histories)
+            checks += more
+            figures["last_commit_wall"] = float(last) if last is not None else None
+            wlog, lost = worker_log_counts(pool)
+            if lost:
+                figures["claims_lost_warnings"] = dict(classify_lost(lost, histories))
+            print_summary(run, checks, figures, wlog)
+            if a.json:
+                record = {
+                    "metric": "chaos",
+                    "ts": time.time(),
+                    "argv": sys.argv[1:],
+                    "figures": {k: v for k, v in figures.items() if k != "dead_lettered_ids"},
+                    "kills": run.kills,
+                    "worker_logs": wlog,
+                    "checks": {c.name: c.ok for c in checks},
+                    "duration_s": (figures["last_commit_wall"] or time.time()) - run.t0,
+                }
+                with Path(a.json).open("a") as f:  # noqa: ASYNC230 - once, at the end
+                    f.write(json.dumps(record) + "\n")
+            failed = [c for c in checks if not c.ok]
+            if failed and figures.get("dead_lettered_ids"):
+                log(f"dead-lettered job ids: {figures['dead_lettered_ids']}")
+            return 1 if failed else 0
+        finally:
+            pool.stop_all()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=20000)
+    ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=50, help="jobs each worker runs at once")
+    ap.add_argument("--fail-rate", type=float, default=0.05, help="share of jobs whose handler always fails")
+    ap.add_argument("--kill-every", default="2-6", help="seconds between kills, min-max (uniform)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--sleep-ms",
+        type=float,
+        default=200.0,
+        help="handler sleeps uniform 0..this ms (with 20 ms, 20,000 jobs finish in ~4 s: one kill at most)",
+    )
+    ap.add_argument("--deadline", type=float, default=600.0, help="give up when not every job is final after this (s)")
+    ap.add_argument("--settle", type=float, default=30.0, help="s to wait for Redis to drain after the last outcome")
+    ap.add_argument("--progress", type=float, default=3.0, help="seconds between progress lines")
+    ap.add_argument("--json", help="append the run's figures and checks to this JSON-lines file")
+    ap.add_argument("--keep", action="store_true", help="keep the logs directory even when every check passes")
+    a = ap.parse_args()
+    try:
+        lo, _, hi = a.kill_every.partition("-")
+        a.kill_lo, a.kill_hi = float(lo), float(hi or lo)
+        if not 0 < a.kill_lo <= a.kill_hi:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--kill-every {a.kill_every!r}: expected MIN-MAX seconds, e.g. 2-6")
+    if a.workers < 1 or a.jobs < 1 or not 0 <= a.fail_rate <= 1:
+        ap.error("--workers and --jobs must be at least 1, --fail-rate between 0 and 1")
+
+    workdir = Path(tempfile.mkdtemp(prefix="conveyor-chaos-"))
+    rc = 1
+    try:
+        rc = asyncio.run(main_async(a, workdir))
+    except KeyboardInterrupt:
+        log("interrupted")
+    except Exception:
+        traceback.print_exc()
+    finally:
+        if rc == 0 and not a.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"\nlogs in {workdir}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
