@@ -16,8 +16,16 @@ import redis.asyncio as aioredis
 from conveyor.common.keys import RESULTS_GROUP, WORKER_GROUP, QueueKeys
 
 
+_INCLUDE = "--#include prelude\n"
+
+
 def _source(name: str) -> str:
-    return (resources.files("conveyor.common") / "lua" / f"{name}.lua").read_text()
+    """A script's source, with the shared prelude spliced in where it asks for it."""
+    lua = resources.files("conveyor.common") / "lua"
+    text = (lua / f"{name}.lua").read_text()
+    if _INCLUDE in text:
+        text = text.replace(_INCLUDE, (lua / "prelude.lua").read_text(), 1)
+    return text
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,19 +9,10 @@ ARGV[1] ulid  ARGV[2] CANCELLED JobEvent bytes (without the job)  ARGV[3] retent
 returns {outcome, state}: outcome 1 = cancelled now, 2 = running attempt signalled,
   0 = already final (state says which), -1 = no live record
 ]]
+--#include prelude
 local state_key, events_key, done_key = KEYS[1], KEYS[2], KEYS[3]
 local delayed_key, parked_key, cancel_key = KEYS[13], KEYS[14], KEYS[17]
 local ulid, event, retention, reason = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-
-local function varint(v)
-  local parts = {}
-  while v >= 128 do
-    parts[#parts + 1] = string.char(v % 128 + 128)
-    v = math.floor(v / 128)
-  end
-  parts[#parts + 1] = string.char(v)
-  return table.concat(parts)
-end
 
 local rec = redis.call('HGET', state_key, ulid)
 if not rec then return {-1, 0} end
@@ -51,8 +42,6 @@ end
 if job then
   event = event .. string.char(0x62) .. varint(#job) .. job  -- JobEvent.job: the final event carries the job
 end
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
 redis.call('HSET', state_key, ulid, '8|' .. att .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)
 redis.call('ZADD', done_key, now_ms + retention, ulid)

@@ -13,24 +13,9 @@ returns {claimed, wait_from, next_due}:
     entries without a gap
   next_due: ms when the earliest delayed job is due ("" when none)
 ]]
+--#include prelude
 local state_key, events_key, delayed_key, parked_key, signal_key = KEYS[1], KEYS[2], KEYS[13], KEYS[14], KEYS[15]
 local group, consumer, want = ARGV[1], ARGV[2], tonumber(ARGV[3])
-
-local function varint(v)
-  local parts = {}
-  while v >= 128 do
-    parts[#parts + 1] = string.char(v % 128 + 128)
-    v = math.floor(v / 128)
-  end
-  parts[#parts + 1] = string.char(v)
-  return table.concat(parts)
-end
-local function bytes_field(tag, s) return string.char(tag) .. varint(#s) .. s end
-
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local timestamp = string.char(0x08) .. varint(tonumber(now[1])) .. string.char(0x10) .. varint(tonumber(now[2]) * 1000)
-local RECORD = '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)'
 
 -- Promote due jobs: JobEvent{type: QUEUED, time} for each.
 local due = redis.call('ZRANGEBYSCORE', delayed_key, '-inf', now_ms, 'LIMIT', 0, 1000)

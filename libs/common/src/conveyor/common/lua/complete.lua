@@ -14,13 +14,11 @@ ARGV[5] the outcomes packed back to back, each as struct '>B I2 c0 c26 I4 B d I4
   band, entry id, ulid, attempt, JobState (4 = retry, else final), due ms (retries), JobEvent bytes
 returns an array with, per outcome, the event id, or 0 when fenced off
 ]]
+--#include prelude
 local state_key, events_key, done_key = KEYS[1], KEYS[2], KEYS[3]
 local delayed_key, parked_key, signal_key, dead_key = KEYS[13], KEYS[14], KEYS[15], KEYS[16]
 local group, consumer, retention, n, packed = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local pos = 1
-
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 
 local out = {}
 local signalled = false

@@ -12,12 +12,11 @@ ARGV[1] number of jobs  ARGV[2] the jobs packed back to back (one argument, so t
   idempotency window ms, due ms (0 = now), Job bytes, first JobEvent bytes (QUEUED or DELAYED)
 returns a flat array, 3 values per job: ulid, created (1|0), JobState (0 = no longer in Redis)
 ]]
+--#include prelude
 local state_key, events_key, delayed_key, parked_key, signal_key = KEYS[1], KEYS[2], KEYS[13], KEYS[14], KEYS[15]
 local n, packed = tonumber(ARGV[1]), ARGV[2]
 local pos = 1
 local out = {}
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local signalled = false
 
 if redis.call('EXISTS', events_key) == 0 then

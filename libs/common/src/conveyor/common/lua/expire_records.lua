@@ -5,8 +5,7 @@ KEYS[1] state hash  KEYS[2] done zset
 ARGV[1] most records to drop in this call
 returns the number dropped
 ]]
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+--#include prelude
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[1]))
 if #expired > 0 then
   redis.call('HDEL', KEYS[1], unpack(expired))

@@ -11,25 +11,10 @@ ARGV[1] consumer group  ARGV[2] consumer  ARGV[3] min idle ms  ARGV[4] most jobs
 ARGV[5] delivery limit  ARGV[6] record retention ms
 returns {claimed, dead}: claimed as in claim.lua (6 values per job); dead = ulids dead-lettered
 ]]
+--#include prelude
 local state_key, events_key, done_key, dead_key = KEYS[1], KEYS[2], KEYS[3], KEYS[16]
 local group, consumer, min_idle, want = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local limit, retention = tonumber(ARGV[5]), tonumber(ARGV[6])
-
-local function varint(v)
-  local parts = {}
-  while v >= 128 do
-    parts[#parts + 1] = string.char(v % 128 + 128)
-    v = math.floor(v / 128)
-  end
-  parts[#parts + 1] = string.char(v)
-  return table.concat(parts)
-end
-local function bytes_field(tag, s) return string.char(tag) .. varint(#s) .. s end
-
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local timestamp = string.char(0x08) .. varint(tonumber(now[1])) .. string.char(0x10) .. varint(tonumber(now[2]) * 1000)
-local RECORD = '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)'
 
 local claimed, dead = {}, {}
 for band = 9, 1, -1 do

@@ -5,20 +5,10 @@ KEYS as in claim.lua: [1] state [2] events [3] done [4..12] bands [16] dead
 ARGV[1] ulid, or "" for every dead letter  ARGV[2] most to retry in this call
 returns the ulids queued again
 ]]
+--#include prelude
 local state_key, events_key, done_key, dead_key = KEYS[1], KEYS[2], KEYS[3], KEYS[16]
 local only, most = ARGV[1], tonumber(ARGV[2])
 
-local function varint(v)
-  local parts = {}
-  while v >= 128 do
-    parts[#parts + 1] = string.char(v % 128 + 128)
-    v = math.floor(v / 128)
-  end
-  parts[#parts + 1] = string.char(v)
-  return table.concat(parts)
-end
-local now = redis.call('TIME')
-local timestamp = string.char(0x08) .. varint(tonumber(now[1])) .. string.char(0x10) .. varint(tonumber(now[2]) * 1000)
 local queued = string.char(0x18) .. varint(1) .. string.char(0x2a) .. varint(#timestamp) .. timestamp
 
 local retried = {}
