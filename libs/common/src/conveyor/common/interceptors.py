@@ -118,7 +118,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     _check_parsed(request)
                     return await behavior(request, context)
                 except BaseException as exc:
-                    code = await self._abort(exc, context)
+                    code, status = self._status_for(exc, context)
+                    if status is not None:
+                        await context.abort(status.code, status.details, status.trailing_metadata)
                     raise
                 finally:
                     _finished(method, code, started)
@@ -135,7 +137,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     async for response in self._until_shutdown(behavior(request, context)):
                         yield response
                 except BaseException as exc:
-                    code = await self._abort(exc, context)
+                    code, status = self._status_for(exc, context)
+                    if status is not None:
+                        await context.abort(status.code, status.details, status.trailing_metadata)
                     raise
                 finally:
                     _finished(method, code, started)
@@ -175,13 +179,19 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             if aclose is not None:
                 await aclose()  # the servicer's finally blocks run now, not at garbage collection
 
-    async def _abort(self, exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
-        """Abort the RPC for ``exc`` (raises), or return the code when there is nothing to map."""
+    def _status_for(
+        self, exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[grpc.StatusCode, grpc.Status | None]:
+        """The code the RPC ends with for ``exc``, and the status to abort with (None: nothing to map).
+
+        The code is known before aborting (context.abort raises), so the rpc_finished line
+        reports the real code rather than OK.
+        """
         if isinstance(exc, grpc.aio.AbortError):
             code = context.code()
-            return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+            return (code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN), None
         if not isinstance(exc, Exception):  # cancellation, shutdown: let it through
-            return grpc.StatusCode.CANCELLED
+            return grpc.StatusCode.CANCELLED, None
         if isinstance(exc, ConveyorError):
             err = exc
         elif isinstance(exc, self._unavailable):
@@ -191,8 +201,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             log.error("rpc_failed", exc_info=exc)
             err = Internal("internal error")
         status = to_status(err)
-        await context.abort(status.code, status.details, status.trailing_metadata)
-        return status.code  # not reached: abort raises
+        return status.code, status
 
 
 class _Unparsable:

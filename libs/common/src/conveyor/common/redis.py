@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.backoff import ExponentialBackoff
+import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
+
+log = structlog.get_logger("conveyor.redis")
 
 #: Exceptions that mean "Redis is not reachable right now" (UNAVAILABLE to clients).
+#: Includes redis-py's BusyLoadingError (a ConnectionError): Redis is still loading its AOF.
 REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+
+#: Start-up retries while Redis cannot be reached: the first wait, and the longest one.
+CONNECT_FIRST_DELAY_S = 0.1
+CONNECT_MAX_DELAY_S = 5.0
 
 
 class RedisConfigError(RuntimeError):
@@ -34,8 +43,11 @@ def make_redis(url: str, *, blocking: bool = False, max_connections: int = 64) -
         socket_keepalive=True,
         health_check_interval=30,
         max_connections=max_connections,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        # No transparent retries. A command whose connection broke may have run (Redis stopping
+        # right after it, a cut network): sending a script such as enqueue or claim again would
+        # run it twice. Callers see the error: RPCs answer UNAVAILABLE, loops back off and retry
+        # what is safe to retry. (The sync redis.retry.Retry this used to pass never retried
+        # anything on the asyncio client: its call_with_retry does not await.)
     )
     return cast(aioredis.Redis, client)
 
@@ -54,11 +66,68 @@ async def check_server(client: aioredis.Redis) -> dict[str, Any]:
     return info
 
 
-async def connect_redis(url: str, *, blocking: bool = False) -> aioredis.Redis:
-    """A checked client for ``url`` (see make_redis and check_server)."""
+async def connect_redis(
+    url: str,
+    *,
+    blocking: bool = False,
+    wait: bool = False,
+    max_delay_s: float = CONNECT_MAX_DELAY_S,
+) -> aioredis.Redis:
+    """A checked client for ``url`` (see make_redis and check_server).
+
+    Args:
+        url: redis:// URL.
+        blocking: See make_redis.
+        wait: While Redis cannot be reached (refused, timed out, still loading its AOF),
+            log ``redis_unavailable_at_start`` and try again with capped exponential backoff
+            (0.1 s doubling up to ``max_delay_s``, with jitter) instead of raising: a service
+            started before Redis waits for it rather than exiting into a crash loop.
+            A RedisConfigError (eviction policy, version) is never retried.
+        max_delay_s: Longest wait between two tries when ``wait`` is set.
+
+    Raises:
+        RedisConfigError: Redis is reachable but configured in a way that can lose jobs.
+        redis.exceptions.ConnectionError, TimeoutError, OSError: Redis cannot be reached
+            and ``wait`` is not set.
+    """
     client = make_redis(url, blocking=blocking)
-    await check_server(client)
-    return client
+    delay = CONNECT_FIRST_DELAY_S
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            await check_server(client)
+        except REDIS_UNAVAILABLE as exc:
+            if not wait:
+                await client.aclose()
+                raise
+            pause = min(delay, max_delay_s) * (0.5 + random.random() / 2)
+            log.warning(
+                "redis_unavailable_at_start",
+                redis=redacted(url),
+                attempt=attempt,
+                retry_in_s=round(pause, 3),
+                error=str(exc) or type(exc).__name__,
+            )
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, max_delay_s)
+            continue
+        except BaseException:
+            await client.aclose()
+            raise
+        if attempt > 1:
+            log.info("redis_connected", redis=redacted(url), attempts=attempt)
+        return client
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
 
 
 # redis-py types its asyncio commands as "Awaitable[T] | T" (shared with the sync

@@ -15,7 +15,6 @@ import redis.asyncio as aioredis
 
 from conveyor.common.keys import RESULTS_GROUP, WORKER_GROUP, QueueKeys
 
-
 _INCLUDE = "--#include prelude\n"
 
 
@@ -173,6 +172,7 @@ class Scripts:
         self._trim_events = client.register_script(_source("trim_events"))
         self._expire_records = client.register_script(_source("expire_records"))
         self._reclaim = client.register_script(_source("reclaim"))
+        self._recover = client.register_script(_source("recover"))
         self._cancel = client.register_script(_source("cancel"))
         self._retry_dead = client.register_script(_source("retry_dead"))
         self._purge_dead = client.register_script(_source("purge_dead"))
@@ -261,6 +261,10 @@ class Scripts:
             keys=keys.script_keys(), args=[WORKER_GROUP, consumer, min_idle_ms, count, max_deliveries, retention_ms]
         )
         return _claimed(claimed_raw), [_text(u) for u in dead]
+
+    async def recover(self, keys: QueueKeys, consumer: str, most: int = 1000) -> list[Claimed]:
+        """This consumer's own ACTIVE jobs in its pending list (a lost claim reply, a restart under the same id)."""
+        return _claimed(await self._recover(keys=keys.script_keys(), args=[WORKER_GROUP, consumer, most]))
 
     async def cancel(self, keys: QueueKeys, ulid: str, event: bytes, retention_ms: int, reason: str) -> tuple[int, int]:
         """Cancel one job: (1 cancelled now | 2 running attempt signalled | 0 already final | -1 unknown, state)."""

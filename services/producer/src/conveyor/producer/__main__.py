@@ -22,7 +22,7 @@ from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, producer_serv
 async def run() -> None:
     settings = ProducerSettings.from_env()
     logs.configure(service="producer", level=settings.log_level, fmt=settings.log_format)
-    redis = await connect_redis(settings.redis_url)
+    redis = await connect_redis(settings.redis_url, wait=True)
     tail_redis = make_redis(settings.redis_url, blocking=True)
     scripts = Scripts(redis)
     history = History(settings.results_addr)

@@ -26,7 +26,8 @@ async def run() -> None:
     # psycopg_pool logs each failed reconnect as unstructured text; our own warnings cover outages.
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     consumer = os.environ.get("CONVEYOR_RESULTS_CONSUMER") or f"results-{socket.gethostname()}-{os.getpid()}"
-    redis = await connect_redis(settings.redis_url)
+    # Started before Redis (or while it restarts): wait for it with backoff rather than crash-looping.
+    redis = await connect_redis(settings.redis_url, wait=True)
     blocking = make_redis(settings.redis_url, blocking=True)
     pool = await open_pool(settings.database_url, settings.pool_size)
     store = Store(pool)

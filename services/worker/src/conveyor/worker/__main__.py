@@ -18,7 +18,7 @@ async def run() -> None:
     settings = WorkerSettings.from_env()
     logs.configure(service="worker", level=settings.log_level, fmt=settings.log_format)
     handlers = load_handlers(settings.handlers)
-    redis = await connect_redis(settings.redis_url)
+    redis = await connect_redis(settings.redis_url, wait=True)
     wait_redis = make_redis(settings.redis_url, blocking=True)
     # A synchronous client for the heartbeat thread (it must not share the event loop).
     beat_redis = sync_redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)

@@ -103,15 +103,28 @@ class QueueRunner:
         """Claim while there is room, until ``stop`` is set."""
         backoff = _Backoff()
         consumer = self._settings.worker_id
+        # At start (a restart under the same id) and after any failed claim (its reply may have
+        # been lost after the script ran), take back the jobs our pending list says we hold.
+        recover = True
         while not stop.is_set():
             await _until(stop, self._slots.wait_free())
             if stop.is_set():
                 break
             try:
+                if recover:
+                    mine = [
+                        c for c in await self._scripts.recover(self._keys, consumer) if c.entry_id not in self.active
+                    ]
+                    recover = False
+                    if mine:
+                        log.warning("jobs_recovered", queue=self._keys.queue, count=len(mine))
+                        self._start(mine)
+                        continue
                 result = await self._scripts.claim(self._keys, consumer, min(self._slots.free, MAX_CLAIM))
                 backoff.reset()
             except REDIS_UNAVAILABLE as exc:
                 log.warning("claim_failed_redis_unavailable", queue=self._keys.queue, error=str(exc))
+                recover = True
                 await _until(stop, backoff.sleep())
                 continue
             if result.claimed:
@@ -175,9 +188,13 @@ class QueueRunner:
             event.progress.percent = percent
             event.progress.message = message
             event.time.FromNanoseconds(time.time_ns())
-            await self._scripts.progress(
-                self._keys, worker_id, claimed.ulid, claimed.attempt, event.SerializeToString()
-            )
+            try:
+                await self._scripts.progress(
+                    self._keys, worker_id, claimed.ulid, claimed.attempt, event.SerializeToString()
+                )
+            except REDIS_UNAVAILABLE as exc:
+                # Progress is best effort: a Redis blip must not fail the attempt; the outcome is what counts.
+                log.warning("progress_dropped", error=str(exc))
 
         state, event_bytes, due_ms = await run_attempt(attempt, self._handlers, worker_id, report, cancellation)
         self._outcomes.put_nowait(
