@@ -12,7 +12,7 @@ E = event_pb2
 async def test_a_cpu_bound_job_longer_than_the_visibility_timeout_is_not_stolen(
     producer: Producer, start_worker: StartWorker
 ) -> None:
-    await start_worker(visibility_timeout_s=1.0, worker_id="owner")
+    await start_worker(visibility_timeouts=(("default", 1.0),), worker_id="owner")
     job = await enqueue(producer, "test.spin", payload={"seconds": 3}, retry=job_pb2.RetryPolicy(max_attempts=1))
     # A second worker is ready to take over anything idle for more than a second.
     await start_worker(visibility_timeout_s=1.0, worker_id="thief")

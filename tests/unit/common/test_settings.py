@@ -16,12 +16,20 @@ def test_worker_reads_lists_and_numbers() -> None:
     assert s.redis_url == "redis://x:1/0"
 
 
+def test_visibility_timeouts_can_differ_per_queue() -> None:
+    s = WorkerSettings.from_env({"CONVEYOR_VISIBILITY_TIMEOUTS": "reports=600, emails=45.5"})
+    assert s.visibility_for("reports") == 600 and s.visibility_for("emails") == 45.5
+    assert s.visibility_for("default") == 30.0
+
+
 @pytest.mark.parametrize(
     ("env", "name"),
     [
         ({"CONVEYOR_CONCURRENCY": "many"}, "CONVEYOR_CONCURRENCY"),
         ({"CONVEYOR_CONCURRENCY": "0"}, "CONVEYOR_CONCURRENCY"),
         ({"CONVEYOR_LOG_FORMAT": "xml"}, "CONVEYOR_LOG_FORMAT"),
+        ({"CONVEYOR_VISIBILITY_TIMEOUTS": "reports"}, "CONVEYOR_VISIBILITY_TIMEOUTS"),
+        ({"CONVEYOR_VISIBILITY_TIMEOUTS": "reports=0"}, "CONVEYOR_VISIBILITY_TIMEOUTS"),
     ],
 )
 def test_a_bad_value_names_its_variable(env: dict[str, str], name: str) -> None:

@@ -60,6 +60,20 @@ class _Env:
             raise SettingsError(f"{name}={value!r}: expected one of {', '.join(choices)}")
         return value
 
+    def pairs(self, name: str, minimum: float) -> tuple[tuple[str, float], ...]:
+        """``key=number,key=number`` (e.g. ``emails=60,reports=600``)."""
+        out = []
+        for part in self.items(name, ()):
+            key, sep, raw = part.partition("=")
+            try:
+                value = float(raw)
+            except ValueError:
+                value = float("nan")
+            if not sep or not key.strip() or not value >= minimum:
+                raise SettingsError(f"{name}: {part!r} should be name=seconds with seconds >= {minimum}")
+            out.append((key.strip(), value))
+        return tuple(out)
+
     def items(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         raw = self._env.get(name)
         if not raw:
@@ -131,8 +145,14 @@ class WorkerSettings(CommonSettings):
     poll_interval_s: float = 5.0
     #: A claimed job whose worker has not heartbeated for this long is taken over by another.
     visibility_timeout_s: float = 30.0
+    #: Per-queue visibility timeouts overriding ``visibility_timeout_s`` (queue -> seconds).
+    visibility_timeouts: tuple[tuple[str, float], ...] = ()
     #: Deliveries without an outcome (crashed or stalled workers) before a job is dead-lettered.
     max_deliveries: int = 5
+
+    def visibility_for(self, queue: str) -> float:
+        """The visibility timeout of ``queue``, in seconds."""
+        return dict(self.visibility_timeouts).get(queue, self.visibility_timeout_s)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -145,6 +165,7 @@ class WorkerSettings(CommonSettings):
             worker_id=e.text("CONVEYOR_WORKER_ID", _default_worker_id()),
             poll_interval_s=e.number("CONVEYOR_POLL_INTERVAL_SECONDS", 5.0, minimum=0.05),
             visibility_timeout_s=e.number("CONVEYOR_VISIBILITY_TIMEOUT_SECONDS", 30.0, minimum=0.5),
+            visibility_timeouts=e.pairs("CONVEYOR_VISIBILITY_TIMEOUTS", minimum=0.5),
             max_deliveries=e.integer("CONVEYOR_MAX_DELIVERIES", 5, minimum=1),
         )
 

@@ -254,14 +254,15 @@ class QueueRunner:
     async def maintain(self, stop: asyncio.Event) -> None:
         """On a timer: take over jobs of dead workers, and expire finished records (idle queues too)."""
         settings = self._settings
-        interval = min(MAINTENANCE_INTERVAL_S, settings.visibility_timeout_s / 4)
+        visibility_s = settings.visibility_for(self._keys.queue)
+        interval = min(MAINTENANCE_INTERVAL_S, visibility_s / 4)
         while not stop.is_set():
             try:
                 if self._slots.free > 0:
                     claimed, dead = await self._scripts.reclaim(
                         self._keys,
                         settings.worker_id,
-                        int(settings.visibility_timeout_s * 1000),
+                        int(visibility_s * 1000),
                         min(self._slots.free, MAX_CLAIM),
                         settings.max_deliveries,
                         self._retention_ms,
@@ -337,7 +338,7 @@ class Runner:
     def _beat(self, stopped: threading.Event, loop: asyncio.AbstractEventLoop) -> None:
         """Heartbeat thread: renew every held claim (every third of the visibility timeout, at
         most a second apart, which is also how soon a running attempt sees CancelJob)."""
-        interval = min(self._settings.visibility_timeout_s / 3, 1.0)
+        interval = min(min(self._settings.visibility_for(q.keys.queue) for q in self.queues) / 3, 1.0)
         while not stopped.wait(interval):
             for q in self.queues:
                 claims = list(q.active.values())
