@@ -292,6 +292,7 @@ class Projector:
             group (each restart of a results process with a pid-based name adds one).
         refresh_s: How often the set of queues is re-read.
         block_ms: Longest wait of one XREADGROUP (bounds how long stopping takes).
+        coalesce_ms: When a read returns a small batch, how long to wait for more before writing.
     """
 
     def __init__(
@@ -308,6 +309,7 @@ class Projector:
         stale_consumer_ms: int = 3_600_000,
         refresh_s: float = 2.0,
         block_ms: int = 1000,
+        coalesce_ms: int = 10,
     ) -> None:
         self._redis = redis
         self._blocking = blocking
@@ -321,6 +323,7 @@ class Projector:
         self._stale_consumer_ms = stale_consumer_ms
         self._refresh_s = refresh_s
         self._block_ms = block_ms
+        self._coalesce_s = coalesce_ms / 1000
         #: stream key -> queue name, for every queue whose group is known to exist.
         self._streams: dict[str, str] = {}
         self._refreshed_at = -1e9
@@ -397,6 +400,14 @@ class Projector:
             for stream, entries in reply:
                 key = stream.decode()
                 batch.add(self._streams[key], key, entries)
+            if batch.size < self._batch_size // 4 and self._coalesce_s > 0:
+                # Events are trickling in (one Enqueue at a time): a commit per handful of events
+                # costs a WAL flush each. Wait a moment for more and write them together.
+                await asyncio.sleep(self._coalesce_s)
+                more = await _xreadgroup(self._redis, self.consumer, self._streams, ">", self._batch_size - batch.size)
+                for stream, entries in more:
+                    key = stream.decode()
+                    batch.add(self._streams[key], key, entries)
             await out.put(batch)
         else:
             # Idle: events past the retention still leave Redis (invariant 7), not only after the next batch.
