@@ -13,8 +13,8 @@ replica with ``after_event_id`` instead of hanging until the grace period expire
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -70,6 +70,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, unavailable: tuple[type[BaseException], ...] = ()) -> None:
         self._unavailable = unavailable
         self._streams: set[_OpenStream] = set()
+        # A method's wrapped handler is the same for every call: build it once, not per call
+        # (that cost a third as much as the whole gRPC call).
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
         self._closing = False
 
     def shutdown(self) -> None:
@@ -88,31 +91,32 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
         method = handler_call_details.method
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex[:16])
-        deserializer = _lenient(handler.request_deserializer)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method, request_id),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method, request_id),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        if method in self._wrapped:
+            return self._wrapped[method]
+        handler = await continuation(handler_call_details)
+        wrapped = handler
+        if handler is not None:
+            deserializer = _lenient(handler.request_deserializer)
+            if handler.unary_unary is not None:
+                wrapped = grpc.unary_unary_rpc_method_handler(
+                    self._wrap_unary(handler.unary_unary, method),
+                    request_deserializer=deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+            elif handler.unary_stream is not None:
+                wrapped = grpc.unary_stream_rpc_method_handler(
+                    self._wrap_stream(handler.unary_stream, method),
+                    request_deserializer=deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+        self._wrapped[method] = wrapped
+        return wrapped
 
-    def _wrap_unary(self, behavior: Any, method: str, request_id: str) -> Any:
+    def _wrap_unary(self, behavior: Any, method: str) -> Any:
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
-            with structlog.contextvars.bound_contextvars(rpc=method, request_id=request_id):
+            with structlog.contextvars.bound_contextvars(rpc=method, request_id=_request_id(context)):
                 code = grpc.StatusCode.OK
                 try:
                     _check_parsed(request)
@@ -127,10 +131,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
         return unary
 
-    def _wrap_stream(self, behavior: Any, method: str, request_id: str) -> Any:
+    def _wrap_stream(self, behavior: Any, method: str) -> Any:
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             started = time.perf_counter()
-            with structlog.contextvars.bound_contextvars(rpc=method, request_id=request_id):
+            with structlog.contextvars.bound_contextvars(rpc=method, request_id=_request_id(context)):
                 code = grpc.StatusCode.OK
                 try:
                     _check_parsed(request)
@@ -202,6 +206,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             err = Internal("internal error")
         status = to_status(err)
         return status.code, status
+
+
+def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The caller's x-request-id, or a new one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id":
+            return str(value)
+    return os.urandom(8).hex()
 
 
 class _Unparsable:
