@@ -138,3 +138,14 @@ async def serve(
             await close()
         waiter.cancel()
         log.info("server_stopped")
+
+
+def run_process(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a service's async ``main`` on uvloop when it is installed (ADR 0005), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - optional speed-up
+        asyncio.run(main())
+        return
+    uvloop.install()
+    asyncio.run(main())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from conveyor.common import logs, server
 from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
 from conveyor.common.scripts import Scripts
@@ -55,13 +53,7 @@ async def run() -> None:
 
 
 def main() -> None:
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # pragma: no cover - optional speed-up
-        pass
-    asyncio.run(run())
+    server.run_process(run)
 
 
 if __name__ == "__main__":

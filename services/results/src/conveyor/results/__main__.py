@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
@@ -52,13 +51,7 @@ async def run() -> None:
 
 
 def main() -> None:
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # pragma: no cover - optional speed-up
-        pass
-    asyncio.run(run())
+    server.run_process(run)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import redis as sync_redis
 
 from conveyor.common import logs, server
@@ -39,13 +37,7 @@ async def run() -> None:
 
 
 def main() -> None:
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # pragma: no cover - optional speed-up
-        pass
-    asyncio.run(run())
+    server.run_process(run)
 
 
 if __name__ == "__main__":
