@@ -58,19 +58,8 @@ for band = 9, 1, -1 do
           redis.call('XACK', stream, group, entry_id)
           redis.call('XDEL', stream, entry_id)
         else
-          attempt = tonumber(attempt) + 1
-          -- JobEvent{type: ACTIVE, attempt, time, worker}; the job id is the entry's j field.
-          local event = string.char(0x18) .. varint(2) .. string.char(0x20) .. varint(attempt)
-            .. bytes_field(0x2a, timestamp) .. bytes_field(0x32, consumer)
-          local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
-          -- The attempt number and the consumer are the claim's fencing token (complete.lua).
-          redis.call('HSET', state_key, ulid, '3|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. final_ev .. '|' .. consumer)
-          claimed[#claimed + 1] = band
-          claimed[#claimed + 1] = entry_id
-          claimed[#claimed + 1] = ulid
-          claimed[#claimed + 1] = attempt
-          claimed[#claimed + 1] = job
-          claimed[#claimed + 1] = event_id
+          activate(claimed, state_key, events_key, consumer, band, entry_id, ulid, job,
+            {st, attempt, prio, eid, first_ev, final_ev})
           want = want - 1
         end
       end

@@ -18,3 +18,16 @@ local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local timestamp = string.char(0x08) .. varint(tonumber(now[1])) .. string.char(0x10) .. varint(tonumber(now[2]) * 1000)
 -- A live record: state|attempt|priority|entry id|first event id|final event id[|consumer]
 local RECORD = '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)'
+
+-- Start an attempt of a claimed entry: attempt + 1, record ACTIVE owned by `consumer`, an ACTIVE
+-- event; appends the 6 values claim/reclaim return per job to `out`. The attempt number and the
+-- consumer are the claim's fencing token (complete.lua). `rec` is the string.match of RECORD.
+local function activate(out, state_key, events_key, consumer, band, entry_id, ulid, job, rec)
+  local attempt = tonumber(rec[2]) + 1
+  -- JobEvent{type: ACTIVE, attempt, time, worker}; the job id is the entry's j field.
+  local event = string.char(0x18) .. varint(2) .. string.char(0x20) .. varint(attempt)
+    .. bytes_field(0x2a, timestamp) .. bytes_field(0x32, consumer)
+  local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
+  redis.call('HSET', state_key, ulid, '3|' .. attempt .. '|' .. rec[3] .. '|' .. rec[4] .. '|' .. rec[5] .. '|' .. rec[6] .. '|' .. consumer)
+  for _, v in ipairs({band, entry_id, ulid, attempt, job, event_id}) do out[#out + 1] = v end
+end

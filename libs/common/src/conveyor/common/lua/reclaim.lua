@@ -68,17 +68,8 @@ for band = 9, 1, -1 do
           redis.call('ZADD', done_key, now_ms + retention, ulid)
           dead[#dead + 1] = ulid
         else
-          attempt = tonumber(attempt) + 1
-          local event = string.char(0x18) .. varint(2) .. string.char(0x20) .. varint(attempt)
-            .. bytes_field(0x2a, timestamp) .. bytes_field(0x32, consumer)
-          local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
-          redis.call('HSET', state_key, ulid, '3|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. final_ev .. '|' .. consumer)
-          claimed[#claimed + 1] = band
-          claimed[#claimed + 1] = entry_id
-          claimed[#claimed + 1] = ulid
-          claimed[#claimed + 1] = attempt
-          claimed[#claimed + 1] = job
-          claimed[#claimed + 1] = event_id
+          activate(claimed, state_key, events_key, consumer, band, entry_id, ulid, job,
+            {st, attempt, prio, eid, first_ev, final_ev})
           want = want - 1
         end
         if want <= 0 then break end
