@@ -11,6 +11,11 @@ Modes (all with 100-byte JSON payloads sent as ``payload_json``):
   conc    unary Enqueue from --inflight concurrent callers
   rate    unary Enqueue awaited, paced at --rate jobs/s for --duration s; writes
           [[job_id, t_send], ...] to --out (t_send: epoch seconds just before the call)
+  watch   opens --per-job Watch streams for every job id in --jobs-file (a JSON list), spread
+          round-robin over --channels channels (one HTTP/2 connection each), and reads them until
+          they end; writes the live delivery latencies (ms) to --out. An event is live when its
+          Redis time (ms part of its id) is later than the arrival of its stream's first message
+          (earlier ones were replayed from history); latency = time.time() on receipt - that time.
 
 Prints one JSON line: n, t0, t1 (epoch seconds around the timed part), jobs_per_s, and the
 driver's own CPU seconds over the timed part (cpu_s). Before t0 it connects, checks health
@@ -29,8 +34,8 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conveyor.v1 import event_pb2, producer_service_pb2_grpc
 from conveyor.v1 import producer_service_pb2 as p
-from conveyor.v1 import producer_service_pb2_grpc
 
 JOB_TYPE = "demo.noop"
 
@@ -144,9 +149,85 @@ async def run_rate(stub: producer_service_pb2_grpc.ProducerServiceStub, a: argpa
     return {"sent": sent, "n": n, "rate": a.rate, "t0": t0, "t1": t1, "jobs_per_s": n / (t1 - t0), "cpu_s": c1 - c0}
 
 
+FINAL_TYPES = {
+    event_pb2.EVENT_TYPE_SUCCEEDED,
+    event_pb2.EVENT_TYPE_FAILED,
+    event_pb2.EVENT_TYPE_CANCELLED,
+    event_pb2.EVENT_TYPE_DEAD_LETTERED,
+}
+
+
+async def run_watch(a: argparse.Namespace) -> dict:
+    """Many Watch streams on one producer; live-event latencies go to ``a.out``."""
+    job_ids: list[str] = a.job_ids
+    # A local subchannel pool per channel: otherwise channels to the same target share one connection.
+    channels = [
+        grpc.aio.insecure_channel(a.addr, options=[("grpc.use_local_subchannel_pool", 1), ("bench.channel", k)])
+        for k in range(a.channels)
+    ]
+    try:
+        for ch in channels:
+            await wait_healthy(ch, 30.0)
+        stubs = [producer_service_pb2_grpc.ProducerServiceStub(ch) for ch in channels]
+        latencies: list[float] = []
+        first_at: list[float] = []  # per stream, epoch s of its first message
+        ended_final = 0
+        replayed = 0
+        received = 0
+        errors: list[str] = []
+
+        async def one(k: int, job_id: str) -> None:
+            nonlocal ended_final, replayed, received
+            first_ms = None
+            last_type = None
+            try:
+                call = stubs[k % len(stubs)].Watch(p.WatchRequest(job_id=job_id), timeout=a.timeout)
+                async for resp in call:
+                    now = time.time()
+                    received += 1
+                    ev = resp.event
+                    ev_ms = int(ev.id.split("-", 1)[0])
+                    if first_ms is None:
+                        first_ms = now * 1000
+                        first_at.append(now)
+                    if ev_ms > first_ms:
+                        latencies.append(now * 1000 - ev_ms)
+                    else:
+                        replayed += 1
+                    last_type = ev.type
+            except grpc.aio.AioRpcError as exc:
+                errors.append(f"{exc.code().name}: {exc.details()}")
+            if last_type in FINAL_TYPES:
+                ended_final += 1
+
+        c0, t0 = cpu_s(), time.time()
+        pairs = [(job, r) for r in range(a.per_job) for job in job_ids]
+        await asyncio.gather(*(one(k, job) for k, (job, _) in enumerate(pairs)))
+        t1, c1 = time.time(), cpu_s()
+    finally:
+        for ch in channels:
+            await ch.close()
+    return {
+        "latencies_ms": latencies,
+        "streams": len(pairs),
+        "streams_opened": len(first_at),
+        "streams_ended_final": ended_final,
+        "last_first_message": max(first_at) if first_at else None,
+        "events_received": received,
+        "events_replayed": replayed,
+        "events_live": len(latencies),
+        "errors": len(errors),
+        "first_errors": errors[:5],
+        "channels": a.channels,
+        "t0": t0,
+        "t1": t1,
+        "cpu_s": c1 - c0,
+    }
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["batch", "single", "conc", "rate"])
+    ap.add_argument("mode", choices=["batch", "single", "conc", "rate", "watch"])
     ap.add_argument("--addr", required=True)
     ap.add_argument("--queue", default="bench")
     ap.add_argument("--n", type=int, default=20000)
@@ -157,11 +238,18 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--warmup", type=int, default=0, help="jobs enqueued (same mode) before timing")
     ap.add_argument("--timeout", type=float, default=30.0, help="deadline of each RPC, s")
-    ap.add_argument("--out", help="rate mode: where to write the send times")
+    ap.add_argument("--out", help="rate mode: where to write the send times; watch: the latencies")
+    ap.add_argument("--jobs-file", help="watch mode: JSON list of job ids to watch")
+    ap.add_argument("--per-job", type=int, default=5, help="watch mode: streams per job")
+    ap.add_argument("--channels", type=int, default=10, help="watch mode: gRPC channels (connections)")
     return ap.parse_args()
 
 
 async def main(a: argparse.Namespace) -> dict:
+    if a.mode == "watch":
+        out = await run_watch(a)
+        out.update(mode=a.mode)
+        return out
     async with grpc.aio.insecure_channel(a.addr) as channel:
         await wait_healthy(channel, 30.0)
         stub = producer_service_pb2_grpc.ProducerServiceStub(channel)
@@ -187,10 +275,17 @@ if __name__ == "__main__":
     except ImportError:
         pass
     args = parse_args()
+    if args.mode == "watch":
+        with open(args.jobs_file) as f:
+            args.job_ids = json.load(f)
     result = asyncio.run(main(args))
     sent = result.pop("sent", None)
     if sent is not None:
         with open(args.out, "w") as f:
             json.dump(sent, f)
+    lat = result.pop("latencies_ms", None)
+    if lat is not None:
+        with open(args.out, "w") as f:
+            json.dump(lat, f)
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()

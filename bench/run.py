@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Conveyor's benchmarks (DESIGN.md, "Budgets"), optionally side by side with BullMQ in the same run.
 
-    .venv/bin/python bench/run.py [--n 20000] [--reps 3] [--only e2e,bulk,single,conc,latency,mem,finish]
+    .venv/bin/python bench/run.py [--n 20000] [--reps 3] [--only e2e,bulk,single,conc,latency,mem,finish,watch]
                                   [--json bench/results/conveyor.jsonl] [--with-bullmq]
 
 Every measurement starts a fresh stack: a private redis-server (AOF, appendfsync everysec,
@@ -57,7 +57,7 @@ BAND = KEYS.band(5)  # default priority
 SUCCEEDED = 5  # conveyor.v1.JobState.JOB_STATE_SUCCEEDED
 CLK = os.sysconf("SC_CLK_TCK")
 POLL = 0.02
-ALL = ("e2e", "bulk", "single", "conc", "latency", "mem", "finish")
+ALL = ("e2e", "bulk", "single", "conc", "latency", "mem", "finish", "watch")
 ONCE = ("mem", "finish")  # deterministic or slow: first repetition only
 BULLMQ_NAMES = {"e2e": "e2e", "bulk": "bulk", "single": "single", "conc": "conc", "latency": "latency", "mem": "mem"}
 PG_SETTINGS = {"track_commit_timestamp": "on"}  # fsync and synchronous_commit stay at their durable defaults
@@ -638,6 +638,52 @@ class Bench:
             "back_to_baseline": waited_ok and not any(left.values()) and above < 256 * 1024,
         }]  # fmt: skip
 
+    def watch(self) -> list[dict]:
+        jobs, per_job, channels, delay_s = 200, 5, 10, 6
+        payload = json.dumps({"seconds": 3, "steps": 10}).encode()
+        with self.stack(worker=True, concurrency=jobs) as st:
+            st.warmup(100)
+            time.sleep(0.5)
+            with grpc.insecure_channel(st.producer_addr) as channel:
+                stub = producer_service_pb2_grpc.ProducerServiceStub(channel)
+                req = p.EnqueueRequest(queue=QUEUE, type="demo.sleep", payload_json=payload)
+                req.delay.FromSeconds(delay_s)
+                t_enq = time.time()
+                resp = stub.EnqueueBatch(p.EnqueueBatchRequest(jobs=[req] * jobs), timeout=30)
+            run_at = t_enq + delay_s
+            ids = [r.job_id for r in resp.results]
+            jobs_file, out = st.workdir / "watch_jobs.json", st.workdir / "watch_latencies.json"
+            jobs_file.write_text(json.dumps(ids))
+            cpu0, bench0 = st.cpu_ticks(), time.process_time()
+            with driver_cleanup(st.driver("watch", "--jobs-file", str(jobs_file), "--out", str(out),
+                                          "--per-job", str(per_job), "--channels", str(channels),
+                                          "--timeout", "120")) as d:  # fmt: skip
+                res = d.result(180)
+            cpu1, bench1 = st.cpu_ticks(), time.process_time()
+            st.check_alive()
+        lat = json.loads(out.read_text())
+        if not lat:
+            raise BenchError(f"watch: no live events received ({res})")
+        delivered = res["events_received"]
+        cpu = cpu_report(cpu0, cpu1, res["cpu_s"], bench1 - bench0, delivered)
+        return [{
+            "metric": "watch_delivery_ms",
+            "p50": pct(lat, 50), "p99": pct(lat, 99), "max": max(lat),
+            "streams": res["streams"], "streams_opened": res["streams_opened"],
+            "streams_ended_final": res["streams_ended_final"],
+            "opened_before_run_at": res["last_first_message"] is not None and res["last_first_message"] < run_at,
+            "events_received": delivered, "events_live": res["events_live"],
+            "events_replayed": res["events_replayed"], "errors": res["errors"], "first_errors": res["first_errors"],
+            "jobs": jobs, "per_job": per_job, "channels": channels, "delay_s": delay_s,
+            "watch_wall_s": res["t1"] - res["t0"],
+            "producer_cpu_us_per_event": cpu["cpu_us_per_job"]["producer"],
+            "cpu_s": cpu["cpu_s"], "cpu_us_per_event": cpu["cpu_us_per_job"],
+            "method": "one worker (concurrency 200), 200 demo.sleep jobs (3 s, 10 steps) enqueued with a "
+            f"{delay_s} s delay; a driver process opens 5 Watch streams per job over {channels} channels; "
+            "latency = client time.time() on receipt - Redis time of the event id, live events only "
+            "(event time later than the stream's first message); CPU over the driver's run, per event received",
+        }]  # fmt: skip
+
 
 def key_breakdown(r: redis.Redis) -> dict[str, int]:
     """MEMORY USAGE summed per key family (the idempotency keys grouped as one)."""
@@ -759,6 +805,21 @@ FIGURES = [
     ),
     Figure("PG projection lag p50, ms", ("projection_lag_ms", "p50"), None, "info", lambda c, b: None),
     Figure("PG projection lag p99, ms", ("projection_lag_ms", "p99"), None, "< 1000 ms", lambda c, b: c < 1000),
+    Figure("Watch delivery p50, ms (1,000 streams)", ("watch_delivery_ms", "p50"), None, "info", lambda c, b: None),
+    Figure(
+        "Watch delivery p99, ms (1,000 streams)",
+        ("watch_delivery_ms", "p99"),
+        None,
+        "< 50 ms p99 with 1,000 streams",
+        lambda c, b: c < 50,
+    ),
+    Figure(
+        "  producer CPU us per Watch event",
+        ("watch_delivery_ms", "producer_cpu_us_per_event"),
+        None,
+        "info",
+        lambda c, b: None,
+    ),
 ]
 
 
@@ -794,13 +855,15 @@ def print_table(rows: list[dict], with_bullmq: bool) -> None:
         if f.conveyor[0] == "memory_after_finish":
             ok = [r.get("back_to_baseline") for r in rows if r.get("metric") == "memory_after_finish"]
             verdict = all(ok) if ok else None
+        if f.conveyor == ("watch_delivery_ms", "p99"):  # every stream must also have ended with the final event
+            ws = [r for r in rows if r.get("peer") == "conveyor" and r.get("metric") == "watch_delivery_ms"]
+            verdict = verdict and all(r["streams_ended_final"] == r["streams"] for r in ws)
         if verdict is None and f.target != "info" and bm is None and f.bullmq:
             result = "n/a (no BullMQ figure)"
         else:
             result = {True: "PASS", False: "FAIL", None: ""}[verdict]
         spread = f"({fmt(c[1])}-{fmt(c[2])})" if c[3] > 1 else ""
         print(f"{f.label:41s} {fmt(cm):>10s} {spread:>19s} {fmt(bm):>10s} {ratio:>7s}  {f.target:24s} {result}")
-    print(f"{'concurrent Watch streams (1,000)':41s} {'not measured':>10s}")
     if not with_bullmq:
         print("(run with --with-bullmq for the BullMQ column and ratios)")
 

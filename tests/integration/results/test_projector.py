@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import psycopg
+import pytest
 import redis.asyncio
 from psycopg_pool import AsyncConnectionPool
 
@@ -232,3 +233,17 @@ async def test_acked_events_leave_redis_after_the_retention_even_when_idle(
         return await redis_client.xlen(events.stream) == 0
 
     await wait_for(emptied, "idle trimming of acked events", within=10.0, interval=0.2)
+
+
+async def test_a_migration_changed_after_it_was_applied_stops_the_start(results_db: str) -> None:
+    from conveyor.results.store import MigrationMismatch, open_pool
+
+    pool = await open_pool(results_db, 2)
+    try:
+        await Store(pool).migrate()
+        async with pool.connection() as conn:
+            await conn.execute("UPDATE schema_migrations SET checksum = 'edited' WHERE version = 1")
+        with pytest.raises(MigrationMismatch, match=r"0001_init\.sql differs"):
+            await Store(pool).migrate()
+    finally:
+        await pool.close()

@@ -9,6 +9,7 @@ cost 24% end to end), packed by pgarrays rather than psycopg's per-element list 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import struct
@@ -46,6 +47,14 @@ class Migration:
     version: int
     name: str
     sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+class MigrationMismatch(RuntimeError):
+    """A migration already applied to this database differs from the packaged file."""
 
 
 def load_migrations() -> list[Migration]:
@@ -408,16 +417,25 @@ class Store:
                 " name text NOT NULL,"
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
-            cur = await conn.execute("SELECT version FROM schema_migrations")
-            done = {int(row[0]) for row in await cur.fetchall()}
+            await conn.execute("ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text")
+            cur = await conn.execute("SELECT version, checksum FROM schema_migrations")
+            done = {int(row[0]): row[1] for row in await cur.fetchall()}
             for migration in migrations:
                 if migration.version in done:
+                    # An applied migration must never change: the schema would silently differ
+                    # from what the code expects. Fail at start, naming the file, instead.
+                    if done[migration.version] != migration.checksum:
+                        raise MigrationMismatch(
+                            f"migration {migration.version:04d}_{migration.name}.sql differs from the one applied "
+                            "to this database: restore it and put the change in a new migration "
+                            "(for throwaway development data: make clean)"
+                        )
                     continue
                 # Without parameters psycopg sends the file as one simple query: many statements are fine.
                 await conn.execute(migration.sql.encode())
                 await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
-                    (migration.version, migration.name),
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                    (migration.version, migration.name, migration.checksum),
                 )
                 applied.append(migration.version)
         return applied
