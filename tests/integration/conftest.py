@@ -17,6 +17,7 @@ from conveyor.common.scripts import Heartbeat, Scripts
 from conveyor.common.settings import WorkerSettings
 from conveyor.producer.admin import AdminServicer
 from conveyor.producer.cancel import Canceller
+from conveyor.producer.controls import QueueControls
 from conveyor.producer.dead_letters import DeadLetters
 from conveyor.producer.enqueue import Enqueuer
 from conveyor.producer.history import History
@@ -48,7 +49,7 @@ async def start_producer(redis_url: str, results_addr: str = "") -> tuple[Produc
         JobReader(client, history),
         Canceller(scripts, history, 300_000),
     )
-    admin = AdminServicer(DeadLetters(client, scripts))
+    admin = AdminServicer(DeadLetters(client, scripts), QueueControls(client))
     running = await server.start(
         "127.0.0.1:0",
         [
@@ -99,6 +100,7 @@ class WorkerHandle:
     settings: WorkerSettings
     stop_event: asyncio.Event
     task: asyncio.Task[None]
+    runner: Runner
 
     async def stop(self) -> None:
         self.stop_event.set()
@@ -127,7 +129,7 @@ async def start_worker(redis_client: redis.asyncio.Redis, redis_url: str) -> Asy
         beat = sync_redis.Redis.from_url(redis_url)
         runner = Runner(client, wait, Scripts(client), test_handlers.handlers, settings, Heartbeat(beat))
         stop = asyncio.Event()
-        handle = WorkerHandle(settings, stop, asyncio.create_task(runner.run(stop)))
+        handle = WorkerHandle(settings, stop, asyncio.create_task(runner.run(stop)), runner)
         started.append((handle, [client, wait]))
         beats.append(beat)
         return handle

@@ -46,6 +46,8 @@ class QueueKeys:
     dead: str
     #: HASH ulid -> reason, for running jobs asked to stop by CancelJob.
     cancel: str
+    #: STRING present while the queue is paused (PauseQueue); kept until ResumeQueue.
+    paused: str
     #: Job streams by priority band, lowest band first (fields j=ulid, d=Job bytes).
     bands: tuple[str, ...]
 
@@ -69,6 +71,7 @@ class QueueKeys:
             self.signal,
             self.dead,
             self.cancel,
+            self.paused,
         ]
 
 
@@ -86,5 +89,6 @@ def queue_keys(queue: str) -> QueueKeys:
         signal=f"{base}:signal",
         dead=f"{base}:dead",
         cancel=f"{base}:cancel",
+        paused=f"{base}:paused",
         bands=tuple(f"{base}:jobs:{p}" for p in BANDS),
     )

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class AdminServiceStub:
-    """AdminService is for operators: dead letters today; queue controls later.
+    """AdminService is for operators: queue controls and dead letters.
     """
 
     def __init__(self, channel):
@@ -35,6 +35,16 @@ class AdminServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.PauseQueue = channel.unary_unary(
+                '/conveyor.v1.AdminService/PauseQueue',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.PauseQueueRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.PauseQueueResponse.FromString,
+                _registered_method=True)
+        self.ResumeQueue = channel.unary_unary(
+                '/conveyor.v1.AdminService/ResumeQueue',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.ResumeQueueRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ResumeQueueResponse.FromString,
+                _registered_method=True)
         self.ListDeadLetters = channel.unary_unary(
                 '/conveyor.v1.AdminService/ListDeadLetters',
                 request_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListDeadLettersRequest.SerializeToString,
@@ -53,8 +63,24 @@ class AdminServiceStub:
 
 
 class AdminServiceServicer:
-    """AdminService is for operators: dead letters today; queue controls later.
+    """AdminService is for operators: queue controls and dead letters.
     """
+
+    def PauseQueue(self, request, context):
+        """PauseQueue stops workers from starting the queue's jobs. Enqueues are still
+        accepted and kept; running jobs finish. The pause lasts until ResumeQueue,
+        whatever restarts. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeQueue(self, request, context):
+        """ResumeQueue lets workers start the queue's jobs again, at once. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def ListDeadLetters(self, request, context):
         """ListDeadLetters lists a queue's dead letters (final failures and poison jobs),
@@ -84,6 +110,16 @@ class AdminServiceServicer:
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'PauseQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseQueue,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.PauseQueueRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.PauseQueueResponse.SerializeToString,
+            ),
+            'ResumeQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeQueue,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ResumeQueueRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.ResumeQueueResponse.SerializeToString,
+            ),
             'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDeadLetters,
                     request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListDeadLettersRequest.FromString,
@@ -108,8 +144,62 @@ def add_AdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AdminService:
-    """AdminService is for operators: dead letters today; queue controls later.
+    """AdminService is for operators: queue controls and dead letters.
     """
+
+    @staticmethod
+    def PauseQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/PauseQueue',
+            conveyor_dot_v1_dot_admin__service__pb2.PauseQueueRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.PauseQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/ResumeQueue',
+            conveyor_dot_v1_dot_admin__service__pb2.ResumeQueueRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.ResumeQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def ListDeadLetters(request,

@@ -27,12 +27,19 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AdminServiceStub:
-    """AdminService is for operators: dead letters today; queue controls later."""
+    """AdminService is for operators: queue controls and dead letters."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AdminServiceAsyncStub: ...
+    PauseQueue: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.PauseQueueRequest, _admin_service_pb2.PauseQueueResponse]
+    """PauseQueue stops workers from starting the queue's jobs. Enqueues are still
+    accepted and kept; running jobs finish. The pause lasts until ResumeQueue,
+    whatever restarts. Idempotent.
+    """
+    ResumeQueue: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ResumeQueueRequest, _admin_service_pb2.ResumeQueueResponse]
+    """ResumeQueue lets workers start the queue's jobs again, at once. Idempotent."""
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListDeadLettersRequest, _admin_service_pb2.ListDeadLettersResponse]
     """ListDeadLetters lists a queue's dead letters (final failures and poison jobs),
     oldest first, one page at a time.
@@ -49,9 +56,16 @@ class AdminServiceStub:
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
-    """AdminService is for operators: dead letters today; queue controls later."""
+    """AdminService is for operators: queue controls and dead letters."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    PauseQueue: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.PauseQueueRequest, _admin_service_pb2.PauseQueueResponse]  # type: ignore[assignment]
+    """PauseQueue stops workers from starting the queue's jobs. Enqueues are still
+    accepted and kept; running jobs finish. The pause lasts until ResumeQueue,
+    whatever restarts. Idempotent.
+    """
+    ResumeQueue: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ResumeQueueRequest, _admin_service_pb2.ResumeQueueResponse]  # type: ignore[assignment]
+    """ResumeQueue lets workers start the queue's jobs again, at once. Idempotent."""
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListDeadLettersRequest, _admin_service_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
     """ListDeadLetters lists a queue's dead letters (final failures and poison jobs),
     oldest first, one page at a time.
@@ -67,7 +81,26 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
-    """AdminService is for operators: dead letters today; queue controls later."""
+    """AdminService is for operators: queue controls and dead letters."""
+
+    @_abc_1.abstractmethod
+    def PauseQueue(
+        self,
+        request: _admin_service_pb2.PauseQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.PauseQueueResponse, _abc.Awaitable[_admin_service_pb2.PauseQueueResponse]]:
+        """PauseQueue stops workers from starting the queue's jobs. Enqueues are still
+        accepted and kept; running jobs finish. The pause lasts until ResumeQueue,
+        whatever restarts. Idempotent.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeQueue(
+        self,
+        request: _admin_service_pb2.ResumeQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ResumeQueueResponse, _abc.Awaitable[_admin_service_pb2.ResumeQueueResponse]]:
+        """ResumeQueue lets workers start the queue's jobs again, at once. Idempotent."""
 
     @_abc_1.abstractmethod
     def ListDeadLetters(

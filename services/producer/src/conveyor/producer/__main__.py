@@ -8,6 +8,7 @@ from conveyor.common.scripts import Scripts
 from conveyor.common.settings import ProducerSettings
 from conveyor.producer.admin import AdminServicer
 from conveyor.producer.cancel import Canceller
+from conveyor.producer.controls import QueueControls
 from conveyor.producer.dead_letters import DeadLetters
 from conveyor.producer.enqueue import Enqueuer
 from conveyor.producer.history import History
@@ -31,7 +32,7 @@ async def run() -> None:
         jobs=JobReader(redis, history),
         canceller=Canceller(scripts, history, int(settings.retention_s * 1000)),
     )
-    admin = AdminServicer(DeadLetters(redis, scripts))
+    admin = AdminServicer(DeadLetters(redis, scripts), QueueControls(redis))
     await server.serve(
         settings.grpc_addr,
         [

@@ -1,4 +1,4 @@
-"""AdminService: thin gRPC methods over DeadLetters."""
+"""AdminService: thin gRPC methods over QueueControls and DeadLetters."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 import grpc
 
+from conveyor.producer.controls import QueueControls
 from conveyor.producer.dead_letters import DeadLetters
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
 
@@ -13,10 +14,21 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
-    """Operator controls: dead letters."""
+    """Operator controls: pause/resume and dead letters."""
 
-    def __init__(self, dead_letters: DeadLetters) -> None:
+    def __init__(self, dead_letters: DeadLetters, controls: QueueControls) -> None:
         self._dead = dead_letters
+        self._controls = controls
+
+    async def PauseQueue(
+        self, request: admin_service_pb2.PauseQueueRequest, context: Context
+    ) -> admin_service_pb2.PauseQueueResponse:
+        return admin_service_pb2.PauseQueueResponse(changed=await self._controls.pause(request.queue))
+
+    async def ResumeQueue(
+        self, request: admin_service_pb2.ResumeQueueRequest, context: Context
+    ) -> admin_service_pb2.ResumeQueueResponse:
+        return admin_service_pb2.ResumeQueueResponse(changed=await self._controls.resume(request.queue))
 
     async def ListDeadLetters(
         self, request: admin_service_pb2.ListDeadLettersRequest, context: Context

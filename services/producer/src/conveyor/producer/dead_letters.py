@@ -15,7 +15,8 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 
 
-def _queue(queue: str) -> QueueKeys:
+def queue_of(queue: str) -> QueueKeys:
+    """The keys of ``queue``, or InvalidArgument naming the field."""
     if not QUEUE_RE.match(queue):
         raise InvalidArgument({"queue": "must be 1-64 characters from A-Z a-z 0-9 _ . -"})
     return queue_keys(queue)
@@ -43,7 +44,7 @@ class DeadLetters:
         self._scripts = scripts
 
     async def page(self, queue: str, page_size: int, page_token: str) -> admin_service_pb2.ListDeadLettersResponse:
-        keys = _queue(queue)
+        keys = queue_of(queue)
         if page_size < 0 or page_size > MAX_PAGE:
             raise InvalidArgument({"page_size": f"must be 0 (default {DEFAULT_PAGE}) to {MAX_PAGE}"})
         size = page_size or DEFAULT_PAGE
@@ -67,7 +68,7 @@ class DeadLetters:
         return out
 
     async def retry(self, queue: str, job_id: str, all_: bool) -> list[str]:
-        keys = _queue(queue)
+        keys = queue_of(queue)
         ulid = _target(queue, job_id, all_)
         if ulid:
             retried = await self._scripts.retry_dead(keys, ulid)
@@ -82,7 +83,7 @@ class DeadLetters:
                 return done
 
     async def purge(self, queue: str, job_id: str, all_: bool) -> int:
-        keys = _queue(queue)
+        keys = queue_of(queue)
         ulid = _target(queue, job_id, all_)
         purged = await self._scripts.purge_dead(keys, ulid)
         if ulid and not purged:

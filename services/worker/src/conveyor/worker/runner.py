@@ -95,6 +95,8 @@ class QueueRunner:
         self.active: dict[str, Claimed] = {}
         #: Entries whose outcome is being recorded: a heartbeat that finds them no longer ACTIVE is not a loss.
         self.completing: set[str] = set()
+        #: Claim script calls so far (observability; tests use it to know a claim has run).
+        self.claims = 0
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancels: dict[str, Cancellation] = {}
         self._retention_ms = int(settings.retention_s * 1000)
@@ -121,6 +123,7 @@ class QueueRunner:
                         self._start(mine)
                         continue
                 result = await self._scripts.claim(self._keys, consumer, min(self._slots.free, MAX_CLAIM))
+                self.claims += 1
                 backoff.reset()
             except REDIS_UNAVAILABLE as exc:
                 log.warning("claim_failed_redis_unavailable", queue=self._keys.queue, error=str(exc))

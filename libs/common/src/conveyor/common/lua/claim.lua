@@ -4,7 +4,8 @@ Promotion is atomic here, so whichever worker gets there first promotes a due jo
 (no scheduler process to lose). Each claimed job gets attempt + 1, state ACTIVE, this
 consumer as owner and an ACTIVE event in the same step.
 KEYS[1] state hash  KEYS[2] events stream  KEYS[3] done zset  KEYS[4..12] job streams, bands 1..9
-KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream
+KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream  KEYS[18] paused flag
+(while the queue is paused nothing is claimed; ResumeQueue signals, which wakes the caller)
 ARGV[1] consumer group  ARGV[2] consumer (worker id)  ARGV[3] count
 returns {claimed, wait_from, next_due}:
   claimed: flat array, 6 values per job: band, entry id, ulid, attempt, Job bytes, ACTIVE event id
@@ -38,6 +39,7 @@ for _, ulid in ipairs(due) do
 end
 
 local claimed = {}
+if redis.call('EXISTS', KEYS[18]) == 1 then want = 0 end
 for band = 9, 1, -1 do
   if want <= 0 then break end
   local stream = KEYS[3 + band]

@@ -7,6 +7,7 @@ reports as deleted are acked so the pending list does not keep them.
 KEYS[1] state hash  KEYS[2] events stream  KEYS[3] done zset  KEYS[4..12] job streams, bands 1..9
 KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream  KEYS[16] dead stream
 KEYS[17] cancel hash (a reclaimed job whose cancel was requested ends CANCELLED instead of running)
+KEYS[18] paused flag (a paused queue starts nothing, reclaimed jobs included)
 ARGV[1] consumer group  ARGV[2] consumer  ARGV[3] min idle ms  ARGV[4] most jobs to take
 ARGV[5] delivery limit  ARGV[6] record retention ms
 returns {claimed, dead}: claimed as in claim.lua (6 values per job); dead = ulids dead-lettered
@@ -17,6 +18,7 @@ local group, consumer, min_idle, want = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV
 local limit, retention = tonumber(ARGV[5]), tonumber(ARGV[6])
 
 local claimed, dead = {}, {}
+if redis.call('EXISTS', KEYS[18]) == 1 then want = 0 end
 for band = 9, 1, -1 do
   local stream = KEYS[3 + band]
   if want <= 0 then break end
