@@ -349,3 +349,15 @@ async def test_finished_jobs_leave_redis_after_the_retention_even_when_idle(
 
     # No job completes after these: the worker's timer, not a later completion, cleans up.
     await wait_for(nothing_left, "live records and job entries to leave Redis", within=10)
+
+
+async def test_a_high_priority_job_behind_10000_low_priority_ones_starts_next(
+    producer: Producer, start_worker: StartWorker
+) -> None:
+    low = p.EnqueueRequest(queue="default", type="test.count", priority=1)
+    for _ in range(10):
+        await producer.stub.EnqueueBatch(p.EnqueueBatchRequest(jobs=[low] * 1000))
+    high = await enqueue(producer, priority=9)
+    await start_worker(concurrency=1)
+    await wait_for(lambda: _ran({high.job_id}), "the high-priority job")
+    assert test_handlers.started[0] == high.job_id
