@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Any
 
 from conveyor.worker.demo import handlers as demo
-from conveyor.worker.handlers import Handlers, JobContext
+from conveyor.worker.handlers import Handlers, JobContext, RateLimited
 
 handlers = Handlers()
 handlers.merge(demo)
@@ -83,3 +83,48 @@ def sync_until_cancelled(payload: dict[str, Any], ctx: JobContext) -> str:
     while not ctx.cancelled and time.monotonic() < deadline:
         time.sleep(0.01)
     return "stopped"
+
+
+_observers: dict[str, Any] = {}
+
+
+def _observer(url: str) -> Any:
+    """One async Redis client per URL (per process) for test.observe."""
+    import redis.asyncio
+
+    if url not in _observers:
+        _observers[url] = redis.asyncio.Redis.from_url(url)
+    return _observers[url]
+
+
+@handlers.register("test.observe")
+async def observe(payload: dict[str, Any], ctx: JobContext) -> int:
+    """Records, in the Redis at ``payload["redis"]``, when it started and how many jobs of its group
+    (``payload["group"]``, default the queue) were running at that moment; then sleeps ``sleep`` s
+    (``first_sleep`` on attempt 1, if given). Works across worker processes."""
+    began = time.time()
+    r = _observer(str(payload["redis"]))
+    group = str(payload.get("group", ctx.queue))
+    running = int(await r.incr(f"obs:{group}:running"))
+    try:
+        await r.rpush(f"obs:{group}:starts", f"{began:.6f} {ctx.job_id} {running}")
+        await r.rpush(f"obs:{group}:levels", running)
+        seconds = float(payload.get("sleep", 0))
+        if ctx.attempt == 1:
+            seconds = float(payload.get("first_sleep", seconds))
+        if seconds:
+            await asyncio.sleep(seconds)
+    finally:
+        await r.decr(f"obs:{group}:running")
+    await r.rpush(f"obs:{group}:done", ctx.job_id)
+    return running
+
+
+@handlers.register("test.rate_limited")
+async def rate_limited(payload: dict[str, Any], ctx: JobContext) -> int:
+    """Says "slow down" (RateLimited) on attempts before ``until``; then succeeds."""
+    runs[ctx.job_id] += 1
+    started.append(ctx.job_id)
+    if ctx.attempt < int(payload.get("until", 2)):
+        raise RateLimited(float(payload.get("retry_after", 1)), whole_queue=bool(payload.get("whole_queue", False)))
+    return ctx.attempt

@@ -19,7 +19,7 @@ import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar, cast
 
@@ -30,8 +30,10 @@ from grpc_status import rpc_status
 from conveyor.common.codec import dumps
 from conveyor.common.errors import ConveyorError, Internal, InvalidArgument, ResourceExhausted
 from conveyor.v1 import (
+    admin_service_pb2_grpc,
     event_pb2,
     job_pb2,
+    limits_pb2,
     producer_service_pb2,
     producer_service_pb2_grpc,
     results_service_pb2,
@@ -66,6 +68,22 @@ def from_rpc_error(exc: grpc.aio.AioRpcError | grpc.RpcError) -> ConveyorError:
     return err
 
 
+def _scope(
+    req: limits_pb2.SetRateLimitRequest
+    | limits_pb2.SetConcurrencyLimitRequest
+    | limits_pb2.ClearRateLimitRequest
+    | limits_pb2.ClearConcurrencyLimitRequest,
+    key: str | None,
+    each_key: bool,
+) -> None:
+    if key is not None and each_key:
+        raise ValueError("give key or each_key, not both")
+    if key is not None:
+        req.key = key
+    elif each_key:
+        req.each_key = True
+
+
 class ConveyorClient:
     """An async client. Use as ``async with``, or call :meth:`close`.
 
@@ -88,6 +106,7 @@ class ConveyorClient:
     ) -> None:
         self._channel = grpc.aio.insecure_channel(producer_addr)
         self._producer = producer_service_pb2_grpc.ProducerServiceStub(self._channel)
+        self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
         self._results_channel = grpc.aio.insecure_channel(results_addr) if results_addr else None
         self._results = (
             results_service_pb2_grpc.ResultsServiceStub(self._results_channel) if self._results_channel else None
@@ -133,6 +152,8 @@ class ConveyorClient:
         timeout: timedelta | None = None,
         max_attempts: int = 0,
         labels: Mapping[str, str] | None = None,
+        rate_key: str = "",
+        delay: timedelta | None = None,
     ) -> producer_service_pb2.EnqueueRequest:
         """Build an EnqueueRequest (payload sent as compact JSON bytes).
 
@@ -146,6 +167,8 @@ class ConveyorClient:
             timeout: Longest one attempt may run.
             max_attempts: Attempts in all; 0 means the queue default.
             labels: Free-form labels.
+            rate_key: Flow-control key (e.g. a tenant id) for per-key rate limits and caps.
+            delay: Start no sooner than this from now.
         """
         req = producer_service_pb2.EnqueueRequest(
             queue=queue,
@@ -153,7 +176,10 @@ class ConveyorClient:
             payload_json=dumps(dict(payload or {})),
             priority=priority,
             labels=dict(labels or {}),
+            rate_key=rate_key,
         )
+        if delay is not None:
+            req.delay.FromTimedelta(delay)
         if idempotency_key is None:
             req.idempotency_key = f"client:{uuid.uuid4().hex}"
             req.idempotency_window.FromTimedelta(CLIENT_KEY_WINDOW)
@@ -201,6 +227,48 @@ class ConveyorClient:
 
     async def _enqueue_one(self, req: producer_service_pb2.EnqueueRequest) -> producer_service_pb2.EnqueueResponse:
         return await self._call(lambda: self._producer.Enqueue(req, timeout=self._timeout))
+
+    async def set_rate_limit(
+        self, queue: str, limit: int, period: timedelta, *, key: str | None = None, each_key: bool = False
+    ) -> limits_pb2.QueueLimits:
+        """At most ``limit`` starts per ``period`` across all workers: of the whole queue, of
+        each rate key (``each_key``) or of one ``key``. Returns the queue's limits now."""
+        req = limits_pb2.SetRateLimitRequest(queue=queue, limit=limit)
+        _scope(req, key, each_key)
+        req.period.FromTimedelta(period)
+        return (await self._call(lambda: self._admin.SetRateLimit(req, timeout=self._timeout))).limits
+
+    async def set_concurrency_limit(
+        self, queue: str, limit: int, *, key: str | None = None, each_key: bool = False
+    ) -> limits_pb2.QueueLimits:
+        """At most ``limit`` jobs running at once across all workers (queue, each key, or one key)."""
+        req = limits_pb2.SetConcurrencyLimitRequest(queue=queue, limit=limit)
+        _scope(req, key, each_key)
+        return (await self._call(lambda: self._admin.SetConcurrencyLimit(req, timeout=self._timeout))).limits
+
+    async def clear_rate_limit(self, queue: str, *, key: str | None = None, each_key: bool = False) -> bool:
+        """Remove a rate limit; False when there was none."""
+        req = limits_pb2.ClearRateLimitRequest(queue=queue)
+        _scope(req, key, each_key)
+        return (await self._call(lambda: self._admin.ClearRateLimit(req, timeout=self._timeout))).changed
+
+    async def clear_concurrency_limit(self, queue: str, *, key: str | None = None, each_key: bool = False) -> bool:
+        """Remove a concurrency cap; False when there was none."""
+        req = limits_pb2.ClearConcurrencyLimitRequest(queue=queue)
+        _scope(req, key, each_key)
+        return (await self._call(lambda: self._admin.ClearConcurrencyLimit(req, timeout=self._timeout))).changed
+
+    async def get_limits(self, queue: str) -> limits_pb2.QueueLimits:
+        """The queue's limits, back-off, keys held back and jobs running now."""
+        req = limits_pb2.GetLimitsRequest(queue=queue)
+        return (await self._call(lambda: self._admin.GetLimits(req, timeout=self._timeout))).limits
+
+    async def back_off(self, queue: str, duration: timedelta, *, key: str = "") -> datetime:
+        """Hold back starts of the queue (or of one rate key) for ``duration``; returns the end."""
+        req = limits_pb2.BackOffRequest(queue=queue, key=key)
+        req.duration.FromTimedelta(duration)
+        response = await self._call(lambda: self._admin.BackOff(req, timeout=self._timeout))
+        return response.until.ToDatetime(tzinfo=UTC)
 
     async def get_job(self, job_id: str) -> job_pb2.Job:
         """The job's current state, payload and outcome.

@@ -18,6 +18,8 @@ RESULTS_GROUP = "results"
 #: Priority bands, lowest to highest. Each band is its own stream.
 MIN_PRIORITY = 1
 MAX_PRIORITY = 9
+#: The "band" of the admitted stream (claims from it carry this band).
+ADMITTED_BAND = 10
 DEFAULT_PRIORITY = 5
 BANDS = tuple(range(MIN_PRIORITY, MAX_PRIORITY + 1))
 
@@ -48,8 +50,26 @@ class QueueKeys:
     cancel: str
     #: STRING present while the queue is paused (PauseQueue); kept until ResumeQueue.
     paused: str
-    #: Job streams by priority band, lowest band first (fields j=ulid, d=Job bytes).
+    #: Job streams by priority band, lowest band first (fields j=ulid, d=Job bytes[, k=rate key]).
     bands: tuple[str, ...]
+    #: STREAM through which a job held back by its key's limits starts once admitted ("band" 10):
+    #: every entry is read in the step that adds it, so it is only ever pending or gone.
+    admitted: str
+    #: HASH of flow-control settings: rate, conc, key_rate, key_conc, rate:<key>, conc:<key>.
+    limits: str
+    #: ZSET rate key -> ms until which it starts nothing (rate window full, at its cap, backed off).
+    blocked: str
+    #: ZSET rate key -> order of its first held job, for keys with held jobs that may start now.
+    ready: str
+    #: HASH ulid -> rate key, for live jobs that have one.
+    rate_keys: str
+    #: LIST of the queue's recent start times (ms, newest first): its sliding rate window.
+    starts: str
+    #: STRING present (with a TTL) while the whole queue is backed off.
+    backoff: str
+    #: Prefix of the per-key keys: <prefix>held:<k> (ZSET of held ulids by order),
+    #: <prefix>run:<k> (SET of running ulids), <prefix>starts:<k> (LIST, its rate window).
+    per_key_prefix: str
 
     def band(self, priority: int) -> str:
         """The job stream of one priority band."""
@@ -72,7 +92,22 @@ class QueueKeys:
             self.dead,
             self.cancel,
             self.paused,
+            self.admitted,
+            self.limits,
+            self.blocked,
+            self.ready,
+            self.rate_keys,
+            self.starts,
+            self.backoff,
         ]
+
+    def held(self, rate_key: str) -> str:
+        """ZSET of one rate key's jobs held back by its limits, in claim order."""
+        return f"{self.per_key_prefix}held:{rate_key}"
+
+    def running(self, rate_key: str) -> str:
+        """SET of one rate key's running job ulids (what its concurrency cap counts)."""
+        return f"{self.per_key_prefix}run:{rate_key}"
 
 
 @cache
@@ -91,4 +126,12 @@ def queue_keys(queue: str) -> QueueKeys:
         cancel=f"{base}:cancel",
         paused=f"{base}:paused",
         bands=tuple(f"{base}:jobs:{p}" for p in BANDS),
+        admitted=f"{base}:jobs:admitted",
+        limits=f"{base}:limits",
+        blocked=f"{base}:blocked",
+        ready=f"{base}:ready",
+        rate_keys=f"{base}:ratekeys",
+        starts=f"{base}:starts",
+        backoff=f"{base}:backoff",
+        per_key_prefix=f"{base}:key:",
     )

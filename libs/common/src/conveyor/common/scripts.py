@@ -27,6 +27,10 @@ def _source(name: str) -> str:
     return text
 
 
+#: Record.entry_id of a job held back by its rate key's limits (its job bytes are parked).
+HELD = "h"
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     """A job's live record in the queue's state hash.
@@ -62,6 +66,8 @@ class NewJob:
     idempotency_window_ms: int = 0
     #: When the job becomes due, ms since the epoch; 0 = now.
     due_ms: int = 0
+    #: Flow-control key (per-key rate limits and concurrency caps); "" = none.
+    rate_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,10 +114,25 @@ class Outcome:
     due_ms: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class LimitsSnapshot:
+    """A queue's flow-control settings and what they hold back, read in one step."""
+
+    #: The limits hash: rate, conc, key_rate, key_conc, rate:<key>, conc:<key>.
+    settings: dict[str, str]
+    #: Back-offs in force: "" (the whole queue) or a rate key -> end, ms since the epoch.
+    backoffs: dict[str, int]
+    #: Keys held back now: (key, until ms, jobs held).
+    blocked: list[tuple[str, int, int]]
+    #: Jobs running now across all workers.
+    running: int
+
+
 # Hot-path scripts take their per-job values packed into one argument (see the .lua headers):
 # redis-py encodes each argument separately, which cost more than the work itself.
 _JOB_HEAD = struct.Struct(">26sBHddI")
 _LEN = struct.Struct(">I")
+_KEY_LEN = struct.Struct(">B")
 _OUTCOME_HEAD = struct.Struct(">BH")
 _OUTCOME_MID = struct.Struct(">26sIBdI")
 _BEAT_TAIL = struct.Struct(">26sI")
@@ -176,6 +197,7 @@ class Scripts:
         self._cancel = client.register_script(_source("cancel"))
         self._retry_dead = client.register_script(_source("retry_dead"))
         self._purge_dead = client.register_script(_source("purge_dead"))
+        self._limits = client.register_script(_source("limits"))
 
     async def enqueue(self, keys: QueueKeys, jobs: list[NewJob]) -> list[EnqueueResult]:
         """Add ``jobs`` to one queue atomically; known idempotency keys return their job."""
@@ -201,6 +223,8 @@ class Scripts:
                 job.job,
                 _LEN.pack(len(job.queued_event)),
                 job.queued_event,
+                _KEY_LEN.pack(len(rate_key := job.rate_key.encode())),
+                rate_key,
             ]
         raw = await self._enqueue(keys=[*keys.script_keys(), *idem_keys], args=[len(jobs), b"".join(parts)])
         return [EnqueueResult(_text(raw[i]), bool(raw[i + 1]), int(raw[i + 2])) for i in range(0, len(raw), 3)]
@@ -211,7 +235,11 @@ class Scripts:
             keys=keys.script_keys(), args=[WORKER_GROUP, consumer, count]
         )
         claimed = _claimed(claimed_raw)
-        wait_from = {key: _text(last) for key, last in zip([*keys.bands, keys.signal], wait_raw, strict=False)}
+        wait_from = {
+            key: last
+            for key, raw in zip([*keys.bands, keys.signal], wait_raw, strict=False)
+            if (last := _text(raw))  # "" = not worth waiting on (the whole queue may start nothing now)
+        }
         return ClaimResult(claimed, wait_from, int(float(next_due)) if next_due else None)
 
     async def complete(
@@ -278,6 +306,28 @@ class Scripts:
     async def purge_dead(self, keys: QueueKeys, ulid: str = "") -> int:
         """Delete dead letters (one ulid, or all when empty); returns how many."""
         return int(await self._purge_dead(keys=[keys.dead], args=[ulid]))
+
+    async def set_limit(self, keys: QueueKeys, field: str, value: str) -> None:
+        """Set one flow-control setting (see lua/limits.lua for the fields and formats)."""
+        await self._limits(keys=keys.script_keys(), args=["set", field, value])
+
+    async def clear_limit(self, keys: QueueKeys, field: str) -> bool:
+        """Remove one flow-control setting; False when it was not set."""
+        return bool(await self._limits(keys=keys.script_keys(), args=["clear", field]))
+
+    async def back_off(self, keys: QueueKeys, rate_key: str, duration_ms: int) -> int:
+        """Hold back starts of the queue (``rate_key`` "") or of one key; returns the end in force (ms)."""
+        return int(await self._limits(keys=keys.script_keys(), args=["backoff", rate_key, duration_ms]))
+
+    async def limits(self, keys: QueueKeys) -> LimitsSnapshot:
+        """The queue's limits, back-offs, held-back keys and running jobs, at one instant."""
+        settings, backoffs, blocked, running = await self._limits(keys=keys.script_keys(), args=["get"])
+        return LimitsSnapshot(
+            settings={_text(settings[i]): _text(settings[i + 1]) for i in range(0, len(settings), 2)},
+            backoffs={_text(backoffs[i]): int(backoffs[i + 1]) for i in range(0, len(backoffs), 2)},
+            blocked=[(_text(blocked[i]), int(blocked[i + 1]), int(blocked[i + 2])) for i in range(0, len(blocked), 3)],
+            running=int(running),
+        )
 
     async def expire_records(self, keys: QueueKeys, limit: int = 1000) -> int:
         """Drop up to ``limit`` live records whose retention has passed; returns how many."""

@@ -24,38 +24,39 @@ _sym_db = _symbol_database.Default()
 
 from conveyor.v1 import event_pb2 as conveyor_dot_v1_dot_event__pb2
 from conveyor.v1 import job_pb2 as conveyor_dot_v1_dot_job__pb2
+from conveyor.v1 import limits_pb2 as conveyor_dot_v1_dot_limits__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63onveyor/v1/admin_service.proto\x12\x0b\x63onveyor.v1\x1a\x17\x63onveyor/v1/event.proto\x1a\x15\x63onveyor/v1/job.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x01\n\nDeadLetter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1d\n\x03job\x18\x02 \x01(\x0b\x32\x10.conveyor.v1.Job\x12$\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x15.conveyor.v1.JobEvent\x12+\n\x07\x64\x65\x61\x64_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x16ListDeadLettersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x17ListDeadLettersResponse\x12-\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x17RetryDeadLettersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"+\n\x18RetryDeadLettersResponse\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\"E\n\x17PurgeDeadLettersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"*\n\x18PurgeDeadLettersResponse\x12\x0e\n\x06purged\x18\x01 \x01(\x05\"\"\n\x11PauseQueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"%\n\x12PauseQueueResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\"#\n\x12ResumeQueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"&\n\x13ResumeQueueResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x32\xcf\x03\n\x0c\x41\x64minService\x12M\n\nPauseQueue\x12\x1e.conveyor.v1.PauseQueueRequest\x1a\x1f.conveyor.v1.PauseQueueResponse\x12P\n\x0bResumeQueue\x12\x1f.conveyor.v1.ResumeQueueRequest\x1a .conveyor.v1.ResumeQueueResponse\x12\\\n\x0fListDeadLetters\x12#.conveyor.v1.ListDeadLettersRequest\x1a$.conveyor.v1.ListDeadLettersResponse\x12_\n\x10RetryDeadLetters\x12$.conveyor.v1.RetryDeadLettersRequest\x1a%.conveyor.v1.RetryDeadLettersResponse\x12_\n\x10PurgeDeadLetters\x12$.conveyor.v1.PurgeDeadLettersRequest\x1a%.conveyor.v1.PurgeDeadLettersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63onveyor/v1/admin_service.proto\x12\x0b\x63onveyor.v1\x1a\x17\x63onveyor/v1/event.proto\x1a\x15\x63onveyor/v1/job.proto\x1a\x18\x63onveyor/v1/limits.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x01\n\nDeadLetter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1d\n\x03job\x18\x02 \x01(\x0b\x32\x10.conveyor.v1.Job\x12$\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x15.conveyor.v1.JobEvent\x12+\n\x07\x64\x65\x61\x64_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x16ListDeadLettersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x17ListDeadLettersResponse\x12-\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x17RetryDeadLettersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"+\n\x18RetryDeadLettersResponse\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\"E\n\x17PurgeDeadLettersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"*\n\x18PurgeDeadLettersResponse\x12\x0e\n\x06purged\x18\x01 \x01(\x05\"\"\n\x11PauseQueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"%\n\x12PauseQueueResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\"#\n\x12ResumeQueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"&\n\x13ResumeQueueResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x32\xeb\x07\n\x0c\x41\x64minService\x12M\n\nPauseQueue\x12\x1e.conveyor.v1.PauseQueueRequest\x1a\x1f.conveyor.v1.PauseQueueResponse\x12P\n\x0bResumeQueue\x12\x1f.conveyor.v1.ResumeQueueRequest\x1a .conveyor.v1.ResumeQueueResponse\x12S\n\x0cSetRateLimit\x12 .conveyor.v1.SetRateLimitRequest\x1a!.conveyor.v1.SetRateLimitResponse\x12Y\n\x0e\x43learRateLimit\x12\".conveyor.v1.ClearRateLimitRequest\x1a#.conveyor.v1.ClearRateLimitResponse\x12h\n\x13SetConcurrencyLimit\x12\'.conveyor.v1.SetConcurrencyLimitRequest\x1a(.conveyor.v1.SetConcurrencyLimitResponse\x12n\n\x15\x43learConcurrencyLimit\x12).conveyor.v1.ClearConcurrencyLimitRequest\x1a*.conveyor.v1.ClearConcurrencyLimitResponse\x12J\n\tGetLimits\x12\x1d.conveyor.v1.GetLimitsRequest\x1a\x1e.conveyor.v1.GetLimitsResponse\x12\x44\n\x07\x42\x61\x63kOff\x12\x1b.conveyor.v1.BackOffRequest\x1a\x1c.conveyor.v1.BackOffResponse\x12\\\n\x0fListDeadLetters\x12#.conveyor.v1.ListDeadLettersRequest\x1a$.conveyor.v1.ListDeadLettersResponse\x12_\n\x10RetryDeadLetters\x12$.conveyor.v1.RetryDeadLettersRequest\x1a%.conveyor.v1.RetryDeadLettersResponse\x12_\n\x10PurgeDeadLetters\x12$.conveyor.v1.PurgeDeadLettersRequest\x1a%.conveyor.v1.PurgeDeadLettersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.v1.admin_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEADLETTER']._serialized_start=130
-  _globals['_DEADLETTER']._serialized_end=268
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=270
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=348
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=350
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=447
-  _globals['_RETRYDEADLETTERSREQUEST']._serialized_start=449
-  _globals['_RETRYDEADLETTERSREQUEST']._serialized_end=518
-  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_start=520
-  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_end=563
-  _globals['_PURGEDEADLETTERSREQUEST']._serialized_start=565
-  _globals['_PURGEDEADLETTERSREQUEST']._serialized_end=634
-  _globals['_PURGEDEADLETTERSRESPONSE']._serialized_start=636
-  _globals['_PURGEDEADLETTERSRESPONSE']._serialized_end=678
-  _globals['_PAUSEQUEUEREQUEST']._serialized_start=680
-  _globals['_PAUSEQUEUEREQUEST']._serialized_end=714
-  _globals['_PAUSEQUEUERESPONSE']._serialized_start=716
-  _globals['_PAUSEQUEUERESPONSE']._serialized_end=753
-  _globals['_RESUMEQUEUEREQUEST']._serialized_start=755
-  _globals['_RESUMEQUEUEREQUEST']._serialized_end=790
-  _globals['_RESUMEQUEUERESPONSE']._serialized_start=792
-  _globals['_RESUMEQUEUERESPONSE']._serialized_end=830
-  _globals['_ADMINSERVICE']._serialized_start=833
-  _globals['_ADMINSERVICE']._serialized_end=1296
+  _globals['_DEADLETTER']._serialized_start=156
+  _globals['_DEADLETTER']._serialized_end=294
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=296
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=374
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=376
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=473
+  _globals['_RETRYDEADLETTERSREQUEST']._serialized_start=475
+  _globals['_RETRYDEADLETTERSREQUEST']._serialized_end=544
+  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_start=546
+  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_end=589
+  _globals['_PURGEDEADLETTERSREQUEST']._serialized_start=591
+  _globals['_PURGEDEADLETTERSREQUEST']._serialized_end=660
+  _globals['_PURGEDEADLETTERSRESPONSE']._serialized_start=662
+  _globals['_PURGEDEADLETTERSRESPONSE']._serialized_end=704
+  _globals['_PAUSEQUEUEREQUEST']._serialized_start=706
+  _globals['_PAUSEQUEUEREQUEST']._serialized_end=740
+  _globals['_PAUSEQUEUERESPONSE']._serialized_start=742
+  _globals['_PAUSEQUEUERESPONSE']._serialized_end=779
+  _globals['_RESUMEQUEUEREQUEST']._serialized_start=781
+  _globals['_RESUMEQUEUEREQUEST']._serialized_end=816
+  _globals['_RESUMEQUEUERESPONSE']._serialized_start=818
+  _globals['_RESUMEQUEUERESPONSE']._serialized_end=856
+  _globals['_ADMINSERVICE']._serialized_start=859
+  _globals['_ADMINSERVICE']._serialized_end=1862
 # @@protoc_insertion_point(module_scope)

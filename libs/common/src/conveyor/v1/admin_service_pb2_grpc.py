@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from conveyor.v1 import admin_service_pb2 as conveyor_dot_v1_dot_admin__service__pb2
+from conveyor.v1 import limits_pb2 as conveyor_dot_v1_dot_limits__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -45,6 +46,36 @@ class AdminServiceStub:
                 request_serializer=conveyor_dot_v1_dot_admin__service__pb2.ResumeQueueRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ResumeQueueResponse.FromString,
                 _registered_method=True)
+        self.SetRateLimit = channel.unary_unary(
+                '/conveyor.v1.AdminService/SetRateLimit',
+                request_serializer=conveyor_dot_v1_dot_limits__pb2.SetRateLimitRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_limits__pb2.SetRateLimitResponse.FromString,
+                _registered_method=True)
+        self.ClearRateLimit = channel.unary_unary(
+                '/conveyor.v1.AdminService/ClearRateLimit',
+                request_serializer=conveyor_dot_v1_dot_limits__pb2.ClearRateLimitRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_limits__pb2.ClearRateLimitResponse.FromString,
+                _registered_method=True)
+        self.SetConcurrencyLimit = channel.unary_unary(
+                '/conveyor.v1.AdminService/SetConcurrencyLimit',
+                request_serializer=conveyor_dot_v1_dot_limits__pb2.SetConcurrencyLimitRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_limits__pb2.SetConcurrencyLimitResponse.FromString,
+                _registered_method=True)
+        self.ClearConcurrencyLimit = channel.unary_unary(
+                '/conveyor.v1.AdminService/ClearConcurrencyLimit',
+                request_serializer=conveyor_dot_v1_dot_limits__pb2.ClearConcurrencyLimitRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_limits__pb2.ClearConcurrencyLimitResponse.FromString,
+                _registered_method=True)
+        self.GetLimits = channel.unary_unary(
+                '/conveyor.v1.AdminService/GetLimits',
+                request_serializer=conveyor_dot_v1_dot_limits__pb2.GetLimitsRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_limits__pb2.GetLimitsResponse.FromString,
+                _registered_method=True)
+        self.BackOff = channel.unary_unary(
+                '/conveyor.v1.AdminService/BackOff',
+                request_serializer=conveyor_dot_v1_dot_limits__pb2.BackOffRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_limits__pb2.BackOffResponse.FromString,
+                _registered_method=True)
         self.ListDeadLetters = channel.unary_unary(
                 '/conveyor.v1.AdminService/ListDeadLetters',
                 request_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListDeadLettersRequest.SerializeToString,
@@ -77,6 +108,54 @@ class AdminServiceServicer:
 
     def ResumeQueue(self, request, context):
         """ResumeQueue lets workers start the queue's jobs again, at once. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRateLimit(self, request, context):
+        """SetRateLimit sets "at most N starts per period" for the whole queue, for each
+        rate key by default, or for one key. Enforced when a worker claims, across all
+        workers: a limited job keeps its place and priority and no worker holds it while
+        it waits. Kept in Redis (survives restarts). Replaces the same scope's limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearRateLimit(self, request, context):
+        """ClearRateLimit removes one rate limit. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetConcurrencyLimit(self, request, context):
+        """SetConcurrencyLimit caps the jobs running at once (whole queue, each key, or
+        one key) across all workers. The slot is taken in the claim and given back on
+        every outcome, cancel, timeout and reclaim.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearConcurrencyLimit(self, request, context):
+        """ClearConcurrencyLimit removes one concurrency cap. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLimits(self, request, context):
+        """GetLimits shows a queue's limits, back-off and the keys held back now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BackOff(self, request, context):
+        """BackOff holds back the starts of a queue, or of one rate key, for a while
+        (what a handler does when it gets HTTP 429). Running jobs go on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -119,6 +198,36 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ResumeQueue,
                     request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ResumeQueueRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_admin__service__pb2.ResumeQueueResponse.SerializeToString,
+            ),
+            'SetRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRateLimit,
+                    request_deserializer=conveyor_dot_v1_dot_limits__pb2.SetRateLimitRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_limits__pb2.SetRateLimitResponse.SerializeToString,
+            ),
+            'ClearRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearRateLimit,
+                    request_deserializer=conveyor_dot_v1_dot_limits__pb2.ClearRateLimitRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_limits__pb2.ClearRateLimitResponse.SerializeToString,
+            ),
+            'SetConcurrencyLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetConcurrencyLimit,
+                    request_deserializer=conveyor_dot_v1_dot_limits__pb2.SetConcurrencyLimitRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_limits__pb2.SetConcurrencyLimitResponse.SerializeToString,
+            ),
+            'ClearConcurrencyLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearConcurrencyLimit,
+                    request_deserializer=conveyor_dot_v1_dot_limits__pb2.ClearConcurrencyLimitRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_limits__pb2.ClearConcurrencyLimitResponse.SerializeToString,
+            ),
+            'GetLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLimits,
+                    request_deserializer=conveyor_dot_v1_dot_limits__pb2.GetLimitsRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_limits__pb2.GetLimitsResponse.SerializeToString,
+            ),
+            'BackOff': grpc.unary_unary_rpc_method_handler(
+                    servicer.BackOff,
+                    request_deserializer=conveyor_dot_v1_dot_limits__pb2.BackOffRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_limits__pb2.BackOffResponse.SerializeToString,
             ),
             'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDeadLetters,
@@ -191,6 +300,168 @@ class AdminService:
             '/conveyor.v1.AdminService/ResumeQueue',
             conveyor_dot_v1_dot_admin__service__pb2.ResumeQueueRequest.SerializeToString,
             conveyor_dot_v1_dot_admin__service__pb2.ResumeQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/SetRateLimit',
+            conveyor_dot_v1_dot_limits__pb2.SetRateLimitRequest.SerializeToString,
+            conveyor_dot_v1_dot_limits__pb2.SetRateLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/ClearRateLimit',
+            conveyor_dot_v1_dot_limits__pb2.ClearRateLimitRequest.SerializeToString,
+            conveyor_dot_v1_dot_limits__pb2.ClearRateLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetConcurrencyLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/SetConcurrencyLimit',
+            conveyor_dot_v1_dot_limits__pb2.SetConcurrencyLimitRequest.SerializeToString,
+            conveyor_dot_v1_dot_limits__pb2.SetConcurrencyLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearConcurrencyLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/ClearConcurrencyLimit',
+            conveyor_dot_v1_dot_limits__pb2.ClearConcurrencyLimitRequest.SerializeToString,
+            conveyor_dot_v1_dot_limits__pb2.ClearConcurrencyLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/GetLimits',
+            conveyor_dot_v1_dot_limits__pb2.GetLimitsRequest.SerializeToString,
+            conveyor_dot_v1_dot_limits__pb2.GetLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BackOff(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/BackOff',
+            conveyor_dot_v1_dot_limits__pb2.BackOffRequest.SerializeToString,
+            conveyor_dot_v1_dot_limits__pb2.BackOffResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from conveyor.v1 import admin_service_pb2 as _admin_service_pb2
+from conveyor.v1 import limits_pb2 as _limits_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -40,6 +41,27 @@ class AdminServiceStub:
     """
     ResumeQueue: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ResumeQueueRequest, _admin_service_pb2.ResumeQueueResponse]
     """ResumeQueue lets workers start the queue's jobs again, at once. Idempotent."""
+    SetRateLimit: _grpc.UnaryUnaryMultiCallable[_limits_pb2.SetRateLimitRequest, _limits_pb2.SetRateLimitResponse]
+    """SetRateLimit sets "at most N starts per period" for the whole queue, for each
+    rate key by default, or for one key. Enforced when a worker claims, across all
+    workers: a limited job keeps its place and priority and no worker holds it while
+    it waits. Kept in Redis (survives restarts). Replaces the same scope's limit.
+    """
+    ClearRateLimit: _grpc.UnaryUnaryMultiCallable[_limits_pb2.ClearRateLimitRequest, _limits_pb2.ClearRateLimitResponse]
+    """ClearRateLimit removes one rate limit. Idempotent."""
+    SetConcurrencyLimit: _grpc.UnaryUnaryMultiCallable[_limits_pb2.SetConcurrencyLimitRequest, _limits_pb2.SetConcurrencyLimitResponse]
+    """SetConcurrencyLimit caps the jobs running at once (whole queue, each key, or
+    one key) across all workers. The slot is taken in the claim and given back on
+    every outcome, cancel, timeout and reclaim.
+    """
+    ClearConcurrencyLimit: _grpc.UnaryUnaryMultiCallable[_limits_pb2.ClearConcurrencyLimitRequest, _limits_pb2.ClearConcurrencyLimitResponse]
+    """ClearConcurrencyLimit removes one concurrency cap. Idempotent."""
+    GetLimits: _grpc.UnaryUnaryMultiCallable[_limits_pb2.GetLimitsRequest, _limits_pb2.GetLimitsResponse]
+    """GetLimits shows a queue's limits, back-off and the keys held back now."""
+    BackOff: _grpc.UnaryUnaryMultiCallable[_limits_pb2.BackOffRequest, _limits_pb2.BackOffResponse]
+    """BackOff holds back the starts of a queue, or of one rate key, for a while
+    (what a handler does when it gets HTTP 429). Running jobs go on.
+    """
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListDeadLettersRequest, _admin_service_pb2.ListDeadLettersResponse]
     """ListDeadLetters lists a queue's dead letters (final failures and poison jobs),
     oldest first, one page at a time.
@@ -66,6 +88,27 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     ResumeQueue: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ResumeQueueRequest, _admin_service_pb2.ResumeQueueResponse]  # type: ignore[assignment]
     """ResumeQueue lets workers start the queue's jobs again, at once. Idempotent."""
+    SetRateLimit: _aio.UnaryUnaryMultiCallable[_limits_pb2.SetRateLimitRequest, _limits_pb2.SetRateLimitResponse]  # type: ignore[assignment]
+    """SetRateLimit sets "at most N starts per period" for the whole queue, for each
+    rate key by default, or for one key. Enforced when a worker claims, across all
+    workers: a limited job keeps its place and priority and no worker holds it while
+    it waits. Kept in Redis (survives restarts). Replaces the same scope's limit.
+    """
+    ClearRateLimit: _aio.UnaryUnaryMultiCallable[_limits_pb2.ClearRateLimitRequest, _limits_pb2.ClearRateLimitResponse]  # type: ignore[assignment]
+    """ClearRateLimit removes one rate limit. Idempotent."""
+    SetConcurrencyLimit: _aio.UnaryUnaryMultiCallable[_limits_pb2.SetConcurrencyLimitRequest, _limits_pb2.SetConcurrencyLimitResponse]  # type: ignore[assignment]
+    """SetConcurrencyLimit caps the jobs running at once (whole queue, each key, or
+    one key) across all workers. The slot is taken in the claim and given back on
+    every outcome, cancel, timeout and reclaim.
+    """
+    ClearConcurrencyLimit: _aio.UnaryUnaryMultiCallable[_limits_pb2.ClearConcurrencyLimitRequest, _limits_pb2.ClearConcurrencyLimitResponse]  # type: ignore[assignment]
+    """ClearConcurrencyLimit removes one concurrency cap. Idempotent."""
+    GetLimits: _aio.UnaryUnaryMultiCallable[_limits_pb2.GetLimitsRequest, _limits_pb2.GetLimitsResponse]  # type: ignore[assignment]
+    """GetLimits shows a queue's limits, back-off and the keys held back now."""
+    BackOff: _aio.UnaryUnaryMultiCallable[_limits_pb2.BackOffRequest, _limits_pb2.BackOffResponse]  # type: ignore[assignment]
+    """BackOff holds back the starts of a queue, or of one rate key, for a while
+    (what a handler does when it gets HTTP 429). Running jobs go on.
+    """
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListDeadLettersRequest, _admin_service_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
     """ListDeadLetters lists a queue's dead letters (final failures and poison jobs),
     oldest first, one page at a time.
@@ -101,6 +144,63 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.ResumeQueueResponse, _abc.Awaitable[_admin_service_pb2.ResumeQueueResponse]]:
         """ResumeQueue lets workers start the queue's jobs again, at once. Idempotent."""
+
+    @_abc_1.abstractmethod
+    def SetRateLimit(
+        self,
+        request: _limits_pb2.SetRateLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_limits_pb2.SetRateLimitResponse, _abc.Awaitable[_limits_pb2.SetRateLimitResponse]]:
+        """SetRateLimit sets "at most N starts per period" for the whole queue, for each
+        rate key by default, or for one key. Enforced when a worker claims, across all
+        workers: a limited job keeps its place and priority and no worker holds it while
+        it waits. Kept in Redis (survives restarts). Replaces the same scope's limit.
+        """
+
+    @_abc_1.abstractmethod
+    def ClearRateLimit(
+        self,
+        request: _limits_pb2.ClearRateLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_limits_pb2.ClearRateLimitResponse, _abc.Awaitable[_limits_pb2.ClearRateLimitResponse]]:
+        """ClearRateLimit removes one rate limit. Idempotent."""
+
+    @_abc_1.abstractmethod
+    def SetConcurrencyLimit(
+        self,
+        request: _limits_pb2.SetConcurrencyLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_limits_pb2.SetConcurrencyLimitResponse, _abc.Awaitable[_limits_pb2.SetConcurrencyLimitResponse]]:
+        """SetConcurrencyLimit caps the jobs running at once (whole queue, each key, or
+        one key) across all workers. The slot is taken in the claim and given back on
+        every outcome, cancel, timeout and reclaim.
+        """
+
+    @_abc_1.abstractmethod
+    def ClearConcurrencyLimit(
+        self,
+        request: _limits_pb2.ClearConcurrencyLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_limits_pb2.ClearConcurrencyLimitResponse, _abc.Awaitable[_limits_pb2.ClearConcurrencyLimitResponse]]:
+        """ClearConcurrencyLimit removes one concurrency cap. Idempotent."""
+
+    @_abc_1.abstractmethod
+    def GetLimits(
+        self,
+        request: _limits_pb2.GetLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_limits_pb2.GetLimitsResponse, _abc.Awaitable[_limits_pb2.GetLimitsResponse]]:
+        """GetLimits shows a queue's limits, back-off and the keys held back now."""
+
+    @_abc_1.abstractmethod
+    def BackOff(
+        self,
+        request: _limits_pb2.BackOffRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_limits_pb2.BackOffResponse, _abc.Awaitable[_limits_pb2.BackOffResponse]]:
+        """BackOff holds back the starts of a queue, or of one rate key, for a while
+        (what a handler does when it gets HTTP 429). Running jobs go on.
+        """
 
     @_abc_1.abstractmethod
     def ListDeadLetters(

@@ -61,6 +61,7 @@ class EnqueueRequest(_message.Message):
     RETRY_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    RATE_KEY_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """Queue name: 1-64 characters from [A-Za-z0-9_.-]."""
     type: _builtins.str
@@ -75,6 +76,12 @@ class EnqueueRequest(_message.Message):
     """
     priority: _builtins.int
     """1 (lowest) to 9 (highest); 0 means the default, 5."""
+    rate_key: _builtins.str
+    """Flow-control key, e.g. a tenant or customer id (up to 128 bytes): the queue's
+    per-key rate limits and concurrency caps (AdminService.SetRateLimit,
+    SetConcurrencyLimit) count the jobs of each key separately. Empty: only the
+    whole-queue limits apply.
+    """
     @_builtins.property
     def payload(self) -> _struct_pb2.Struct:
         """Payload as a JSON object (what grpcurl sends)."""
@@ -118,10 +125,11 @@ class EnqueueRequest(_message.Message):
         retry: _job_pb2.RetryPolicy | None = ...,
         timeout: _duration_pb2.Duration | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        rate_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "idempotency_window", b"idempotency_window", "payload", b"payload", "retry", b"retry", "run_at", b"run_at", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "idempotency_key", b"idempotency_key", "idempotency_window", b"idempotency_window", "labels", b"labels", "payload", b"payload", "payload_json", b"payload_json", "priority", b"priority", "queue", b"queue", "retry", b"retry", "run_at", b"run_at", "timeout", b"timeout", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "idempotency_key", b"idempotency_key", "idempotency_window", b"idempotency_window", "labels", b"labels", "payload", b"payload", "payload_json", b"payload_json", "priority", b"priority", "queue", b"queue", "rate_key", b"rate_key", "retry", b"retry", "run_at", b"run_at", "timeout", b"timeout", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

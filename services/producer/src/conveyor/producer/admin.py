@@ -8,17 +8,19 @@ import grpc
 
 from conveyor.producer.controls import QueueControls
 from conveyor.producer.dead_letters import DeadLetters
-from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
+from conveyor.producer.limits import FlowLimits
+from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, limits_pb2
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
-    """Operator controls: pause/resume and dead letters."""
+    """Operator controls: pause/resume, flow limits and dead letters."""
 
-    def __init__(self, dead_letters: DeadLetters, controls: QueueControls) -> None:
+    def __init__(self, dead_letters: DeadLetters, controls: QueueControls, limits: FlowLimits) -> None:
         self._dead = dead_letters
         self._controls = controls
+        self._limits = limits
 
     async def PauseQueue(
         self, request: admin_service_pb2.PauseQueueRequest, context: Context
@@ -47,3 +49,33 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         return admin_service_pb2.PurgeDeadLettersResponse(
             purged=await self._dead.purge(request.queue, request.job_id, request.all)
         )
+
+    async def SetRateLimit(
+        self, request: limits_pb2.SetRateLimitRequest, context: Context
+    ) -> limits_pb2.SetRateLimitResponse:
+        return limits_pb2.SetRateLimitResponse(limits=await self._limits.set_rate(request))
+
+    async def ClearRateLimit(
+        self, request: limits_pb2.ClearRateLimitRequest, context: Context
+    ) -> limits_pb2.ClearRateLimitResponse:
+        changed, limits = await self._limits.clear("rate", request)
+        return limits_pb2.ClearRateLimitResponse(changed=changed, limits=limits)
+
+    async def SetConcurrencyLimit(
+        self, request: limits_pb2.SetConcurrencyLimitRequest, context: Context
+    ) -> limits_pb2.SetConcurrencyLimitResponse:
+        return limits_pb2.SetConcurrencyLimitResponse(limits=await self._limits.set_concurrency(request))
+
+    async def ClearConcurrencyLimit(
+        self, request: limits_pb2.ClearConcurrencyLimitRequest, context: Context
+    ) -> limits_pb2.ClearConcurrencyLimitResponse:
+        changed, limits = await self._limits.clear("conc", request)
+        return limits_pb2.ClearConcurrencyLimitResponse(changed=changed, limits=limits)
+
+    async def GetLimits(self, request: limits_pb2.GetLimitsRequest, context: Context) -> limits_pb2.GetLimitsResponse:
+        return limits_pb2.GetLimitsResponse(limits=await self._limits.get(request.queue))
+
+    async def BackOff(self, request: limits_pb2.BackOffRequest, context: Context) -> limits_pb2.BackOffResponse:
+        response = limits_pb2.BackOffResponse()
+        response.until.FromMilliseconds(await self._limits.back_off(request))
+        return response

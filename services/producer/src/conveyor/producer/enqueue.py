@@ -36,7 +36,12 @@ def build_job(valid: ValidJob, now_ns: int) -> tuple[bytes, bytes]:
     """
     r = valid.request
     job = job_pb2.Job(
-        type=r.type, priority=valid.priority, labels=r.labels, idempotency_key=r.idempotency_key, retry=valid.retry
+        type=r.type,
+        priority=valid.priority,
+        labels=r.labels,
+        idempotency_key=r.idempotency_key,
+        retry=valid.retry,
+        rate_key=r.rate_key,
     )
     if r.HasField("timeout"):
         job.timeout.CopyFrom(r.timeout)
@@ -96,6 +101,7 @@ class Enqueuer:
                         idempotency_key=v.request.idempotency_key,
                         idempotency_window_ms=v.idempotency_window_ms,
                         due_ms=v.due_ms,
+                        rate_key=v.request.rate_key,
                     ),
                 )
             )

@@ -9,7 +9,7 @@ from conveyor.common.errors import InvalidArgument
 from conveyor.common.ids import parse_job_id
 from conveyor.common.keys import queue_keys
 from conveyor.common.redis import hget
-from conveyor.common.scripts import Record
+from conveyor.common.scripts import HELD, Record
 from conveyor.producer.history import History
 from conveyor.v1 import job_pb2
 
@@ -49,10 +49,14 @@ class JobReader:
                     return job
             else:
                 data: bytes | None = None
-                if record.entry_id:
-                    entries = await self._redis.xrange(keys.band(record.priority), record.entry_id, record.entry_id)
-                    data = entries[0][1][b"d"] if entries else None
-                else:  # delayed or waiting for a retry: parked until due
+                if record.entry_id and record.entry_id != HELD:
+                    # In its band's stream, or in the admitted stream if its rate key held it back first.
+                    for stream in (keys.band(record.priority), keys.admitted):
+                        entries = await self._redis.xrange(stream, record.entry_id, record.entry_id)
+                        if entries:
+                            data = entries[0][1][b"d"]
+                            break
+                else:  # delayed, waiting for a retry, or held back by its rate key: parked meanwhile
                     data = await hget(self._redis, keys.parked, ulid)
                 if data is not None:
                     job = public_job(restore_job(job_pb2.Job.FromString(data), job_id, queue))

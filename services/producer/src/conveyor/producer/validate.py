@@ -19,6 +19,8 @@ from conveyor.common.keys import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 from conveyor.v1 import job_pb2, producer_service_pb2
 
 TYPE_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+#: Rate keys appear inside Redis key names and the admin API: printable, no whitespace.
+RATE_KEY_RE = re.compile(r"^[!-~]{1,128}$")
 MAX_IDEMPOTENCY_KEY = 256
 DEFAULT_IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000
 MAX_IDEMPOTENCY_WINDOW_MS = 30 * 24 * 3600 * 1000
@@ -161,6 +163,9 @@ def validate(
             bad[f"{prefix}labels[{key!r}]"] = f"keys must be 1-{MAX_LABEL_KEY} bytes"
         elif len(value.encode()) > MAX_LABEL_VALUE:
             bad[f"{prefix}labels[{key!r}]"] = f"values must be at most {MAX_LABEL_VALUE} bytes"
+
+    if request.rate_key and not RATE_KEY_RE.match(request.rate_key):
+        bad[f"{prefix}rate_key"] = "must be 1-128 bytes of printable characters"
 
     if bad:
         return None, bad

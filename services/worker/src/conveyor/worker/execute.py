@@ -14,12 +14,14 @@ import structlog
 
 from conveyor.common.codec import dumps, embed_job
 from conveyor.v1 import event_pb2, job_pb2
-from conveyor.worker.handlers import Handlers, JobContext, PermanentError
+from conveyor.worker.handlers import Handlers, JobContext, PermanentError, RateLimited
 from conveyor.worker.retry import retry_delay_ms, should_retry
 
 log = structlog.get_logger("conveyor.worker")
 
 MAX_ERROR_MESSAGE = 4000
+#: However often a job is rate limited, it stops after this many attempts (validate.MAX_ATTEMPTS).
+MAX_ATTEMPTS_CEILING = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,7 @@ async def run_attempt(
     worker_id: str,
     report: Callable[[float, str], Awaitable[None]],
     cancellation: Cancellation | None = None,
+    back_off: Callable[[float, bool], Awaitable[None]] | None = None,
 ) -> tuple[int, bytes, int]:
     """Run the job's handler once.
 
@@ -61,6 +64,7 @@ async def run_attempt(
     event = event_pb2.JobEvent(attempt=attempt.attempt, worker=worker_id)
     handler = handlers.get(job.type)
     started = time.perf_counter()
+    retry_after_ms = 0
     if handler is None:
         event.type = event_pb2.EVENT_TYPE_FAILED
         event.error.CopyFrom(
@@ -79,6 +83,8 @@ async def run_attempt(
             _report=report,
             _loop=loop,
             _cancel=(cancellation or Cancellation()).requested,
+            _back_off=back_off,
+            rate_key=job.rate_key,
         )
         timeout = job.timeout.ToTimedelta().total_seconds() if job.HasField("timeout") else 0.0
         try:
@@ -101,6 +107,15 @@ async def run_attempt(
             event.type = event_pb2.EVENT_TYPE_FAILED
             event.error.CopyFrom(_error(f"the attempt ran longer than its timeout of {timeout:g} s", "Timeout", True))
             log.warning("job_failed", error_kind="Timeout")
+        except RateLimited as exc:
+            event.type = event_pb2.EVENT_TYPE_FAILED
+            event.error.CopyFrom(_error(str(exc), "RateLimited", True))
+            retry_after_ms = max(1, round(exc.retry_after * 1000))
+            log.info("job_rate_limited", retry_after_s=exc.retry_after, whole_queue=exc.whole_queue)
+            try:
+                await ctx.back_off(exc.retry_after, whole_queue=exc.whole_queue)
+            except Exception as err:  # the retry below still waits retry_after; the back-off is best effort
+                log.warning("back_off_failed", error=str(err))
         except PermanentError as exc:
             event.type = event_pb2.EVENT_TYPE_FAILED
             event.error.CopyFrom(_error(str(exc) or type(exc).__name__, type(exc).__name__, False))
@@ -120,6 +135,12 @@ async def run_attempt(
         return job_pb2.JOB_STATE_SUCCEEDED, embed_job(event.SerializeToString(), attempt.job_bytes), 0
     if event.type == event_pb2.EVENT_TYPE_CANCELLED:
         return job_pb2.JOB_STATE_CANCELLED, embed_job(event.SerializeToString(), attempt.job_bytes), 0
+    if retry_after_ms and attempt.attempt < MAX_ATTEMPTS_CEILING:
+        # Rate limited: not the job's fault, so it does not use up max_attempts.
+        due_ms = now_ns // 1_000_000 + retry_after_ms
+        event.type = event_pb2.EVENT_TYPE_RETRY_SCHEDULED
+        event.next_run_at.FromMilliseconds(due_ms)
+        return job_pb2.JOB_STATE_RETRY_SCHEDULED, event.SerializeToString(), due_ms
     if should_retry(job.retry, attempt.attempt, event.error.retryable):
         due_ms = now_ns // 1_000_000 + retry_delay_ms(job.retry, attempt.attempt)
         event.type = event_pb2.EVENT_TYPE_RETRY_SCHEDULED

@@ -35,6 +35,25 @@ class PermanentError(Exception):
     """
 
 
+class RateLimited(Exception):
+    """Raise from a handler when the service it calls said "slow down" (HTTP 429, a quota).
+
+    Starts of the job's rate key (or, with ``whole_queue=True`` or when the job has no
+    rate key, of its whole queue) are held back for ``retry_after`` seconds across every
+    worker, and this job runs again after that. The retry does not use up the job's
+    ``max_attempts`` (only the absolute ceiling of 100 attempts applies).
+
+    Args:
+        retry_after: Seconds to hold back starts (e.g. the Retry-After header).
+        whole_queue: Hold back the whole queue rather than the job's rate key.
+    """
+
+    def __init__(self, retry_after: float, *, whole_queue: bool = False, message: str = "") -> None:
+        super().__init__(message or f"rate limited: retry after {retry_after:g} s")
+        self.retry_after = max(0.001, float(retry_after))
+        self.whole_queue = whole_queue
+
+
 @dataclass
 class JobContext:
     """What a handler knows about the job it runs, and how it reports progress.
@@ -46,6 +65,7 @@ class JobContext:
         attempt: 1 for the first run, 2 for the first retry...
         worker_id: The worker running it.
         labels: The job's labels.
+        rate_key: Its flow-control key ("" when none).
     """
 
     job_id: str
@@ -56,6 +76,8 @@ class JobContext:
     labels: Mapping[str, str]
     _report: Callable[[float, str], Awaitable[None]] = field(repr=False)
     _loop: asyncio.AbstractEventLoop = field(repr=False)
+    _back_off: Callable[[float, bool], Awaitable[None]] | None = field(default=None, repr=False)
+    rate_key: str = ""
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
@@ -84,6 +106,19 @@ class JobContext:
             message: A short note for people.
         """
         asyncio.run_coroutine_threadsafe(self.progress(percent, message), self._loop)
+
+    async def back_off(self, seconds: float, *, whole_queue: bool = False) -> None:
+        """Hold back starts of this job's rate key (or of the whole queue) for ``seconds``.
+
+        Every worker sees it at once; running jobs go on. Raising :class:`RateLimited`
+        does this and retries the job; call this directly to slow down but still finish.
+        """
+        if self._back_off is not None:
+            await self._back_off(max(0.001, float(seconds)), whole_queue or not self.rate_key)
+
+    def back_off_threadsafe(self, seconds: float, *, whole_queue: bool = False) -> None:
+        """:meth:`back_off` from a sync handler (it runs in a thread); waits until it is recorded."""
+        asyncio.run_coroutine_threadsafe(self.back_off(seconds, whole_queue=whole_queue), self._loop).result(10)
 
 
 class Handlers:

@@ -199,7 +199,14 @@ class QueueRunner:
                 # Progress is best effort: a Redis blip must not fail the attempt; the outcome is what counts.
                 log.warning("progress_dropped", error=str(exc))
 
-        state, event_bytes, due_ms = await run_attempt(attempt, self._handlers, worker_id, report, cancellation)
+        async def back_off(seconds: float, whole_queue: bool) -> None:
+            key = "" if whole_queue else job.rate_key
+            await self._scripts.back_off(self._keys, key, max(1, round(seconds * 1000)))
+            log.info("backed_off", rate_key=key, seconds=seconds)
+
+        state, event_bytes, due_ms = await run_attempt(
+            attempt, self._handlers, worker_id, report, cancellation, back_off
+        )
         self._outcomes.put_nowait(
             Outcome(
                 band=claimed.band,

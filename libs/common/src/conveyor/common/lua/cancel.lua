@@ -4,7 +4,8 @@ now, so it never runs. A running job is marked in the cancel hash; its worker's 
 sees the mark, stops the attempt and records CANCELLED (complete.lua). Finished jobs are
 left alone. Idempotent: a second cancel changes nothing.
 KEYS as in claim.lua: [1] state [2] events [3] done [4..12] bands [13] delayed [14] parked
-[15] signal [16] dead [17] cancel
+[15] signal [16] dead [17] cancel [19..25] flow control (a job held back by its rate key's
+limits leaves the key's held set)
 ARGV[1] ulid  ARGV[2] CANCELLED JobEvent bytes (without the job)  ARGV[3] retention ms  ARGV[4] reason
 returns {outcome, state}: outcome 1 = cancelled now, 2 = running attempt signalled,
   0 = already final (state says which), -1 = no live record
@@ -25,7 +26,12 @@ if state == 3 then
 end
 
 local job = nil
-if state == 1 then
+if state == 1 and eid == 'h' then
+  job = redis.call('HGET', parked_key, ulid)
+  redis.call('HDEL', parked_key, ulid)
+  local k = redis.call('HGET', KEYS[23], ulid)
+  if k then redis.call('ZREM', key_key('held', k), ulid) end
+elseif state == 1 then
   local stream = KEYS[3 + tonumber(prio)]
   local entry = redis.call('XRANGE', stream, eid, eid)[1]
   if entry then
@@ -39,6 +45,7 @@ else
   redis.call('ZREM', delayed_key, ulid)
   redis.call('HDEL', parked_key, ulid)
 end
+release(ulid, true)
 if job then
   event = event .. string.char(0x62) .. varint(#job) .. job  -- JobEvent.job: the final event carries the job
 end

@@ -1,22 +1,40 @@
 --[[ claim: promote due delayed jobs, then take up to COUNT waiting jobs, highest priority
-band first, and mark them ACTIVE.
+band first, and mark them ACTIVE, within the queue's flow-control limits.
 Promotion is atomic here, so whichever worker gets there first promotes a due job, once
 (no scheduler process to lose). Each claimed job gets attempt + 1, state ACTIVE, this
 consumer as owner and an ACTIVE event in the same step.
+Flow control (prelude): a paused or backed-off queue, a full whole-queue rate window or
+concurrency cap claim nothing (the caller waits for a signal or the returned wake-up time,
+it does not poll). A job whose rate key may not start now is held: its entry leaves the
+stream for the key's held set (ordered by band, then by entry id) and its record's entry is
+"h"; once the key may start again, its held jobs come before anything still in the stream of
+the same band (they were read first), through the admitted stream ("band" 10). So a limited
+job keeps its place and priority, no worker holds it, and other keys run beside it.
 KEYS[1] state hash  KEYS[2] events stream  KEYS[3] done zset  KEYS[4..12] job streams, bands 1..9
 KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream  KEYS[18] paused flag
-(while the queue is paused nothing is claimed; ResumeQueue signals, which wakes the caller)
+KEYS[19..25] flow control (see prelude)
 ARGV[1] consumer group  ARGV[2] consumer (worker id)  ARGV[3] count
 returns {claimed, wait_from, next_due}:
   claimed: flat array, 6 values per job: band, entry id, ulid, attempt, Job bytes, ACTIVE event id
   wait_from: when nothing was claimed, the last generated id of each band 1..9 and of the
-    signal stream ("0-0" when a stream does not exist), so the caller can block for newer
-    entries without a gap
-  next_due: ms when the earliest delayed job is due ("" when none)
+    signal stream ("0-0" when a stream does not exist; "" for a band not worth waiting on,
+    because the whole queue may start nothing now), so the caller can block without a gap
+  next_due: ms when the caller should claim again even without a new entry or signal: the
+    earliest delayed job, rate window or back-off end ("" when none)
 ]]
 --#include prelude
 local state_key, events_key, delayed_key, parked_key, signal_key = KEYS[1], KEYS[2], KEYS[13], KEYS[14], KEYS[15]
+local blocked_key, ready_key, keys_key = KEYS[21], KEYS[22], KEYS[23]
 local group, consumer, want = ARGV[1], ARGV[2], tonumber(ARGV[3])
+-- Most entries one call reads (held ones included) before it returns and is called again.
+local MAX_SCAN = 1000
+-- Held jobs are ordered by (9 - band) * BAND_SPAN + entry ms: higher bands first, then FIFO.
+local BAND_SPAN = 1e13
+
+local wake_at = nil
+local function wake(t)
+  if t and t > 0 and (not wake_at or t < wake_at) then wake_at = t end
+end
 
 -- Promote due jobs: JobEvent{type: QUEUED, time} for each.
 local due = redis.call('ZRANGEBYSCORE', delayed_key, '-inf', now_ms, 'LIMIT', 0, 1000)
@@ -30,7 +48,13 @@ for _, ulid in ipairs(due) do
     if redis.call('EXISTS', stream) == 0 then
       redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
     end
-    local entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', job)
+    local k = redis.call('HGET', keys_key, ulid)
+    local entry_id
+    if k then
+      entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', job, 'k', k)
+    else
+      entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', job)
+    end
     redis.call('XADD', events_key, '*', 'j', ulid, 'e', string.char(0x18) .. varint(1) .. bytes_field(0x2a, timestamp))
     redis.call('HSET', state_key, ulid, '1|' .. attempt .. '|' .. prio .. '|' .. entry_id .. '|' .. first_ev .. '|' .. final_ev)
   end
@@ -38,32 +62,121 @@ for _, ulid in ipairs(due) do
   redis.call('ZREM', delayed_key, ulid)
 end
 
+-- Whole-queue gates: when one is closed, nothing is worth reading (gated).
 local claimed = {}
-if redis.call('EXISTS', KEYS[18]) == 1 then want = 0 end
+local gated = false
+local L = flow_limits()
+if redis.call('EXISTS', KEYS[18]) == 1 then want = 0; gated = true end
+if want > 0 and redis.call('EXISTS', KEYS[25]) == 1 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[25], '-inf', now_ms)
+  local b = backed_off('')
+  if b > 0 then want = 0; gated = true; wake(b) end
+end
+local qrate = parse_rate(L['rate'])
+if want > 0 and qrate then
+  local free, until_ms = window_free(KEYS[24], qrate)
+  if free <= 0 then want = 0; gated = true; wake(until_ms) elseif free < want then want = free end
+end
+if want > 0 and L['conc'] then
+  -- At the cap, a finishing job signals (complete.lua).
+  local free = tonumber(L['conc']) - running_count()
+  if free <= 0 then want = 0; gated = true elseif free < want then want = free end
+end
+
+-- Keys whose wait is over may start held jobs again (each is checked again when its turn comes).
+if want > 0 and redis.call('EXISTS', blocked_key) == 1 then
+  for _, k in ipairs(redis.call('ZRANGEBYSCORE', blocked_key, '-inf', now_ms, 'LIMIT', 0, 1000)) do
+    redis.call('ZREM', blocked_key, k)
+    local head = redis.call('ZRANGE', key_key('held', k), 0, 0, 'WITHSCORES')
+    if head[2] then redis.call('ZADD', ready_key, head[2], k) end
+  end
+end
+
+-- Start an attempt of a held job of key k that may start now (its head), via the admitted stream.
+local function start_held(k)
+  local held = key_key('held', k)
+  local ulid = redis.call('ZRANGE', held, 0, 0)[1]
+  if not ulid then
+    redis.call('ZREM', ready_key, k)
+    return
+  end
+  redis.call('ZREM', held, ulid)
+  local next_head = redis.call('ZRANGE', held, 0, 0, 'WITHSCORES')
+  if next_head[2] then redis.call('ZADD', ready_key, next_head[2], k) else redis.call('ZREM', ready_key, k) end
+  local job = redis.call('HGET', parked_key, ulid)
+  redis.call('HDEL', parked_key, ulid)
+  local rec = redis.call('HGET', state_key, ulid)
+  local st, attempt, prio, eid, first_ev, final_ev
+  if rec then st, attempt, prio, eid, first_ev, final_ev = string.match(rec, RECORD) end
+  if not job or st ~= '1' or eid ~= 'h' then return end  -- cancelled or expired while held
+  if redis.call('EXISTS', KEYS[19]) == 0 then
+    redis.call('XGROUP', 'CREATE', KEYS[19], group, '$', 'MKSTREAM')
+  end
+  local entry_id = redis.call('XADD', KEYS[19], '*', 'j', ulid, 'd', job, 'k', k)
+  redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', KEYS[19], '>')
+  activate(claimed, state_key, events_key, consumer, 10, entry_id, ulid, job,
+    {st, attempt, prio, entry_id, first_ev, final_ev})
+  note_start(L, k, ulid)
+  want = want - 1
+end
+
+local scanned = 0
 for band = 9, 1, -1 do
   if want <= 0 then break end
+  -- Held jobs whose key may start: older than anything still in this band's stream.
+  while want > 0 do
+    local top = redis.call('ZRANGE', ready_key, 0, 0, 'WITHSCORES')
+    if not top[2] or 9 - math.floor(tonumber(top[2]) / BAND_SPAN) < band then break end
+    local k = top[1]
+    local wait = key_wait(L, k)
+    if wait > 0 then
+      redis.call('ZREM', ready_key, k)
+      redis.call('ZADD', blocked_key, wait, k)
+    else
+      start_held(k)
+    end
+  end
   local stream = KEYS[3 + band]
-  if redis.call('EXISTS', stream) == 1 then
+  while want > 0 and scanned < MAX_SCAN and redis.call('EXISTS', stream) == 1 do
     local res = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want, 'STREAMS', stream, '>')
-    if res then
-      for _, entry in ipairs(res[1][2]) do
-        local entry_id, fields = entry[1], entry[2]
-        local ulid, job
-        for f = 1, #fields, 2 do
-          if fields[f] == 'j' then ulid = fields[f + 1] elseif fields[f] == 'd' then job = fields[f + 1] end
-        end
-        local rec = ulid and redis.call('HGET', state_key, ulid)
-        local st, attempt, prio, eid, first_ev, final_ev
-        if rec then st, attempt, prio, eid, first_ev, final_ev = string.match(rec, RECORD) end
-        if not st or tonumber(st) >= 5 or eid ~= entry_id then
-          -- Cancelled, expired or superseded while waiting: never run it.
-          redis.call('XACK', stream, group, entry_id)
-          redis.call('XDEL', stream, entry_id)
+    if not res or #res[1][2] == 0 then break end
+    for _, entry in ipairs(res[1][2]) do
+      scanned = scanned + 1
+      local entry_id, fields = entry[1], entry[2]
+      local ulid, job, k
+      for f = 1, #fields, 2 do
+        local name = fields[f]
+        if name == 'j' then ulid = fields[f + 1] elseif name == 'd' then job = fields[f + 1] elseif name == 'k' then k = fields[f + 1] end
+      end
+      local rec = ulid and redis.call('HGET', state_key, ulid)
+      local st, attempt, prio, eid, first_ev, final_ev
+      if rec then st, attempt, prio, eid, first_ev, final_ev = string.match(rec, RECORD) end
+      local wait = 0
+      if k and st == '1' and eid == entry_id then
+        -- Behind the key's held jobs (FIFO per key), or the key may not start now.
+        if redis.call('EXISTS', key_key('held', k)) == 1 then wait = -1 else wait = key_wait(L, k) end
+      end
+      if not st or tonumber(st) >= 5 or eid ~= entry_id then
+        -- Cancelled, expired or superseded while waiting: never run it.
+        redis.call('XACK', stream, group, entry_id)
+        redis.call('XDEL', stream, entry_id)
+      elseif wait ~= 0 then
+        local order = (9 - band) * BAND_SPAN + tonumber(string.match(entry_id, '^(%d+)'))
+        redis.call('XACK', stream, group, entry_id)
+        redis.call('XDEL', stream, entry_id)
+        redis.call('HSET', parked_key, ulid, job)
+        redis.call('ZADD', key_key('held', k), order, ulid)
+        redis.call('HSET', state_key, ulid, '1|' .. attempt .. '|' .. prio .. '|h|' .. first_ev .. '|' .. final_ev)
+        if wait > 0 then
+          redis.call('ZADD', blocked_key, wait, k)
         else
-          activate(claimed, state_key, events_key, consumer, band, entry_id, ulid, job,
-            {st, attempt, prio, eid, first_ev, final_ev})
-          want = want - 1
+          redis.call('ZADD', ready_key, 'XX', 'LT', order, k)
         end
+      else
+        activate(claimed, state_key, events_key, consumer, band, entry_id, ulid, job,
+          {st, attempt, prio, eid, first_ev, final_ev})
+        if k or qrate then note_start(L, k, ulid) end
+        want = want - 1
       end
     end
   end
@@ -80,9 +193,15 @@ if #claimed == 0 then
     end
     return '0-0'
   end
-  for band = 1, 9 do wait_from[band] = last_id(KEYS[3 + band]) end
+  for band = 1, 9 do
+    if gated then wait_from[band] = '' else wait_from[band] = last_id(KEYS[3 + band]) end
+  end
   wait_from[10] = last_id(signal_key)
   local first = redis.call('ZRANGE', delayed_key, 0, 0, 'WITHSCORES')
-  if first[2] then next_due = first[2] end
+  if first[2] then wake(tonumber(first[2])) end
+  local blocked_first = redis.call('ZRANGE', blocked_key, 0, 0, 'WITHSCORES')
+  if blocked_first[2] then wake(tonumber(blocked_first[2])) end
+  if scanned >= MAX_SCAN then wake(now_ms) end
+  if wake_at then next_due = string.format('%d', wake_at) end
 end
 return {claimed, wait_from, next_due}

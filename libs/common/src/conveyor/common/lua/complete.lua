@@ -8,7 +8,8 @@ final FAILED also goes to the dead-letter stream with its last error; final outc
 the record for the retention. Also expires records past it.
 KEYS[1] state hash  KEYS[2] events stream  KEYS[3] done zset  KEYS[4..12] job streams, bands 1..9
 KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream  KEYS[16] dead stream
-KEYS[17] cancel hash
+KEYS[17] cancel hash  KEYS[19..25] flow control (see prelude): every outcome gives the job's
+concurrency slot back; the workers are signalled when that may let a held job start
 ARGV[1] consumer group  ARGV[2] consumer  ARGV[3] record retention ms  ARGV[4] number of outcomes
 ARGV[5] the outcomes packed back to back, each as struct '>B I2 c0 c26 I4 B d I4 c0':
   band, entry id, ulid, attempt, JobState (4 = retry, else final), due ms (retries), JobEvent bytes
@@ -22,10 +23,11 @@ local pos = 1
 
 local out = {}
 local signalled = false
+local queue_capped = redis.call('HEXISTS', KEYS[20], 'conc') == 1
 for _ = 1, n do
   local band, entry_id, ulid, attempt, new_state, due, event
   band, entry_id, ulid, attempt, new_state, due, event, pos = struct.unpack('>B I2 c0 c26 I4 B d I4 c0', packed, pos)
-  local stream = KEYS[3 + band]
+  local stream = stream_of(band)
   local rec = redis.call('HGET', state_key, ulid)
   local st, att, prio, eid, first_ev, owner
   if rec then
@@ -45,8 +47,10 @@ for _ = 1, n do
     redis.call('XDEL', stream, entry_id)
     redis.call('HDEL', KEYS[17], ulid)
     local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
+    local wakes, k = release(ulid, new_state ~= 4)
+    if wakes or queue_capped then signalled = true end
     if new_state == 6 and job then
-      redis.call('XADD', dead_key, '*', 'j', ulid, 'd', job, 'e', event, 'p', prio, 'a', att)
+      redis.call('XADD', dead_key, '*', 'j', ulid, 'd', job, 'e', event, 'p', prio, 'a', att, 'k', k or '')
     end
     if new_state == 4 and job then
       redis.call('HSET', parked_key, ulid, job)
@@ -63,7 +67,7 @@ for _ = 1, n do
   end
 end
 if signalled then
-  redis.call('XADD', signal_key, 'MAXLEN', '~', 16, '*', 's', 'retry')
+  redis.call('XADD', signal_key, 'MAXLEN', '~', 16, '*', 's', 'complete')
 end
 
 -- Invariant 7: live records of finished jobs leave Redis after the retention.

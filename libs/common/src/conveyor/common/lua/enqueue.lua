@@ -5,11 +5,13 @@ A job due now goes into its band's stream with a QUEUED event; a delayed job (du
 (delayed zset + parked hash) with a DELAYED event, and a wake-up signal is sent so that
 blocked workers recompute how long to wait.
 KEYS[1] state hash  KEYS[2] events stream  KEYS[3] done zset  KEYS[4..12] job streams, bands 1..9
-KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream  KEYS[16] dead stream  KEYS[17] cancel hash  KEYS[18] paused flag  KEYS[19..] idempotency keys
+KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream  KEYS[16] dead stream  KEYS[17] cancel hash  KEYS[18] paused flag  KEYS[19..25] flow control (KEYS[23] rate keys hash)
+KEYS[26..] idempotency keys
 ARGV[1] number of jobs  ARGV[2] the jobs packed back to back (one argument, so the client
-  encodes one buffer rather than several per job), each as struct '>c26 B H d d I4 c0 I4 c0':
-  ulid, priority (1-9), idempotency key index (0 = none, else 1-based into KEYS[19..]),
-  idempotency window ms, due ms (0 = now), Job bytes, first JobEvent bytes (QUEUED or DELAYED)
+  encodes one buffer rather than several per job), each as struct '>c26 B H d d I4 c0 I4 c0 B c0':
+  ulid, priority (1-9), idempotency key index (0 = none, else 1-based into KEYS[26..]),
+  idempotency window ms, due ms (0 = now), Job bytes, first JobEvent bytes (QUEUED or DELAYED),
+  rate key ("" = none)
 returns a flat array, 3 values per job: ulid, created (1|0), JobState (0 = no longer in Redis)
 ]]
 --#include prelude
@@ -24,11 +26,11 @@ if redis.call('EXISTS', events_key) == 0 then
 end
 
 for _ = 1, n do
-  local ulid, prio, idem_index, idem_ttl, due, job, event
-  ulid, prio, idem_index, idem_ttl, due, job, event, pos = struct.unpack('>c26 B H d d I4 c0 I4 c0', packed, pos)
+  local ulid, prio, idem_index, idem_ttl, due, job, event, k
+  ulid, prio, idem_index, idem_ttl, due, job, event, k, pos = struct.unpack('>c26 B H d d I4 c0 I4 c0 B c0', packed, pos)
   local existing = false
   if idem_index > 0 then
-    existing = redis.call('GET', KEYS[18 + idem_index])
+    existing = redis.call('GET', KEYS[25 + idem_index])
   end
   if existing then
     local rec = redis.call('HGET', state_key, existing)
@@ -39,6 +41,7 @@ for _ = 1, n do
     out[#out + 1] = st
   else
     local state
+    if k ~= '' then redis.call('HSET', KEYS[23], ulid, k) end
     if due > 0 then
       local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
       redis.call('ZADD', delayed_key, due, ulid)
@@ -52,13 +55,18 @@ for _ = 1, n do
       if redis.call('EXISTS', stream) == 0 then
         redis.call('XGROUP', 'CREATE', stream, 'workers', '0', 'MKSTREAM')
       end
-      local entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', job)
+      local entry_id
+      if k ~= '' then
+        entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', job, 'k', k)
+      else
+        entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', job)
+      end
       local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
       redis.call('HSET', state_key, ulid, '1|0|' .. prio .. '|' .. entry_id .. '|' .. event_id .. '|')
       state = 1
     end
     if idem_index > 0 then
-      redis.call('SET', KEYS[18 + idem_index], ulid, 'PX', string.format('%d', idem_ttl))
+      redis.call('SET', KEYS[25 + idem_index], ulid, 'PX', string.format('%d', idem_ttl))
     end
     out[#out + 1] = ulid
     out[#out + 1] = 1

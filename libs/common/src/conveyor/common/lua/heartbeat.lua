@@ -2,7 +2,8 @@
 For each job still claimed by this consumer with this attempt, reset its entry's idle time
 with XCLAIM ... JUSTID (which does not count as a delivery). A job whose claim moved on is
 left alone: XCLAIM would otherwise steal it back from the worker that took it over.
-KEYS[1] state hash  KEYS[4..12] job streams, bands 1..9  KEYS[17] cancel hash (KEYS as in claim.lua)
+KEYS[1] state hash  KEYS[4..12] job streams, bands 1..9  KEYS[17] cancel hash
+KEYS[19] admitted stream ("band" 10) (KEYS as in claim.lua)
 ARGV[1] consumer group  ARGV[2] consumer  ARGV[3] number of jobs
 ARGV[4] the jobs packed back to back, each as struct '>B I2 c0 c26 I4': band, entry id, ulid, attempt
 returns an array with, per job: 1 still held, 0 lost, or the reason string when CancelJob
@@ -18,7 +19,9 @@ for _ = 1, n do
   local st, att, eid, owner
   if rec then st, att, eid, owner = string.match(rec, '^(%d+)|(%d+)|%d+|([^|]*)|[^|]*|[^|]*|?(.*)$') end
   if st == '3' and tonumber(att) == attempt and eid == entry_id and owner == consumer then
-    redis.call('XCLAIM', KEYS[3 + band], group, consumer, 0, entry_id, 'JUSTID')
+    local stream = KEYS[3 + band]
+    if band == 10 then stream = KEYS[19] end
+    redis.call('XCLAIM', stream, group, consumer, 0, entry_id, 'JUSTID')
     local reason = redis.call('HGET', KEYS[17], ulid)
     if reason then
       if reason == '' then reason = 'cancelled' end

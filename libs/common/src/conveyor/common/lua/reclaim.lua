@@ -8,6 +8,8 @@ KEYS[1] state hash  KEYS[2] events stream  KEYS[3] done zset  KEYS[4..12] job st
 KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream  KEYS[16] dead stream
 KEYS[17] cancel hash (a reclaimed job whose cancel was requested ends CANCELLED instead of running)
 KEYS[18] paused flag (a paused queue starts nothing, reclaimed jobs included)
+KEYS[19..25] flow control (see prelude): a reclaimed job keeps its concurrency slot (it runs
+again); a dead-lettered or cancelled one gives it back. Reclaims are not counted as starts.
 ARGV[1] consumer group  ARGV[2] consumer  ARGV[3] min idle ms  ARGV[4] most jobs to take
 ARGV[5] delivery limit  ARGV[6] record retention ms
 returns {claimed, dead}: claimed as in claim.lua (6 values per job); dead = ulids dead-lettered
@@ -18,9 +20,10 @@ local group, consumer, min_idle, want = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV
 local limit, retention = tonumber(ARGV[5]), tonumber(ARGV[6])
 
 local claimed, dead = {}, {}
+local signalled = false
 if redis.call('EXISTS', KEYS[18]) == 1 then want = 0 end
-for band = 9, 1, -1 do
-  local stream = KEYS[3 + band]
+for _, band in ipairs({10, 9, 8, 7, 6, 5, 4, 3, 2, 1}) do
+  local stream = stream_of(band)
   if want <= 0 then break end
   if redis.call('EXISTS', stream) == 1 then
     local cursor = '0-0'
@@ -53,6 +56,7 @@ for band = 9, 1, -1 do
           redis.call('XACK', stream, group, entry_id)
           redis.call('XDEL', stream, entry_id)
           redis.call('HDEL', KEYS[17], ulid)
+          if release(ulid, true) or redis.call('HEXISTS', KEYS[20], 'conc') == 1 then signalled = true end
           local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
           redis.call('HSET', state_key, ulid, '8|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)
           redis.call('ZADD', done_key, now_ms + retention, ulid)
@@ -64,8 +68,10 @@ for band = 9, 1, -1 do
             .. bytes_field(0x2a, timestamp) .. bytes_field(0x32, consumer) .. bytes_field(0x52, err) .. bytes_field(0x62, job)
           redis.call('XACK', stream, group, entry_id)
           redis.call('XDEL', stream, entry_id)
+          local wakes, k = release(ulid, true)
+          if wakes then signalled = true end
           local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
-          redis.call('XADD', dead_key, '*', 'j', ulid, 'd', job, 'e', event, 'p', prio, 'a', attempt)
+          redis.call('XADD', dead_key, '*', 'j', ulid, 'd', job, 'e', event, 'p', prio, 'a', attempt, 'k', k or '')
           redis.call('HSET', state_key, ulid, '7|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)
           redis.call('ZADD', done_key, now_ms + retention, ulid)
           dead[#dead + 1] = ulid
@@ -79,5 +85,8 @@ for band = 9, 1, -1 do
       if cursor == '0-0' or want <= 0 then break end
     end
   end
+end
+if signalled or (#dead > 0 and redis.call('HEXISTS', KEYS[20], 'conc') == 1) then
+  redis.call('XADD', KEYS[15], 'MAXLEN', '~', 16, '*', 's', 'reclaim')
 end
 return {claimed, dead}

@@ -1,7 +1,7 @@
 --[[ retry_dead: put dead letters back on their queue as new attempts of the same job ids.
 Each one gets a new stream entry in its band, a QUEUED event and a QUEUED live record (its
 attempt count carries on), and leaves the dead-letter stream, all in one step.
-KEYS as in claim.lua: [1] state [2] events [3] done [4..12] bands [16] dead
+KEYS as in claim.lua: [1] state [2] events [3] done [4..12] bands [16] dead [23] rate keys
 ARGV[1] ulid, or "" for every dead letter  ARGV[2] most to retry in this call
 returns the ulids queued again
 ]]
@@ -26,7 +26,13 @@ while #retried < most do
       if redis.call('EXISTS', stream) == 0 then
         redis.call('XGROUP', 'CREATE', stream, 'workers', '0', 'MKSTREAM')
       end
-      local entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', f['d'])
+      local entry_id
+      if f['k'] and f['k'] ~= '' then
+        entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', f['d'], 'k', f['k'])
+        redis.call('HSET', KEYS[23], ulid, f['k'])
+      else
+        entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', f['d'])
+      end
       local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', queued)
       local first_ev = event_id
       local rec = redis.call('HGET', state_key, ulid)
