@@ -92,3 +92,13 @@ def queue_keys(queue: str) -> QueueKeys:
         paused=f"{base}:paused",
         bands=tuple(f"{base}:jobs:{p}" for p in BANDS),
     )
+
+
+#: SET of registered worker ids (ListWorkers). Hash-tagged ``{workers}`` with the entries
+#: below, so the registry lives on one Redis Cluster slot and one script can read it.
+WORKERS = f"{PREFIX}:{{workers}}"
+
+
+def worker_key(worker_id: str) -> str:
+    """STRING: a live worker's WorkerInfo bytes, expiring unless its heartbeat refreshes it."""
+    return f"{WORKERS}:{worker_id}"

@@ -14,6 +14,7 @@ from conveyor.producer.enqueue import Enqueuer
 from conveyor.producer.history import History
 from conveyor.producer.jobs import JobReader
 from conveyor.producer.servicer import ProducerServicer
+from conveyor.producer.stats import Stats
 from conveyor.producer.watch import Watcher
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, producer_service_pb2, producer_service_pb2_grpc
 
@@ -32,7 +33,7 @@ async def run() -> None:
         jobs=JobReader(redis, history),
         canceller=Canceller(scripts, history, int(settings.retention_s * 1000)),
     )
-    admin = AdminServicer(DeadLetters(redis, scripts), QueueControls(redis))
+    admin = AdminServicer(DeadLetters(redis, scripts), QueueControls(redis), stats=Stats(redis, history))
     await server.serve(
         settings.grpc_addr,
         [

@@ -8,17 +8,19 @@ import grpc
 
 from conveyor.producer.controls import QueueControls
 from conveyor.producer.dead_letters import DeadLetters
+from conveyor.producer.stats import Stats
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
-    """Operator controls: pause/resume and dead letters."""
+    """Operator controls: pause/resume, dead letters, statistics and introspection."""
 
-    def __init__(self, dead_letters: DeadLetters, controls: QueueControls) -> None:
+    def __init__(self, dead_letters: DeadLetters, controls: QueueControls, *, stats: Stats) -> None:
         self._dead = dead_letters
         self._controls = controls
+        self._stats = stats
 
     async def PauseQueue(
         self, request: admin_service_pb2.PauseQueueRequest, context: Context
@@ -47,3 +49,18 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         return admin_service_pb2.PurgeDeadLettersResponse(
             purged=await self._dead.purge(request.queue, request.job_id, request.all)
         )
+
+    async def GetQueueStats(
+        self, request: admin_service_pb2.GetQueueStatsRequest, context: Context
+    ) -> admin_service_pb2.GetQueueStatsResponse:
+        return await self._stats.queue(request.queue)
+
+    async def ListQueues(
+        self, request: admin_service_pb2.ListQueuesRequest, context: Context
+    ) -> admin_service_pb2.ListQueuesResponse:
+        return admin_service_pb2.ListQueuesResponse(queues=await self._stats.queues())
+
+    async def ListWorkers(
+        self, request: admin_service_pb2.ListWorkersRequest, context: Context
+    ) -> admin_service_pb2.ListWorkersResponse:
+        return admin_service_pb2.ListWorkersResponse(workers=await self._stats.workers(request.queue))

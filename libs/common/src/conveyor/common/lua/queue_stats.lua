@@ -1,0 +1,71 @@
+--[[ queue_stats: one queue's live counts by state, read at one instant (GetQueueStats, ListQueues).
+Read-only. Queued and active come from each band's stream and its consumer group: entries
+leave the stream when acked (complete.lua XDELs them), so the stream holds exactly the
+waiting entries plus the delivered, not yet acked ones (the group's pending list).
+Delayed and retry-scheduled jobs share the delayed zset; each one's live record state (2 or 4)
+tells them apart, which costs one HMGET per 1000 of them.
+KEYS as in claim.lua: [1] state hash [4..12] job streams, bands 1..9 [13] delayed zset
+  [16] dead stream [18] paused flag
+ARGV[1] consumer group of the workers
+returns {time_s, time_us, paused (0|1), dead, delayed, retry_scheduled, next_due_ms ("" if none),
+  oldest queued entry id ("" if none), then per band 1..9: queued, active}
+]]
+local state_key, delayed_key, dead_key, paused_key = KEYS[1], KEYS[13], KEYS[16], KEYS[18]
+local group = ARGV[1]
+local now = redis.call('TIME')
+
+local bands = {}
+local oldest = ''
+local oldest_ms, oldest_seq
+for band = 1, 9 do
+  local stream = KEYS[3 + band]
+  local queued, active = 0, 0
+  if redis.call('EXISTS', stream) == 1 then
+    local length = redis.call('XLEN', stream)
+    local last_delivered = '0-0'
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+      local info = {}
+      for f = 1, #g, 2 do info[g[f]] = g[f + 1] end
+      if info['name'] == group then
+        active = tonumber(info['pending'])
+        last_delivered = info['last-delivered-id']
+      end
+    end
+    queued = math.max(length - active, 0)
+    if queued > 0 then
+      -- The oldest waiting entry: the first one after the group's last delivered id.
+      local first = redis.call('XRANGE', stream, '(' .. last_delivered, '+', 'COUNT', 1)[1]
+      if first then
+        local ms, seq = string.match(first[1], '^(%d+)-(%d+)$')
+        ms, seq = tonumber(ms), tonumber(seq)
+        if oldest == '' or ms < oldest_ms or (ms == oldest_ms and seq < oldest_seq) then
+          oldest, oldest_ms, oldest_seq = first[1], ms, seq
+        end
+      end
+    end
+  end
+  bands[#bands + 1] = queued
+  bands[#bands + 1] = active
+end
+
+local delayed, retry = 0, 0
+local total = redis.call('ZCARD', delayed_key)
+local chunk = 1000
+for start = 0, total - 1, chunk do
+  local ulids = redis.call('ZRANGE', delayed_key, start, start + chunk - 1)
+  if #ulids > 0 then
+    for _, rec in ipairs(redis.call('HMGET', state_key, unpack(ulids))) do
+      if rec then
+        local st = string.match(rec, '^(%d+)|')
+        if st == '2' then delayed = delayed + 1 elseif st == '4' then retry = retry + 1 end
+      end
+    end
+  end
+end
+local next_due = ''
+local first_due = redis.call('ZRANGE', delayed_key, 0, 0, 'WITHSCORES')
+if first_due[2] then next_due = first_due[2] end
+
+local out = {now[1], now[2], redis.call('EXISTS', paused_key), redis.call('XLEN', dead_key), delayed, retry, next_due, oldest}
+for _, v in ipairs(bands) do out[#out + 1] = v end
+return out

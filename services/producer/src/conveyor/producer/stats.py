@@ -1,0 +1,111 @@
+"""Statistics and introspection: queue counts (GetQueueStats, ListQueues) and live workers (ListWorkers).
+
+The live counts of a queue come from one Redis script (one instant, so they agree with each
+other); finished-job counts come from the results service, and its absence never fails the
+call: the Redis part is returned with the reason the rest is missing.
+"""
+
+from __future__ import annotations
+
+import structlog
+from redis import asyncio as aioredis
+
+from conveyor.common.errors import ConveyorError, NotFound
+from conveyor.common.introspection import QueueSnapshot, QueueStatsScript, WorkerDirectory
+from conveyor.common.keys import QUEUES, queue_keys
+from conveyor.producer.dead_letters import queue_of
+from conveyor.producer.history import History
+from conveyor.v1 import admin_service_pb2
+
+log = structlog.get_logger("conveyor.producer.stats")
+
+
+def _queue_stats(queue: str, snap: QueueSnapshot, workers: int) -> admin_service_pb2.QueueStats:
+    stats = admin_service_pb2.QueueStats(
+        queue=queue,
+        paused=snap.paused,
+        queued=snap.queued,
+        delayed=snap.delayed,
+        retry_scheduled=snap.retry_scheduled,
+        active=snap.active,
+        dead_lettered=snap.dead_lettered,
+        workers=workers,
+    )
+    for band in sorted(snap.bands, reverse=True):
+        queued, active = snap.bands[band]
+        if queued or active:
+            stats.bands.add(priority=band, queued=queued, active=active)
+    if snap.oldest_queued_id:
+        stats.oldest_queued_time.FromMilliseconds(int(snap.oldest_queued_id.partition("-")[0]))
+    if snap.next_due_ms is not None:
+        stats.next_due_time.FromMilliseconds(snap.next_due_ms)
+    stats.read_time.FromMicroseconds(snap.read_us)
+    return stats
+
+
+class Stats:
+    """Reads queue statistics and the worker registry.
+
+    Args:
+        redis: The producer's Redis client.
+        history: The results service client (finished-job counts).
+    """
+
+    def __init__(self, redis: aioredis.Redis, history: History) -> None:
+        self._redis = redis
+        self._history = history
+        self._script = QueueStatsScript(redis)
+        self._workers = WorkerDirectory(redis)
+
+    async def _queues(self) -> set[str]:
+        """Queues ever enqueued to (keys.QUEUES)."""
+        members: set[bytes] = await self._redis.smembers(QUEUES)  # type: ignore[misc]  # redis-py's sync|async union
+        return {m.decode() for m in members}
+
+    async def workers(self, queue: str = "") -> list[admin_service_pb2.WorkerInfo]:
+        """The live workers (serving ``queue``, if given), by worker id."""
+        if queue:
+            queue_of(queue)
+        found = []
+        for _, raw in sorted((await self._workers.live()).items()):
+            info = admin_service_pb2.WorkerInfo.FromString(raw)
+            if not queue or queue in info.queues:
+                found.append(info)
+        return found
+
+    async def _serving(self) -> dict[str, int]:
+        """Queue -> how many live workers serve it."""
+        counts: dict[str, int] = {}
+        for info in await self.workers():
+            for q in set(info.queues):
+                counts[q] = counts.get(q, 0) + 1
+        return counts
+
+    async def queue(self, queue: str) -> admin_service_pb2.GetQueueStatsResponse:
+        """GetQueueStats: live counts of one queue, plus recent finished jobs when the results service answers.
+
+        Raises:
+            InvalidArgument: ``queue`` is not a valid queue name.
+            NotFound: No job was ever enqueued to ``queue`` and no live worker serves it.
+        """
+        keys = queue_of(queue)
+        serving = await self._serving()
+        if queue not in serving and not await self._redis.sismember(QUEUES, queue):  # type: ignore[misc]
+            raise NotFound(f"queue {queue!r} not found: nothing was ever enqueued to it and no worker serves it")
+        snap = await self._script.read(keys)
+        response = admin_service_pb2.GetQueueStatsResponse(stats=_queue_stats(queue, snap, serving.get(queue, 0)))
+        try:
+            response.finished.CopyFrom(await self._history.finished_stats(queue))
+        except ConveyorError as exc:
+            log.warning("finished_stats_unavailable", queue=queue, error=str(exc))
+            response.finished_unavailable = str(exc)
+        return response
+
+    async def queues(self) -> list[admin_service_pb2.QueueStats]:
+        """ListQueues: every known queue with its live counts (one instant per queue), by name.
+
+        Known: ever enqueued to, or served by a live worker.
+        """
+        serving = await self._serving()
+        names = sorted(await self._queues() | set(serving))
+        return [_queue_stats(q, await self._script.read(queue_keys(q)), serving.get(q, 0)) for q in names]
