@@ -1,0 +1,60 @@
+"""ListWorkers with real worker processes: each registers itself, a SIGKILLed one drops off after its TTL,
+a cleanly stopped one leaves at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from conveyor.common.client import ConveyorClient
+from conveyor.v1 import admin_service_pb2
+from tests.faults.conftest import FaultStack, StartWorker
+from tests.support.wait import wait_for
+
+pytestmark = pytest.mark.e2e
+TTL_S = 2.0
+
+
+async def test_workers_register_and_leave(fault_stack: FaultStack, worker_process: StartWorker) -> None:
+    ttl = {"CONVEYOR_WORKER_TTL_SECONDS": str(TTL_S)}
+    doomed = worker_process("reg-doomed", CONVEYOR_QUEUES="reg-a", CONVEYOR_CONCURRENCY="4", **ttl)
+    leaving = worker_process("reg-leaving", CONVEYOR_QUEUES="reg-b,reg-a", CONVEYOR_SHUTDOWN_GRACE_SECONDS="1", **ttl)
+    assert doomed.proc is not None and leaving.proc is not None
+
+    async with ConveyorClient(fault_stack.producer.addr) as client:
+        # Two long jobs: they keep running (in flight) on whichever workers claimed them.
+        jobs = [(await client.enqueue("reg-a", "demo.sleep", {"seconds": 60})).job_id for _ in range(2)]
+
+        async def both_in_flight() -> list[admin_service_pb2.WorkerInfo] | None:
+            workers = await client.list_workers()
+            return workers if len(workers) == 2 and sum(w.in_flight for w in workers) == 2 else None
+
+        workers = {w.worker_id: w for w in await wait_for(both_in_flight, "two workers and the 2 jobs in flight")}
+        assert sorted(workers) == ["reg-doomed", "reg-leaving"]
+        assert workers["reg-doomed"].pid == doomed.proc.pid and workers["reg-leaving"].pid == leaving.proc.pid
+        assert list(workers["reg-doomed"].queues) == ["reg-a"]
+        assert list(workers["reg-leaving"].queues) == ["reg-b", "reg-a"]
+        assert workers["reg-doomed"].concurrency == 4
+        assert sorted(j for w in workers.values() for j in w.job_ids) == sorted(jobs)
+        assert workers["reg-doomed"].ttl.ToMilliseconds() == int(TTL_S * 1000)
+        assert (await client.get_queue_stats("reg-a")).stats.workers == 2
+
+        # SIGKILL: no clean-up runs; the entry expires TTL_S after the last heartbeat (at most a
+        # third of TTL_S before the kill), never sooner.
+        doomed.kill()
+        killed_at = time.monotonic()
+
+        async def doomed_gone() -> bool:
+            return [w.worker_id for w in await client.list_workers()] == ["reg-leaving"]
+
+        await wait_for(doomed_gone, "the killed worker to drop off", within=TTL_S + 10)
+        gone_after = time.monotonic() - killed_at
+        assert gone_after >= TTL_S * 2 / 3 - 0.1, gone_after
+        assert (await client.get_queue_stats("reg-a")).stats.workers == 1
+
+        # A clean stop (SIGTERM) deregisters: gone as soon as the process has exited.
+        assert await asyncio.to_thread(leaving.stop) == 0
+        assert await client.list_workers() == []
+        assert (await client.get_queue_stats("reg-a")).stats.workers == 0
