@@ -4,14 +4,17 @@ a cleanly stopped one leaves at once."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from typing import Any
 
 import pytest
 
 from conveyor.common.client import ConveyorClient
 from conveyor.v1 import admin_service_pb2
+from tests.e2e.test_stack import buf_curl
 from tests.faults.conftest import FaultStack, StartWorker
-from tests.support.wait import wait_for
+from tests.support.wait import wait_for, wait_until
 
 pytestmark = pytest.mark.e2e
 TTL_S = 2.0
@@ -58,3 +61,40 @@ async def test_workers_register_and_leave(fault_stack: FaultStack, worker_proces
         assert await asyncio.to_thread(leaving.stop) == 0
         assert await client.list_workers() == []
         assert (await client.get_queue_stats("reg-a")).stats.workers == 0
+
+
+def test_the_readme_commands_work_over_reflection(fault_stack: FaultStack, worker_process: StartWorker) -> None:
+    """buf curl (as in the README) learns the new RPCs from reflection; the producer reaches the results service."""
+    worker_process("reg-curl", CONVEYOR_QUEUES="reg-curl")
+    base = f"http://{fault_stack.producer.addr}/conveyor.v1.AdminService"
+    enqueued = buf_curl(
+        f"http://{fault_stack.producer.addr}/conveyor.v1.ProducerService/Enqueue",
+        data=json.dumps({"queue": "reg-curl", "type": "demo.echo", "payload": {"n": 1}}),
+    )
+    assert enqueued.returncode == 0, enqueued.stderr
+
+    def finished_in_postgresql() -> dict[str, Any] | None:
+        got = buf_curl(f"{base}/GetQueueStats", data=json.dumps({"queue": "reg-curl"}))
+        assert got.returncode == 0, got.stderr
+        body: dict[str, Any] = json.loads(got.stdout)
+        windows = body.get("finished", {}).get("windows", [])
+        return body if windows and windows[0].get("succeeded") == "1" else None
+
+    body = wait_until(finished_in_postgresql, "the echo job counted as succeeded", within=30)
+    assert body["stats"]["queue"] == "reg-curl" and body["stats"]["workers"] == 1
+    assert [w["window"] for w in body["finished"]["windows"]] == ["60s", "300s", "3600s"]
+    assert "finishedUnavailable" not in body
+
+    listed = buf_curl(f"{base}/ListQueues")
+    assert listed.returncode == 0, listed.stderr
+    assert "reg-curl" in [q["queue"] for q in json.loads(listed.stdout)["queues"]]
+
+    workers = buf_curl(f"{base}/ListWorkers", data=json.dumps({"queue": "reg-curl"}))
+    assert workers.returncode == 0, workers.stderr
+    assert [w["workerId"] for w in json.loads(workers.stdout)["workers"]] == ["reg-curl"]
+
+    missing = buf_curl(f"{base}/GetQueueStats", data=json.dumps({"queue": "never-used"}))
+    assert missing.returncode == 5 * 8, missing  # buf curl exits with the gRPC code times 8
+    bad = buf_curl(f"{base}/GetQueueStats", data=json.dumps({"queue": "no spaces"}))
+    assert bad.returncode == 3 * 8, bad
+    assert "invalid_argument" in bad.stderr
