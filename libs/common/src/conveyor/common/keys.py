@@ -94,9 +94,10 @@ def queue_keys(queue: str) -> QueueKeys:
     )
 
 
-#: SET of registered worker ids (ListWorkers). Hash-tagged ``{workers}`` with the entries
-#: below, so the registry lives on one Redis Cluster slot and one script can read it.
-WORKERS = f"{PREFIX}:{{workers}}"
+#: SET of registered worker ids (ListWorkers). It and the entries below share the hash tag
+#: ``{registry}``, so the registry lives on one Redis Cluster slot and one script can read it;
+#: they start ``conveyor:workers:``, never ``conveyor:{``, so no queue's keys can collide with them.
+WORKERS = f"{PREFIX}:workers:{{registry}}"
 
 
 def worker_key(worker_id: str) -> str:
