@@ -162,3 +162,32 @@ async def test_the_python_client(producer: Producer, start_worker: StartWorker) 
         assert [w.worker_id for w in workers] == ["test-worker-1"]
         with pytest.raises(NotFound):
             await client.get_queue_stats("nope")
+
+
+async def test_claims_of_a_worker_that_left_are_orphaned(producer: Producer, start_worker: StartWorker) -> None:
+    # A long visibility timeout: nobody takes the claims over during the test.
+    leaving = await start_worker(queues=(QUEUE,), concurrency=2, shutdown_grace_s=0.2, visibility_timeout_s=600)
+    for _ in range(2):
+        await producer.stub.Enqueue(p.EnqueueRequest(queue=QUEUE, type="test.gate"))
+
+    async def running() -> a.QueueStats | None:
+        s = (await producer.admin.GetQueueStats(a.GetQueueStatsRequest(queue=QUEUE))).stats
+        return s if s.active == 2 else None
+
+    before = await wait_for(running, "both gated jobs running")
+    assert (before.orphaned, before.workers) == (0, 1)
+
+    # Stopping with the gate closed abandons both attempts (their claims stay pending) and deregisters.
+    await leaving.stop()
+    after = (await producer.admin.GetQueueStats(a.GetQueueStatsRequest(queue=QUEUE))).stats
+    assert (after.active, after.orphaned, after.workers, after.queued) == (2, 2, 0, 0)
+
+    # A new worker under another id is live, but it does not hold those claims: still orphaned.
+    await start_worker(queues=(QUEUE,), visibility_timeout_s=600)
+    await wait_for(lambda: _workers(producer, 1), "the new worker registered")
+    again = (await producer.admin.GetQueueStats(a.GetQueueStatsRequest(queue=QUEUE))).stats
+    assert (again.active, again.orphaned, again.workers) == (2, 2, 1)
+
+
+async def _workers(producer: Producer, n: int) -> bool:
+    return len((await producer.admin.ListWorkers(a.ListWorkersRequest())).workers) == n

@@ -76,6 +76,7 @@ def assert_live_counts(stats: admin_service_pb2.QueueStats, queue: str, workers:
     assert (stats.queued, stats.delayed, stats.retry_scheduled, stats.active, stats.dead_lettered) == (6, 2, 1, 3, 1)
     assert [(b.priority, b.queued, b.active) for b in stats.bands] == [(9, 1, 0), (5, 3, 3), (1, 2, 0)]
     assert stats.workers == workers
+    assert stats.orphaned == 0  # the active jobs' worker is alive
     assert stats.HasField("oldest_queued_time") and stats.HasField("next_due_time")
     # The earliest due job is due in about an hour (the retry or the delayed ones).
     read_ms = stats.read_time.ToMilliseconds()

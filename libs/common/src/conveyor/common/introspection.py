@@ -33,6 +33,8 @@ class QueueSnapshot:
     oldest_queued_id: str
     #: Per priority band (1..9): (queued, active).
     bands: dict[int, tuple[int, int]]
+    #: Consumer (worker id) -> claims it holds (active jobs), all bands.
+    holders: dict[str, int]
 
     @property
     def queued(self) -> int:
@@ -56,7 +58,8 @@ class QueueStatsScript:
 
 def _snapshot(raw: list[Any]) -> QueueSnapshot:
     time_s, time_us, paused, dead, delayed, retry, next_due, oldest = raw[:8]
-    counts = raw[8:]
+    counts = raw[8 : 8 + 2 * len(BANDS)]
+    held = raw[8 + 2 * len(BANDS) :]
     return QueueSnapshot(
         read_us=int(time_s) * 1_000_000 + int(time_us),
         paused=bool(int(paused)),
@@ -66,6 +69,7 @@ def _snapshot(raw: list[Any]) -> QueueSnapshot:
         next_due_ms=int(float(_text(next_due))) if _text(next_due) else None,
         oldest_queued_id=_text(oldest),
         bands={band: (int(counts[2 * i]), int(counts[2 * i + 1])) for i, band in enumerate(BANDS)},
+        holders={_text(held[i]): int(held[i + 1]) for i in range(0, len(held), 2)},
     )
 
 

@@ -393,6 +393,7 @@ class QueueStats(_message.Message):
     NEXT_DUE_TIME_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
     READ_TIME_FIELD_NUMBER: _builtins.int
+    ORPHANED_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """The queue."""
     paused: _builtins.bool
@@ -412,6 +413,11 @@ class QueueStats(_message.Message):
     workers: _builtins.int
     """Live worker processes that serve this queue (see ListWorkers). Zero means nothing
     will run its jobs.
+    """
+    orphaned: _builtins.int
+    """Of active: claims held by worker ids not in the live registry (see ListWorkers): their
+    worker died, or stopped without finishing them. Another worker takes them over once
+    they have been idle for the visibility timeout; until then nothing runs them.
     """
     @_builtins.property
     def bands(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriorityBandStats]:
@@ -444,10 +450,11 @@ class QueueStats(_message.Message):
         next_due_time: _timestamp_pb2.Timestamp | None = ...,
         workers: _builtins.int = ...,
         read_time: _timestamp_pb2.Timestamp | None = ...,
+        orphaned: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["next_due_time", b"next_due_time", "oldest_queued_time", b"oldest_queued_time", "read_time", b"read_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "bands", b"bands", "dead_lettered", b"dead_lettered", "delayed", b"delayed", "next_due_time", b"next_due_time", "oldest_queued_time", b"oldest_queued_time", "paused", b"paused", "queue", b"queue", "queued", b"queued", "read_time", b"read_time", "retry_scheduled", b"retry_scheduled", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "bands", b"bands", "dead_lettered", b"dead_lettered", "delayed", b"delayed", "next_due_time", b"next_due_time", "oldest_queued_time", b"oldest_queued_time", "orphaned", b"orphaned", "paused", b"paused", "queue", b"queue", "queued", b"queued", "read_time", b"read_time", "retry_scheduled", b"retry_scheduled", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

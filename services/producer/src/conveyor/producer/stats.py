@@ -20,7 +20,8 @@ from conveyor.v1 import admin_service_pb2
 log = structlog.get_logger("conveyor.producer.stats")
 
 
-def _queue_stats(queue: str, snap: QueueSnapshot, workers: int) -> admin_service_pb2.QueueStats:
+def _queue_stats(queue: str, snap: QueueSnapshot, live: dict[str, set[str]]) -> admin_service_pb2.QueueStats:
+    """The message for ``snap``; ``live`` maps each live worker id to the queues it serves."""
     stats = admin_service_pb2.QueueStats(
         queue=queue,
         paused=snap.paused,
@@ -29,7 +30,8 @@ def _queue_stats(queue: str, snap: QueueSnapshot, workers: int) -> admin_service
         retry_scheduled=snap.retry_scheduled,
         active=snap.active,
         dead_lettered=snap.dead_lettered,
-        workers=workers,
+        workers=sum(1 for queues in live.values() if queue in queues),
+        orphaned=sum(n for consumer, n in snap.holders.items() if consumer not in live),
     )
     for band in sorted(snap.bands, reverse=True):
         queued, active = snap.bands[band]
@@ -73,13 +75,9 @@ class Stats:
                 found.append(info)
         return found
 
-    async def _serving(self) -> dict[str, int]:
-        """Queue -> how many live workers serve it."""
-        counts: dict[str, int] = {}
-        for info in await self.workers():
-            for q in set(info.queues):
-                counts[q] = counts.get(q, 0) + 1
-        return counts
+    async def _live(self) -> dict[str, set[str]]:
+        """Live worker id -> the queues it serves."""
+        return {info.worker_id: set(info.queues) for info in await self.workers()}
 
     async def queue(self, queue: str) -> admin_service_pb2.GetQueueStatsResponse:
         """GetQueueStats: live counts of one queue, plus recent finished jobs when the results service answers.
@@ -89,11 +87,12 @@ class Stats:
             NotFound: No job was ever enqueued to ``queue`` and no live worker serves it.
         """
         keys = queue_of(queue)
-        serving = await self._serving()
-        if queue not in serving and not await self._redis.sismember(QUEUES, queue):  # type: ignore[misc]
+        live = await self._live()
+        served = any(queue in queues for queues in live.values())
+        if not served and not await self._redis.sismember(QUEUES, queue):  # type: ignore[misc]
             raise NotFound(f"queue {queue!r} not found: nothing was ever enqueued to it and no worker serves it")
         snap = await self._script.read(keys)
-        response = admin_service_pb2.GetQueueStatsResponse(stats=_queue_stats(queue, snap, serving.get(queue, 0)))
+        response = admin_service_pb2.GetQueueStatsResponse(stats=_queue_stats(queue, snap, live))
         try:
             response.finished.CopyFrom(await self._history.finished_stats(queue))
         except ConveyorError as exc:
@@ -106,6 +105,6 @@ class Stats:
 
         Known: ever enqueued to, or served by a live worker.
         """
-        serving = await self._serving()
-        names = sorted(await self._queues() | set(serving))
-        return [_queue_stats(q, await self._script.read(queue_keys(q)), serving.get(q, 0)) for q in names]
+        live = await self._live()
+        names = sorted((await self._queues()).union(*live.values()))
+        return [_queue_stats(q, await self._script.read(queue_keys(q)), live) for q in names]

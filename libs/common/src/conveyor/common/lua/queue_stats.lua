@@ -8,7 +8,8 @@ KEYS as in claim.lua: [1] state hash [4..12] job streams, bands 1..9 [13] delaye
   [16] dead stream [18] paused flag
 ARGV[1] consumer group of the workers
 returns {time_s, time_us, paused (0|1), dead, delayed, retry_scheduled, next_due_ms ("" if none),
-  oldest queued entry id ("" if none), then per band 1..9: queued, active}
+  oldest queued entry id ("" if none), then per band 1..9: queued, active, then per consumer
+  holding claims: consumer, claims (all bands)}
 ]]
 local state_key, delayed_key, dead_key, paused_key = KEYS[1], KEYS[13], KEYS[16], KEYS[18]
 local group = ARGV[1]
@@ -16,6 +17,7 @@ local now = redis.call('TIME')
 
 local bands = {}
 local oldest = ''
+local holders = {}
 local oldest_ms, oldest_seq
 for band = 1, 9 do
   local stream = KEYS[3 + band]
@@ -29,6 +31,12 @@ for band = 1, 9 do
       if info['name'] == group then
         active = tonumber(info['pending'])
         last_delivered = info['last-delivered-id']
+      end
+    end
+    if active > 0 then
+      -- Summary form: {count, smallest id, greatest id, {{consumer, count}, ...}}
+      for _, c in ipairs(redis.call('XPENDING', stream, group)[4] or {}) do
+        holders[c[1]] = (holders[c[1]] or 0) + tonumber(c[2])
       end
     end
     queued = math.max(length - active, 0)
@@ -68,4 +76,8 @@ if first_due[2] then next_due = first_due[2] end
 
 local out = {now[1], now[2], redis.call('EXISTS', paused_key), redis.call('XLEN', dead_key), delayed, retry, next_due, oldest}
 for _, v in ipairs(bands) do out[#out + 1] = v end
+for consumer, claims in pairs(holders) do
+  out[#out + 1] = consumer
+  out[#out + 1] = claims
+end
 return out
