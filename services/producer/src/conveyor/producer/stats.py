@@ -87,11 +87,12 @@ class Stats:
             NotFound: No job was ever enqueued to ``queue`` and no live worker serves it.
         """
         keys = queue_of(queue)
-        live = await self._live()
-        served = any(queue in queues for queues in live.values())
-        if not served and not await self._redis.sismember(QUEUES, queue):  # type: ignore[misc]
-            raise NotFound(f"queue {queue!r} not found: nothing was ever enqueued to it and no worker serves it")
+        used = await self._redis.sismember(QUEUES, queue)  # type: ignore[misc]  # redis-py's sync|async union
         snap = await self._script.read(keys)
+        # The registry is read after the counts: a claim whose holder is still listed now was not orphaned then.
+        live = await self._live()
+        if not used and not any(queue in queues for queues in live.values()):
+            raise NotFound(f"queue {queue!r} not found: nothing was ever enqueued to it and no worker serves it")
         response = admin_service_pb2.GetQueueStatsResponse(stats=_queue_stats(queue, snap, live))
         try:
             response.finished.CopyFrom(await self._history.finished_stats(queue))
@@ -105,6 +106,8 @@ class Stats:
 
         Known: ever enqueued to, or served by a live worker.
         """
+        names = sorted((await self._queues()).union(*(await self._live()).values()))
+        snaps = [await self._script.read(queue_keys(q)) for q in names]
+        # Read again after the counts: a claim whose holder is still listed now was not orphaned then.
         live = await self._live()
-        names = sorted((await self._queues()).union(*live.values()))
-        return [_queue_stats(q, await self._script.read(queue_keys(q)), live) for q in names]
+        return [_queue_stats(q, snap, live) for q, snap in zip(names, snaps, strict=True)]
