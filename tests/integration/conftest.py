@@ -24,6 +24,7 @@ from conveyor.producer.history import History
 from conveyor.producer.jobs import JobReader
 from conveyor.producer.limits import FlowLimits
 from conveyor.producer.servicer import ProducerServicer
+from conveyor.producer.stats import Stats
 from conveyor.producer.watch import Watcher
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, producer_service_pb2, producer_service_pb2_grpc
 from conveyor.worker.runner import Runner
@@ -50,7 +51,9 @@ async def start_producer(redis_url: str, results_addr: str = "") -> tuple[Produc
         JobReader(client, history),
         Canceller(scripts, history, 300_000),
     )
-    admin = AdminServicer(DeadLetters(client, scripts), QueueControls(client), FlowLimits(scripts))
+    admin = AdminServicer(
+        DeadLetters(client, scripts), QueueControls(client), FlowLimits(scripts), stats=Stats(client, history)
+    )
     running = await server.start(
         "127.0.0.1:0",
         [

@@ -14,6 +14,7 @@ import redis.asyncio
 from google.protobuf.duration_pb2 import Duration
 
 from conveyor.common.keys import queue_keys
+from conveyor.v1 import admin_service_pb2 as a
 from conveyor.v1 import event_pb2, job_pb2
 from conveyor.v1 import limits_pb2 as lim
 from conveyor.v1 import producer_service_pb2 as p
@@ -158,6 +159,11 @@ async def test_a_held_job_can_be_read_and_cancelled_and_never_runs(
         return any(b.key == "c" and b.waiting == 1 for b in blocked)
 
     await wait_for(is_held, "the second job to be held back")
+    # Statistics say why it is not running: held by its key, which is at its cap.
+    stats = (await producer.admin.GetQueueStats(a.GetQueueStatsRequest(queue="default"))).stats
+    assert (stats.held, stats.queued, stats.active) == (1, 0, 1)
+    assert [(k.key, k.concurrency) for k in stats.limits.keys] == [("c", 1)]
+    assert [b.key for b in stats.limits.blocked_keys] == ["c"] and stats.limits.running == 1
     job = (await producer.stub.GetJob(p.GetJobRequest(job_id=held.job_id))).job
     assert job.state == job_pb2.JOB_STATE_QUEUED and job.rate_key == "c"
     cancelled = await producer.stub.CancelJob(p.CancelJobRequest(job_id=held.job_id))

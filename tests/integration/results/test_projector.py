@@ -207,15 +207,16 @@ async def test_stop_commits_and_acks_the_batches_in_flight(
 
 
 async def test_concurrent_migrations_apply_once(results_db: str) -> None:
-    from conveyor.results.store import open_pool
+    from conveyor.results.store import load_migrations, open_pool
 
+    packaged = load_migrations()
     pools = [await open_pool(results_db, 2) for _ in range(3)]
     try:
         applied = await asyncio.gather(*(Store(p).migrate() for p in pools))
-        assert sorted(applied) == [[], [], [1]]
+        assert sorted(applied) == [[], [], [m.version for m in packaged]]
         assert await Store(pools[0]).migrate() == []
-        rows = await fetch(pools[0], "SELECT version, name FROM schema_migrations")
-        assert rows == [(1, "init")]
+        rows = await fetch(pools[0], "SELECT version, name FROM schema_migrations ORDER BY version")
+        assert rows == [(m.version, m.name) for m in packaged]
     finally:
         for p in pools:
             await p.close()

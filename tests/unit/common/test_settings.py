@@ -35,3 +35,10 @@ def test_visibility_timeouts_can_differ_per_queue() -> None:
 def test_a_bad_value_names_its_variable(env: dict[str, str], name: str) -> None:
     with pytest.raises(SettingsError, match=name):
         WorkerSettings.from_env(env)
+
+
+def test_the_worker_registry_ttl() -> None:
+    assert WorkerSettings.from_env({}).worker_ttl_s == 10.0
+    assert WorkerSettings.from_env({"CONVEYOR_WORKER_TTL_SECONDS": "2.5"}).worker_ttl_s == 2.5
+    with pytest.raises(SettingsError, match="CONVEYOR_WORKER_TTL_SECONDS"):
+        WorkerSettings.from_env({"CONVEYOR_WORKER_TTL_SECONDS": "0.1"})

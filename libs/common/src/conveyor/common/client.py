@@ -30,6 +30,7 @@ from grpc_status import rpc_status
 from conveyor.common.codec import dumps
 from conveyor.common.errors import ConveyorError, Internal, InvalidArgument, ResourceExhausted
 from conveyor.v1 import (
+    admin_service_pb2,
     admin_service_pb2_grpc,
     event_pb2,
     job_pb2,
@@ -309,6 +310,27 @@ class ConveyorClient:
         stub = self._results
         req = results_service_pb2.ListJobsRequest(**filters)
         return await self._call(lambda: stub.ListJobs(req, timeout=self._timeout))
+
+    async def get_queue_stats(self, queue: str) -> admin_service_pb2.GetQueueStatsResponse:
+        """A queue's live counts (one instant) and, when the results service answers, its finished jobs.
+
+        ``response.finished_unavailable`` says why ``response.finished`` is missing.
+
+        Raises:
+            NotFound: The queue was never used and no worker serves it.
+        """
+        req = admin_service_pb2.GetQueueStatsRequest(queue=queue)
+        return await self._call(lambda: self._admin.GetQueueStats(req, timeout=self._timeout))
+
+    async def list_queues(self) -> list[admin_service_pb2.QueueStats]:
+        """Every known queue, by name, with its live counts."""
+        req = admin_service_pb2.ListQueuesRequest()
+        return list((await self._call(lambda: self._admin.ListQueues(req, timeout=self._timeout))).queues)
+
+    async def list_workers(self, queue: str = "") -> list[admin_service_pb2.WorkerInfo]:
+        """The live worker processes (only those serving ``queue``, if given), by worker id."""
+        req = admin_service_pb2.ListWorkersRequest(queue=queue)
+        return list((await self._call(lambda: self._admin.ListWorkers(req, timeout=self._timeout))).workers)
 
 
 class _Coalescer:

@@ -135,3 +135,14 @@ def queue_keys(queue: str) -> QueueKeys:
         backoff=f"{base}:backoff",
         per_key_prefix=f"{base}:key:",
     )
+
+
+#: SET of registered worker ids (ListWorkers). It and the entries below share the hash tag
+#: ``{registry}``, so the registry lives on one Redis Cluster slot and one script can read it;
+#: they start ``conveyor:workers:``, never ``conveyor:{``, so no queue's keys can collide with them.
+WORKERS = f"{PREFIX}:workers:{{registry}}"
+
+
+def worker_key(worker_id: str) -> str:
+    """STRING: a live worker's WorkerInfo bytes, expiring unless its heartbeat refreshes it."""
+    return f"{WORKERS}:{worker_id}"

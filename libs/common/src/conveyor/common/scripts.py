@@ -160,6 +160,8 @@ class Heartbeat:
     """
 
     def __init__(self, client: Any) -> None:
+        #: The synchronous client (the worker registry beats on it too).
+        self.client = client
         self._script = client.register_script(_source("heartbeat"))
 
     def beat(self, keys: QueueKeys, consumer: str, claims: list[Claimed]) -> list[bool | str]:

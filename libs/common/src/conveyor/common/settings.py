@@ -149,6 +149,8 @@ class WorkerSettings(CommonSettings):
     visibility_timeouts: tuple[tuple[str, float], ...] = ()
     #: Deliveries without an outcome (crashed or stalled workers) before a job is dead-lettered.
     max_deliveries: int = 5
+    #: A worker that stops heartbeating (it died) leaves ListWorkers this long after its last beat.
+    worker_ttl_s: float = 10.0
 
     def visibility_for(self, queue: str) -> float:
         """The visibility timeout of ``queue``, in seconds."""
@@ -167,6 +169,7 @@ class WorkerSettings(CommonSettings):
             visibility_timeout_s=e.number("CONVEYOR_VISIBILITY_TIMEOUT_SECONDS", 30.0, minimum=0.5),
             visibility_timeouts=e.pairs("CONVEYOR_VISIBILITY_TIMEOUTS", minimum=0.5),
             max_deliveries=e.integer("CONVEYOR_MAX_DELIVERIES", 5, minimum=1),
+            worker_ttl_s=e.number("CONVEYOR_WORKER_TTL_SECONDS", 10.0, minimum=0.5),
         )
 
 

@@ -6,7 +6,10 @@ isort:skip_file
 from collections import abc as _abc
 from conveyor.v1 import event_pb2 as _event_pb2
 from conveyor.v1 import job_pb2 as _job_pb2
+from conveyor.v1 import limits_pb2 as _limits_pb2
+from conveyor.v1 import results_service_pb2 as _results_service_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -312,3 +315,351 @@ class ResumeQueueResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResumeQueueResponse: _TypeAlias = ResumeQueueResponse  # noqa: Y015
+
+@_typing.final
+class GetQueueStatsRequest(_message.Message):
+    """GetQueueStatsRequest names the queue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """The queue."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQueueStatsRequest: _TypeAlias = GetQueueStatsRequest  # noqa: Y015
+
+@_typing.final
+class GetQueueStatsResponse(_message.Message):
+    """GetQueueStatsResponse is a queue's live counts plus its recent finished jobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATS_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    FINISHED_UNAVAILABLE_FIELD_NUMBER: _builtins.int
+    finished_unavailable: _builtins.str
+    """Why finished is missing (the results service is unreachable or not configured);
+    empty when finished is present.
+    """
+    @_builtins.property
+    def stats(self) -> Global___QueueStats:
+        """Live counts from Redis, all read at one instant."""
+
+    @_builtins.property
+    def finished(self) -> _results_service_pb2.FinishedStats:
+        """Jobs finished recently, from PostgreSQL via the results service (projection lags
+        Redis by well under a second). Absent when finished_unavailable is set.
+        """
+
+    def __init__(
+        self,
+        *,
+        stats: Global___QueueStats | None = ...,
+        finished: _results_service_pb2.FinishedStats | None = ...,
+        finished_unavailable: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "stats", b"stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "finished_unavailable", b"finished_unavailable", "stats", b"stats"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQueueStatsResponse: _TypeAlias = GetQueueStatsResponse  # noqa: Y015
+
+@_typing.final
+class QueueStats(_message.Message):
+    """QueueStats is one queue's live state in Redis, read at one instant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    DELAYED_FIELD_NUMBER: _builtins.int
+    RETRY_SCHEDULED_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    DEAD_LETTERED_FIELD_NUMBER: _builtins.int
+    BANDS_FIELD_NUMBER: _builtins.int
+    OLDEST_QUEUED_TIME_FIELD_NUMBER: _builtins.int
+    NEXT_DUE_TIME_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    READ_TIME_FIELD_NUMBER: _builtins.int
+    ORPHANED_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """The queue."""
+    paused: _builtins.bool
+    """True while the queue is paused (PauseQueue): workers start none of its jobs."""
+    queued: _builtins.int
+    """Waiting to be claimed, all priority bands (paused queues keep counting here)."""
+    delayed: _builtins.int
+    """Waiting for their delay or run_at to come (enqueued with delay or run_at)."""
+    retry_scheduled: _builtins.int
+    """Waiting for a retry backoff to pass after a failed attempt."""
+    active: _builtins.int
+    """Claimed by a worker and running (includes claims of a worker that died, until
+    another worker takes them over after the visibility timeout).
+    """
+    dead_lettered: _builtins.int
+    """In the dead-letter stream (final failures and poison jobs; see ListDeadLetters)."""
+    workers: _builtins.int
+    """Live worker processes that serve this queue (see ListWorkers). Zero means nothing
+    will run its jobs.
+    """
+    orphaned: _builtins.int
+    """Of active: claims held by worker ids not in the live registry (see ListWorkers): their
+    worker died, or stopped without finishing them. Another worker takes them over once
+    they have been idle for the visibility timeout; until then nothing runs them.
+    """
+    held: _builtins.int
+    """Waiting, but held back by their rate key's rate limit, concurrency cap or back-off
+    (see limits.blocked_keys); they keep their place and priority. Not in queued.
+    """
+    @_builtins.property
+    def bands(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriorityBandStats]:
+        """Per priority band, highest first; bands with no queued or active job are left out."""
+
+    @_builtins.property
+    def oldest_queued_time(self) -> _timestamp_pb2.Timestamp:
+        """When the oldest job still waiting to be claimed was queued (absent when none waits)."""
+
+    @_builtins.property
+    def next_due_time(self) -> _timestamp_pb2.Timestamp:
+        """When the earliest delayed or retry-scheduled job becomes due (absent when none)."""
+
+    @_builtins.property
+    def read_time(self) -> _timestamp_pb2.Timestamp:
+        """The instant the counts were read (the Redis server's clock)."""
+
+    @_builtins.property
+    def limits(self) -> _limits_pb2.QueueLimits:
+        """The rate limits, concurrency caps and back-offs in force, and the keys held back now
+        (read just after the counts).
+        """
+
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        paused: _builtins.bool = ...,
+        queued: _builtins.int = ...,
+        delayed: _builtins.int = ...,
+        retry_scheduled: _builtins.int = ...,
+        active: _builtins.int = ...,
+        dead_lettered: _builtins.int = ...,
+        bands: _abc.Iterable[Global___PriorityBandStats] | None = ...,
+        oldest_queued_time: _timestamp_pb2.Timestamp | None = ...,
+        next_due_time: _timestamp_pb2.Timestamp | None = ...,
+        workers: _builtins.int = ...,
+        read_time: _timestamp_pb2.Timestamp | None = ...,
+        orphaned: _builtins.int = ...,
+        held: _builtins.int = ...,
+        limits: _limits_pb2.QueueLimits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "next_due_time", b"next_due_time", "oldest_queued_time", b"oldest_queued_time", "read_time", b"read_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "bands", b"bands", "dead_lettered", b"dead_lettered", "delayed", b"delayed", "held", b"held", "limits", b"limits", "next_due_time", b"next_due_time", "oldest_queued_time", b"oldest_queued_time", "orphaned", b"orphaned", "paused", b"paused", "queue", b"queue", "queued", b"queued", "read_time", b"read_time", "retry_scheduled", b"retry_scheduled", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueueStats: _TypeAlias = QueueStats  # noqa: Y015
+
+@_typing.final
+class PriorityBandStats(_message.Message):
+    """PriorityBandStats counts one priority band's jobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    priority: _builtins.int
+    """The priority (1-9; 9 runs first)."""
+    queued: _builtins.int
+    """Waiting to be claimed in this band."""
+    active: _builtins.int
+    """Claimed from this band and running."""
+    def __init__(
+        self,
+        *,
+        priority: _builtins.int = ...,
+        queued: _builtins.int = ...,
+        active: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "priority", b"priority", "queued", b"queued"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PriorityBandStats: _TypeAlias = PriorityBandStats  # noqa: Y015
+
+@_typing.final
+class ListQueuesRequest(_message.Message):
+    """ListQueuesRequest has no fields: every queue is listed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQueuesRequest: _TypeAlias = ListQueuesRequest  # noqa: Y015
+
+@_typing.final
+class ListQueuesResponse(_message.Message):
+    """ListQueuesResponse lists the queues."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def queues(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueStats]:
+        """Every queue ever used, by name, with its live counts."""
+
+    def __init__(
+        self,
+        *,
+        queues: _abc.Iterable[Global___QueueStats] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queues", b"queues"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQueuesResponse: _TypeAlias = ListQueuesResponse  # noqa: Y015
+
+@_typing.final
+class ListWorkersRequest(_message.Message):
+    """ListWorkersRequest optionally filters by queue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """Only workers that serve this queue; empty means all."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWorkersRequest: _TypeAlias = ListWorkersRequest  # noqa: Y015
+
+@_typing.final
+class ListWorkersResponse(_message.Message):
+    """ListWorkersResponse lists the live workers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerInfo]:
+        """The live workers, by worker id."""
+
+    def __init__(
+        self,
+        *,
+        workers: _abc.Iterable[Global___WorkerInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWorkersResponse: _TypeAlias = ListWorkersResponse  # noqa: Y015
+
+@_typing.final
+class WorkerInfo(_message.Message):
+    """WorkerInfo is what a live worker process reports about itself."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    QUEUES_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    JOB_IDS_FIELD_NUMBER: _builtins.int
+    LAST_HEARTBEAT_TIME_FIELD_NUMBER: _builtins.int
+    STARTED_TIME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """The worker id (CONVEYOR_WORKER_ID; the consumer name on the job streams)."""
+    host: _builtins.str
+    """Host name of the machine (or container) it runs on."""
+    pid: _builtins.int
+    """Its process id on that host."""
+    concurrency: _builtins.int
+    """Most jobs it runs at once (CONVEYOR_CONCURRENCY)."""
+    in_flight: _builtins.int
+    """Jobs it holds claims on right now."""
+    version: _builtins.str
+    """The Conveyor version it runs."""
+    @_builtins.property
+    def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The queues it serves."""
+
+    @_builtins.property
+    def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids of those jobs."""
+
+    @_builtins.property
+    def last_heartbeat_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last refreshed its entry (the worker's clock)."""
+
+    @_builtins.property
+    def started_time(self) -> _timestamp_pb2.Timestamp:
+        """When the process started."""
+
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """How long after its last heartbeat it drops off this list if it dies."""
+
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        host: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        queues: _abc.Iterable[_builtins.str] | None = ...,
+        concurrency: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
+        job_ids: _abc.Iterable[_builtins.str] | None = ...,
+        last_heartbeat_time: _timestamp_pb2.Timestamp | None = ...,
+        started_time: _timestamp_pb2.Timestamp | None = ...,
+        version: _builtins.str = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat_time", b"last_heartbeat_time", "started_time", b"started_time", "ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "host", b"host", "in_flight", b"in_flight", "job_ids", b"job_ids", "last_heartbeat_time", b"last_heartbeat_time", "pid", b"pid", "queues", b"queues", "started_time", b"started_time", "ttl", b"ttl", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerInfo: _TypeAlias = WorkerInfo  # noqa: Y015

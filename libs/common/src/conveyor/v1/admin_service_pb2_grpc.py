@@ -91,6 +91,21 @@ class AdminServiceStub:
                 request_serializer=conveyor_dot_v1_dot_admin__service__pb2.PurgeDeadLettersRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.PurgeDeadLettersResponse.FromString,
                 _registered_method=True)
+        self.GetQueueStats = channel.unary_unary(
+                '/conveyor.v1.AdminService/GetQueueStats',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.GetQueueStatsRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.GetQueueStatsResponse.FromString,
+                _registered_method=True)
+        self.ListQueues = channel.unary_unary(
+                '/conveyor.v1.AdminService/ListQueues',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListQueuesRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListQueuesResponse.FromString,
+                _registered_method=True)
+        self.ListWorkers = channel.unary_unary(
+                '/conveyor.v1.AdminService/ListWorkers',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -186,6 +201,36 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetQueueStats(self, request, context):
+        """GetQueueStats answers "why is my job not running?": the queue's live counts by
+        state, read from Redis at one instant (so they agree with each other), whether it
+        is paused, how many workers serve it, and, from the results service, how many jobs
+        finished recently and how fast. If the results service cannot be reached the live
+        part is still returned and finished_unavailable says why the rest is missing.
+        A queue that was never used is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListQueues(self, request, context):
+        """ListQueues lists every queue ever used (enqueued to), by name, each with its live
+        counts (one instant per queue) and paused flag.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWorkers(self, request, context):
+        """ListWorkers lists the live worker processes. Each worker registers itself at start
+        and refreshes its entry with every heartbeat (at least once a second); one that
+        stops cleanly leaves the list at once, one that dies drops off when its entry
+        expires (CONVEYOR_WORKER_TTL_SECONDS after its last heartbeat, 10 s by default).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -243,6 +288,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.PurgeDeadLetters,
                     request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.PurgeDeadLettersRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_admin__service__pb2.PurgeDeadLettersResponse.SerializeToString,
+            ),
+            'GetQueueStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQueueStats,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.GetQueueStatsRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.GetQueueStatsResponse.SerializeToString,
+            ),
+            'ListQueues': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQueues,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListQueuesRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListQueuesResponse.SerializeToString,
+            ),
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListWorkersRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListWorkersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -543,6 +603,87 @@ class AdminService:
             '/conveyor.v1.AdminService/PurgeDeadLetters',
             conveyor_dot_v1_dot_admin__service__pb2.PurgeDeadLettersRequest.SerializeToString,
             conveyor_dot_v1_dot_admin__service__pb2.PurgeDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQueueStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/GetQueueStats',
+            conveyor_dot_v1_dot_admin__service__pb2.GetQueueStatsRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.GetQueueStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQueues(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/ListQueues',
+            conveyor_dot_v1_dot_admin__service__pb2.ListQueuesRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.ListQueuesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/ListWorkers',
+            conveyor_dot_v1_dot_admin__service__pb2.ListWorkersRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.ListWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,

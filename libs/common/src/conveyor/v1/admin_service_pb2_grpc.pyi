@@ -75,6 +75,24 @@ class AdminServiceStub:
     """PurgeDeadLetters deletes dead letters (one job, or all of the queue's) for good;
     their history stays in PostgreSQL.
     """
+    GetQueueStats: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.GetQueueStatsRequest, _admin_service_pb2.GetQueueStatsResponse]
+    """GetQueueStats answers "why is my job not running?": the queue's live counts by
+    state, read from Redis at one instant (so they agree with each other), whether it
+    is paused, how many workers serve it, and, from the results service, how many jobs
+    finished recently and how fast. If the results service cannot be reached the live
+    part is still returned and finished_unavailable says why the rest is missing.
+    A queue that was never used is NOT_FOUND.
+    """
+    ListQueues: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListQueuesRequest, _admin_service_pb2.ListQueuesResponse]
+    """ListQueues lists every queue ever used (enqueued to), by name, each with its live
+    counts (one instant per queue) and paused flag.
+    """
+    ListWorkers: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListWorkersRequest, _admin_service_pb2.ListWorkersResponse]
+    """ListWorkers lists the live worker processes. Each worker registers itself at start
+    and refreshes its entry with every heartbeat (at least once a second); one that
+    stops cleanly leaves the list at once, one that dies drops off when its entry
+    expires (CONVEYOR_WORKER_TTL_SECONDS after its last heartbeat, 10 s by default).
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -121,6 +139,24 @@ class AdminServiceAsyncStub(AdminServiceStub):
     PurgeDeadLetters: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.PurgeDeadLettersRequest, _admin_service_pb2.PurgeDeadLettersResponse]  # type: ignore[assignment]
     """PurgeDeadLetters deletes dead letters (one job, or all of the queue's) for good;
     their history stays in PostgreSQL.
+    """
+    GetQueueStats: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.GetQueueStatsRequest, _admin_service_pb2.GetQueueStatsResponse]  # type: ignore[assignment]
+    """GetQueueStats answers "why is my job not running?": the queue's live counts by
+    state, read from Redis at one instant (so they agree with each other), whether it
+    is paused, how many workers serve it, and, from the results service, how many jobs
+    finished recently and how fast. If the results service cannot be reached the live
+    part is still returned and finished_unavailable says why the rest is missing.
+    A queue that was never used is NOT_FOUND.
+    """
+    ListQueues: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListQueuesRequest, _admin_service_pb2.ListQueuesResponse]  # type: ignore[assignment]
+    """ListQueues lists every queue ever used (enqueued to), by name, each with its live
+    counts (one instant per queue) and paused flag.
+    """
+    ListWorkers: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListWorkersRequest, _admin_service_pb2.ListWorkersResponse]  # type: ignore[assignment]
+    """ListWorkers lists the live worker processes. Each worker registers itself at start
+    and refreshes its entry with every heartbeat (at least once a second); one that
+    stops cleanly leaves the list at once, one that dies drops off when its entry
+    expires (CONVEYOR_WORKER_TTL_SECONDS after its last heartbeat, 10 s by default).
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -231,6 +267,42 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_service_pb2.PurgeDeadLettersResponse, _abc.Awaitable[_admin_service_pb2.PurgeDeadLettersResponse]]:
         """PurgeDeadLetters deletes dead letters (one job, or all of the queue's) for good;
         their history stays in PostgreSQL.
+        """
+
+    @_abc_1.abstractmethod
+    def GetQueueStats(
+        self,
+        request: _admin_service_pb2.GetQueueStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.GetQueueStatsResponse, _abc.Awaitable[_admin_service_pb2.GetQueueStatsResponse]]:
+        """GetQueueStats answers "why is my job not running?": the queue's live counts by
+        state, read from Redis at one instant (so they agree with each other), whether it
+        is paused, how many workers serve it, and, from the results service, how many jobs
+        finished recently and how fast. If the results service cannot be reached the live
+        part is still returned and finished_unavailable says why the rest is missing.
+        A queue that was never used is NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def ListQueues(
+        self,
+        request: _admin_service_pb2.ListQueuesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListQueuesResponse, _abc.Awaitable[_admin_service_pb2.ListQueuesResponse]]:
+        """ListQueues lists every queue ever used (enqueued to), by name, each with its live
+        counts (one instant per queue) and paused flag.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWorkers(
+        self,
+        request: _admin_service_pb2.ListWorkersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListWorkersResponse, _abc.Awaitable[_admin_service_pb2.ListWorkersResponse]]:
+        """ListWorkers lists the live worker processes. Each worker registers itself at start
+        and refreshes its entry with every heartbeat (at least once a second); one that
+        stops cleanly leaves the list at once, one that dies drops off when its entry
+        expires (CONVEYOR_WORKER_TTL_SECONDS after its last heartbeat, 10 s by default).
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,28 +24,37 @@ _sym_db = _symbol_database.Default()
 
 from conveyor.v1 import event_pb2 as conveyor_dot_v1_dot_event__pb2
 from conveyor.v1 import job_pb2 as conveyor_dot_v1_dot_job__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!conveyor/v1/results_service.proto\x12\x0b\x63onveyor.v1\x1a\x17\x63onveyor/v1/event.proto\x1a\x15\x63onveyor/v1/job.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"-\n\x1bResultsServiceGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"=\n\x1cResultsServiceGetJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.conveyor.v1.Job\"\xe2\x01\n\x0fListJobsRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.conveyor.v1.JobState\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x31\n\rcreated_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.conveyor.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Q\n\x14ListJobEventsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"P\n\x15ListJobEventsResponse\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.JobEvent\x12\x10\n\x08has_more\x18\x02 \x01(\x08\x32\x90\x02\n\x0eResultsService\x12]\n\x06GetJob\x12(.conveyor.v1.ResultsServiceGetJobRequest\x1a).conveyor.v1.ResultsServiceGetJobResponse\x12G\n\x08ListJobs\x12\x1c.conveyor.v1.ListJobsRequest\x1a\x1d.conveyor.v1.ListJobsResponse\x12V\n\rListJobEvents\x12!.conveyor.v1.ListJobEventsRequest\x1a\".conveyor.v1.ListJobEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!conveyor/v1/results_service.proto\x12\x0b\x63onveyor.v1\x1a\x17\x63onveyor/v1/event.proto\x1a\x15\x63onveyor/v1/job.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"-\n\x1bResultsServiceGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"=\n\x1cResultsServiceGetJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.conveyor.v1.Job\"\xe2\x01\n\x0fListJobsRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.conveyor.v1.JobState\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x31\n\rcreated_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.conveyor.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Q\n\x14ListJobEventsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"P\n\x15ListJobEventsResponse\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.JobEvent\x12\x10\n\x08has_more\x18\x02 \x01(\x08\"(\n\x17GetFinishedStatsRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"E\n\x18GetFinishedStatsResponse\x12)\n\x05stats\x18\x01 \x01(\x0b\x32\x1a.conveyor.v1.FinishedStats\"h\n\rFinishedStats\x12,\n\x07windows\x18\x01 \x03(\x0b\x32\x1b.conveyor.v1.FinishedWindow\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa1\x01\n\x0e\x46inishedWindow\x12)\n\x06window\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tsucceeded\x18\x02 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x03\x12\x15\n\rdead_lettered\x18\x04 \x01(\x03\x12\x11\n\tcancelled\x18\x05 \x01(\x03\x12\x17\n\x0fjobs_per_second\x18\x06 \x01(\x01\x32\xf1\x02\n\x0eResultsService\x12]\n\x06GetJob\x12(.conveyor.v1.ResultsServiceGetJobRequest\x1a).conveyor.v1.ResultsServiceGetJobResponse\x12G\n\x08ListJobs\x12\x1c.conveyor.v1.ListJobsRequest\x1a\x1d.conveyor.v1.ListJobsResponse\x12V\n\rListJobEvents\x12!.conveyor.v1.ListJobEventsRequest\x1a\".conveyor.v1.ListJobEventsResponse\x12_\n\x10GetFinishedStats\x12$.conveyor.v1.GetFinishedStatsRequest\x1a%.conveyor.v1.GetFinishedStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.v1.results_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESULTSSERVICEGETJOBREQUEST']._serialized_start=131
-  _globals['_RESULTSSERVICEGETJOBREQUEST']._serialized_end=176
-  _globals['_RESULTSSERVICEGETJOBRESPONSE']._serialized_start=178
-  _globals['_RESULTSSERVICEGETJOBRESPONSE']._serialized_end=239
-  _globals['_LISTJOBSREQUEST']._serialized_start=242
-  _globals['_LISTJOBSREQUEST']._serialized_end=468
-  _globals['_LISTJOBSRESPONSE']._serialized_start=470
-  _globals['_LISTJOBSRESPONSE']._serialized_end=545
-  _globals['_LISTJOBEVENTSREQUEST']._serialized_start=547
-  _globals['_LISTJOBEVENTSREQUEST']._serialized_end=628
-  _globals['_LISTJOBEVENTSRESPONSE']._serialized_start=630
-  _globals['_LISTJOBEVENTSRESPONSE']._serialized_end=710
-  _globals['_RESULTSSERVICE']._serialized_start=713
-  _globals['_RESULTSSERVICE']._serialized_end=985
+  _globals['_RESULTSSERVICEGETJOBREQUEST']._serialized_start=163
+  _globals['_RESULTSSERVICEGETJOBREQUEST']._serialized_end=208
+  _globals['_RESULTSSERVICEGETJOBRESPONSE']._serialized_start=210
+  _globals['_RESULTSSERVICEGETJOBRESPONSE']._serialized_end=271
+  _globals['_LISTJOBSREQUEST']._serialized_start=274
+  _globals['_LISTJOBSREQUEST']._serialized_end=500
+  _globals['_LISTJOBSRESPONSE']._serialized_start=502
+  _globals['_LISTJOBSRESPONSE']._serialized_end=577
+  _globals['_LISTJOBEVENTSREQUEST']._serialized_start=579
+  _globals['_LISTJOBEVENTSREQUEST']._serialized_end=660
+  _globals['_LISTJOBEVENTSRESPONSE']._serialized_start=662
+  _globals['_LISTJOBEVENTSRESPONSE']._serialized_end=742
+  _globals['_GETFINISHEDSTATSREQUEST']._serialized_start=744
+  _globals['_GETFINISHEDSTATSREQUEST']._serialized_end=784
+  _globals['_GETFINISHEDSTATSRESPONSE']._serialized_start=786
+  _globals['_GETFINISHEDSTATSRESPONSE']._serialized_end=855
+  _globals['_FINISHEDSTATS']._serialized_start=857
+  _globals['_FINISHEDSTATS']._serialized_end=961
+  _globals['_FINISHEDWINDOW']._serialized_start=964
+  _globals['_FINISHEDWINDOW']._serialized_end=1125
+  _globals['_RESULTSSERVICE']._serialized_start=1128
+  _globals['_RESULTSSERVICE']._serialized_end=1497
 # @@protoc_insertion_point(module_scope)

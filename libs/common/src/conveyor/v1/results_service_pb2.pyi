@@ -7,6 +7,7 @@ from collections import abc as _abc
 from conveyor.v1 import event_pb2 as _event_pb2
 from conveyor.v1 import job_pb2 as _job_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -202,3 +203,123 @@ class ListJobEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListJobEventsResponse: _TypeAlias = ListJobEventsResponse  # noqa: Y015
+
+@_typing.final
+class GetFinishedStatsRequest(_message.Message):
+    """GetFinishedStatsRequest names the queue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """The queue."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFinishedStatsRequest: _TypeAlias = GetFinishedStatsRequest  # noqa: Y015
+
+@_typing.final
+class GetFinishedStatsResponse(_message.Message):
+    """GetFinishedStatsResponse holds the queue's finished-job counts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def stats(self) -> Global___FinishedStats:
+        """The counts."""
+
+    def __init__(
+        self,
+        *,
+        stats: Global___FinishedStats | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFinishedStatsResponse: _TypeAlias = GetFinishedStatsResponse  # noqa: Y015
+
+@_typing.final
+class FinishedStats(_message.Message):
+    """FinishedStats counts the jobs of a queue that finished recently."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOWS_FIELD_NUMBER: _builtins.int
+    AS_OF_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def windows(self) -> _containers.RepeatedCompositeFieldContainer[Global___FinishedWindow]:
+        """One entry per window, shortest first: 1 minute, 5 minutes, 1 hour."""
+
+    @_builtins.property
+    def as_of(self) -> _timestamp_pb2.Timestamp:
+        """The end of every window (the database's clock when it counted)."""
+
+    def __init__(
+        self,
+        *,
+        windows: _abc.Iterable[Global___FinishedWindow] | None = ...,
+        as_of: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "windows", b"windows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishedStats: _TypeAlias = FinishedStats  # noqa: Y015
+
+@_typing.final
+class FinishedWindow(_message.Message):
+    """FinishedWindow counts the jobs that finished within one window before as_of."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    DEAD_LETTERED_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    JOBS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    succeeded: _builtins.int
+    """Jobs that ended SUCCEEDED."""
+    failed: _builtins.int
+    """Jobs that ended FAILED (attempts exhausted or a permanent error)."""
+    dead_lettered: _builtins.int
+    """Jobs that ended DEAD_LETTERED (poison: delivered too often without an outcome)."""
+    cancelled: _builtins.int
+    """Jobs that ended CANCELLED."""
+    jobs_per_second: _builtins.float
+    """Finished jobs (all four states) per second over the window."""
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration:
+        """The window's length."""
+
+    def __init__(
+        self,
+        *,
+        window: _duration_pb2.Duration | None = ...,
+        succeeded: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        dead_lettered: _builtins.int = ...,
+        cancelled: _builtins.int = ...,
+        jobs_per_second: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "dead_lettered", b"dead_lettered", "failed", b"failed", "jobs_per_second", b"jobs_per_second", "succeeded", b"succeeded", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishedWindow: _TypeAlias = FinishedWindow  # noqa: Y015

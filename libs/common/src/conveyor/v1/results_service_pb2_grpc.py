@@ -50,6 +50,11 @@ class ResultsServiceStub:
                 request_serializer=conveyor_dot_v1_dot_results__service__pb2.ListJobEventsRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_results__service__pb2.ListJobEventsResponse.FromString,
                 _registered_method=True)
+        self.GetFinishedStats = channel.unary_unary(
+                '/conveyor.v1.ResultsService/GetFinishedStats',
+                request_serializer=conveyor_dot_v1_dot_results__service__pb2.GetFinishedStatsRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_results__service__pb2.GetFinishedStatsResponse.FromString,
+                _registered_method=True)
 
 
 class ResultsServiceServicer:
@@ -78,6 +83,15 @@ class ResultsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetFinishedStats(self, request, context):
+        """GetFinishedStats counts a queue's jobs that finished in recent windows (the
+        last minute, 5 minutes and hour, by finished_at), per final state, with the rate.
+        An unknown queue has zero counts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ResultsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +109,11 @@ def add_ResultsServiceServicer_to_server(servicer, server):
                     servicer.ListJobEvents,
                     request_deserializer=conveyor_dot_v1_dot_results__service__pb2.ListJobEventsRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_results__service__pb2.ListJobEventsResponse.SerializeToString,
+            ),
+            'GetFinishedStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFinishedStats,
+                    request_deserializer=conveyor_dot_v1_dot_results__service__pb2.GetFinishedStatsRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_results__service__pb2.GetFinishedStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +198,33 @@ class ResultsService:
             '/conveyor.v1.ResultsService/ListJobEvents',
             conveyor_dot_v1_dot_results__service__pb2.ListJobEventsRequest.SerializeToString,
             conveyor_dot_v1_dot_results__service__pb2.ListJobEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFinishedStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ResultsService/GetFinishedStats',
+            conveyor_dot_v1_dot_results__service__pb2.GetFinishedStatsRequest.SerializeToString,
+            conveyor_dot_v1_dot_results__service__pb2.GetFinishedStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,11 @@ class ResultsServiceStub:
     """ListJobs lists jobs matching the filters, newest first, one page at a time."""
     ListJobEvents: _grpc.UnaryUnaryMultiCallable[_results_service_pb2.ListJobEventsRequest, _results_service_pb2.ListJobEventsResponse]
     """ListJobEvents returns a job's recorded events in order, one page at a time."""
+    GetFinishedStats: _grpc.UnaryUnaryMultiCallable[_results_service_pb2.GetFinishedStatsRequest, _results_service_pb2.GetFinishedStatsResponse]
+    """GetFinishedStats counts a queue's jobs that finished in recent windows (the
+    last minute, 5 minutes and hour, by finished_at), per final state, with the rate.
+    An unknown queue has zero counts.
+    """
 
 @_typing.type_check_only
 class ResultsServiceAsyncStub(ResultsServiceStub):
@@ -55,6 +60,11 @@ class ResultsServiceAsyncStub(ResultsServiceStub):
     """ListJobs lists jobs matching the filters, newest first, one page at a time."""
     ListJobEvents: _aio.UnaryUnaryMultiCallable[_results_service_pb2.ListJobEventsRequest, _results_service_pb2.ListJobEventsResponse]  # type: ignore[assignment]
     """ListJobEvents returns a job's recorded events in order, one page at a time."""
+    GetFinishedStats: _aio.UnaryUnaryMultiCallable[_results_service_pb2.GetFinishedStatsRequest, _results_service_pb2.GetFinishedStatsResponse]  # type: ignore[assignment]
+    """GetFinishedStats counts a queue's jobs that finished in recent windows (the
+    last minute, 5 minutes and hour, by finished_at), per final state, with the rate.
+    An unknown queue has zero counts.
+    """
 
 class ResultsServiceServicer(metaclass=_abc_1.ABCMeta):
     """ResultsService serves every job's outcome and history from PostgreSQL."""
@@ -84,5 +94,16 @@ class ResultsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_results_service_pb2.ListJobEventsResponse, _abc.Awaitable[_results_service_pb2.ListJobEventsResponse]]:
         """ListJobEvents returns a job's recorded events in order, one page at a time."""
+
+    @_abc_1.abstractmethod
+    def GetFinishedStats(
+        self,
+        request: _results_service_pb2.GetFinishedStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_results_service_pb2.GetFinishedStatsResponse, _abc.Awaitable[_results_service_pb2.GetFinishedStatsResponse]]:
+        """GetFinishedStats counts a queue's jobs that finished in recent windows (the
+        last minute, 5 minutes and hour, by finished_at), per final state, with the rate.
+        An unknown queue has zero counts.
+        """
 
 def add_ResultsServiceServicer_to_server(servicer: ResultsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

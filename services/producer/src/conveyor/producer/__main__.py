@@ -15,6 +15,7 @@ from conveyor.producer.history import History
 from conveyor.producer.jobs import JobReader
 from conveyor.producer.limits import FlowLimits
 from conveyor.producer.servicer import ProducerServicer
+from conveyor.producer.stats import Stats
 from conveyor.producer.watch import Watcher
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, producer_service_pb2, producer_service_pb2_grpc
 
@@ -33,7 +34,9 @@ async def run() -> None:
         jobs=JobReader(redis, history),
         canceller=Canceller(scripts, history, int(settings.retention_s * 1000)),
     )
-    admin = AdminServicer(DeadLetters(redis, scripts), QueueControls(redis), FlowLimits(scripts))
+    admin = AdminServicer(
+        DeadLetters(redis, scripts), QueueControls(redis), FlowLimits(scripts), stats=Stats(redis, history)
+    )
     await server.serve(
         settings.grpc_addr,
         [

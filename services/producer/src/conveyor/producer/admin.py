@@ -9,18 +9,20 @@ import grpc
 from conveyor.producer.controls import QueueControls
 from conveyor.producer.dead_letters import DeadLetters
 from conveyor.producer.limits import FlowLimits
+from conveyor.producer.stats import Stats
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, limits_pb2
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
-    """Operator controls: pause/resume, flow limits and dead letters."""
+    """Operator controls: pause/resume, flow limits, dead letters, statistics and introspection."""
 
-    def __init__(self, dead_letters: DeadLetters, controls: QueueControls, limits: FlowLimits) -> None:
+    def __init__(self, dead_letters: DeadLetters, controls: QueueControls, limits: FlowLimits, *, stats: Stats) -> None:
         self._dead = dead_letters
         self._controls = controls
         self._limits = limits
+        self._stats = stats
 
     async def PauseQueue(
         self, request: admin_service_pb2.PauseQueueRequest, context: Context
@@ -79,3 +81,18 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         response = limits_pb2.BackOffResponse()
         response.until.FromMilliseconds(await self._limits.back_off(request))
         return response
+
+    async def GetQueueStats(
+        self, request: admin_service_pb2.GetQueueStatsRequest, context: Context
+    ) -> admin_service_pb2.GetQueueStatsResponse:
+        return await self._stats.queue(request.queue)
+
+    async def ListQueues(
+        self, request: admin_service_pb2.ListQueuesRequest, context: Context
+    ) -> admin_service_pb2.ListQueuesResponse:
+        return admin_service_pb2.ListQueuesResponse(queues=await self._stats.queues())
+
+    async def ListWorkers(
+        self, request: admin_service_pb2.ListWorkersRequest, context: Context
+    ) -> admin_service_pb2.ListWorkersResponse:
+        return admin_service_pb2.ListWorkersResponse(workers=await self._stats.workers(request.queue))

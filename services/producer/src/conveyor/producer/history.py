@@ -44,6 +44,22 @@ class History:
             raise _translate(exc, job_id) from None
         return response.job
 
+    async def finished_stats(self, queue: str) -> results_service_pb2.FinishedStats:
+        """The queue's recently finished jobs, per window (ResultsService.GetFinishedStats).
+
+        Raises:
+            Unavailable: No results service is configured, or it cannot be reached.
+        """
+        if self._stub is None:
+            raise Unavailable("no results service is configured (CONVEYOR_RESULTS_ADDR)")
+        try:
+            response = await self._stub.GetFinishedStats(
+                results_service_pb2.GetFinishedStatsRequest(queue=queue), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(f"the results service is unavailable ({exc.code().name}): {exc.details()}") from None
+        return response.stats
+
     async def exists(self, job_id: str) -> bool:
         try:
             await self.get_job(job_id)

@@ -113,6 +113,32 @@ def _job(row: tuple[Any, ...]) -> job_pb2.Job:
     return job
 
 
+#: GetFinishedStats windows, shortest first, in seconds.
+FINISHED_WINDOWS_S = (60, 300, 3600)
+
+# One pass over the queue's rows finished within the longest window (an index-only range scan of
+# jobs_queue_finished_idx), counted per final state and window. now() is the transaction's start,
+# so every window ends at the same instant, which finished_stats reads in the same transaction.
+_WINDOW_COUNTS = ", ".join(
+    f"count(*) FILTER (WHERE finished_at > now() - interval '{w} seconds')" for w in FINISHED_WINDOWS_S
+)
+FINISHED_STATS_SQL = f"""
+SELECT state, {_WINDOW_COUNTS}
+FROM jobs
+WHERE queue = %s AND finished_at > now() - interval '{max(FINISHED_WINDOWS_S)} seconds'
+GROUP BY state
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedCounts:
+    """Jobs of one queue finished within each of FINISHED_WINDOWS_S before ``as_of``."""
+
+    as_of: datetime
+    #: JobState number -> count per window (in FINISHED_WINDOWS_S order).
+    by_state: dict[int, tuple[int, ...]]
+
+
 class Queries:
     """The results service's reads from PostgreSQL.
 
@@ -217,3 +243,14 @@ class Queries:
         ids = sorted(found)[:limit]
         # Stored as Redis held them, without the job id (ADR 0001): fill it in for clients.
         return [public_event(decode_event(f"{ms}-{seq}", found[ms, seq], job_id)) for ms, seq in ids]
+
+    async def finished_stats(self, queue: str) -> FinishedCounts:
+        """How many of ``queue``'s jobs finished within each window, per final state."""
+        async with self._pool.connection(self._timeout) as conn, conn.transaction():
+            cur = await conn.execute("SELECT now()")
+            row = await cur.fetchone()
+            assert row is not None
+            as_of: datetime = row[0]
+            cur = await conn.execute(FINISHED_STATS_SQL, (queue,))
+            rows = await cur.fetchall()
+        return FinishedCounts(as_of, {int(r[0]): tuple(int(c) for c in r[1:]) for r in rows})

@@ -18,7 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.common.errors import InvalidArgument, NotFound
 from conveyor.common.ids import QUEUE_RE, parse_job_id, parse_stream_id
-from conveyor.results.queries import JobFilter, Queries, from_us, to_us
+from conveyor.results.queries import FINISHED_WINDOWS_S, JobFilter, Queries, from_us, to_us
 from conveyor.v1 import job_pb2, results_service_pb2, results_service_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -162,3 +162,30 @@ class ResultsServicer(results_service_pb2_grpc.ResultsServiceServicer):
         if not events and not await self._queries.job_exists(job_id):
             raise NotFound(f"job {job_id} not found")
         return results_service_pb2.ListJobEventsResponse(events=events[:limit], has_more=len(events) > limit)
+
+    async def GetFinishedStats(
+        self, request: results_service_pb2.GetFinishedStatsRequest, context: Context
+    ) -> results_service_pb2.GetFinishedStatsResponse:
+        if not request.queue:
+            raise InvalidArgument({"queue": "is required"})
+        if not QUEUE_RE.match(request.queue):
+            raise InvalidArgument({"queue": "must be 1-64 letters, digits, '_', '.' or '-'"})
+        counts = await self._queries.finished_stats(request.queue)
+        stats = results_service_pb2.FinishedStats()
+        stats.as_of.FromDatetime(counts.as_of)
+        for i, seconds in enumerate(FINISHED_WINDOWS_S):
+            window = stats.windows.add(
+                succeeded=_count(counts.by_state, job_pb2.JOB_STATE_SUCCEEDED, i),
+                failed=_count(counts.by_state, job_pb2.JOB_STATE_FAILED, i),
+                dead_lettered=_count(counts.by_state, job_pb2.JOB_STATE_DEAD_LETTERED, i),
+                cancelled=_count(counts.by_state, job_pb2.JOB_STATE_CANCELLED, i),
+            )
+            window.window.FromSeconds(seconds)
+            finished = window.succeeded + window.failed + window.dead_lettered + window.cancelled
+            window.jobs_per_second = finished / seconds
+        return results_service_pb2.GetFinishedStatsResponse(stats=stats)
+
+
+def _count(by_state: dict[int, tuple[int, ...]], state: int, window: int) -> int:
+    counts = by_state.get(state)
+    return counts[window] if counts else 0

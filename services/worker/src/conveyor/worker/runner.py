@@ -10,21 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import threading
 import time
+from importlib import metadata
 
 import redis.asyncio as aioredis
 import structlog
 
+from conveyor.common.introspection import WorkerRegistry
 from conveyor.common.keys import QueueKeys, queue_keys
 from conveyor.common.redis import REDIS_UNAVAILABLE
 from conveyor.common.scripts import Claimed, ClaimResult, Heartbeat, Outcome, Scripts
 from conveyor.common.settings import WorkerSettings
-from conveyor.v1 import event_pb2, job_pb2
+from conveyor.v1 import admin_service_pb2, event_pb2, job_pb2
 from conveyor.worker.execute import Attempt, Cancellation, run_attempt
 from conveyor.worker.handlers import Handlers
 
 log = structlog.get_logger("conveyor.worker")
+
+try:
+    _VERSION = metadata.version("conveyor-worker")
+except metadata.PackageNotFoundError:  # running from a source tree without the package installed
+    _VERSION = "unknown"
 
 MAX_CLAIM = 100
 MAX_COMPLETE = 500
@@ -340,16 +349,50 @@ class Runner:
     ) -> None:
         self._settings = settings
         self._heartbeat = heartbeat
+        self._registry = WorkerRegistry(heartbeat.client, settings.worker_id)
+        self._started_ns = time.time_ns()
         slots = Slots(settings.concurrency)
         self.queues = [
             QueueRunner(queue_keys(q), redis, wait_redis, scripts, handlers, settings, slots) for q in settings.queues
         ]
 
+    def worker_info(self) -> admin_service_pb2.WorkerInfo:
+        """What this worker reports in the registry (ListWorkers) with each heartbeat."""
+        settings = self._settings
+        job_ids = [f"{q.keys.queue}/{c.ulid}" for q in self.queues for c in list(q.active.values())]
+        info = admin_service_pb2.WorkerInfo(
+            worker_id=settings.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            queues=list(settings.queues),
+            concurrency=settings.concurrency,
+            in_flight=len(job_ids),
+            job_ids=job_ids,
+            version=_VERSION,
+        )
+        info.last_heartbeat_time.FromNanoseconds(time.time_ns())
+        info.started_time.FromNanoseconds(self._started_ns)
+        info.ttl.FromMilliseconds(int(settings.worker_ttl_s * 1000))
+        return info
+
+    def _register(self) -> None:
+        """Register or refresh this worker in the registry (one round trip); a miss is retried next beat."""
+        try:
+            self._registry.beat(self.worker_info().SerializeToString(), int(self._settings.worker_ttl_s * 1000))
+        except Exception as exc:  # never kill the heartbeat thread
+            log.warning("worker_registry_beat_failed", error=str(exc))
+
     def _beat(self, stopped: threading.Event, loop: asyncio.AbstractEventLoop) -> None:
         """Heartbeat thread: renew every held claim (every third of the visibility timeout, at
-        most a second apart, which is also how soon a running attempt sees CancelJob)."""
-        interval = min(min(self._settings.visibility_for(q.keys.queue) for q in self.queues) / 3, 1.0)
+        most a second apart, which is also how soon a running attempt sees CancelJob), and this
+        worker's registry entry (at least three times per its TTL)."""
+        settings = self._settings
+        interval = min(
+            min(settings.visibility_for(q.keys.queue) for q in self.queues) / 3, 1.0, settings.worker_ttl_s / 3
+        )
+        self._register()
         while not stopped.wait(interval):
+            self._register()
             for q in self.queues:
                 claims = list(q.active.values())
                 if not claims:
@@ -396,4 +439,8 @@ class Runner:
                 q.abandon_unrecorded()
             beating.set()
             await asyncio.to_thread(heart.join)
+            try:
+                await asyncio.to_thread(self._registry.deregister)
+            except Exception as exc:  # its entry then expires after the TTL
+                log.warning("worker_deregister_failed", error=str(exc))
         log.info("worker_stopped", worker=self._settings.worker_id)
