@@ -201,14 +201,13 @@ class EventTail:
                     subs = self._subs.get(ulid)
                     if not subs and not self._queue_subs:
                         continue
-                    event = decode_event(entry_id, fields[b"e"], f"{self._keys.queue}/{ulid}")
+                    # Decoded and converted for clients once per tail, not once per watcher.
+                    event = public_event(decode_event(entry_id, fields[b"e"], f"{self._keys.queue}/{ulid}"))
                     key = stream_id_key(entry_id)
                     for sub in list(subs or ()):
                         sub.offer(key, event)
-                    if self._queue_subs:
-                        public = public_event(event)  # converted once for every queue watcher
-                        for qsub in list(self._queue_subs):
-                            qsub.offer(key, public)
+                    for qsub in list(self._queue_subs):
+                        qsub.offer(key, event)
 
 
 class Watcher:
@@ -290,7 +289,7 @@ class Watcher:
                 if key <= last:
                     continue
                 last = key
-                yield public_event(event)
+                yield event  # the tail converted it for clients already
                 if event.type in FINAL_EVENTS:
                     return
         finally:
