@@ -36,6 +36,8 @@ log = structlog.get_logger("conveyor.producer.watch")
 
 #: Events one watcher may have waiting before it is cut off (it can resume with after_event_id).
 WATCHER_BUFFER = 10_000
+#: Events read per XRANGE when a WatchQueue replays.
+_PAGE = 512
 _OVERFLOW = None
 
 
@@ -235,11 +237,6 @@ class Watcher:
         self._buffer = buffer
         self._tails: dict[str, EventTail] = {}
 
-    @property
-    def tails(self) -> int:
-        """Event tails (blocking Redis readers) open now: at most one per watched queue."""
-        return len(self._tails)
-
     async def close(self) -> None:
         for tail in self._tails.values():
             await tail.close()
@@ -326,14 +323,13 @@ class Watcher:
         await tail.subscribe_queue(sub)
         try:
             last, last_id = after, after_event_id
-            if after_event_id:
-                trimmed = await self._trimmed_gap(keys, after, after_event_id)
-                if trimmed is not None:
-                    yield producer_service_pb2.WatchQueueResponse(gap=trimmed)
             if after_event_id or replay:
-                boundary = sub.boundary or (0, 0)
-                async for key, event in self._replay_queue(keys, after, boundary, sub.event_types):
-                    last, last_id = key, event.id
+                async for item in self._replay_queue(keys, after, after_event_id, sub):
+                    if isinstance(item, producer_service_pb2.WatchQueueGap):
+                        yield producer_service_pb2.WatchQueueResponse(gap=item)
+                        continue
+                    (last, event) = item
+                    last_id = event.id
                     yield producer_service_pb2.WatchQueueResponse(event=event)
             while True:
                 gap, key, event = await sub.next()
@@ -354,21 +350,45 @@ class Watcher:
             tail.unsubscribe_queue(sub)
             await self._release(tail, queue)
 
-    async def _trimmed_gap(
-        self, keys: QueueKeys, after: tuple[int, int], after_event_id: str
-    ) -> producer_service_pb2.WatchQueueGap | None:
-        """A TRIMMED gap when events after ``after`` may have left Redis, else None.
+    async def _replay_queue(
+        self, keys: QueueKeys, after: tuple[int, int], after_event_id: str, sub: QueueSubscription
+    ) -> AsyncIterator[tuple[tuple[int, int], event_pb2.JobEvent] | producer_service_pb2.WatchQueueGap]:
+        """The queue's events Redis holds after ``after`` up to the subscription's boundary, oldest first.
 
-        Redis does not say which ids a trim removed, so this is conservative: resuming
-        after an id older than the oldest event Redis holds reports a gap up to that
-        oldest event (or up to "now" when the queue's event stream is empty or gone).
+        When resuming (``after_event_id``) after an id older than the oldest event Redis
+        holds, a TRIMMED gap comes first. Redis does not say which ids a trim removed, so
+        this is conservative: the gap runs up to that oldest event (or up to "now" when the
+        queue has no events in Redis). The oldest event and the first page are read in one
+        MULTI, so a trim cannot slip between the check and the read.
         """
-        oldest = await self._redis.xrange(keys.events, count=1)
-        if oldest:
-            oldest_id = oldest[0][0].decode()
+        boundary = sub.boundary or (0, 0)
+        start = f"({after[0]}-{after[1]}" if after > (0, 0) else "-"
+        end = f"{boundary[0]}-{boundary[1]}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xrange(keys.events, count=1)
+            pipe.xrange(keys.events, min=start, max=end, count=_PAGE)
+            oldest, entries = await pipe.execute()
+        if after_event_id:
+            gap = await self._trimmed_gap(keys, after, after_event_id, oldest[0][0].decode() if oldest else "")
+            if gap is not None:
+                yield gap
+        while True:
+            for entry_id, fields in entries:
+                event = decode_event(entry_id, fields[b"e"], f"{keys.queue}/{fields[b'j'].decode()}")
+                if not sub.event_types or event.type in sub.event_types:
+                    yield stream_id_key(entry_id), public_event(event)
+            if len(entries) < _PAGE:
+                return
+            start = "(" + entries[-1][0].decode()
+            entries = await self._redis.xrange(keys.events, min=start, max=end, count=_PAGE)
+
+    async def _trimmed_gap(
+        self, keys: QueueKeys, after: tuple[int, int], after_event_id: str, oldest_id: str
+    ) -> producer_service_pb2.WatchQueueGap | None:
+        """A TRIMMED gap when events after ``after`` may have left Redis (``oldest_id``: the oldest it holds)."""
+        if oldest_id:
             if after >= stream_id_key(oldest_id):
                 return None
-            before = oldest_id
         else:
             try:
                 info = await self._redis.xinfo_stream(keys.events)
@@ -379,30 +399,11 @@ class Watcher:
                 last_id = last.decode() if isinstance(last, bytes) else str(last)
                 if after >= stream_id_key(last_id):
                     return None  # nothing was ever added after it
-            before = ""
         return producer_service_pb2.WatchQueueGap(
             reason=producer_service_pb2.WATCH_QUEUE_GAP_REASON_TRIMMED,
             after_event_id=after_event_id,
-            before_event_id=before,
+            before_event_id=oldest_id,
         )
-
-    async def _replay_queue(
-        self, keys: QueueKeys, after: tuple[int, int], boundary: tuple[int, int], event_types: frozenset[int]
-    ) -> AsyncIterator[tuple[tuple[int, int], event_pb2.JobEvent]]:
-        """The queue's events Redis holds after ``after`` up to ``boundary`` (inclusive), oldest first."""
-        if boundary <= after:
-            return
-        start = f"({after[0]}-{after[1]}" if after > (0, 0) else "-"
-        end = f"{boundary[0]}-{boundary[1]}"
-        while True:
-            entries = await self._redis.xrange(keys.events, min=start, max=end, count=512)
-            for entry_id, fields in entries:
-                event = decode_event(entry_id, fields[b"e"], f"{keys.queue}/{fields[b'j'].decode()}")
-                if not event_types or event.type in event_types:
-                    yield stream_id_key(entry_id), public_event(event)
-            if len(entries) < 512:
-                return
-            start = "(" + entries[-1][0].decode()
 
     async def _release(self, tail: EventTail, queue: str) -> None:
         """Close ``tail`` once its last watcher left."""
