@@ -467,7 +467,7 @@ Global___WatchQueueResponse: _TypeAlias = WatchQueueResponse  # noqa: Y015
 class WatchQueueGap(_message.Message):
     """WatchQueueGap marks events a WatchQueue stream does not deliver. The missing
     events come after after_event_id and before before_event_id (both exclusive);
-    the stream goes on with before_event_id (or the next new event when empty).
+    the stream goes on after the gap with the next event it can deliver.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -479,12 +479,12 @@ class WatchQueueGap(_message.Message):
     reason: Global___WatchQueueGapReason.ValueType
     """Why the events are missing."""
     after_event_id: _builtins.str
-    """The last event delivered before the gap (for TRIMMED: the request's
-    after_event_id); empty when the stream had delivered nothing yet.
+    """SLOW_CLIENT: the last event delivered before the gap (empty when the stream
+    had delivered none yet). TRIMMED: the request's after_event_id.
     """
     before_event_id: _builtins.str
-    """The first event delivered after the gap; empty when not known yet (TRIMMED
-    when Redis holds no event of the queue at all).
+    """SLOW_CLIENT: the event delivered right after the gap. TRIMMED: the oldest
+    event of the queue Redis holds (empty when it holds none).
     """
     dropped: _builtins.int
     """SLOW_CLIENT: how many events were dropped. TRIMMED: 0 (Redis no longer knows)."""
