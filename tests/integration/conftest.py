@@ -25,7 +25,7 @@ from conveyor.producer.jobs import JobReader
 from conveyor.producer.limits import FlowLimits
 from conveyor.producer.servicer import ProducerServicer
 from conveyor.producer.stats import Stats
-from conveyor.producer.watch import Watcher
+from conveyor.producer.watch import WATCHER_BUFFER, Watcher
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, producer_service_pb2, producer_service_pb2_grpc
 from conveyor.worker.runner import Runner
 from tests.support import handlers as test_handlers
@@ -39,12 +39,14 @@ class Producer:
     admin: admin_service_pb2_grpc.AdminServiceAsyncStub
 
 
-async def start_producer(redis_url: str, results_addr: str = "") -> tuple[Producer, Callable[[], Awaitable[None]]]:
+async def start_producer(
+    redis_url: str, results_addr: str = "", watch_buffer: int = WATCHER_BUFFER
+) -> tuple[Producer, Callable[[], Awaitable[None]]]:
     client = make_redis(redis_url)
     tail = make_redis(redis_url, blocking=True)
     scripts = Scripts(client)
     history = History(results_addr)
-    watcher = Watcher(client, tail, scripts, history)
+    watcher = Watcher(client, tail, scripts, history, watch_buffer)
     servicer = ProducerServicer(
         Enqueuer(client, scripts, 64 * 1024, 1000),
         watcher,

@@ -303,6 +303,46 @@ class ConveyorClient:
                     raise from_rpc_error(exc) from None
                 await asyncio.sleep(0.1 * attempts)
 
+    async def watch_queue(
+        self,
+        queue: str,
+        after_event_id: str = "",
+        replay: bool = False,
+        event_types: Sequence[event_pb2.EventType.ValueType] = (),
+    ) -> AsyncIterator[producer_service_pb2.WatchQueueResponse]:
+        """Yield every event of ``queue`` (and gap markers) forever, resuming after a dropped stream.
+
+        Each item has either ``event`` (``event.id``, ``event.job_id``) or ``gap``
+        (``WhichOneof("item")`` says which). Starts now, or replays what Redis holds
+        (``replay``), or resumes after ``after_event_id``. After a disconnect it resumes
+        after the last event it yielded (no gap, no repeat while Redis holds the
+        events); before any event arrived it calls again with the same start.
+
+        Raises:
+            InvalidArgument: Bad queue name, event id or event type.
+        """
+        last = after_event_id
+        attempts = 0
+        while True:
+            request = producer_service_pb2.WatchQueueRequest(
+                queue=queue, after_event_id=last, replay=replay and not last, event_types=event_types
+            )
+            call = self._producer.WatchQueue(request)
+            try:
+                async for response in call:
+                    attempts = 0
+                    if response.HasField("event"):
+                        last = response.event.id
+                    yield response
+                return
+            except grpc.aio.AioRpcError as exc:
+                attempts += 1
+                if exc.code() not in RETRYABLE or attempts > self._retries:
+                    raise from_rpc_error(exc) from None
+                await asyncio.sleep(0.1 * attempts)
+            finally:
+                call.cancel()
+
     async def list_jobs(self, **filters: Any) -> results_service_pb2.ListJobsResponse:
         """One page of ResultsService.ListJobs; ``filters`` are ListJobsRequest fields."""
         if self._results is None:

@@ -115,6 +115,8 @@ class ProducerSettings(CommonSettings):
     results_addr: str = "127.0.0.1:50052"
     max_payload_bytes: int = 1 << 20
     max_batch: int = 1000
+    #: Events one Watch/WatchQueue stream may have waiting on the server (CONVEYOR_WATCH_BUFFER).
+    watch_buffer: int = 10_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ProducerSettings:
@@ -124,6 +126,7 @@ class ProducerSettings(CommonSettings):
             results_addr=e.text("CONVEYOR_RESULTS_ADDR", "127.0.0.1:50052"),
             max_payload_bytes=e.integer("CONVEYOR_MAX_PAYLOAD_BYTES", 1 << 20, minimum=1),
             max_batch=e.integer("CONVEYOR_MAX_BATCH", 1000, minimum=1),
+            watch_buffer=e.integer("CONVEYOR_WATCH_BUFFER", 10_000, minimum=1),
         )
 
 

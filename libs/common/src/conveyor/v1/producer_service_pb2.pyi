@@ -12,6 +12,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -22,6 +23,38 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _WatchQueueGapReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WatchQueueGapReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WatchQueueGapReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WATCH_QUEUE_GAP_REASON_UNSPECIFIED: _WatchQueueGapReason.ValueType  # 0
+    """Not used."""
+    WATCH_QUEUE_GAP_REASON_TRIMMED: _WatchQueueGapReason.ValueType  # 1
+    """after_event_id is older than the oldest event Redis still holds: the events
+    after it may have left Redis (retention); ResultsService has them.
+    """
+    WATCH_QUEUE_GAP_REASON_SLOW_CLIENT: _WatchQueueGapReason.ValueType  # 2
+    """The client read too slowly: its server-side buffer (CONVEYOR_WATCH_BUFFER
+    events) filled up and its backlog was dropped.
+    """
+
+class WatchQueueGapReason(_WatchQueueGapReason, metaclass=_WatchQueueGapReasonEnumTypeWrapper):
+    """WatchQueueGapReason says why a WatchQueue stream skips events."""
+
+WATCH_QUEUE_GAP_REASON_UNSPECIFIED: WatchQueueGapReason.ValueType  # 0
+"""Not used."""
+WATCH_QUEUE_GAP_REASON_TRIMMED: WatchQueueGapReason.ValueType  # 1
+"""after_event_id is older than the oldest event Redis still holds: the events
+after it may have left Redis (retention); ResultsService has them.
+"""
+WATCH_QUEUE_GAP_REASON_SLOW_CLIENT: WatchQueueGapReason.ValueType  # 2
+"""The client read too slowly: its server-side buffer (CONVEYOR_WATCH_BUFFER
+events) filled up and its backlog was dropped.
+"""
+Global___WatchQueueGapReason: _TypeAlias = WatchQueueGapReason  # noqa: Y015
 
 @_typing.final
 class EnqueueRequest(_message.Message):
@@ -362,3 +395,119 @@ class CancelJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelJobResponse: _TypeAlias = CancelJobResponse  # noqa: Y015
+
+@_typing.final
+class WatchQueueRequest(_message.Message):
+    """WatchQueueRequest names the queue to follow and where to start."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    AFTER_EVENT_ID_FIELD_NUMBER: _builtins.int
+    REPLAY_FIELD_NUMBER: _builtins.int
+    EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """Queue name: 1-64 characters from [A-Za-z0-9_.-]. The queue need not exist yet."""
+    after_event_id: _builtins.str
+    """Resume after this event id (the id of the last event received); the stream
+    continues with the next event of the queue. When it is older than the oldest
+    event Redis still holds, the stream starts with a gap message (reason TRIMMED).
+    """
+    replay: _builtins.bool
+    """Without after_event_id: false (default) starts with the next new event; true
+    first replays every event of the queue Redis still holds (no gap message).
+    """
+    @_builtins.property
+    def event_types(self) -> _containers.RepeatedScalarFieldContainer[_event_pb2.EventType.ValueType]:
+        """Only these event types (empty: all). Gaps count only events of these types."""
+
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        after_event_id: _builtins.str = ...,
+        replay: _builtins.bool = ...,
+        event_types: _abc.Iterable[_event_pb2.EventType.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_id", b"after_event_id", "event_types", b"event_types", "queue", b"queue", "replay", b"replay"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchQueueRequest: _TypeAlias = WatchQueueRequest  # noqa: Y015
+
+@_typing.final
+class WatchQueueResponse(_message.Message):
+    """WatchQueueResponse carries one event of the queue, or a gap: events this stream
+    cannot deliver.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    GAP_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> _event_pb2.JobEvent:
+        """The event; event.id is its event id (resume with it), event.job_id its job."""
+
+    @_builtins.property
+    def gap(self) -> Global___WatchQueueGap:
+        """Events between gap.after_event_id and gap.before_event_id are not delivered."""
+
+    def __init__(
+        self,
+        *,
+        event: _event_pb2.JobEvent | None = ...,
+        gap: Global___WatchQueueGap | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "gap", b"gap", "item", b"item"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "gap", b"gap", "item", b"item"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["event", "gap"]  # noqa: Y015
+    _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
+
+Global___WatchQueueResponse: _TypeAlias = WatchQueueResponse  # noqa: Y015
+
+@_typing.final
+class WatchQueueGap(_message.Message):
+    """WatchQueueGap marks events a WatchQueue stream does not deliver. The missing
+    events come after after_event_id and before before_event_id (both exclusive);
+    the stream goes on after the gap with the next event it can deliver.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    AFTER_EVENT_ID_FIELD_NUMBER: _builtins.int
+    BEFORE_EVENT_ID_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    reason: Global___WatchQueueGapReason.ValueType
+    """Why the events are missing."""
+    after_event_id: _builtins.str
+    """SLOW_CLIENT: the last event delivered before the gap (empty when the stream
+    had delivered none yet). TRIMMED: the request's after_event_id.
+    """
+    before_event_id: _builtins.str
+    """SLOW_CLIENT: the event delivered right after the gap. TRIMMED: the oldest
+    event of the queue Redis holds (empty when it holds none).
+    """
+    dropped: _builtins.int
+    """SLOW_CLIENT: how many events were dropped. TRIMMED: 0 (Redis no longer knows)."""
+    def __init__(
+        self,
+        *,
+        reason: Global___WatchQueueGapReason.ValueType = ...,
+        after_event_id: _builtins.str = ...,
+        before_event_id: _builtins.str = ...,
+        dropped: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_id", b"after_event_id", "before_event_id", b"before_event_id", "dropped", b"dropped", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchQueueGap: _TypeAlias = WatchQueueGap  # noqa: Y015

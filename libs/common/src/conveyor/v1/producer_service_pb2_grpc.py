@@ -60,6 +60,11 @@ class ProducerServiceStub:
                 request_serializer=conveyor_dot_v1_dot_producer__service__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_producer__service__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
+        self.WatchQueue = channel.unary_stream(
+                '/conveyor.v1.ProducerService/WatchQueue',
+                request_serializer=conveyor_dot_v1_dot_producer__service__pb2.WatchQueueRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_producer__service__pb2.WatchQueueResponse.FromString,
+                _registered_method=True)
 
 
 class ProducerServiceServicer:
@@ -108,6 +113,23 @@ class ProducerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchQueue(self, request, context):
+        """WatchQueue streams every event of one queue, in event id order, for dashboards
+        and tailing. It starts now (default), or replays what Redis still holds
+        (replay = true), or resumes after after_event_id with no gap and no repeat
+        while those events are still in Redis (the retention). The stream never ends
+        by itself. Events Redis no longer holds are announced by a gap message (never
+        skipped silently); fetch them from ResultsService.ListJobs / ListJobEvents.
+        Slow clients: each stream buffers at most CONVEYOR_WATCH_BUFFER events (default
+        10000) on the server. A client that falls further behind loses that backlog:
+        it gets one gap message (reason SLOW_CLIENT, the range and count dropped) and
+        then continues live; resume with after_event_id = gap.after_event_id to read
+        the dropped range again while Redis holds it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProducerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -135,6 +157,11 @@ def add_ProducerServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=conveyor_dot_v1_dot_producer__service__pb2.CancelJobRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_producer__service__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'WatchQueue': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchQueue,
+                    request_deserializer=conveyor_dot_v1_dot_producer__service__pb2.WatchQueueRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_producer__service__pb2.WatchQueueResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -273,6 +300,33 @@ class ProducerService:
             '/conveyor.v1.ProducerService/CancelJob',
             conveyor_dot_v1_dot_producer__service__pb2.CancelJobRequest.SerializeToString,
             conveyor_dot_v1_dot_producer__service__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/conveyor.v1.ProducerService/WatchQueue',
+            conveyor_dot_v1_dot_producer__service__pb2.WatchQueueRequest.SerializeToString,
+            conveyor_dot_v1_dot_producer__service__pb2.WatchQueueResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,19 @@ class ProducerServiceStub:
     handler is cancelled, a sync one sees ctx.cancelled) and ends CANCELLED.
     Cancelling a finished job is FAILED_PRECONDITION; repeating a cancel is harmless.
     """
+    WatchQueue: _grpc.UnaryStreamMultiCallable[_producer_service_pb2.WatchQueueRequest, _producer_service_pb2.WatchQueueResponse]
+    """WatchQueue streams every event of one queue, in event id order, for dashboards
+    and tailing. It starts now (default), or replays what Redis still holds
+    (replay = true), or resumes after after_event_id with no gap and no repeat
+    while those events are still in Redis (the retention). The stream never ends
+    by itself. Events Redis no longer holds are announced by a gap message (never
+    skipped silently); fetch them from ResultsService.ListJobs / ListJobEvents.
+    Slow clients: each stream buffers at most CONVEYOR_WATCH_BUFFER events (default
+    10000) on the server. A client that falls further behind loses that backlog:
+    it gets one gap message (reason SLOW_CLIENT, the range and count dropped) and
+    then continues live; resume with after_event_id = gap.after_event_id to read
+    the dropped range again while Redis holds it.
+    """
 
 @_typing.type_check_only
 class ProducerServiceAsyncStub(ProducerServiceStub):
@@ -80,6 +93,19 @@ class ProducerServiceAsyncStub(ProducerServiceStub):
     (CANCELLED at once); a running one gets a cooperative cancel signal (its async
     handler is cancelled, a sync one sees ctx.cancelled) and ends CANCELLED.
     Cancelling a finished job is FAILED_PRECONDITION; repeating a cancel is harmless.
+    """
+    WatchQueue: _aio.UnaryStreamMultiCallable[_producer_service_pb2.WatchQueueRequest, _producer_service_pb2.WatchQueueResponse]  # type: ignore[assignment]
+    """WatchQueue streams every event of one queue, in event id order, for dashboards
+    and tailing. It starts now (default), or replays what Redis still holds
+    (replay = true), or resumes after after_event_id with no gap and no repeat
+    while those events are still in Redis (the retention). The stream never ends
+    by itself. Events Redis no longer holds are announced by a gap message (never
+    skipped silently); fetch them from ResultsService.ListJobs / ListJobEvents.
+    Slow clients: each stream buffers at most CONVEYOR_WATCH_BUFFER events (default
+    10000) on the server. A client that falls further behind loses that backlog:
+    it gets one gap message (reason SLOW_CLIENT, the range and count dropped) and
+    then continues live; resume with after_event_id = gap.after_event_id to read
+    the dropped range again while Redis holds it.
     """
 
 class ProducerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -134,6 +160,25 @@ class ProducerServiceServicer(metaclass=_abc_1.ABCMeta):
         (CANCELLED at once); a running one gets a cooperative cancel signal (its async
         handler is cancelled, a sync one sees ctx.cancelled) and ends CANCELLED.
         Cancelling a finished job is FAILED_PRECONDITION; repeating a cancel is harmless.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchQueue(
+        self,
+        request: _producer_service_pb2.WatchQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_producer_service_pb2.WatchQueueResponse], _abc.AsyncIterator[_producer_service_pb2.WatchQueueResponse]]:
+        """WatchQueue streams every event of one queue, in event id order, for dashboards
+        and tailing. It starts now (default), or replays what Redis still holds
+        (replay = true), or resumes after after_event_id with no gap and no repeat
+        while those events are still in Redis (the retention). The stream never ends
+        by itself. Events Redis no longer holds are announced by a gap message (never
+        skipped silently); fetch them from ResultsService.ListJobs / ListJobEvents.
+        Slow clients: each stream buffers at most CONVEYOR_WATCH_BUFFER events (default
+        10000) on the server. A client that falls further behind loses that backlog:
+        it gets one gap message (reason SLOW_CLIENT, the range and count dropped) and
+        then continues live; resume with after_event_id = gap.after_event_id to read
+        the dropped range again while Redis holds it.
         """
 
 def add_ProducerServiceServicer_to_server(servicer: ProducerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -27,7 +27,7 @@ async def run() -> None:
     tail_redis = make_redis(settings.redis_url, blocking=True)
     scripts = Scripts(redis)
     history = History(settings.results_addr)
-    watcher = Watcher(redis, tail_redis, scripts, history)
+    watcher = Watcher(redis, tail_redis, scripts, history, settings.watch_buffer)
     servicer = ProducerServicer(
         enqueuer=Enqueuer(redis, scripts, settings.max_payload_bytes, settings.max_batch),
         watcher=watcher,

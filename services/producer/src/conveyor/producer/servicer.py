@@ -43,6 +43,14 @@ class ProducerServicer(producer_service_pb2_grpc.ProducerServiceServicer):
         async for event in self._watcher.watch(request.job_id, request.after_event_id):
             yield producer_service_pb2.WatchResponse(event=event)
 
+    async def WatchQueue(
+        self, request: producer_service_pb2.WatchQueueRequest, context: Context
+    ) -> AsyncIterator[producer_service_pb2.WatchQueueResponse]:
+        async for response in self._watcher.watch_queue(
+            request.queue, request.after_event_id, request.replay, request.event_types
+        ):
+            yield response
+
     async def GetJob(
         self, request: producer_service_pb2.GetJobRequest, context: Context
     ) -> producer_service_pb2.GetJobResponse:

@@ -1,16 +1,23 @@
-"""Watch: replay a job's events, then follow them live.
+"""Watch and WatchQueue: replay events, then follow them live.
 
 One reader per queue's event stream per process (an EventTail) fans events out to
-every local watcher of that queue: a thousand watchers cost one blocking read, not
-a thousand. A watcher subscribes to the tail *before* it replays, and drops live
-events whose id it has already sent, so there is neither a gap nor a repeat.
+every local watcher of that queue, whether it follows one job (Watch) or the whole
+queue (WatchQueue): a thousand watchers cost one blocking read, not a thousand. A
+watcher subscribes to the tail *before* it replays, and drops live events whose id it
+has already sent, so there is neither a gap nor a repeat.
+
+Every watcher has a bounded inbox (``buffer`` events, CONVEYOR_WATCH_BUFFER). A Watch
+that falls further behind ends with RESOURCE_EXHAUSTED (it resumes with
+after_event_id); a WatchQueue drops its backlog, is told so by a gap message (range
+and count) and continues live.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -18,17 +25,19 @@ import structlog
 
 from conveyor.common.codec import FINAL_EVENTS, decode_event, public_event
 from conveyor.common.errors import InvalidArgument, NotFound, ResourceExhausted
-from conveyor.common.ids import parse_job_id, parse_stream_id, stream_id_key
+from conveyor.common.ids import QUEUE_RE, parse_job_id, parse_stream_id, stream_id_key
 from conveyor.common.keys import QueueKeys, queue_keys
 from conveyor.common.redis import REDIS_UNAVAILABLE, hget
 from conveyor.common.scripts import Record, Scripts
 from conveyor.producer.history import History
-from conveyor.v1 import event_pb2
+from conveyor.v1 import event_pb2, producer_service_pb2
 
 log = structlog.get_logger("conveyor.producer.watch")
 
 #: Events one watcher may have waiting before it is cut off (it can resume with after_event_id).
 WATCHER_BUFFER = 10_000
+#: Events read per XRANGE when a WatchQueue replays.
+_PAGE = 512
 _OVERFLOW = None
 
 
@@ -37,19 +46,75 @@ class Subscription:
     """One watcher's inbox on a tail."""
 
     ulid: str
-    inbox: asyncio.Queue[tuple[tuple[int, int], event_pb2.JobEvent] | None] = field(
-        default_factory=lambda: asyncio.Queue(WATCHER_BUFFER + 1)
-    )
+    buffer: int = WATCHER_BUFFER
+    inbox: asyncio.Queue[tuple[tuple[int, int], event_pb2.JobEvent] | None] = field(init=False)
     overflowed: bool = False
+
+    def __post_init__(self) -> None:
+        self.inbox = asyncio.Queue(self.buffer + 1)
 
     def offer(self, key: tuple[int, int], event: event_pb2.JobEvent) -> None:
         if self.overflowed:
             return
-        if self.inbox.qsize() >= WATCHER_BUFFER:
+        if self.inbox.qsize() >= self.buffer:
             self.overflowed = True
             self.inbox.put_nowait(_OVERFLOW)
         else:
             self.inbox.put_nowait((key, event))
+
+
+@dataclass(frozen=True)
+class Gap:
+    """``dropped`` events a queue watcher lost, just before the event with id ``before_id``."""
+
+    dropped: int
+    before_id: str
+
+
+class QueueSubscription:
+    """One WatchQueue watcher's inbox on a tail: at most ``buffer`` events.
+
+    When an event arrives and the inbox is full, the whole backlog is dropped and
+    remembered as one :class:`Gap` (merged with a gap not yet taken), then the new event
+    is queued: memory stays bounded and the watcher continues live. A gap is always
+    taken together with the event that follows it.
+    """
+
+    def __init__(self, queue: str, buffer: int, event_types: frozenset[int]) -> None:
+        self.queue = queue
+        self.buffer = buffer
+        self.event_types = event_types
+        #: Events up to this stream id were read by the tail before this subscription (fixed on subscribe).
+        self.boundary: tuple[int, int] | None = None
+        self._events: deque[tuple[tuple[int, int], event_pb2.JobEvent]] = deque()
+        #: Dropped events just before ``_events[0]`` (set only while ``_events`` is not empty).
+        self._gap: Gap | None = None
+        self._wakeup = asyncio.Event()
+
+    @property
+    def pending(self) -> int:
+        """Events waiting in the inbox."""
+        return len(self._events)
+
+    def offer(self, key: tuple[int, int], event: event_pb2.JobEvent) -> None:
+        if self.event_types and event.type not in self.event_types:
+            return
+        if len(self._events) >= self.buffer:
+            dropped = len(self._events) + (self._gap.dropped if self._gap else 0)
+            self._events.clear()
+            self._gap = Gap(dropped, event.id)
+            log.info("watch_queue_backlog_dropped", queue=self.queue, dropped=dropped, buffer=self.buffer)
+        self._events.append((key, event))
+        self._wakeup.set()
+
+    async def next(self) -> tuple[Gap | None, tuple[int, int], event_pb2.JobEvent]:
+        """The oldest event, and the gap just before it if events were dropped there."""
+        while not self._events:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        gap, self._gap = self._gap, None
+        key, event = self._events.popleft()
+        return gap, key, event
 
 
 class EventTail:
@@ -60,22 +125,37 @@ class EventTail:
         self._keys = keys
         self._block_ms = block_ms
         self._subs: dict[str, set[Subscription]] = {}
+        self._queue_subs: set[QueueSubscription] = set()
         self._last_id = "0-0"
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
 
     @property
     def idle(self) -> bool:
-        return not self._subs
+        return not self._subs and not self._queue_subs
 
-    async def subscribe(self, ulid: str) -> Subscription:
+    async def subscribe(self, ulid: str, buffer: int = WATCHER_BUFFER) -> Subscription:
         """Subscribe to one job; returns once the tail's start position is fixed."""
-        sub = Subscription(ulid)
+        sub = Subscription(ulid, buffer)
         self._subs.setdefault(ulid, set()).add(sub)
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"event-tail:{self._keys.queue}")
+        self._start()
         await self._ready.wait()
         return sub
+
+    async def subscribe_queue(self, sub: QueueSubscription) -> None:
+        """Subscribe to every event; on return ``sub.boundary`` is the last id it will not get."""
+        self._queue_subs.add(sub)
+        if self._ready.is_set():
+            sub.boundary = stream_id_key(self._last_id)
+        self._start()
+        await self._ready.wait()
+
+    def unsubscribe_queue(self, sub: QueueSubscription) -> None:
+        self._queue_subs.discard(sub)
+
+    def _start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"event-tail:{self._keys.queue}")
 
     def unsubscribe(self, sub: Subscription) -> None:
         subs = self._subs.get(sub.ulid)
@@ -105,6 +185,9 @@ class EventTail:
             try:
                 if not self._ready.is_set():
                     self._last_id = await self._start_position()
+                    for qsub in self._queue_subs:
+                        if qsub.boundary is None:
+                            qsub.boundary = stream_id_key(self._last_id)
                     self._ready.set()
                 replies = await self._client.xread({self._keys.events: self._last_id}, count=512, block=self._block_ms)
                 backoff = 0.05
@@ -118,11 +201,15 @@ class EventTail:
                     self._last_id = entry_id.decode()
                     ulid = fields[b"j"].decode()
                     subs = self._subs.get(ulid)
-                    if subs:
-                        event = decode_event(entry_id, fields[b"e"], f"{self._keys.queue}/{ulid}")
-                        key = stream_id_key(entry_id)
-                        for sub in list(subs):
-                            sub.offer(key, event)
+                    if not subs and not self._queue_subs:
+                        continue
+                    # Decoded and converted for clients once per tail, not once per watcher.
+                    event = public_event(decode_event(entry_id, fields[b"e"], f"{self._keys.queue}/{ulid}"))
+                    key = stream_id_key(entry_id)
+                    for sub in list(subs or ()):
+                        sub.offer(key, event)
+                    for qsub in list(self._queue_subs):
+                        qsub.offer(key, event)
 
 
 class Watcher:
@@ -135,11 +222,19 @@ class Watcher:
         history: Where events of jobs that left Redis are read from (the results service).
     """
 
-    def __init__(self, redis: aioredis.Redis, tail_redis: aioredis.Redis, scripts: Scripts, history: History) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        tail_redis: aioredis.Redis,
+        scripts: Scripts,
+        history: History,
+        buffer: int = WATCHER_BUFFER,
+    ) -> None:
         self._redis = redis
         self._tail_redis = tail_redis
         self._scripts = scripts
         self._history = history
+        self._buffer = buffer
         self._tails: dict[str, EventTail] = {}
 
     async def close(self) -> None:
@@ -172,7 +267,7 @@ class Watcher:
             return
         record = Record.parse(raw)
         tail = self._tail(keys)
-        sub = await tail.subscribe(ulid)
+        sub = await tail.subscribe(ulid, self._buffer)
         try:
             last = after
             async for key, event in self._replay(keys, ulid, job_id, record, after, after_event_id):
@@ -184,21 +279,138 @@ class Watcher:
                 item = await sub.inbox.get()
                 if item is _OVERFLOW:
                     raise ResourceExhausted(
-                        f"watcher fell more than {WATCHER_BUFFER} events behind; "
+                        f"watcher fell more than {self._buffer} events behind; "
                         f"resume with after_event_id={last[0]}-{last[1]}"
                     )
                 key, event = item
                 if key <= last:
                     continue
                 last = key
-                yield public_event(event)
+                yield event  # the tail converted it for clients already
                 if event.type in FINAL_EVENTS:
                     return
         finally:
             tail.unsubscribe(sub)
-            if tail.idle:
-                self._tails.pop(queue, None)
-                await tail.close()
+            await self._release(tail, queue)
+
+    async def watch_queue(
+        self, queue: str, after_event_id: str = "", replay: bool = False, event_types: Iterable[int] = ()
+    ) -> AsyncIterator[producer_service_pb2.WatchQueueResponse]:
+        """Yield every event of ``queue`` (and gap markers), forever: see WatchQueue in the proto."""
+        bad: dict[str, str] = {}
+        if not queue:
+            bad["queue"] = "required"
+        elif not QUEUE_RE.match(queue):
+            bad["queue"] = "must be 1-64 characters from A-Z a-z 0-9 _ . -"
+        after = (0, 0)
+        if after_event_id:
+            parsed_after = parse_stream_id(after_event_id)
+            if parsed_after is None:
+                bad["after_event_id"] = "must be an event id like '1732540000000-0'"
+            else:
+                after = parsed_after
+            if replay:
+                bad["replay"] = "set at most one of after_event_id and replay"
+        types = list(event_types)
+        for i, value in enumerate(types):
+            if value == event_pb2.EVENT_TYPE_UNSPECIFIED or value not in event_pb2.EventType.values():
+                bad[f"event_types[{i}]"] = "must be a known event type other than EVENT_TYPE_UNSPECIFIED"
+        if bad:
+            raise InvalidArgument(bad)
+        keys = queue_keys(queue)
+        tail = self._tail(keys)
+        sub = QueueSubscription(queue, self._buffer, frozenset(types))
+        await tail.subscribe_queue(sub)
+        try:
+            last, last_id = after, after_event_id
+            if after_event_id or replay:
+                async for item in self._replay_queue(keys, after, after_event_id, sub):
+                    if isinstance(item, producer_service_pb2.WatchQueueGap):
+                        yield producer_service_pb2.WatchQueueResponse(gap=item)
+                        continue
+                    (last, event) = item
+                    last_id = event.id
+                    yield producer_service_pb2.WatchQueueResponse(event=event)
+            while True:
+                gap, key, event = await sub.next()
+                if gap is not None:
+                    yield producer_service_pb2.WatchQueueResponse(
+                        gap=producer_service_pb2.WatchQueueGap(
+                            reason=producer_service_pb2.WATCH_QUEUE_GAP_REASON_SLOW_CLIENT,
+                            after_event_id=last_id,
+                            before_event_id=gap.before_id,
+                            dropped=gap.dropped,
+                        )
+                    )
+                if key <= last:
+                    continue
+                last, last_id = key, event.id
+                yield producer_service_pb2.WatchQueueResponse(event=event)
+        finally:
+            tail.unsubscribe_queue(sub)
+            await self._release(tail, queue)
+
+    async def _replay_queue(
+        self, keys: QueueKeys, after: tuple[int, int], after_event_id: str, sub: QueueSubscription
+    ) -> AsyncIterator[tuple[tuple[int, int], event_pb2.JobEvent] | producer_service_pb2.WatchQueueGap]:
+        """The queue's events Redis holds after ``after`` up to the subscription's boundary, oldest first.
+
+        When resuming (``after_event_id``) after an id older than the oldest event Redis
+        holds, a TRIMMED gap comes first. Redis does not say which ids a trim removed, so
+        this is conservative: the gap runs up to that oldest event (or up to "now" when the
+        queue has no events in Redis). The oldest event and the first page are read in one
+        MULTI, so a trim cannot slip between the check and the read.
+        """
+        boundary = sub.boundary or (0, 0)
+        start = f"({after[0]}-{after[1]}" if after > (0, 0) else "-"
+        end = f"{boundary[0]}-{boundary[1]}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xrange(keys.events, count=1)
+            pipe.xrange(keys.events, min=start, max=end, count=_PAGE)
+            oldest, entries = await pipe.execute()
+        if after_event_id:
+            gap = await self._trimmed_gap(keys, after, after_event_id, oldest[0][0].decode() if oldest else "")
+            if gap is not None:
+                yield gap
+        while True:
+            for entry_id, fields in entries:
+                event = decode_event(entry_id, fields[b"e"], f"{keys.queue}/{fields[b'j'].decode()}")
+                if not sub.event_types or event.type in sub.event_types:
+                    yield stream_id_key(entry_id), public_event(event)
+            if len(entries) < _PAGE:
+                return
+            start = "(" + entries[-1][0].decode()
+            entries = await self._redis.xrange(keys.events, min=start, max=end, count=_PAGE)
+
+    async def _trimmed_gap(
+        self, keys: QueueKeys, after: tuple[int, int], after_event_id: str, oldest_id: str
+    ) -> producer_service_pb2.WatchQueueGap | None:
+        """A TRIMMED gap when events after ``after`` may have left Redis (``oldest_id``: the oldest it holds)."""
+        if oldest_id:
+            if after >= stream_id_key(oldest_id):
+                return None
+        else:
+            try:
+                info = await self._redis.xinfo_stream(keys.events)
+            except aioredis.ResponseError:  # no stream at all: whatever came after `after` is gone
+                info = None
+            if info is not None:
+                last = info["last-generated-id"]
+                last_id = last.decode() if isinstance(last, bytes) else str(last)
+                if after >= stream_id_key(last_id):
+                    return None  # nothing was ever added after it
+        return producer_service_pb2.WatchQueueGap(
+            reason=producer_service_pb2.WATCH_QUEUE_GAP_REASON_TRIMMED,
+            after_event_id=after_event_id,
+            before_event_id=oldest_id,
+        )
+
+    async def _release(self, tail: EventTail, queue: str) -> None:
+        """Close ``tail`` once its last watcher left."""
+        if tail.idle:
+            if self._tails.get(queue) is tail:
+                del self._tails[queue]
+            await tail.close()
 
     def _tail(self, keys: QueueKeys) -> EventTail:
         tail = self._tails.get(keys.queue)
