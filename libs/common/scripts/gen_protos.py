@@ -16,6 +16,7 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parents[3]
 PROTOS = ROOT / "protos"
 PACKAGE = Path("conveyor/v1")
+DESCRIPTORS = "descriptors.binpb"
 INIT = '"""Generated from protos/conveyor/v1; do not edit: make proto."""\n'
 
 
@@ -30,8 +31,8 @@ def _plugin(name: str) -> str:
 def generate(out: Path) -> None:
     target = out / PACKAGE
     if target.exists():
-        for old in target.glob("*_pb2*"):
-            old.unlink()
+        for old in [*target.glob("*_pb2*"), target / DESCRIPTORS]:
+            old.unlink(missing_ok=True)
     target.mkdir(parents=True, exist_ok=True)
     protos = sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / PACKAGE).glob("*.proto"))
     services = [p for p in protos if p.endswith("_service.proto")]
@@ -39,6 +40,9 @@ def generate(out: Path) -> None:
     base = ["protoc", f"-I{PROTOS}", f"-I{well_known}", _plugin("protoc-gen-mypy"), _plugin("protoc-gen-mypy_grpc")]
     steps = [
         [*base, f"--python_out={out}", f"--mypy_out={out}", *protos],
+        # With the comments (generated modules drop them): server reflection serves this set,
+        # so `grpcurl describe` shows the documentation of every RPC, message and field.
+        [*base, f"--descriptor_set_out={target / DESCRIPTORS}", "--include_source_info", "--include_imports", *protos],
         [*base, f"--grpc_python_out={out}", f"--mypy_grpc_out={out}", *services],
     ]
     for args in steps:

@@ -13,6 +13,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from conveyor.common import reflection_docs
 from conveyor.common.interceptors import ServerInterceptor
 
 log = structlog.get_logger("conveyor.server")
@@ -78,7 +79,7 @@ async def start(
     names = [s.name for s in services]
     for s in services:
         s.add_to_server(s.servicer, server)
-    reflection.enable_server_reflection(
+    reflection_docs.enable(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
     port = server.add_insecure_port(addr)
