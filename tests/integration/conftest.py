@@ -13,6 +13,7 @@ import redis.asyncio
 
 from conveyor.common import server
 from conveyor.common.redis import REDIS_UNAVAILABLE, make_redis
+from conveyor.common.schedules import ScheduleStore
 from conveyor.common.scripts import Heartbeat, Scripts
 from conveyor.common.settings import WorkerSettings
 from conveyor.producer.admin import AdminServicer
@@ -22,9 +23,17 @@ from conveyor.producer.dead_letters import DeadLetters
 from conveyor.producer.enqueue import Enqueuer
 from conveyor.producer.history import History
 from conveyor.producer.jobs import JobReader
+from conveyor.producer.schedules import ScheduleServicer
 from conveyor.producer.servicer import ProducerServicer
 from conveyor.producer.watch import Watcher
-from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, producer_service_pb2, producer_service_pb2_grpc
+from conveyor.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    producer_service_pb2,
+    producer_service_pb2_grpc,
+    schedule_service_pb2,
+    schedule_service_pb2_grpc,
+)
 from conveyor.worker.runner import Runner
 from tests.support import handlers as test_handlers
 
@@ -35,6 +44,7 @@ class Producer:
     stub: producer_service_pb2_grpc.ProducerServiceAsyncStub
     channel: grpc.aio.Channel
     admin: admin_service_pb2_grpc.AdminServiceAsyncStub
+    schedules: schedule_service_pb2_grpc.ScheduleServiceAsyncStub
 
 
 async def start_producer(redis_url: str, results_addr: str = "") -> tuple[Producer, Callable[[], Awaitable[None]]]:
@@ -43,13 +53,15 @@ async def start_producer(redis_url: str, results_addr: str = "") -> tuple[Produc
     scripts = Scripts(client)
     history = History(results_addr)
     watcher = Watcher(client, tail, scripts, history)
+    enqueuer = Enqueuer(client, scripts, 64 * 1024, 1000)
     servicer = ProducerServicer(
-        Enqueuer(client, scripts, 64 * 1024, 1000),
+        enqueuer,
         watcher,
         JobReader(client, history),
         Canceller(scripts, history, 300_000),
     )
     admin = AdminServicer(DeadLetters(client, scripts), QueueControls(client))
+    schedules = ScheduleServicer(ScheduleStore(client), enqueuer, 64 * 1024)
     running = await server.start(
         "127.0.0.1:0",
         [
@@ -62,6 +74,11 @@ async def start_producer(redis_url: str, results_addr: str = "") -> tuple[Produc
                 admin_service_pb2_grpc.add_AdminServiceServicer_to_server,
                 admin,
                 admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+            ),
+            server.Service(
+                schedule_service_pb2_grpc.add_ScheduleServiceServicer_to_server,
+                schedules,
+                schedule_service_pb2.DESCRIPTOR.services_by_name["ScheduleService"].full_name,
             ),
         ],
         unavailable=REDIS_UNAVAILABLE,
@@ -83,6 +100,7 @@ async def start_producer(redis_url: str, results_addr: str = "") -> tuple[Produc
             producer_service_pb2_grpc.ProducerServiceStub(channel),
             channel,
             admin_service_pb2_grpc.AdminServiceStub(channel),
+            schedule_service_pb2_grpc.ScheduleServiceStub(channel),
         ),
         stop,
     )

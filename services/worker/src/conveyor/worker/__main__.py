@@ -8,8 +8,13 @@ from conveyor.common import logs, server
 from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
 from conveyor.common.scripts import Heartbeat, Scripts
 from conveyor.common.settings import WorkerSettings
+from conveyor.producer.enqueue import Enqueuer
 from conveyor.worker.handlers import load_handlers
 from conveyor.worker.runner import Runner
+from conveyor.worker.scheduler import Scheduler
+
+#: Templates were validated against the producer's payload limit when the schedule was saved.
+SCHEDULED_PAYLOAD_LIMIT = 1 << 26
 
 
 async def run() -> None:
@@ -25,13 +30,19 @@ async def run() -> None:
     async def close_beat() -> None:
         beat_redis.close()
 
+    background = [runner.run]
+    if settings.scheduler:
+        scripts = Scripts(redis)
+        enqueuer = Enqueuer(redis, scripts, SCHEDULED_PAYLOAD_LIMIT, 1)
+        background.append(Scheduler(redis, wait_redis, enqueuer).run)
+
     # Health and reflection only: probes and grpcurl see a live worker.
     await server.serve(
         settings.grpc_addr,
         [],
         grace=1.0,
         unavailable=REDIS_UNAVAILABLE,
-        background=[runner.run],
+        background=background,
         on_shutdown=[redis.aclose, wait_redis.aclose, close_beat],
     )
 
