@@ -95,32 +95,37 @@ class Scheduler:
         """Fire what is due now.
 
         Returns:
-            Whether more may be due at once (a full batch), and the earliest future time
-            (ms) something comes due (0: nothing scheduled).
+            Whether to look again at once (something moved, so the due times read before
+            are stale), and the earliest future time (ms) something comes due (0: nothing).
         """
         now = _now_ms()
         due, stale, wake_ms = await self._store.due(now, BATCH)
+        moved = False
         for schedule_id in stale:
             inflight = await self._store.take_over(schedule_id, now)
             if inflight is not None:
                 log.warning("schedule_tick_taken_over", schedule_id=schedule_id, tick_ms=inflight.tick_ms)
                 await self._enqueue(inflight)
+            moved = True
         for schedule_id in due:
-            await self._fire(schedule_id)
-        return len(due) >= BATCH or len(stale) >= BATCH, wake_ms
+            moved = await self._fire(schedule_id) or moved
+        return moved, wake_ms
 
-    async def _fire(self, schedule_id: str) -> None:
+    async def _fire(self, schedule_id: str) -> bool:
+        """Claim and fire one due schedule; False when it is held back by an in-flight tick."""
         stored = await self._store.get(schedule_id)
         now = _now_ms()
-        if stored is None or not stored.next_ms or stored.next_ms > now or stored.inflight_ms:
-            # Deleted, moved on by another process, or waiting for its in-flight tick to be
-            # recorded (that wakes the loops again; a dead owner's lease is the fallback).
-            return
+        if stored is not None and stored.inflight_ms:
+            # Its previous tick is still being enqueued: recording it wakes the loops again
+            # (and a dead owner's lease running out is the fallback). No busy loop meanwhile.
+            return False
+        if stored is None or not stored.next_ms or stored.next_ms > now:
+            return True  # deleted, or moved on by another process
         timing = Timing.from_spec(stored.spec)
         once = stored.spec.missed_tick_policy == schedule_service_pb2.MISSED_TICK_POLICY_ONCE
         fire_ms, next_ms = timing.plan(stored.anchor_ms, stored.next_ms, now, catch_up_once=once)
         if not await self._store.claim(stored, next_ms, fire_ms, now):
-            return  # another process claimed it, or it changed or was deleted: nothing to do
+            return True  # another process claimed it, or it changed or was deleted: nothing to do
         if fire_ms != stored.next_ms:
             log.info(
                 "schedule_ticks_missed",
@@ -131,6 +136,7 @@ class Scheduler:
             )
         if fire_ms:
             await self._enqueue(InFlight(schedule_id, fire_ms, stored.spec))
+        return True
 
     async def _enqueue(self, tick: InFlight) -> None:
         try:
