@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
@@ -13,6 +14,8 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from conveyor.common.client import ConveyorClient
+from conveyor.common.errors import InvalidArgument, NotFound
 from conveyor.common.keys import queue_keys
 from conveyor.common.redis import make_redis
 from conveyor.common.schedules import (
@@ -390,3 +393,31 @@ async def test_a_tick_whose_process_died_is_finished_by_another(
         assert len(await queued_ticks(redis_client)) == 1
     finally:
         await client.aclose()
+
+
+async def test_python_client(producer: Producer) -> None:
+    async with ConveyorClient(producer.addr) as client:
+        spec = client.schedule_spec(
+            "reports", "demo.echo", {"kind": "daily"}, cron="0 9 * * *", time_zone="Europe/Berlin"
+        )
+        assert not spec.template.idempotency_key
+        schedule, created = await client.create_schedule("daily-report", spec)
+        assert created and schedule.next_fire_at.ToDatetime(UTC).astimezone().tzinfo is not None
+        assert (await client.create_schedule("daily-report", spec)) == (schedule, False)
+        start = datetime.now(UTC) + timedelta(hours=1)
+        every = client.schedule_spec("reports", "demo.echo", every=timedelta(minutes=5), start_at=start, catch_up=True)
+        updated = await client.update_schedule("daily-report", every)
+        assert updated.version == 2 and updated.spec.missed_tick_policy == s.MISSED_TICK_POLICY_ONCE
+        assert updated.next_fire_at.ToDatetime(UTC) == start.replace(microsecond=start.microsecond // 1000 * 1000)
+        assert (await client.get_schedule("daily-report")) == updated
+        assert [x.schedule_id for x in (await client.list_schedules()).schedules] == ["daily-report"]
+        with pytest.raises(InvalidArgument) as bad:
+            await client.create_schedule(
+                "other", client.schedule_spec("q", "t", cron="0 9 * * *", time_zone="Nowhere/Zone")
+            )
+        assert list(bad.value.violations) == ["spec.time_zone"]
+        assert (await client.delete_schedule("daily-report")).schedule_id == "daily-report"
+        with pytest.raises(NotFound):
+            await client.get_schedule("daily-report")
+        with pytest.raises(NotFound):
+            await client.update_schedule("daily-report", every)
