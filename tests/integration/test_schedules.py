@@ -283,6 +283,9 @@ async def test_delete_finishes_a_tick_claimed_just_before(
         assert await store.claim(seen, seen.next_ms + 60_000, seen.next_ms, now_ms())
         await producer.schedules.DeleteSchedule(s.DeleteScheduleRequest(schedule_id="racing"))
         assert await queued_ticks(redis_client) == [tick_idempotency_key("racing", seen.next_ms)]
+        # A tick's key is kept for an hour (the template set no window): long past any lease.
+        ttl = await redis_client.pttl(queue_keys("sched").idempotency(tick_idempotency_key("racing", seen.next_ms)))
+        assert 3_500_000 < ttl <= 3_600_000
         # The slow loop now enqueues the same tick: same key, same job, nothing new.
         response = await producer.stub.Enqueue(
             p.EnqueueRequest(

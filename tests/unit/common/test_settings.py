@@ -35,3 +35,12 @@ def test_visibility_timeouts_can_differ_per_queue() -> None:
 def test_a_bad_value_names_its_variable(env: dict[str, str], name: str) -> None:
     with pytest.raises(SettingsError, match=name):
         WorkerSettings.from_env(env)
+
+
+def test_the_scheduler_loop_is_on_by_default_and_can_be_switched_off() -> None:
+    assert WorkerSettings.from_env({}).scheduler
+    assert not WorkerSettings.from_env({"CONVEYOR_SCHEDULER": "0"}).scheduler
+    assert not WorkerSettings.from_env({"CONVEYOR_SCHEDULER": "off"}).scheduler
+    assert WorkerSettings.from_env({"CONVEYOR_SCHEDULER": "true"}).scheduler
+    with pytest.raises(SettingsError, match="CONVEYOR_SCHEDULER"):
+        WorkerSettings.from_env({"CONVEYOR_SCHEDULER": "maybe"})

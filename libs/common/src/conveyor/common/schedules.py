@@ -41,6 +41,10 @@ MISSED_GRACE_MS = 60_000
 #: A tick claimed but not finished for this long is finished by another process.
 INFLIGHT_LEASE_MS = 10_000
 MIN_INTERVAL_MS = 1000
+#: How long a tick's idempotency key is kept when the template sets no idempotency_window.
+#: It only has to outlive a tick in flight (a stalled claimer enqueueing late gets the same job),
+#: and every tick's key costs memory for the whole window: one hour, not the 24 h default.
+TICK_KEY_WINDOW_MS = 3_600_000
 _UTC = ZoneInfo("UTC")
 
 SCHEDULES_TAG = f"{PREFIX}:{{schedules}}"

@@ -94,8 +94,9 @@ class ScheduleSpec(_message.Message):
     @_builtins.property
     def template(self) -> _producer_service_pb2.EnqueueRequest:
         """The job each tick enqueues: every EnqueueRequest option works, except
-        idempotency_key (each tick derives its own: "schedule:<id>:<tick ms>")
-        and run_at (use delay, counted from the tick).
+        idempotency_key (each tick derives its own: "schedule:<id>:<tick ms>",
+        kept for idempotency_window, 1 h when unset) and run_at (use delay,
+        counted from when the tick fires).
         """
 
     def __init__(

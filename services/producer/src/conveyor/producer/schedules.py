@@ -18,6 +18,7 @@ import structlog
 from conveyor.common.errors import InvalidArgument, NotFound
 from conveyor.common.schedules import (
     MIN_INTERVAL_MS,
+    TICK_KEY_WINDOW_MS,
     UPSERT_CREATED,
     UPSERT_NOT_FOUND,
     InFlight,
@@ -105,6 +106,8 @@ async def enqueue_tick(enqueuer: Enqueuer, store: ScheduleStore, tick: InFlight)
     request = producer_service_pb2.EnqueueRequest()
     request.CopyFrom(tick.spec.template)
     request.idempotency_key = tick_idempotency_key(tick.schedule_id, tick.tick_ms)
+    if not request.HasField("idempotency_window"):
+        request.idempotency_window.FromMilliseconds(TICK_KEY_WINDOW_MS)
     (response,) = await enqueuer.enqueue([request], batch=False)
     await store.fired(tick.schedule_id, tick.tick_ms, response.job_id, time.time_ns() // 1_000_000)
     log.info(
