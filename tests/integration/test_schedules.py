@@ -424,3 +424,15 @@ async def test_python_client(producer: Producer) -> None:
             await client.get_schedule("daily-report")
         with pytest.raises(NotFound):
             await client.update_schedule("daily-report", every)
+
+
+async def test_one_broken_schedule_does_not_stop_the_others(
+    producer: Producer, redis_client: redis.asyncio.Redis, scheduler: Scheduler
+) -> None:
+    for schedule_id in ("a-broken", "b-fine"):
+        await producer.schedules.CreateSchedule(s.CreateScheduleRequest(schedule_id=schedule_id, spec=every(60)))
+        anchor = now_ms() - 9 * 60_000 - 30_000
+        await _simulate_outage(redis_client, schedule_id, anchor + 9 * 60_000, anchor)
+    await redis_client.hset(schedule_key("a-broken"), "spec", b"\xff not a ScheduleSpec")
+    await scheduler.tick_once()
+    assert await queued_ticks(redis_client) == [tick_idempotency_key("b-fine", anchor + 9 * 60_000)]

@@ -141,3 +141,14 @@ def test_cron_errors_and_keys() -> None:
     assert cron_error("* * * *")
     assert cron_error("not a cron")
     assert tick_idempotency_key("daily", 123) == "schedule:daily:123"
+
+
+def test_plan_never_catches_up_past_the_end() -> None:
+    end = 3 * 600_000
+    timing = Timing(interval_ms=600_000, start_ms=0, end_ms=end)  # ticks at 0, 10, 20, 30 min
+    now = 5 * 3_600_000  # down from before the first tick until long after the end
+    assert timing.plan(0, 0, now, catch_up_once=True) == (end, 0)  # the last real tick, then none left
+    assert timing.plan(0, 0, now, catch_up_once=False) == (0, 0)
+    cron = Timing(cron="0 * * * *", end_ms=ms(utc(2026, 1, 1, 2, 30)))
+    due = ms(utc(2026, 1, 1, 0))
+    assert cron.plan(0, due, ms(utc(2026, 1, 2)), catch_up_once=True) == (ms(utc(2026, 1, 1, 2)), 0)

@@ -148,7 +148,9 @@ class Timing:
         cutoff = now_ms - MISSED_GRACE_MS
         if due_ms >= cutoff:
             return due_ms, self.tick_after(anchor_ms, due_ms)
-        last_missed = self.latest_at_or_before(anchor_ms, due_ms, cutoff)
+        # Ticks after the end do not exist, even when the outage ran past it.
+        limit = min(cutoff, self.end_ms) if self.end_ms else cutoff
+        last_missed = self.latest_at_or_before(anchor_ms, due_ms, limit)
         return (last_missed if catch_up_once else 0), self.tick_after(anchor_ms, last_missed)
 
 

@@ -108,7 +108,14 @@ class Scheduler:
                 await self._enqueue(inflight)
             moved = True
         for schedule_id in due:
-            moved = await self._fire(schedule_id) or moved
+            try:
+                moved = await self._fire(schedule_id) or moved
+            except REDIS_UNAVAILABLE:
+                raise
+            except Exception:
+                # One broken schedule must not stop the others (nor the worker): it is logged
+                # and looked at again on the next wake-up, without a busy loop meanwhile.
+                log.exception("schedule_fire_failed", schedule_id=schedule_id)
         return moved, wake_ms
 
     async def _fire(self, schedule_id: str) -> bool:
