@@ -336,7 +336,7 @@ async def test_missed_ticks_follow_the_policy(
 async def test_start_and_end_are_honoured(
     producer: Producer, redis_client: redis.asyncio.Redis, scheduler: Scheduler
 ) -> None:
-    start = now_ms() + 1500
+    start = now_ms() + 3000  # room for a slow CreateSchedule on a loaded machine
     spec = every(1, start_at=ts(start), end_at=ts(start + 2000))
     created = (
         await producer.schedules.CreateSchedule(s.CreateScheduleRequest(schedule_id="window", spec=spec))
