@@ -25,14 +25,15 @@ async def run() -> None:
     wait_redis = make_redis(settings.redis_url, blocking=True)
     # A synchronous client for the heartbeat thread (it must not share the event loop).
     beat_redis = sync_redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
-    runner = Runner(redis, wait_redis, Scripts(redis), handlers, settings, Heartbeat(beat_redis))
+    scripts = Scripts(redis)
+    runner = Runner(redis, wait_redis, scripts, handlers, settings, Heartbeat(beat_redis))
 
     async def close_beat() -> None:
         beat_redis.close()
 
     background = [runner.run]
     if settings.scheduler:
-        scripts = Scripts(redis)
+        # Fires schedule ticks through the producer's own validation and enqueue path (ADR 0006).
         enqueuer = Enqueuer(redis, scripts, SCHEDULED_PAYLOAD_LIMIT, 1)
         background.append(Scheduler(redis, wait_redis, enqueuer).run)
 
