@@ -436,3 +436,28 @@ async def test_one_broken_schedule_does_not_stop_the_others(
     await redis_client.hset(schedule_key("a-broken"), "spec", b"\xff not a ScheduleSpec")
     await scheduler.tick_once()
     assert await queued_ticks(redis_client) == [tick_idempotency_key("b-fine", anchor + 9 * 60_000)]
+
+
+async def test_an_idle_loop_sleeps_and_a_change_wakes_it(producer: Producer, scheduler: Scheduler) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.create_task(scheduler.run(stop))
+    try:
+        quiet_until = now_ms() + 1500
+
+        async def quiet_period_over() -> bool:
+            return now_ms() > quiet_until
+
+        await wait_for(quiet_period_over, "a quiet period", within=5, interval=0.1)
+        assert scheduler.wakeups == 0  # no schedules: one blocking read, no polling
+        await producer.schedules.CreateSchedule(s.CreateScheduleRequest(schedule_id="hourly", spec=every(3600)))
+
+        async def woken() -> bool:
+            return scheduler.wakeups == 1
+
+        await wait_for(woken, "the create to wake the loop", within=5)
+        quiet_until = now_ms() + 1500
+        await wait_for(quiet_period_over, "another quiet period", within=5, interval=0.1)
+        assert scheduler.wakeups == 1  # asleep until the tick, an hour away
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 5)

@@ -11,6 +11,7 @@ With no schedules it costs one blocking read per ``idle_s``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import redis.asyncio as aioredis
@@ -72,6 +73,8 @@ class Scheduler:
                     await asyncio.wait([read, stopper], return_when=asyncio.FIRST_COMPLETED)
                     if not read.done():
                         read.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, *REDIS_UNAVAILABLE):
+                            await read
                         break
                     self.wakeups += 1
                     for _, entries in read.result() or []:
