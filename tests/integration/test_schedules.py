@@ -164,6 +164,7 @@ def _bad_specs() -> list[tuple[str, s.ScheduleSpec]]:
     return [
         ("spec.cron", cron("61 * * * *")),
         ("spec.cron", cron("every day")),
+        ("spec.cron", cron("0 0 30 2 *")),  # February 30th never comes
         ("spec.time_zone", cron("0 9 * * *", "Mars/Olympus_Mons")),
         ("spec.interval", every(0)),
         ("spec.interval", s.ScheduleSpec(interval=duration_pb2.Duration(seconds=-5), template=every(1).template)),

@@ -77,9 +77,9 @@ def cron_error(expr: str) -> str | None:
     if len(expr.split()) != 5:
         return "must have 5 fields: minute hour day-of-month month day-of-week"
     try:
-        CronSim(expr, datetime.now(UTC))
-    except CronSimError as exc:
-        return f"invalid cron expression: {exc}"
+        next(CronSim(expr, datetime.now(UTC)))  # also proves it has a next tick at all
+    except (CronSimError, StopIteration) as exc:
+        return f"invalid cron expression: {exc or 'it never matches'}"
     return None
 
 
