@@ -169,6 +169,7 @@ def _bad_specs() -> list[tuple[str, s.ScheduleSpec]]:
         ("spec.interval", every(0)),
         ("spec.interval", s.ScheduleSpec(interval=duration_pb2.Duration(seconds=-5), template=every(1).template)),
         ("spec.interval", every(0.5)),
+        ("spec.interval", every(4000 * 24 * 3600)),
         ("spec.cron", both),
         ("spec.cron", s.ScheduleSpec(template=every(1).template)),
         ("spec.end_at", end_before),

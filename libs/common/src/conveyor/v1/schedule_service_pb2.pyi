@@ -79,7 +79,7 @@ class ScheduleSpec(_message.Message):
     """What happens to ticks missed while everything was down."""
     @_builtins.property
     def interval(self) -> _duration_pb2.Duration:
-        """A fixed interval (at least 1 s): ticks are start_at + k * interval, or,
+        """A fixed interval (1 s to 3,660 days): ticks are start_at + k * interval, or,
         without start_at, the moment the timing was set + k * interval (k >= 1).
         """
 

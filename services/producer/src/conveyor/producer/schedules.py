@@ -35,6 +35,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 log = structlog.get_logger("conveyor.schedules")
 
 SCHEDULE_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+MAX_INTERVAL_MS = 3660 * 24 * 3600 * 1000
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 _POLICIES = frozenset(schedule_service_pb2.MissedTickPolicy.values())
@@ -73,6 +74,8 @@ def validate_spec(spec: schedule_service_pb2.ScheduleSpec, max_payload_bytes: in
             bad["spec.interval"] = "must be positive"
         elif timestamp_ms(d.seconds, d.nanos) < MIN_INTERVAL_MS:
             bad["spec.interval"] = "must be at least 1 s"
+        elif timestamp_ms(d.seconds, d.nanos) > MAX_INTERVAL_MS:
+            bad["spec.interval"] = "must be at most 3,660 days"
     for name in ("start_at", "end_at"):
         if spec.HasField(name) and not 0 <= getattr(spec, name).nanos < 1_000_000_000:
             bad[f"spec.{name}"] = "nanos must be 0 to 999,999,999"
