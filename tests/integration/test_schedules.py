@@ -463,3 +463,24 @@ async def test_an_idle_loop_sleeps_and_a_change_wakes_it(producer: Producer, sch
     finally:
         stop.set()
         await asyncio.wait_for(loop, 5)
+
+
+@pytest.mark.parametrize(
+    ("start", "expected"),
+    [
+        # 2027-03-28: Berlin jumps from 02:00 CET to 03:00 CEST; 02:30 fires right after, at 03:00 CEST.
+        (datetime(2027, 3, 27, 12, tzinfo=UTC), datetime(2027, 3, 28, 1, 0, tzinfo=UTC)),
+        # 2027-10-31: 03:00 CEST falls back to 02:00 CET; the first 02:30 (CEST) fires.
+        (datetime(2027, 10, 30, 12, tzinfo=UTC), datetime(2027, 10, 31, 0, 30, tzinfo=UTC)),
+        # The day after each change: 02:30 local again.
+        (datetime(2027, 3, 28, 12, tzinfo=UTC), datetime(2027, 3, 29, 0, 30, tzinfo=UTC)),
+        (datetime(2027, 10, 31, 12, tzinfo=UTC), datetime(2027, 11, 1, 1, 30, tzinfo=UTC)),
+    ],
+)
+async def test_a_daily_schedule_in_berlin_gets_the_right_instant_on_change_days(
+    producer: Producer, start: datetime, expected: datetime
+) -> None:
+    spec = cron("30 2 * * *", "Europe/Berlin")
+    spec.start_at.FromDatetime(start)
+    got = (await producer.schedules.CreateSchedule(s.CreateScheduleRequest(schedule_id="nightly", spec=spec))).schedule
+    assert got.next_fire_at.ToDatetime(UTC) == expected
