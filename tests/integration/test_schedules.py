@@ -484,3 +484,53 @@ async def test_a_daily_schedule_in_berlin_gets_the_right_instant_on_change_days(
     spec.start_at.FromDatetime(start)
     got = (await producer.schedules.CreateSchedule(s.CreateScheduleRequest(schedule_id="nightly", spec=spec))).schedule
     assert got.next_fire_at.ToDatetime(UTC) == expected
+
+
+async def test_a_delete_that_fails_midway_still_loses_no_tick(
+    producer: Producer, redis_client: redis.asyncio.Redis, scheduler: Scheduler, redis_url: str
+) -> None:
+    await producer.schedules.CreateSchedule(s.CreateScheduleRequest(schedule_id="half", spec=every(60)))
+    client = make_redis(redis_url)
+    try:
+        store = ScheduleStore(client)
+        seen = await store.get("half")
+        assert seen is not None
+        # A loop claimed a tick and died; a DeleteSchedule then stopped the schedule but its
+        # producer died too, before finishing the tick (only the first step of a delete ran).
+        assert await store.claim(seen, seen.next_ms + 60_000, seen.next_ms, now_ms() - 10_001)
+        stored, inflight = await store.delete("half")
+        assert stored is not None and inflight is not None and inflight.tick_ms == seen.next_ms
+        # Deleted for every client at once...
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await producer.schedules.GetSchedule(s.GetScheduleRequest(schedule_id="half"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert not (await producer.schedules.ListSchedules(s.ListSchedulesRequest())).schedules
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await producer.schedules.UpdateSchedule(s.UpdateScheduleRequest(schedule_id="half", spec=every(60)))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        # ...and the claimed tick is still made, once, by a loop when the lease runs out; then it is gone.
+        await scheduler.tick_once()
+        assert await queued_ticks(redis_client) == [tick_idempotency_key("half", seen.next_ms)]
+        assert not await redis_client.exists(schedule_key("half"))
+        await scheduler.tick_once()
+        assert len(await queued_ticks(redis_client)) == 1
+    finally:
+        await client.aclose()
+
+
+async def test_create_after_a_delete_that_waits_for_its_tick_starts_afresh(
+    producer: Producer, redis_client: redis.asyncio.Redis, redis_url: str
+) -> None:
+    await producer.schedules.CreateSchedule(s.CreateScheduleRequest(schedule_id="again", spec=every(60)))
+    client = make_redis(redis_url)
+    try:
+        store = ScheduleStore(client)
+        seen = await store.get("again")
+        assert seen is not None
+        assert await store.claim(seen, seen.next_ms + 60_000, seen.next_ms, now_ms())
+        await store.delete("again")  # the first step only: waits for the tick in flight
+        created = await producer.schedules.CreateSchedule(s.CreateScheduleRequest(schedule_id="again", spec=every(120)))
+        assert created.created and created.schedule.version == 1
+        assert not created.schedule.HasField("last_tick_at")
+    finally:
+        await client.aclose()

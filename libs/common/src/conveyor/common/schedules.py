@@ -10,7 +10,8 @@ timing fields, to tell a timing change from a template change), ``version``,
 ``next`` (the next tick in ms, 0 when none is left), ``anchor`` (the grid origin of
 interval schedules), ``created``/``updated`` (ms), ``last_tick``/``last_job`` and,
 while a tick is being enqueued, ``inflight`` (the tick) and ``inflight_spec`` (the
-spec it fires with).
+spec it fires with); ``deleting`` marks a deleted schedule kept only until its
+in-flight tick is recorded.
 
 Exactly one job per tick: a process claims a tick with a compare-and-set on the
 schedule's ``version`` and ``next`` (Python computes the new ``next``; Lua cannot
@@ -263,7 +264,7 @@ class ScheduleStore:
         anchor = timing.anchor(now_ms)
         first = timing.tick_after(anchor, now_ms)
         result, flat = await self._upsert(
-            keys=[schedule_key(schedule_id), SCHEDULE_IDS, SCHEDULE_DUE, SCHEDULE_SIGNAL],
+            keys=[schedule_key(schedule_id), SCHEDULE_IDS, SCHEDULE_DUE, SCHEDULE_SIGNAL, SCHEDULE_INFLIGHT],
             args=[
                 schedule_id,
                 "create" if create else "update",
@@ -279,8 +280,9 @@ class ScheduleStore:
         return int(result), StoredSchedule.parse(schedule_id, _pairs(flat))
 
     async def get(self, schedule_id: str) -> StoredSchedule | None:
+        """The schedule, or None (also while a deleted one waits for its last tick to be recorded)."""
         raw = await self._redis.hgetall(schedule_key(schedule_id))  # type: ignore[misc]
-        return StoredSchedule.parse(schedule_id, raw) if raw else None
+        return StoredSchedule.parse(schedule_id, raw) if raw and b"deleting" not in raw else None
 
     async def page(self, after_id: str, count: int) -> list[StoredSchedule]:
         """Up to ``count`` schedules with ids after ``after_id``, in id order."""
@@ -292,10 +294,17 @@ class ScheduleStore:
             for schedule_id in ids:
                 pipe.hgetall(schedule_key(schedule_id))
             raws = await pipe.execute()
-        return [StoredSchedule.parse(i, raw) for i, raw in zip(ids, raws, strict=True) if raw]
+        return [
+            StoredSchedule.parse(i, raw) for i, raw in zip(ids, raws, strict=True) if raw and b"deleting" not in raw
+        ]
 
     async def delete(self, schedule_id: str) -> tuple[StoredSchedule | None, InFlight | None]:
-        """Remove a schedule at once; returns it and its in-flight tick, if any."""
+        """Stop a schedule at once; returns it and its in-flight tick, if any.
+
+        Without a tick in flight the schedule is gone. With one, it stays hidden until that
+        tick's job is recorded (:meth:`fired` then removes it): finish the tick with
+        ``enqueue_tick``; if that fails, a loop takes it over after the lease.
+        """
         flat = await self._delete(
             keys=[schedule_key(schedule_id), SCHEDULE_IDS, SCHEDULE_DUE, SCHEDULE_INFLIGHT, SCHEDULE_SIGNAL],
             args=[schedule_id],

@@ -94,7 +94,9 @@ class ScheduleServiceServicer:
     def DeleteSchedule(self, request, context):
         """DeleteSchedule stops and removes a schedule: no job is created for it after
         this returns (a tick claimed just before is finished by the call itself, so
-        its one job exists when the call returns). A missing id is NOT_FOUND.
+        its one job exists when the call returns; should the call fail midway, the
+        schedule is already stopped and a worker finishes that tick). A missing id
+        is NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

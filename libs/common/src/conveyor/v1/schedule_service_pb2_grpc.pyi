@@ -52,7 +52,9 @@ class ScheduleServiceStub:
     DeleteSchedule: _grpc.UnaryUnaryMultiCallable[_schedule_service_pb2.DeleteScheduleRequest, _schedule_service_pb2.DeleteScheduleResponse]
     """DeleteSchedule stops and removes a schedule: no job is created for it after
     this returns (a tick claimed just before is finished by the call itself, so
-    its one job exists when the call returns). A missing id is NOT_FOUND.
+    its one job exists when the call returns; should the call fail midway, the
+    schedule is already stopped and a worker finishes that tick). A missing id
+    is NOT_FOUND.
     """
     GetSchedule: _grpc.UnaryUnaryMultiCallable[_schedule_service_pb2.GetScheduleRequest, _schedule_service_pb2.GetScheduleResponse]
     """GetSchedule returns one schedule with its next and last ticks. A missing id
@@ -85,7 +87,9 @@ class ScheduleServiceAsyncStub(ScheduleServiceStub):
     DeleteSchedule: _aio.UnaryUnaryMultiCallable[_schedule_service_pb2.DeleteScheduleRequest, _schedule_service_pb2.DeleteScheduleResponse]  # type: ignore[assignment]
     """DeleteSchedule stops and removes a schedule: no job is created for it after
     this returns (a tick claimed just before is finished by the call itself, so
-    its one job exists when the call returns). A missing id is NOT_FOUND.
+    its one job exists when the call returns; should the call fail midway, the
+    schedule is already stopped and a worker finishes that tick). A missing id
+    is NOT_FOUND.
     """
     GetSchedule: _aio.UnaryUnaryMultiCallable[_schedule_service_pb2.GetScheduleRequest, _schedule_service_pb2.GetScheduleResponse]  # type: ignore[assignment]
     """GetSchedule returns one schedule with its next and last ticks. A missing id
@@ -133,7 +137,9 @@ class ScheduleServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_schedule_service_pb2.DeleteScheduleResponse, _abc.Awaitable[_schedule_service_pb2.DeleteScheduleResponse]]:
         """DeleteSchedule stops and removes a schedule: no job is created for it after
         this returns (a tick claimed just before is finished by the call itself, so
-        its one job exists when the call returns). A missing id is NOT_FOUND.
+        its one job exists when the call returns; should the call fail midway, the
+        schedule is already stopped and a worker finishes that tick). A missing id
+        is NOT_FOUND.
         """
 
     @_abc_1.abstractmethod

@@ -6,9 +6,14 @@ local key = KEYS[1]
 if redis.call('HGET', key, 'inflight') ~= ARGV[2] then
   return 0
 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('HEXISTS', key, 'deleting') == 1 then
+  -- Its last tick is done: a schedule being deleted goes now.
+  redis.call('DEL', key)
+  return 1
+end
 redis.call('HSET', key, 'last_tick', ARGV[2], 'last_job', ARGV[3])
 redis.call('HDEL', key, 'inflight', 'inflight_spec')
-redis.call('ZREM', KEYS[2], ARGV[1])
 -- A tick that came due while this one was in flight was held back: wake the loops for it.
 local next_tick = tonumber(redis.call('HGET', key, 'next'))
 if next_tick > 0 and next_tick <= tonumber(ARGV[4]) then

@@ -1,10 +1,19 @@
 -- Create or update a schedule (see conveyor.common.schedules).
--- KEYS: 1 schedule hash, 2 ids zset, 3 due zset, 4 signal stream
+-- KEYS: 1 schedule hash, 2 ids zset, 3 due zset, 4 signal stream, 5 in-flight zset
 -- ARGV: 1 id, 2 "create"|"update", 3 spec bytes, 4 timing bytes, 5 first tick if the timing is new,
 --       6 anchor if the timing is new, 7 now (ms)
 -- Returns {outcome, HGETALL}: 0 not found (update of a missing id), 1 created, 2 updated, 3 unchanged.
 local key = KEYS[1]
 local outcome
+if redis.call('HEXISTS', key, 'deleting') == 1 then
+  -- Deleted while its last tick was in flight: gone for Update; Create starts afresh (the old
+  -- tick's job is made by its claimer, under the old tick's key, if that claimer is alive).
+  if ARGV[2] ~= 'create' then
+    return {0, {}}
+  end
+  redis.call('DEL', key)
+  redis.call('ZREM', KEYS[5], ARGV[1])
+end
 if redis.call('EXISTS', key) == 0 then
   if ARGV[2] ~= 'create' then
     return {0, {}}
