@@ -184,6 +184,43 @@ def test_an_external_client_drives_the_stack_over_reflection(stack: Stack) -> No
     assert "invalid_argument" in bad.stderr
 
 
+def test_a_schedule_over_reflection_fires_jobs_that_run_and_are_recorded(stack: Stack) -> None:
+    """ScheduleService through buf curl; the stack's workers fire the ticks, run the jobs, PostgreSQL has them."""
+    base = f"http://{stack.producer.addr}"
+    assert "conveyor.v1.ScheduleService" in buf_curl("--list-services", base).stdout.split()
+    spec = {"interval": "1s", "template": {"queue": QUEUE, "type": "demo.echo", "payload": {"tick": True}}}
+    created = buf_curl(
+        f"{base}/conveyor.v1.ScheduleService/CreateSchedule", data=json.dumps({"scheduleId": "e2e", "spec": spec})
+    )
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["created"] is True
+
+    def fired() -> str:
+        got = buf_curl(f"{base}/conveyor.v1.ScheduleService/GetSchedule", data=json.dumps({"scheduleId": "e2e"}))
+        return str(json.loads(got.stdout)["schedule"].get("lastJobId", ""))
+
+    job_id = wait_until(fired, "a tick to fire", within=20)
+    deleted = buf_curl(f"{base}/conveyor.v1.ScheduleService/DeleteSchedule", data=json.dumps({"scheduleId": "e2e"}))
+    assert deleted.returncode == 0, deleted.stderr
+
+    def in_postgresql() -> bool:
+        found = buf_curl(
+            f"http://{stack.results.addr}/conveyor.v1.ResultsService/GetJob", data=json.dumps({"jobId": job_id})
+        )
+        return found.returncode == 0 and json.loads(found.stdout)["job"]["state"] == "JOB_STATE_SUCCEEDED"
+
+    wait_until(in_postgresql, "the tick's job to succeed and be recorded", within=20)
+
+    bad = buf_curl(
+        f"{base}/conveyor.v1.ScheduleService/CreateSchedule",
+        data=json.dumps({"scheduleId": "bad", "spec": {**spec, "interval": None, "cron": "61 * * * *"}}),
+    )
+    assert bad.returncode == 3 * 8, bad
+    assert "spec.cron" in bad.stderr
+    missing = buf_curl(f"{base}/conveyor.v1.ScheduleService/GetSchedule", data=json.dumps({"scheduleId": "e2e"}))
+    assert missing.returncode == 5 * 8, missing  # NOT_FOUND after the delete
+
+
 async def test_redis_returns_to_baseline_after_jobs_finish_and_the_retention_passes(stack: Stack) -> None:
     """Invariant 7: nothing in Redis grows with the number of jobs ever run."""
     redis = make_redis(stack.redis.url)

@@ -13,6 +13,7 @@ import redis.asyncio
 
 from conveyor.common import server
 from conveyor.common.redis import REDIS_UNAVAILABLE, make_redis
+from conveyor.common.schedules import ScheduleStore
 from conveyor.common.scripts import Heartbeat, Scripts
 from conveyor.common.settings import WorkerSettings
 from conveyor.producer.admin import AdminServicer
@@ -23,10 +24,18 @@ from conveyor.producer.enqueue import Enqueuer
 from conveyor.producer.history import History
 from conveyor.producer.jobs import JobReader
 from conveyor.producer.limits import FlowLimits
+from conveyor.producer.schedules import ScheduleServicer
 from conveyor.producer.servicer import ProducerServicer
 from conveyor.producer.stats import Stats
 from conveyor.producer.watch import WATCHER_BUFFER, Watcher
-from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, producer_service_pb2, producer_service_pb2_grpc
+from conveyor.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    producer_service_pb2,
+    producer_service_pb2_grpc,
+    schedule_service_pb2,
+    schedule_service_pb2_grpc,
+)
 from conveyor.worker.runner import Runner
 from tests.support import handlers as test_handlers
 
@@ -37,6 +46,7 @@ class Producer:
     stub: producer_service_pb2_grpc.ProducerServiceAsyncStub
     channel: grpc.aio.Channel
     admin: admin_service_pb2_grpc.AdminServiceAsyncStub
+    schedules: schedule_service_pb2_grpc.ScheduleServiceAsyncStub
 
 
 async def start_producer(
@@ -47,8 +57,9 @@ async def start_producer(
     scripts = Scripts(client)
     history = History(results_addr)
     watcher = Watcher(client, tail, scripts, history, watch_buffer)
+    enqueuer = Enqueuer(client, scripts, 64 * 1024, 1000)
     servicer = ProducerServicer(
-        Enqueuer(client, scripts, 64 * 1024, 1000),
+        enqueuer,
         watcher,
         JobReader(client, history),
         Canceller(scripts, history, 300_000),
@@ -56,6 +67,7 @@ async def start_producer(
     admin = AdminServicer(
         DeadLetters(client, scripts), QueueControls(client), FlowLimits(scripts), stats=Stats(client, history)
     )
+    schedules = ScheduleServicer(ScheduleStore(client), enqueuer, 64 * 1024)
     running = await server.start(
         "127.0.0.1:0",
         [
@@ -68,6 +80,11 @@ async def start_producer(
                 admin_service_pb2_grpc.add_AdminServiceServicer_to_server,
                 admin,
                 admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+            ),
+            server.Service(
+                schedule_service_pb2_grpc.add_ScheduleServiceServicer_to_server,
+                schedules,
+                schedule_service_pb2.DESCRIPTOR.services_by_name["ScheduleService"].full_name,
             ),
         ],
         unavailable=REDIS_UNAVAILABLE,
@@ -89,6 +106,7 @@ async def start_producer(
             producer_service_pb2_grpc.ProducerServiceStub(channel),
             channel,
             admin_service_pb2_grpc.AdminServiceStub(channel),
+            schedule_service_pb2_grpc.ScheduleServiceStub(channel),
         ),
         stop,
     )

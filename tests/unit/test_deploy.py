@@ -41,6 +41,9 @@ HEALTHCHECK = DOCKER / "healthcheck.py"
 #: Service -> the port it listens on in its image (producer and results: the API; worker: health).
 PORTS = {"producer": 50051, "results": 50052, "worker": 50061}
 SERVICES = sorted(PORTS)
+#: Workspace members a service's image installs besides conveyor-common and itself: the worker's
+#: scheduler loop enqueues schedule ticks through the producer's enqueue code (no third-party deps).
+USES = {"worker": ("producer",)}
 #: The images' non-root user (Dockerfile USER), which the Kubernetes securityContext repeats.
 IMAGE_UID = 10001
 
@@ -247,13 +250,16 @@ def test_dockerfile_installs_only_its_service_and_runs_it_as_non_root(service: s
     assert {"--frozen", "--no-dev", "--no-emit-workspace"} <= set(export)
     runs = " && ".join(args for word, args in steps if word == "RUN")
     assert "--require-hashes" in runs
-    assert f"pip install --no-cache-dir --no-deps ./libs/common ./services/{service}" in runs
+    members = " ".join(f"./services/{m}" for m in (*USES.get(service, ()), service))
+    assert f"pip install --no-cache-dir --no-deps ./libs/common {members}" in runs
 
-    # Every member's pyproject.toml (uv needs the workspace to export), but only this service's code.
+    # Every member's pyproject.toml (uv needs the workspace to export), but only this service's code
+    # (and the code of the members it uses).
     copies = [args for word, args in steps if word == "COPY" and "--from=" not in args]
     sources = {src for args in copies for src in args.split()[:-1] if not src.endswith("pyproject.toml")}
     assert {"libs/common", f"services/{service}"} <= sources
-    assert not {f"services/{other}" for other in SERVICES if other != service} & sources
+    others = set(SERVICES) - {service} - set(USES.get(service, ()))
+    assert not {f"services/{other}" for other in others} & sources
 
     final = steps[max(i for i, (word, _) in enumerate(steps) if word == "FROM") :]
     last = {word: args for word, args in final}
@@ -274,7 +280,9 @@ def test_dockerignore_sends_only_what_the_image_copies(service: str) -> None:
     assert rules[0] == "*"
     allowed = {rule[1:] for rule in rules if rule.startswith("!")}
     assert {"uv.lock", "libs/common/src", f"services/{service}/src", "deploy/docker/healthcheck.py"} <= allowed
-    assert not any(f"services/{other}/src" in allowed for other in set(SERVICES) - {service})
+    assert {f"services/{used}/src" for used in USES.get(service, ())} <= allowed
+    others = set(SERVICES) - {service} - set(USES.get(service, ()))
+    assert not any(f"services/{other}/src" in allowed for other in others)
 
 
 @pytest.fixture(scope="module")

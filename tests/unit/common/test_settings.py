@@ -42,3 +42,12 @@ def test_the_worker_registry_ttl() -> None:
     assert WorkerSettings.from_env({"CONVEYOR_WORKER_TTL_SECONDS": "2.5"}).worker_ttl_s == 2.5
     with pytest.raises(SettingsError, match="CONVEYOR_WORKER_TTL_SECONDS"):
         WorkerSettings.from_env({"CONVEYOR_WORKER_TTL_SECONDS": "0.1"})
+
+
+def test_the_scheduler_loop_is_on_by_default_and_can_be_switched_off() -> None:
+    assert WorkerSettings.from_env({}).scheduler
+    assert not WorkerSettings.from_env({"CONVEYOR_SCHEDULER": "0"}).scheduler
+    assert not WorkerSettings.from_env({"CONVEYOR_SCHEDULER": "off"}).scheduler
+    assert WorkerSettings.from_env({"CONVEYOR_SCHEDULER": "true"}).scheduler
+    with pytest.raises(SettingsError, match="CONVEYOR_SCHEDULER"):
+        WorkerSettings.from_env({"CONVEYOR_SCHEDULER": "maybe"})

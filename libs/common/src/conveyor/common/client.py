@@ -1,4 +1,4 @@
-"""ConveyorClient: the Python client for ProducerService and ResultsService.
+"""ConveyorClient: the Python client for ProducerService, ScheduleService and ResultsService.
 
 Example::
 
@@ -39,6 +39,8 @@ from conveyor.v1 import (
     producer_service_pb2_grpc,
     results_service_pb2,
     results_service_pb2_grpc,
+    schedule_service_pb2,
+    schedule_service_pb2_grpc,
 )
 
 T = TypeVar("T")
@@ -112,6 +114,7 @@ class ConveyorClient:
         self._results = (
             results_service_pb2_grpc.ResultsServiceStub(self._results_channel) if self._results_channel else None
         )
+        self._schedules = schedule_service_pb2_grpc.ScheduleServiceStub(self._channel)
         self._timeout = timeout
         self._retries = retries
         self._coalescer = _Coalescer(self) if coalesce else None
@@ -371,6 +374,101 @@ class ConveyorClient:
         """The live worker processes (only those serving ``queue``, if given), by worker id."""
         req = admin_service_pb2.ListWorkersRequest(queue=queue)
         return list((await self._call(lambda: self._admin.ListWorkers(req, timeout=self._timeout))).workers)
+
+    @classmethod
+    def schedule_spec(
+        cls,
+        queue: str,
+        type: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        cron: str = "",
+        time_zone: str = "",
+        every: timedelta | None = None,
+        start_at: datetime | None = None,
+        end_at: datetime | None = None,
+        catch_up: bool = False,
+        **options: Any,
+    ) -> schedule_service_pb2.ScheduleSpec:
+        """Build a ScheduleSpec: set ``cron`` (with ``time_zone``) or ``every``.
+
+        Args:
+            queue, type, payload, options: The job template, as for :meth:`request`
+                (no idempotency_key: each tick derives its own).
+            cron: A 5-field cron expression, e.g. "0 9 * * MON-FRI".
+            time_zone: IANA zone of ``cron``, e.g. "Europe/Berlin"; empty means UTC.
+            every: A fixed interval instead of ``cron``.
+            start_at, end_at: No tick before / after these (timezone-aware datetimes).
+            catch_up: Missed ticks (everything was down) fire one job (ONCE) instead of
+                being skipped (SKIP).
+        """
+        spec = schedule_service_pb2.ScheduleSpec(
+            cron=cron,
+            time_zone=time_zone,
+            template=cls.request(queue, type, payload, idempotency_key="", **options),
+            missed_tick_policy=schedule_service_pb2.MISSED_TICK_POLICY_ONCE
+            if catch_up
+            else schedule_service_pb2.MISSED_TICK_POLICY_SKIP,
+        )
+        if every is not None:
+            spec.interval.FromTimedelta(every)
+        if start_at is not None:
+            spec.start_at.FromDatetime(start_at)
+        if end_at is not None:
+            spec.end_at.FromDatetime(end_at)
+        return spec
+
+    async def create_schedule(
+        self, schedule_id: str, spec: schedule_service_pb2.ScheduleSpec
+    ) -> tuple[schedule_service_pb2.Schedule, bool]:
+        """Create the schedule, or replace an existing one's spec (an upsert; the same spec changes nothing).
+
+        Returns:
+            The stored schedule (with its next tick) and whether the id was new.
+
+        Raises:
+            InvalidArgument: A field is bad (``spec.cron``, ``spec.template.queue``...); nothing changed.
+        """
+        req = schedule_service_pb2.CreateScheduleRequest(schedule_id=schedule_id, spec=spec)
+        response = await self._call(lambda: self._schedules.CreateSchedule(req, timeout=self._timeout))
+        return response.schedule, response.created
+
+    async def update_schedule(
+        self, schedule_id: str, spec: schedule_service_pb2.ScheduleSpec
+    ) -> schedule_service_pb2.Schedule:
+        """Replace an existing schedule's spec.
+
+        Raises:
+            NotFound: No such schedule (nothing is created).
+            InvalidArgument: A field is bad; nothing changed.
+        """
+        req = schedule_service_pb2.UpdateScheduleRequest(schedule_id=schedule_id, spec=spec)
+        return (await self._call(lambda: self._schedules.UpdateSchedule(req, timeout=self._timeout))).schedule
+
+    async def delete_schedule(self, schedule_id: str) -> schedule_service_pb2.Schedule:
+        """Stop and remove a schedule; no job is made for it after this returns.
+
+        Raises:
+            NotFound: No such schedule (also on a retry whose first try deleted it).
+        """
+        req = schedule_service_pb2.DeleteScheduleRequest(schedule_id=schedule_id)
+        return (await self._call(lambda: self._schedules.DeleteSchedule(req, timeout=self._timeout))).schedule
+
+    async def get_schedule(self, schedule_id: str) -> schedule_service_pb2.Schedule:
+        """One schedule, with its next tick and its last fired tick and job.
+
+        Raises:
+            NotFound: No such schedule.
+        """
+        req = schedule_service_pb2.GetScheduleRequest(schedule_id=schedule_id)
+        return (await self._call(lambda: self._schedules.GetSchedule(req, timeout=self._timeout))).schedule
+
+    async def list_schedules(
+        self, page_size: int = 0, page_token: str = ""
+    ) -> schedule_service_pb2.ListSchedulesResponse:
+        """One page of schedules in id order; pass ``next_page_token`` back for the next."""
+        req = schedule_service_pb2.ListSchedulesRequest(page_size=page_size, page_token=page_token)
+        return await self._call(lambda: self._schedules.ListSchedules(req, timeout=self._timeout))
 
 
 class _Coalescer:

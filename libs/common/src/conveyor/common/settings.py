@@ -74,6 +74,17 @@ class _Env:
             out.append((key.strip(), value))
         return tuple(out)
 
+    def flag(self, name: str, default: bool) -> bool:
+        """``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off``."""
+        raw = (self._env.get(name) or "").strip().lower()
+        if not raw:
+            return default
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        if raw in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{name}={raw!r}: expected 1 or 0")
+
     def items(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         raw = self._env.get(name)
         if not raw:
@@ -154,6 +165,8 @@ class WorkerSettings(CommonSettings):
     max_deliveries: int = 5
     #: A worker that stops heartbeating (it died) leaves ListWorkers this long after its last beat.
     worker_ttl_s: float = 10.0
+    #: Run the scheduler loop that fires schedule ticks (repeatable jobs); any number may run.
+    scheduler: bool = True
 
     def visibility_for(self, queue: str) -> float:
         """The visibility timeout of ``queue``, in seconds."""
@@ -173,6 +186,7 @@ class WorkerSettings(CommonSettings):
             visibility_timeouts=e.pairs("CONVEYOR_VISIBILITY_TIMEOUTS", minimum=0.5),
             max_deliveries=e.integer("CONVEYOR_MAX_DELIVERIES", 5, minimum=1),
             worker_ttl_s=e.number("CONVEYOR_WORKER_TTL_SECONDS", 10.0, minimum=0.5),
+            scheduler=e.flag("CONVEYOR_SCHEDULER", True),
         )
 
 

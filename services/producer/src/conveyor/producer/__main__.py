@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from conveyor.common import logs, server
 from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
+from conveyor.common.schedules import ScheduleStore
 from conveyor.common.scripts import Scripts
 from conveyor.common.settings import ProducerSettings
 from conveyor.producer.admin import AdminServicer
@@ -14,10 +15,18 @@ from conveyor.producer.enqueue import Enqueuer
 from conveyor.producer.history import History
 from conveyor.producer.jobs import JobReader
 from conveyor.producer.limits import FlowLimits
+from conveyor.producer.schedules import ScheduleServicer
 from conveyor.producer.servicer import ProducerServicer
 from conveyor.producer.stats import Stats
 from conveyor.producer.watch import Watcher
-from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, producer_service_pb2, producer_service_pb2_grpc
+from conveyor.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    producer_service_pb2,
+    producer_service_pb2_grpc,
+    schedule_service_pb2,
+    schedule_service_pb2_grpc,
+)
 
 
 async def run() -> None:
@@ -28,8 +37,9 @@ async def run() -> None:
     scripts = Scripts(redis)
     history = History(settings.results_addr)
     watcher = Watcher(redis, tail_redis, scripts, history, settings.watch_buffer)
+    enqueuer = Enqueuer(redis, scripts, settings.max_payload_bytes, settings.max_batch)
     servicer = ProducerServicer(
-        enqueuer=Enqueuer(redis, scripts, settings.max_payload_bytes, settings.max_batch),
+        enqueuer=enqueuer,
         watcher=watcher,
         jobs=JobReader(redis, history),
         canceller=Canceller(scripts, history, int(settings.retention_s * 1000)),
@@ -37,6 +47,7 @@ async def run() -> None:
     admin = AdminServicer(
         DeadLetters(redis, scripts), QueueControls(redis), FlowLimits(scripts), stats=Stats(redis, history)
     )
+    schedules = ScheduleServicer(ScheduleStore(redis), enqueuer, settings.max_payload_bytes)
     await server.serve(
         settings.grpc_addr,
         [
@@ -49,6 +60,11 @@ async def run() -> None:
                 admin_service_pb2_grpc.add_AdminServiceServicer_to_server,
                 admin,
                 admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+            ),
+            server.Service(
+                schedule_service_pb2_grpc.add_ScheduleServiceServicer_to_server,
+                schedules,
+                schedule_service_pb2.DESCRIPTOR.services_by_name["ScheduleService"].full_name,
             ),
         ],
         grace=settings.shutdown_grace_s,

@@ -8,8 +8,13 @@ from conveyor.common import logs, server
 from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
 from conveyor.common.scripts import Heartbeat, Scripts
 from conveyor.common.settings import WorkerSettings
+from conveyor.producer.enqueue import Enqueuer
 from conveyor.worker.handlers import load_handlers
 from conveyor.worker.runner import Runner
+from conveyor.worker.scheduler import Scheduler
+
+#: Templates were validated against the producer's payload limit when the schedule was saved.
+SCHEDULED_PAYLOAD_LIMIT = 1 << 26
 
 
 async def run() -> None:
@@ -20,10 +25,17 @@ async def run() -> None:
     wait_redis = make_redis(settings.redis_url, blocking=True)
     # A synchronous client for the heartbeat thread (it must not share the event loop).
     beat_redis = sync_redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
-    runner = Runner(redis, wait_redis, Scripts(redis), handlers, settings, Heartbeat(beat_redis))
+    scripts = Scripts(redis)
+    runner = Runner(redis, wait_redis, scripts, handlers, settings, Heartbeat(beat_redis))
 
     async def close_beat() -> None:
         beat_redis.close()
+
+    background = [runner.run]
+    if settings.scheduler:
+        # Fires schedule ticks through the producer's own validation and enqueue path (ADR 0006).
+        enqueuer = Enqueuer(redis, scripts, SCHEDULED_PAYLOAD_LIMIT, 1)
+        background.append(Scheduler(redis, wait_redis, enqueuer).run)
 
     # Health and reflection only: probes and grpcurl see a live worker.
     await server.serve(
@@ -31,7 +43,7 @@ async def run() -> None:
         [],
         grace=1.0,
         unavailable=REDIS_UNAVAILABLE,
-        background=[runner.run],
+        background=background,
         on_shutdown=[redis.aclose, wait_redis.aclose, close_beat],
     )
 
