@@ -261,3 +261,28 @@ async def test_redis_returns_to_baseline_after_jobs_finish_and_the_retention_pas
             assert await redis.dbsize() - baseline_keys <= len(keys.bands) + 4
     finally:
         await redis.aclose()
+
+
+def test_flow_control_through_buf_curl_as_the_readme_shows(stack: Stack) -> None:
+    """The README's flow-control calls, made by a client that knows only reflection."""
+    base = f"http://{stack.producer.addr}/conveyor.v1.AdminService"
+    calls = [
+        ("SetRateLimit", {"queue": "flow", "limit": 50, "period": "1s"}),
+        ("SetRateLimit", {"queue": "flow", "eachKey": True, "limit": 10, "period": "60s"}),
+        ("SetRateLimit", {"queue": "flow", "key": "acme", "limit": 100, "period": "60s"}),
+        ("SetConcurrencyLimit", {"queue": "flow", "limit": 20}),
+        ("BackOff", {"queue": "flow", "key": "acme", "duration": "300s"}),
+    ]
+    for method, body in calls:
+        done = buf_curl(f"{base}/{method}", data=json.dumps(body))
+        assert done.returncode == 0, done.stderr
+    limits = json.loads(buf_curl(f"{base}/GetLimits", data=json.dumps({"queue": "flow"})).stdout)["limits"]
+    assert limits["rate"] == {"limit": 50, "period": "1s"}
+    assert limits["ratePerKey"] == {"limit": 10, "period": "60s"}
+    assert limits["keys"] == [{"key": "acme", "rate": {"limit": 100, "period": "60s"}}]
+    assert limits["concurrency"] == 20
+    assert [b["key"] for b in limits["blockedKeys"]] == ["acme"]
+    bad = buf_curl(f"{base}/SetRateLimit", data=json.dumps({"queue": "flow", "limit": 0, "period": "1s"}))
+    assert bad.returncode != 0 and "invalid_argument" in bad.stderr.lower() and "limit" in bad.stderr
+    cleared = buf_curl(f"{base}/ClearRateLimit", data=json.dumps({"queue": "flow", "key": "acme"}))
+    assert json.loads(cleared.stdout)["changed"] is True
