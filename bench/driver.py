@@ -72,8 +72,18 @@ async def wait_healthy(channel: grpc.aio.Channel, within: float) -> None:
         await asyncio.sleep(0.05)
 
 
+#: --controls: jobs cycle through priorities 1-9 and 100 rate keys (tenants).
+CONTROLS = {"on": False}
+_seq = iter(range(1 << 62))
+
+
 def request(queue: str, key: str = "") -> p.EnqueueRequest:
-    return p.EnqueueRequest(queue=queue, type=JOB_TYPE, payload_json=PAYLOAD, idempotency_key=key)
+    req = p.EnqueueRequest(queue=queue, type=JOB_TYPE, payload_json=PAYLOAD, idempotency_key=key)
+    if CONTROLS["on"]:
+        i = next(_seq)
+        req.priority = i % 9 + 1
+        req.rate_key = f"tenant-{i % 100}"
+    return req
 
 
 async def run_batch(stub: producer_service_pb2_grpc.ProducerServiceStub, a: argparse.Namespace) -> dict:
@@ -242,6 +252,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--jobs-file", help="watch mode: JSON list of job ids to watch")
     ap.add_argument("--per-job", type=int, default=5, help="watch mode: streams per job")
     ap.add_argument("--channels", type=int, default=10, help="watch mode: gRPC channels (connections)")
+    ap.add_argument("--controls", action="store_true", help="a priority mix and 100 rate keys")
     return ap.parse_args()
 
 
@@ -275,6 +286,7 @@ if __name__ == "__main__":
     except ImportError:
         pass
     args = parse_args()
+    CONTROLS["on"] = args.controls
     if args.mode == "watch":
         with open(args.jobs_file) as f:
             args.job_ids = json.load(f)

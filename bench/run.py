@@ -37,11 +37,12 @@ from typing import Any
 import grpc
 import psycopg
 import redis
+from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor.common.devstack.servers import PostgresServer, RedisServer, free_port
 from conveyor.common.keys import queue_keys
-from conveyor.v1 import event_pb2, producer_service_pb2_grpc
+from conveyor.v1 import admin_service_pb2_grpc, event_pb2, limits_pb2, producer_service_pb2_grpc
 from conveyor.v1 import producer_service_pb2 as p
 
 HERE = Path(__file__).resolve().parent
@@ -57,7 +58,7 @@ BAND = KEYS.band(5)  # default priority
 SUCCEEDED = 5  # conveyor.v1.JobState.JOB_STATE_SUCCEEDED
 CLK = os.sysconf("SC_CLK_TCK")
 POLL = 0.02
-ALL = ("e2e", "bulk", "single", "conc", "latency", "mem", "finish", "watch")
+ALL = ("e2e", "controls", "bulk", "single", "conc", "latency", "mem", "finish", "watch")
 ONCE = ("mem", "finish")  # deterministic or slow: first repetition only
 BULLMQ_NAMES = {"e2e": "e2e", "bulk": "bulk", "single": "single", "conc": "conc", "latency": "latency", "mem": "mem"}
 PG_SETTINGS = {"track_commit_timestamp": "on"}  # fsync and synchronous_commit stay at their durable defaults
@@ -302,13 +303,18 @@ class Stack:
 
         def check() -> bool:
             self.check_alive()
-            try:
-                info = self.r.xinfo_stream(BAND)
-            except redis.ResponseError:
-                return False
-            return int(info["entries-added"]) >= n and int(info["length"]) == 0
+            added = 0
+            for stream in KEYS.bands:  # a priority mix spreads the jobs over the bands
+                try:
+                    info = self.r.xinfo_stream(stream)
+                except redis.ResponseError:
+                    continue
+                if int(info["length"]):
+                    return False
+                added += int(info["entries-added"])
+            return added >= n
 
-        wait_until(check, f"{n} jobs handled (job stream drained)", timeout)
+        wait_until(check, f"{n} jobs handled (job streams drained)", timeout)
         last = self.r.xrevrange(KEYS.events, "+", "-", count=1)
         return int(last[0][0].split(b"-")[0]) / 1000 if last else time.time()
 
@@ -321,6 +327,20 @@ class Stack:
         if self.worker:
             self.wait_committed(n, 60)
         return n
+
+    def set_loose_limits(self) -> None:
+        """Limits on every scope, far above what one machine reaches: checked on every claim, never binding."""
+        with grpc.insecure_channel(self.producer_addr) as channel:
+            admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+            second = Duration(seconds=1)
+            admin.SetRateLimit(limits_pb2.SetRateLimitRequest(queue=QUEUE, limit=100_000, period=second), timeout=10)
+            admin.SetRateLimit(
+                limits_pb2.SetRateLimitRequest(queue=QUEUE, each_key=True, limit=100_000, period=second), timeout=10
+            )
+            admin.SetConcurrencyLimit(limits_pb2.SetConcurrencyLimitRequest(queue=QUEUE, limit=100_000), timeout=10)
+            admin.SetConcurrencyLimit(
+                limits_pb2.SetConcurrencyLimitRequest(queue=QUEUE, each_key=True, limit=10_000), timeout=10
+            )
 
     def results_caught_up(self) -> bool:
         """Whether the results service has read and acked every event of the queue."""
@@ -410,14 +430,23 @@ class Bench:
         d.mkdir()
         return Stack(d, **kw)
 
-    def e2e(self) -> list[dict]:
+    def controls(self) -> list[dict]:
+        """e2e with a priority mix, 100 rate keys, and limits configured on every scope but not binding."""
+        rows = self.e2e(controls=True)
+        return [dict(rows[0], metric="e2e_controls_jobs_per_s")]
+
+    def e2e(self, controls: bool = False) -> list[dict]:
         n = self.a.n
         with self.stack(worker=True) as st:
             warm = st.warmup(100)
+            extra: tuple[str, ...] = ()
+            if controls:
+                st.set_loose_limits()
+                extra = ("--controls",)
             time.sleep(0.5)  # idle and ready: the worker is blocked waiting for work
             cpu0, bench0 = st.cpu_ticks(), time.process_time()
             with driver_cleanup(st.driver("batch", "--n", str(n), "--batch", "100",
-                                          "--inflight", str(self.a.inflight))) as d:  # fmt: skip
+                                          "--inflight", str(self.a.inflight), *extra)) as d:  # fmt: skip
                 t_handled = st.wait_handled(warm + n, timeout=300)
                 t_seen = st.wait_committed(warm + n, timeout=300)
                 cpu1, bench1 = st.cpu_ticks(), time.process_time()
@@ -754,6 +783,13 @@ FIGURES = [
         lambda c, b: None,
     ),
     Figure(
+        "  e2e with controls on (prio mix, 100 keys)",
+        ("e2e_controls_jobs_per_s", "value"),
+        ("e2e_jobs_per_s", "value"),
+        "within 10% of e2e",
+        lambda c, b: None,
+    ),
+    Figure(
         "batch enqueue (100, idem keys), jobs/s",
         ("bulk_jobs_per_s", "value"),
         ("bulk_jobs_per_s", "value"),
@@ -852,6 +888,9 @@ def print_table(rows: list[dict], with_bullmq: bool) -> None:
         bm = b[0] if b else None
         ratio = f"{cm / bm:.2f}x" if bm else "-"
         verdict = f.check(cm, bm)
+        if f.conveyor[0] == "e2e_controls_jobs_per_s":  # against Conveyor's own e2e of the same run
+            plain = median_of(rows, "conveyor", "e2e_jobs_per_s", "value")
+            verdict = None if plain is None else cm >= 0.9 * plain[0]
         if f.conveyor[0] == "memory_after_finish":
             ok = [r.get("back_to_baseline") for r in rows if r.get("metric") == "memory_after_finish"]
             verdict = all(ok) if ok else None

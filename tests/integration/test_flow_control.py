@@ -258,3 +258,28 @@ async def test_back_off_holds_the_whole_queue(
     started_at = (await observe.starts(redis_client, "q"))[0][0]
     assert started_at * 1000 >= until.ToMilliseconds() - 5
     assert job.job_id
+
+
+async def test_delayed_and_retried_jobs_keep_their_key(
+    producer: Producer, start_worker: StartWorker, redis_client: redis.asyncio.Redis, redis_url: str
+) -> None:
+    await producer.admin.SetConcurrencyLimit(lim.SetConcurrencyLimitRequest(queue="default", key="d", limit=1))
+    payload = {"redis": redis_url, "group": "d", "sleep": 0.6}
+    first = await enqueue(producer, "test.observe", rate_key="d", payload=payload)
+    later = await enqueue(producer, "test.observe", rate_key="d", payload=payload, delay=_ms(200))
+    retried = await enqueue(
+        producer, "test.rate_limited", rate_key="d", payload={"retry_after": 0.05}, retry=job_pb2.RetryPolicy()
+    )
+    await start_worker(concurrency=8)
+    await wait_for(lambda: observe.done(redis_client, "d", 2), "both observed jobs", within=10)
+    events = await watch_all(producer, retried.job_id)
+    assert events[-1].type == event_pb2.EVENT_TYPE_SUCCEEDED
+    starts = await observe.starts(redis_client, "d")
+    assert [job_id for _, job_id, _ in starts] == [first.job_id, later.job_id]
+    assert max(level for _, _, level in starts) == 1
+    # The key's slot was never shared: the retried job ran only while no observed job did.
+    actives = [e.time.ToMilliseconds() for e in events if e.type == event_pb2.EVENT_TYPE_ACTIVE]
+    spans = [(t * 1000, t * 1000 + 600) for t, _, _ in starts]
+    assert not any(a <= t < b for t in actives for a, b in spans)
+    keys = queue_keys("default")
+    assert not await redis_client.exists(keys.rate_keys, keys.held("d"), keys.running("d"))

@@ -61,7 +61,8 @@ class QueueKeys:
     blocked: str
     #: ZSET rate key -> order of its first held job, for keys with held jobs that may start now.
     ready: str
-    #: HASH ulid -> rate key, for live jobs that have one.
+    #: HASH ulid -> rate key, for parked (delayed, retry-scheduled) and held jobs that have one
+    #: (a job in a stream carries its key as the entry's field k).
     rate_keys: str
     #: LIST of the queue's recent start times (ms, newest first): its sliding rate window.
     starts: str

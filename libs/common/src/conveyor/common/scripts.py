@@ -112,6 +112,8 @@ class Outcome:
     event: bytes
     #: For RETRY_SCHEDULED: when the next attempt is due, ms since the epoch.
     due_ms: int = 0
+    #: The job's rate key ("" = none): its concurrency slot is given back.
+    rate_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +258,8 @@ class Scripts:
                 entry_id,
                 _OUTCOME_MID.pack(o.ulid.encode(), o.attempt, o.state, float(o.due_ms), len(o.event)),
                 o.event,
+                _KEY_LEN.pack(len(rate_key := o.rate_key.encode())),
+                rate_key,
             ]
         raw = await self._complete(
             keys=keys.script_keys(), args=[WORKER_GROUP, consumer, retention_ms, len(outcomes), b"".join(parts)]

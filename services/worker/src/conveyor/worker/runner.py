@@ -225,6 +225,7 @@ class QueueRunner:
                 state=state,
                 event=event_bytes,
                 due_ms=due_ms,
+                rate_key=job.rate_key,
             )
         )
 

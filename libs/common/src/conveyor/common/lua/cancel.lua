@@ -31,6 +31,7 @@ if state == 1 and eid == 'h' then
   redis.call('HDEL', parked_key, ulid)
   local k = redis.call('HGET', KEYS[23], ulid)
   if k then redis.call('ZREM', key_key('held', k), ulid) end
+  redis.call('HDEL', KEYS[23], ulid)
 elseif state == 1 then
   local stream = KEYS[3 + tonumber(prio)]
   local entry = redis.call('XRANGE', stream, eid, eid)[1]
@@ -44,8 +45,8 @@ else
   job = redis.call('HGET', parked_key, ulid)
   redis.call('ZREM', delayed_key, ulid)
   redis.call('HDEL', parked_key, ulid)
+  redis.call('HDEL', KEYS[23], ulid)
 end
-release(ulid, true)
 if job then
   event = event .. string.char(0x62) .. varint(#job) .. job  -- JobEvent.job: the final event carries the job
 end

@@ -51,6 +51,7 @@ for _, ulid in ipairs(due) do
     local k = redis.call('HGET', keys_key, ulid)
     local entry_id
     if k then
+      redis.call('HDEL', keys_key, ulid)
       entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', job, 'k', k)
     else
       entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', job)
@@ -62,19 +63,122 @@ for _, ulid in ipairs(due) do
   redis.call('ZREM', delayed_key, ulid)
 end
 
+-- Sliding windows of start times (lists, newest first): the starts of this call are added at
+-- the end, one LPUSH per list, and counted meanwhile in `pending`. Expired times are trimmed
+-- only when the list could be full: while even counting them there is room, one LLEN decides
+-- (so a window holds at most `n` times, and an idle one expires with its period).
+local pending, pending_period = {}, {}
+local function window_free(list, rate, wanted)
+  local n, period = rate[1], rate[2]
+  local p = pending[list] or 0
+  local len = redis.call('LLEN', list)
+  if len + p + wanted <= n then return n - len - p, 0 end
+  local cutoff = now_ms - period
+  if len > 0 and tonumber(redis.call('LINDEX', list, -1)) <= cutoff then
+    -- Binary search for the first expired time (times only decrease towards the tail).
+    local lo, hi = 0, len - 1
+    while lo < hi do
+      local mid = math.floor((lo + hi) / 2)
+      if tonumber(redis.call('LINDEX', list, mid)) <= cutoff then hi = mid else lo = mid + 1 end
+    end
+    if lo == 0 then redis.call('DEL', list) else redis.call('LTRIM', list, 0, lo - 1) end
+    len = lo
+  end
+  local used = len + p
+  if used < n then return n - used, 0 end
+  -- Full: the next start may come when the n-th newest start leaves the window.
+  local nth = n - 1 - p
+  if nth < 0 then return 0, now_ms + period end
+  return 0, tonumber(redis.call('LINDEX', list, nth)) + period
+end
+local function window_add(list, rate)
+  pending[list] = (pending[list] or 0) + 1
+  pending_period[list] = rate[2]
+end
+local function window_flush()
+  for list, m in pairs(pending) do
+    local stamps = {}
+    for i = 1, m do stamps[i] = now_ms end
+    redis.call('LPUSH', list, unpack(stamps))
+    redis.call('PEXPIRE', list, pending_period[list])
+  end
+end
+
 -- Whole-queue gates: when one is closed, nothing is worth reading (gated).
 local claimed = {}
 local gated = false
 local L = flow_limits()
+local keyed_limits = L['key_rate'] or L['key_conc']
+if not keyed_limits then
+  for field in pairs(L) do
+    if string.find(field, ':', 1, true) then keyed_limits = true; break end
+  end
+end
+local has_backoffs = redis.call('EXISTS', KEYS[25]) == 1
+local has_held = any_held()
+
+-- The limits of rate key k: {cap or false, rate or false}, parsed once per call.
+local key_limits = {}
+local function limits_of(k)
+  local lim = key_limits[k]
+  if not lim then
+    local conc = L['conc:' .. k] or L['key_conc']
+    lim = {conc and tonumber(conc) or false, parse_rate(L['rate:' .. k] or L['key_rate']) or false}
+    key_limits[k] = lim
+  end
+  return lim
+end
+
+-- 0 when a job of rate key `k` may start now, else the ms to look at the key again (its rate
+-- window frees up, or a back-off ends; at its cap: a finishing job wakes it, 5 s at the latest).
+local function key_wait(k)
+  if has_backoffs then
+    local b = backed_off(k)
+    if b > 0 then return b end
+  end
+  if not keyed_limits then return 0 end
+  local lim = limits_of(k)
+  local conc, rate = lim[1], lim[2]
+  if conc then
+    local run = key_key('run', k)
+    if redis.call('SCARD', run) >= conc then
+      -- A member no longer running (whatever ended it) must not hold a slot: the set heals itself.
+      for _, u in ipairs(redis.call('SMEMBERS', run)) do
+        local rec = redis.call('HGET', KEYS[1], u)
+        if not rec or string.sub(rec, 1, 2) ~= '3|' then redis.call('SREM', run, u) end
+      end
+      if redis.call('SCARD', run) >= conc then return now_ms + 5000 end
+    end
+  end
+  if rate then
+    local free, until_ms = window_free(key_key('starts', k), rate, 1)
+    if free <= 0 then return until_ms end
+  end
+  return 0
+end
+
+-- Count a start against the queue's and the key's limits.
+local qrate = parse_rate(L['rate'])
+local function note_start(k, ulid)
+  if qrate then window_add(KEYS[24], qrate) end
+  if k then
+    redis.call('SADD', key_key('run', k), ulid)
+    if keyed_limits then
+      local rate = limits_of(k)[2]
+      if rate then window_add(key_key('starts', k), rate) end
+    end
+  end
+end
+
 if redis.call('EXISTS', KEYS[18]) == 1 then want = 0; gated = true end
-if want > 0 and redis.call('EXISTS', KEYS[25]) == 1 then
+if want > 0 and has_backoffs then
   redis.call('ZREMRANGEBYSCORE', KEYS[25], '-inf', now_ms)
+  has_backoffs = redis.call('EXISTS', KEYS[25]) == 1
   local b = backed_off('')
   if b > 0 then want = 0; gated = true; wake(b) end
 end
-local qrate = parse_rate(L['rate'])
 if want > 0 and qrate then
-  local free, until_ms = window_free(KEYS[24], qrate)
+  local free, until_ms = window_free(KEYS[24], qrate, want)
   if free <= 0 then want = 0; gated = true; wake(until_ms) elseif free < want then want = free end
 end
 if want > 0 and L['conc'] then
@@ -108,15 +212,19 @@ local function start_held(k)
   local rec = redis.call('HGET', state_key, ulid)
   local st, attempt, prio, eid, first_ev, final_ev
   if rec then st, attempt, prio, eid, first_ev, final_ev = string.match(rec, RECORD) end
-  if not job or st ~= '1' or eid ~= 'h' then return end  -- cancelled or expired while held
+  if not job or st ~= '1' or eid ~= 'h' then  -- cancelled or expired while held
+    redis.call('HDEL', keys_key, ulid)
+    return
+  end
   if redis.call('EXISTS', KEYS[19]) == 0 then
     redis.call('XGROUP', 'CREATE', KEYS[19], group, '$', 'MKSTREAM')
   end
+  redis.call('HDEL', keys_key, ulid)
   local entry_id = redis.call('XADD', KEYS[19], '*', 'j', ulid, 'd', job, 'k', k)
   redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', KEYS[19], '>')
   activate(claimed, state_key, events_key, consumer, 10, entry_id, ulid, job,
     {st, attempt, prio, entry_id, first_ev, final_ev})
-  note_start(L, k, ulid)
+  note_start(k, ulid)
   want = want - 1
 end
 
@@ -124,11 +232,11 @@ local scanned = 0
 for band = 9, 1, -1 do
   if want <= 0 then break end
   -- Held jobs whose key may start: older than anything still in this band's stream.
-  while want > 0 do
+  while want > 0 and has_held do
     local top = redis.call('ZRANGE', ready_key, 0, 0, 'WITHSCORES')
     if not top[2] or 9 - math.floor(tonumber(top[2]) / BAND_SPAN) < band then break end
     local k = top[1]
-    local wait = key_wait(L, k)
+    local wait = key_wait(k)
     if wait > 0 then
       redis.call('ZREM', ready_key, k)
       redis.call('ZADD', blocked_key, wait, k)
@@ -154,7 +262,7 @@ for band = 9, 1, -1 do
       local wait = 0
       if k and st == '1' and eid == entry_id then
         -- Behind the key's held jobs (FIFO per key), or the key may not start now.
-        if redis.call('EXISTS', key_key('held', k)) == 1 then wait = -1 else wait = key_wait(L, k) end
+        if has_held and redis.call('EXISTS', key_key('held', k)) == 1 then wait = -1 else wait = key_wait(k) end
       end
       if not st or tonumber(st) >= 5 or eid ~= entry_id then
         -- Cancelled, expired or superseded while waiting: never run it.
@@ -165,7 +273,9 @@ for band = 9, 1, -1 do
         redis.call('XACK', stream, group, entry_id)
         redis.call('XDEL', stream, entry_id)
         redis.call('HSET', parked_key, ulid, job)
+        redis.call('HSET', keys_key, ulid, k)
         redis.call('ZADD', key_key('held', k), order, ulid)
+        has_held = true
         redis.call('HSET', state_key, ulid, '1|' .. attempt .. '|' .. prio .. '|h|' .. first_ev .. '|' .. final_ev)
         if wait > 0 then
           redis.call('ZADD', blocked_key, wait, k)
@@ -175,12 +285,14 @@ for band = 9, 1, -1 do
       else
         activate(claimed, state_key, events_key, consumer, band, entry_id, ulid, job,
           {st, attempt, prio, eid, first_ev, final_ev})
-        if k or qrate then note_start(L, k, ulid) end
+        if k or qrate then note_start(k, ulid) end
         want = want - 1
       end
     end
   end
 end
+
+window_flush()
 
 local wait_from = {}
 local next_due = ''

@@ -11,8 +11,9 @@ KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream  KEYS[16] de
 KEYS[17] cancel hash  KEYS[19..25] flow control (see prelude): every outcome gives the job's
 concurrency slot back; the workers are signalled when that may let a held job start
 ARGV[1] consumer group  ARGV[2] consumer  ARGV[3] record retention ms  ARGV[4] number of outcomes
-ARGV[5] the outcomes packed back to back, each as struct '>B I2 c0 c26 I4 B d I4 c0':
-  band, entry id, ulid, attempt, JobState (4 = retry, else final), due ms (retries), JobEvent bytes
+ARGV[5] the outcomes packed back to back, each as struct '>B I2 c0 c26 I4 B d I4 c0 B c0':
+  band, entry id, ulid, attempt, JobState (4 = retry, else final), due ms (retries), JobEvent
+  bytes, rate key ("" = none)
 returns an array with, per outcome, the event id, or 0 when fenced off
 ]]
 --#include prelude
@@ -24,9 +25,10 @@ local pos = 1
 local out = {}
 local signalled = false
 local queue_capped = redis.call('HEXISTS', KEYS[20], 'conc') == 1
+local check_held = any_held()
 for _ = 1, n do
-  local band, entry_id, ulid, attempt, new_state, due, event
-  band, entry_id, ulid, attempt, new_state, due, event, pos = struct.unpack('>B I2 c0 c26 I4 B d I4 c0', packed, pos)
+  local band, entry_id, ulid, attempt, new_state, due, event, k
+  band, entry_id, ulid, attempt, new_state, due, event, k, pos = struct.unpack('>B I2 c0 c26 I4 B d I4 c0 B c0', packed, pos)
   local stream = stream_of(band)
   local rec = redis.call('HGET', state_key, ulid)
   local st, att, prio, eid, first_ev, owner
@@ -47,12 +49,12 @@ for _ = 1, n do
     redis.call('XDEL', stream, entry_id)
     redis.call('HDEL', KEYS[17], ulid)
     local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
-    local wakes, k = release(ulid, new_state ~= 4)
-    if wakes or queue_capped then signalled = true end
+    if release(ulid, k, check_held) or queue_capped then signalled = true end
     if new_state == 6 and job then
-      redis.call('XADD', dead_key, '*', 'j', ulid, 'd', job, 'e', event, 'p', prio, 'a', att, 'k', k or '')
+      redis.call('XADD', dead_key, '*', 'j', ulid, 'd', job, 'e', event, 'p', prio, 'a', att, 'k', k)
     end
     if new_state == 4 and job then
+      if k ~= '' then redis.call('HSET', KEYS[23], ulid, k) end
       redis.call('HSET', parked_key, ulid, job)
       redis.call('ZADD', delayed_key, due, ulid)
       redis.call('HSET', state_key, ulid, '4|' .. att .. '|' .. prio .. '||' .. first_ev .. '|')

@@ -41,8 +41,8 @@ for _ = 1, n do
     out[#out + 1] = st
   else
     local state
-    if k ~= '' then redis.call('HSET', KEYS[23], ulid, k) end
     if due > 0 then
+      if k ~= '' then redis.call('HSET', KEYS[23], ulid, k) end  -- parked: the stream entry will carry it
       local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
       redis.call('ZADD', delayed_key, due, ulid)
       redis.call('HSET', parked_key, ulid, job)

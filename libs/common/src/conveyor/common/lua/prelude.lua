@@ -33,7 +33,8 @@ local function activate(out, state_key, events_key, consumer, band, entry_id, ul
 end
 
 -- Flow control (rate limits, concurrency caps, back-offs). Per-queue KEYS, as in keys.py:
--- [19] admitted stream  [20] limits hash  [21] blocked zset  [22] ready zset  [23] rate keys hash
+-- [19] admitted stream  [20] limits hash  [21] blocked zset  [22] ready zset
+-- [23] rate keys of parked and held jobs (a job in a stream carries its key as field k)
 -- [24] queue start window  [25] back-offs zset (member "" = the whole queue, else a rate key).
 -- The job stream of a claim's band: 1..9 are the priority bands, 10 the admitted stream.
 local function stream_of(band)
@@ -41,7 +42,11 @@ local function stream_of(band)
   return KEYS[3 + band]
 end
 -- Per-key keys share the queue's hash tag: "conveyor:{q}:key:<kind>:<rate key>".
-local function key_key(kind, k) return string.sub(KEYS[1], 1, -6) .. 'key:' .. kind .. ':' .. k end
+local key_base = nil
+local function key_key(kind, k)
+  if not key_base then key_base = string.sub(KEYS[1], 1, -6) .. 'key:' end
+  return key_base .. kind .. ':' .. k
+end
 
 -- The flow-control settings, parsed: rate/key_rate as {n, period ms}, conc/key_conc as numbers,
 -- overrides under rate:<k> and conc:<k> kept as strings ("n:period" and "n").
@@ -57,26 +62,6 @@ local function parse_rate(spec)
   return {tonumber(n), tonumber(p)}
 end
 
--- Sliding window of start times (a list, newest first, at most `n` long): how many more may
--- start now, or 0 and the ms when the next one may.
-local function window_free(list, rate)
-  local n, period = rate[1], rate[2]
-  local cutoff = now_ms - period
-  while true do
-    local oldest = redis.call('LINDEX', list, -1)
-    if not oldest or tonumber(oldest) > cutoff then break end
-    redis.call('RPOP', list)
-  end
-  local used = redis.call('LLEN', list)
-  if used < n then return n - used, 0 end
-  return 0, tonumber(redis.call('LINDEX', list, n - 1)) + period
-end
-local function window_add(list, rate)
-  redis.call('LPUSH', list, now_ms)
-  redis.call('LTRIM', list, 0, rate[1] - 1)
-  redis.call('PEXPIRE', list, rate[2])
-end
-
 -- The ms until which a back-off holds `member` ("" = the whole queue), or 0.
 local function backed_off(member)
   local until_ms = redis.call('ZSCORE', KEYS[25], member)
@@ -89,60 +74,26 @@ end
 local function running_count()
   local n = 0
   for band = 1, 10 do
-    local stream = stream_of(band)
-    if redis.call('EXISTS', stream) == 1 then n = n + redis.call('XPENDING', stream, 'workers')[1] end
+    -- A stream that does not exist (yet) is an error reply: cheaper than asking EXISTS first.
+    local summary = redis.pcall('XPENDING', stream_of(band), 'workers')
+    if type(summary) == 'table' and summary[1] then n = n + summary[1] end
   end
   return n
 end
 
--- 0 when a job of rate key `k` may start now, else the ms to look at the key again (its rate
--- window frees up, or a back-off ends; at its cap: a finishing job wakes it, 5 s at the latest).
-local function key_wait(L, k)
-  local b = backed_off(k)
-  if b > 0 then return b end
-  local conc = L['conc:' .. k] or L['key_conc']
-  if conc then
-    conc = tonumber(conc)
-    local run = key_key('run', k)
-    if redis.call('SCARD', run) >= conc then
-      -- A member no longer running (whatever ended it) must not hold a slot: the set heals itself.
-      for _, u in ipairs(redis.call('SMEMBERS', run)) do
-        local rec = redis.call('HGET', KEYS[1], u)
-        if not rec or string.sub(rec, 1, 2) ~= '3|' then redis.call('SREM', run, u) end
-      end
-      if redis.call('SCARD', run) >= conc then return now_ms + 5000 end
-    end
-  end
-  local rate = parse_rate(L['rate:' .. k] or L['key_rate'])
-  if rate then
-    local free, until_ms = window_free(key_key('starts', k), rate)
-    if free <= 0 then return until_ms end
-  end
-  return 0
-end
-
--- Count a start against the queue's and the key's limits.
-local function note_start(L, k, ulid)
-  local qrate = parse_rate(L['rate'])
-  if qrate then window_add(KEYS[24], qrate) end
-  if k then
-    redis.call('SADD', key_key('run', k), ulid)
-    local rate = parse_rate(L['rate:' .. k] or L['key_rate'])
-    if rate then window_add(key_key('starts', k), rate) end
-  end
-end
-
--- A job stopped running (any outcome, cancel, dead letter): give its key's slot back. When
--- the key has jobs held back, make the next claim look at it now; returns true then (the
--- caller signals the workers). `final`: the job is done, forget its key.
-local function release(ulid, final)
-  local k = redis.call('HGET', KEYS[23], ulid)
-  if not k then return false, nil end
+-- A job of rate key `k` stopped running (any outcome, cancel, dead letter): give its slot back.
+-- When the key has jobs held back (`check_held`: the caller saw a ready or blocked key), make
+-- the next claim look at it now and return true (the caller signals the workers).
+local function release(ulid, k, check_held)
+  if not k or k == '' then return false end
   redis.call('SREM', key_key('run', k), ulid)
-  if final then redis.call('HDEL', KEYS[23], ulid) end
-  if redis.call('EXISTS', key_key('held', k)) == 1 then
+  if check_held and redis.call('EXISTS', key_key('held', k)) == 1 then
     redis.call('ZADD', KEYS[21], 'XX', now_ms, k)
-    return true, k
+    return true
   end
-  return false, k
+  return false
+end
+-- Whether any rate key has held-back jobs or is blocked (else nothing is held: skip the checks).
+local function any_held()
+  return redis.call('EXISTS', KEYS[21], KEYS[22]) > 0
 end

@@ -35,9 +35,10 @@ for _, band in ipairs({10, 9, 8, 7, 6, 5, 4, 3, 2, 1}) do
       end
       for _, entry in ipairs(res[2]) do
         local entry_id, fields = entry[1], entry[2]
-        local ulid, job
+        local ulid, job, k
         for f = 1, #fields, 2 do
-          if fields[f] == 'j' then ulid = fields[f + 1] elseif fields[f] == 'd' then job = fields[f + 1] end
+          local name = fields[f]
+          if name == 'j' then ulid = fields[f + 1] elseif name == 'd' then job = fields[f + 1] elseif name == 'k' then k = fields[f + 1] end
         end
         local deliveries = redis.call('XPENDING', stream, group, entry_id, entry_id, 1)[1][4]
         local rec = ulid and redis.call('HGET', state_key, ulid)
@@ -56,7 +57,7 @@ for _, band in ipairs({10, 9, 8, 7, 6, 5, 4, 3, 2, 1}) do
           redis.call('XACK', stream, group, entry_id)
           redis.call('XDEL', stream, entry_id)
           redis.call('HDEL', KEYS[17], ulid)
-          if release(ulid, true) or redis.call('HEXISTS', KEYS[20], 'conc') == 1 then signalled = true end
+          if release(ulid, k, true) or redis.call('HEXISTS', KEYS[20], 'conc') == 1 then signalled = true end
           local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
           redis.call('HSET', state_key, ulid, '8|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)
           redis.call('ZADD', done_key, now_ms + retention, ulid)
@@ -68,8 +69,7 @@ for _, band in ipairs({10, 9, 8, 7, 6, 5, 4, 3, 2, 1}) do
             .. bytes_field(0x2a, timestamp) .. bytes_field(0x32, consumer) .. bytes_field(0x52, err) .. bytes_field(0x62, job)
           redis.call('XACK', stream, group, entry_id)
           redis.call('XDEL', stream, entry_id)
-          local wakes, k = release(ulid, true)
-          if wakes then signalled = true end
+          if release(ulid, k, true) then signalled = true end
           local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
           redis.call('XADD', dead_key, '*', 'j', ulid, 'd', job, 'e', event, 'p', prio, 'a', attempt, 'k', k or '')
           redis.call('HSET', state_key, ulid, '7|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)

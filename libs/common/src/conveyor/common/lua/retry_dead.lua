@@ -1,7 +1,7 @@
 --[[ retry_dead: put dead letters back on their queue as new attempts of the same job ids.
 Each one gets a new stream entry in its band, a QUEUED event and a QUEUED live record (its
 attempt count carries on), and leaves the dead-letter stream, all in one step.
-KEYS as in claim.lua: [1] state [2] events [3] done [4..12] bands [16] dead [23] rate keys
+KEYS as in claim.lua: [1] state [2] events [3] done [4..12] bands [16] dead
 ARGV[1] ulid, or "" for every dead letter  ARGV[2] most to retry in this call
 returns the ulids queued again
 ]]
@@ -29,7 +29,6 @@ while #retried < most do
       local entry_id
       if f['k'] and f['k'] ~= '' then
         entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', f['d'], 'k', f['k'])
-        redis.call('HSET', KEYS[23], ulid, f['k'])
       else
         entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', f['d'])
       end
