@@ -444,6 +444,8 @@ class Bench:
                 st.set_loose_limits()
                 extra = ("--controls",)
             time.sleep(0.5)  # idle and ready: the worker is blocked waiting for work
+            assert st.r is not None
+            st.r.config_resetstat()
             cpu0, bench0 = st.cpu_ticks(), time.process_time()
             with driver_cleanup(st.driver("batch", "--n", str(n), "--batch", "100",
                                           "--inflight", str(self.a.inflight), *extra)) as d:  # fmt: skip
@@ -451,6 +453,7 @@ class Bench:
                 t_seen = st.wait_committed(warm + n, timeout=300)
                 cpu1, bench1 = st.cpu_ticks(), time.process_time()
                 res = d.result(60)
+            redis_calls = redis_commands(st.r, n)
             t0 = res["t0"]
             assert st.db is not None
             # Exact commit instants: track_commit_timestamp gives each row's committing transaction's time.
@@ -483,6 +486,7 @@ class Bench:
             "committed_s": t_commit - t0,
             "committed_poll_s": t_seen - t0,
             "lost": n - done,
+            "redis_per_job": redis_calls,
             **cpu_report(cpu0, cpu1, res["cpu_s"], bench1 - bench0, n),
         }
         lag = {
@@ -712,6 +716,22 @@ class Bench:
             "latency = client time.time() on receipt - Redis time of the event id, live events only "
             "(event time later than the stream's first message); CPU over the driver's run, per event received",
         }]  # fmt: skip
+
+
+def redis_commands(r: redis.Redis, n: int) -> dict[str, Any]:
+    """Redis commands per job since the last CONFIG RESETSTAT (the scripts' inner calls included),
+    and each script call's size: where Redis's CPU goes."""
+    stats = r.info("commandstats")
+    rows = {name.removeprefix("cmdstat_"): v for name, v in stats.items()}
+    inner = {c: v for c, v in rows.items() if c not in ("evalsha", "eval", "info", "config|resetstat")}
+    top = sorted(inner.items(), key=lambda cv: -cv[1]["calls"])[:12]
+    scripts = rows.get("evalsha", {"calls": 0, "usec": 0})
+    return {
+        "calls": round(sum(v["calls"] for v in inner.values()) / n, 2),
+        "script_calls": round(scripts["calls"] / n, 3),
+        "script_usec": round(scripts["usec"] / n, 1),
+        "top": {c: round(v["calls"] / n, 2) for c, v in top},
+    }
 
 
 def key_breakdown(r: redis.Redis) -> dict[str, int]:
