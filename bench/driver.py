@@ -143,6 +143,25 @@ async def run_conc(stub: producer_service_pb2_grpc.ProducerServiceStub, a: argpa
     return {"n": n, "inflight": c, "t0": t0, "t1": t1, "jobs_per_s": n / (t1 - t0), "cpu_s": c1 - c0}
 
 
+async def run_client(stub: producer_service_pb2_grpc.ProducerServiceStub, a: argparse.Namespace) -> dict:
+    """`--inflight` concurrent callers of the Python client's enqueue (it coalesces them into batches;
+    each job gets the client's own idempotency key, as every user's does)."""
+    from conveyor.common.client import ConveyorClient
+
+    n, c = a.n, a.inflight
+    payload = json.loads(PAYLOAD)
+    async with ConveyorClient(a.addr, timeout=a.timeout) as client:
+
+        async def caller(k: int) -> None:
+            for _ in range(n // c + (1 if k < n % c else 0)):
+                await client.enqueue(a.queue, JOB_TYPE, payload)
+
+        c0, t0 = cpu_s(), time.time()
+        await asyncio.gather(*(caller(k) for k in range(c)))
+        t1, c1 = time.time(), cpu_s()
+    return {"n": n, "inflight": c, "t0": t0, "t1": t1, "jobs_per_s": n / (t1 - t0), "cpu_s": c1 - c0}
+
+
 async def run_rate(stub: producer_service_pb2_grpc.ProducerServiceStub, a: argparse.Namespace) -> dict:
     n = int(a.rate * a.duration)
     sent: list[tuple[str, float]] = []
@@ -237,7 +256,7 @@ async def run_watch(a: argparse.Namespace) -> dict:
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["batch", "single", "conc", "rate", "watch"])
+    ap.add_argument("mode", choices=["batch", "single", "conc", "client", "rate", "watch"])
     ap.add_argument("--addr", required=True)
     ap.add_argument("--queue", default="bench")
     ap.add_argument("--n", type=int, default=20000)
@@ -272,7 +291,9 @@ async def main(a: argparse.Namespace) -> dict:
             else:
                 for _ in range(a.warmup):
                     await stub.Enqueue(request(a.queue), timeout=a.timeout)
-        run = {"batch": run_batch, "single": run_single, "conc": run_conc, "rate": run_rate}[a.mode]
+        run = {"batch": run_batch, "single": run_single, "conc": run_conc, "client": run_client, "rate": run_rate}[
+            a.mode
+        ]
         out = await run(stub, a)
     out.update(mode=a.mode, warmup=a.warmup)
     return out
