@@ -272,6 +272,7 @@ def test_flow_control_through_buf_curl_as_the_readme_shows(stack: Stack) -> None
         ("SetRateLimit", {"queue": "flow", "key": "acme", "limit": 100, "period": "60s"}),
         ("SetConcurrencyLimit", {"queue": "flow", "limit": 20}),
         ("BackOff", {"queue": "flow", "key": "acme", "duration": "300s"}),
+        ("SetDefaultPriority", {"queue": "flow", "priority": 3}),
     ]
     for method, body in calls:
         done = buf_curl(f"{base}/{method}", data=json.dumps(body))
@@ -281,6 +282,7 @@ def test_flow_control_through_buf_curl_as_the_readme_shows(stack: Stack) -> None
     assert limits["ratePerKey"] == {"limit": 10, "period": "60s"}
     assert limits["keys"] == [{"key": "acme", "rate": {"limit": 100, "period": "60s"}}]
     assert limits["concurrency"] == 20
+    assert limits["defaultPriority"] == 3
     assert [b["key"] for b in limits["blockedKeys"]] == ["acme"]
     bad = buf_curl(f"{base}/SetRateLimit", data=json.dumps({"queue": "flow", "limit": 0, "period": "1s"}))
     assert bad.returncode != 0 and "invalid_argument" in bad.stderr.lower() and "limit" in bad.stderr

@@ -283,3 +283,32 @@ async def test_delayed_and_retried_jobs_keep_their_key(
     assert not any(a <= t < b for t in actives for a, b in spans)
     keys = queue_keys("default")
     assert not await redis_client.exists(keys.rate_keys, keys.held("d"), keys.running("d"))
+
+
+async def test_a_queue_default_priority_applies_to_jobs_enqueued_without_one(
+    producer: Producer, start_worker: StartWorker
+) -> None:
+    shown = await producer.admin.SetDefaultPriority(lim.SetDefaultPriorityRequest(queue="default", priority=8))
+    assert shown.limits.default_priority == 8
+    for bad in (0, 10, -1):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await producer.admin.SetDefaultPriority(lim.SetDefaultPriorityRequest(queue="default", priority=bad))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "priority" in (info.value.details() or "")
+    assert (await producer.admin.GetLimits(lim.GetLimitsRequest(queue="default"))).limits.default_priority == 8
+
+    async def default_applied() -> bool:  # producers cache the default for up to a second
+        probe = await enqueue(producer, "test.count", queue="default")
+        got = (await producer.stub.GetJob(p.GetJobRequest(job_id=probe.job_id))).job
+        return got.priority == 8
+
+    await wait_for(default_applied, "the new default priority to apply", within=3)
+    explicit = await enqueue(producer, "test.count", priority=2)
+    assert (await producer.stub.GetJob(p.GetJobRequest(job_id=explicit.job_id))).job.priority == 2
+    other = await enqueue(producer, "test.count", queue="other")
+    assert (await producer.stub.GetJob(p.GetJobRequest(job_id=other.job_id))).job.priority == 5
+    # Jobs at the default outrank explicit lower priorities.
+    test_handlers.started.clear()
+    await start_worker(queues=("default",))
+    await wait_for(lambda: _ran(explicit.job_id), "the explicit low-priority job")
+    order = [j for j in test_handlers.started]
+    assert order.index(explicit.job_id) == len(order) - 1

@@ -267,6 +267,11 @@ class ConveyorClient:
         req = limits_pb2.GetLimitsRequest(queue=queue)
         return (await self._call(lambda: self._admin.GetLimits(req, timeout=self._timeout))).limits
 
+    async def set_default_priority(self, queue: str, priority: int) -> limits_pb2.QueueLimits:
+        """The priority (1-9) of the queue's jobs enqueued without one; producers apply it within a second."""
+        req = limits_pb2.SetDefaultPriorityRequest(queue=queue, priority=priority)
+        return (await self._call(lambda: self._admin.SetDefaultPriority(req, timeout=self._timeout))).limits
+
     async def back_off(self, queue: str, duration: timedelta, *, key: str = "") -> datetime:
         """Hold back starts of the queue (or of one rate key) for ``duration``; returns the end."""
         req = limits_pb2.BackOffRequest(queue=queue, key=key)

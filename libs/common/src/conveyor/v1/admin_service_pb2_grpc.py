@@ -76,6 +76,11 @@ class AdminServiceStub:
                 request_serializer=conveyor_dot_v1_dot_limits__pb2.BackOffRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_limits__pb2.BackOffResponse.FromString,
                 _registered_method=True)
+        self.SetDefaultPriority = channel.unary_unary(
+                '/conveyor.v1.AdminService/SetDefaultPriority',
+                request_serializer=conveyor_dot_v1_dot_limits__pb2.SetDefaultPriorityRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_limits__pb2.SetDefaultPriorityResponse.FromString,
+                _registered_method=True)
         self.ListDeadLetters = channel.unary_unary(
                 '/conveyor.v1.AdminService/ListDeadLetters',
                 request_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListDeadLettersRequest.SerializeToString,
@@ -171,6 +176,14 @@ class AdminServiceServicer:
     def BackOff(self, request, context):
         """BackOff holds back the starts of a queue, or of one rate key, for a while
         (what a handler does when it gets HTTP 429). Running jobs go on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDefaultPriority(self, request, context):
+        """SetDefaultPriority sets the priority of the queue's jobs enqueued without one
+        (every producer applies it within a second). Jobs already waiting keep theirs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -273,6 +286,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.BackOff,
                     request_deserializer=conveyor_dot_v1_dot_limits__pb2.BackOffRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_limits__pb2.BackOffResponse.SerializeToString,
+            ),
+            'SetDefaultPriority': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDefaultPriority,
+                    request_deserializer=conveyor_dot_v1_dot_limits__pb2.SetDefaultPriorityRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_limits__pb2.SetDefaultPriorityResponse.SerializeToString,
             ),
             'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDeadLetters,
@@ -522,6 +540,33 @@ class AdminService:
             '/conveyor.v1.AdminService/BackOff',
             conveyor_dot_v1_dot_limits__pb2.BackOffRequest.SerializeToString,
             conveyor_dot_v1_dot_limits__pb2.BackOffResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDefaultPriority(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/SetDefaultPriority',
+            conveyor_dot_v1_dot_limits__pb2.SetDefaultPriorityRequest.SerializeToString,
+            conveyor_dot_v1_dot_limits__pb2.SetDefaultPriorityResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,10 @@ class AdminServiceStub:
     """BackOff holds back the starts of a queue, or of one rate key, for a while
     (what a handler does when it gets HTTP 429). Running jobs go on.
     """
+    SetDefaultPriority: _grpc.UnaryUnaryMultiCallable[_limits_pb2.SetDefaultPriorityRequest, _limits_pb2.SetDefaultPriorityResponse]
+    """SetDefaultPriority sets the priority of the queue's jobs enqueued without one
+    (every producer applies it within a second). Jobs already waiting keep theirs.
+    """
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListDeadLettersRequest, _admin_service_pb2.ListDeadLettersResponse]
     """ListDeadLetters lists a queue's dead letters (final failures and poison jobs),
     oldest first, one page at a time.
@@ -126,6 +130,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     BackOff: _aio.UnaryUnaryMultiCallable[_limits_pb2.BackOffRequest, _limits_pb2.BackOffResponse]  # type: ignore[assignment]
     """BackOff holds back the starts of a queue, or of one rate key, for a while
     (what a handler does when it gets HTTP 429). Running jobs go on.
+    """
+    SetDefaultPriority: _aio.UnaryUnaryMultiCallable[_limits_pb2.SetDefaultPriorityRequest, _limits_pb2.SetDefaultPriorityResponse]  # type: ignore[assignment]
+    """SetDefaultPriority sets the priority of the queue's jobs enqueued without one
+    (every producer applies it within a second). Jobs already waiting keep theirs.
     """
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListDeadLettersRequest, _admin_service_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
     """ListDeadLetters lists a queue's dead letters (final failures and poison jobs),
@@ -236,6 +244,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_limits_pb2.BackOffResponse, _abc.Awaitable[_limits_pb2.BackOffResponse]]:
         """BackOff holds back the starts of a queue, or of one rate key, for a while
         (what a handler does when it gets HTTP 429). Running jobs go on.
+        """
+
+    @_abc_1.abstractmethod
+    def SetDefaultPriority(
+        self,
+        request: _limits_pb2.SetDefaultPriorityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_limits_pb2.SetDefaultPriorityResponse, _abc.Awaitable[_limits_pb2.SetDefaultPriorityResponse]]:
+        """SetDefaultPriority sets the priority of the queue's jobs enqueued without one
+        (every producer applies it within a second). Jobs already waiting keep theirs.
         """
 
     @_abc_1.abstractmethod

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63onveyor/v1/limits.proto\x12\x0b\x63onveyor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"E\n\tRateLimit\x12\r\n\x05limit\x18\x01 \x01(\x05\x12)\n\x06period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"S\n\tKeyLimits\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x04rate\x18\x02 \x01(\x0b\x32\x16.conveyor.v1.RateLimit\x12\x13\n\x0b\x63oncurrency\x18\x03 \x01(\x05\"U\n\nBlockedKey\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07waiting\x18\x03 \x01(\x03\"\xbe\x02\n\x0bQueueLimits\x12\r\n\x05queue\x18\x01 \x01(\t\x12$\n\x04rate\x18\x02 \x01(\x0b\x32\x16.conveyor.v1.RateLimit\x12\x13\n\x0b\x63oncurrency\x18\x03 \x01(\x05\x12,\n\x0crate_per_key\x18\x04 \x01(\x0b\x32\x16.conveyor.v1.RateLimit\x12\x1b\n\x13\x63oncurrency_per_key\x18\x05 \x01(\x05\x12$\n\x04keys\x18\x06 \x03(\x0b\x32\x16.conveyor.v1.KeyLimits\x12\x34\n\x10\x62\x61\x63ked_off_until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x0c\x62locked_keys\x18\x08 \x03(\x0b\x32\x17.conveyor.v1.BlockedKey\x12\x0f\n\x07running\x18\t \x01(\x03\"\x8a\x01\n\x13SetRateLimitRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x12\n\x08\x65\x61\x63h_key\x18\x02 \x01(\x08H\x00\x12\r\n\x03key\x18\x03 \x01(\tH\x00\x12\r\n\x05limit\x18\x04 \x01(\x05\x12)\n\x06period\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationB\x07\n\x05scope\"@\n\x14SetRateLimitResponse\x12(\n\x06limits\x18\x01 \x01(\x0b\x32\x18.conveyor.v1.QueueLimits\"R\n\x15\x43learRateLimitRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x12\n\x08\x65\x61\x63h_key\x18\x02 \x01(\x08H\x00\x12\r\n\x03key\x18\x03 \x01(\tH\x00\x42\x07\n\x05scope\"S\n\x16\x43learRateLimitResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12(\n\x06limits\x18\x02 \x01(\x0b\x32\x18.conveyor.v1.QueueLimits\"f\n\x1aSetConcurrencyLimitRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x12\n\x08\x65\x61\x63h_key\x18\x02 \x01(\x08H\x00\x12\r\n\x03key\x18\x03 \x01(\tH\x00\x12\r\n\x05limit\x18\x04 \x01(\x05\x42\x07\n\x05scope\"G\n\x1bSetConcurrencyLimitResponse\x12(\n\x06limits\x18\x01 \x01(\x0b\x32\x18.conveyor.v1.QueueLimits\"Y\n\x1c\x43learConcurrencyLimitRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x12\n\x08\x65\x61\x63h_key\x18\x02 \x01(\x08H\x00\x12\r\n\x03key\x18\x03 \x01(\tH\x00\x42\x07\n\x05scope\"Z\n\x1d\x43learConcurrencyLimitResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12(\n\x06limits\x18\x02 \x01(\x0b\x32\x18.conveyor.v1.QueueLimits\"!\n\x10GetLimitsRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"=\n\x11GetLimitsResponse\x12(\n\x06limits\x18\x01 \x01(\x0b\x32\x18.conveyor.v1.QueueLimits\"Y\n\x0e\x42\x61\x63kOffRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"<\n\x0f\x42\x61\x63kOffResponse\x12)\n\x05until\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63onveyor/v1/limits.proto\x12\x0b\x63onveyor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"E\n\tRateLimit\x12\r\n\x05limit\x18\x01 \x01(\x05\x12)\n\x06period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"S\n\tKeyLimits\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x04rate\x18\x02 \x01(\x0b\x32\x16.conveyor.v1.RateLimit\x12\x13\n\x0b\x63oncurrency\x18\x03 \x01(\x05\"U\n\nBlockedKey\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07waiting\x18\x03 \x01(\x03\"\xd8\x02\n\x0bQueueLimits\x12\r\n\x05queue\x18\x01 \x01(\t\x12$\n\x04rate\x18\x02 \x01(\x0b\x32\x16.conveyor.v1.RateLimit\x12\x13\n\x0b\x63oncurrency\x18\x03 \x01(\x05\x12,\n\x0crate_per_key\x18\x04 \x01(\x0b\x32\x16.conveyor.v1.RateLimit\x12\x1b\n\x13\x63oncurrency_per_key\x18\x05 \x01(\x05\x12$\n\x04keys\x18\x06 \x03(\x0b\x32\x16.conveyor.v1.KeyLimits\x12\x34\n\x10\x62\x61\x63ked_off_until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x0c\x62locked_keys\x18\x08 \x03(\x0b\x32\x17.conveyor.v1.BlockedKey\x12\x0f\n\x07running\x18\t \x01(\x03\x12\x18\n\x10\x64\x65\x66\x61ult_priority\x18\n \x01(\x05\"\x8a\x01\n\x13SetRateLimitRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x12\n\x08\x65\x61\x63h_key\x18\x02 \x01(\x08H\x00\x12\r\n\x03key\x18\x03 \x01(\tH\x00\x12\r\n\x05limit\x18\x04 \x01(\x05\x12)\n\x06period\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationB\x07\n\x05scope\"@\n\x14SetRateLimitResponse\x12(\n\x06limits\x18\x01 \x01(\x0b\x32\x18.conveyor.v1.QueueLimits\"R\n\x15\x43learRateLimitRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x12\n\x08\x65\x61\x63h_key\x18\x02 \x01(\x08H\x00\x12\r\n\x03key\x18\x03 \x01(\tH\x00\x42\x07\n\x05scope\"S\n\x16\x43learRateLimitResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12(\n\x06limits\x18\x02 \x01(\x0b\x32\x18.conveyor.v1.QueueLimits\"f\n\x1aSetConcurrencyLimitRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x12\n\x08\x65\x61\x63h_key\x18\x02 \x01(\x08H\x00\x12\r\n\x03key\x18\x03 \x01(\tH\x00\x12\r\n\x05limit\x18\x04 \x01(\x05\x42\x07\n\x05scope\"G\n\x1bSetConcurrencyLimitResponse\x12(\n\x06limits\x18\x01 \x01(\x0b\x32\x18.conveyor.v1.QueueLimits\"Y\n\x1c\x43learConcurrencyLimitRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x12\n\x08\x65\x61\x63h_key\x18\x02 \x01(\x08H\x00\x12\r\n\x03key\x18\x03 \x01(\tH\x00\x42\x07\n\x05scope\"Z\n\x1d\x43learConcurrencyLimitResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12(\n\x06limits\x18\x02 \x01(\x0b\x32\x18.conveyor.v1.QueueLimits\"!\n\x10GetLimitsRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"=\n\x11GetLimitsResponse\x12(\n\x06limits\x18\x01 \x01(\x0b\x32\x18.conveyor.v1.QueueLimits\"Y\n\x0e\x42\x61\x63kOffRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"<\n\x0f\x42\x61\x63kOffResponse\x12)\n\x05until\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"<\n\x19SetDefaultPriorityRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x10\n\x08priority\x18\x02 \x01(\x05\"F\n\x1aSetDefaultPriorityResponse\x12(\n\x06limits\x18\x01 \x01(\x0b\x32\x18.conveyor.v1.QueueLimitsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,29 +40,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BLOCKEDKEY']._serialized_start=262
   _globals['_BLOCKEDKEY']._serialized_end=347
   _globals['_QUEUELIMITS']._serialized_start=350
-  _globals['_QUEUELIMITS']._serialized_end=668
-  _globals['_SETRATELIMITREQUEST']._serialized_start=671
-  _globals['_SETRATELIMITREQUEST']._serialized_end=809
-  _globals['_SETRATELIMITRESPONSE']._serialized_start=811
-  _globals['_SETRATELIMITRESPONSE']._serialized_end=875
-  _globals['_CLEARRATELIMITREQUEST']._serialized_start=877
-  _globals['_CLEARRATELIMITREQUEST']._serialized_end=959
-  _globals['_CLEARRATELIMITRESPONSE']._serialized_start=961
-  _globals['_CLEARRATELIMITRESPONSE']._serialized_end=1044
-  _globals['_SETCONCURRENCYLIMITREQUEST']._serialized_start=1046
-  _globals['_SETCONCURRENCYLIMITREQUEST']._serialized_end=1148
-  _globals['_SETCONCURRENCYLIMITRESPONSE']._serialized_start=1150
-  _globals['_SETCONCURRENCYLIMITRESPONSE']._serialized_end=1221
-  _globals['_CLEARCONCURRENCYLIMITREQUEST']._serialized_start=1223
-  _globals['_CLEARCONCURRENCYLIMITREQUEST']._serialized_end=1312
-  _globals['_CLEARCONCURRENCYLIMITRESPONSE']._serialized_start=1314
-  _globals['_CLEARCONCURRENCYLIMITRESPONSE']._serialized_end=1404
-  _globals['_GETLIMITSREQUEST']._serialized_start=1406
-  _globals['_GETLIMITSREQUEST']._serialized_end=1439
-  _globals['_GETLIMITSRESPONSE']._serialized_start=1441
-  _globals['_GETLIMITSRESPONSE']._serialized_end=1502
-  _globals['_BACKOFFREQUEST']._serialized_start=1504
-  _globals['_BACKOFFREQUEST']._serialized_end=1593
-  _globals['_BACKOFFRESPONSE']._serialized_start=1595
-  _globals['_BACKOFFRESPONSE']._serialized_end=1655
+  _globals['_QUEUELIMITS']._serialized_end=694
+  _globals['_SETRATELIMITREQUEST']._serialized_start=697
+  _globals['_SETRATELIMITREQUEST']._serialized_end=835
+  _globals['_SETRATELIMITRESPONSE']._serialized_start=837
+  _globals['_SETRATELIMITRESPONSE']._serialized_end=901
+  _globals['_CLEARRATELIMITREQUEST']._serialized_start=903
+  _globals['_CLEARRATELIMITREQUEST']._serialized_end=985
+  _globals['_CLEARRATELIMITRESPONSE']._serialized_start=987
+  _globals['_CLEARRATELIMITRESPONSE']._serialized_end=1070
+  _globals['_SETCONCURRENCYLIMITREQUEST']._serialized_start=1072
+  _globals['_SETCONCURRENCYLIMITREQUEST']._serialized_end=1174
+  _globals['_SETCONCURRENCYLIMITRESPONSE']._serialized_start=1176
+  _globals['_SETCONCURRENCYLIMITRESPONSE']._serialized_end=1247
+  _globals['_CLEARCONCURRENCYLIMITREQUEST']._serialized_start=1249
+  _globals['_CLEARCONCURRENCYLIMITREQUEST']._serialized_end=1338
+  _globals['_CLEARCONCURRENCYLIMITRESPONSE']._serialized_start=1340
+  _globals['_CLEARCONCURRENCYLIMITRESPONSE']._serialized_end=1430
+  _globals['_GETLIMITSREQUEST']._serialized_start=1432
+  _globals['_GETLIMITSREQUEST']._serialized_end=1465
+  _globals['_GETLIMITSRESPONSE']._serialized_start=1467
+  _globals['_GETLIMITSRESPONSE']._serialized_end=1528
+  _globals['_BACKOFFREQUEST']._serialized_start=1530
+  _globals['_BACKOFFREQUEST']._serialized_end=1619
+  _globals['_BACKOFFRESPONSE']._serialized_start=1621
+  _globals['_BACKOFFRESPONSE']._serialized_end=1681
+  _globals['_SETDEFAULTPRIORITYREQUEST']._serialized_start=1683
+  _globals['_SETDEFAULTPRIORITYREQUEST']._serialized_end=1743
+  _globals['_SETDEFAULTPRIORITYRESPONSE']._serialized_start=1745
+  _globals['_SETDEFAULTPRIORITYRESPONSE']._serialized_end=1815
 # @@protoc_insertion_point(module_scope)

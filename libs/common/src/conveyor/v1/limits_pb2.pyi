@@ -131,6 +131,7 @@ class QueueLimits(_message.Message):
     BACKED_OFF_UNTIL_FIELD_NUMBER: _builtins.int
     BLOCKED_KEYS_FIELD_NUMBER: _builtins.int
     RUNNING_FIELD_NUMBER: _builtins.int
+    DEFAULT_PRIORITY_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """The queue."""
     concurrency: _builtins.int
@@ -139,6 +140,8 @@ class QueueLimits(_message.Message):
     """Concurrency cap of each rate key without an override; 0: none."""
     running: _builtins.int
     """Jobs running now, across all workers (what the concurrency cap counts)."""
+    default_priority: _builtins.int
+    """Priority of the queue's jobs enqueued without one (SetDefaultPriority; 5 unless set)."""
     @_builtins.property
     def rate(self) -> Global___RateLimit:
         """Whole-queue rate limit; unset: none."""
@@ -171,10 +174,11 @@ class QueueLimits(_message.Message):
         backed_off_until: _timestamp_pb2.Timestamp | None = ...,
         blocked_keys: _abc.Iterable[Global___BlockedKey] | None = ...,
         running: _builtins.int = ...,
+        default_priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backed_off_until", b"backed_off_until", "rate", b"rate", "rate_per_key", b"rate_per_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backed_off_until", b"backed_off_until", "blocked_keys", b"blocked_keys", "concurrency", b"concurrency", "concurrency_per_key", b"concurrency_per_key", "keys", b"keys", "queue", b"queue", "rate", b"rate", "rate_per_key", b"rate_per_key", "running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backed_off_until", b"backed_off_until", "blocked_keys", b"blocked_keys", "concurrency", b"concurrency", "concurrency_per_key", b"concurrency_per_key", "default_priority", b"default_priority", "keys", b"keys", "queue", b"queue", "rate", b"rate", "rate_per_key", b"rate_per_key", "running", b"running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -533,3 +537,53 @@ class BackOffResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BackOffResponse: _TypeAlias = BackOffResponse  # noqa: Y015
+
+@_typing.final
+class SetDefaultPriorityRequest(_message.Message):
+    """SetDefaultPriorityRequest sets the priority of a queue's jobs enqueued without one."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """The queue."""
+    priority: _builtins.int
+    """1 (lowest) to 9 (highest); 5 is the default of every queue until set."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        priority: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["priority", b"priority", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetDefaultPriorityRequest: _TypeAlias = SetDefaultPriorityRequest  # noqa: Y015
+
+@_typing.final
+class SetDefaultPriorityResponse(_message.Message):
+    """SetDefaultPriorityResponse shows the queue's settings after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def limits(self) -> Global___QueueLimits:
+        """The queue's limits and default priority now."""
+
+    def __init__(
+        self,
+        *,
+        limits: Global___QueueLimits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetDefaultPriorityResponse: _TypeAlias = SetDefaultPriorityResponse  # noqa: Y015

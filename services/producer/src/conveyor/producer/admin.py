@@ -77,6 +77,11 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     async def GetLimits(self, request: limits_pb2.GetLimitsRequest, context: Context) -> limits_pb2.GetLimitsResponse:
         return limits_pb2.GetLimitsResponse(limits=await self._limits.get(request.queue))
 
+    async def SetDefaultPriority(
+        self, request: limits_pb2.SetDefaultPriorityRequest, context: Context
+    ) -> limits_pb2.SetDefaultPriorityResponse:
+        return limits_pb2.SetDefaultPriorityResponse(limits=await self._limits.set_default_priority(request))
+
     async def BackOff(self, request: limits_pb2.BackOffRequest, context: Context) -> limits_pb2.BackOffResponse:
         response = limits_pb2.BackOffResponse()
         response.until.FromMilliseconds(await self._limits.back_off(request))

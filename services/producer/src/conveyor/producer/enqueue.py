@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import replace
 
 import redis.asyncio as aioredis
 
 from conveyor.common.errors import InvalidArgument, ResourceExhausted
 from conveyor.common.ids import make_job_id, new_ulid
-from conveyor.common.keys import QUEUES, queue_keys
-from conveyor.common.redis import sadd
+from conveyor.common.keys import DEFAULT_PRIORITY, QUEUES, queue_keys
+from conveyor.common.redis import hget, sadd
 from conveyor.common.scripts import NewJob, Scripts
 from conveyor.producer.validate import ValidJob, validate_all
 from conveyor.v1 import event_pb2, job_pb2, producer_service_pb2
@@ -59,6 +60,30 @@ def build_job(valid: ValidJob, now_ns: int) -> tuple[bytes, bytes]:
     return stored, event.SerializeToString()
 
 
+class QueueDefaults:
+    """Each queue's default priority (SetDefaultPriority), read from Redis at most once a second.
+
+    A change reaches every producer within DEFAULTS_TTL_S; reading it on every enqueue would
+    cost a round trip per batch for a setting that almost never changes.
+    """
+
+    DEFAULTS_TTL_S = 1.0
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self._cache: dict[str, tuple[int, float]] = {}
+
+    async def priority(self, queue: str) -> int:
+        cached = self._cache.get(queue)
+        now = time.monotonic()
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        raw = await hget(self._redis, queue_keys(queue).limits, "prio")
+        value = int(raw) if raw else DEFAULT_PRIORITY
+        self._cache[queue] = (value, now + self.DEFAULTS_TTL_S)
+        return value
+
+
 class Enqueuer:
     """Validates and writes jobs.
 
@@ -75,6 +100,7 @@ class Enqueuer:
         self._max_payload_bytes = max_payload_bytes
         self._max_batch = max_batch
         self._known_queues: set[str] = set()
+        self._defaults = QueueDefaults(redis)
 
     async def enqueue(
         self, requests: list[producer_service_pb2.EnqueueRequest], batch: bool
@@ -85,6 +111,13 @@ class Enqueuer:
         if len(requests) > self._max_batch:
             raise ResourceExhausted(f"jobs: {len(requests)} jobs in one batch; the limit is {self._max_batch}")
         valid = validate_all(requests, self._max_payload_bytes, batch)
+        defaults: dict[str, int] = {}
+        for index, v in enumerate(valid):
+            if not v.priority:
+                queue = v.request.queue
+                if queue not in defaults:
+                    defaults[queue] = await self._defaults.priority(queue)
+                valid[index] = replace(v, priority=defaults[queue])
         by_queue: dict[str, list[tuple[int, NewJob]]] = defaultdict(list)
         now_ns = time.time_ns()
         for index, v in enumerate(valid):

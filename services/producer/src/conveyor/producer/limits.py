@@ -9,6 +9,7 @@ from __future__ import annotations
 from google.protobuf.duration_pb2 import Duration
 
 from conveyor.common.errors import InvalidArgument
+from conveyor.common.keys import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 from conveyor.common.scripts import LimitsSnapshot, Scripts
 from conveyor.producer.dead_letters import queue_of
 from conveyor.producer.validate import RATE_KEY_RE
@@ -65,6 +66,7 @@ def describe(queue: str, snap: LimitsSnapshot) -> limits_pb2.QueueLimits:
     if "key_rate" in s:
         out.rate_per_key.CopyFrom(_rate(s["key_rate"]))
     out.concurrency = int(s.get("conc", 0))
+    out.default_priority = int(s.get("prio", DEFAULT_PRIORITY))
     out.concurrency_per_key = int(s.get("key_conc", 0))
     overrides: dict[str, limits_pb2.KeyLimits] = {}
     for name, value in s.items():
@@ -122,6 +124,13 @@ class FlowLimits:
         keys = queue_of(request.queue)
         changed = await self._scripts.clear_limit(keys, _field(kind, request))
         return changed, await self.get(request.queue)
+
+    async def set_default_priority(self, request: limits_pb2.SetDefaultPriorityRequest) -> limits_pb2.QueueLimits:
+        keys = queue_of(request.queue)
+        if not MIN_PRIORITY <= request.priority <= MAX_PRIORITY:
+            raise InvalidArgument({"priority": f"must be {MIN_PRIORITY} (lowest) to {MAX_PRIORITY} (highest)"})
+        await self._scripts.set_limit(keys, "prio", str(request.priority))
+        return await self.get(request.queue)
 
     async def back_off(self, request: limits_pb2.BackOffRequest) -> int:
         keys = queue_of(request.queue)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from conveyor.common.codec import struct_to_json
 from conveyor.common.errors import InvalidArgument, ResourceExhausted
 from conveyor.common.ids import QUEUE_RE
-from conveyor.common.keys import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
+from conveyor.common.keys import MAX_PRIORITY, MIN_PRIORITY
 from conveyor.v1 import job_pb2, producer_service_pb2
 
 TYPE_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
@@ -42,6 +42,7 @@ class ValidJob:
 
     request: producer_service_pb2.EnqueueRequest
     payload_json: bytes
+    #: 1-9, or 0 for the queue's default priority.
     priority: int
     idempotency_window_ms: int
     #: The retry policy with the queue defaults filled in.
@@ -108,8 +109,9 @@ def validate(
         elif window_ms == 0:
             window_ms = DEFAULT_IDEMPOTENCY_WINDOW_MS
 
-    priority = request.priority or DEFAULT_PRIORITY
-    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+    # 0: the queue's default, filled in by the Enqueuer (it knows the queue's settings).
+    priority = request.priority
+    if priority and not MIN_PRIORITY <= priority <= MAX_PRIORITY:
         bad[f"{prefix}priority"] = f"must be 0 (default) or {MIN_PRIORITY}-{MAX_PRIORITY}"
 
     due_ms = 0
