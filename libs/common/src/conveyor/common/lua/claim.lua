@@ -117,13 +117,15 @@ end
 local has_backoffs = redis.call('EXISTS', KEYS[25]) == 1
 local has_held = any_held()
 
--- The limits of rate key k: {cap or false, rate or false}, parsed once per call.
+-- Rate key k's limits and key names, worked out once per call:
+-- {cap or false, rate or false, running set, start window}.
 local key_limits = {}
 local function limits_of(k)
   local lim = key_limits[k]
   if not lim then
     local conc = L['conc:' .. k] or L['key_conc']
-    lim = {conc and tonumber(conc) or false, parse_rate(L['rate:' .. k] or L['key_rate']) or false}
+    lim = {conc and tonumber(conc) or false, parse_rate(L['rate:' .. k] or L['key_rate']) or false,
+      key_key('run', k), key_key('starts', k)}
     key_limits[k] = lim
   end
   return lim
@@ -140,7 +142,7 @@ local function key_wait(k)
   local lim = limits_of(k)
   local conc, rate = lim[1], lim[2]
   if conc then
-    local run = key_key('run', k)
+    local run = lim[3]
     if redis.call('SCARD', run) >= conc then
       -- A member no longer running (whatever ended it) must not hold a slot: the set heals itself.
       for _, u in ipairs(redis.call('SMEMBERS', run)) do
@@ -151,7 +153,7 @@ local function key_wait(k)
     end
   end
   if rate then
-    local free, until_ms = window_free(key_key('starts', k), rate, 1)
+    local free, until_ms = window_free(lim[4], rate, 1)
     if free <= 0 then return until_ms end
   end
   return 0
@@ -162,11 +164,9 @@ local qrate = parse_rate(L['rate'])
 local function note_start(k, ulid)
   if qrate then window_add(KEYS[24], qrate) end
   if k then
-    redis.call('SADD', key_key('run', k), ulid)
-    if keyed_limits then
-      local rate = limits_of(k)[2]
-      if rate then window_add(key_key('starts', k), rate) end
-    end
+    local lim = limits_of(k)
+    redis.call('SADD', lim[3], ulid)
+    if keyed_limits and lim[2] then window_add(lim[4], lim[2]) end
   end
 end
 
