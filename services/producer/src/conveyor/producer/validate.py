@@ -36,6 +36,22 @@ DEFAULT_BACKOFF_CAP_MS = 300_000
 DEFAULT_JITTER = 0.1
 
 
+def _fill_retry_defaults(retry: job_pb2.RetryPolicy) -> job_pb2.RetryPolicy:
+    if not retry.max_attempts:
+        retry.max_attempts = DEFAULT_MAX_ATTEMPTS
+    if not retry.backoff:
+        retry.backoff = job_pb2.BACKOFF_EXPONENTIAL
+    if not retry.HasField("base") or not (retry.base.seconds or retry.base.nanos):
+        retry.base.FromMilliseconds(DEFAULT_BACKOFF_BASE_MS)
+    if not retry.HasField("cap") or not (retry.cap.seconds or retry.cap.nanos):
+        retry.cap.FromMilliseconds(DEFAULT_BACKOFF_CAP_MS)
+    return retry
+
+
+#: The policy of a job that names none (shared: never modify it).
+DEFAULT_RETRY = _fill_retry_defaults(job_pb2.RetryPolicy(jitter=DEFAULT_JITTER))
+
+
 @dataclass(frozen=True, slots=True)
 class ValidJob:
     """An EnqueueRequest that passed validation, with its payload as JSON bytes."""
@@ -45,7 +61,8 @@ class ValidJob:
     #: 1-9, or 0 for the queue's default priority.
     priority: int
     idempotency_window_ms: int
-    #: The retry policy with the queue defaults filled in.
+    #: The retry policy with the queue defaults filled in (DEFAULT_RETRY itself when the
+    #: request named none: read it, never modify it).
     retry: job_pb2.RetryPolicy
     #: When the job becomes due (ms since the epoch), or 0 for now.
     due_ms: int = 0
@@ -136,8 +153,8 @@ def validate(
 
     if request.HasField("timeout") and (request.timeout.seconds < 0 or request.timeout.nanos < 0):
         bad[f"{prefix}timeout"] = "must not be negative"
-    retry = job_pb2.RetryPolicy()
     if request.HasField("retry"):
+        retry = job_pb2.RetryPolicy()
         retry.CopyFrom(request.retry)
         if not 0 <= retry.max_attempts <= MAX_ATTEMPTS:
             bad[f"{prefix}retry.max_attempts"] = f"must be 0 (default) to {MAX_ATTEMPTS}"
@@ -147,16 +164,9 @@ def validate(
                 bad[f"{prefix}retry.{name}"] = "must not be negative"
         if not 0.0 <= retry.jitter <= 1.0:
             bad[f"{prefix}retry.jitter"] = "must be between 0 and 1"
+        _fill_retry_defaults(retry)
     else:
-        retry.jitter = DEFAULT_JITTER
-    if not retry.max_attempts:
-        retry.max_attempts = DEFAULT_MAX_ATTEMPTS
-    if not retry.backoff:
-        retry.backoff = job_pb2.BACKOFF_EXPONENTIAL
-    if not retry.HasField("base") or not (retry.base.seconds or retry.base.nanos):
-        retry.base.FromMilliseconds(DEFAULT_BACKOFF_BASE_MS)
-    if not retry.HasField("cap") or not (retry.cap.seconds or retry.cap.nanos):
-        retry.cap.FromMilliseconds(DEFAULT_BACKOFF_CAP_MS)
+        retry = DEFAULT_RETRY
 
     if len(request.labels) > MAX_LABELS:
         bad[f"{prefix}labels"] = f"at most {MAX_LABELS} labels"
