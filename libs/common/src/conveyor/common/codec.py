@@ -7,6 +7,7 @@ at the door (ADR 0003). Responses always carry the Struct/Value forms.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -58,7 +59,16 @@ def json_to_value(data: bytes) -> struct_pb2.Value:
     return out
 
 
-def _varint(n: int) -> bytes:
+# Hand encoding of the few protobuf messages built for every job (the producer's Job and
+# QUEUED event, the worker's SUCCEEDED event): building and serializing message objects cost
+# more than the rest of the work on the job. tests/unit check them against protobuf.
+_SMALL_VARINTS = tuple(bytes((i,)) for i in range(128))
+
+
+def varint(n: int) -> bytes:
+    """A non-negative int as a protobuf varint."""
+    if n < 0x80:
+        return _SMALL_VARINTS[n]
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -67,13 +77,25 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
+def length_delimited(tag: bytes, value: bytes) -> bytes:
+    """A length-delimited field (string, bytes, message) with its tag."""
+    return tag + varint(len(value)) + value
+
+
+@functools.lru_cache(maxsize=4)
+def timestamp_bytes(now_ns: int) -> bytes:
+    """google.protobuf.Timestamp{seconds, nanos} of ``now_ns``, serialized (one batch shares a time)."""
+    seconds, nanos = divmod(now_ns, 1_000_000_000)
+    return b"\x08" + varint(seconds) + (b"\x10" + varint(nanos) if nanos else b"")
+
+
 def embed_job(event: bytes, job: bytes) -> bytes:
     """Serialized JobEvent ``event`` with ``job`` (serialized Job) set as its ``job`` field.
 
     Protobuf parsers merge repeated occurrences of a message field, so appending the
     field is the same as setting it, without parsing and re-serializing the job.
     """
-    return event + _JOB_FIELD_TAG + _varint(len(job)) + job
+    return event + _JOB_FIELD_TAG + varint(len(job)) + job
 
 
 def public_job(job: job_pb2.Job) -> job_pb2.Job:

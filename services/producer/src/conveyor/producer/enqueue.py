@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from collections import defaultdict
 
 import redis.asyncio as aioredis
 
+from conveyor.common.codec import length_delimited, timestamp_bytes, varint
 from conveyor.common.errors import InvalidArgument, ResourceExhausted
 from conveyor.common.ids import make_job_id, new_ulid
 from conveyor.common.keys import DEFAULT_PRIORITY, QUEUES, queue_keys
@@ -19,35 +19,10 @@ from conveyor.v1 import event_pb2, job_pb2, producer_service_pb2
 _PAYLOAD_TAG = bytes([(5 << 3) | 2])  # Job.payload_json, length-delimited
 
 
-_SMALL_VARINTS = tuple(bytes((i,)) for i in range(128))
-
-
-def _varint(n: int) -> bytes:
-    if n < 0x80:
-        return _SMALL_VARINTS[n]
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _field(tag: bytes, value: bytes) -> bytes:
-    return tag + _varint(len(value)) + value
-
-
-@functools.lru_cache(maxsize=4)
-def _timestamp(now_ns: int) -> bytes:
-    """google.protobuf.Timestamp{seconds, nanos} of ``now_ns`` (one batch shares one time: cached)."""
-    seconds, nanos = divmod(now_ns, 1_000_000_000)
-    return b"\x08" + _varint(seconds) + (b"\x10" + _varint(nanos) if nanos else b"")
-
-
 # Tags (field number << 3 | wire type) of the fields the fast path writes.
 _JOB_TYPE, _JOB_PRIORITY, _JOB_IDEM, _JOB_CREATED, _JOB_RATE_KEY = b"\x1a", b"\x30", b"\x52", b"\x5a", b"\xb2\x01"
-_DEFAULT_RETRY_FIELD = _field(b"\x3a", DEFAULT_RETRY.SerializeToString())
-_EVENT_QUEUED = b"\x18" + _varint(event_pb2.EVENT_TYPE_QUEUED)
+_DEFAULT_RETRY_FIELD = length_delimited(b"\x3a", DEFAULT_RETRY.SerializeToString())
+_EVENT_QUEUED = b"\x18" + varint(event_pb2.EVENT_TYPE_QUEUED)
 _EVENT_TIME, _EVENT_JOB = b"\x2a", b"\x62"
 
 
@@ -64,21 +39,23 @@ def build_job(valid: ValidJob, priority: int, now_ns: int) -> tuple[bytes, bytes
     payload = valid.payload_json
     if valid.retry is DEFAULT_RETRY and not valid.due_ms and not r.labels and not r.HasField("timeout"):
         kind = r.type.encode()
-        created = _field(_JOB_CREATED, _timestamp(now_ns))
-        head = _field(_JOB_TYPE, kind) + _JOB_PRIORITY + _varint(priority)
+        created = length_delimited(_JOB_CREATED, timestamp_bytes(now_ns))
+        head = length_delimited(_JOB_TYPE, kind) + _JOB_PRIORITY + varint(priority)
         stored = b"".join(
             (
                 head,
                 _DEFAULT_RETRY_FIELD,
-                _field(_JOB_IDEM, r.idempotency_key.encode()) if r.idempotency_key else b"",
+                length_delimited(_JOB_IDEM, r.idempotency_key.encode()) if r.idempotency_key else b"",
                 created,
-                _field(_JOB_RATE_KEY, r.rate_key.encode()) if r.rate_key else b"",
+                length_delimited(_JOB_RATE_KEY, r.rate_key.encode()) if r.rate_key else b"",
                 _PAYLOAD_TAG,
-                _varint(len(payload)),
+                varint(len(payload)),
                 payload,
             )
         )
-        return stored, _EVENT_QUEUED + _field(_EVENT_TIME, _timestamp(now_ns)) + _field(_EVENT_JOB, head)
+        return stored, _EVENT_QUEUED + length_delimited(_EVENT_TIME, timestamp_bytes(now_ns)) + length_delimited(
+            _EVENT_JOB, head
+        )
     job = job_pb2.Job(
         type=r.type,
         priority=priority,
@@ -92,7 +69,7 @@ def build_job(valid: ValidJob, priority: int, now_ns: int) -> tuple[bytes, bytes
     job.created_at.FromNanoseconds(now_ns)
     if valid.due_ms:
         job.run_at.FromMilliseconds(valid.due_ms)
-    stored = job.SerializeToString() + _PAYLOAD_TAG + _varint(len(payload)) + payload
+    stored = job.SerializeToString() + _PAYLOAD_TAG + varint(len(payload)) + payload
     event = event_pb2.JobEvent(type=event_pb2.EVENT_TYPE_DELAYED if valid.due_ms else event_pb2.EVENT_TYPE_QUEUED)
     if valid.due_ms:
         event.next_run_at.FromMilliseconds(valid.due_ms)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -12,9 +11,9 @@ from typing import Any
 
 import structlog
 
-from conveyor.common.codec import dumps, embed_job
+from conveyor.common.codec import dumps, embed_job, length_delimited, timestamp_bytes, varint
 from conveyor.v1 import event_pb2, job_pb2
-from conveyor.worker.handlers import Handlers, JobContext, PermanentError, RateLimited
+from conveyor.worker.handlers import Flag, Handlers, JobContext, PermanentError, RateLimited
 from conveyor.worker.retry import retry_delay_ms, should_retry
 
 log = structlog.get_logger("conveyor.worker")
@@ -37,11 +36,30 @@ def _error(message: str, kind: str, retryable: bool) -> job_pb2.JobError:
     return job_pb2.JobError(message=message[:MAX_ERROR_MESSAGE], kind=kind, retryable=retryable)
 
 
+_SUCCEEDED = b"\x18" + varint(event_pb2.EVENT_TYPE_SUCCEEDED)
+
+
+def succeeded_event(attempt: Attempt, worker_id: str, result_json: bytes, now_ns: int) -> bytes:
+    """JobEvent{type: SUCCEEDED, attempt, time, worker, result_json, job}, encoded by hand (the
+    common outcome of every job; see codec)."""
+    return b"".join(
+        (
+            _SUCCEEDED,
+            b"\x20",
+            varint(attempt.attempt),
+            length_delimited(b"\x2a", timestamp_bytes(now_ns)),
+            length_delimited(b"\x32", worker_id.encode()),
+            length_delimited(b"\x4a", result_json),
+            length_delimited(b"\x62", attempt.job_bytes),
+        )
+    )
+
+
 @dataclass
 class Cancellation:
-    """Set by the heartbeat thread when CancelJob asks a running attempt to stop."""
+    """Set (on the loop, for the heartbeat thread) when CancelJob asks a running attempt to stop."""
 
-    requested: threading.Event = field(default_factory=threading.Event)
+    requested: Flag = field(default_factory=Flag)
     reason: str = "cancelled"
 
 
@@ -61,7 +79,8 @@ async def run_attempt(
     """
     job = attempt.job
     # The job id is not stored in the event: the entry's j field and the stream say it.
-    event = event_pb2.JobEvent(attempt=attempt.attempt, worker=worker_id)
+    event = event_pb2.JobEvent()
+    result_json = b""
     handler = handlers.get(job.type)
     started = time.perf_counter()
     retry_after_ms = 0
@@ -94,8 +113,7 @@ async def run_attempt(
             else:
                 call = asyncio.to_thread(handler, payload, ctx)
             result = await (asyncio.wait_for(call, timeout) if timeout > 0 else call)
-            event.result_json = dumps(result)
-            event.type = event_pb2.EVENT_TYPE_SUCCEEDED
+            result_json = dumps(result)
             log.debug("job_succeeded", duration_ms=round((time.perf_counter() - started) * 1000, 3))
         except asyncio.CancelledError:
             if cancellation is None or not cancellation.requested.is_set():
@@ -130,9 +148,11 @@ async def run_attempt(
             event.error.CopyFrom(_error(str(exc) or type(exc).__name__, type(exc).__name__, True))
             log.warning("job_failed", error_kind=type(exc).__name__, error=str(exc), exc_info=exc)
     now_ns = time.time_ns()
+    if result_json:
+        return job_pb2.JOB_STATE_SUCCEEDED, succeeded_event(attempt, worker_id, result_json, now_ns), 0
+    event.attempt = attempt.attempt
+    event.worker = worker_id
     event.time.FromNanoseconds(now_ns)
-    if event.type == event_pb2.EVENT_TYPE_SUCCEEDED:
-        return job_pb2.JOB_STATE_SUCCEEDED, embed_job(event.SerializeToString(), attempt.job_bytes), 0
     if event.type == event_pb2.EVENT_TYPE_CANCELLED:
         return job_pb2.JOB_STATE_CANCELLED, embed_job(event.SerializeToString(), attempt.job_bytes), 0
     if retry_after_ms and attempt.attempt < MAX_ATTEMPTS_CEILING:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
-import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +32,26 @@ class PermanentError(Exception):
 
     The job fails at once, whatever attempts it has left.
     """
+
+
+class Flag:
+    """A one-way flag: set once on the worker's event loop, read from anywhere.
+
+    Reading or writing one attribute is atomic in CPython, so a sync handler in its thread
+    may poll it; a threading.Event (a lock and a condition) cost more per job than the rest
+    of starting it.
+    """
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
 
 
 class RateLimited(Exception):
@@ -78,7 +97,7 @@ class JobContext:
     _loop: asyncio.AbstractEventLoop = field(repr=False)
     _back_off: Callable[[float, bool], Awaitable[None]] | None = field(default=None, repr=False)
     rate_key: str = ""
-    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _cancel: Flag = field(default_factory=Flag, repr=False)
 
     @property
     def cancelled(self) -> bool:
