@@ -47,6 +47,19 @@ def _check_handler_starts(starts: list[tuple[float, str, int]], admitted: dict[s
     assert observe.most_in_window([int(t * 1000) for t, _, _ in starts], window) <= limit
 
 
+async def _sample_running(client: ConveyorClient, queue: str, samples: list[int], every_s: float) -> None:
+    """Append the queue's running count (GetLimits) to ``samples`` until cancelled."""
+    while True:
+        samples.append((await client.get_limits(queue)).running)
+        await asyncio.sleep(every_s)
+
+
+async def _stopped(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def test_a_queue_rate_limit_holds_across_three_worker_processes(
     fault_stack: FaultStack, worker_process: StartWorker
 ) -> None:
@@ -142,19 +155,12 @@ async def test_concurrency_caps_are_never_exceeded_across_workers(
             ]
             await client.enqueue_batch(requests)
 
-            async def sample() -> None:
-                while True:
-                    samples.append((await client.get_limits(queue)).running)
-                    await asyncio.sleep(0.01)
-
-            sampler = asyncio.create_task(sample())
+            sampler = asyncio.create_task(_sample_running(client, queue, samples, 0.01))
             for i in range(3):  # started from a thread: the sampler keeps sampling meanwhile
                 await asyncio.to_thread(worker_process, f"capped-{i}", CONVEYOR_QUEUES=queue, CONVEYOR_CONCURRENCY="16")
             await wait_for(lambda: observe.done(r, "k1", 40), "the capped key's jobs", within=30)
             await wait_for(lambda: observe.done(r, "other", 160), "the other jobs", within=30)
-            sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampler
+            await _stopped(sampler)
             after = await client.get_limits(queue)
         assert max(level for _, _, level in await observe.starts(r, "k1")) <= key_cap
         assert len(samples) > 20 and max(samples) <= cap
@@ -189,19 +195,12 @@ async def test_slots_of_a_killed_worker_come_back_after_the_visibility_timeout(
             assert (await client.get_limits(queue)).running == cap
             assert not await observe.started(r, "short", 1)  # the doomed worker has room, the queue has not
 
-            async def sample() -> None:
-                while True:
-                    samples.append((await client.get_limits(queue)).running)
-                    await asyncio.sleep(0.02)
-
-            sampler = asyncio.create_task(sample())
+            sampler = asyncio.create_task(_sample_running(client, queue, samples, 0.02))
             doomed.kill()  # SIGKILL: its two claims stay pending, holding the queue's slots
             await asyncio.to_thread(worker_process, "killcap-rescuer", CONVEYOR_QUEUES=queue, CONVEYOR_CONCURRENCY="8")
             await wait_for(lambda: observe.done(r, "long", 2), "the long jobs, reclaimed", within=20)
             await wait_for(lambda: observe.done(r, "short", len(short_jobs)), "the short jobs", within=20)
-            sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampler
+            await _stopped(sampler)
             for job in [*long_jobs, *short_jobs]:
                 got = await client.get_job(job.job_id)
                 assert got.state == job_pb2.JOB_STATE_SUCCEEDED

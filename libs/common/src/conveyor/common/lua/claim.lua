@@ -251,11 +251,7 @@ for band = 9, 1, -1 do
     for _, entry in ipairs(res[1][2]) do
       scanned = scanned + 1
       local entry_id, fields = entry[1], entry[2]
-      local ulid, job, k
-      for f = 1, #fields, 2 do
-        local name = fields[f]
-        if name == 'j' then ulid = fields[f + 1] elseif name == 'd' then job = fields[f + 1] elseif name == 'k' then k = fields[f + 1] end
-      end
+      local ulid, job, k = entry_fields(fields)
       local rec = ulid and redis.call('HGET', state_key, ulid)
       local st, attempt, prio, eid, first_ev, final_ev
       if rec then st, attempt, prio, eid, first_ev, final_ev = string.match(rec, RECORD) end

@@ -19,6 +19,16 @@ local timestamp = string.char(0x08) .. varint(tonumber(now[1])) .. string.char(0
 -- A live record: state|attempt|priority|entry id|first event id|final event id[|consumer]
 local RECORD = '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)'
 
+-- The fields of a job stream entry: ulid (j), Job bytes (d) and rate key (k, or nil).
+local function entry_fields(fields)
+  local ulid, job, k
+  for f = 1, #(fields or {}), 2 do
+    local name = fields[f]
+    if name == 'j' then ulid = fields[f + 1] elseif name == 'd' then job = fields[f + 1] elseif name == 'k' then k = fields[f + 1] end
+  end
+  return ulid, job, k
+end
+
 -- Start an attempt of a claimed entry: attempt + 1, record ACTIVE owned by `consumer`, an ACTIVE
 -- event; appends the 6 values claim/reclaim return per job to `out`. The attempt number and the
 -- consumer are the claim's fencing token (complete.lua). `rec` is the string.match of RECORD.

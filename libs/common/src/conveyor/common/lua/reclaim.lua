@@ -35,11 +35,7 @@ for _, band in ipairs({10, 9, 8, 7, 6, 5, 4, 3, 2, 1}) do
       end
       for _, entry in ipairs(res[2]) do
         local entry_id, fields = entry[1], entry[2]
-        local ulid, job, k
-        for f = 1, #fields, 2 do
-          local name = fields[f]
-          if name == 'j' then ulid = fields[f + 1] elseif name == 'd' then job = fields[f + 1] elseif name == 'k' then k = fields[f + 1] end
-        end
+        local ulid, job, k = entry_fields(fields)
         local deliveries = redis.call('XPENDING', stream, group, entry_id, entry_id, 1)[1][4]
         local rec = ulid and redis.call('HGET', state_key, ulid)
         local st, attempt, prio, eid, first_ev, final_ev

@@ -18,10 +18,7 @@ for _, band in ipairs({10, 9, 8, 7, 6, 5, 4, 3, 2, 1}) do
     local res = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', most, 'STREAMS', stream, '0')
     for _, entry in ipairs(res and res[1][2] or {}) do
       local entry_id, fields = entry[1], entry[2]
-      local ulid, job
-      for f = 1, #(fields or {}), 2 do
-        if fields[f] == 'j' then ulid = fields[f + 1] elseif fields[f] == 'd' then job = fields[f + 1] end
-      end
+      local ulid, job = entry_fields(fields)
       local rec = ulid and redis.call('HGET', state_key, ulid)
       local st, attempt, eid, owner
       if rec then st, attempt, eid, owner = string.match(rec, '^(%d+)|(%d+)|%d+|([^|]*)|[^|]*|[^|]*|?(.*)$') end
