@@ -83,9 +83,9 @@ def describe(queue: str, snap: LimitsSnapshot) -> limits_pb2.QueueLimits:
         out.backed_off_until.FromMilliseconds(snap.backoffs[""])
     blocked = {key: (until, held) for key, until, held in snap.blocked}
     for key, until in snap.backoffs.items():
-        if key:
-            _, held = blocked.get(key, (0, 0))
-            blocked[key] = (max(until, blocked.get(key, (0, 0))[0]), held)
+        if key:  # "" is the whole queue (backed_off_until above)
+            blocked_until, held = blocked.get(key, (0, 0))
+            blocked[key] = (max(until, blocked_until), held)
     for key, (until, held) in sorted(blocked.items(), key=lambda item: item[1][0])[:100]:
         b = out.blocked_keys.add(key=key, waiting=held)
         b.until.FromMilliseconds(until)

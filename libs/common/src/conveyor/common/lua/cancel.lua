@@ -35,11 +35,7 @@ if state == 1 and eid == 'h' then
 elseif state == 1 then
   local stream = KEYS[3 + tonumber(prio)]
   local entry = redis.call('XRANGE', stream, eid, eid)[1]
-  if entry then
-    for f = 1, #entry[2], 2 do
-      if entry[2][f] == 'd' then job = entry[2][f + 1] end
-    end
-  end
+  job = select(2, entry_fields(entry and entry[2]))
   redis.call('XDEL', stream, eid)
 else
   job = redis.call('HGET', parked_key, ulid)

@@ -39,11 +39,7 @@ for _ = 1, n do
     local job = nil
     if new_state == 4 or new_state == 6 then
       local entry = redis.call('XRANGE', stream, entry_id, entry_id)[1]
-      if entry then
-        for f = 1, #entry[2], 2 do
-          if entry[2][f] == 'd' then job = entry[2][f + 1] end
-        end
-      end
+      job = select(2, entry_fields(entry and entry[2]))
     end
     redis.call('XACK', stream, group, entry_id)
     redis.call('XDEL', stream, entry_id)
