@@ -742,6 +742,8 @@ def redis_commands(r: redis.Redis, n: int) -> dict[str, Any]:
         "script_calls": round(scripts["calls"] / n, 3),
         "script_usec": round(scripts["usec"] / n, 1),
         "top": {c: round(v["calls"] / n, 2) for c, v in top},
+        # Redis's own time per job by command (a script's inner calls count in both it and them).
+        "usec": {c: round(v["usec"] / n, 2) for c, v in sorted(rows.items(), key=lambda cv: -cv[1]["usec"])[:14]},
     }
 
 

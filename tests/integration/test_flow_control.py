@@ -14,6 +14,7 @@ import redis.asyncio
 from google.protobuf.duration_pb2 import Duration
 
 from conveyor.common.keys import queue_keys
+from conveyor.common.scripts import Scripts
 from conveyor.v1 import admin_service_pb2 as a
 from conveyor.v1 import event_pb2, job_pb2
 from conveyor.v1 import limits_pb2 as lim
@@ -312,3 +313,61 @@ async def test_a_queue_default_priority_applies_to_jobs_enqueued_without_one(
     await wait_for(lambda: _ran(explicit.job_id), "the explicit low-priority job")
     order = [j for j in test_handlers.started]
     assert order.index(explicit.job_id) == len(order) - 1
+
+
+@pytest.mark.parametrize("scope", ["key", "each_key"])
+async def test_a_cap_set_while_a_keys_jobs_run_counts_them(
+    producer: Producer, start_worker: StartWorker, redis_client: redis.asyncio.Redis, redis_url: str, scope: str
+) -> None:
+    # Without a cap no running set is kept; setting one must count the jobs already running.
+    keys = queue_keys("default")
+    payload = {"redis": redis_url, "group": "late", "sleep": 1.0}
+    for _ in range(3):
+        await enqueue(producer, "test.observe", rate_key="late", payload=payload)
+    await start_worker(concurrency=8)
+    await wait_for(lambda: observe.started(redis_client, "late", 3), "three uncapped jobs of the key")
+    assert not await redis_client.exists(keys.running("late"))
+    cap = lim.SetConcurrencyLimitRequest(queue="default", limit=2)
+    if scope == "key":
+        cap.key = "late"
+    else:
+        cap.each_key = True
+    await producer.admin.SetConcurrencyLimit(cap)
+    assert await redis_client.scard(keys.running("late")) == 3
+    await enqueue(producer, "test.observe", rate_key="late", payload={**payload, "sleep": 0})
+    await wait_for(lambda: observe.done(redis_client, "late", 4), "all four jobs", within=10)
+    # The fourth started only once two of the three had finished: never more than 3 at once,
+    # and at its start at most one other job of the key ran.
+    levels = [level for _, _, level in await observe.starts(redis_client, "late")]
+    assert sorted(levels[:3]) == [1, 2, 3] and levels[3] <= 2
+
+
+async def test_a_held_key_whose_job_is_gone_takes_no_start_in_its_window(
+    producer: Producer, redis_client: redis.asyncio.Redis
+) -> None:
+    # A key is ready but its held job vanished (cancelled, expired): the claim starts nothing and
+    # gives back the start it took in the key's window, so the key's next job is not held for it.
+    keys = queue_keys("default")
+    await producer.admin.SetRateLimit(lim.SetRateLimitRequest(queue="default", key="gone", limit=1, period=_ms(60_000)))
+    await redis_client.zadd(keys.held("gone"), {"01JGONE0000000000000000000": 1.0})
+    await redis_client.zadd(keys.ready, {"gone": 1.0})
+    result = await Scripts(redis_client).claim(keys, "w-test", 10)
+    assert result.claimed == []
+    assert await redis_client.llen(keys.window("gone")) == 0
+    assert not await redis_client.zscore(keys.ready, "gone")
+    job = await enqueue(producer, "test.count", rate_key="gone")
+    claimed = (await Scripts(redis_client).claim(keys, "w-test", 10)).claimed
+    assert [c.ulid for c in claimed] == [job.job_id.split("/")[1]]
+    assert await redis_client.llen(keys.window("gone")) == 1
+
+
+async def test_keyed_jobs_without_limits_keep_no_per_key_state(
+    producer: Producer, start_worker: StartWorker, redis_client: redis.asyncio.Redis, redis_url: str
+) -> None:
+    keys = queue_keys("default")
+    payload = {"redis": redis_url, "group": "free", "sleep": 0.5}
+    await enqueue(producer, "test.observe", rate_key="free", payload=payload)
+    await start_worker()
+    await wait_for(lambda: observe.started(redis_client, "free", 1), "the keyed job")
+    assert not await redis_client.exists(keys.running("free"), keys.window("free"), keys.held("free"))
+    await wait_for(lambda: observe.done(redis_client, "free", 1), "the keyed job to finish")

@@ -107,8 +107,12 @@ class QueueKeys:
         return f"{self.per_key_prefix}held:{rate_key}"
 
     def running(self, rate_key: str) -> str:
-        """SET of one rate key's running job ulids (what its concurrency cap counts)."""
+        """SET of one rate key's running job ulids (what its cap counts; kept only while a cap applies)."""
         return f"{self.per_key_prefix}run:{rate_key}"
+
+    def window(self, rate_key: str) -> str:
+        """LIST of one rate key's recent start times, newest first (its rate limit's sliding window)."""
+        return f"{self.per_key_prefix}starts:{rate_key}"
 
 
 @cache

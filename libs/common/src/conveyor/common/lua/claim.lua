@@ -63,27 +63,30 @@ for _, ulid in ipairs(due) do
   redis.call('ZREM', delayed_key, ulid)
 end
 
--- Sliding windows of start times (lists, newest first): the starts of this call are added at
--- the end, one LPUSH per list, and counted meanwhile in `pending`. Expired times are trimmed
+-- Sliding windows of start times (lists, newest first). The queue's window takes this call's
+-- starts at the end in one LPUSH, counted meanwhile in `pending`; expired times are trimmed
 -- only when the list could be full: while even counting them there is room, one LLEN decides
 -- (so a window holds at most `n` times, and an idle one expires with its period).
-local pending, pending_period = {}, {}
+local pending, touched = {}, {}
+-- Drop the times of `list` (`len` long) that left the window; returns the length kept.
+local function window_trim(list, len, period)
+  local cutoff = now_ms - period
+  if len == 0 or tonumber(redis.call('LINDEX', list, -1)) > cutoff then return len end
+  -- Binary search for the first expired time (times only decrease towards the tail).
+  local lo, hi = 0, len - 1
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if tonumber(redis.call('LINDEX', list, mid)) <= cutoff then hi = mid else lo = mid + 1 end
+  end
+  if lo == 0 then redis.call('DEL', list) else redis.call('LTRIM', list, 0, lo - 1) end
+  return lo
+end
 local function window_free(list, rate, wanted)
   local n, period = rate[1], rate[2]
   local p = pending[list] or 0
   local len = redis.call('LLEN', list)
   if len + p + wanted <= n then return n - len - p, 0 end
-  local cutoff = now_ms - period
-  if len > 0 and tonumber(redis.call('LINDEX', list, -1)) <= cutoff then
-    -- Binary search for the first expired time (times only decrease towards the tail).
-    local lo, hi = 0, len - 1
-    while lo < hi do
-      local mid = math.floor((lo + hi) / 2)
-      if tonumber(redis.call('LINDEX', list, mid)) <= cutoff then hi = mid else lo = mid + 1 end
-    end
-    if lo == 0 then redis.call('DEL', list) else redis.call('LTRIM', list, 0, lo - 1) end
-    len = lo
-  end
+  len = window_trim(list, len, period)
   local used = len + p
   if used < n then return n - used, 0 end
   -- Full: the next start may come when the n-th newest start leaves the window.
@@ -93,15 +96,27 @@ local function window_free(list, rate, wanted)
 end
 local function window_add(list, rate)
   pending[list] = (pending[list] or 0) + 1
-  pending_period[list] = rate[2]
+  touched[list] = rate[2]
+end
+-- One start in a key's window, taken push-first: the LPUSH's reply is the count, so a key
+-- with room costs one command. Returns 0 when taken, else the ms when the window frees up
+-- (the start is taken back).
+local function window_take(list, rate)
+  local n, period = rate[1], rate[2]
+  local len = redis.call('LPUSH', list, now_ms)
+  touched[list] = period
+  if len <= n then return 0 end
+  if window_trim(list, len, period) <= n then return 0 end
+  redis.call('LPOP', list)
+  return tonumber(redis.call('LINDEX', list, n - 1)) + period
 end
 local function window_flush()
   for list, m in pairs(pending) do
     local stamps = {}
     for i = 1, m do stamps[i] = now_ms end
     redis.call('LPUSH', list, unpack(stamps))
-    redis.call('PEXPIRE', list, pending_period[list])
   end
+  for list, period in pairs(touched) do redis.call('PEXPIRE', list, period) end
 end
 
 -- Whole-queue gates: when one is closed, nothing is worth reading (gated).
@@ -118,21 +133,33 @@ local has_backoffs = redis.call('EXISTS', KEYS[25]) == 1
 local has_held = any_held()
 
 -- Rate key k's limits and key names, worked out once per call:
--- {cap or false, rate or false, running set, start window}.
+-- {cap or false, rate or false, running set or false, start window or false}. A key's running
+-- set is kept only while a cap applies to it (setting one fills it: limits.lua).
 local key_limits = {}
 local function limits_of(k)
   local lim = key_limits[k]
   if not lim then
     local conc = L['conc:' .. k] or L['key_conc']
-    lim = {conc and tonumber(conc) or false, parse_rate(L['rate:' .. k] or L['key_rate']) or false,
-      key_key('run', k), key_key('starts', k)}
+    local rate = parse_rate(L['rate:' .. k] or L['key_rate'])
+    lim = {conc and tonumber(conc) or false, rate or false, conc and key_key('run', k) or false,
+      rate and key_key('starts', k) or false}
     key_limits[k] = lim
   end
   return lim
 end
 
--- 0 when a job of rate key `k` may start now, else the ms to look at the key again (its rate
--- window frees up, or a back-off ends; at its cap: a finishing job wakes it, 5 s at the latest).
+-- Jobs running across all workers when this call began plus the most it may start: no key
+-- with a cap at least this high can reach it in this call, so its running set need not be
+-- counted (the set holds at most the running jobs, and never-binding caps cost no SCARD).
+local running_bound = nil
+local function may_reach(cap)
+  if not running_bound then running_bound = running_count() + want end
+  return cap < running_bound
+end
+
+-- 0 when a job of rate key `k` may start now (its start is then already counted in the key's
+-- rate window), else the ms to look at the key again (its rate window frees up, or a back-off
+-- ends; at its cap: a finishing job wakes it, 5 s at the latest).
 local function key_wait(k)
   if has_backoffs then
     local b = backed_off(k)
@@ -141,7 +168,7 @@ local function key_wait(k)
   if not keyed_limits then return 0 end
   local lim = limits_of(k)
   local conc, rate = lim[1], lim[2]
-  if conc then
+  if conc and may_reach(conc) then
     local run = lim[3]
     if redis.call('SCARD', run) >= conc then
       -- A member no longer running (whatever ended it) must not hold a slot: the set heals itself.
@@ -152,21 +179,17 @@ local function key_wait(k)
       if redis.call('SCARD', run) >= conc then return now_ms + 5000 end
     end
   end
-  if rate then
-    local free, until_ms = window_free(lim[4], rate, 1)
-    if free <= 0 then return until_ms end
-  end
+  if rate then return window_take(lim[4], rate) end
   return 0
 end
 
--- Count a start against the queue's and the key's limits.
+-- Count a start against the queue's rate and the key's cap (key_wait took its rate window).
 local qrate = parse_rate(L['rate'])
 local function note_start(k, ulid)
   if qrate then window_add(KEYS[24], qrate) end
-  if k then
-    local lim = limits_of(k)
-    redis.call('SADD', lim[3], ulid)
-    if keyed_limits and lim[2] then window_add(lim[4], lim[2]) end
+  if k and keyed_limits then
+    local run = limits_of(k)[3]
+    if run then redis.call('SADD', run, ulid) end
   end
 end
 
@@ -183,8 +206,10 @@ if want > 0 and qrate then
 end
 if want > 0 and L['conc'] then
   -- At the cap, a finishing job signals (complete.lua).
-  local free = tonumber(L['conc']) - running_count()
+  local running = running_count()
+  local free = tonumber(L['conc']) - running
   if free <= 0 then want = 0; gated = true elseif free < want then want = free end
+  running_bound = running + want
 end
 
 -- Keys whose wait is over may start held jobs again (each is checked again when its turn comes).
@@ -202,7 +227,7 @@ local function start_held(k)
   local ulid = redis.call('ZRANGE', held, 0, 0)[1]
   if not ulid then
     redis.call('ZREM', ready_key, k)
-    return
+    return false
   end
   redis.call('ZREM', held, ulid)
   local next_head = redis.call('ZRANGE', held, 0, 0, 'WITHSCORES')
@@ -214,7 +239,7 @@ local function start_held(k)
   if rec then st, attempt, prio, eid, first_ev, final_ev = string.match(rec, RECORD) end
   if not job or st ~= '1' or eid ~= 'h' then  -- cancelled or expired while held
     redis.call('HDEL', keys_key, ulid)
-    return
+    return false
   end
   if redis.call('EXISTS', KEYS[19]) == 0 then
     redis.call('XGROUP', 'CREATE', KEYS[19], group, '$', 'MKSTREAM')
@@ -226,6 +251,7 @@ local function start_held(k)
     {st, attempt, prio, entry_id, first_ev, final_ev})
   note_start(k, ulid)
   want = want - 1
+  return true
 end
 
 local scanned = 0
@@ -240,8 +266,10 @@ for band = 9, 1, -1 do
     if wait > 0 then
       redis.call('ZREM', ready_key, k)
       redis.call('ZADD', blocked_key, wait, k)
-    else
-      start_held(k)
+    elseif not start_held(k) then
+      -- Nothing started after all: give back the start key_wait took in the key's window.
+      local rate = keyed_limits and limits_of(k)[2]
+      if rate then redis.call('LPOP', limits_of(k)[4]) end
     end
   end
   local stream = KEYS[3 + band]
@@ -281,7 +309,7 @@ for band = 9, 1, -1 do
       else
         activate(claimed, state_key, events_key, consumer, band, entry_id, ulid, job,
           {st, attempt, prio, eid, first_ev, final_ev})
-        if k or qrate then note_start(k, ulid) end
+        if qrate or (k and keyed_limits) then note_start(k, ulid) end
         want = want - 1
       end
     end

@@ -20,8 +20,38 @@ local function wake_all()
   redis.call('XADD', KEYS[15], 'MAXLEN', '~', 16, '*', 's', 'limits')
 end
 
+-- Claims keep a key's running set only while a cap applies to the key, so a new cap first
+-- counts the key's jobs running now (`only` = that key, or nil for every key): each pending
+-- entry of the consumer group whose job is ACTIVE. Atomic with the change, so no claim can
+-- start a job the cap would have refused.
+local function fill_running(only)
+  for band = 1, 10 do
+    local stream = stream_of(band)
+    local from = '-'
+    while true do
+      local pel = redis.pcall('XPENDING', stream, 'workers', from, '+', 1000)
+      if type(pel) ~= 'table' or #pel == 0 then break end
+      for _, p in ipairs(pel) do
+        local entry = redis.call('XRANGE', stream, p[1], p[1])[1]
+        local ulid, _, k = entry_fields(entry and entry[2])
+        if ulid and k and k ~= '' and (not only or k == only) then
+          local rec = redis.call('HGET', KEYS[1], ulid)
+          if rec and string.sub(rec, 1, 2) == '3|' then redis.call('SADD', key_key('run', k), ulid) end
+        end
+      end
+      from = '(' .. pel[#pel][1]
+    end
+  end
+end
+
 if op == 'set' then
-  redis.call('HSET', KEYS[20], ARGV[2], ARGV[3])
+  local field = ARGV[2]
+  if field == 'key_conc' then
+    fill_running(nil)
+  elseif string.sub(field, 1, 5) == 'conc:' then
+    fill_running(string.sub(field, 6))
+  end
+  redis.call('HSET', KEYS[20], field, ARGV[3])
   wake_all()
   return 1
 elseif op == 'clear' then
