@@ -371,3 +371,19 @@ async def test_keyed_jobs_without_limits_keep_no_per_key_state(
     await wait_for(lambda: observe.started(redis_client, "free", 1), "the keyed job")
     assert not await redis_client.exists(keys.running("free"), keys.window("free"), keys.held("free"))
     await wait_for(lambda: observe.done(redis_client, "free", 1), "the keyed job to finish")
+
+
+async def test_a_cap_heals_a_leaked_slot_but_counts_jobs_started_in_the_same_claim(
+    producer: Producer, redis_client: redis.asyncio.Redis
+) -> None:
+    # A slot leaked by a job that no longer exists is reclaimed at the cap; a job the same claim
+    # just started (its ACTIVE record is written when the claim ends) is not mistaken for one.
+    keys = queue_keys("default")
+    await producer.admin.SetConcurrencyLimit(lim.SetConcurrencyLimitRequest(queue="default", key="one", limit=1))
+    await redis_client.sadd(keys.running("one"), "01JLEAKED00000000000000000")
+    jobs = [await enqueue(producer, "test.count", rate_key="one") for _ in range(2)]
+    claimed = (await Scripts(redis_client).claim(keys, "w-test", 10)).claimed
+    assert [c.ulid for c in claimed] == [jobs[0].job_id.split("/")[1]]
+    assert await redis_client.smembers(keys.running("one")) == {claimed[0].ulid.encode()}
+    held = (await producer.admin.GetLimits(lim.GetLimitsRequest(queue="default"))).limits.blocked_keys
+    assert [(b.key, b.waiting) for b in held] == [("one", 1)]

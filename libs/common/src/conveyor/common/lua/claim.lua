@@ -111,6 +111,7 @@ local function window_take(list, rate)
   return tonumber(redis.call('LINDEX', list, n - 1)) + period
 end
 local function window_flush()
+flush_activated(state_key)
   for list, m in pairs(pending) do
     local stamps = {}
     for i = 1, m do stamps[i] = now_ms end
@@ -173,8 +174,10 @@ local function key_wait(k)
     if redis.call('SCARD', run) >= conc then
       -- A member no longer running (whatever ended it) must not hold a slot: the set heals itself.
       for _, u in ipairs(redis.call('SMEMBERS', run)) do
-        local rec = redis.call('HGET', KEYS[1], u)
-        if not rec or string.sub(rec, 1, 2) ~= '3|' then redis.call('SREM', run, u) end
+        if not started[u] then
+          local rec = redis.call('HGET', KEYS[1], u)
+          if not rec or string.sub(rec, 1, 2) ~= '3|' then redis.call('SREM', run, u) end
+        end
       end
       if redis.call('SCARD', run) >= conc then return now_ms + 5000 end
     end
@@ -276,11 +279,20 @@ for band = 9, 1, -1 do
   while want > 0 and scanned < MAX_SCAN and redis.call('EXISTS', stream) == 1 do
     local res = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want, 'STREAMS', stream, '>')
     if not res or #res[1][2] == 0 then break end
-    for _, entry in ipairs(res[1][2]) do
+    local entries = res[1][2]
+    -- The records of everything read, in one command.
+    local parsed, ulids = {}, {}
+    for i, entry in ipairs(entries) do
+      local ulid, job, k = entry_fields(entry[2])
+      parsed[i] = {ulid, job, k}
+      ulids[i] = ulid or ''
+    end
+    local recs = redis.call('HMGET', state_key, unpack(ulids))
+    for i, entry in ipairs(entries) do
       scanned = scanned + 1
-      local entry_id, fields = entry[1], entry[2]
-      local ulid, job, k = entry_fields(fields)
-      local rec = ulid and redis.call('HGET', state_key, ulid)
+      local entry_id = entry[1]
+      local ulid, job, k = parsed[i][1], parsed[i][2], parsed[i][3]
+      local rec = ulid and recs[i]
       local st, attempt, prio, eid, first_ev, final_ev
       if rec then st, attempt, prio, eid, first_ev, final_ev = string.match(rec, RECORD) end
       local wait = 0

@@ -22,18 +22,34 @@ local delayed_key, parked_key, signal_key, dead_key = KEYS[13], KEYS[14], KEYS[1
 local group, consumer, retention, n, packed = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local pos = 1
 
+-- Per job only the outcome's event is its own command: records are read in one HMGET and
+-- written in one HSET, entries acked and deleted per stream, finished jobs' expiries added
+-- in one ZADD (each Redis command costs more than the Lua around it).
+local items = {}
+local ulids = {}
+for i = 1, n do
+  local band, entry_id, ulid, attempt, new_state, due, event, k
+  band, entry_id, ulid, attempt, new_state, due, event, k, pos = struct.unpack('>B I2 c0 c26 I4 B d I4 c0 B c0', packed, pos)
+  items[i] = {band, entry_id, ulid, attempt, new_state, due, event, k}
+  ulids[i] = ulid
+end
+local recs = n > 0 and redis.call('HMGET', state_key, unpack(ulids)) or {}
+-- Records written so far in this call: a ulid seen twice reads its own update.
+local written = {}
+local record_args, acks, done = {}, {}, {}
+
 local out = {}
 local signalled = false
 local queue_capped = redis.call('HEXISTS', KEYS[20], 'conc') == 1
 local check_held = any_held()
-for _ = 1, n do
-  local band, entry_id, ulid, attempt, new_state, due, event, k
-  band, entry_id, ulid, attempt, new_state, due, event, k, pos = struct.unpack('>B I2 c0 c26 I4 B d I4 c0 B c0', packed, pos)
+local cancels = redis.call('EXISTS', KEYS[17]) == 1
+for i = 1, n do
+  local band, entry_id, ulid, attempt, new_state, due, event, k = unpack(items[i])
   local stream = stream_of(band)
-  local rec = redis.call('HGET', state_key, ulid)
+  local rec = written[ulid] or recs[i]
   local st, att, prio, eid, first_ev, owner
   if rec then
-    st, att, prio, eid, first_ev, _, owner = string.match(rec, '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)|?(.*)$')
+    st, att, prio, eid, first_ev, owner = string.match(rec, '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|[^|]*|?(.*)$')
   end
   if st == '3' and tonumber(att) == attempt and owner == consumer and eid == entry_id then
     local job = nil
@@ -41,28 +57,47 @@ for _ = 1, n do
       local entry = redis.call('XRANGE', stream, entry_id, entry_id)[1]
       job = select(2, entry_fields(entry and entry[2]))
     end
-    redis.call('XACK', stream, group, entry_id)
-    redis.call('XDEL', stream, entry_id)
-    redis.call('HDEL', KEYS[17], ulid)
+    local ids = acks[stream]
+    if not ids then ids = {}; acks[stream] = ids end
+    ids[#ids + 1] = entry_id
+    if cancels then redis.call('HDEL', KEYS[17], ulid) end
     local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
     if release(ulid, k, check_held) or queue_capped then signalled = true end
     if new_state == 6 and job then
       redis.call('XADD', dead_key, '*', 'j', ulid, 'd', job, 'e', event, 'p', prio, 'a', att, 'k', k)
     end
+    local record
     if new_state == 4 and job then
       if k ~= '' then redis.call('HSET', KEYS[23], ulid, k) end
       redis.call('HSET', parked_key, ulid, job)
       redis.call('ZADD', delayed_key, due, ulid)
-      redis.call('HSET', state_key, ulid, '4|' .. att .. '|' .. prio .. '||' .. first_ev .. '|')
+      record = '4|' .. att .. '|' .. prio .. '||' .. first_ev .. '|'
       signalled = true
     else
-      redis.call('HSET', state_key, ulid, new_state .. '|' .. att .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)
-      redis.call('ZADD', done_key, now_ms + retention, ulid)
+      record = new_state .. '|' .. att .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id
+      done[#done + 1] = ulid
     end
+    written[ulid] = record
+    record_args[#record_args + 1] = ulid
+    record_args[#record_args + 1] = record
     out[#out + 1] = event_id
   else
     out[#out + 1] = 0
   end
+end
+for stream, ids in pairs(acks) do
+  redis.call('XACK', stream, group, unpack(ids))
+  redis.call('XDEL', stream, unpack(ids))
+end
+if #record_args > 0 then redis.call('HSET', state_key, unpack(record_args)) end
+if #done > 0 then
+  local scored = {}
+  local expires = now_ms + retention
+  for i, ulid in ipairs(done) do
+    scored[2 * i - 1] = expires
+    scored[2 * i] = ulid
+  end
+  redis.call('ZADD', done_key, unpack(scored))
 end
 if signalled then
   redis.call('XADD', signal_key, 'MAXLEN', '~', 16, '*', 's', 'complete')
