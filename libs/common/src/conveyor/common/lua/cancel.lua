@@ -11,7 +11,7 @@ returns {outcome, state}: outcome 1 = cancelled now, 2 = running attempt signall
   0 = already final (state says which), -1 = no live record
 ]]
 --#include prelude
-local state_key, events_key, done_key = KEYS[1], KEYS[2], KEYS[3]
+local state_key = KEYS[1]
 local delayed_key, parked_key, cancel_key = KEYS[13], KEYS[14], KEYS[17]
 local ulid, event, retention, reason = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 
@@ -46,7 +46,5 @@ end
 if job then
   event = event .. string.char(0x62) .. varint(#job) .. job  -- JobEvent.job: the final event carries the job
 end
-local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
-redis.call('HSET', state_key, ulid, '8|' .. att .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)
-redis.call('ZADD', done_key, now_ms + retention, ulid)
+finish(ulid, 8, event, att, prio, eid, first_ev, retention)
 return {1, 8}

@@ -50,6 +50,22 @@ local function flush_activated(state_key)
   if #activated > 0 then redis.call('HSET', state_key, unpack(activated)) end
 end
 
+-- A final event written inside Redis: JobEvent{type, attempt, time, worker, error{message, kind}, job}.
+local function final_event(event_type, attempt, consumer, message, kind, job)
+  local err = bytes_field(0x0a, message) .. bytes_field(0x12, kind)
+  return string.char(0x18) .. varint(event_type) .. string.char(0x20) .. varint(tonumber(attempt))
+    .. bytes_field(0x2a, timestamp) .. bytes_field(0x32, consumer) .. bytes_field(0x52, err) .. bytes_field(0x62, job)
+end
+
+-- End a job inside Redis: its final event, its final record (kept for the retention, then
+-- expired through the done set). KEYS[1..3] as in every queue script. Returns the event id.
+local function finish(ulid, state, event, attempt, prio, eid, first_ev, retention)
+  local event_id = redis.call('XADD', KEYS[2], '*', 'j', ulid, 'e', event)
+  redis.call('HSET', KEYS[1], ulid, state .. '|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)
+  redis.call('ZADD', KEYS[3], now_ms + retention, ulid)
+  return event_id
+end
+
 -- Flow control (rate limits, concurrency caps, back-offs). Per-queue KEYS, as in keys.py:
 -- [19] admitted stream  [20] limits hash  [21] blocked zset  [22] ready zset
 -- [23] rate keys of parked and held jobs (a job in a stream carries its key as field k)

@@ -15,7 +15,7 @@ ARGV[5] delivery limit  ARGV[6] record retention ms
 returns {claimed, dead}: claimed as in claim.lua (6 values per job); dead = ulids dead-lettered
 ]]
 --#include prelude
-local state_key, events_key, done_key, dead_key = KEYS[1], KEYS[2], KEYS[3], KEYS[16]
+local state_key, events_key, dead_key = KEYS[1], KEYS[2], KEYS[16]
 local group, consumer, min_idle, want = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local limit, retention = tonumber(ARGV[5]), tonumber(ARGV[6])
 
@@ -44,32 +44,21 @@ for _, band in ipairs({10, 9, 8, 7, 6, 5, 4, 3, 2, 1}) do
           redis.call('XACK', stream, group, entry_id)
           redis.call('XDEL', stream, entry_id)
         elseif redis.call('HEXISTS', KEYS[17], ulid) == 1 then
-          -- JobEvent{type: CANCELLED, attempt, time, worker, error{message, kind}, job}
           local reason = redis.call('HGET', KEYS[17], ulid)
           if reason == '' then reason = 'cancelled' end
-          local err = bytes_field(0x0a, reason) .. bytes_field(0x12, 'Cancelled')
-          local event = string.char(0x18) .. varint(8) .. string.char(0x20) .. varint(tonumber(attempt))
-            .. bytes_field(0x2a, timestamp) .. bytes_field(0x32, consumer) .. bytes_field(0x52, err) .. bytes_field(0x62, job)
           redis.call('XACK', stream, group, entry_id)
           redis.call('XDEL', stream, entry_id)
           redis.call('HDEL', KEYS[17], ulid)
           if release(ulid, k, true) or redis.call('HEXISTS', KEYS[20], 'conc') == 1 then signalled = true end
-          local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
-          redis.call('HSET', state_key, ulid, '8|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)
-          redis.call('ZADD', done_key, now_ms + retention, ulid)
+          finish(ulid, 8, final_event(8, attempt, consumer, reason, 'Cancelled', job), attempt, prio, eid, first_ev, retention)
         elseif deliveries > limit then
-          -- JobEvent{type: DEAD_LETTERED, attempt, time, worker, error{message, kind}, job}
           local message = 'delivered ' .. (deliveries - 1) .. ' times without an outcome (its workers died or stalled); delivery limit ' .. limit
-          local err = bytes_field(0x0a, message) .. bytes_field(0x12, 'DeliveryLimit')
-          local event = string.char(0x18) .. varint(7) .. string.char(0x20) .. varint(tonumber(attempt))
-            .. bytes_field(0x2a, timestamp) .. bytes_field(0x32, consumer) .. bytes_field(0x52, err) .. bytes_field(0x62, job)
+          local event = final_event(7, attempt, consumer, message, 'DeliveryLimit', job)
           redis.call('XACK', stream, group, entry_id)
           redis.call('XDEL', stream, entry_id)
           if release(ulid, k, true) then signalled = true end
-          local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
+          finish(ulid, 7, event, attempt, prio, eid, first_ev, retention)
           redis.call('XADD', dead_key, '*', 'j', ulid, 'd', job, 'e', event, 'p', prio, 'a', attempt, 'k', k or '')
-          redis.call('HSET', state_key, ulid, '7|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)
-          redis.call('ZADD', done_key, now_ms + retention, ulid)
           dead[#dead + 1] = ulid
         else
           activate(claimed, state_key, events_key, consumer, band, entry_id, ulid, job,
