@@ -5,6 +5,7 @@ from google.protobuf import struct_pb2
 
 from conveyor.common.codec import decode_event, embed_job, json_to_struct, public_event, struct_to_json
 from conveyor.common.defaults import DEFAULT_RETRY
+from conveyor.common.ids import ulid_time_ms
 from conveyor.v1 import event_pb2, job_pb2
 
 
@@ -50,6 +51,7 @@ def test_a_final_event_restores_the_default_retry_policy_its_stored_job_leaves_o
     decoded = decode_event(b"1-0", embed_job(event, stored_job), f"q/{_ULID}")
     assert decoded.job.id == f"q/{_ULID}" and decoded.job.queue == "q"
     assert decoded.job.retry == DEFAULT_RETRY
+    assert decoded.job.created_at.ToMilliseconds() == ulid_time_ms(_ULID)
 
 
 def test_a_final_event_keeps_a_policy_of_the_jobs_own() -> None:
@@ -57,6 +59,14 @@ def test_a_final_event_keeps_a_policy_of_the_jobs_own() -> None:
     stored_job = job_pb2.Job(type="t", retry=own).SerializeToString()
     event = event_pb2.JobEvent(type=event_pb2.EVENT_TYPE_FAILED).SerializeToString()
     assert decode_event(b"1-0", embed_job(event, stored_job), f"q/{_ULID}").job.retry == own
+
+
+def test_a_final_event_keeps_a_created_at_stored_before_adr_0010() -> None:
+    old = job_pb2.Job(type="t", retry=DEFAULT_RETRY)
+    old.created_at.FromNanoseconds(1_795_619_270_889_123_456)
+    event = event_pb2.JobEvent(type=event_pb2.EVENT_TYPE_CANCELLED).SerializeToString()
+    decoded = decode_event(b"1-0", embed_job(event, old.SerializeToString()), f"q/{_ULID}")
+    assert decoded.job.created_at.ToNanoseconds() == 1_795_619_270_889_123_456
 
 
 def test_a_queued_event_names_only_the_type_and_priority_as_before() -> None:

@@ -7,6 +7,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from conveyor.common.codec import length_delimited, restore_job
 from conveyor.common.defaults import DEFAULT_RETRY
+from conveyor.common.ids import ulid_time_ms
 from conveyor.producer.enqueue import build_job
 from conveyor.producer.validate import validate_all
 from conveyor.v1 import event_pb2, job_pb2
@@ -29,7 +30,6 @@ def _expected(
     )
     if req.HasField("timeout"):
         job.timeout.CopyFrom(req.timeout)
-    job.created_at.FromNanoseconds(NOW_NS)
     event = event_pb2.JobEvent(type=event_pb2.EVENT_TYPE_QUEUED)
     event.time.FromNanoseconds(NOW_NS)
     event.job.type = req.type
@@ -52,7 +52,7 @@ def _expected(
 def test_both_paths_encode_the_same_job_and_event(req: p.EnqueueRequest, priority: int) -> None:
     (valid,) = validate_all([req], 1 << 20, False)
     stored, queued = build_job(valid, priority, NOW_NS)
-    # The default policy is not stored (ADR 0010); a policy of the job's own is.
+    # ADR 0010: neither created_at nor the default policy is stored; a policy of the job's own is.
     job, event = _expected(req, priority, valid.retry if req.HasField("retry") else None)
     assert job_pb2.Job.FromString(stored) == job
     assert event_pb2.JobEvent.FromString(queued) == event
@@ -103,3 +103,29 @@ def test_a_request_without_a_policy_shares_the_default_and_cannot_change_it() ->
     (b,) = validate_all([p.EnqueueRequest(queue="q", type="t")], 1000, False)
     assert a.retry is b.retry is DEFAULT_RETRY
     assert DEFAULT_RETRY.max_attempts == 3 and DEFAULT_RETRY.base.ToMilliseconds() == 1000
+
+
+@pytest.mark.parametrize(
+    "req",
+    [
+        p.EnqueueRequest(queue="q", type="t"),
+        p.EnqueueRequest(queue="q", type="t", labels={"team": "a"}, retry=job_pb2.RetryPolicy(max_attempts=7)),
+    ],
+)
+def test_created_at_is_not_stored_and_reads_back_as_the_ulids_millisecond(req: p.EnqueueRequest) -> None:
+    (valid,) = validate_all([req], 1000, False)
+    stored, queued = build_job(valid, 5, NOW_NS)
+    assert not job_pb2.Job.FromString(stored).HasField("created_at")
+    ulid = "01JC9ZQ0Q9AAAAAAAAAAAAAAAA"
+    restored = restore_job(job_pb2.Job.FromString(stored), f"q/{ulid}", "q")
+    assert restored.created_at.ToMilliseconds() == ulid_time_ms(ulid)
+    assert restored.created_at.nanos % 1_000_000 == 0
+    # The QUEUED event keeps the producer's full-precision time.
+    assert event_pb2.JobEvent.FromString(queued).time.ToNanoseconds() == NOW_NS
+
+
+def test_a_job_stored_with_created_at_before_adr_0010_keeps_it() -> None:
+    old = job_pb2.Job(type="t", retry=DEFAULT_RETRY, payload_json=b"{}")
+    old.created_at.FromNanoseconds(NOW_NS)
+    restored = restore_job(job_pb2.Job.FromString(old.SerializeToString()), "q/01JC9ZQ0Q9AAAAAAAAAAAAAAAA", "q")
+    assert restored.created_at.ToNanoseconds() == NOW_NS and restored.retry == DEFAULT_RETRY

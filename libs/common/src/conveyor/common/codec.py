@@ -14,6 +14,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 
 from conveyor.common.defaults import DEFAULT_RETRY
+from conveyor.common.ids import ulid_time_ms
 from conveyor.v1 import event_pb2, job_pb2
 
 _JOB_FIELD_TAG = bytes([(12 << 3) | 2])  # JobEvent.job, length-delimited
@@ -127,11 +128,14 @@ def public_event(event: event_pb2.JobEvent) -> event_pb2.JobEvent:
 def restore_job(job: job_pb2.Job, job_id: str, queue: str) -> job_pb2.Job:
     """A stored Job as it was enqueued: fill in what Redis does not store.
 
-    The id and queue are known from the key (ADR 0001); a job stored without a retry
-    policy has the default one (ADR 0010).
+    The id and queue are known from the key (ADR 0001). ADR 0010: created_at is the
+    millisecond of the job id's ULID, and a job stored without a retry policy has the
+    default one. Jobs stored before ADR 0010 carry both, and keep them.
     """
     job.id = job_id
     job.queue = queue
+    if not job.HasField("created_at"):
+        job.created_at.FromMilliseconds(ulid_time_ms(job_id[len(queue) + 1 :]))
     if not job.HasField("retry"):
         job.retry.CopyFrom(DEFAULT_RETRY)
     return job
