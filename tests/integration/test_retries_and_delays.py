@@ -6,6 +6,7 @@ import asyncio
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from conveyor.common.defaults import DEFAULT_RETRY
 from conveyor.v1 import event_pb2, job_pb2
 from conveyor.v1 import producer_service_pb2 as p
 from tests.integration.conftest import Producer, StartWorker
@@ -54,6 +55,20 @@ async def test_the_last_allowed_failure_is_final(producer: Producer, start_worke
     assert events[-1].type == E.EVENT_TYPE_FAILED and events[-1].attempt == 3
     got = (await producer.stub.GetJob(p.GetJobRequest(job_id=job.job_id))).job
     assert got.state == job_pb2.JOB_STATE_FAILED and got.attempt == 3 and got.error.message == "always"
+
+
+async def test_a_job_enqueued_without_a_policy_follows_the_default_one(
+    producer: Producer, start_worker: StartWorker
+) -> None:
+    # Redis stores no policy for it (ADR 0010): the worker must still apply 3 attempts, 1 s then 2 s.
+    await start_worker()
+    job = await enqueue(producer, "demo.fail", payload={"message": "always"})
+    events = await watch_all(producer, job.job_id)
+    retries = [e for e in events if e.type == E.EVENT_TYPE_RETRY_SCHEDULED]
+    waits_ms = [r.next_run_at.ToMilliseconds() - r.time.ToMilliseconds() for r in retries]
+    assert len(waits_ms) == DEFAULT_RETRY.max_attempts - 1 == 2
+    assert 1000 <= waits_ms[0] <= 1101 and 2000 <= waits_ms[1] <= 2201  # base 1 s doubling, jitter 0.1
+    assert events[-1].type == E.EVENT_TYPE_FAILED and events[-1].attempt == 3
 
 
 async def test_a_permanent_error_is_not_retried(producer: Producer, start_worker: StartWorker) -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
+from conveyor.common.codec import length_delimited, restore_job
+from conveyor.common.defaults import DEFAULT_RETRY
+from conveyor.common.ids import ulid_time_ms
 from conveyor.producer.enqueue import build_job
-from conveyor.producer.validate import DEFAULT_RETRY, validate_all
+from conveyor.producer.validate import validate_all
 from conveyor.v1 import event_pb2, job_pb2
 from conveyor.v1 import producer_service_pb2 as p
 
@@ -14,7 +17,7 @@ NOW_NS = 1_795_619_270_889_123_456
 
 
 def _expected(
-    req: p.EnqueueRequest, priority: int, retry: job_pb2.RetryPolicy
+    req: p.EnqueueRequest, priority: int, retry: job_pb2.RetryPolicy | None
 ) -> tuple[job_pb2.Job, event_pb2.JobEvent]:
     job = job_pb2.Job(
         type=req.type,
@@ -27,7 +30,6 @@ def _expected(
     )
     if req.HasField("timeout"):
         job.timeout.CopyFrom(req.timeout)
-    job.created_at.FromNanoseconds(NOW_NS)
     event = event_pb2.JobEvent(type=event_pb2.EVENT_TYPE_QUEUED)
     event.time.FromNanoseconds(NOW_NS)
     event.job.type = req.type
@@ -50,10 +52,50 @@ def _expected(
 def test_both_paths_encode_the_same_job_and_event(req: p.EnqueueRequest, priority: int) -> None:
     (valid,) = validate_all([req], 1 << 20, False)
     stored, queued = build_job(valid, priority, NOW_NS)
-    retry = DEFAULT_RETRY if not req.HasField("retry") else valid.retry
-    job, event = _expected(req, priority, retry)
+    # ADR 0010: neither created_at nor the default policy is stored; a policy of the job's own is.
+    job, event = _expected(req, priority, valid.retry if req.HasField("retry") else None)
     assert job_pb2.Job.FromString(stored) == job
     assert event_pb2.JobEvent.FromString(queued) == event
+    # Byte for byte what protobuf writes, the payload appended last (fields in number order otherwise).
+    payload = job.payload_json
+    job.ClearField("payload_json")
+    assert stored == job.SerializeToString() + length_delimited(b"\x2a", payload)
+    assert queued == event.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    "req",
+    [
+        p.EnqueueRequest(queue="q", type="t"),
+        p.EnqueueRequest(queue="q", type="t", labels={"team": "a"}),  # the protobuf path
+        # Names the default itself: stored as no policy, read back as the same one.
+        p.EnqueueRequest(queue="q", type="t", retry=job_pb2.RetryPolicy(max_attempts=3, jitter=0.1)),
+    ],
+)
+def test_a_job_with_the_default_policy_is_stored_without_it_and_read_back_with_it(req: p.EnqueueRequest) -> None:
+    (valid,) = validate_all([req], 1000, False)
+    stored, _ = build_job(valid, 5, NOW_NS)
+    assert not job_pb2.Job.FromString(stored).HasField("retry")
+    restored = restore_job(job_pb2.Job.FromString(stored), "q/01JAAAAAAAAAAAAAAAAAAAAAAA", "q")
+    assert restored.retry == DEFAULT_RETRY
+    assert restored.retry.max_attempts == 3 and restored.retry.jitter == 0.1
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        job_pb2.RetryPolicy(max_attempts=7),
+        job_pb2.RetryPolicy(max_attempts=3),  # no jitter: not the default (which has 0.1)
+        job_pb2.RetryPolicy(max_attempts=1, backoff=job_pb2.BACKOFF_FIXED, jitter=0.5),
+    ],
+)
+def test_a_policy_of_the_jobs_own_is_stored_and_read_back_as_given(policy: job_pb2.RetryPolicy) -> None:
+    req = p.EnqueueRequest(queue="q", type="t", retry=policy)
+    (valid,) = validate_all([req], 1000, False)
+    stored, _ = build_job(valid, 5, NOW_NS)
+    job = job_pb2.Job.FromString(stored)
+    assert job.HasField("retry") and job.retry == valid.retry != DEFAULT_RETRY
+    assert restore_job(job, "q/01JAAAAAAAAAAAAAAAAAAAAAAA", "q").retry == valid.retry
 
 
 def test_a_request_without_a_policy_shares_the_default_and_cannot_change_it() -> None:
@@ -61,3 +103,29 @@ def test_a_request_without_a_policy_shares_the_default_and_cannot_change_it() ->
     (b,) = validate_all([p.EnqueueRequest(queue="q", type="t")], 1000, False)
     assert a.retry is b.retry is DEFAULT_RETRY
     assert DEFAULT_RETRY.max_attempts == 3 and DEFAULT_RETRY.base.ToMilliseconds() == 1000
+
+
+@pytest.mark.parametrize(
+    "req",
+    [
+        p.EnqueueRequest(queue="q", type="t"),
+        p.EnqueueRequest(queue="q", type="t", labels={"team": "a"}, retry=job_pb2.RetryPolicy(max_attempts=7)),
+    ],
+)
+def test_created_at_is_not_stored_and_reads_back_as_the_ulids_millisecond(req: p.EnqueueRequest) -> None:
+    (valid,) = validate_all([req], 1000, False)
+    stored, queued = build_job(valid, 5, NOW_NS)
+    assert not job_pb2.Job.FromString(stored).HasField("created_at")
+    ulid = "01JC9ZQ0Q9AAAAAAAAAAAAAAAA"
+    restored = restore_job(job_pb2.Job.FromString(stored), f"q/{ulid}", "q")
+    assert restored.created_at.ToMilliseconds() == ulid_time_ms(ulid)
+    assert restored.created_at.nanos % 1_000_000 == 0
+    # The QUEUED event keeps the producer's full-precision time.
+    assert event_pb2.JobEvent.FromString(queued).time.ToNanoseconds() == NOW_NS
+
+
+def test_a_job_stored_with_created_at_before_adr_0010_keeps_it() -> None:
+    old = job_pb2.Job(type="t", retry=DEFAULT_RETRY, payload_json=b"{}")
+    old.created_at.FromNanoseconds(NOW_NS)
+    restored = restore_job(job_pb2.Job.FromString(old.SerializeToString()), "q/01JC9ZQ0Q9AAAAAAAAAAAAAAAA", "q")
+    assert restored.created_at.ToNanoseconds() == NOW_NS and restored.retry == DEFAULT_RETRY

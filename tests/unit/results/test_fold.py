@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from conveyor.common.defaults import DEFAULT_RETRY
 from conveyor.common.ids import ulid_time_ms
 from conveyor.common.keys import queue_keys
 from conveyor.results.projector import Batch
@@ -152,3 +153,24 @@ def test_job_id_comes_from_the_queue_and_entry_ulid_else_from_the_event() -> Non
     )
     assert sorted(r.job_id for r in batch.finish()) == sorted([from_entry.job_id, from_event.job_id])
     assert {e[0] for e in history(batch)} == {from_entry.job_id, from_event.job_id}
+
+
+def test_a_final_event_whose_stored_job_has_no_policy_projects_the_default_one() -> None:
+    job = JobHistory()
+    job.job.ClearField("retry")  # as the producer stores a job enqueued without a policy (ADR 0010)
+    job.job.ClearField("created_at")
+    (row,) = fold([job.queued(0)]).finish()
+    assert row.retry is None and row.max_attempts is None  # a QUEUED event names no policy
+    (row,) = fold([job.queued(0), job.active(1), job.succeeded(2, {})]).finish()
+    assert job_pb2.RetryPolicy.FromString(row.retry or b"") == DEFAULT_RETRY
+    assert row.max_attempts == DEFAULT_RETRY.max_attempts
+    assert row.created_us == ulid_time_ms(job.job_id.rpartition("/")[2]) * 1000  # ADR 0010
+    (row,) = fold([job.failed(2, event_pb2.EVENT_TYPE_DEAD_LETTERED)]).finish()
+    assert job_pb2.RetryPolicy.FromString(row.retry or b"") == DEFAULT_RETRY
+
+
+def test_a_final_event_whose_stored_job_has_a_policy_projects_that_one() -> None:
+    job = JobHistory()
+    job.job.retry.CopyFrom(job_pb2.RetryPolicy(max_attempts=8, backoff=job_pb2.BACKOFF_FIXED))
+    (row,) = fold([job.active(1), job.succeeded(2, {})]).finish()
+    assert job_pb2.RetryPolicy.FromString(row.retry or b"") == job.job.retry and row.max_attempts == 8

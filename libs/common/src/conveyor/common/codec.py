@@ -13,6 +13,8 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
+from conveyor.common.defaults import DEFAULT_RETRY
+from conveyor.common.ids import ulid_time_ms
 from conveyor.v1 import event_pb2, job_pb2
 
 _JOB_FIELD_TAG = bytes([(12 << 3) | 2])  # JobEvent.job, length-delimited
@@ -124,9 +126,18 @@ def public_event(event: event_pb2.JobEvent) -> event_pb2.JobEvent:
 
 
 def restore_job(job: job_pb2.Job, job_id: str, queue: str) -> job_pb2.Job:
-    """Fill in what Redis does not store (the id and queue are known from the key)."""
+    """A stored Job as it was enqueued: fill in what Redis does not store.
+
+    The id and queue are known from the key (ADR 0001). ADR 0010: created_at is the
+    millisecond of the job id's ULID, and a job stored without a retry policy has the
+    default one. Jobs stored before ADR 0010 carry both, and keep them.
+    """
     job.id = job_id
     job.queue = queue
+    if not job.HasField("created_at"):
+        job.created_at.FromMilliseconds(ulid_time_ms(job_id[len(queue) + 1 :]))
+    if not job.HasField("retry"):
+        job.retry.CopyFrom(DEFAULT_RETRY)
     return job
 
 
@@ -134,13 +145,20 @@ def decode_event(event_id: bytes | str, data: bytes, job_id: str) -> event_pb2.J
     """A JobEvent read from an event stream entry, with its id and its job's id filled in.
 
     Redis stores events without the job id (the entry's ``j`` field and the stream's
-    queue give it), to keep each event small (ADR 0001).
+    queue give it), to keep each event small (ADR 0001). A final event carries the
+    stored Job, restored as such; a QUEUED or DELAYED event carries only the job's type
+    and priority, which gain just the id and queue.
     """
     event = event_pb2.JobEvent.FromString(data)
     event.id = event_id.decode() if isinstance(event_id, bytes) else event_id
     event.job_id = job_id
     if event.HasField("job"):
-        restore_job(event.job, job_id, job_id.rpartition("/")[0])
+        queue = job_id.rpartition("/")[0]
+        if event.type in FINAL_EVENTS:
+            restore_job(event.job, job_id, queue)
+        else:
+            event.job.id = job_id
+            event.job.queue = queue
     return event
 
 

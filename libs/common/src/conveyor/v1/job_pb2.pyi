@@ -276,7 +276,9 @@ class Job(_message.Message):
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
-        """When the producer accepted the job."""
+        """When the producer accepted the job, to the millisecond: the time in the
+        ULID of the job's id.
+        """
 
     @_builtins.property
     def run_at(self) -> _timestamp_pb2.Timestamp:

@@ -8,20 +8,20 @@ from collections import defaultdict
 import redis.asyncio as aioredis
 
 from conveyor.common.codec import length_delimited, timestamp_bytes, varint
+from conveyor.common.defaults import DEFAULT_RETRY
 from conveyor.common.errors import InvalidArgument, ResourceExhausted
 from conveyor.common.ids import make_job_id, new_ulid
 from conveyor.common.keys import DEFAULT_PRIORITY, QUEUES, queue_keys
 from conveyor.common.redis import hget, sadd
 from conveyor.common.scripts import NewJob, Scripts
-from conveyor.producer.validate import DEFAULT_RETRY, ValidJob, validate_all
+from conveyor.producer.validate import ValidJob, validate_all
 from conveyor.v1 import event_pb2, job_pb2, producer_service_pb2
 
 _PAYLOAD_TAG = bytes([(5 << 3) | 2])  # Job.payload_json, length-delimited
 
 
 # Tags (field number << 3 | wire type) of the fields the fast path writes.
-_JOB_TYPE, _JOB_PRIORITY, _JOB_IDEM, _JOB_CREATED, _JOB_RATE_KEY = b"\x1a", b"\x30", b"\x52", b"\x5a", b"\xb2\x01"
-_DEFAULT_RETRY_FIELD = length_delimited(b"\x3a", DEFAULT_RETRY.SerializeToString())
+_JOB_TYPE, _JOB_PRIORITY, _JOB_IDEM, _JOB_RATE_KEY = b"\x1a", b"\x30", b"\x52", b"\xb2\x01"
 _EVENT_QUEUED = b"\x18" + varint(event_pb2.EVENT_TYPE_QUEUED)
 _EVENT_TIME, _EVENT_JOB = b"\x2a", b"\x62"
 
@@ -29,24 +29,23 @@ _EVENT_TIME, _EVENT_JOB = b"\x2a", b"\x62"
 def build_job(valid: ValidJob, priority: int, now_ns: int) -> tuple[bytes, bytes]:
     """The Job as stored in the stream, and its QUEUED (or DELAYED) event.
 
-    Both leave out what the keys already say (job id, queue) and the QUEUED event
-    carries only the job's type and priority: a waiting job's bytes are its memory cost
-    (ADR 0001). The payload is appended as raw bytes to the serialized rest. The common
-    job (no labels, timeout, delay or retry policy of its own) is encoded by hand: building
-    and serializing protobuf objects was the producer's largest cost per job.
+    Both leave out what the keys already say (job id, queue), the Job leaves out what its
+    readers fill in (created_at, which is its ULID's millisecond, and a retry policy equal
+    to the default: ADR 0010), and the QUEUED event carries only the job's type and
+    priority: a waiting job's bytes are its memory cost (ADR 0001). The payload is appended
+    as raw bytes to the serialized rest. The common job (no labels, timeout, delay or retry
+    policy of its own) is encoded by hand: building and serializing protobuf objects was the
+    producer's largest cost per job.
     """
     r = valid.request
     payload = valid.payload_json
     if valid.retry is DEFAULT_RETRY and not valid.due_ms and not r.labels and not r.HasField("timeout"):
         kind = r.type.encode()
-        created = length_delimited(_JOB_CREATED, timestamp_bytes(now_ns))
         head = length_delimited(_JOB_TYPE, kind) + _JOB_PRIORITY + varint(priority)
         stored = b"".join(
             (
                 head,
-                _DEFAULT_RETRY_FIELD,
                 length_delimited(_JOB_IDEM, r.idempotency_key.encode()) if r.idempotency_key else b"",
-                created,
                 length_delimited(_JOB_RATE_KEY, r.rate_key.encode()) if r.rate_key else b"",
                 _PAYLOAD_TAG,
                 varint(len(payload)),
@@ -61,12 +60,12 @@ def build_job(valid: ValidJob, priority: int, now_ns: int) -> tuple[bytes, bytes
         priority=priority,
         labels=r.labels,
         idempotency_key=r.idempotency_key,
-        retry=valid.retry,
         rate_key=r.rate_key,
     )
+    if valid.retry is not DEFAULT_RETRY:
+        job.retry.CopyFrom(valid.retry)
     if r.HasField("timeout"):
         job.timeout.CopyFrom(r.timeout)
-    job.created_at.FromNanoseconds(now_ns)
     if valid.due_ms:
         job.run_at.FromMilliseconds(valid.due_ms)
     stored = job.SerializeToString() + _PAYLOAD_TAG + varint(len(payload)) + payload
@@ -135,9 +134,11 @@ class Enqueuer:
             if not v.priority and v.request.queue not in defaults:
                 defaults[v.request.queue] = await self._defaults.priority(v.request.queue)
         by_queue: dict[str, list[tuple[int, NewJob]]] = defaultdict(list)
+        ulids = [new_ulid() for _ in valid]
+        # Read after the ids: a job's created_at is its ULID's millisecond (ADR 0010), and its
+        # QUEUED event's time must not come before it.
         now_ns = time.time_ns()
-        for index, v in enumerate(valid):
-            ulid = new_ulid()
+        for index, (v, ulid) in enumerate(zip(valid, ulids, strict=True)):
             priority = v.priority or defaults[v.request.queue]
             stored, queued_event = build_job(v, priority, now_ns)
             by_queue[v.request.queue].append(

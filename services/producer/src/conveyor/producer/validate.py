@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from conveyor.common.codec import struct_to_json
+from conveyor.common.defaults import DEFAULT_RETRY, fill_retry_defaults
 from conveyor.common.errors import InvalidArgument, ResourceExhausted
 from conveyor.common.ids import QUEUE_RE
 from conveyor.common.keys import MAX_PRIORITY, MIN_PRIORITY
@@ -29,27 +30,6 @@ MAX_LABEL_KEY = 64
 MAX_LABEL_VALUE = 256
 MAX_ATTEMPTS = 100
 MAX_DELAY_MS = 365 * 24 * 3600 * 1000
-#: Queue defaults for a job that does not say: 3 attempts, 1 s, 2 s... at most 5 min apart.
-DEFAULT_MAX_ATTEMPTS = 3
-DEFAULT_BACKOFF_BASE_MS = 1000
-DEFAULT_BACKOFF_CAP_MS = 300_000
-DEFAULT_JITTER = 0.1
-
-
-def _fill_retry_defaults(retry: job_pb2.RetryPolicy) -> job_pb2.RetryPolicy:
-    if not retry.max_attempts:
-        retry.max_attempts = DEFAULT_MAX_ATTEMPTS
-    if not retry.backoff:
-        retry.backoff = job_pb2.BACKOFF_EXPONENTIAL
-    if not retry.HasField("base") or not (retry.base.seconds or retry.base.nanos):
-        retry.base.FromMilliseconds(DEFAULT_BACKOFF_BASE_MS)
-    if not retry.HasField("cap") or not (retry.cap.seconds or retry.cap.nanos):
-        retry.cap.FromMilliseconds(DEFAULT_BACKOFF_CAP_MS)
-    return retry
-
-
-#: The policy of a job that names none (shared: never modify it).
-DEFAULT_RETRY = _fill_retry_defaults(job_pb2.RetryPolicy(jitter=DEFAULT_JITTER))
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +42,7 @@ class ValidJob:
     priority: int
     idempotency_window_ms: int
     #: The retry policy with the queue defaults filled in (DEFAULT_RETRY itself when the
-    #: request named none: read it, never modify it).
+    #: request named none or one equal to it: read it, never modify it).
     retry: job_pb2.RetryPolicy
     #: When the job becomes due (ms since the epoch), or 0 for now.
     due_ms: int = 0
@@ -164,7 +144,9 @@ def validate(
                 bad[f"{prefix}retry.{name}"] = "must not be negative"
         if not 0.0 <= retry.jitter <= 1.0:
             bad[f"{prefix}retry.jitter"] = "must be between 0 and 1"
-        _fill_retry_defaults(retry)
+        fill_retry_defaults(retry)
+        if retry == DEFAULT_RETRY:
+            retry = DEFAULT_RETRY  # stored as no policy at all, like a request that names none (ADR 0010)
     else:
         retry = DEFAULT_RETRY
 

@@ -29,7 +29,8 @@ from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 from redis.exceptions import ResponseError
 
-from conveyor.common.codec import FINAL_STATES, STATE_AFTER_EVENT, struct_to_json
+from conveyor.common.codec import FINAL_EVENTS, FINAL_STATES, STATE_AFTER_EVENT, struct_to_json
+from conveyor.common.defaults import DEFAULT_RETRY
 from conveyor.common.ids import parse_job_id, ulid_time_ms
 from conveyor.common.keys import QUEUES, RESULTS_GROUP, queue_keys
 from conveyor.common.redis import REDIS_UNAVAILABLE
@@ -52,6 +53,7 @@ _OUTCOME_WITH_ERROR = frozenset(
     {event_pb2.EVENT_TYPE_FAILED, event_pb2.EVENT_TYPE_DEAD_LETTERED, event_pb2.EVENT_TYPE_CANCELLED}
 )
 _EMPTY_LABELS = "{}"
+_DEFAULT_RETRY_BYTES = DEFAULT_RETRY.SerializeToString()
 # TimeoutError: a blocking read that outlived its grace (see READ_GRACE_S).
 _READ_ERRORS: tuple[type[BaseException], ...] = (*REDIS_UNAVAILABLE, TimeoutError)
 _TRIM_ERRORS: tuple[type[BaseException], ...] = (*REDIS_UNAVAILABLE, ResponseError)
@@ -171,7 +173,7 @@ class Batch:
 def apply_event(row: JobRow, event: event_pb2.JobEvent, etype: int, state: int, ms: int, seq: int, at_us: int) -> None:
     """Apply one event to a row folded from the job's earlier events of the same batch."""
     if event.HasField("job"):
-        _take_job(row, event.job)
+        _take_job(row, event.job, etype in FINAL_EVENTS)
     row.state = state
     row.last_ms, row.last_seq = ms, seq
     if at_us > row.updated_us:
@@ -211,8 +213,12 @@ def _error_json(error: job_pb2.JobError) -> str:
     return _dumps({"message": error.message, "kind": error.kind, "retryable": error.retryable})
 
 
-def _take_job(row: JobRow, job: job_pb2.Job) -> None:
-    """The job's own fields, from an event carrying it (QUEUED, or a final event with the payload)."""
+def _take_job(row: JobRow, job: job_pb2.Job, stored: bool) -> None:
+    """The job's own fields, from an event carrying it (QUEUED, or a final event with the payload).
+
+    ``stored``: the job is the stored Job (a final event's), whose missing retry policy means
+    the default one (ADR 0010); a QUEUED event's job names only the type and priority.
+    """
     row.type = job.type
     row.priority = job.priority
     row.idempotency_key = job.idempotency_key or None
@@ -220,6 +226,8 @@ def _take_job(row: JobRow, job: job_pb2.Job) -> None:
     if job.HasField("retry"):
         row.retry = job.retry.SerializeToString()
         row.max_attempts = job.retry.max_attempts
+    elif stored:
+        row.retry, row.max_attempts = _DEFAULT_RETRY_BYTES, DEFAULT_RETRY.max_attempts
     else:
         row.retry, row.max_attempts = None, None
     row.timeout_ms = (job.timeout.seconds * 1000 + job.timeout.nanos // 1_000_000) if job.HasField("timeout") else None

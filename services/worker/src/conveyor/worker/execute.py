@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 
 from conveyor.common.codec import dumps, embed_job, length_delimited, timestamp_bytes, varint
+from conveyor.common.defaults import retry_policy
 from conveyor.v1 import event_pb2, job_pb2
 from conveyor.worker.handlers import Flag, Handlers, JobContext, PermanentError, RateLimited
 from conveyor.worker.retry import retry_delay_ms, should_retry
@@ -27,6 +28,8 @@ MAX_ATTEMPTS_CEILING = 100
 class Attempt:
     """One claimed attempt of a job."""
 
+    #: As stored, with its id and queue set: a default retry policy is absent, so read it
+    #: through retry_policy (filling it in on every job would cost the success path).
     job: job_pb2.Job
     job_bytes: bytes
     attempt: int
@@ -161,10 +164,11 @@ async def run_attempt(
         event.type = event_pb2.EVENT_TYPE_RETRY_SCHEDULED
         event.next_run_at.FromMilliseconds(due_ms)
         return job_pb2.JOB_STATE_RETRY_SCHEDULED, event.SerializeToString(), due_ms
-    if should_retry(job.retry, attempt.attempt, event.error.retryable):
-        due_ms = now_ns // 1_000_000 + retry_delay_ms(job.retry, attempt.attempt)
+    policy = retry_policy(job)
+    if should_retry(policy, attempt.attempt, event.error.retryable):
+        due_ms = now_ns // 1_000_000 + retry_delay_ms(policy, attempt.attempt)
         event.type = event_pb2.EVENT_TYPE_RETRY_SCHEDULED
         event.next_run_at.FromMilliseconds(due_ms)
-        log.info("job_retry_scheduled", next_run_at_ms=due_ms, max_attempts=job.retry.max_attempts)
+        log.info("job_retry_scheduled", next_run_at_ms=due_ms, max_attempts=policy.max_attempts)
         return job_pb2.JOB_STATE_RETRY_SCHEDULED, event.SerializeToString(), due_ms
     return job_pb2.JOB_STATE_FAILED, embed_job(event.SerializeToString(), attempt.job_bytes), 0
