@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import signal
@@ -477,7 +478,8 @@ class Bench:
                                - last_event_ms AS lag_ms
                       FROM jobs WHERE state = %s AND created_at >= to_timestamp(%s)) s
                 """,
-                (SUCCEEDED, t0),
+                # created_at is the job id's millisecond: compare from t0's millisecond, not after it.
+                (SUCCEEDED, math.floor(t0 * 1000) / 1000),
             ).fetchone()
             done, t_commit, (lag50, lag99), lag_max, txns = row
         if done != n:
