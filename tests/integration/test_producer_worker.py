@@ -126,6 +126,8 @@ async def test_enqueue_batch_returns_results_in_order_and_runs_them_all(
     assert [r.job_id.split("/")[0] for r in response.results].count("second") == 2
     assert response.results[10].job_id == response.results[20].job_id
     assert response.results[10].created and not response.results[20].created
+    # The duplicate sees the state of the job the same batch just made.
+    assert response.results[20].state == response.results[10].state == job_pb2.JOB_STATE_QUEUED
     await start_worker(queues=("default", "second"))
     unique = {r.job_id for r in response.results}
     await wait_for(lambda: _ran(unique), "all batch jobs ran")
