@@ -111,7 +111,6 @@ local function window_take(list, rate)
   return tonumber(redis.call('LINDEX', list, n - 1)) + period
 end
 local function window_flush()
-flush_activated(state_key)
   for list, m in pairs(pending) do
     local stamps = {}
     for i = 1, m do stamps[i] = now_ms end
@@ -329,6 +328,7 @@ for band = 9, 1, -1 do
 end
 
 window_flush()
+flush_activated(state_key)
 
 local wait_from = {}
 local next_due = ''
