@@ -534,3 +534,21 @@ async def test_create_after_a_delete_that_waits_for_its_tick_starts_afresh(
         assert not created.schedule.HasField("last_tick_at")
     finally:
         await client.aclose()
+
+
+async def test_a_worker_whose_clock_runs_fast_fires_no_tick_early(
+    producer: Producer, redis_client: redis.asyncio.Redis, scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What is due is decided on Redis's clock, which every loop shares, not on the process's own.
+    from conveyor.worker import scheduler as scheduler_module
+
+    real = scheduler_module._local_ms
+    monkeypatch.setattr(scheduler_module, "_local_ms", lambda: real() + 120_000)  # two minutes fast
+    created = await producer.schedules.CreateSchedule(s.CreateScheduleRequest(schedule_id="fast", spec=every(60)))
+    next_ms = created.schedule.next_fire_at.ToMilliseconds()
+    assert next_ms > now_ms() + 50_000
+    moved, wake_ms = await scheduler.tick_once()
+    assert not moved and await queued_ticks(redis_client) == [] and scheduler.fired == 0
+    assert wake_ms == next_ms and -125_000 < scheduler.clock_offset_ms < -115_000
+    got = (await producer.schedules.GetSchedule(s.GetScheduleRequest(schedule_id="fast"))).schedule
+    assert got.next_fire_at.ToMilliseconds() == next_ms

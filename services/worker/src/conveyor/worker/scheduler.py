@@ -28,7 +28,7 @@ log = structlog.get_logger("conveyor.scheduler")
 BATCH = 100
 
 
-def _now_ms() -> int:
+def _local_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
@@ -53,6 +53,21 @@ class Scheduler:
         #: Ticks this process fired (a job enqueued), for tests and logs.
         self.fired = 0
         self.wakeups = 0
+        #: Redis's clock minus this process's, as last read: every loop decides what is due on
+        #: the same clock, so a worker whose clock runs fast cannot fire a tick early.
+        self.clock_offset_ms = 0
+
+    def _now_ms(self) -> int:
+        return _local_ms() + self.clock_offset_ms
+
+    async def _sync_clock(self) -> int:
+        """Redis's time now (ms); also refreshes the offset the loop's waits use."""
+        local_before = _local_ms()
+        seconds, micros = await self._redis.time()
+        local_after = _local_ms()
+        redis_ms = int(seconds) * 1000 + int(micros) // 1000
+        self.clock_offset_ms = redis_ms - (local_before + local_after) // 2
+        return redis_ms
 
     async def run(self, stop: asyncio.Event) -> None:
         last_signal = b"0-0"
@@ -66,7 +81,7 @@ class Scheduler:
                     backoff = 0.05
                     if more:
                         continue
-                    timeout_ms = self._idle_ms if not wake_ms else max(1, min(self._idle_ms, wake_ms - _now_ms()))
+                    timeout_ms = self._idle_ms if not wake_ms else max(1, min(self._idle_ms, wake_ms - self._now_ms()))
                     read = asyncio.ensure_future(
                         self._wait_redis.xread({SCHEDULE_SIGNAL: last_signal}, count=100, block=timeout_ms)
                     )
@@ -101,7 +116,7 @@ class Scheduler:
             Whether to look again at once (something moved, so the due times read before
             are stale), and the earliest future time (ms) something comes due (0: nothing).
         """
-        now = _now_ms()
+        now = await self._sync_clock()
         due, stale, wake_ms = await self._store.due(now, BATCH)
         moved = False
         for schedule_id in stale:
@@ -124,7 +139,7 @@ class Scheduler:
     async def _fire(self, schedule_id: str) -> bool:
         """Claim and fire one due schedule; False when it is held back by an in-flight tick."""
         stored = await self._store.get(schedule_id)
-        now = _now_ms()
+        now = self._now_ms()
         if stored is not None and stored.inflight_ms:
             # Its previous tick is still being enqueued: recording it wakes the loops again
             # (and a dead owner's lease running out is the fallback). No busy loop meanwhile.
