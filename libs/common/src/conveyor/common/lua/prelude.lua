@@ -90,10 +90,17 @@ local function flow_limits()
   for i = 1, #raw, 2 do L[raw[i]] = raw[i + 1] end
   return L
 end
+-- Parsed once per spec and call: every key under the same default shares one.
+local parsed_rates = {}
 local function parse_rate(spec)
   if not spec then return nil end
-  local n, p = string.match(spec, '^(%d+):(%d+)$')
-  return {tonumber(n), tonumber(p)}
+  local rate = parsed_rates[spec]
+  if not rate then
+    local n, p = string.match(spec, '^(%d+):(%d+)$')
+    rate = {tonumber(n), tonumber(p)}
+    parsed_rates[spec] = rate
+  end
+  return rate
 end
 
 -- The ms until which a back-off holds `member` ("" = the whole queue), or 0.
