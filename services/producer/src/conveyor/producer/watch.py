@@ -302,11 +302,14 @@ class Watcher:
             await tail.close()
         self._tails.clear()
 
-    async def watch(self, job_id: str, after_event_id: str = "") -> AsyncIterator[bytes]:
-        """The job's events after ``after_event_id`` (all when empty) until its final event.
+    async def watch(self, request: producer_service_pb2.WatchRequest, context: object = None) -> AsyncIterator[bytes]:
+        """The job's events after ``request.after_event_id`` (all when empty) until its final event.
 
-        Each is a serialized ``WatchResponse``, ready for the wire (the servicer sends bytes).
+        Each is a serialized ``WatchResponse``, ready for the wire. The signature is a gRPC
+        handler's: ProducerServicer serves Watch with this generator itself (one generator
+        layer less on every event sent to every watcher).
         """
+        job_id, after_event_id = request.job_id, request.after_event_id
         parsed = parse_job_id(job_id)
         if parsed is None:
             raise InvalidArgument({"job_id": "must be a job id like '<queue>/<ULID>'"})
