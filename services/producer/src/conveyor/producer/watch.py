@@ -12,8 +12,9 @@ after_event_id); a WatchQueue drops its backlog, is told so by a gap message (ra
 and count) and continues live.
 
 A live event reaches every watcher as the same serialized response (:class:`LiveEvent`):
-with a thousand watchers, building and serializing a response per watcher cost more than
-everything else the producer does per delivery, and gRPC's own send is the rest (ADR 0011).
+with a thousand watchers of a burst, the producer's CPU per delivery decides how late the
+last one is. Most of it is gRPC's own send; what the producer adds on top is kept to an
+append and at most one wake-up per watcher (ADR 0011).
 """
 
 from __future__ import annotations
