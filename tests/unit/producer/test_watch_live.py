@@ -104,7 +104,7 @@ def test_bytes_pass_through_and_messages_are_still_serialized() -> None:
     assert _bytes_or_message(response) == data
 
 
-def test_watch_is_served_by_the_watchers_own_generator() -> None:
+def test_watch_and_watch_queue_are_served_by_the_watchers_own_generators() -> None:
     import inspect
 
     from conveyor.producer.history import History
@@ -113,6 +113,6 @@ def test_watch_is_served_by_the_watchers_own_generator() -> None:
 
     watcher = Watcher(None, None, None, History(""))  # type: ignore[arg-type]
     servicer = ProducerServicer(None, watcher, None, None)  # type: ignore[arg-type]
-    assert servicer.Watch == watcher.watch
+    assert servicer.Watch == watcher.watch and servicer.WatchQueue == watcher.watch_queue
     # gRPC tells generator handlers from others by this; it must hold without our interceptor too.
-    assert inspect.isasyncgenfunction(servicer.Watch)
+    assert inspect.isasyncgenfunction(servicer.Watch) and inspect.isasyncgenfunction(servicer.WatchQueue)

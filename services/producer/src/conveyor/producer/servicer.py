@@ -29,9 +29,10 @@ class ProducerServicer(producer_service_pb2_grpc.ProducerServiceServicer):
         self._watcher = watcher
         self._jobs = jobs
         self._canceller = canceller
-        # Watch is the Watcher's generator, not a generator around it: a layer of async
-        # generator costs about 4 us on every event sent to every watcher (ADR 0011).
+        # Watch and WatchQueue are the Watcher's generators, not generators around them: a layer
+        # of async generator costs about 4 us on every event sent to every watcher (ADR 0011).
         self.Watch = watcher.watch  # type: ignore[method-assign]
+        self.WatchQueue = watcher.watch_queue  # type: ignore[method-assign]
 
     async def Enqueue(
         self, request: producer_service_pb2.EnqueueRequest, context: Context
@@ -55,9 +56,8 @@ class ProducerServicer(producer_service_pb2_grpc.ProducerServiceServicer):
     async def WatchQueue(  # type: ignore[override]  # serialized WatchQueueResponse messages
         self, request: producer_service_pb2.WatchQueueRequest, context: Context
     ) -> AsyncIterator[bytes]:
-        async for data in self._watcher.watch_queue(
-            request.queue, request.after_event_id, request.replay, request.event_types
-        ):
+        # Only a fallback: __init__ binds WatchQueue to the Watcher's generator itself.
+        async for data in self._watcher.watch_queue(request, context):
             yield data
 
     async def GetJob(

@@ -363,12 +363,15 @@ class Watcher:
             await self._release(tail, queue)
 
     async def watch_queue(
-        self, queue: str, after_event_id: str = "", replay: bool = False, event_types: Iterable[int] = ()
+        self, request: producer_service_pb2.WatchQueueRequest, context: object = None
     ) -> AsyncIterator[bytes]:
-        """Every event of ``queue`` (and gap markers), forever: see WatchQueue in the proto.
+        """Every event of ``request.queue`` (and gap markers), forever: see WatchQueue in the proto.
 
-        Each is a serialized ``WatchQueueResponse``, ready for the wire.
+        Each is a serialized ``WatchQueueResponse``, ready for the wire; like :meth:`watch`,
+        this generator is the gRPC handler itself.
         """
+        queue, after_event_id, replay = request.queue, request.after_event_id, request.replay
+        event_types: Iterable[int] = request.event_types
         bad: dict[str, str] = {}
         if not queue:
             bad["queue"] = "required"
