@@ -13,9 +13,11 @@ Modes (all with 100-byte JSON payloads sent as ``payload_json``):
           [[job_id, t_send], ...] to --out (t_send: epoch seconds just before the call)
   watch   opens --per-job Watch streams for every job id in --jobs-file (a JSON list), spread
           round-robin over --channels channels (one HTTP/2 connection each), and reads them until
-          they end; writes the live delivery latencies (ms) to --out. An event is live when its
-          Redis time (ms part of its id) is later than the arrival of its stream's first message
-          (earlier ones were replayed from history); latency = time.time() on receipt - that time.
+          they end; writes [latency ms, event type] of every live event to --out. An event is live
+          when its Redis time (ms part of its id) is later than the arrival of its stream's first
+          message (earlier ones were replayed from history); latency = time.time() on receipt - that
+          time. With --shards N, this process opens only every Nth stream (from --shard), so that N
+          driver processes share the streams (bench/run.py --watch-drivers).
 
 Prints one JSON line: n, t0, t1 (epoch seconds around the timed part), jobs_per_s, and the
 driver's own CPU seconds over the timed part (cpu_s). Before t0 it connects, checks health
@@ -189,6 +191,8 @@ FINAL_TYPES = {
 async def run_watch(a: argparse.Namespace) -> dict:
     """Many Watch streams on one producer; live-event latencies go to ``a.out``."""
     job_ids: list[str] = a.job_ids
+    pairs = [(job, r) for r in range(a.per_job) for job in job_ids]
+    mine = [k for k in range(len(pairs)) if k % a.shards == a.shard]
     # A local subchannel pool per channel: otherwise channels to the same target share one connection.
     channels = [
         grpc.aio.insecure_channel(a.addr, options=[("grpc.use_local_subchannel_pool", 1), ("bench.channel", k)])
@@ -198,7 +202,7 @@ async def run_watch(a: argparse.Namespace) -> dict:
         for ch in channels:
             await wait_healthy(ch, 30.0)
         stubs = [producer_service_pb2_grpc.ProducerServiceStub(ch) for ch in channels]
-        latencies: list[float] = []
+        latencies: list[tuple[float, int]] = []
         first_at: list[float] = []  # per stream, epoch s of its first message
         ended_final = 0
         replayed = 0
@@ -220,7 +224,7 @@ async def run_watch(a: argparse.Namespace) -> dict:
                         first_ms = now * 1000
                         first_at.append(now)
                     if ev_ms > first_ms:
-                        latencies.append(now * 1000 - ev_ms)
+                        latencies.append((now * 1000 - ev_ms, ev.type))
                     else:
                         replayed += 1
                     last_type = ev.type
@@ -230,15 +234,14 @@ async def run_watch(a: argparse.Namespace) -> dict:
                 ended_final += 1
 
         c0, t0 = cpu_s(), time.time()
-        pairs = [(job, r) for r in range(a.per_job) for job in job_ids]
-        await asyncio.gather(*(one(k, job) for k, (job, _) in enumerate(pairs)))
+        await asyncio.gather(*(one(k, pairs[k][0]) for k in mine))
         t1, c1 = time.time(), cpu_s()
     finally:
         for ch in channels:
             await ch.close()
     return {
         "latencies_ms": latencies,
-        "streams": len(pairs),
+        "streams": len(mine),
         "streams_opened": len(first_at),
         "streams_ended_final": ended_final,
         "last_first_message": max(first_at) if first_at else None,
@@ -272,6 +275,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--per-job", type=int, default=5, help="watch mode: streams per job")
     ap.add_argument("--channels", type=int, default=10, help="watch mode: gRPC channels (connections)")
     ap.add_argument("--controls", action="store_true", help="a priority mix and 100 rate keys")
+    ap.add_argument("--shard", type=int, default=0, help="watch mode: which share of the streams this process opens")
+    ap.add_argument("--shards", type=int, default=1, help="watch mode: driver processes sharing the streams")
     return ap.parse_args()
 
 

@@ -25,7 +25,7 @@ from conveyor.producer.history import History
 from conveyor.producer.jobs import JobReader
 from conveyor.producer.limits import FlowLimits
 from conveyor.producer.schedules import ScheduleServicer
-from conveyor.producer.servicer import ProducerServicer
+from conveyor.producer.servicer import ProducerServicer, add_to_server
 from conveyor.producer.stats import Stats
 from conveyor.producer.watch import WATCHER_BUFFER, Watcher
 from conveyor.v1 import (
@@ -72,7 +72,7 @@ async def start_producer(
         "127.0.0.1:0",
         [
             server.Service(
-                producer_service_pb2_grpc.add_ProducerServiceServicer_to_server,
+                add_to_server,
                 servicer,
                 producer_service_pb2.DESCRIPTOR.services_by_name["ProducerService"].full_name,
             ),

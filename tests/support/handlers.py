@@ -128,3 +128,12 @@ async def rate_limited(payload: dict[str, Any], ctx: JobContext) -> int:
     if ctx.attempt < int(payload.get("until", 2)):
         raise RateLimited(float(payload.get("retry_after", 1)), whole_queue=bool(payload.get("whole_queue", False)))
     return ctx.attempt
+
+
+@handlers.register("test.chatty")
+async def chatty(payload: dict[str, Any], ctx: JobContext) -> int:
+    """Reports ``steps`` progress events at once, each with a ``size``-byte message."""
+    steps, message = int(payload.get("steps", 100)), "x" * int(payload.get("size", 8192))
+    for step in range(1, steps + 1):
+        await ctx.progress(100 * step / steps, message)
+    return steps

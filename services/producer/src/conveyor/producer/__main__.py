@@ -16,14 +16,13 @@ from conveyor.producer.history import History
 from conveyor.producer.jobs import JobReader
 from conveyor.producer.limits import FlowLimits
 from conveyor.producer.schedules import ScheduleServicer
-from conveyor.producer.servicer import ProducerServicer
+from conveyor.producer.servicer import ProducerServicer, add_to_server
 from conveyor.producer.stats import Stats
 from conveyor.producer.watch import Watcher
 from conveyor.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
     producer_service_pb2,
-    producer_service_pb2_grpc,
     schedule_service_pb2,
     schedule_service_pb2_grpc,
 )
@@ -52,7 +51,7 @@ async def run() -> None:
         settings.grpc_addr,
         [
             server.Service(
-                producer_service_pb2_grpc.add_ProducerServiceServicer_to_server,
+                add_to_server,
                 servicer,
                 producer_service_pb2.DESCRIPTOR.services_by_name["ProducerService"].full_name,
             ),

@@ -10,6 +10,11 @@ Every watcher has a bounded inbox (``buffer`` events, CONVEYOR_WATCH_BUFFER). A 
 that falls further behind ends with RESOURCE_EXHAUSTED (it resumes with
 after_event_id); a WatchQueue drops its backlog, is told so by a gap message (range
 and count) and continues live.
+
+A live event reaches every watcher as the same serialized response (:class:`LiveEvent`):
+with a thousand watchers of a burst, the producer's CPU per delivery decides how late the
+last one is. Most of it is gRPC's own send; what the producer adds on top is kept to an
+append and at most one wake-up per watcher (ADR 0011).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 import structlog
@@ -38,29 +43,73 @@ log = structlog.get_logger("conveyor.producer.watch")
 WATCHER_BUFFER = 10_000
 #: Events read per XRANGE when a WatchQueue replays.
 _PAGE = 512
+#: Ends a Watch inbox that overflowed.
 _OVERFLOW = None
 
 
-@dataclass(eq=False)
+class LiveEvent:
+    """One live event as every local watcher sends it: converted for clients and serialized once per tail.
+
+    ``data`` is the serialized ``WatchResponse``; it is also the serialized
+    ``WatchQueueResponse`` carrying the event, since both messages hold the event as field 1
+    and nothing else (a test checks this), so one encoding serves both kinds of watcher.
+    """
+
+    __slots__ = ("_data", "event", "final", "key")
+
+    def __init__(self, key: tuple[int, int], event: event_pb2.JobEvent) -> None:
+        self.key = key
+        self.event = event
+        self.final = event.type in FINAL_EVENTS
+        self._data: bytes | None = None
+
+    @property
+    def data(self) -> bytes:
+        # Serialized on first use: a tail whose watchers all follow other jobs never pays for it.
+        if self._data is None:
+            self._data = producer_service_pb2.WatchResponse(event=self.event).SerializeToString()
+        return self._data
+
+
 class Subscription:
-    """One watcher's inbox on a tail."""
+    """One Watch watcher's inbox on a tail: at most ``buffer`` events, then an overflow mark.
 
-    ulid: str
-    buffer: int = WATCHER_BUFFER
-    inbox: asyncio.Queue[tuple[tuple[int, int], event_pb2.JobEvent] | None] = field(init=False)
-    overflowed: bool = False
+    A deque and one waiter future rather than an asyncio.Queue: a burst of events costs an
+    append per watcher and at most one wake-up, and the watcher takes whatever has arrived
+    without waiting again.
+    """
 
-    def __post_init__(self) -> None:
-        self.inbox = asyncio.Queue(self.buffer + 1)
+    __slots__ = ("_waiter", "buffer", "inbox", "overflowed", "ulid")
 
-    def offer(self, key: tuple[int, int], event: event_pb2.JobEvent) -> None:
+    def __init__(self, ulid: str, buffer: int = WATCHER_BUFFER) -> None:
+        self.ulid = ulid
+        self.buffer = buffer
+        self.inbox: deque[LiveEvent | None] = deque()
+        self.overflowed = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def offer(self, live: LiveEvent) -> None:
         if self.overflowed:
             return
-        if self.inbox.qsize() >= self.buffer:
+        if len(self.inbox) >= self.buffer:
             self.overflowed = True
-            self.inbox.put_nowait(_OVERFLOW)
+            self.inbox.append(_OVERFLOW)
         else:
-            self.inbox.put_nowait((key, event))
+            self.inbox.append(live)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Return once the inbox holds something."""
+        while not self.inbox:
+            self._waiter = waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
 
 
 @dataclass(frozen=True)
@@ -86,7 +135,7 @@ class QueueSubscription:
         self.event_types = event_types
         #: Events up to this stream id were read by the tail before this subscription (fixed on subscribe).
         self.boundary: tuple[int, int] | None = None
-        self._events: deque[tuple[tuple[int, int], event_pb2.JobEvent]] = deque()
+        self._events: deque[tuple[tuple[int, int], event_pb2.JobEvent, LiveEvent | None]] = deque()
         #: Dropped events just before ``_events[0]`` (set only while ``_events`` is not empty).
         self._gap: Gap | None = None
         self._wakeup = asyncio.Event()
@@ -96,7 +145,8 @@ class QueueSubscription:
         """Events waiting in the inbox."""
         return len(self._events)
 
-    def offer(self, key: tuple[int, int], event: event_pb2.JobEvent) -> None:
+    def offer(self, key: tuple[int, int], event: event_pb2.JobEvent, live: LiveEvent | None = None) -> None:
+        """Queue ``event``; ``live``, when given, is the same event already serialized by the tail."""
         if self.event_types and event.type not in self.event_types:
             return
         if len(self._events) >= self.buffer:
@@ -104,17 +154,22 @@ class QueueSubscription:
             self._events.clear()
             self._gap = Gap(dropped, event.id)
             log.info("watch_queue_backlog_dropped", queue=self.queue, dropped=dropped, buffer=self.buffer)
-        self._events.append((key, event))
+        self._events.append((key, event, live))
         self._wakeup.set()
 
     async def next(self) -> tuple[Gap | None, tuple[int, int], event_pb2.JobEvent]:
         """The oldest event, and the gap just before it if events were dropped there."""
+        gap, key, event, _live = await self.next_live()
+        return gap, key, event
+
+    async def next_live(self) -> tuple[Gap | None, tuple[int, int], event_pb2.JobEvent, LiveEvent | None]:
+        """Like :meth:`next`, with the tail's serialized form of the event when it has one."""
         while not self._events:
             self._wakeup.clear()
             await self._wakeup.wait()
         gap, self._gap = self._gap, None
-        key, event = self._events.popleft()
-        return gap, key, event
+        key, event, live = self._events.popleft()
+        return gap, key, event, live
 
 
 class EventTail:
@@ -203,13 +258,19 @@ class EventTail:
                     subs = self._subs.get(ulid)
                     if not subs and not self._queue_subs:
                         continue
-                    # Decoded and converted for clients once per tail, not once per watcher.
+                    # Decoded, converted for clients and serialized once per tail, not once per watcher.
                     event = public_event(decode_event(entry_id, fields[b"e"], f"{self._keys.queue}/{ulid}"))
-                    key = stream_id_key(entry_id)
-                    for sub in list(subs or ()):
-                        sub.offer(key, event)
+                    live = LiveEvent(stream_id_key(entry_id), event)
+                    if subs:
+                        for sub in list(subs):
+                            sub.offer(live)
                     for qsub in list(self._queue_subs):
-                        qsub.offer(key, event)
+                        qsub.offer(live.key, event, live)
+
+
+def _watch_response(event: event_pb2.JobEvent) -> bytes:
+    """``event`` as a serialized ``WatchResponse`` (the same bytes as a ``WatchQueueResponse`` with it)."""
+    return producer_service_pb2.WatchResponse(event=event).SerializeToString()
 
 
 class Watcher:
@@ -242,8 +303,14 @@ class Watcher:
             await tail.close()
         self._tails.clear()
 
-    async def watch(self, job_id: str, after_event_id: str = "") -> AsyncIterator[event_pb2.JobEvent]:
-        """Yield the job's events after ``after_event_id`` (all when empty) until its final event."""
+    async def watch(self, request: producer_service_pb2.WatchRequest, context: object = None) -> AsyncIterator[bytes]:
+        """The job's events after ``request.after_event_id`` (all when empty) until its final event.
+
+        Each is a serialized ``WatchResponse``, ready for the wire. The signature is a gRPC
+        handler's: ProducerServicer serves Watch with this generator itself (one generator
+        layer less on every event sent to every watcher).
+        """
+        job_id, after_event_id = request.job_id, request.after_event_id
         parsed = parse_job_id(job_id)
         if parsed is None:
             raise InvalidArgument({"job_id": "must be a job id like '<queue>/<ULID>'"})
@@ -261,7 +328,7 @@ class Watcher:
             found = False
             async for event in self._history.events(job_id, after_event_id):
                 found = True
-                yield event
+                yield _watch_response(event)
             if not found and not await self._history.exists(job_id):
                 raise NotFound(f"job {job_id} not found")
             return
@@ -272,31 +339,39 @@ class Watcher:
             last = after
             async for key, event in self._replay(keys, ulid, job_id, record, after, after_event_id):
                 last = key
-                yield public_event(event)
+                yield _watch_response(public_event(event))
                 if event.type in FINAL_EVENTS:
                     return
+            inbox = sub.inbox
             while True:
-                item = await sub.inbox.get()
-                if item is _OVERFLOW:
+                if not inbox:
+                    await sub.wait()
+                live = inbox.popleft()
+                if live is None:  # the overflow mark
                     raise ResourceExhausted(
                         f"watcher fell more than {self._buffer} events behind; "
                         f"resume with after_event_id={last[0]}-{last[1]}"
                     )
-                key, event = item
-                if key <= last:
+                if live.key <= last:
                     continue
-                last = key
-                yield event  # the tail converted it for clients already
-                if event.type in FINAL_EVENTS:
+                last = live.key
+                yield live.data  # serialized once by the tail for every watcher
+                if live.final:
                     return
         finally:
             tail.unsubscribe(sub)
             await self._release(tail, queue)
 
     async def watch_queue(
-        self, queue: str, after_event_id: str = "", replay: bool = False, event_types: Iterable[int] = ()
-    ) -> AsyncIterator[producer_service_pb2.WatchQueueResponse]:
-        """Yield every event of ``queue`` (and gap markers), forever: see WatchQueue in the proto."""
+        self, request: producer_service_pb2.WatchQueueRequest, context: object = None
+    ) -> AsyncIterator[bytes]:
+        """Every event of ``request.queue`` (and gap markers), forever: see WatchQueue in the proto.
+
+        Each is a serialized ``WatchQueueResponse``, ready for the wire; like :meth:`watch`,
+        this generator is the gRPC handler itself.
+        """
+        queue, after_event_id, replay = request.queue, request.after_event_id, request.replay
+        event_types: Iterable[int] = request.event_types
         bad: dict[str, str] = {}
         if not queue:
             bad["queue"] = "required"
@@ -326,13 +401,13 @@ class Watcher:
             if after_event_id or replay:
                 async for item in self._replay_queue(keys, after, after_event_id, sub):
                     if isinstance(item, producer_service_pb2.WatchQueueGap):
-                        yield producer_service_pb2.WatchQueueResponse(gap=item)
+                        yield producer_service_pb2.WatchQueueResponse(gap=item).SerializeToString()
                         continue
                     (last, event) = item
                     last_id = event.id
-                    yield producer_service_pb2.WatchQueueResponse(event=event)
+                    yield producer_service_pb2.WatchQueueResponse(event=event).SerializeToString()
             while True:
-                gap, key, event = await sub.next()
+                gap, key, event, live = await sub.next_live()
                 if gap is not None:
                     yield producer_service_pb2.WatchQueueResponse(
                         gap=producer_service_pb2.WatchQueueGap(
@@ -341,11 +416,11 @@ class Watcher:
                             before_event_id=gap.before_id,
                             dropped=gap.dropped,
                         )
-                    )
+                    ).SerializeToString()
                 if key <= last:
                     continue
                 last, last_id = key, event.id
-                yield producer_service_pb2.WatchQueueResponse(event=event)
+                yield live.data if live is not None else _watch_response(event)
         finally:
             tail.unsubscribe_queue(sub)
             await self._release(tail, queue)
