@@ -1,3 +1,5 @@
+import pytest
+
 from conveyor.common.ids import make_job_id, new_ulid, parse_job_id, parse_stream_id, stream_id_key, ulid_time_ms
 
 
@@ -44,3 +46,17 @@ def test_ulid_encoding_matches_the_crockford_definition() -> None:
         value = value * 32 + "0123456789ABCDEFGHJKMNPQRSTVWXYZ".index(ch)
     assert value < 1 << 128
     assert value >> 80 == ulid_time_ms(ulid)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "01ARZ3NDE", "01ARZ3NDEIKTSV4RRFFQ69G5FAV", "01arz3ndekTSV4RRFFQ69G5FAV", "01ARZ3NDE\u0663KTSV4RRFFQ69G5FAV"],
+)
+def test_ulid_time_ms_refuses_what_is_not_a_ulid(bad: str) -> None:
+    with pytest.raises(ValueError):
+        ulid_time_ms(bad)
+
+
+def test_ulid_time_ms_reads_the_first_ten_characters_in_crockford_base_32() -> None:
+    assert ulid_time_ms("01ARZ3NDEKTSV4RRFFQ69G5FAV") == 1469922850259  # the ULID spec's example id
+    assert ulid_time_ms("7ZZZZZZZZZ" + "0" * 16) == 2**48 - 1
