@@ -173,7 +173,7 @@ local function key_wait(k)
     if redis.call('SCARD', run) >= conc then
       -- A member no longer running (whatever ended it) must not hold a slot: the set heals itself.
       for _, u in ipairs(redis.call('SMEMBERS', run)) do
-        if not started[u] then
+        if not written[u] then  -- started by this call: ACTIVE, though Redis does not know yet
           local rec = redis.call('HGET', KEYS[1], u)
           if not rec or string.sub(rec, 1, 2) ~= '3|' then redis.call('SREM', run, u) end
         end
@@ -328,7 +328,7 @@ for band = 9, 1, -1 do
 end
 
 window_flush()
-flush_activated(state_key)
+flush_records()
 
 local wait_from = {}
 local next_due = ''

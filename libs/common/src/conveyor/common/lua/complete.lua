@@ -34,9 +34,8 @@ for i = 1, n do
   ulids[i] = ulid
 end
 local recs = n > 0 and redis.call('HMGET', state_key, unpack(ulids)) or {}
--- Records written so far in this call: a ulid seen twice reads its own update.
-local written = {}
-local record_args, acks, done = {}, {}, {}
+-- A ulid seen twice reads its own update (written, see prelude).
+local acks, done = {}, {}
 
 local out = {}
 local signalled = false
@@ -77,9 +76,7 @@ for i = 1, n do
       record = new_state .. '|' .. att .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id
       done[#done + 1] = ulid
     end
-    written[ulid] = record
-    record_args[#record_args + 1] = ulid
-    record_args[#record_args + 1] = record
+    put_record(ulid, record)
     out[#out + 1] = event_id
   else
     out[#out + 1] = 0
@@ -89,7 +86,7 @@ for stream, ids in pairs(acks) do
   redis.call('XACK', stream, group, unpack(ids))
   redis.call('XDEL', stream, unpack(ids))
 end
-if #record_args > 0 then redis.call('HSET', state_key, unpack(record_args)) end
+flush_records()
 if #done > 0 then
   local scored = {}
   local expires = now_ms + retention

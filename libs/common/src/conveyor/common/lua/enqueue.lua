@@ -20,14 +20,6 @@ local n, packed = tonumber(ARGV[1]), ARGV[2]
 local pos = 1
 local out = {}
 local signalled = false
--- The records are written together at the end (one HSET); a duplicate idempotency key later
--- in the batch reads its job's record here.
-local records, record_args = {}, {}
-local function record(ulid, value)
-  records[ulid] = value
-  record_args[#record_args + 1] = ulid
-  record_args[#record_args + 1] = value
-end
 -- Streams known to exist (with their consumer group) in this call.
 local ready = {}
 
@@ -43,7 +35,8 @@ for _ = 1, n do
     existing = redis.call('GET', KEYS[25 + idem_index])
   end
   if existing then
-    local rec = records[existing] or redis.call('HGET', state_key, existing)
+    -- A duplicate idempotency key later in the batch reads its job's record as this call wrote it.
+    local rec = written[existing] or redis.call('HGET', state_key, existing)
     local st = 0
     if rec then st = tonumber(string.match(rec, '^(%d+)|')) end
     out[#out + 1] = existing
@@ -57,7 +50,7 @@ for _ = 1, n do
       redis.call('ZADD', delayed_key, due, ulid)
       redis.call('HSET', parked_key, ulid, job)
       -- record: state|attempt|priority|entry id|first event id|final event id
-      record(ulid, '2|0|' .. prio .. '||' .. event_id .. '|')
+      put_record(ulid, '2|0|' .. prio .. '||' .. event_id .. '|')
       signalled = true
       state = 2
     else
@@ -75,7 +68,7 @@ for _ = 1, n do
         entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', job)
       end
       local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
-      record(ulid, '1|0|' .. prio .. '|' .. entry_id .. '|' .. event_id .. '|')
+      put_record(ulid, '1|0|' .. prio .. '|' .. entry_id .. '|' .. event_id .. '|')
       state = 1
     end
     if idem_index > 0 then
@@ -86,7 +79,7 @@ for _ = 1, n do
     out[#out + 1] = state
   end
 end
-if #record_args > 0 then redis.call('HSET', state_key, unpack(record_args)) end
+flush_records()
 if signalled then
   redis.call('XADD', signal_key, 'MAXLEN', '~', 16, '*', 's', 'delayed')
 end

@@ -29,25 +29,30 @@ local function entry_fields(fields)
   return ulid, job, k
 end
 
+-- Live records this call writes, set together by flush_records() before it returns (one HSET
+-- for the batch instead of one per job). written[ulid] is the newest value, which Redis does
+-- not have yet: a script that may read a record it wrote itself reads it here first.
+local written, record_args = {}, {}
+local function put_record(ulid, value)
+  written[ulid] = value
+  record_args[#record_args + 1] = ulid
+  record_args[#record_args + 1] = value
+end
+local function flush_records()
+  if #record_args > 0 then redis.call('HSET', KEYS[1], unpack(record_args)) end
+end
+
 -- Start an attempt of a claimed entry: attempt + 1, record ACTIVE owned by `consumer`, an ACTIVE
 -- event; appends the 6 values claim/reclaim return per job to `out`. The attempt number and the
 -- consumer are the claim's fencing token (complete.lua). `rec` is the string.match of RECORD.
--- The records are written together by flush_activated(), which every caller runs before it returns.
--- `started[ulid]`: ACTIVE since this call began, though its record is not written yet.
-local activated, started = {}, {}
 local function activate(out, state_key, events_key, consumer, band, entry_id, ulid, job, rec)
   local attempt = tonumber(rec[2]) + 1
   -- JobEvent{type: ACTIVE, attempt, time, worker}; the job id is the entry's j field.
   local event = string.char(0x18) .. varint(2) .. string.char(0x20) .. varint(attempt)
     .. bytes_field(0x2a, timestamp) .. bytes_field(0x32, consumer)
   local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
-  activated[#activated + 1] = ulid
-  started[ulid] = true
-  activated[#activated + 1] = '3|' .. attempt .. '|' .. rec[3] .. '|' .. rec[4] .. '|' .. rec[5] .. '|' .. rec[6] .. '|' .. consumer
+  put_record(ulid, '3|' .. attempt .. '|' .. rec[3] .. '|' .. rec[4] .. '|' .. rec[5] .. '|' .. rec[6] .. '|' .. consumer)
   for _, v in ipairs({band, entry_id, ulid, attempt, job, event_id}) do out[#out + 1] = v end
-end
-local function flush_activated(state_key)
-  if #activated > 0 then redis.call('HSET', state_key, unpack(activated)) end
 end
 
 -- A final event written inside Redis: JobEvent{type, attempt, time, worker, error{message, kind}, job}.

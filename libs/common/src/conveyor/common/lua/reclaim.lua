@@ -71,7 +71,7 @@ for _, band in ipairs({10, 9, 8, 7, 6, 5, 4, 3, 2, 1}) do
     end
   end
 end
-flush_activated(state_key)
+flush_records()
 if signalled or (#dead > 0 and redis.call('HEXISTS', KEYS[20], 'conc') == 1) then
   redis.call('XADD', KEYS[15], 'MAXLEN', '~', 16, '*', 's', 'reclaim')
 end
