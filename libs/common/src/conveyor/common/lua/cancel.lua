@@ -47,4 +47,5 @@ if job then
   event = event .. string.char(0x62) .. varint(#job) .. job  -- JobEvent.job: the final event carries the job
 end
 finish(ulid, 8, event, att, prio, eid, first_ev, retention)
+flush_records()
 return {1, 8}

@@ -172,11 +172,9 @@ local function key_wait(k)
     local run = lim[3]
     if redis.call('SCARD', run) >= conc then
       -- A member no longer running (whatever ended it) must not hold a slot: the set heals itself.
+      -- (A job this call started counts: is_active reads this call's own writes first.)
       for _, u in ipairs(redis.call('SMEMBERS', run)) do
-        if not written[u] then  -- started by this call: ACTIVE, though Redis does not know yet
-          local rec = redis.call('HGET', KEYS[1], u)
-          if not rec or string.sub(rec, 1, 2) ~= '3|' then redis.call('SREM', run, u) end
-        end
+        if not is_active(u) then redis.call('SREM', run, u) end
       end
       if redis.call('SCARD', run) >= conc then return now_ms + 5000 end
     end
@@ -270,8 +268,8 @@ for band = 9, 1, -1 do
       redis.call('ZADD', blocked_key, wait, k)
     elseif not start_held(k) then
       -- Nothing started after all: give back the start key_wait took in the key's window.
-      local rate = keyed_limits and limits_of(k)[2]
-      if rate then redis.call('LPOP', limits_of(k)[4]) end
+      local lim = keyed_limits and limits_of(k)
+      if lim and lim[2] then redis.call('LPOP', lim[4]) end
     end
   end
   local stream = KEYS[3 + band]

@@ -34,9 +34,8 @@ local function fill_running(only)
       for _, p in ipairs(pel) do
         local entry = redis.call('XRANGE', stream, p[1], p[1])[1]
         local ulid, _, k = entry_fields(entry and entry[2])
-        if ulid and k and k ~= '' and (not only or k == only) then
-          local rec = redis.call('HGET', KEYS[1], ulid)
-          if rec and string.sub(rec, 1, 2) == '3|' then redis.call('SADD', key_key('run', k), ulid) end
+        if ulid and k and k ~= '' and (not only or k == only) and is_active(ulid) then
+          redis.call('SADD', key_key('run', k), ulid)
         end
       end
       from = '(' .. pel[#pel][1]

@@ -41,6 +41,11 @@ end
 local function flush_records()
   if #record_args > 0 then redis.call('HSET', KEYS[1], unpack(record_args)) end
 end
+-- Whether a job is ACTIVE now, this call's own writes included.
+local function is_active(ulid)
+  local rec = written[ulid] or redis.call('HGET', KEYS[1], ulid)
+  return rec and string.sub(rec, 1, 2) == '3|'
+end
 
 -- Start an attempt of a claimed entry: attempt + 1, record ACTIVE owned by `consumer`, an ACTIVE
 -- event; appends the 6 values claim/reclaim return per job to `out`. The attempt number and the
@@ -63,10 +68,11 @@ local function final_event(event_type, attempt, consumer, message, kind, job)
 end
 
 -- End a job inside Redis: its final event, its final record (kept for the retention, then
--- expired through the done set). KEYS[1..3] as in every queue script. Returns the event id.
+-- expired through the done set; written by flush_records). KEYS[1..3] as in every queue
+-- script. Returns the event id.
 local function finish(ulid, state, event, attempt, prio, eid, first_ev, retention)
   local event_id = redis.call('XADD', KEYS[2], '*', 'j', ulid, 'e', event)
-  redis.call('HSET', KEYS[1], ulid, state .. '|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)
+  put_record(ulid, state .. '|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)
   redis.call('ZADD', KEYS[3], now_ms + retention, ulid)
   return event_id
 end
