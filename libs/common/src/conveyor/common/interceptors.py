@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -24,6 +24,7 @@ from google.protobuf import any_pb2
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
+from conveyor.common import faults
 from conveyor.common.errors import ConveyorError, Internal, InvalidArgument, Unavailable
 
 log = structlog.get_logger("conveyor.rpc")
@@ -65,10 +66,17 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     Args:
         unavailable: Exception types meaning a backing store is down (mapped to UNAVAILABLE).
+        classify: Asked in turn what an exception means for the caller (None: not theirs); the
+            Redis table (faults.client_error) is always asked first.
     """
 
-    def __init__(self, unavailable: tuple[type[BaseException], ...] = ()) -> None:
+    def __init__(
+        self,
+        unavailable: tuple[type[BaseException], ...] = (),
+        classify: Sequence[Callable[[BaseException], ConveyorError | None]] = (),
+    ) -> None:
         self._unavailable = unavailable
+        self._classify = (faults.client_error, *classify)
         self._streams: set[_OpenStream] = set()
         # A method's wrapped handler is the same for every call: build it once, not per call
         # (that cost a third as much as the whole gRPC call).
@@ -198,6 +206,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             return grpc.StatusCode.CANCELLED, None
         if isinstance(exc, ConveyorError):
             err = exc
+        elif (known := self._known(exc)) is not None:
+            log.warning("backend_fault", error=str(exc), error_type=type(exc).__name__, status=known.code.name)
+            err = known
         elif isinstance(exc, self._unavailable):
             log.warning("backend_unavailable", error=str(exc), error_type=type(exc).__name__)
             err = Unavailable(f"a backing store is unavailable ({type(exc).__name__}); retry shortly")
@@ -206,6 +217,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             err = Internal("internal error")
         status = to_status(err)
         return status.code, status
+
+    def _known(self, exc: BaseException) -> ConveyorError | None:
+        for classify in self._classify:
+            err = classify(exc)
+            if err is not None:
+                return err
+        return None
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:

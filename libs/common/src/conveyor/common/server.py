@@ -14,7 +14,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from conveyor.common import reflection_docs
+from conveyor.common.errors import ConveyorError
 from conveyor.common.interceptors import ServerInterceptor
+from conveyor.common.supervise import EXIT_LOOPS_FAILING, LoopsFailing, Supervisor
 
 log = structlog.get_logger("conveyor.server")
 
@@ -49,6 +51,12 @@ class RunningServer:
     names: list[str] = field(default_factory=list)
     interceptor: ServerInterceptor = field(default_factory=ServerInterceptor)
 
+    async def set_serving(self, serving: bool) -> None:
+        """Report ``serving`` for the whole server and each of its services (unless shutting down)."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self.names):
+            await self.health.set(name, status)
+
     async def stop(self, grace: float | None = 1.0) -> None:
         """Report NOT_SERVING, end open streams with UNAVAILABLE, then stop, letting unary RPCs finish within ``grace``.
 
@@ -66,13 +74,14 @@ async def start(
     services: Sequence[Service],
     *,
     unavailable: tuple[type[BaseException], ...] = (),
+    classify: Sequence[Callable[[BaseException], ConveyorError | None]] = (),
 ) -> RunningServer:
     """Start a server on ``addr`` ("host:port", port 0 picks a free one) hosting ``services``.
 
     Every server also hosts grpc.health.v1 (SERVING for "" and each service) and
     server reflection, so grpcurl and Kubernetes probes work out of the box.
     """
-    interceptor = ServerInterceptor(unavailable)
+    interceptor = ServerInterceptor(unavailable, classify)
     server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -99,6 +108,8 @@ async def serve(
     unavailable: tuple[type[BaseException], ...] = (),
     background: Sequence[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = (),
     on_shutdown: Sequence[Callable[[], Awaitable[Any]]] = (),
+    supervisor: Supervisor | None = None,
+    classify: Sequence[Callable[[BaseException], ConveyorError | None]] = (),
 ) -> None:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully.
 
@@ -111,14 +122,20 @@ async def serve(
         background: Coroutines run beside the server; each gets the stop event and
             must return soon after it is set.
         on_shutdown: Awaited in order after the server stopped (close clients).
+        supervisor: Supervises the background loops: its health is this server's
+            grpc.health.v1 status, and LoopsFailing from it ends the process (run_process).
+        classify: What else an exception means for a caller (see ServerInterceptor).
     """
-    running = await start(addr, services, unavailable=unavailable)
+    running = await start(addr, services, unavailable=unavailable, classify=classify)
     log.info("server_started", addr=addr, port=running.port, services=running.names)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.create_task(job(stop)) for job in background]
+    if supervisor is not None:
+        supervisor.on_health(running.set_serving)
+        tasks.append(asyncio.create_task(supervisor.watch(stop)))
     waiter = asyncio.create_task(stop.wait())
     try:
         # A background task that dies takes the process down rather than leaving it half-alive.
@@ -146,7 +163,15 @@ def run_process(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - optional speed-up
-        asyncio.run(main())
+        _run(main)
         return
     uvloop.install()
-    asyncio.run(main())
+    _run(main)
+
+
+def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    try:
+        asyncio.run(main())
+    except LoopsFailing:
+        # Logged by the supervisor; a non-zero exit makes the orchestrator restart us.
+        raise SystemExit(EXIT_LOOPS_FAILING) from None

@@ -11,6 +11,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from conveyor.common.supervise import Supervisor
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:56379/0"
 DEFAULT_DATABASE_URL = "postgresql://conveyor@127.0.0.1:55432/conveyor"
 
@@ -105,6 +107,14 @@ class CommonSettings:
     retention_s: float = 300.0
     #: Seconds a stopping server lets in-flight RPCs finish.
     shutdown_grace_s: float = 10.0
+    #: A background loop failing this long turns the process's health NOT_SERVING.
+    unhealthy_after_s: float = 10.0
+    #: A background loop failing this long ends the process (exit 75) for its supervisor to restart; 0 never.
+    exit_after_s: float = 300.0
+
+    def supervisor(self) -> Supervisor:
+        """The supervisor of this process's background loops."""
+        return Supervisor(unhealthy_after_s=self.unhealthy_after_s, exit_after_s=self.exit_after_s)
 
     @classmethod
     def _common(cls, env: _Env, default_addr: str) -> dict[str, object]:
@@ -115,6 +125,8 @@ class CommonSettings:
             "log_format": env.choice("CONVEYOR_LOG_FORMAT", "auto", ("auto", "json", "console")),
             "retention_s": env.number("CONVEYOR_RETENTION_SECONDS", 300.0, minimum=1.0),
             "shutdown_grace_s": env.number("CONVEYOR_SHUTDOWN_GRACE_SECONDS", 10.0),
+            "unhealthy_after_s": env.number("CONVEYOR_UNHEALTHY_AFTER_SECONDS", 10.0, minimum=0.1),
+            "exit_after_s": env.number("CONVEYOR_EXIT_AFTER_SECONDS", 300.0),
         }
 
 
