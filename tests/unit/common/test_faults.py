@@ -28,6 +28,11 @@ REPLIES = [
         "BUSY",
         grpc.StatusCode.UNAVAILABLE,
     ),
+    (
+        "UNBLOCKED force unblock from blocking operation, instance state changed (master -> replica?)",
+        "UNBLOCKED",
+        grpc.StatusCode.UNAVAILABLE,
+    ),
     ("MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.", "MASTERDOWN", None),
     ("NOSCRIPT No matching script. Please use EVAL.", "NOSCRIPT", grpc.StatusCode.UNAVAILABLE),
     ("MOVED 3999 127.0.0.1:6381", "MOVED", grpc.StatusCode.UNAVAILABLE),

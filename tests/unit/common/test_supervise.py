@@ -102,3 +102,26 @@ async def test_a_failure_a_loop_handles_itself_counts_too() -> None:
 
 async def _async(value: bool) -> bool:
     return value
+
+
+async def test_a_restarted_loop_that_runs_on_has_recovered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop that never reports progress itself (it only waits) is healthy once it stops failing."""
+    from conveyor.common import supervise
+
+    monkeypatch.setattr(supervise, "SETTLE_S", 0.2)
+    sup = Supervisor(unhealthy_after_s=60)
+    stop = asyncio.Event()
+    calls = 0
+
+    async def body() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug, once")
+        await stop.wait()
+
+    runner = asyncio.create_task(sup.run("scheduler", body, stop))
+    await wait_for(lambda: _async(sup.status("scheduler").failing_since is not None), "the failure")
+    await wait_for(lambda: _async(sup.status("scheduler").failing_since is None), "recovery after settling")
+    stop.set()
+    await runner

@@ -47,6 +47,7 @@ OOM = Fault(
     "let workers and the results service drain it, or raise maxmemory",
 )
 READONLY = Fault("READONLY", _U, "Redis is a read-only replica (a failover is in progress?); retry shortly")
+UNBLOCKED = Fault("UNBLOCKED", _U, "Redis changed role (primary to replica?) during a blocking read; retry shortly")
 BUSY = Fault("BUSY", _U, "Redis is busy running a long script; retry shortly")
 MASTERDOWN = Fault("MASTERDOWN", _U, "the Redis replica lost its primary; retry shortly")
 NOSCRIPT = Fault("NOSCRIPT", _U, "Redis lost its scripts (restart or SCRIPT FLUSH); retry")
@@ -68,6 +69,7 @@ TABLE: tuple[Fault, ...] = (
     LOADING,
     OOM,
     READONLY,
+    UNBLOCKED,
     BUSY,
     MASTERDOWN,
     NOSCRIPT,
@@ -82,6 +84,7 @@ TABLE: tuple[Fault, ...] = (
 # inside a script keeps its code: "BUSY ...", "OOM ... script: <sha>".)
 _BY_PREFIX = {
     "BUSY": BUSY,
+    "UNBLOCKED": UNBLOCKED,
     "MASTERDOWN": MASTERDOWN,
     "MOVED": MOVED,
     "ASK": ASK,

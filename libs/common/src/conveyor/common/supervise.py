@@ -26,6 +26,8 @@ log = structlog.get_logger("conveyor.supervise")
 #: First and longest wait before a failed loop runs again.
 FIRST_DELAY_S = 0.05
 MAX_DELAY_S = 5.0
+#: A restarted loop that runs this long without failing again has recovered.
+SETTLE_S = 2.0
 #: How often health is recomputed.
 CHECK_INTERVAL_S = 0.25
 #: Exit status of a process whose loops kept failing (EX_SOFTWARE would say bug; this is "try again").
@@ -50,6 +52,8 @@ class LoopStatus:
     name: str
     #: Monotonic time of the first failure of the current streak; None while the loop works.
     failing_since: float | None = None
+    #: Monotonic time of the latest failure.
+    last_failed_at: float = 0.0
     last_error: str = ""
     failures: int = 0
     restarts: int = 0
@@ -65,8 +69,9 @@ class LoopStatus:
 
     def failed(self, exc: BaseException) -> None:
         """The loop met ``exc`` and will try again."""
+        self.last_failed_at = time.monotonic()
         if self.failing_since is None:
-            self.failing_since = time.monotonic()
+            self.failing_since = self.last_failed_at
         self.failures += 1
         self.last_error = f"{type(exc).__name__}: {exc}"
 
@@ -109,7 +114,12 @@ class Supervisor:
     async def run(self, name: str, body: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
         """Run ``body()`` until it returns (it should once ``stop`` is set), restarting it when it raises."""
         status = self.status(name)
+        loop = asyncio.get_running_loop()
         while True:
+            # A loop that ran SETTLE_S since its restart without failing again has recovered, even
+            # if it never reports progress itself.
+            started = time.monotonic()
+            settled = loop.call_later(SETTLE_S, _settle, status, started)
             try:
                 await body()
                 return
@@ -127,6 +137,8 @@ class Supervisor:
                     log.error("loop_crashed", loop=name, exc_info=exc)
                 else:  # the traceback was logged at the start of this streak
                     log.error("loop_crashed_again", loop=name, failures=status.failures, error=status.last_error)
+            finally:
+                settled.cancel()
             if stop.is_set():
                 return
             with contextlib.suppress(TimeoutError):
@@ -165,6 +177,11 @@ class Supervisor:
                     raise LoopsFailing(doomed)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), CHECK_INTERVAL_S)
+
+
+def _settle(status: LoopStatus, started: float) -> None:
+    if status.failing_since is not None and status.last_failed_at < started:
+        status.ok()
 
 
 _EXTRA_TRANSIENT: list[Callable[[BaseException], bool]] = []

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+
 import redis as sync_redis
 
 from conveyor.common import logs, server
@@ -26,7 +29,8 @@ async def run() -> None:
     # A synchronous client for the heartbeat thread (it must not share the event loop).
     beat_redis = sync_redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
     scripts = Scripts(redis)
-    runner = Runner(redis, wait_redis, scripts, handlers, settings, Heartbeat(beat_redis))
+    supervisor = settings.supervisor()
+    runner = Runner(redis, wait_redis, scripts, handlers, settings, Heartbeat(beat_redis), supervisor)
 
     async def close_beat() -> None:
         beat_redis.close()
@@ -35,7 +39,12 @@ async def run() -> None:
     if settings.scheduler:
         # Fires schedule ticks through the producer's own validation and enqueue path (ADR 0006).
         enqueuer = Enqueuer(redis, scripts, SCHEDULED_PAYLOAD_LIMIT, 1)
-        background.append(Scheduler(redis, wait_redis, enqueuer).run)
+        scheduler = Scheduler(redis, wait_redis, enqueuer)
+
+        async def schedule(stop: asyncio.Event) -> None:
+            await supervisor.run("scheduler", functools.partial(scheduler.run, stop), stop)
+
+        background.append(schedule)
 
     # Health and reflection only: probes and grpcurl see a live worker.
     await server.serve(
@@ -45,6 +54,7 @@ async def run() -> None:
         unavailable=REDIS_UNAVAILABLE,
         background=background,
         on_shutdown=[redis.aclose, wait_redis.aclose, close_beat],
+        supervisor=supervisor,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import threading
@@ -19,11 +20,13 @@ from importlib import metadata
 import redis.asyncio as aioredis
 import structlog
 
+from conveyor.common.faults import is_transient
 from conveyor.common.introspection import WorkerRegistry
 from conveyor.common.keys import QueueKeys, queue_keys
 from conveyor.common.redis import REDIS_UNAVAILABLE
 from conveyor.common.scripts import Claimed, ClaimResult, Heartbeat, Outcome, Scripts
 from conveyor.common.settings import WorkerSettings
+from conveyor.common.supervise import LoopStatus, Supervisor
 from conveyor.v1 import admin_service_pb2, event_pb2, job_pb2
 from conveyor.worker.execute import Attempt, Cancellation, run_attempt
 from conveyor.worker.handlers import Handlers
@@ -90,6 +93,7 @@ class QueueRunner:
         handlers: Handlers,
         settings: WorkerSettings,
         slots: Slots,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._keys = keys
         self._redis = redis
@@ -109,13 +113,21 @@ class QueueRunner:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancels: dict[str, Cancellation] = {}
         self._retention_ms = int(settings.retention_s * 1000)
+        self._supervisor = supervisor or Supervisor()
+        #: Outcomes taken for recording and not yet recorded: kept across a restart of the loop.
+        self._recording: list[Outcome] = []
+
+    def status(self, loop: str) -> LoopStatus:
+        """The supervisor's status of this queue's ``loop`` ("claim", "complete", "maintain")."""
+        return self._supervisor.status(f"{loop}:{self._keys.queue}")
 
     async def claim_loop(self, stop: asyncio.Event) -> None:
         """Claim while there is room, until ``stop`` is set."""
         backoff = _Backoff()
+        status = self.status("claim")
         consumer = self._settings.worker_id
-        # At start (a restart under the same id) and after any failed claim (its reply may have
-        # been lost after the script ran), take back the jobs our pending list says we hold.
+        # At start (a restart under the same id, or of this loop) and after any failed claim (its
+        # reply may have been lost after the script ran), take back the jobs our pending list says we hold.
         recover = True
         while not stop.is_set():
             await _until(stop, self._slots.wait_free())
@@ -134,8 +146,12 @@ class QueueRunner:
                 result = await self._scripts.claim(self._keys, consumer, min(self._slots.free, MAX_CLAIM))
                 self.claims += 1
                 backoff.reset()
-            except REDIS_UNAVAILABLE as exc:
+                status.ok()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise  # a bug: the supervisor logs it and restarts the loop (which recovers first)
                 log.warning("claim_failed_redis_unavailable", queue=self._keys.queue, error=str(exc))
+                status.failed(exc)
                 recover = True
                 await _until(stop, backoff.sleep())
                 continue
@@ -158,8 +174,11 @@ class QueueRunner:
         }
         try:
             await self._wait_redis.xread(streams, count=1, block=block_ms)
-        except REDIS_UNAVAILABLE as exc:
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
             log.warning("wait_failed_redis_unavailable", queue=self._keys.queue, error=str(exc))
+            self.status("claim").failed(exc)
             await asyncio.sleep(0.5)
 
     def _start(self, claimed: list[Claimed]) -> None:
@@ -170,6 +189,27 @@ class QueueRunner:
             task = self._tasks[c.entry_id] = asyncio.create_task(self._run(c, cancellation))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+            task.add_done_callback(functools.partial(self._attempt_ended, c))
+
+    def _attempt_ended(self, claimed: Claimed, task: asyncio.Task[None]) -> None:
+        """An attempt whose task failed without an outcome to record lets go of its claim.
+
+        Its claim is no longer renewed (it is reclaimed after the visibility timeout, as if
+        this worker had died) and its slot is free: nothing stays ACTIVE forever on a live worker.
+        """
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error(
+            "attempt_crashed",
+            queue=self._keys.queue,
+            job_id=f"{self._keys.queue}/{claimed.ulid}",
+            attempt=claimed.attempt,
+            exc_info=task.exception(),
+        )
+        if self.active.pop(claimed.entry_id, None) is not None:
+            self._tasks.pop(claimed.entry_id, None)
+            self._cancels.pop(claimed.entry_id, None)
+            self._slots.give(1)
 
     def request_cancel(self, entry_id: str, reason: str) -> None:
         """CancelJob asked this running attempt to stop (called on the loop by the heartbeat thread)."""
@@ -204,7 +244,9 @@ class QueueRunner:
                 await self._scripts.progress(
                     self._keys, worker_id, claimed.ulid, claimed.attempt, event.SerializeToString()
                 )
-            except REDIS_UNAVAILABLE as exc:
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
                 # Progress is best effort: a Redis blip must not fail the attempt; the outcome is what counts.
                 log.warning("progress_dropped", error=str(exc))
 
@@ -230,10 +272,15 @@ class QueueRunner:
         )
 
     async def complete_loop(self, stop: asyncio.Event, drained: asyncio.Event) -> None:
-        """Record outcomes in batches until ``drained`` is set and none is left."""
+        """Record outcomes in batches until ``drained`` is set and none is left.
+
+        The batch being recorded lives on ``self`` so that when this loop fails and the
+        supervisor restarts it, the same outcomes are recorded (fenced and idempotent), never dropped.
+        """
         backoff = _Backoff()
-        batch: list[Outcome] = []
+        status = self.status("complete")
         while True:
+            batch = self._recording
             if not batch:
                 if drained.is_set() and self._outcomes.empty():
                     return
@@ -251,9 +298,14 @@ class QueueRunner:
             try:
                 results = await self._scripts.complete(self._keys, self._settings.worker_id, self._retention_ms, batch)
                 backoff.reset()
-            except REDIS_UNAVAILABLE as exc:
-                # The entries stay pending: retrying the same outcomes is safe (fenced, idempotent).
+                status.ok()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                # The entries stay pending: retrying the same outcomes is safe (fenced, idempotent),
+                # and their claims are still renewed meanwhile: their outcomes are being written.
                 log.warning("complete_failed_redis_unavailable", queue=self._keys.queue, error=str(exc))
+                status.failed(exc)
                 await backoff.sleep()
                 continue
             for outcome, event_id in zip(batch, results, strict=True):
@@ -269,11 +321,12 @@ class QueueRunner:
                         reason="the claim moved to another worker",
                     )
             self._slots.give(len(batch))
-            batch = []
+            self._recording = []
 
     async def maintain(self, stop: asyncio.Event) -> None:
         """On a timer: take over jobs of dead workers, and expire finished records (idle queues too)."""
         settings = self._settings
+        status = self.status("maintain")
         visibility_s = settings.visibility_for(self._keys.queue)
         interval = min(MAINTENANCE_INTERVAL_S, visibility_s / 4)
         while not stop.is_set():
@@ -294,8 +347,12 @@ class QueueRunner:
                         log.error("job_dead_lettered", queue=self._keys.queue, job_id=f"{self._keys.queue}/{ulid}")
                 while await self._scripts.expire_records(self._keys, EXPIRE_BATCH) == EXPIRE_BATCH:
                     pass
-            except REDIS_UNAVAILABLE as exc:
+                status.ok()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
                 log.warning("maintenance_failed_redis_unavailable", queue=self._keys.queue, error=str(exc))
+                status.failed(exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
 
@@ -347,14 +404,17 @@ class Runner:
         handlers: Handlers,
         settings: WorkerSettings,
         heartbeat: Heartbeat,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._settings = settings
         self._heartbeat = heartbeat
+        self.supervisor = supervisor or settings.supervisor()
         self._registry = WorkerRegistry(heartbeat.client, settings.worker_id)
         self._started_ns = time.time_ns()
         slots = Slots(settings.concurrency)
         self.queues = [
-            QueueRunner(queue_keys(q), redis, wait_redis, scripts, handlers, settings, slots) for q in settings.queues
+            QueueRunner(queue_keys(q), redis, wait_redis, scripts, handlers, settings, slots, self.supervisor)
+            for q in settings.queues
         ]
 
     def worker_info(self) -> admin_service_pb2.WorkerInfo:
@@ -378,15 +438,33 @@ class Runner:
 
     def _register(self) -> None:
         """Register or refresh this worker in the registry (one round trip); a miss is retried next beat."""
+        status = self.supervisor.status("registry")
         try:
             self._registry.beat(self.worker_info().SerializeToString(), int(self._settings.worker_ttl_s * 1000))
+            status.ok()
         except Exception as exc:  # never kill the heartbeat thread
             log.warning("worker_registry_beat_failed", error=str(exc))
+            status.failed(exc)
 
     def _beat(self, stopped: threading.Event, loop: asyncio.AbstractEventLoop) -> None:
         """Heartbeat thread: renew every held claim (every third of the visibility timeout, at
         most a second apart, which is also how soon a running attempt sees CancelJob), and this
-        worker's registry entry (at least three times per its TTL)."""
+        worker's registry entry (at least three times per its TTL).
+
+        The thread is its own supervisor: an unexpected error is logged with its traceback and the
+        beat starts again after a pause, for as long as the worker runs.
+        """
+        status = self.supervisor.status("heartbeat")
+        while not stopped.is_set():
+            try:
+                self._beat_until(stopped, loop, status)
+                return
+            except Exception as exc:
+                status.failed(exc)
+                log.error("heartbeat_crashed", exc_info=exc)
+                stopped.wait(status.next_delay())
+
+    def _beat_until(self, stopped: threading.Event, loop: asyncio.AbstractEventLoop, status: LoopStatus) -> None:
         settings = self._settings
         interval = min(
             min(settings.visibility_for(q.keys.queue) for q in self.queues) / 3, 1.0, settings.worker_ttl_s / 3
@@ -400,12 +478,14 @@ class Runner:
                     continue
                 try:
                     held = self._heartbeat.beat(q.keys, self._settings.worker_id, claims)
+                    status.ok()
                 except Exception as exc:  # a missed beat is retried next interval; never kill the thread
                     log.warning("heartbeat_failed", queue=q.keys.queue, error=str(exc))
+                    status.failed(exc)
                     continue
-                for c, status in zip(claims, held, strict=True):
-                    if isinstance(status, str):
-                        loop.call_soon_threadsafe(q.request_cancel, c.entry_id, status)
+                for c, answer in zip(claims, held, strict=True):
+                    if isinstance(answer, str):  # CancelJob's reason
+                        loop.call_soon_threadsafe(q.request_cancel, c.entry_id, answer)
                 lost = [
                     c.ulid
                     for c, ok in zip(claims, held, strict=True)
@@ -423,10 +503,21 @@ class Runner:
             target=self._beat, args=(beating, asyncio.get_running_loop()), name="conveyor-heartbeat", daemon=True
         )
         heart.start()
-        completers = [asyncio.create_task(q.complete_loop(stop, drained)) for q in self.queues]
-        maintainers = [asyncio.create_task(q.maintain(stop)) for q in self.queues]
+        sup = self.supervisor
+        completers = [
+            asyncio.create_task(
+                sup.run(f"complete:{q.keys.queue}", functools.partial(q.complete_loop, stop, drained), stop)
+            )
+            for q in self.queues
+        ]
+        maintainers = [
+            asyncio.create_task(sup.run(f"maintain:{q.keys.queue}", functools.partial(q.maintain, stop), stop))
+            for q in self.queues
+        ]
         try:
-            await asyncio.gather(*(q.claim_loop(stop) for q in self.queues))
+            await asyncio.gather(
+                *(sup.run(f"claim:{q.keys.queue}", functools.partial(q.claim_loop, stop), stop) for q in self.queues)
+            )
             await asyncio.gather(*(q.drain(self._settings.shutdown_grace_s) for q in self.queues))
         finally:
             drained.set()

@@ -17,6 +17,7 @@ import time
 import redis.asyncio as aioredis
 import structlog
 
+from conveyor.common.faults import is_transient
 from conveyor.common.redis import REDIS_UNAVAILABLE
 from conveyor.common.schedules import SCHEDULE_SIGNAL, InFlight, ScheduleStore, Timing
 from conveyor.producer.enqueue import Enqueuer
@@ -95,7 +96,9 @@ class Scheduler:
                     for _, entries in read.result() or []:
                         if entries:
                             last_signal = entries[-1][0]
-                except REDIS_UNAVAILABLE as exc:
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise  # a bug: the supervisor logs it and starts the loop again
                     log.warning("scheduler_redis_unavailable", error=str(exc))
                     await asyncio.wait([stopper], timeout=backoff)
                     backoff = min(backoff * 2, 2.0)
@@ -128,9 +131,9 @@ class Scheduler:
         for schedule_id in due:
             try:
                 moved = await self._fire(schedule_id) or moved
-            except REDIS_UNAVAILABLE:
-                raise
-            except Exception:
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
                 # One broken schedule must not stop the others (nor the worker): it is logged
                 # and looked at again on the next wake-up, without a busy loop meanwhile.
                 log.exception("schedule_fire_failed", schedule_id=schedule_id)
@@ -167,8 +170,8 @@ class Scheduler:
         try:
             await enqueue_tick(self._enqueuer, self._store, tick)
             self.fired += 1
-        except REDIS_UNAVAILABLE:
-            raise
-        except Exception:
+        except Exception as exc:
+            if is_transient(exc):
+                raise
             # The tick stays in flight; another loop retries it when the lease runs out.
             log.exception("schedule_enqueue_failed", schedule_id=tick.schedule_id, tick_ms=tick.tick_ms)
