@@ -14,7 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from conveyor.common.keys import BANDS, WORKER_GROUP, WORKERS, QueueKeys, worker_key
-from conveyor.common.scripts import _source, _text
+from conveyor.common.scripts import ReloadingScript, _source, _text
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +53,7 @@ class QueueStatsScript:
     """The queue_stats script on an async client."""
 
     def __init__(self, client: aioredis.Redis) -> None:
-        self._script = client.register_script(_source("queue_stats"))
+        self._script = ReloadingScript(client, "queue_stats")
 
     async def read(self, keys: QueueKeys) -> QueueSnapshot:
         raw = await self._script(keys=keys.script_keys(), args=[WORKER_GROUP])
@@ -91,7 +91,7 @@ class WorkerRegistry:
         self._client = client
         self._worker_id = worker_id
         self._key = worker_key(worker_id)
-        self._beat = client.register_script(_source("worker_beat"))
+        self._beat = client.register_script(_source("worker_beat"))  # sync: the heartbeat thread
 
     def beat(self, info: bytes, ttl_ms: int) -> None:
         """Register or refresh this worker (one round trip)."""
@@ -110,7 +110,7 @@ class WorkerDirectory:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
-        self._list = client.register_script(_source("list_workers"))
+        self._list = ReloadingScript(client, "list_workers")
 
     async def live(self) -> dict[str, bytes]:
         """Worker id -> WorkerInfo bytes of every live worker."""

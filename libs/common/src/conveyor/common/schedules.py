@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 from cronsim import CronSim, CronSimError
 
 from conveyor.common.keys import PREFIX
-from conveyor.common.scripts import _source
+from conveyor.common.scripts import ReloadingScript
 from conveyor.v1 import schedule_service_pb2
 
 #: A tick that no process reached within this long of its time was missed
@@ -246,11 +246,11 @@ class ScheduleStore:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
-        self._upsert = client.register_script(_source("schedule_upsert"))
-        self._claim = client.register_script(_source("schedule_claim"))
-        self._fired = client.register_script(_source("schedule_fired"))
-        self._delete = client.register_script(_source("schedule_delete"))
-        self._takeover = client.register_script(_source("schedule_takeover"))
+        self._upsert = ReloadingScript(client, "schedule_upsert")
+        self._claim = ReloadingScript(client, "schedule_claim")
+        self._fired = ReloadingScript(client, "schedule_fired")
+        self._delete = ReloadingScript(client, "schedule_delete")
+        self._takeover = ReloadingScript(client, "schedule_takeover")
 
     async def upsert(
         self,

@@ -12,6 +12,7 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from conveyor.common.keys import RESULTS_GROUP, WORKER_GROUP, QueueKeys
 
@@ -25,6 +26,30 @@ def _source(name: str) -> str:
     if _INCLUDE in text:
         text = text.replace(_INCLUDE, (lua / "prelude.lua").read_text(), 1)
     return text
+
+
+#: How often one call loads and runs a script whose cache Redis emptied (SCRIPT FLUSH, a failover
+#: to a replica that never saw it). NOSCRIPT means the script did not run, so running it again is
+#: safe; redis-py reloads once, and a flush landing between that load and the run would otherwise
+#: reach the caller.
+NOSCRIPT_TRIES = 3
+
+
+class ReloadingScript:
+    """A script registered on an asyncio client that survives its cache being flushed."""
+
+    __slots__ = ("_script",)
+
+    def __init__(self, client: aioredis.Redis, name: str) -> None:
+        self._script = client.register_script(_source(name))
+
+    async def __call__(self, keys: Any = None, args: Any = None) -> Any:
+        for _ in range(NOSCRIPT_TRIES - 1):
+            try:
+                return await self._script(keys=keys, args=args)
+            except NoScriptError:
+                continue
+        return await self._script(keys=keys, args=args)
 
 
 #: Record.entry_id of a job held back by its rate key's limits (its job bytes are parked).
@@ -189,19 +214,19 @@ class Scripts:
     """The registered scripts of one Redis client."""
 
     def __init__(self, client: aioredis.Redis) -> None:
-        self._enqueue = client.register_script(_source("enqueue"))
-        self._claim = client.register_script(_source("claim"))
-        self._complete = client.register_script(_source("complete"))
-        self._progress = client.register_script(_source("progress"))
-        self._job_events = client.register_script(_source("job_events"))
-        self._trim_events = client.register_script(_source("trim_events"))
-        self._expire_records = client.register_script(_source("expire_records"))
-        self._reclaim = client.register_script(_source("reclaim"))
-        self._recover = client.register_script(_source("recover"))
-        self._cancel = client.register_script(_source("cancel"))
-        self._retry_dead = client.register_script(_source("retry_dead"))
-        self._purge_dead = client.register_script(_source("purge_dead"))
-        self._limits = client.register_script(_source("limits"))
+        self._enqueue = ReloadingScript(client, "enqueue")
+        self._claim = ReloadingScript(client, "claim")
+        self._complete = ReloadingScript(client, "complete")
+        self._progress = ReloadingScript(client, "progress")
+        self._job_events = ReloadingScript(client, "job_events")
+        self._trim_events = ReloadingScript(client, "trim_events")
+        self._expire_records = ReloadingScript(client, "expire_records")
+        self._reclaim = ReloadingScript(client, "reclaim")
+        self._recover = ReloadingScript(client, "recover")
+        self._cancel = ReloadingScript(client, "cancel")
+        self._retry_dead = ReloadingScript(client, "retry_dead")
+        self._purge_dead = ReloadingScript(client, "purge_dead")
+        self._limits = ReloadingScript(client, "limits")
 
     async def enqueue(self, keys: QueueKeys, jobs: list[NewJob]) -> list[EnqueueResult]:
         """Add ``jobs`` to one queue atomically; known idempotency keys return their job."""
