@@ -6,6 +6,8 @@ change in how redis-py names them would fail here rather than in production.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
 from redis import exceptions as rx
@@ -95,3 +97,16 @@ def test_the_table_names_every_class_once() -> None:
     assert {"MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"} <= set(names)
     for fault in faults.TABLE:
         assert not isinstance(fault.error(), (Internal, InvalidArgument))
+
+
+def test_the_readme_table_has_a_row_per_class_with_its_status() -> None:
+    """The README's "When Redis refuses work" table is this table in words: same classes, same codes."""
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    section = readme.split("#### When Redis refuses work", 1)[1].split("\n#", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")][1:]
+    for fault in faults.TABLE:
+        row = next((r for r in rows if f"`{fault.name}`" in r), None)
+        assert row is not None, f"README has no row for {fault.name}"
+        if fault is faults.NOSCRIPT:
+            continue  # reloaded and retried: a client sees UNAVAILABLE only if that fails three times
+        assert f"`{fault.code.name}`" in row, f"README row for {fault.name} does not say {fault.code.name}"
