@@ -17,7 +17,7 @@ local ulid, event, retention, reason = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV
 
 local rec = redis.call('HGET', state_key, ulid)
 if not rec then return {-1, 0} end
-local st, att, prio, eid, first_ev = string.match(rec, '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|')
+local st, att, prio, eid, first_ev = read_record(rec)
 local state = tonumber(st)
 if state >= 5 then return {0, state} end
 if state == 3 then

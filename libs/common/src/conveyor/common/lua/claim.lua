@@ -41,8 +41,7 @@ local due = redis.call('ZRANGEBYSCORE', delayed_key, '-inf', now_ms, 'LIMIT', 0,
 for _, ulid in ipairs(due) do
   local job = redis.call('HGET', parked_key, ulid)
   local rec = redis.call('HGET', state_key, ulid)
-  local st, attempt, prio, eid, first_ev, final_ev
-  if rec then st, attempt, prio, eid, first_ev, final_ev = string.match(rec, RECORD) end
+  local st, attempt, prio, eid, first_ev, final_ev = read_record(rec)
   if job and (st == '2' or st == '4') then
     local stream = KEYS[3 + tonumber(prio)]
     if redis.call('EXISTS', stream) == 0 then
@@ -57,7 +56,7 @@ for _, ulid in ipairs(due) do
       entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', job)
     end
     redis.call('XADD', events_key, '*', 'j', ulid, 'e', string.char(0x18) .. varint(1) .. bytes_field(0x2a, timestamp))
-    redis.call('HSET', state_key, ulid, '1|' .. attempt .. '|' .. prio .. '|' .. entry_id .. '|' .. first_ev .. '|' .. final_ev)
+    redis.call('HSET', state_key, ulid, record_of('1', attempt, prio, entry_id, first_ev, final_ev))
   end
   redis.call('HDEL', parked_key, ulid)
   redis.call('ZREM', delayed_key, ulid)
@@ -235,8 +234,7 @@ local function start_held(k)
   local job = redis.call('HGET', parked_key, ulid)
   redis.call('HDEL', parked_key, ulid)
   local rec = redis.call('HGET', state_key, ulid)
-  local st, attempt, prio, eid, first_ev, final_ev
-  if rec then st, attempt, prio, eid, first_ev, final_ev = string.match(rec, RECORD) end
+  local st, attempt, prio, eid, first_ev, final_ev = read_record(rec)
   if not job or st ~= '1' or eid ~= 'h' then  -- cancelled or expired while held
     redis.call('HDEL', keys_key, ulid)
     return false
@@ -248,7 +246,7 @@ local function start_held(k)
   local entry_id = redis.call('XADD', KEYS[19], '*', 'j', ulid, 'd', job, 'k', k)
   redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', KEYS[19], '>')
   activate(claimed, state_key, events_key, consumer, 10, entry_id, ulid, job,
-    {st, attempt, prio, entry_id, first_ev, final_ev})
+    attempt, prio, entry_id, first_ev, final_ev)
   note_start(k, ulid)
   want = want - 1
   return true
@@ -290,8 +288,7 @@ for band = 9, 1, -1 do
       local entry_id = entry[1]
       local ulid, job, k = parsed[i][1], parsed[i][2], parsed[i][3]
       local rec = ulid and recs[i]
-      local st, attempt, prio, eid, first_ev, final_ev
-      if rec then st, attempt, prio, eid, first_ev, final_ev = string.match(rec, RECORD) end
+      local st, attempt, prio, eid, first_ev, final_ev = read_record(rec)
       local wait = 0
       if k and st == '1' and eid == entry_id then
         -- Behind the key's held jobs (FIFO per key), or the key may not start now.
@@ -309,7 +306,7 @@ for band = 9, 1, -1 do
         redis.call('HSET', keys_key, ulid, k)
         redis.call('ZADD', key_key('held', k), order, ulid)
         has_held = true
-        redis.call('HSET', state_key, ulid, '1|' .. attempt .. '|' .. prio .. '|h|' .. first_ev .. '|' .. final_ev)
+        redis.call('HSET', state_key, ulid, record_of('1', attempt, prio, 'h', first_ev, final_ev))
         if wait > 0 then
           redis.call('ZADD', blocked_key, wait, k)
         else
@@ -317,7 +314,7 @@ for band = 9, 1, -1 do
         end
       else
         activate(claimed, state_key, events_key, consumer, band, entry_id, ulid, job,
-          {st, attempt, prio, eid, first_ev, final_ev})
+          attempt, prio, eid, first_ev, final_ev)
         if qrate or (k and keyed_limits) then note_start(k, ulid) end
         want = want - 1
       end

@@ -46,10 +46,7 @@ for i = 1, n do
   local band, entry_id, ulid, attempt, new_state, due, event, k = unpack(items[i])
   local stream = stream_of(band)
   local rec = written[ulid] or recs[i]
-  local st, att, prio, eid, first_ev, owner
-  if rec then
-    st, att, prio, eid, first_ev, owner = string.match(rec, '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|[^|]*|?(.*)$')
-  end
+  local st, att, prio, eid, first_ev, _, owner = read_record(rec)
   if st == '3' and tonumber(att) == attempt and owner == consumer and eid == entry_id then
     local job = nil
     if new_state == 4 or new_state == 6 then
@@ -70,10 +67,10 @@ for i = 1, n do
       if k ~= '' then redis.call('HSET', KEYS[23], ulid, k) end
       redis.call('HSET', parked_key, ulid, job)
       redis.call('ZADD', delayed_key, due, ulid)
-      record = '4|' .. att .. '|' .. prio .. '||' .. first_ev .. '|'
+      record = record_of('4', att, prio, '', first_ev, '')
       signalled = true
     else
-      record = new_state .. '|' .. att .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id
+      record = record_of(new_state, att, prio, eid, first_ev, event_id)
       done[#done + 1] = ulid
     end
     put_record(ulid, record)

@@ -38,7 +38,7 @@ for _ = 1, n do
     -- A duplicate idempotency key later in the batch reads its job's record as this call wrote it.
     local rec = written[existing] or redis.call('HGET', state_key, existing)
     local st = 0
-    if rec then st = tonumber(string.match(rec, '^(%d+)|')) end
+    if rec then st = tonumber((read_record(rec))) end
     out[#out + 1] = existing
     out[#out + 1] = 0
     out[#out + 1] = st
@@ -50,7 +50,7 @@ for _ = 1, n do
       redis.call('ZADD', delayed_key, due, ulid)
       redis.call('HSET', parked_key, ulid, job)
       -- record: state|attempt|priority|entry id|first event id|final event id
-      put_record(ulid, '2|0|' .. prio .. '||' .. event_id .. '|')
+      put_record(ulid, record_of('2', 0, prio, '', event_id, ''))
       signalled = true
       state = 2
     else
@@ -68,7 +68,7 @@ for _ = 1, n do
         entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', job)
       end
       local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
-      put_record(ulid, '1|0|' .. prio .. '|' .. entry_id .. '|' .. event_id .. '|')
+      put_record(ulid, record_of('1', 0, prio, entry_id, event_id, ''))
       state = 1
     end
     if idem_index > 0 then

@@ -9,6 +9,7 @@ ARGV[4] the jobs packed back to back, each as struct '>B I2 c0 c26 I4': band, en
 returns an array with, per job: 1 still held, 0 lost, or the reason string when CancelJob
 asked the running attempt to stop
 ]]
+--#include prelude
 local group, consumer, n, packed = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local pos = 1
 local out = {}
@@ -16,8 +17,7 @@ for _ = 1, n do
   local band, entry_id, ulid, attempt
   band, entry_id, ulid, attempt, pos = struct.unpack('>B I2 c0 c26 I4', packed, pos)
   local rec = redis.call('HGET', KEYS[1], ulid)
-  local st, att, eid, owner
-  if rec then st, att, eid, owner = string.match(rec, '^(%d+)|(%d+)|%d+|([^|]*)|[^|]*|[^|]*|?(.*)$') end
+  local st, att, _, eid, _, _, owner = read_record(rec)
   if st == '3' and tonumber(att) == attempt and eid == entry_id and owner == consumer then
     local stream = KEYS[3 + band]
     if band == 10 then stream = KEYS[19] end

@@ -17,7 +17,19 @@ local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 -- google.protobuf.Timestamp{seconds, nanos} of now, ready to wrap as JobEvent.time (tag 0x2a).
 local timestamp = string.char(0x08) .. varint(tonumber(now[1])) .. string.char(0x10) .. varint(tonumber(now[2]) * 1000)
 -- A live record: state|attempt|priority|entry id|first event id|final event id[|consumer]
-local RECORD = '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)'
+-- (the consumer only while ACTIVE). read_record and record_of are its one reader and one writer,
+-- as scripts.py's Record is on the Python side. Fields stay the strings stored ('3', '12').
+-- read_record(rec): state, attempt, priority, entry id, first event id, final event id and
+-- consumer ('' when none), or nothing for no record.
+local function read_record(rec)
+  if not rec then return nil end
+  return string.match(rec, '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)|?(.*)$')
+end
+local function record_of(st, attempt, prio, eid, first_ev, final_ev, consumer)
+  local value = st .. '|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. final_ev
+  if consumer then return value .. '|' .. consumer end
+  return value
+end
 
 -- The fields of a job stream entry: ulid (j), Job bytes (d) and rate key (k, or nil).
 local function entry_fields(fields)
@@ -43,20 +55,19 @@ local function flush_records()
 end
 -- Whether a job is ACTIVE now, this call's own writes included.
 local function is_active(ulid)
-  local rec = written[ulid] or redis.call('HGET', KEYS[1], ulid)
-  return rec and string.sub(rec, 1, 2) == '3|'
+  return read_record(written[ulid] or redis.call('HGET', KEYS[1], ulid)) == '3'
 end
 
 -- Start an attempt of a claimed entry: attempt + 1, record ACTIVE owned by `consumer`, an ACTIVE
 -- event; appends the 6 values claim/reclaim return per job to `out`. The attempt number and the
--- consumer are the claim's fencing token (complete.lua). `rec` is the string.match of RECORD.
-local function activate(out, state_key, events_key, consumer, band, entry_id, ulid, job, rec)
-  local attempt = tonumber(rec[2]) + 1
+-- consumer are the claim's fencing token (complete.lua). The rest is the job's record as read.
+local function activate(out, state_key, events_key, consumer, band, entry_id, ulid, job, prev_attempt, prio, eid, first_ev, final_ev)
+  local attempt = tonumber(prev_attempt) + 1
   -- JobEvent{type: ACTIVE, attempt, time, worker}; the job id is the entry's j field.
   local event = string.char(0x18) .. varint(2) .. string.char(0x20) .. varint(attempt)
     .. bytes_field(0x2a, timestamp) .. bytes_field(0x32, consumer)
   local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
-  put_record(ulid, '3|' .. attempt .. '|' .. rec[3] .. '|' .. rec[4] .. '|' .. rec[5] .. '|' .. rec[6] .. '|' .. consumer)
+  put_record(ulid, record_of('3', attempt, prio, eid, first_ev, final_ev, consumer))
   for _, v in ipairs({band, entry_id, ulid, attempt, job, event_id}) do out[#out + 1] = v end
 end
 
@@ -72,7 +83,7 @@ end
 -- script. Returns the event id.
 local function finish(ulid, state, event, attempt, prio, eid, first_ev, retention)
   local event_id = redis.call('XADD', KEYS[2], '*', 'j', ulid, 'e', event)
-  put_record(ulid, state .. '|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. event_id)
+  put_record(ulid, record_of(state, attempt, prio, eid, first_ev, event_id))
   redis.call('ZADD', KEYS[3], now_ms + retention, ulid)
   return event_id
 end

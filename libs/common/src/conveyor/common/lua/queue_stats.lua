@@ -12,6 +12,7 @@ returns {time_s, time_us, paused (0|1), dead, delayed, retry_scheduled, next_due
   oldest queued entry id ("" if none), held, active in the admitted stream, then per band 1..9: queued, active, then per consumer
   holding claims: consumer, claims (all bands)}
 ]]
+--#include prelude
 local state_key, delayed_key, dead_key, paused_key = KEYS[1], KEYS[13], KEYS[16], KEYS[18]
 local group = ARGV[1]
 local now = redis.call('TIME')
@@ -65,7 +66,7 @@ for start = 0, total - 1, chunk do
   if #ulids > 0 then
     for _, rec in ipairs(redis.call('HMGET', state_key, unpack(ulids))) do
       if rec then
-        local st = string.match(rec, '^(%d+)|')
+        local st = read_record(rec)
         if st == '2' then delayed = delayed + 1 elseif st == '4' then retry = retry + 1 end
       end
     end

@@ -38,8 +38,7 @@ for _, band in ipairs({10, 9, 8, 7, 6, 5, 4, 3, 2, 1}) do
         local ulid, job, k = entry_fields(fields)
         local deliveries = redis.call('XPENDING', stream, group, entry_id, entry_id, 1)[1][4]
         local rec = ulid and redis.call('HGET', state_key, ulid)
-        local st, attempt, prio, eid, first_ev, final_ev
-        if rec then st, attempt, prio, eid, first_ev, final_ev = string.match(rec, RECORD) end
+        local st, attempt, prio, eid, first_ev, final_ev = read_record(rec)
         if not st or tonumber(st) >= 5 or eid ~= entry_id then
           redis.call('XACK', stream, group, entry_id)
           redis.call('XDEL', stream, entry_id)
@@ -62,7 +61,7 @@ for _, band in ipairs({10, 9, 8, 7, 6, 5, 4, 3, 2, 1}) do
           dead[#dead + 1] = ulid
         else
           activate(claimed, state_key, events_key, consumer, band, entry_id, ulid, job,
-            {st, attempt, prio, eid, first_ev, final_ev})
+            attempt, prio, eid, first_ev, final_ev)
           want = want - 1
         end
         if want <= 0 then break end

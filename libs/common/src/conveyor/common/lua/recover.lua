@@ -20,8 +20,7 @@ for _, band in ipairs({10, 9, 8, 7, 6, 5, 4, 3, 2, 1}) do
       local entry_id, fields = entry[1], entry[2]
       local ulid, job = entry_fields(fields)
       local rec = ulid and redis.call('HGET', state_key, ulid)
-      local st, attempt, eid, owner
-      if rec then st, attempt, eid, owner = string.match(rec, '^(%d+)|(%d+)|%d+|([^|]*)|[^|]*|[^|]*|?(.*)$') end
+      local st, attempt, _, eid, _, _, owner = read_record(rec)
       if st == '3' and owner == consumer and eid == entry_id and job then
         found[#found + 1] = band
         found[#found + 1] = entry_id

@@ -35,8 +35,8 @@ while #retried < most do
       local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', queued)
       local first_ev = event_id
       local rec = redis.call('HGET', state_key, ulid)
-      if rec then first_ev = string.match(rec, '^%d+|%d+|%d+|[^|]*|([^|]*)|') or event_id end
-      redis.call('HSET', state_key, ulid, '1|' .. (f['a'] or '0') .. '|' .. prio .. '|' .. entry_id .. '|' .. first_ev .. '|')
+      if rec then first_ev = select(5, read_record(rec)) or event_id end
+      redis.call('HSET', state_key, ulid, record_of('1', f['a'] or '0', prio, entry_id, first_ev, ''))
       redis.call('ZREM', done_key, ulid)
       redis.call('XDEL', dead_key, entry[1])
       retried[#retried + 1] = ulid
