@@ -380,6 +380,62 @@ class ConveyorClient:
         req = admin_service_pb2.ListWorkersRequest(queue=queue)
         return list((await self._call(lambda: self._admin.ListWorkers(req, timeout=self._timeout))).workers)
 
+    async def submit(self, req: producer_service_pb2.EnqueueRequest) -> producer_service_pb2.EnqueueResponse:
+        """Enqueue one request built with :meth:`request` (and changed as needed, e.g. ``run_at``)."""
+        return await self._call(lambda: self._producer.Enqueue(req, timeout=self._timeout))
+
+    async def cancel_job(self, job_id: str, reason: str = "") -> job_pb2.JobState.ValueType:
+        """Cancel a job: a waiting one never runs, a running one is asked to stop.
+
+        Returns:
+            The job's state after the call (CANCELLED, or ACTIVE while a running attempt stops).
+
+        Raises:
+            NotFound: No such job.
+            FailedPrecondition: The job already finished.
+        """
+        req = producer_service_pb2.CancelJobRequest(job_id=job_id, reason=reason)
+        return (await self._call(lambda: self._producer.CancelJob(req, timeout=self._timeout))).state
+
+    async def list_job_events(
+        self, job_id: str, after_event_id: str = "", page_size: int = 0
+    ) -> results_service_pb2.ListJobEventsResponse:
+        """One page of a job's history as recorded in PostgreSQL (ResultsService.ListJobEvents)."""
+        if self._results is None:
+            raise ValueError("ConveyorClient was created without results_addr")
+        stub = self._results
+        req = results_service_pb2.ListJobEventsRequest(
+            job_id=job_id, after_event_id=after_event_id, page_size=page_size
+        )
+        return await self._call(lambda: stub.ListJobEvents(req, timeout=self._timeout))
+
+    async def pause_queue(self, queue: str) -> bool:
+        """Pause a queue (nothing new starts); False when it was paused already."""
+        req = admin_service_pb2.PauseQueueRequest(queue=queue)
+        return (await self._call(lambda: self._admin.PauseQueue(req, timeout=self._timeout))).changed
+
+    async def resume_queue(self, queue: str) -> bool:
+        """Resume a paused queue; False when it was not paused."""
+        req = admin_service_pb2.ResumeQueueRequest(queue=queue)
+        return (await self._call(lambda: self._admin.ResumeQueue(req, timeout=self._timeout))).changed
+
+    async def list_dead_letters(
+        self, queue: str, page_size: int = 0, page_token: str = ""
+    ) -> admin_service_pb2.ListDeadLettersResponse:
+        """One page of a queue's dead letters, oldest first."""
+        req = admin_service_pb2.ListDeadLettersRequest(queue=queue, page_size=page_size, page_token=page_token)
+        return await self._call(lambda: self._admin.ListDeadLetters(req, timeout=self._timeout))
+
+    async def retry_dead_letters(self, queue: str, job_id: str = "", *, all: bool = False) -> list[str]:
+        """Put one dead letter (or all of the queue's) back as new attempts; the job ids queued again."""
+        req = admin_service_pb2.RetryDeadLettersRequest(queue=queue, job_id=job_id, all=all)
+        return list((await self._call(lambda: self._admin.RetryDeadLetters(req, timeout=self._timeout))).job_ids)
+
+    async def purge_dead_letters(self, queue: str, job_id: str = "", *, all: bool = False) -> int:
+        """Delete one dead letter (or all of the queue's) for good; how many were deleted."""
+        req = admin_service_pb2.PurgeDeadLettersRequest(queue=queue, job_id=job_id, all=all)
+        return (await self._call(lambda: self._admin.PurgeDeadLetters(req, timeout=self._timeout))).purged
+
     @classmethod
     def schedule_spec(
         cls,
