@@ -75,8 +75,9 @@ def event_detail(event: event_pb2.JobEvent) -> str:
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """A table on standard output."""
     t = Table(title=title, title_justify="left", header_style="bold")
-    for column in columns:
-        t.add_column(column, overflow="fold")
+    for i, column in enumerate(columns):
+        # The first column names the row (a job or queue id): never broken across lines.
+        t.add_column(column, overflow="fold", no_wrap=i == 0)
     for row in rows:
         t.add_row(*("" if v is None else str(v) for v in row))
     out.print(t)
