@@ -24,7 +24,7 @@ from google.protobuf import any_pb2
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
-from conveyor.common import faults
+from conveyor.common import faults, metrics
 from conveyor.common.errors import ConveyorError, Internal, InvalidArgument, Unavailable
 
 log = structlog.get_logger("conveyor.rpc")
@@ -261,7 +261,9 @@ def _check_parsed(request: Any) -> None:
 
 
 def _finished(method: str, code: grpc.StatusCode, started: float) -> None:
-    duration_ms = round((time.perf_counter() - started) * 1000, 3)
+    seconds = time.perf_counter() - started
+    metrics.rpc_finished(method, code, seconds)
+    duration_ms = round(seconds * 1000, 3)
     if code == grpc.StatusCode.OK:
         # Debug level: the hot path (Enqueue) would spend more on this line than on its work.
         log.debug("rpc_finished", rpc=method, code=code.name, duration_ms=duration_ms)

@@ -57,10 +57,11 @@ class QueueStatsScript:
 
     async def read(self, keys: QueueKeys) -> QueueSnapshot:
         raw = await self._script(keys=keys.script_keys(), args=[WORKER_GROUP])
-        return _snapshot(raw)
+        return snapshot_of(raw)
 
 
-def _snapshot(raw: list[Any]) -> QueueSnapshot:
+def snapshot_of(raw: list[Any]) -> QueueSnapshot:
+    """The queue_stats script's reply, parsed."""
     time_s, time_us, paused, dead, delayed, retry, next_due, oldest, held, admitted_active = raw[:10]
     counts = raw[10 : 10 + 2 * len(BANDS)]
     holders = raw[10 + 2 * len(BANDS) :]
