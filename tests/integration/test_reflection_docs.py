@@ -44,3 +44,12 @@ async def test_reflection_describes_rpcs_with_their_comments(
     comment = _comment(file, [6, service_index, 2, method_index])
     assert comment.strip(), f"{symbol}/{rpc} has no comment over reflection"
     assert words.lower() in " ".join(comment.split()).lower()
+
+
+@pytest.mark.parametrize("symbol", ["google.rpc.BadRequest", "google.rpc.PreconditionFailure", "google.rpc.Status"])
+async def test_reflection_serves_the_error_details_so_clients_print_their_fields(
+    producer: Producer, symbol: str
+) -> None:
+    file = await asyncio.to_thread(_file_of, producer.addr, symbol)
+    assert file.package == "google.rpc"
+    assert symbol.rsplit(".", 1)[1] in [m.name for m in file.message_type]

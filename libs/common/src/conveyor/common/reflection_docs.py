@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import _async, reflection_pb2, reflection_pb2_grpc
 
@@ -30,12 +31,22 @@ def documented_files() -> dict[str, bytes]:
 
 @functools.cache
 def documented_pool() -> descriptor_pool.DescriptorPool:
-    """A pool of the contract (plus health and reflection), to look symbols up in."""
+    """A pool of the contract (plus health, reflection and the google.rpc error details), to look symbols up in.
+
+    The error details (BadRequest, PreconditionFailure) travel packed in Any in a failed call's
+    status; grpcurl and buf curl look their type up by reflection to print their fields rather
+    than base64.
+    """
     pool = descriptor_pool.DescriptorPool()
-    for serialized in documented_files().values():  # dependencies come first (protoc --include_imports)
+    files = documented_files()
+    for serialized in files.values():  # dependencies come first (protoc --include_imports)
         pool.AddSerializedFile(serialized)
-    for module in (health_pb2, reflection_pb2):
-        pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    for module in (health_pb2, reflection_pb2, status_pb2, error_details_pb2):
+        for dependency in module.DESCRIPTOR.dependencies:
+            if dependency.name not in files:
+                pool.AddSerializedFile(dependency.serialized_pb)
+        if module.DESCRIPTOR.name not in files:
+            pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
     return pool
 
 
