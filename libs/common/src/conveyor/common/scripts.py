@@ -43,6 +43,11 @@ class ReloadingScript:
     def __init__(self, client: aioredis.Redis, name: str) -> None:
         self._script = client.register_script(_source(name))
 
+    @property
+    def sha(self) -> str:
+        """The script's SHA1, as EVALSHA sends it."""
+        return str(self._script.sha)
+
     async def __call__(self, keys: Any = None, args: Any = None) -> Any:
         for _ in range(NOSCRIPT_TRIES - 1):
             try:
