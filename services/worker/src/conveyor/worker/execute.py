@@ -71,16 +71,19 @@ class Cancellation:
     #: Set while the attempt runs in a thread or child process: CancelJob wakes it through this
     #: instead of cancelling its task (a task cancel then only ever means the worker is stopping).
     interrupt: Callable[[], None] | None = None
+    #: The attempt's task has begun (before that, a cancel is seen by run_attempt at its start).
+    begun: bool = False
 
     def request(self, reason: str) -> bool:
-        """CancelJob asked to stop: True if the attempt's task must be cancelled (async handler)."""
+        """CancelJob asked to stop: True if the attempt's task must be cancelled (a running async handler)."""
         self.reason = reason
         self.requested.set()
         self.stop.set()
         if self.interrupt is not None:
             self.interrupt()
             return False
-        return True
+        # A task cancelled before its first step would end without an outcome (and hold its slot).
+        return self.begun
 
 
 class _Stopped(Exception):
@@ -118,9 +121,13 @@ async def _held_until_ended(
     try:
         if cancellation.requested.is_set():  # asked before the attempt got here
             woken.set()
-        finished, _ = await asyncio.wait(
-            {done, waker}, timeout=limit_s if limit_s > 0 else None, return_when=asyncio.FIRST_COMPLETED
-        )
+        try:
+            finished, _ = await asyncio.wait(
+                {done, waker}, timeout=limit_s if limit_s > 0 else None, return_when=asyncio.FIRST_COMPLETED
+            )
+        except asyncio.CancelledError:
+            stop()  # the worker is stopping: its claim stays pending for another; a child must not run on
+            raise
         if done in finished:
             return done.result()
         cancelled = cancellation.requested.is_set()
@@ -132,7 +139,7 @@ async def _held_until_ended(
             detail="its slot, cap slot and claim are held until the handler really returns",
         )
         started = time.perf_counter()
-        await asyncio.wait({done})
+        await asyncio.wait({done})  # the worker stopping cancels this wait (the child was told to stop)
         if not done.cancelled() and done.exception() is not None:
             log.debug("handler_raised_after_stop", error=repr(done.exception()))
         log.info("attempt_stopped", waited_ms=round((time.perf_counter() - started) * 1000, 3))
@@ -159,13 +166,18 @@ async def run_attempt(
     """
     job = attempt.job
     cancellation = cancellation or Cancellation()
+    cancellation.begun = True
     # The job id is not stored in the event: the entry's j field and the stream say it.
     event = event_pb2.JobEvent()
     result_json = b""
     handler = handlers.get(job.type)
     started = time.perf_counter()
     retry_after_ms = 0
-    if handler is None:
+    if cancellation.requested.is_set():  # CancelJob arrived before the attempt began: do not start it
+        event.type = event_pb2.EVENT_TYPE_CANCELLED
+        event.error.CopyFrom(_error(cancellation.reason, "Cancelled", False))
+        log.info("job_cancelled", reason=cancellation.reason)
+    elif handler is None:
         event.type = event_pb2.EVENT_TYPE_FAILED
         event.error.CopyFrom(
             _error(f"no handler is registered for job type {job.type!r} on this worker", "UnknownJobType", False)

@@ -206,6 +206,10 @@ class Handlers:
 
         return decorate
 
+    def isolated_modules(self) -> list[str]:
+        """The modules defining ``isolate=True`` handlers (the fork server imports them once)."""
+        return sorted({getattr(self._handlers[t], "__module__", "") for t in self._isolated} - {"", "__main__"})
+
     def is_isolated(self, job_type: str) -> bool:
         """Whether ``job_type``'s attempts run in a child process (``isolate=True``)."""
         return job_type in self._isolated

@@ -86,6 +86,20 @@ def _child_main(
         conn.close()
 
 
+def prepare(modules: list[str]) -> None:
+    """Start the fork server now, importing ``modules`` (those of the isolated handlers) once.
+
+    Called at worker start, before any handler thread exists, so the first isolated attempt
+    does not pay for it; without it the server starts at the first isolated attempt.
+    """
+    for module in modules:
+        _preload(module)
+    if modules:
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
 def _preload(module: str) -> None:
     """Have the fork server import the handler's module once (before it starts), not each child."""
     if module in _preloaded:
