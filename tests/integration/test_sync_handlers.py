@@ -22,6 +22,7 @@ from conveyor.worker.isolate import KILL_AFTER_S
 from tests.integration.conftest import Producer, StartWorker, WorkerHandle
 from tests.integration.test_producer_worker import enqueue, watch_all
 from tests.support import handlers as test_handlers
+from tests.support.processes import ServiceProcess
 from tests.support.wait import wait_for
 
 E = event_pb2
@@ -225,3 +226,46 @@ async def test_an_isolated_handler_returns_its_result_progress_and_errors_throug
         "no such user",
         False,
     )
+
+
+async def test_a_worker_process_kills_an_isolated_handler_on_cancel_and_leaves_no_child_when_it_stops(
+    producer: Producer, redis_client: redis.asyncio.Redis, redis_url: str
+) -> None:
+    """The deployed path: `python -m conveyor.worker` with its fork server."""
+    worker = ServiceProcess(
+        "worker",
+        {
+            "REDIS_URL": redis_url,
+            "CONVEYOR_QUEUES": "iso-proc",
+            "CONVEYOR_CONCURRENCY": "2",
+            "CONVEYOR_WORKER_ID": "iso-proc-worker",
+            "CONVEYOR_HANDLERS": "tests.support.handlers:handlers",
+            "CONVEYOR_SHUTDOWN_GRACE_SECONDS": "0.5",
+            "CONVEYOR_SCHEDULER": "false",
+        },
+        name="iso-proc-worker",
+    )
+    await asyncio.to_thread(worker.start)
+    try:
+        payload = {"redis": redis_url, "key": "iso:proc:1", "sleep": 60}
+        job = await enqueue(producer, "test.isolated_stubborn", queue="iso-proc", payload=payload, retry=ONCE)
+        notes = await wait_for(lambda: _notes(redis_client, "iso:proc:1"), "the child to start", within=30)
+        first = int(notes[0].split()[1])
+        await _cancel(producer, job.job_id)
+        assert (await watch_all(producer, job.job_id))[-1].type == E.EVENT_TYPE_CANCELLED
+        assert not _alive(first)
+        echo = await enqueue(producer, "test.isolated_echo", queue="iso-proc", payload={"echo": 1}, retry=ONCE)
+        assert (await watch_all(producer, echo.job_id))[-1].type == E.EVENT_TYPE_SUCCEEDED
+        # Stopping the worker while a stubborn child runs: the child does not outlive it.
+        payload = {"redis": redis_url, "key": "iso:proc:2", "sleep": 60}
+        await enqueue(producer, "test.isolated_stubborn", queue="iso-proc", payload=payload, retry=ONCE)
+        notes = await wait_for(lambda: _notes(redis_client, "iso:proc:2"), "the second child to start", within=30)
+        second = int(notes[0].split()[1])
+        assert await asyncio.to_thread(worker.stop, 20) == 0, worker.log_tail()
+        await wait_for(lambda: _gone(second), "the child to be gone after its worker stopped", within=10)
+    finally:
+        worker.kill()
+
+
+async def _gone(pid: int) -> bool:
+    return not _alive(pid)

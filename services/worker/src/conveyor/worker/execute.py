@@ -106,7 +106,7 @@ def default_pool() -> ThreadPool:
 
 
 async def _held_until_ended(
-    done: asyncio.Future[Any], limit_s: float, cancellation: Cancellation, stop: Callable[[], None]
+    done: asyncio.Future[Any], limit_s: float, cancellation: Cancellation, stop: Callable[[bool], None]
 ) -> Any:
     """Wait for a thread or child attempt; on timeout or cancel, ask it to stop and keep waiting.
 
@@ -126,13 +126,15 @@ async def _held_until_ended(
                 {done, waker}, timeout=limit_s if limit_s > 0 else None, return_when=asyncio.FIRST_COMPLETED
             )
         except asyncio.CancelledError:
-            stop()  # the worker is stopping: its claim stays pending for another; a child must not run on
+            # The worker is stopping (its grace is over): the claim stays pending for another
+            # worker, so a child must not run on beside that one; it is killed at once.
+            stop(True)
             raise
         if done in finished:
             return done.result()
         cancelled = cancellation.requested.is_set()
         cancellation.stop.set()
-        stop()
+        stop(False)
         log.warning(
             "attempt_stopping",
             reason="cancelled" if cancelled else "timeout",
@@ -210,7 +212,7 @@ async def run_attempt(
                 result = await (asyncio.wait_for(call, timeout) if timeout > 0 else call)
             else:
                 thread = asyncio.wrap_future((pool or default_pool()).submit(handler, payload, ctx))
-                result = await _held_until_ended(thread, timeout, cancellation, lambda: None)
+                result = await _held_until_ended(thread, timeout, cancellation, lambda now: None)
             result_json = dumps(result)
             log.debug("job_succeeded", duration_ms=round((time.perf_counter() - started) * 1000, 3))
         except asyncio.CancelledError:

@@ -200,9 +200,18 @@ class IsolatedCall:
             how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
             self.done.set_exception(ChildDied(f"the isolated attempt's process ended ({how}) without an outcome"))
 
-    def stop(self) -> None:
-        """SIGTERM now (the child's ``ctx.cancelled`` turns true), SIGKILL after :data:`KILL_AFTER_S`."""
-        if self._stopping or self._proc is None or self.done.done():
+    def stop(self, now: bool = False) -> None:
+        """SIGTERM now (the child's ``ctx.cancelled`` turns true), SIGKILL after :data:`KILL_AFTER_S`.
+
+        With ``now`` (the worker is stopping), SIGKILL at once.
+        """
+        if self._proc is None or self.done.done():
+            return
+        if now:
+            log.warning("isolated_attempt_killed", pid=self._proc.pid, reason="worker stopping")
+            self._proc.kill()
+            return
+        if self._stopping:
             return
         self._stopping = True
         pid = self._proc.pid
