@@ -105,7 +105,7 @@ def _preload(module: str) -> None:
     if module in _preloaded:
         return
     _preloaded.add(module)
-    _context.set_forkserver_preload(sorted({"conveyor.worker.handlers", *_preloaded}))
+    _context.set_forkserver_preload(sorted({"conveyor.worker.isolate", *_preloaded}))
 
 
 class IsolatedCall:
