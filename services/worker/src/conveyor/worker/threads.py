@@ -69,15 +69,23 @@ class ThreadPool:
             if work is None:
                 return
             future, context, fn, args = work
-            if future.set_running_or_notify_cancel():
+            result: Any = None
+            error: BaseException | None = None
+            run = future.set_running_or_notify_cancel()
+            if run:
                 try:
                     result = context.run(fn, *args)
                 except BaseException as exc:
-                    future.set_exception(exc)
-                else:
-                    future.set_result(result)
+                    error = exc
+            # Counted out before the caller hears of it: a caller that saw the future done sees running drop.
             with self._lock:
                 self.running -= 1
+            if run:
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
+            del work, future, result, error
 
     def shutdown(self) -> None:
         """Let idle threads end (a thread still running a handler ends when it returns; it never blocks exit)."""
