@@ -105,6 +105,11 @@ def default_pool() -> ThreadPool:
     return _default_pool
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def _held_until_ended(
     done: asyncio.Future[Any], limit_s: float, cancellation: Cancellation, stop: Callable[[bool], None]
 ) -> Any:
@@ -129,6 +134,7 @@ async def _held_until_ended(
             # The worker is stopping (its grace is over): the claim stays pending for another
             # worker, so a child must not run on beside that one; it is killed at once.
             stop(True)
+            done.add_done_callback(_retrieve)  # nobody awaits it any more: no "never retrieved" noise
             raise
         if done in finished:
             return done.result()

@@ -11,6 +11,22 @@ Example::
         await ctx.progress(50, "rendered")
         return {"sent": True}
 
+A plain ``def`` runs in the worker's own threads (one per slot of its concurrency) and
+keeps its slot until it returns, even after a cancel or timeout: check ``ctx.cancelled``
+between steps. A handler that cannot is registered with ``isolate=True`` (a child process
+per attempt, killed on cancel or timeout; ADR 0012)::
+
+    @handlers.register("reports.render")
+    def render(payload: dict, ctx: JobContext) -> dict:
+        for page in payload["pages"]:
+            ctx.raise_if_cancelled()
+            ...
+        return {"rendered": len(payload["pages"])}
+
+    @handlers.register("pdf.convert", isolate=True)
+    def convert(payload: dict, ctx: JobContext) -> dict:
+        return {"bytes": run_the_c_library(payload["url"])}
+
 Point the worker at it with ``CONVEYOR_HANDLERS=myapp.jobs:handlers``.
 """
 
