@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Any
 
 from conveyor.worker.demo import handlers as demo
-from conveyor.worker.handlers import Handlers, JobContext, RateLimited
+from conveyor.worker.handlers import Handlers, JobContext, PermanentError, RateLimited
 
 handlers = Handlers()
 handlers.merge(demo)
@@ -137,3 +137,136 @@ async def chatty(payload: dict[str, Any], ctx: JobContext) -> int:
     for step in range(1, steps + 1):
         await ctx.progress(100 * step / steps, message)
     return steps
+
+
+class Tracker:
+    """Handlers running now, per group, across the threads of one process (the in-process workers).
+
+    Each start records how many of its group were running at that moment (the level), so the
+    highest level seen is the most that ever ran at once; ``ended`` counts handlers that really
+    returned (their thread ended), not outcomes recorded.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.running: Counter[str] = Counter()
+        self.levels: dict[str, list[int]] = {}
+        self.ended: Counter[str] = Counter()
+
+    def enter(self, group: str) -> None:
+        with self._lock:
+            self.running[group] += 1
+            self.levels.setdefault(group, []).append(self.running[group])
+
+    def leave(self, group: str) -> None:
+        with self._lock:
+            self.running[group] -= 1
+            self.ended[group] += 1
+
+    def most(self, group: str) -> int:
+        with self._lock:
+            return max(self.levels.get(group, [0]))
+
+    def clear(self) -> None:
+        with self._lock:
+            self.running.clear()
+            self.levels.clear()
+            self.ended.clear()
+
+
+tracker = Tracker()
+#: Jobs of type test.barrier wait here until ``parties`` of them run at once (set_barrier).
+_barrier: list[threading.Barrier] = []
+
+
+def set_barrier(parties: int, timeout: float = 30.0) -> None:
+    _barrier[:] = [threading.Barrier(parties, timeout=timeout)]
+
+
+@handlers.register("test.tracked_sync")
+def tracked_sync(payload: dict[str, Any], ctx: JobContext) -> str:
+    """Sleeps ``sleep`` s in its thread, ignoring cancel and timeout; counted in ``tracker`` under ``group``."""
+    group = str(payload.get("group", ctx.queue))
+    tracker.enter(group)
+    try:
+        time.sleep(float(payload.get("sleep", 0)))
+    finally:
+        tracker.leave(group)
+    return "slept"
+
+
+@handlers.register("test.tracked_async")
+async def tracked_async(payload: dict[str, Any], ctx: JobContext) -> str:
+    """:func:`tracked_sync` as an async handler (cancel and timeout do stop it)."""
+    group = str(payload.get("group", ctx.queue))
+    tracker.enter(group)
+    try:
+        await asyncio.sleep(float(payload.get("sleep", 0)))
+    finally:
+        tracker.leave(group)
+    return "slept"
+
+
+@handlers.register("test.barrier")
+def barrier(payload: dict[str, Any], ctx: JobContext) -> int:
+    """Waits until all parties of the barrier (set_barrier) run at once; fails if they never do."""
+    tracker.enter("barrier")
+    try:
+        return _barrier[0].wait()
+    finally:
+        tracker.leave("barrier")
+
+
+@handlers.register("test.sync_raise_if_cancelled")
+def sync_raise_if_cancelled(payload: dict[str, Any], ctx: JobContext) -> str:
+    """Works in small steps, calling ctx.raise_if_cancelled() between them (for up to 30 s)."""
+    tracker.enter("raise_if_cancelled")
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ctx.raise_if_cancelled()
+            time.sleep(0.01)
+        return "finished"
+    finally:
+        tracker.leave("raise_if_cancelled")
+
+
+def _note(payload: dict[str, Any], what: str) -> None:
+    """Record ``what`` in the list ``payload["key"]`` of the Redis at ``payload["redis"]`` (from any process)."""
+    import redis as sync_redis
+
+    with sync_redis.Redis.from_url(str(payload["redis"])) as r:
+        r.rpush(str(payload["key"]), what)
+
+
+@handlers.register("test.isolated_stubborn", isolate=True)
+def isolated_stubborn(payload: dict[str, Any], ctx: JobContext) -> str:
+    """In a child process: notes its pid, then sleeps ``sleep`` s whatever happens (cancel, SIGTERM)."""
+    _note(payload, f"pid {os.getpid()}")
+    deadline = time.monotonic() + float(payload.get("sleep", 60))
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    _note(payload, "returned")
+    return "slept"
+
+
+@handlers.register("test.isolated_polite", isolate=True)
+def isolated_polite(payload: dict[str, Any], ctx: JobContext) -> str:
+    """In a child process: notes its pid, then works until ``ctx.cancelled`` (SIGTERM) and notes that."""
+    _note(payload, f"pid {os.getpid()}")
+    deadline = time.monotonic() + 60
+    while not ctx.cancelled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    _note(payload, "saw cancelled")
+    return "stopped"
+
+
+@handlers.register("test.isolated_echo", isolate=True)
+def isolated_echo(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """In a child process: reports progress, then returns its pid and payload, or raises as asked."""
+    ctx.progress_threadsafe(50, "half way in a child")
+    if payload.get("permanent"):
+        raise PermanentError(str(payload["permanent"]))
+    if payload.get("rate_limited"):
+        raise RateLimited(float(payload["rate_limited"]))
+    return {"pid": os.getpid(), "echo": payload.get("echo")}

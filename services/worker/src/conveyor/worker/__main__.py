@@ -12,6 +12,7 @@ from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
 from conveyor.common.scripts import Heartbeat, Scripts
 from conveyor.common.settings import WorkerSettings
 from conveyor.producer.enqueue import Enqueuer
+from conveyor.worker import isolate
 from conveyor.worker.handlers import load_handlers
 from conveyor.worker.runner import Runner
 from conveyor.worker.scheduler import Scheduler
@@ -24,6 +25,8 @@ async def run() -> None:
     settings = WorkerSettings.from_env()
     logs.configure(service="worker", level=settings.log_level, fmt=settings.log_format)
     handlers = load_handlers(settings.handlers)
+    # The fork server for isolate=True handlers starts now, before any thread, importing their modules.
+    isolate.prepare(handlers.isolated_modules())
     redis = await connect_redis(settings.redis_url, wait=True)
     wait_redis = make_redis(settings.redis_url, blocking=True)
     # A synchronous client for the heartbeat thread (it must not share the event loop).

@@ -14,8 +14,10 @@ import structlog
 from conveyor.common.codec import dumps, embed_job, length_delimited, timestamp_bytes, varint
 from conveyor.common.defaults import retry_policy
 from conveyor.v1 import event_pb2, job_pb2
-from conveyor.worker.handlers import Flag, Handlers, JobContext, PermanentError, RateLimited
+from conveyor.worker.handlers import Flag, Handlers, JobCancelled, JobContext, PermanentError, RateLimited
+from conveyor.worker.isolate import IsolatedCall
 from conveyor.worker.retry import retry_delay_ms, should_retry
+from conveyor.worker.threads import ThreadPool
 
 log = structlog.get_logger("conveyor.worker")
 
@@ -64,6 +66,95 @@ class Cancellation:
 
     requested: Flag = field(default_factory=Flag)
     reason: str = "cancelled"
+    #: What the handler sees as ``ctx.cancelled``: set on cancel and on timeout.
+    stop: Flag = field(default_factory=Flag)
+    #: Set while the attempt runs in a thread or child process: CancelJob wakes it through this
+    #: instead of cancelling its task (a task cancel then only ever means the worker is stopping).
+    interrupt: Callable[[], None] | None = None
+    #: The attempt's task has begun (before that, a cancel is seen by run_attempt at its start).
+    begun: bool = False
+
+    def request(self, reason: str) -> bool:
+        """CancelJob asked to stop: True if the attempt's task must be cancelled (a running async handler)."""
+        self.reason = reason
+        self.requested.set()
+        self.stop.set()
+        if self.interrupt is not None:
+            self.interrupt()
+            return False
+        # A task cancelled before its first step would end without an outcome (and hold its slot).
+        return self.begun
+
+
+class _Stopped(Exception):
+    """A thread or child attempt that was asked to stop (cancel or timeout) has really ended."""
+
+    def __init__(self, cancelled: bool) -> None:
+        super().__init__("cancelled" if cancelled else "timed out")
+        self.cancelled = cancelled
+
+
+_default_pool: ThreadPool | None = None
+
+
+def default_pool() -> ThreadPool:
+    """A pool for callers that bring none (the runner brings one sized to its concurrency)."""
+    global _default_pool
+    if _default_pool is None:
+        _default_pool = ThreadPool(32)
+    return _default_pool
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def _held_until_ended(
+    done: asyncio.Future[Any], limit_s: float, cancellation: Cancellation, stop: Callable[[bool], None]
+) -> Any:
+    """Wait for a thread or child attempt; on timeout or cancel, ask it to stop and keep waiting.
+
+    The attempt (so its slot, its concurrency-cap slot and its claim) lasts until the thread
+    returns or the child exits, whatever it does. Its outcome was decided when it was asked to
+    stop (:class:`_Stopped`); what it returns after that is dropped. Cancelling this task (the
+    worker stopping) ends the wait and leaves the claim pending.
+    """
+    woken = asyncio.Event()
+    cancellation.interrupt = woken.set
+    waker = asyncio.ensure_future(woken.wait())
+    try:
+        if cancellation.requested.is_set():  # asked before the attempt got here
+            woken.set()
+        try:
+            finished, _ = await asyncio.wait(
+                {done, waker}, timeout=limit_s if limit_s > 0 else None, return_when=asyncio.FIRST_COMPLETED
+            )
+        except asyncio.CancelledError:
+            # The worker is stopping (its grace is over): the claim stays pending for another
+            # worker, so a child must not run on beside that one; it is killed at once.
+            stop(True)
+            done.add_done_callback(_retrieve)  # nobody awaits it any more: no "never retrieved" noise
+            raise
+        if done in finished:
+            return done.result()
+        cancelled = cancellation.requested.is_set()
+        cancellation.stop.set()
+        stop(False)
+        log.warning(
+            "attempt_stopping",
+            reason="cancelled" if cancelled else "timeout",
+            detail="its slot, cap slot and claim are held until the handler really returns",
+        )
+        started = time.perf_counter()
+        await asyncio.wait({done})  # the worker stopping cancels this wait (the child was told to stop)
+        if not done.cancelled() and done.exception() is not None:
+            log.debug("handler_raised_after_stop", error=repr(done.exception()))
+        log.info("attempt_stopped", waited_ms=round((time.perf_counter() - started) * 1000, 3))
+        raise _Stopped(cancelled)
+    finally:
+        waker.cancel()
+        cancellation.interrupt = None
 
 
 async def run_attempt(
@@ -73,6 +164,7 @@ async def run_attempt(
     report: Callable[[float, str], Awaitable[None]],
     cancellation: Cancellation | None = None,
     back_off: Callable[[float, bool], Awaitable[None]] | None = None,
+    pool: ThreadPool | None = None,
 ) -> tuple[int, bytes, int]:
     """Run the job's handler once.
 
@@ -81,13 +173,19 @@ async def run_attempt(
         JobEvent (final ones with the job embedded), and for a retry when it is due (ms).
     """
     job = attempt.job
+    cancellation = cancellation or Cancellation()
+    cancellation.begun = True
     # The job id is not stored in the event: the entry's j field and the stream say it.
     event = event_pb2.JobEvent()
     result_json = b""
     handler = handlers.get(job.type)
     started = time.perf_counter()
     retry_after_ms = 0
-    if handler is None:
+    if cancellation.requested.is_set():  # CancelJob arrived before the attempt began: do not start it
+        event.type = event_pb2.EVENT_TYPE_CANCELLED
+        event.error.CopyFrom(_error(cancellation.reason, "Cancelled", False))
+        log.info("job_cancelled", reason=cancellation.reason)
+    elif handler is None:
         event.type = event_pb2.EVENT_TYPE_FAILED
         event.error.CopyFrom(
             _error(f"no handler is registered for job type {job.type!r} on this worker", "UnknownJobType", False)
@@ -104,26 +202,46 @@ async def run_attempt(
             labels=dict(job.labels),
             _report=report,
             _loop=loop,
-            _cancel=(cancellation or Cancellation()).requested,
+            _cancel=cancellation.stop,
             _back_off=back_off,
             rate_key=job.rate_key,
         )
         timeout = job.timeout.ToTimedelta().total_seconds() if job.HasField("timeout") else 0.0
         try:
             payload: dict[str, Any] = json.loads(job.payload_json) if job.payload_json else {}
-            if handlers.is_async(job.type):
+            if handlers.is_isolated(job.type):
+                isolated = IsolatedCall(handler, payload, ctx)
+                await isolated.start()
+                result = await _held_until_ended(isolated.done, timeout, cancellation, isolated.stop)
+            elif handlers.is_async(job.type):
                 call: Awaitable[Any] = handler(payload, ctx)
+                result = await (asyncio.wait_for(call, timeout) if timeout > 0 else call)
             else:
-                call = asyncio.to_thread(handler, payload, ctx)
-            result = await (asyncio.wait_for(call, timeout) if timeout > 0 else call)
+                thread = asyncio.wrap_future((pool or default_pool()).submit(handler, payload, ctx))
+                result = await _held_until_ended(thread, timeout, cancellation, lambda now: None)
             result_json = dumps(result)
             log.debug("job_succeeded", duration_ms=round((time.perf_counter() - started) * 1000, 3))
         except asyncio.CancelledError:
-            if cancellation is None or not cancellation.requested.is_set():
+            if not cancellation.requested.is_set():
                 raise  # shutting down: the claim stays pending for another worker
             event.type = event_pb2.EVENT_TYPE_CANCELLED
             event.error.CopyFrom(_error(cancellation.reason, "Cancelled", False))
             log.info("job_cancelled", reason=cancellation.reason)
+        except (_Stopped, JobCancelled) as exc:
+            if exc.cancelled if isinstance(exc, _Stopped) else cancellation.requested.is_set():
+                event.type = event_pb2.EVENT_TYPE_CANCELLED
+                event.error.CopyFrom(_error(cancellation.reason, "Cancelled", False))
+                log.info("job_cancelled", reason=cancellation.reason)
+            elif isinstance(exc, _Stopped) or cancellation.stop.is_set():
+                event.type = event_pb2.EVENT_TYPE_FAILED
+                event.error.CopyFrom(
+                    _error(f"the attempt ran longer than its timeout of {timeout:g} s", "Timeout", True)
+                )
+                log.warning("job_failed", error_kind="Timeout")
+            else:  # raised by the handler itself, not by raise_if_cancelled
+                event.type = event_pb2.EVENT_TYPE_FAILED
+                event.error.CopyFrom(_error(str(exc), type(exc).__name__, True))
+                log.warning("job_failed", error_kind=type(exc).__name__, error=str(exc))
         except TimeoutError:
             event.type = event_pb2.EVENT_TYPE_FAILED
             event.error.CopyFrom(_error(f"the attempt ran longer than its timeout of {timeout:g} s", "Timeout", True))

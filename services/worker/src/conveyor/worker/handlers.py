@@ -11,6 +11,22 @@ Example::
         await ctx.progress(50, "rendered")
         return {"sent": True}
 
+A plain ``def`` runs in the worker's own threads (one per slot of its concurrency) and
+keeps its slot until it returns, even after a cancel or timeout: check ``ctx.cancelled``
+between steps. A handler that cannot is registered with ``isolate=True`` (a child process
+per attempt, killed on cancel or timeout; ADR 0012)::
+
+    @handlers.register("reports.render")
+    def render(payload: dict, ctx: JobContext) -> dict:
+        for page in payload["pages"]:
+            ctx.raise_if_cancelled()
+            ...
+        return {"rendered": len(payload["pages"])}
+
+    @handlers.register("pdf.convert", isolate=True)
+    def convert(payload: dict, ctx: JobContext) -> dict:
+        return {"bytes": run_the_c_library(payload["url"])}
+
 Point the worker at it with ``CONVEYOR_HANDLERS=myapp.jobs:handlers``.
 """
 
@@ -31,6 +47,14 @@ class PermanentError(Exception):
     """Raise from a handler when retrying cannot help (bad input, a missing record...).
 
     The job fails at once, whatever attempts it has left.
+    """
+
+
+class JobCancelled(Exception):
+    """Raised by :meth:`JobContext.raise_if_cancelled` once the attempt was cancelled or timed out.
+
+    Let it propagate: the attempt's outcome (CANCELLED, or a Timeout failure) was already
+    decided when the flag was set; whatever the handler returns or raises after that is ignored.
     """
 
 
@@ -72,6 +96,14 @@ class RateLimited(Exception):
         self.retry_after = max(0.001, float(retry_after))
         self.whole_queue = whole_queue
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Comes back from an isolated attempt's process through a pipe (pickled).
+        return (_rate_limited, (self.retry_after, self.whole_queue, str(self)))
+
+
+def _rate_limited(retry_after: float, whole_queue: bool, message: str) -> RateLimited:
+    return RateLimited(retry_after, whole_queue=whole_queue, message=message)
+
 
 @dataclass
 class JobContext:
@@ -101,12 +133,20 @@ class JobContext:
 
     @property
     def cancelled(self) -> bool:
-        """True once CancelJob asked this attempt to stop.
+        """True once CancelJob asked this attempt to stop, or its timeout passed.
 
         An async handler is cancelled for you (``asyncio.CancelledError`` at its next
-        await); a sync handler, which runs in a thread, should check this between steps.
+        await); a sync handler, which runs in a thread, should check this between steps
+        (or call :meth:`raise_if_cancelled`): its thread, its worker slot, its concurrency-cap
+        slot and its claim are held until it returns. One that cannot check should be
+        registered with ``isolate=True``.
         """
         return self._cancel.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        """Raise :class:`JobCancelled` if the attempt was cancelled or timed out (see :attr:`cancelled`)."""
+        if self._cancel.is_set():
+            raise JobCancelled(f"job {self.job_id} attempt {self.attempt} was cancelled or timed out")
 
     async def progress(self, percent: float, message: str = "") -> None:
         """Report progress (0-100) from an async handler; watchers see it at once.
@@ -143,17 +183,29 @@ class JobContext:
 class Handlers:
     """A registry of handlers by job type.
 
-    Handlers may be ``async def`` (run on the worker's event loop) or plain ``def``
-    (run in a thread so they cannot stall the loop). They receive the payload (a dict)
-    and a :class:`JobContext`, and return a JSON-able value, which becomes the result.
+    Handlers may be ``async def`` (run on the worker's event loop) or plain ``def`` (run
+    in the worker's own pool of threads, one per slot of its concurrency, so they cannot
+    stall the loop). They receive the payload (a dict) and a :class:`JobContext`, and
+    return a JSON-able value, which becomes the result.
+
+    ``isolate=True`` runs each attempt in a child process (forked from a fork server): on
+    cancel or timeout the child gets SIGTERM (which sets ``ctx.cancelled``) and SIGKILL 2 s
+    later, so even a handler that never checks ``ctx.cancelled`` gives back its slot. The
+    handler must be a module-level function (it is sent to the child by name), and its
+    payload, result and exceptions pass through a pipe (pickled).
     """
 
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
         self._async: dict[str, bool] = {}
+        self._isolated: set[str] = set()
 
-    def register(self, job_type: str) -> Callable[[Handler], Handler]:
+    def register(self, job_type: str, *, isolate: bool = False) -> Callable[[Handler], Handler]:
         """Decorator registering a handler for ``job_type``.
+
+        Args:
+            job_type: The job type it runs.
+            isolate: Run each attempt in a child process that cancel and timeout kill.
 
         Raises:
             ValueError: ``job_type`` already has a handler.
@@ -164,9 +216,19 @@ class Handlers:
                 raise ValueError(f"a handler for {job_type!r} is already registered")
             self._handlers[job_type] = fn
             self._async[job_type] = inspect.iscoroutinefunction(fn)
+            if isolate:
+                self._isolated.add(job_type)
             return fn
 
         return decorate
+
+    def isolated_modules(self) -> list[str]:
+        """The modules defining ``isolate=True`` handlers (the fork server imports them once)."""
+        return sorted({getattr(self._handlers[t], "__module__", "") for t in self._isolated} - {"", "__main__"})
+
+    def is_isolated(self, job_type: str) -> bool:
+        """Whether ``job_type``'s attempts run in a child process (``isolate=True``)."""
+        return job_type in self._isolated
 
     def get(self, job_type: str) -> Handler | None:
         """The handler for ``job_type``, or None."""
@@ -185,7 +247,7 @@ class Handlers:
     def merge(self, other: Handlers) -> None:
         """Add ``other``'s handlers; a type registered twice is an error."""
         for job_type, fn in other._handlers.items():
-            self.register(job_type)(fn)
+            self.register(job_type, isolate=other.is_isolated(job_type))(fn)
 
 
 def load_handlers(specs: tuple[str, ...]) -> Handlers:

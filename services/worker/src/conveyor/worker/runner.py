@@ -30,6 +30,7 @@ from conveyor.common.supervise import LoopStatus, Supervisor
 from conveyor.v1 import admin_service_pb2, event_pb2, job_pb2
 from conveyor.worker.execute import Attempt, Cancellation, run_attempt
 from conveyor.worker.handlers import Handlers
+from conveyor.worker.threads import ThreadPool
 
 log = structlog.get_logger("conveyor.worker")
 
@@ -45,10 +46,18 @@ EXPIRE_BATCH = 1000
 
 
 class Slots:
-    """Counts jobs in flight across all queues of one worker process."""
+    """The worker's concurrency: a hard limit across all its queues and maintenance.
+
+    A slot is reserved *before* the claim (or reclaim, or recovery) that may fill it, and
+    whatever the claim did not fill is given back at once: the sum of running attempts and
+    outstanding reservations never exceeds ``size``. A slot is given back when its attempt's
+    outcome is recorded (or its attempt crashed), which for a sync handler is never before its
+    thread (or child process) has really ended.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
+        #: Slots reserved or filled.
         self.busy = 0
         self._changed = asyncio.Event()
 
@@ -56,11 +65,28 @@ class Slots:
     def free(self) -> int:
         return self.size - self.busy
 
-    def take(self, n: int) -> None:
-        self.busy += n
+    def reserve(self, n: int) -> int:
+        """Reserve up to ``n`` free slots now; returns how many were reserved (maybe 0)."""
+        got = max(0, min(n, self.free))
+        self.busy += got
+        return got
+
+    def settle(self, reserved: int, used: int) -> None:
+        """A claim that reserved ``reserved`` slots started ``used`` jobs: give back the difference."""
+        if used > reserved:  # never expected (the scripts take a count): count them all the same
+            log.error("claim_exceeded_reservation", reserved=reserved, used=used)
+            self.busy += used - reserved
+        else:
+            self.give(reserved - used)
 
     def give(self, n: int = 1) -> None:
+        """Give back ``n`` slots (an unused reservation, or an attempt that ended)."""
+        if n <= 0:
+            return
         self.busy -= n
+        if self.busy < 0:  # a bug: never let the limit grow
+            log.error("slots_given_back_twice", busy=self.busy)
+            self.busy = 0
         self._changed.set()
 
     async def wait_free(self) -> None:
@@ -94,8 +120,10 @@ class QueueRunner:
         settings: WorkerSettings,
         slots: Slots,
         supervisor: Supervisor | None = None,
+        pool: ThreadPool | None = None,
     ) -> None:
         self._keys = keys
+        self._pool = pool or ThreadPool(settings.concurrency)
         self._redis = redis
         self._wait_redis = wait_redis
         self._scripts = scripts
@@ -133,21 +161,30 @@ class QueueRunner:
             await _until(stop, self._slots.wait_free())
             if stop.is_set():
                 break
+            # Reserve before claiming: the claim asks for no more than it got, the rest goes back.
+            reserved = self._slots.reserve(MAX_CLAIM)
+            if not reserved:
+                continue  # another queue took the free slots between the wake-up and now
             try:
                 if recover:
-                    mine = [
-                        c for c in await self._scripts.recover(self._keys, consumer) if c.entry_id not in self.active
-                    ]
-                    recover = False
+                    # Our own pending list may hold jobs we already run (a loop restart): ask for
+                    # enough to see past them, start at most what is reserved; the rest are
+                    # recovered on the next turn (or reclaimed by others, never lost).
+                    found = await self._scripts.recover(self._keys, consumer, reserved + len(self.active))
+                    mine = [c for c in found if c.entry_id not in self.active][:reserved]
+                    recover = len(found) >= reserved + len(self.active) and bool(mine)
                     if mine:
                         log.warning("jobs_recovered", queue=self._keys.queue, count=len(mine))
+                        self._slots.settle(reserved, len(mine))
+                        reserved = 0
                         self._start(mine)
                         continue
-                result = await self._scripts.claim(self._keys, consumer, min(self._slots.free, MAX_CLAIM))
+                result = await self._scripts.claim(self._keys, consumer, reserved)
                 self.claims += 1
                 backoff.reset()
                 status.ok()
             except Exception as exc:
+                self._slots.give(reserved)
                 if not is_transient(exc):
                     raise  # a bug: the supervisor logs it and restarts the loop (which recovers first)
                 log.warning("claim_failed_redis_unavailable", queue=self._keys.queue, error=str(exc))
@@ -155,6 +192,10 @@ class QueueRunner:
                 recover = True
                 await _until(stop, backoff.sleep())
                 continue
+            except BaseException:  # cancelled while claiming: give the reservation back
+                self._slots.give(reserved)
+                raise
+            self._slots.settle(reserved, len(result.claimed))
             if result.claimed:
                 self._start(result.claimed)
             else:
@@ -182,7 +223,7 @@ class QueueRunner:
             await asyncio.sleep(0.5)
 
     def _start(self, claimed: list[Claimed]) -> None:
-        self._slots.take(len(claimed))
+        """Run claimed jobs; each holds a slot its claim reserved (Slots.reserve) until its outcome is recorded."""
         for c in claimed:
             self.active[c.entry_id] = c
             cancellation = self._cancels[c.entry_id] = Cancellation()
@@ -216,9 +257,8 @@ class QueueRunner:
         cancellation, task = self._cancels.get(entry_id), self._tasks.get(entry_id)
         if cancellation is None or task is None or cancellation.requested.is_set():
             return
-        cancellation.reason = reason
-        cancellation.requested.set()
-        task.cancel()
+        if cancellation.request(reason):  # an async handler: cancel its task; a thread or child is woken
+            task.cancel()
 
     @property
     def keys(self) -> QueueKeys:
@@ -256,7 +296,7 @@ class QueueRunner:
             log.info("backed_off", rate_key=key, seconds=seconds)
 
         state, event_bytes, due_ms = await run_attempt(
-            attempt, self._handlers, worker_id, report, cancellation, back_off
+            attempt, self._handlers, worker_id, report, cancellation, back_off, self._pool
         )
         self._outcomes.put_nowait(
             Outcome(
@@ -331,15 +371,21 @@ class QueueRunner:
         interval = min(MAINTENANCE_INTERVAL_S, visibility_s / 4)
         while not stop.is_set():
             try:
-                if self._slots.free > 0:
-                    claimed, dead = await self._scripts.reclaim(
-                        self._keys,
-                        settings.worker_id,
-                        int(visibility_s * 1000),
-                        min(self._slots.free, MAX_CLAIM),
-                        settings.max_deliveries,
-                        self._retention_ms,
-                    )
+                reserved = self._slots.reserve(MAX_CLAIM)
+                if reserved:
+                    try:
+                        claimed, dead = await self._scripts.reclaim(
+                            self._keys,
+                            settings.worker_id,
+                            int(visibility_s * 1000),
+                            reserved,
+                            settings.max_deliveries,
+                            self._retention_ms,
+                        )
+                    except BaseException:
+                        self._slots.give(reserved)
+                        raise
+                    self._slots.settle(reserved, len(claimed))
                     if claimed:
                         log.warning("jobs_reclaimed", queue=self._keys.queue, count=len(claimed))
                         self._start(claimed)
@@ -411,9 +457,13 @@ class Runner:
         self.supervisor = supervisor or settings.supervisor()
         self._registry = WorkerRegistry(heartbeat.client, settings.worker_id)
         self._started_ns = time.time_ns()
-        slots = Slots(settings.concurrency)
+        #: One concurrency for all queues and maintenance, and one thread per slot for sync handlers.
+        self.slots = Slots(settings.concurrency)
+        self.pool = ThreadPool(settings.concurrency)
         self.queues = [
-            QueueRunner(queue_keys(q), redis, wait_redis, scripts, handlers, settings, slots, self.supervisor)
+            QueueRunner(
+                queue_keys(q), redis, wait_redis, scripts, handlers, settings, self.slots, self.supervisor, self.pool
+            )
             for q in settings.queues
         ]
 
@@ -530,6 +580,7 @@ class Runner:
             for q in self.queues:
                 q.abandon_unrecorded()
             beating.set()
+            self.pool.shutdown()
             await asyncio.to_thread(heart.join)
             try:
                 await asyncio.to_thread(self._registry.deregister)
