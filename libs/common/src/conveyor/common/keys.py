@@ -25,6 +25,8 @@ BANDS = tuple(range(MIN_PRIORITY, MAX_PRIORITY + 1))
 
 #: Every queue ever used (discovery for the results service and operators).
 QUEUES = f"{PREFIX}:queues"
+#: ZSET queue name -> ms of its last registration (queue_registry.py): how long it has been idle.
+QUEUES_TOUCHED = f"{PREFIX}:queues:touched"
 
 
 @dataclass(frozen=True, slots=True)
