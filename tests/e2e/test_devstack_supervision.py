@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conveyor.common.client import ConveyorClient
 from conveyor.common.devstack.servers import free_port
 from conveyor.common.errors import ConveyorError
+from conveyor.common.server import EXIT_ADDRESS_IN_USE
 from conveyor.v1 import job_pb2
 from tests.support.wait import wait_for, wait_until
 
@@ -233,6 +234,17 @@ async def test_a_killed_postgresql_is_restarted_and_outcomes_still_land(devstack
         await wait_for(recorded, "the outcome in PostgreSQL", within=90, interval=0.3)
     assert {name: devstack.pids(name) for name in services} == services
     assert devstack.proc.poll() is None
+
+
+def test_a_second_worker_started_by_hand_on_a_port_in_use_fails_clearly(devstack: DevStack) -> None:
+    addr = devstack.workers[0]
+    env = {**os.environ, "REDIS_URL": devstack.redis_url, "CONVEYOR_GRPC_ADDR": addr, "CONVEYOR_WORKER_ID": "by-hand"}
+    done = subprocess.run(
+        [sys.executable, "-m", "conveyor.worker"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == EXIT_ADDRESS_IN_USE, done.stdout + done.stderr
+    assert f"cannot listen on {addr}: the address is already in use" in done.stderr
+    assert _serving(addr), "the stack's worker keeps its port"
 
 
 def test_sigterm_stops_everything_with_exit_0(devstack: DevStack) -> None:

@@ -37,7 +37,7 @@ async def test_a_free_port_still_binds_after_a_refused_bind() -> None:
         await again.stop(0)
 
 
-def test_bad_host_is_not_reported_as_address_in_use() -> None:
+async def test_bad_host_is_not_reported_as_address_in_use() -> None:
     with pytest.raises(OSError) as caught:
         server.bind(grpc.aio.server(), "203.0.113.7:0")  # TEST-NET-3: never a local address
     assert not isinstance(caught.value, AddressInUse)
