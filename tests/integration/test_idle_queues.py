@@ -6,6 +6,7 @@ time are shrunk (0.2 s, 0.5 s) so that a queue becomes idle within the test.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -206,3 +207,20 @@ async def test_the_registration_cache_is_bounded(redis_client: redis.asyncio.Red
         await registry.register(f"bounded-cache-{i}")
     assert len(registry._until) <= 3
     assert all([await _registered(redis_client, f"bounded-cache-{i}") for i in range(10)])
+
+
+async def test_the_sweep_loop_forgets_idle_queues_until_stopped(
+    sweeper: QueueSweeper, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_client.sadd(QUEUES, "swept-by-the-loop")  # type: ignore[misc]  # registered long ago: no stamp
+    stop = asyncio.Event()
+    loop = asyncio.create_task(sweeper.run(stop))
+    try:
+
+        async def gone() -> bool:
+            return not await _registered(redis_client, "swept-by-the-loop")
+
+        await wait_for(gone, "the sweep loop to forget the queue", interval=0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 5)
