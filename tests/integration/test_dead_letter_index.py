@@ -9,6 +9,7 @@ import grpc
 import pytest
 import redis.asyncio
 
+from conveyor.common.client import ConveyorClient
 from conveyor.common.keys import queue_keys
 from conveyor.common.scripts import Scripts
 from conveyor.producer import dead_letters
@@ -156,3 +157,13 @@ async def test_a_poison_job_dead_lettered_by_reclaim_is_indexed(
     assert await _index(redis_client) == {} and await _stream(redis_client) == {}
     state = (await producer.stub.GetJob(p.GetJobRequest(job_id=job.job_id))).job.state
     assert state == job_pb2.JOB_STATE_QUEUED
+
+
+async def test_the_python_client_calls_again_while_more_are_left(
+    producer: Producer, start_worker: StartWorker, redis_client: redis.asyncio.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = await _dead_letters(producer, start_worker, 5)
+    monkeypatch.setattr(dead_letters, "DEAD_LETTERS_PER_CALL", 2)
+    async with ConveyorClient(producer.addr) as client:
+        assert await client.purge_dead_letters("default", all=True) == 5
+    assert await redis_client.exists(KEYS.dead, KEYS.dead_index) == 0 and len(jobs) == 5
