@@ -95,6 +95,9 @@ async def test_a_job_that_keeps_killing_its_workers_is_dead_lettered(
         assert [e.type for e in events].count(E.EVENT_TYPE_ACTIVE) == 2
         dead = await redis.xrange(queue_keys(QUEUE).dead)
         assert [fields[b"j"].decode() for _, fields in dead] == [job.job_id.split("/")[1]]
+        # Indexed by job id, so RetryDeadLetters / PurgeDeadLetters of it need no scan.
+        index = await redis.hgetall(queue_keys(QUEUE).dead_index)  # type: ignore[misc]
+        assert index == {job.job_id.split("/")[1].encode(): dead[0][0]}
 
         async def recorded() -> bool:
             row, _ = await _results_job(fault_stack, job.job_id)

@@ -427,14 +427,30 @@ class ConveyorClient:
         return await self._call(lambda: self._admin.ListDeadLetters(req, timeout=self._timeout))
 
     async def retry_dead_letters(self, queue: str, job_id: str = "", *, all: bool = False) -> list[str]:
-        """Put one dead letter (or all of the queue's) back as new attempts; the job ids queued again."""
+        """Put one dead letter (or all of the queue's) back as new attempts; the job ids queued again.
+
+        With ``all`` the server takes at most 1,000 per call and says ``more``: this calls again until none are left.
+        """
         req = admin_service_pb2.RetryDeadLettersRequest(queue=queue, job_id=job_id, all=all)
-        return list((await self._call(lambda: self._admin.RetryDeadLetters(req, timeout=self._timeout))).job_ids)
+        retried: list[str] = []
+        while True:
+            reply = await self._call(lambda: self._admin.RetryDeadLetters(req, timeout=self._timeout))
+            retried += reply.job_ids
+            if not reply.more:
+                return retried
 
     async def purge_dead_letters(self, queue: str, job_id: str = "", *, all: bool = False) -> int:
-        """Delete one dead letter (or all of the queue's) for good; how many were deleted."""
+        """Delete one dead letter (or all of the queue's) for good; how many were deleted.
+
+        With ``all`` the server deletes at most 1,000 per call and says ``more``: this calls again until none are left.
+        """
         req = admin_service_pb2.PurgeDeadLettersRequest(queue=queue, job_id=job_id, all=all)
-        return (await self._call(lambda: self._admin.PurgeDeadLetters(req, timeout=self._timeout))).purged
+        purged = 0
+        while True:
+            reply = await self._call(lambda: self._admin.PurgeDeadLetters(req, timeout=self._timeout))
+            purged += reply.purged
+            if not reply.more:
+                return purged
 
     @classmethod
     def schedule_spec(

@@ -25,6 +25,8 @@ BANDS = tuple(range(MIN_PRIORITY, MAX_PRIORITY + 1))
 
 #: Every queue ever used (discovery for the results service and operators).
 QUEUES = f"{PREFIX}:queues"
+#: ZSET queue name -> ms of its last registration (queue_registry.py): how long it has been idle.
+QUEUES_TOUCHED = f"{PREFIX}:queues:touched"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +73,13 @@ class QueueKeys:
     #: Prefix of the per-key keys: <prefix>held:<k> (ZSET of held ulids by order),
     #: <prefix>run:<k> (SET of running ulids), <prefix>starts:<k> (LIST, its rate window).
     per_key_prefix: str
+    #: HASH job ulid -> its entry id in ``dead``: RetryDeadLetters / PurgeDeadLetters of one job
+    #: find it without scanning the stream (written where jobs are dead-lettered, removed where
+    #: they are retried or purged).
+    dead_index: str
+    #: ZSET of the retry-scheduled job ulids among ``delayed`` (same scores): queue stats count
+    #: delayed and retry-scheduled jobs with two ZCARDs instead of reading every record.
+    retrying: str
 
     def band(self, priority: int) -> str:
         """The job stream of one priority band."""
@@ -100,6 +109,8 @@ class QueueKeys:
             self.rate_keys,
             self.starts,
             self.backoff,
+            self.dead_index,
+            self.retrying,
         ]
 
     def held(self, rate_key: str) -> str:
@@ -139,6 +150,8 @@ def queue_keys(queue: str) -> QueueKeys:
         starts=f"{base}:starts",
         backoff=f"{base}:backoff",
         per_key_prefix=f"{base}:key:",
+        dead_index=f"{base}:dead:idx",
+        retrying=f"{base}:retrying",
     )
 
 

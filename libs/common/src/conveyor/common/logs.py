@@ -7,12 +7,20 @@ line logged while handling a job or an RPC carries it.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def console_colors() -> bool:
+    """ANSI colours in console lines: never with NO_COLOR, always with FORCE_COLOR, else only on a terminal."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    return bool(os.environ.get("FORCE_COLOR")) or sys.stdout.isatty()
 
 
 def configure(service: str, level: str = "info", fmt: str = "auto", cache: bool = True) -> None:
@@ -39,7 +47,7 @@ def configure(service: str, level: str = "info", fmt: str = "auto", cache: bool 
     if use_json:
         processors += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
     else:
-        processors.append(structlog.dev.ConsoleRenderer())
+        processors.append(structlog.dev.ConsoleRenderer(colors=console_colors()))
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

@@ -59,6 +59,8 @@ class ReloadingScript:
 
 #: Record.entry_id of a job held back by its rate key's limits (its job bytes are parked).
 HELD = "h"
+#: RetryDeadLetters / PurgeDeadLetters with all=true handle at most this many per call (then more=true).
+DEAD_LETTERS_PER_CALL = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,13 +337,23 @@ class Scripts:
         outcome, state = await self._cancel(keys=keys.script_keys(), args=[ulid, event, retention_ms, reason])
         return int(outcome), int(state)
 
-    async def retry_dead(self, keys: QueueKeys, ulid: str = "", most: int = 1000) -> list[str]:
-        """Queue dead letters again (one ulid, or all when empty); returns the ulids queued."""
-        return [_text(u) for u in await self._retry_dead(keys=keys.script_keys(), args=[ulid, most])]
+    async def retry_dead(
+        self, keys: QueueKeys, ulid: str = "", most: int = DEAD_LETTERS_PER_CALL
+    ) -> tuple[list[str], bool]:
+        """Queue dead letters again: one ulid (found through the index), or up to ``most`` of the oldest when empty.
 
-    async def purge_dead(self, keys: QueueKeys, ulid: str = "") -> int:
-        """Delete dead letters (one ulid, or all when empty); returns how many."""
-        return int(await self._purge_dead(keys=[keys.dead], args=[ulid]))
+        Returns the ulids queued and whether dead letters are left (only for "all").
+        """
+        retried, more = await self._retry_dead(keys=keys.script_keys(), args=[ulid, most])
+        return [_text(u) for u in retried], bool(more)
+
+    async def purge_dead(self, keys: QueueKeys, ulid: str = "", most: int = DEAD_LETTERS_PER_CALL) -> tuple[int, bool]:
+        """Delete dead letters: one ulid (found through the index), or up to ``most`` of the oldest when empty.
+
+        Returns how many were deleted and whether dead letters are left (only for "all").
+        """
+        purged, more = await self._purge_dead(keys=[keys.dead, keys.dead_index], args=[ulid, most])
+        return int(purged), bool(more)
 
     async def set_limit(self, keys: QueueKeys, field: str, value: str) -> None:
         """Set one flow-control setting (see lua/limits.lua for the fields and formats)."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
+import socket
+import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +31,61 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
+    # gRPC sets SO_REUSEPORT by default, so a second process on the same port binds silently and
+    # the kernel splits connections between them (a health check may reach either one).
+    ("grpc.so_reuseport", 0),
 ]
+#: Exit status of a service whose listen address is taken (Linux's EADDRINUSE).
+EXIT_ADDRESS_IN_USE = errno.EADDRINUSE
+
+
+class AddressInUse(OSError):
+    """The listen address is taken by another process: the service cannot start."""
+
+    def __init__(self, addr: str) -> None:
+        super().__init__(
+            errno.EADDRINUSE,
+            f"cannot listen on {addr}: the address is already in use by another process "
+            "(another instance of this service?); stop it or choose another CONVEYOR_GRPC_ADDR",
+        )
+        self.addr = addr
+
+
+def _address_in_use(addr: str) -> bool:
+    """Whether binding ``addr`` ("host:port") fails with EADDRINUSE right now."""
+    host, _, port = addr.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, ValueError):
+        return False
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def bind(server: grpc.aio.Server, addr: str) -> int:
+    """Listen on ``addr`` without sharing the port; returns the bound port.
+
+    Raises:
+        AddressInUse: Another process listens on ``addr``.
+        OSError: ``addr`` cannot be listened on for another reason (bad host, no permission).
+    """
+    try:
+        port = server.add_insecure_port(addr)
+    except RuntimeError:  # grpcio >= 1.5x raises; older versions return 0
+        port = 0
+    if port == 0:
+        if _address_in_use(addr):
+            raise AddressInUse(addr)
+        raise OSError(f"cannot listen on {addr} (set GRPC_VERBOSITY=debug for gRPC's reason)")
+    return port
 
 
 @dataclass(frozen=True)
@@ -91,9 +148,7 @@ async def start(
     reflection_docs.enable(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(addr)
-    if port == 0:
-        raise OSError(f"cannot listen on {addr}")
+    port = bind(server, addr)
     await server.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -172,6 +227,10 @@ def run_process(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     try:
         asyncio.run(main())
+    except AddressInUse as exc:
+        log.error("address_in_use", addr=exc.addr, error=exc.strerror)
+        sys.stderr.write(f"error: {exc.strerror}\n")
+        raise SystemExit(EXIT_ADDRESS_IN_USE) from None
     except LoopsFailing:
         # Logged by the supervisor; a non-zero exit makes the orchestrator restart us.
         raise SystemExit(EXIT_LOOPS_FAILING) from None

@@ -140,6 +140,10 @@ class ProducerSettings(CommonSettings):
     max_batch: int = 1000
     #: Events one Watch/WatchQueue stream may have waiting on the server (CONVEYOR_WATCH_BUFFER).
     watch_buffer: int = 10_000
+    #: A queue idle this long leaves the queue registry (CONVEYOR_QUEUE_IDLE_SECONDS; ADR 0015).
+    queue_idle_s: float = 3600.0
+    #: How often the producer looks for idle queues (CONVEYOR_QUEUE_SWEEP_SECONDS).
+    queue_sweep_s: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ProducerSettings:
@@ -150,6 +154,9 @@ class ProducerSettings(CommonSettings):
             max_payload_bytes=e.integer("CONVEYOR_MAX_PAYLOAD_BYTES", 1 << 20, minimum=1),
             max_batch=e.integer("CONVEYOR_MAX_BATCH", 1000, minimum=1),
             watch_buffer=e.integer("CONVEYOR_WATCH_BUFFER", 10_000, minimum=1),
+            # Longer than the 30 s a producer trusts its cached registration of a queue.
+            queue_idle_s=e.number("CONVEYOR_QUEUE_IDLE_SECONDS", 3600.0, minimum=60.0),
+            queue_sweep_s=e.number("CONVEYOR_QUEUE_SWEEP_SECONDS", 60.0, minimum=1.0),
         )
 
 

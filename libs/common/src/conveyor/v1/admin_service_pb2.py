@@ -30,7 +30,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63onveyor/v1/admin_service.proto\x12\x0b\x63onveyor.v1\x1a\x17\x63onveyor/v1/event.proto\x1a\x15\x63onveyor/v1/job.proto\x1a\x18\x63onveyor/v1/limits.proto\x1a!conveyor/v1/results_service.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x01\n\nDeadLetter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1d\n\x03job\x18\x02 \x01(\x0b\x32\x10.conveyor.v1.Job\x12$\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x15.conveyor.v1.JobEvent\x12+\n\x07\x64\x65\x61\x64_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x16ListDeadLettersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x17ListDeadLettersResponse\x12-\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x17RetryDeadLettersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"+\n\x18RetryDeadLettersResponse\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\"E\n\x17PurgeDeadLettersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"*\n\x18PurgeDeadLettersResponse\x12\x0e\n\x06purged\x18\x01 \x01(\x05\"\"\n\x11PauseQueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"%\n\x12PauseQueueResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\"#\n\x12ResumeQueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"&\n\x13ResumeQueueResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\"%\n\x14GetQueueStatsRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"\x8b\x01\n\x15GetQueueStatsResponse\x12&\n\x05stats\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.QueueStats\x12,\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x1a.conveyor.v1.FinishedStats\x12\x1c\n\x14\x66inished_unavailable\x18\x03 \x01(\t\"\xb0\x03\n\nQueueStats\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0e\n\x06paused\x18\x02 \x01(\x08\x12\x0e\n\x06queued\x18\x03 \x01(\x03\x12\x0f\n\x07\x64\x65layed\x18\x04 \x01(\x03\x12\x17\n\x0fretry_scheduled\x18\x05 \x01(\x03\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\x03\x12\x15\n\rdead_lettered\x18\x07 \x01(\x03\x12-\n\x05\x62\x61nds\x18\x08 \x03(\x0b\x32\x1e.conveyor.v1.PriorityBandStats\x12\x36\n\x12oldest_queued_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rnext_due_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07workers\x18\x0b \x01(\x05\x12-\n\tread_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08orphaned\x18\r \x01(\x03\x12\x0c\n\x04held\x18\x0e \x01(\x03\x12(\n\x06limits\x18\x0f \x01(\x0b\x32\x18.conveyor.v1.QueueLimits\"E\n\x11PriorityBandStats\x12\x10\n\x08priority\x18\x01 \x01(\x05\x12\x0e\n\x06queued\x18\x02 \x01(\x03\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\x03\"\x13\n\x11ListQueuesRequest\"=\n\x12ListQueuesResponse\x12\'\n\x06queues\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.QueueStats\"#\n\x12ListWorkersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.WorkerInfo\"\xa7\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0e\n\x06queues\x18\x04 \x03(\t\x12\x13\n\x0b\x63oncurrency\x18\x05 \x01(\x05\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x0f\n\x07job_ids\x18\x07 \x03(\t\x12\x37\n\x13last_heartbeat_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cstarted_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\n \x01(\t\x12&\n\x03ttl\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration2\xcb\n\n\x0c\x41\x64minService\x12M\n\nPauseQueue\x12\x1e.conveyor.v1.PauseQueueRequest\x1a\x1f.conveyor.v1.PauseQueueResponse\x12P\n\x0bResumeQueue\x12\x1f.conveyor.v1.ResumeQueueRequest\x1a .conveyor.v1.ResumeQueueResponse\x12S\n\x0cSetRateLimit\x12 .conveyor.v1.SetRateLimitRequest\x1a!.conveyor.v1.SetRateLimitResponse\x12Y\n\x0e\x43learRateLimit\x12\".conveyor.v1.ClearRateLimitRequest\x1a#.conveyor.v1.ClearRateLimitResponse\x12h\n\x13SetConcurrencyLimit\x12\'.conveyor.v1.SetConcurrencyLimitRequest\x1a(.conveyor.v1.SetConcurrencyLimitResponse\x12n\n\x15\x43learConcurrencyLimit\x12).conveyor.v1.ClearConcurrencyLimitRequest\x1a*.conveyor.v1.ClearConcurrencyLimitResponse\x12J\n\tGetLimits\x12\x1d.conveyor.v1.GetLimitsRequest\x1a\x1e.conveyor.v1.GetLimitsResponse\x12\x44\n\x07\x42\x61\x63kOff\x12\x1b.conveyor.v1.BackOffRequest\x1a\x1c.conveyor.v1.BackOffResponse\x12\x65\n\x12SetDefaultPriority\x12&.conveyor.v1.SetDefaultPriorityRequest\x1a\'.conveyor.v1.SetDefaultPriorityResponse\x12\\\n\x0fListDeadLetters\x12#.conveyor.v1.ListDeadLettersRequest\x1a$.conveyor.v1.ListDeadLettersResponse\x12_\n\x10RetryDeadLetters\x12$.conveyor.v1.RetryDeadLettersRequest\x1a%.conveyor.v1.RetryDeadLettersResponse\x12_\n\x10PurgeDeadLetters\x12$.conveyor.v1.PurgeDeadLettersRequest\x1a%.conveyor.v1.PurgeDeadLettersResponse\x12V\n\rGetQueueStats\x12!.conveyor.v1.GetQueueStatsRequest\x1a\".conveyor.v1.GetQueueStatsResponse\x12M\n\nListQueues\x12\x1e.conveyor.v1.ListQueuesRequest\x1a\x1f.conveyor.v1.ListQueuesResponse\x12P\n\x0bListWorkers\x12\x1f.conveyor.v1.ListWorkersRequest\x1a .conveyor.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63onveyor/v1/admin_service.proto\x12\x0b\x63onveyor.v1\x1a\x17\x63onveyor/v1/event.proto\x1a\x15\x63onveyor/v1/job.proto\x1a\x18\x63onveyor/v1/limits.proto\x1a!conveyor/v1/results_service.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x01\n\nDeadLetter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1d\n\x03job\x18\x02 \x01(\x0b\x32\x10.conveyor.v1.Job\x12$\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x15.conveyor.v1.JobEvent\x12+\n\x07\x64\x65\x61\x64_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x16ListDeadLettersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x17ListDeadLettersResponse\x12-\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x17RetryDeadLettersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"9\n\x18RetryDeadLettersResponse\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12\x0c\n\x04more\x18\x02 \x01(\x08\"E\n\x17PurgeDeadLettersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"8\n\x18PurgeDeadLettersResponse\x12\x0e\n\x06purged\x18\x01 \x01(\x05\x12\x0c\n\x04more\x18\x02 \x01(\x08\"\"\n\x11PauseQueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"%\n\x12PauseQueueResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\"#\n\x12ResumeQueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"&\n\x13ResumeQueueResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\"%\n\x14GetQueueStatsRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"\x8b\x01\n\x15GetQueueStatsResponse\x12&\n\x05stats\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.QueueStats\x12,\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x1a.conveyor.v1.FinishedStats\x12\x1c\n\x14\x66inished_unavailable\x18\x03 \x01(\t\"\xb0\x03\n\nQueueStats\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0e\n\x06paused\x18\x02 \x01(\x08\x12\x0e\n\x06queued\x18\x03 \x01(\x03\x12\x0f\n\x07\x64\x65layed\x18\x04 \x01(\x03\x12\x17\n\x0fretry_scheduled\x18\x05 \x01(\x03\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\x03\x12\x15\n\rdead_lettered\x18\x07 \x01(\x03\x12-\n\x05\x62\x61nds\x18\x08 \x03(\x0b\x32\x1e.conveyor.v1.PriorityBandStats\x12\x36\n\x12oldest_queued_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rnext_due_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07workers\x18\x0b \x01(\x05\x12-\n\tread_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08orphaned\x18\r \x01(\x03\x12\x0c\n\x04held\x18\x0e \x01(\x03\x12(\n\x06limits\x18\x0f \x01(\x0b\x32\x18.conveyor.v1.QueueLimits\"E\n\x11PriorityBandStats\x12\x10\n\x08priority\x18\x01 \x01(\x05\x12\x0e\n\x06queued\x18\x02 \x01(\x03\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\x03\"\x13\n\x11ListQueuesRequest\"=\n\x12ListQueuesResponse\x12\'\n\x06queues\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.QueueStats\"#\n\x12ListWorkersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.WorkerInfo\"\xa7\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0e\n\x06queues\x18\x04 \x03(\t\x12\x13\n\x0b\x63oncurrency\x18\x05 \x01(\x05\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x0f\n\x07job_ids\x18\x07 \x03(\t\x12\x37\n\x13last_heartbeat_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cstarted_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\n \x01(\t\x12&\n\x03ttl\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration2\xcb\n\n\x0c\x41\x64minService\x12M\n\nPauseQueue\x12\x1e.conveyor.v1.PauseQueueRequest\x1a\x1f.conveyor.v1.PauseQueueResponse\x12P\n\x0bResumeQueue\x12\x1f.conveyor.v1.ResumeQueueRequest\x1a .conveyor.v1.ResumeQueueResponse\x12S\n\x0cSetRateLimit\x12 .conveyor.v1.SetRateLimitRequest\x1a!.conveyor.v1.SetRateLimitResponse\x12Y\n\x0e\x43learRateLimit\x12\".conveyor.v1.ClearRateLimitRequest\x1a#.conveyor.v1.ClearRateLimitResponse\x12h\n\x13SetConcurrencyLimit\x12\'.conveyor.v1.SetConcurrencyLimitRequest\x1a(.conveyor.v1.SetConcurrencyLimitResponse\x12n\n\x15\x43learConcurrencyLimit\x12).conveyor.v1.ClearConcurrencyLimitRequest\x1a*.conveyor.v1.ClearConcurrencyLimitResponse\x12J\n\tGetLimits\x12\x1d.conveyor.v1.GetLimitsRequest\x1a\x1e.conveyor.v1.GetLimitsResponse\x12\x44\n\x07\x42\x61\x63kOff\x12\x1b.conveyor.v1.BackOffRequest\x1a\x1c.conveyor.v1.BackOffResponse\x12\x65\n\x12SetDefaultPriority\x12&.conveyor.v1.SetDefaultPriorityRequest\x1a\'.conveyor.v1.SetDefaultPriorityResponse\x12\\\n\x0fListDeadLetters\x12#.conveyor.v1.ListDeadLettersRequest\x1a$.conveyor.v1.ListDeadLettersResponse\x12_\n\x10RetryDeadLetters\x12$.conveyor.v1.RetryDeadLettersRequest\x1a%.conveyor.v1.RetryDeadLettersResponse\x12_\n\x10PurgeDeadLetters\x12$.conveyor.v1.PurgeDeadLettersRequest\x1a%.conveyor.v1.PurgeDeadLettersResponse\x12V\n\rGetQueueStats\x12!.conveyor.v1.GetQueueStatsRequest\x1a\".conveyor.v1.GetQueueStatsResponse\x12M\n\nListQueues\x12\x1e.conveyor.v1.ListQueuesRequest\x1a\x1f.conveyor.v1.ListQueuesResponse\x12P\n\x0bListWorkers\x12\x1f.conveyor.v1.ListWorkersRequest\x1a .conveyor.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,37 +46,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RETRYDEADLETTERSREQUEST']._serialized_start=542
   _globals['_RETRYDEADLETTERSREQUEST']._serialized_end=611
   _globals['_RETRYDEADLETTERSRESPONSE']._serialized_start=613
-  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_end=656
-  _globals['_PURGEDEADLETTERSREQUEST']._serialized_start=658
-  _globals['_PURGEDEADLETTERSREQUEST']._serialized_end=727
-  _globals['_PURGEDEADLETTERSRESPONSE']._serialized_start=729
-  _globals['_PURGEDEADLETTERSRESPONSE']._serialized_end=771
-  _globals['_PAUSEQUEUEREQUEST']._serialized_start=773
-  _globals['_PAUSEQUEUEREQUEST']._serialized_end=807
-  _globals['_PAUSEQUEUERESPONSE']._serialized_start=809
-  _globals['_PAUSEQUEUERESPONSE']._serialized_end=846
-  _globals['_RESUMEQUEUEREQUEST']._serialized_start=848
-  _globals['_RESUMEQUEUEREQUEST']._serialized_end=883
-  _globals['_RESUMEQUEUERESPONSE']._serialized_start=885
-  _globals['_RESUMEQUEUERESPONSE']._serialized_end=923
-  _globals['_GETQUEUESTATSREQUEST']._serialized_start=925
-  _globals['_GETQUEUESTATSREQUEST']._serialized_end=962
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=965
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=1104
-  _globals['_QUEUESTATS']._serialized_start=1107
-  _globals['_QUEUESTATS']._serialized_end=1539
-  _globals['_PRIORITYBANDSTATS']._serialized_start=1541
-  _globals['_PRIORITYBANDSTATS']._serialized_end=1610
-  _globals['_LISTQUEUESREQUEST']._serialized_start=1612
-  _globals['_LISTQUEUESREQUEST']._serialized_end=1631
-  _globals['_LISTQUEUESRESPONSE']._serialized_start=1633
-  _globals['_LISTQUEUESRESPONSE']._serialized_end=1694
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1696
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1731
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1733
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1796
-  _globals['_WORKERINFO']._serialized_start=1799
-  _globals['_WORKERINFO']._serialized_end=2094
-  _globals['_ADMINSERVICE']._serialized_start=2097
-  _globals['_ADMINSERVICE']._serialized_end=3452
+  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_end=670
+  _globals['_PURGEDEADLETTERSREQUEST']._serialized_start=672
+  _globals['_PURGEDEADLETTERSREQUEST']._serialized_end=741
+  _globals['_PURGEDEADLETTERSRESPONSE']._serialized_start=743
+  _globals['_PURGEDEADLETTERSRESPONSE']._serialized_end=799
+  _globals['_PAUSEQUEUEREQUEST']._serialized_start=801
+  _globals['_PAUSEQUEUEREQUEST']._serialized_end=835
+  _globals['_PAUSEQUEUERESPONSE']._serialized_start=837
+  _globals['_PAUSEQUEUERESPONSE']._serialized_end=874
+  _globals['_RESUMEQUEUEREQUEST']._serialized_start=876
+  _globals['_RESUMEQUEUEREQUEST']._serialized_end=911
+  _globals['_RESUMEQUEUERESPONSE']._serialized_start=913
+  _globals['_RESUMEQUEUERESPONSE']._serialized_end=951
+  _globals['_GETQUEUESTATSREQUEST']._serialized_start=953
+  _globals['_GETQUEUESTATSREQUEST']._serialized_end=990
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=993
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=1132
+  _globals['_QUEUESTATS']._serialized_start=1135
+  _globals['_QUEUESTATS']._serialized_end=1567
+  _globals['_PRIORITYBANDSTATS']._serialized_start=1569
+  _globals['_PRIORITYBANDSTATS']._serialized_end=1638
+  _globals['_LISTQUEUESREQUEST']._serialized_start=1640
+  _globals['_LISTQUEUESREQUEST']._serialized_end=1659
+  _globals['_LISTQUEUESRESPONSE']._serialized_start=1661
+  _globals['_LISTQUEUESRESPONSE']._serialized_end=1722
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1724
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1759
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1761
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1824
+  _globals['_WORKERINFO']._serialized_start=1827
+  _globals['_WORKERINFO']._serialized_end=2122
+  _globals['_ADMINSERVICE']._serialized_start=2125
+  _globals['_ADMINSERVICE']._serialized_end=3480
 # @@protoc_insertion_point(module_scope)

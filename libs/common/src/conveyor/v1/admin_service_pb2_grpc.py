@@ -200,7 +200,9 @@ class AdminServiceServicer:
     def RetryDeadLetters(self, request, context):
         """RetryDeadLetters puts dead letters back on their queue as new attempts of the
         same job ids (one job, or all of the queue's). A job that is not a dead letter
-        is FAILED_PRECONDITION.
+        is FAILED_PRECONDITION. One job is found through an index, without a scan; all
+        retries at most 1,000 (the oldest) per call and sets more when some are left:
+        call again until more is false.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -208,7 +210,8 @@ class AdminServiceServicer:
 
     def PurgeDeadLetters(self, request, context):
         """PurgeDeadLetters deletes dead letters (one job, or all of the queue's) for good;
-        their history stays in PostgreSQL.
+        their history stays in PostgreSQL. Like RetryDeadLetters, all deletes at most
+        1,000 (the oldest) per call and sets more when some are left.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -73,11 +73,14 @@ class AdminServiceStub:
     RetryDeadLetters: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RetryDeadLettersRequest, _admin_service_pb2.RetryDeadLettersResponse]
     """RetryDeadLetters puts dead letters back on their queue as new attempts of the
     same job ids (one job, or all of the queue's). A job that is not a dead letter
-    is FAILED_PRECONDITION.
+    is FAILED_PRECONDITION. One job is found through an index, without a scan; all
+    retries at most 1,000 (the oldest) per call and sets more when some are left:
+    call again until more is false.
     """
     PurgeDeadLetters: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.PurgeDeadLettersRequest, _admin_service_pb2.PurgeDeadLettersResponse]
     """PurgeDeadLetters deletes dead letters (one job, or all of the queue's) for good;
-    their history stays in PostgreSQL.
+    their history stays in PostgreSQL. Like RetryDeadLetters, all deletes at most
+    1,000 (the oldest) per call and sets more when some are left.
     """
     GetQueueStats: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.GetQueueStatsRequest, _admin_service_pb2.GetQueueStatsResponse]
     """GetQueueStats answers "why is my job not running?": the queue's live counts by
@@ -142,11 +145,14 @@ class AdminServiceAsyncStub(AdminServiceStub):
     RetryDeadLetters: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RetryDeadLettersRequest, _admin_service_pb2.RetryDeadLettersResponse]  # type: ignore[assignment]
     """RetryDeadLetters puts dead letters back on their queue as new attempts of the
     same job ids (one job, or all of the queue's). A job that is not a dead letter
-    is FAILED_PRECONDITION.
+    is FAILED_PRECONDITION. One job is found through an index, without a scan; all
+    retries at most 1,000 (the oldest) per call and sets more when some are left:
+    call again until more is false.
     """
     PurgeDeadLetters: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.PurgeDeadLettersRequest, _admin_service_pb2.PurgeDeadLettersResponse]  # type: ignore[assignment]
     """PurgeDeadLetters deletes dead letters (one job, or all of the queue's) for good;
-    their history stays in PostgreSQL.
+    their history stays in PostgreSQL. Like RetryDeadLetters, all deletes at most
+    1,000 (the oldest) per call and sets more when some are left.
     """
     GetQueueStats: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.GetQueueStatsRequest, _admin_service_pb2.GetQueueStatsResponse]  # type: ignore[assignment]
     """GetQueueStats answers "why is my job not running?": the queue's live counts by
@@ -274,7 +280,9 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_service_pb2.RetryDeadLettersResponse, _abc.Awaitable[_admin_service_pb2.RetryDeadLettersResponse]]:
         """RetryDeadLetters puts dead letters back on their queue as new attempts of the
         same job ids (one job, or all of the queue's). A job that is not a dead letter
-        is FAILED_PRECONDITION.
+        is FAILED_PRECONDITION. One job is found through an index, without a scan; all
+        retries at most 1,000 (the oldest) per call and sets more when some are left:
+        call again until more is false.
         """
 
     @_abc_1.abstractmethod
@@ -284,7 +292,8 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.PurgeDeadLettersResponse, _abc.Awaitable[_admin_service_pb2.PurgeDeadLettersResponse]]:
         """PurgeDeadLetters deletes dead letters (one job, or all of the queue's) for good;
-        their history stays in PostgreSQL.
+        their history stays in PostgreSQL. Like RetryDeadLetters, all deletes at most
+        1,000 (the oldest) per call and sets more when some are left.
         """
 
     @_abc_1.abstractmethod

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+
 from conveyor.common import logs, server
+from conveyor.common.queue_registry import QueueSweeper
 from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
 from conveyor.common.schedules import ScheduleStore
 from conveyor.common.scripts import Scripts
@@ -47,6 +51,12 @@ async def run() -> None:
         DeadLetters(redis, scripts), QueueControls(redis), FlowLimits(scripts), stats=Stats(redis, history)
     )
     schedules = ScheduleServicer(ScheduleStore(redis), enqueuer, settings.max_payload_bytes)
+    supervisor = settings.supervisor()
+    sweeper = QueueSweeper(redis, settings.queue_idle_s, settings.queue_sweep_s)
+
+    async def sweep_idle_queues(stop: asyncio.Event) -> None:
+        await supervisor.run("queue-sweep", functools.partial(sweeper.run, stop), stop)
+
     await server.serve(
         settings.grpc_addr,
         [
@@ -68,7 +78,9 @@ async def run() -> None:
         ],
         grace=settings.shutdown_grace_s,
         unavailable=REDIS_UNAVAILABLE,
+        background=[sweep_idle_queues],
         on_shutdown=[watcher.close, history.close, redis.aclose, tail_redis.aclose],
+        supervisor=supervisor,
     )
 
 

@@ -42,15 +42,14 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     async def RetryDeadLetters(
         self, request: admin_service_pb2.RetryDeadLettersRequest, context: Context
     ) -> admin_service_pb2.RetryDeadLettersResponse:
-        job_ids = await self._dead.retry(request.queue, request.job_id, request.all)
-        return admin_service_pb2.RetryDeadLettersResponse(job_ids=job_ids)
+        job_ids, more = await self._dead.retry(request.queue, request.job_id, request.all)
+        return admin_service_pb2.RetryDeadLettersResponse(job_ids=job_ids, more=more)
 
     async def PurgeDeadLetters(
         self, request: admin_service_pb2.PurgeDeadLettersRequest, context: Context
     ) -> admin_service_pb2.PurgeDeadLettersResponse:
-        return admin_service_pb2.PurgeDeadLettersResponse(
-            purged=await self._dead.purge(request.queue, request.job_id, request.all)
-        )
+        purged, more = await self._dead.purge(request.queue, request.job_id, request.all)
+        return admin_service_pb2.PurgeDeadLettersResponse(purged=purged, more=more)
 
     async def SetRateLimit(
         self, request: limits_pb2.SetRateLimitRequest, context: Context

@@ -8,7 +8,7 @@ from conveyor.common.codec import decode_event, public_event, public_job, restor
 from conveyor.common.errors import FailedPrecondition, InvalidArgument
 from conveyor.common.ids import QUEUE_RE, make_job_id, parse_job_id, parse_stream_id, stream_id_key
 from conveyor.common.keys import QueueKeys, queue_keys
-from conveyor.common.scripts import Scripts
+from conveyor.common.scripts import DEAD_LETTERS_PER_CALL, Scripts
 from conveyor.v1 import admin_service_pb2, job_pb2
 
 DEFAULT_PAGE = 100
@@ -67,25 +67,23 @@ class DeadLetters:
             out.next_page_token = entries[size - 1][0].decode()
         return out
 
-    async def retry(self, queue: str, job_id: str, all_: bool) -> list[str]:
-        keys = queue_of(queue)
-        ulid = _target(queue, job_id, all_)
-        if ulid:
-            retried = await self._scripts.retry_dead(keys, ulid)
-            if not retried:
-                raise FailedPrecondition(f"job {job_id} is not a dead letter of queue {queue!r}", job_id)
-            return [job_id]
-        done: list[str] = []
-        while True:  # bounded work per script call, so Redis never blocks for long
-            batch = await self._scripts.retry_dead(keys, "", 1000)
-            done += [make_job_id(queue, u) for u in batch]
-            if len(batch) < 1000:
-                return done
+    async def retry(self, queue: str, job_id: str, all_: bool) -> tuple[list[str], bool]:
+        """Queue one dead letter again, or (all) up to DEAD_LETTERS_PER_CALL of the oldest.
 
-    async def purge(self, queue: str, job_id: str, all_: bool) -> int:
+        Returns the job ids queued again and whether dead letters are left (call again).
+        """
         keys = queue_of(queue)
         ulid = _target(queue, job_id, all_)
-        purged = await self._scripts.purge_dead(keys, ulid)
+        retried, more = await self._scripts.retry_dead(keys, ulid, DEAD_LETTERS_PER_CALL)
+        if ulid and not retried:
+            raise FailedPrecondition(f"job {job_id} is not a dead letter of queue {queue!r}", job_id)
+        return [make_job_id(queue, u) for u in retried], more
+
+    async def purge(self, queue: str, job_id: str, all_: bool) -> tuple[int, bool]:
+        """Delete one dead letter, or (all) up to DEAD_LETTERS_PER_CALL of the oldest; returns (deleted, more)."""
+        keys = queue_of(queue)
+        ulid = _target(queue, job_id, all_)
+        purged, more = await self._scripts.purge_dead(keys, ulid, DEAD_LETTERS_PER_CALL)
         if ulid and not purged:
             raise FailedPrecondition(f"job {job_id} is not a dead letter of queue {queue!r}", job_id)
-        return purged
+        return purged, more

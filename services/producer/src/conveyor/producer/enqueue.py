@@ -11,8 +11,9 @@ from conveyor.common.codec import length_delimited, timestamp_bytes, varint
 from conveyor.common.defaults import DEFAULT_RETRY
 from conveyor.common.errors import InvalidArgument, ResourceExhausted
 from conveyor.common.ids import make_job_id, new_ulid
-from conveyor.common.keys import DEFAULT_PRIORITY, QUEUES, queue_keys
-from conveyor.common.redis import hget, sadd
+from conveyor.common.keys import DEFAULT_PRIORITY, queue_keys
+from conveyor.common.queue_registry import QueueRegistry
+from conveyor.common.redis import hget
 from conveyor.common.scripts import NewJob, Scripts
 from conveyor.producer.validate import ValidJob, validate_all
 from conveyor.v1 import event_pb2, job_pb2, producer_service_pb2
@@ -117,7 +118,7 @@ class Enqueuer:
         self._scripts = scripts
         self._max_payload_bytes = max_payload_bytes
         self._max_batch = max_batch
-        self._known_queues: set[str] = set()
+        self._registry = QueueRegistry(redis)
         self._defaults = QueueDefaults(redis)
 
     async def enqueue(
@@ -168,7 +169,5 @@ class Enqueuer:
         return responses
 
     async def _register(self, queue: str) -> None:
-        # Discovery for the results service and operators; once per queue per process.
-        if queue not in self._known_queues:
-            await sadd(self._redis, QUEUES, queue)
-            self._known_queues.add(queue)
+        # Discovery for the results service and operators; cached, and idle queues leave (queue_registry).
+        await self._registry.register(queue)

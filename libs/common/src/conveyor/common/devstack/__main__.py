@@ -3,10 +3,15 @@
 Usage: python -m conveyor.common.devstack [--data-dir .run] [--workers 2]
 
 Owns the local development stack: starts the servers (data kept under --data-dir between
-runs), launches results, producer and N workers with the same Python, waits for their gRPC
-health checks, prints example client commands, streams their logs with a name prefix, and
-on Ctrl-C or SIGTERM stops the services (SIGTERM, then SIGKILL after 10 s) and the servers.
-Ports come from CONVEYOR_DEV_{REDIS,PG,PRODUCER,RESULTS,WORKER}_PORT.
+runs), launches results, producer and N workers (each on its own port, with its own health
+check) with the same Python, waits for their gRPC health checks, prints example client
+commands and streams their logs with a name prefix. Like compose's `restart: unless-stopped`:
+when a service, a worker, Redis or PostgreSQL exits unexpectedly it says so and restarts that
+one alone, after 1 s doubling to 30 s for a process that keeps dying (back to 1 s once it stayed
+up RESTART_RESET seconds); the others keep running and reconnect. Only Ctrl-C or SIGTERM stops
+the stack: services first (SIGTERM, then SIGKILL after 10 s), then the servers, exit status 0.
+Ports come from CONVEYOR_DEV_{REDIS,PG,PRODUCER,RESULTS,WORKER}_PORT (worker i gets
+CONVEYOR_DEV_WORKER_PORT + i - 1). Colour only on a terminal and never with NO_COLOR set.
 """
 
 from __future__ import annotations
@@ -34,12 +39,23 @@ from conveyor.common.devstack.servers import PostgresServer, RedisServer, postgr
 
 READY_TIMEOUT = 30.0
 STOP_GRACE = 10.0
+#: Restart delays: the first after RESTART_FIRST seconds, doubling up to RESTART_MAX.
+RESTART_FIRST = 1.0
+RESTART_MAX = 30.0
+#: A process that stayed up this long counts as healthy again: its next restart waits RESTART_FIRST.
+RESTART_RESET = 30.0
+_TICK = 0.2
 _out_lock = threading.Lock()
 _COLORS = ["36", "35", "33", "32", "34", "31"]
 
 
+def use_color() -> bool:
+    """Colour only on a terminal, and never when NO_COLOR is set (https://no-color.org)."""
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
 def _say(prefix: str, text: str, color: str = "1") -> None:
-    if sys.stdout.isatty():
+    if use_color():
         prefix = f"\x1b[{color}m{prefix}\x1b[0m"
     with _out_lock:
         sys.stdout.write(f"{prefix} | {text}\n")
@@ -59,6 +75,39 @@ def _port(name: str, default: int) -> int:
 
 
 @dataclass
+class Restarts:
+    """When to start one process again after it died: 1 s doubling to 30 s, reset once it stayed up."""
+
+    delay: float = RESTART_FIRST
+    started: float = field(default_factory=time.monotonic)
+    due: float | None = None
+    count: int = 0
+
+    def started_now(self) -> None:
+        self.started = time.monotonic()
+        self.due = None
+
+    def schedule(self) -> float:
+        """Record an exit; returns the seconds until the restart."""
+        now = time.monotonic()
+        if now - self.started >= RESTART_RESET:
+            self.delay = RESTART_FIRST
+        wait = self.delay
+        self.delay = min(self.delay * 2, RESTART_MAX)
+        self.due = now + wait
+        self.count += 1
+        return wait
+
+    @property
+    def waiting(self) -> bool:
+        return self.due is not None
+
+    @property
+    def ready(self) -> bool:
+        return self.due is not None and time.monotonic() >= self.due
+
+
+@dataclass
 class Service:
     """One supervised service process and the tail of its output."""
 
@@ -70,8 +119,15 @@ class Service:
     proc: subprocess.Popen[bytes] | None = None
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
     pump: threading.Thread | None = None
+    restarts: Restarts = field(default_factory=Restarts)
+    serving: bool = False
+    slow_noted: bool = False
 
     def launch(self) -> None:
+        if self.pump is not None:
+            self.pump.join(2.0)
+        self.tail.clear()
+        self.serving = self.slow_noted = False
         self.proc = subprocess.Popen(
             [sys.executable, "-m", self.module],
             env=self.env,
@@ -80,6 +136,8 @@ class Service:
             stderr=subprocess.STDOUT,
             process_group=0,  # Ctrl-C reaches only the supervisor, which stops services before servers
         )
+        self.restarts.started_now()
+        _note(f"{self.name} started (pid {self.proc.pid}, {self.addr})")
         self.pump = threading.Thread(target=self._pump, name=f"pump-{self.name}", daemon=True)
         self.pump.start()
 
@@ -98,7 +156,7 @@ class Service:
         assert self.proc is not None
         if self.pump is not None:
             self.pump.join(2.0)  # let the last lines arrive before summarising
-        _note(f"{self.name} exited with {self.proc.returncode}; its last output:")
+        _note(f"{self.name} exited unexpectedly with {self.proc.returncode}; its last output:")
         for line in self.tail:
             _note(f"  {line}")
 
@@ -112,24 +170,6 @@ def _serving(addr: str) -> bool:
         except grpc.RpcError:
             return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-def _wait_serving(services: list[Service], stop: threading.Event) -> Service | None:
-    """Wait until every service reports SERVING; return the first that exited instead."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    pending = list(services)
-    while pending and not stop.is_set():
-        for svc in list(pending):
-            if svc.exited:
-                return svc
-            if _serving(svc.addr):
-                _note(f"{svc.name} is serving on {svc.addr}")
-                pending.remove(svc)
-        if pending and time.monotonic() > deadline:
-            names = ", ".join(s.name for s in pending)
-            raise TimeoutError(f"not SERVING after {READY_TIMEOUT:.0f}s: {names}")
-        stop.wait(0.2)
-    return None
 
 
 def _stop_services(services: list[Service]) -> None:
@@ -151,6 +191,67 @@ def _stop_services(services: list[Service]) -> None:
     for svc in services:
         if svc.pump is not None:
             svc.pump.join(2.0)
+
+
+class Stack:
+    """The servers and services of `make up`, each restarted alone when it dies (until stop is set)."""
+
+    def __init__(self, servers: list[RedisServer | PostgresServer], services: list[Service], stop: threading.Event):
+        self.servers = servers
+        self.services = services
+        self.stop = stop
+        self.server_restarts = {id(s): Restarts() for s in servers}
+        self.up_once = False
+
+    def tick(self) -> bool:
+        """One supervision pass; returns True the first time every service is SERVING."""
+        for server in self.servers:
+            self._check_server(server)
+        for svc in self.services:
+            if self.stop.is_set():
+                return False
+            self._check_service(svc)
+        if not self.up_once and all(s.serving for s in self.services):
+            self.up_once = True
+            return True
+        return False
+
+    def _check_server(self, server: RedisServer | PostgresServer) -> None:
+        restarts = self.server_restarts[id(server)]
+        if not restarts.waiting and not server.running:
+            wait = restarts.schedule()
+            _note(f"{server.name} exited unexpectedly (log: {server.log_path}); restarting it in {wait:.0f}s")
+        if restarts.ready and not self.stop.is_set():
+            _note(f"restarting {server.name} (restart {restarts.count})")
+            server.kill()  # reap the dead one and any helper it left behind
+            try:
+                server.start()
+            except (RuntimeError, TimeoutError, OSError) as exc:
+                restarts.started_now()
+                wait = restarts.schedule()
+                _note(f"{server.name} did not start: {exc}; trying again in {wait:.0f}s")
+                return
+            restarts.started_now()
+            _note(f"{server.name} is back on port {server.port}")
+
+    def _check_service(self, svc: Service) -> None:
+        restarts = svc.restarts
+        if not restarts.waiting and svc.exited:
+            svc.report_exit()
+            wait = restarts.schedule()
+            _note(f"restarting {svc.name} in {wait:.0f}s")
+        if restarts.ready:
+            svc.launch()
+            return
+        if restarts.waiting or svc.serving:
+            return
+        if _serving(svc.addr):
+            svc.serving = True
+            again = " again" if restarts.count else ""
+            _note(f"{svc.name} is serving{again} on {svc.addr}")
+        elif not svc.slow_noted and time.monotonic() - restarts.started > READY_TIMEOUT:
+            svc.slow_noted = True
+            _note(f"{svc.name} is not SERVING after {READY_TIMEOUT:.0f}s; still waiting")
 
 
 def _pg_data_dir(data_dir: Path) -> Path:
@@ -178,7 +279,8 @@ def _print_commands(producer: str, results: str, redis_url: str, database_url: s
         ("the job as recorded in PostgreSQL", results, "ResultsService/GetJob", job),
         ("list jobs", results, "ResultsService/ListJobs", '{"queue":"default","pageSize":10}'),
     ]
-    lines = ["", "Conveyor is up; Ctrl-C stops everything.", "", "# buf curl (from the repo root)"]
+    up = "Conveyor is up; a process that dies is restarted; Ctrl-C stops everything."
+    lines = ["", up, "", "# buf curl (from the repo root)"]
     lines.append("# list services")
     lines.append(f"{buf} --list-services http://{producer}")
     for title, addr, method, body in calls:
@@ -218,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
 
         base = dict(os.environ)
         base.update(REDIS_URL=redis.url, DATABASE_URL=pg.url, CONVEYOR_LOG_FORMAT="console", PYTHONUNBUFFERED="1")
+        # The services write to our pipe: they colour their lines only when we print to a terminal.
+        if use_color():
+            base["FORCE_COLOR"] = "1"
+        else:
+            base.pop("FORCE_COLOR", None)
+            base["NO_COLOR"] = "1"
         results = f"127.0.0.1:{_port('CONVEYOR_DEV_RESULTS_PORT', 50052)}"
         producer = f"127.0.0.1:{_port('CONVEYOR_DEV_PRODUCER_PORT', 50051)}"
         worker_base = _port("CONVEYOR_DEV_WORKER_PORT", 50061)
@@ -236,21 +344,11 @@ def main(argv: list[str] | None = None) -> int:
             if not stop.is_set():
                 svc.launch()
 
-        dead = _wait_serving(services, stop)
-        if dead is not None:
-            dead.report_exit()
-            failed = True
-        elif not stop.is_set():
-            _print_commands(producer, results, redis.url, pg.url)
-        while not failed and not stop.wait(0.5):
-            dead = next((s for s in services if s.exited), None)
-            if dead is not None:
-                dead.report_exit()
-                failed = True
-            for server in (redis, pg):
-                if not server.running:
-                    _note(f"{server.name} stopped unexpectedly; log: {server.log_path}")
-                    failed = True
+        stack = Stack([redis, pg], services, stop)
+        while not stop.is_set():
+            if stack.tick():
+                _print_commands(producer, results, redis.url, pg.url)
+            stop.wait(_TICK)
     except (RuntimeError, TimeoutError, OSError) as exc:
         _note(f"error: {exc}")
         failed = True

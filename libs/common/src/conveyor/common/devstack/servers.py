@@ -158,6 +158,11 @@ class _Server:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        elif sig == signal.SIGKILL:
+            # The leader died by itself (crash, kill -9): its helpers (postgres' backends) may
+            # linger holding the port or shared memory; the group id is still the leader's pid.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
         self._left.proc = None
         if self._log is not None:
             self._log.close()

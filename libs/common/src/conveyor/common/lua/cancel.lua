@@ -5,7 +5,7 @@ sees the mark, stops the attempt and records CANCELLED (complete.lua). Finished 
 left alone. Idempotent: a second cancel changes nothing.
 KEYS as in claim.lua: [1] state [2] events [3] done [4..12] bands [13] delayed [14] parked
 [15] signal [16] dead [17] cancel [19..25] flow control (a job held back by its rate key's
-limits leaves the key's held set)
+limits leaves the key's held set) [27] retrying zset
 ARGV[1] ulid  ARGV[2] CANCELLED JobEvent bytes (without the job)  ARGV[3] retention ms  ARGV[4] reason
 returns {outcome, state}: outcome 1 = cancelled now, 2 = running attempt signalled,
   0 = already final (state says which), -1 = no live record
@@ -40,6 +40,7 @@ elseif state == 1 then
 else
   job = redis.call('HGET', parked_key, ulid)
   redis.call('ZREM', delayed_key, ulid)
+  redis.call('ZREM', KEYS[27], ulid)
   redis.call('HDEL', parked_key, ulid)
   redis.call('HDEL', KEYS[23], ulid)
 end

@@ -12,7 +12,7 @@ the same band (they were read first), through the admitted stream ("band" 10). S
 job keeps its place and priority, no worker holds it, and other keys run beside it.
 KEYS[1] state hash  KEYS[2] events stream  KEYS[3] done zset  KEYS[4..12] job streams, bands 1..9
 KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream  KEYS[18] paused flag
-KEYS[19..25] flow control (see prelude)
+KEYS[19..25] flow control (see prelude)  KEYS[27] retrying zset (the retry-scheduled part of delayed)
 ARGV[1] consumer group  ARGV[2] consumer (worker id)  ARGV[3] count
 returns {claimed, wait_from, next_due}:
   claimed: flat array, 6 values per job: band, entry id, ulid, attempt, Job bytes, ACTIVE event id
@@ -60,6 +60,7 @@ for _, ulid in ipairs(due) do
   end
   redis.call('HDEL', parked_key, ulid)
   redis.call('ZREM', delayed_key, ulid)
+  redis.call('ZREM', KEYS[27], ulid)
 end
 
 -- Sliding windows of start times (lists, newest first). The queue's window takes this call's

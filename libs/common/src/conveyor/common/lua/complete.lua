@@ -10,6 +10,7 @@ KEYS[1] state hash  KEYS[2] events stream  KEYS[3] done zset  KEYS[4..12] job st
 KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream  KEYS[16] dead stream
 KEYS[17] cancel hash  KEYS[19..25] flow control (see prelude): every outcome gives the job's
 concurrency slot back; the workers are signalled when that may let a held job start
+KEYS[26] dead-letter index (ulid -> dead entry id)  KEYS[27] retrying zset (retry-scheduled part of delayed)
 ARGV[1] consumer group  ARGV[2] consumer  ARGV[3] record retention ms  ARGV[4] number of outcomes
 ARGV[5] the outcomes packed back to back, each as struct '>B I2 c0 c26 I4 B d I4 c0 B c0':
   band, entry id, ulid, attempt, JobState (4 = retry, else final), due ms (retries), JobEvent
@@ -60,13 +61,14 @@ for i = 1, n do
     local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
     if release(ulid, k, check_held) or queue_capped then signalled = true end
     if new_state == 6 and job then
-      redis.call('XADD', dead_key, '*', 'j', ulid, 'd', job, 'e', event, 'p', prio, 'a', att, 'k', k)
+      redis.call('HSET', KEYS[26], ulid, redis.call('XADD', dead_key, '*', 'j', ulid, 'd', job, 'e', event, 'p', prio, 'a', att, 'k', k))
     end
     local record
     if new_state == 4 and job then
       if k ~= '' then redis.call('HSET', KEYS[23], ulid, k) end
       redis.call('HSET', parked_key, ulid, job)
       redis.call('ZADD', delayed_key, due, ulid)
+      redis.call('ZADD', KEYS[27], due, ulid)
       record = record_of('4', att, prio, '', first_ev, '')
       signalled = true
     else

@@ -6,10 +6,10 @@ A job due now goes into its band's stream with a QUEUED event; a delayed job (du
 blocked workers recompute how long to wait.
 KEYS[1] state hash  KEYS[2] events stream  KEYS[3] done zset  KEYS[4..12] job streams, bands 1..9
 KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream  KEYS[16] dead stream  KEYS[17] cancel hash  KEYS[18] paused flag  KEYS[19..25] flow control (KEYS[23] rate keys hash)
-KEYS[26..] idempotency keys
+KEYS[26] dead-letter index  KEYS[27] retrying zset (script_keys() ends there; unused here)  KEYS[28..] idempotency keys
 ARGV[1] number of jobs  ARGV[2] the jobs packed back to back (one argument, so the client
   encodes one buffer rather than several per job), each as struct '>c26 B H d d I4 c0 I4 c0 B c0':
-  ulid, priority (1-9), idempotency key index (0 = none, else 1-based into KEYS[26..]),
+  ulid, priority (1-9), idempotency key index (0 = none, else 1-based into KEYS[28..]),
   idempotency window ms, due ms (0 = now), Job bytes, first JobEvent bytes (QUEUED or DELAYED),
   rate key ("" = none)
 returns a flat array, 3 values per job: ulid, created (1|0), JobState (0 = no longer in Redis)
@@ -32,7 +32,7 @@ for _ = 1, n do
   ulid, prio, idem_index, idem_ttl, due, job, event, k, pos = struct.unpack('>c26 B H d d I4 c0 I4 c0 B c0', packed, pos)
   local existing = false
   if idem_index > 0 then
-    existing = redis.call('GET', KEYS[25 + idem_index])
+    existing = redis.call('GET', KEYS[27 + idem_index])
   end
   if existing then
     -- A duplicate idempotency key later in the batch reads its job's record as this call wrote it.
@@ -72,7 +72,7 @@ for _ = 1, n do
       state = 1
     end
     if idem_index > 0 then
-      redis.call('SET', KEYS[25 + idem_index], ulid, 'PX', string.format('%d', idem_ttl))
+      redis.call('SET', KEYS[27 + idem_index], ulid, 'PX', string.format('%d', idem_ttl))
     end
     out[#out + 1] = ulid
     out[#out + 1] = 1

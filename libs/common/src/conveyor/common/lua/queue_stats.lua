@@ -2,17 +2,18 @@
 Read-only. Queued and active come from each band's stream and its consumer group: entries
 leave the stream when acked (complete.lua XDELs them), so the stream holds exactly the
 waiting entries plus the delivered, not yet acked ones (the group's pending list).
-Delayed and retry-scheduled jobs share the delayed zset; each one's live record state (2 or 4)
-tells them apart, which costs one HMGET per 1000 of them.
+Delayed and retry-scheduled jobs share the delayed zset; the retry-scheduled ones are also in
+the retrying zset (complete.lua adds them, claim.lua and cancel.lua remove them), so both counts
+are ZCARDs, however many jobs wait.
 KEYS as in claim.lua: [1] state hash [4..12] job streams, bands 1..9 [13] delayed zset
   [16] dead stream [18] paused flag [19] admitted stream [21] blocked zset [22] ready zset
+  [27] retrying zset
 Jobs held back by their rate key's limits (claim.lua) wait in per-key held sets: counted as held.
 ARGV[1] consumer group of the workers
 returns {time_s, time_us, paused (0|1), dead, delayed, retry_scheduled, next_due_ms ("" if none),
   oldest queued entry id ("" if none), held, active in the admitted stream, then per band 1..9: queued, active, then per consumer
   holding claims: consumer, claims (all bands)}
 ]]
---#include prelude
 local state_key, delayed_key, dead_key, paused_key = KEYS[1], KEYS[13], KEYS[16], KEYS[18]
 local group = ARGV[1]
 local now = redis.call('TIME')
@@ -58,20 +59,9 @@ for band = 1, 9 do
   bands[#bands + 1] = active
 end
 
-local delayed, retry = 0, 0
-local total = redis.call('ZCARD', delayed_key)
-local chunk = 1000
-for start = 0, total - 1, chunk do
-  local ulids = redis.call('ZRANGE', delayed_key, start, start + chunk - 1)
-  if #ulids > 0 then
-    for _, rec in ipairs(redis.call('HMGET', state_key, unpack(ulids))) do
-      if rec then
-        local st = read_record(rec)
-        if st == '2' then delayed = delayed + 1 elseif st == '4' then retry = retry + 1 end
-      end
-    end
-  end
-end
+-- Bounded: the retrying zset holds the retry-scheduled part of the delayed zset, so two ZCARDs.
+local retry = redis.call('ZCARD', KEYS[27])
+local delayed = math.max(redis.call('ZCARD', delayed_key) - retry, 0)
 local next_due = ''
 local first_due = redis.call('ZRANGE', delayed_key, 0, 0, 'WITHSCORES')
 if first_due[2] then next_due = first_due[2] end

@@ -8,6 +8,7 @@ KEYS[1] state hash  KEYS[2] events stream  KEYS[3] done zset  KEYS[4..12] job st
 KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream  KEYS[16] dead stream
 KEYS[17] cancel hash (a reclaimed job whose cancel was requested ends CANCELLED instead of running)
 KEYS[18] paused flag (a paused queue starts nothing, reclaimed jobs included)
+KEYS[26] dead-letter index (ulid -> dead entry id)
 KEYS[19..25] flow control (see prelude): a reclaimed job keeps its concurrency slot (it runs
 again); a dead-lettered or cancelled one gives it back. Reclaims are not counted as starts.
 ARGV[1] consumer group  ARGV[2] consumer  ARGV[3] min idle ms  ARGV[4] most jobs to take
@@ -57,7 +58,8 @@ for _, band in ipairs({10, 9, 8, 7, 6, 5, 4, 3, 2, 1}) do
           redis.call('XDEL', stream, entry_id)
           if release(ulid, k, true) then signalled = true end
           finish(ulid, 7, event, attempt, prio, eid, first_ev, retention)
-          redis.call('XADD', dead_key, '*', 'j', ulid, 'd', job, 'e', event, 'p', prio, 'a', attempt, 'k', k or '')
+          local dead_id = redis.call('XADD', dead_key, '*', 'j', ulid, 'd', job, 'e', event, 'p', prio, 'a', attempt, 'k', k or '')
+          redis.call('HSET', KEYS[26], ulid, dead_id)
           dead[#dead + 1] = ulid
         else
           activate(claimed, state_key, events_key, consumer, band, entry_id, ulid, job,
