@@ -12,10 +12,17 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio
 
+from conveyor.common import logs
 from conveyor.common.devstack.servers import PostgresServer, RedisServer
 
 # Durability is not under test against the shared server, so trade it for speed.
 FAST_PG = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # In-process services log as the real ones do (plain tracebacks), not through structlog's
+    # default, which renders each traceback with rich at about 0.2 s apiece.
+    logs.configure("tests", level="info", fmt="console", cache=False)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 import socket
 
-import psycopg
-import psycopg_pool
-
 from conveyor.common import logs, server
 from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
 from conveyor.common.settings import ResultsSettings
+from conveyor.results import pgerrors
 from conveyor.results.projector import Projector
+from conveyor.results.prune import Pruner
 from conveyor.results.queries import Queries
 from conveyor.results.servicer import ResultsServicer
+from conveyor.results.setaside import SetAsideRows
 from conveyor.results.store import Store, open_pool
 from conveyor.v1 import results_service_pb2, results_service_pb2_grpc
 
@@ -28,25 +30,44 @@ async def run() -> None:
     # Started before Redis (or while it restarts): wait for it with backoff rather than crash-looping.
     redis = await connect_redis(settings.redis_url, wait=True)
     blocking = make_redis(settings.redis_url, blocking=True)
-    pool = await open_pool(settings.database_url, settings.pool_size)
+    pgerrors.register()
+    supervisor = settings.supervisor()
+    pool = await open_pool(settings.database_url, settings.pool_size, lock_timeout_s=settings.db_lock_timeout_s)
     store = Store(pool)
     await store.migrate()
     projector = Projector(
-        redis, blocking, store, consumer=consumer, batch_size=settings.batch_size, retention_s=settings.retention_s
+        redis,
+        blocking,
+        store,
+        consumer=consumer,
+        batch_size=settings.batch_size,
+        retention_s=settings.retention_s,
+        supervisor=supervisor,
     )
+
+    pruner = Pruner(pool, settings.pg_retention_days, interval_s=settings.prune_interval_s, batch=settings.prune_batch)
+
+    async def project(stop: asyncio.Event) -> None:
+        await supervisor.run("projector", functools.partial(projector.run, stop), stop)
+
+    async def prune(stop: asyncio.Event) -> None:
+        await supervisor.run("prune", functools.partial(pruner.run, stop), stop)
+
     await server.serve(
         settings.grpc_addr,
         [
             server.Service(
                 results_service_pb2_grpc.add_ResultsServiceServicer_to_server,
-                ResultsServicer(Queries(pool)),
+                ResultsServicer(Queries(pool), SetAsideRows(pool, store)),
                 results_service_pb2.DESCRIPTOR.services_by_name["ResultsService"].full_name,
             )
         ],
         grace=settings.shutdown_grace_s,
-        unavailable=(*REDIS_UNAVAILABLE, psycopg.OperationalError, psycopg_pool.PoolTimeout),
-        background=[projector.run],
+        unavailable=REDIS_UNAVAILABLE,
+        background=[project, prune],
         on_shutdown=[pool.close, redis.aclose, blocking.aclose],
+        supervisor=supervisor,
+        classify=[pgerrors.client_error],
     )
 
 
