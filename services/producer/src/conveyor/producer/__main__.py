@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conveyor.common import logs, server
+from conveyor.common.enqueue import Enqueuer
 from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
 from conveyor.common.schedules import ScheduleStore
 from conveyor.common.scripts import Scripts
@@ -11,7 +12,6 @@ from conveyor.producer.admin import AdminServicer
 from conveyor.producer.cancel import Canceller
 from conveyor.producer.controls import QueueControls
 from conveyor.producer.dead_letters import DeadLetters
-from conveyor.producer.enqueue import Enqueuer
 from conveyor.producer.history import History
 from conveyor.producer.jobs import JobReader
 from conveyor.producer.limits import FlowLimits

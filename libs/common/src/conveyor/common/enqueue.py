@@ -1,4 +1,9 @@
-"""Writing validated jobs into their queues' streams, one Lua call per queue per batch."""
+"""Writing validated jobs into their queues' streams, one Lua call per queue per batch.
+
+Shared by the producer (Enqueue, EnqueueBatch, DeleteSchedule's in-flight tick) and the
+worker's scheduler loop (a schedule tick's job), so both go through one validation and
+enqueue path without either service importing the other.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import time
 from collections import defaultdict
 
 import redis.asyncio as aioredis
+import structlog
 
 from conveyor.common.codec import length_delimited, timestamp_bytes, varint
 from conveyor.common.defaults import DEFAULT_RETRY
@@ -13,9 +19,12 @@ from conveyor.common.errors import InvalidArgument, ResourceExhausted
 from conveyor.common.ids import make_job_id, new_ulid
 from conveyor.common.keys import DEFAULT_PRIORITY, QUEUES, queue_keys
 from conveyor.common.redis import hget, sadd
+from conveyor.common.schedules import TICK_KEY_WINDOW_MS, InFlight, ScheduleStore, tick_idempotency_key
 from conveyor.common.scripts import NewJob, Scripts
-from conveyor.producer.validate import ValidJob, validate_all
+from conveyor.common.validate import ValidJob, validate_all
 from conveyor.v1 import event_pb2, job_pb2, producer_service_pb2
+
+log = structlog.get_logger("conveyor.schedules")
 
 _PAYLOAD_TAG = bytes([(5 << 3) | 2])  # Job.payload_json, length-delimited
 
@@ -172,3 +181,26 @@ class Enqueuer:
         if queue not in self._known_queues:
             await sadd(self._redis, QUEUES, queue)
             self._known_queues.add(queue)
+
+
+async def enqueue_tick(enqueuer: Enqueuer, store: ScheduleStore, tick: InFlight) -> str:
+    """Enqueue the job of a claimed tick (idempotently) and record it; returns the job id.
+
+    Safe to repeat, in any process: the idempotency key is derived from the schedule id
+    and the tick, so a repeat returns the same job.
+    """
+    request = producer_service_pb2.EnqueueRequest()
+    request.CopyFrom(tick.spec.template)
+    request.idempotency_key = tick_idempotency_key(tick.schedule_id, tick.tick_ms)
+    if not request.HasField("idempotency_window"):
+        request.idempotency_window.FromMilliseconds(TICK_KEY_WINDOW_MS)
+    (response,) = await enqueuer.enqueue([request], batch=False)
+    await store.fired(tick.schedule_id, tick.tick_ms, response.job_id, time.time_ns() // 1_000_000)
+    log.info(
+        "schedule_fired",
+        schedule_id=tick.schedule_id,
+        tick_ms=tick.tick_ms,
+        job_id=response.job_id,
+        created=response.created,
+    )
+    return response.job_id
