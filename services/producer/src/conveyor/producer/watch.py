@@ -341,7 +341,13 @@ class Watcher:
                 last = key
                 yield _watch_response(public_event(event))
                 if event.type in FINAL_EVENTS:
-                    return
+                    ends = await self._ends_at(keys, ulid, key)
+                    if ends is None:
+                        async for later in self._history.events(job_id, event.id):
+                            yield _watch_response(later)
+                        return
+                    if ends:
+                        return
             inbox = sub.inbox
             while True:
                 if not inbox:
@@ -357,10 +363,31 @@ class Watcher:
                 last = live.key
                 yield live.data  # serialized once by the tail for every watcher
                 if live.final:
-                    return
+                    ends = await self._ends_at(keys, ulid, live.key)
+                    if ends is None:
+                        async for later in self._history.events(job_id, live.event.id):
+                            yield _watch_response(later)
+                        return
+                    if ends:
+                        return
         finally:
             tail.unsubscribe(sub)
             await self._release(tail, queue)
+
+    async def _ends_at(self, keys: QueueKeys, ulid: str, key: tuple[int, int]) -> bool | None:
+        """Whether the final event with stream id ``key`` is the job's *current* final event.
+
+        A final event is not always the end: RetryDeadLetters (or any re-run) gives the job a
+        new attempt after it, and the live record then says QUEUED/ACTIVE with no final event,
+        or names a later one. Only the event the live record names as final ends a Watch.
+        None when the live record is gone (the job finished and left Redis after its outcome
+        was projected): the caller sends what the results service holds after this event.
+        """
+        raw = await hget(self._redis, keys.state, ulid)
+        if raw is None:
+            return None
+        final = Record.parse(raw).final_event_id
+        return bool(final) and stream_id_key(final) <= key
 
     async def watch_queue(
         self, request: producer_service_pb2.WatchQueueRequest, context: object = None
