@@ -10,9 +10,11 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
+import grpc
 import redis.asyncio as aioredis
 import structlog
 
+from conveyor.common import faults
 from conveyor.common.codec import length_delimited, timestamp_bytes, varint
 from conveyor.common.defaults import DEFAULT_RETRY
 from conveyor.common.errors import InvalidArgument, ResourceExhausted
@@ -85,6 +87,31 @@ def build_job(valid: ValidJob, priority: int, now_ns: int) -> tuple[bytes, bytes
     event.job.type = r.type
     event.job.priority = priority
     return stored, event.SerializeToString()
+
+
+def batch_error(queue: str, exc: Exception) -> producer_service_pb2.EnqueueError:
+    """The per-job error of an EnqueueBatch for the jobs of ``queue``, whose write raised ``exc``.
+
+    Classified by the one table of Redis faults (conveyor.common.faults): OOM is
+    RESOURCE_EXHAUSTED, every other fault UNAVAILABLE; anything else is a bug (INTERNAL,
+    logged with its traceback).
+    """
+    fault = faults.redis_fault(exc)
+    if fault is None:
+        log.error("enqueue_failed", queue=queue, exc_info=exc)
+        return producer_service_pb2.EnqueueError(
+            code=grpc.StatusCode.INTERNAL.value[0],
+            message=f"queue {queue!r}: internal error (see the producer's log); "
+            "sending these jobs again with the same idempotency keys is safe",
+        )
+    if fault in (faults.CONNECTION, faults.TIMEOUT):
+        # The call may have reached Redis: its jobs may be there, which only a key makes safe to repeat.
+        written = "this queue's jobs may or may not have been written: send them again with the same idempotency keys"
+    else:
+        written = "none of this queue's jobs were written: send them again"
+    return producer_service_pb2.EnqueueError(
+        code=fault.code.value[0], message=f"queue {queue!r}: {fault.advice}; {written}"
+    )
 
 
 class QueueDefaults:
@@ -166,14 +193,39 @@ class Enqueuer:
                 )
             )
         responses: list[producer_service_pb2.EnqueueResponse] = [producer_service_pb2.EnqueueResponse() for _ in valid]
+        # Atomic per queue (one Lua call writes all of a queue's jobs or none), not across
+        # queues: each queue may live on its own Redis Cluster shard (ADR 0014). A queue whose
+        # write fails does not stop the others; its jobs' results say why.
+        failed: list[tuple[str, list[int], Exception]] = []
         for queue, items in by_queue.items():
-            await self._register(queue)
-            results = await self._scripts.enqueue(queue_keys(queue), [job for _, job in items])
+            try:
+                await self._register(queue)
+                results = await self._scripts.enqueue(queue_keys(queue), [job for _, job in items])
+            except Exception as exc:
+                if not batch:
+                    raise
+                failed.append((queue, [index for index, _ in items], exc))
+                continue
             for (index, _), result in zip(items, results, strict=True):
                 r = responses[index]
                 r.job_id = make_job_id(queue, result.ulid)
                 r.created = result.created
                 r.state = result.state  # type: ignore[assignment]
+        if failed:
+            if len(failed) == len(by_queue):
+                # Nothing was accepted: the call fails with the status (UNAVAILABLE,
+                # RESOURCE_EXHAUSTED...), exactly as a single Enqueue would.
+                raise failed[0][2]
+            for queue, indexes, cause in failed:
+                error = batch_error(queue, cause)
+                for index in indexes:
+                    responses[index].error.CopyFrom(error)
+            log.warning(
+                "enqueue_batch_partial",
+                accepted=len(valid) - sum(len(indexes) for _, indexes, _ in failed),
+                rejected=sum(len(indexes) for _, indexes, _ in failed),
+                failed_queues=[queue for queue, _, _ in failed],
+            )
         return responses
 
     async def _register(self, queue: str) -> None:
