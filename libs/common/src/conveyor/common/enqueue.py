@@ -122,6 +122,9 @@ class QueueDefaults:
     """
 
     DEFAULTS_TTL_S = 1.0
+    #: Queues remembered at most (any queue name a client enqueues to is a key): the oldest
+    #: entry goes first, and costs one HGET when that queue is used again.
+    MAX_QUEUES = 1024
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
@@ -134,8 +137,14 @@ class QueueDefaults:
             return cached[0]
         raw = await hget(self._redis, queue_keys(queue).limits, "prio")
         value = int(raw) if raw else DEFAULT_PRIORITY
+        self._cache.pop(queue, None)  # re-inserted last: the dict's order is the age of its entries
+        while len(self._cache) >= self.MAX_QUEUES:
+            del self._cache[next(iter(self._cache))]
         self._cache[queue] = (value, now + self.DEFAULTS_TTL_S)
         return value
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
 
 class Enqueuer:

@@ -41,6 +41,8 @@ log = structlog.get_logger("conveyor.producer.watch")
 
 #: Events one watcher may have waiting before it is cut off (it can resume with after_event_id).
 WATCHER_BUFFER = 10_000
+#: Watch and WatchQueue streams one producer serves at once, by default (CONVEYOR_MAX_WATCHES).
+MAX_WATCHES = 10_000
 #: Events read per XRANGE when a WatchQueue replays.
 _PAGE = 512
 #: Ends a Watch inbox that overflowed.
@@ -281,6 +283,12 @@ class Watcher:
         tail_redis: Client for blocking reads (no socket timeout).
         scripts: Scripts on ``redis``.
         history: Where events of jobs that left Redis are read from (the results service).
+        buffer: Events one stream may have waiting (CONVEYOR_WATCH_BUFFER).
+        max_watches: Most Watch and WatchQueue streams open at once (CONVEYOR_MAX_WATCHES);
+            one more ends at once with RESOURCE_EXHAUSTED.
+
+    ``redis`` should be a pool of its own (CONVEYOR_WATCH_REDIS_POOL_SIZE): a burst of
+    replays then waits for or fails on that pool, never the one Enqueue uses.
     """
 
     def __init__(
@@ -290,13 +298,31 @@ class Watcher:
         scripts: Scripts,
         history: History,
         buffer: int = WATCHER_BUFFER,
+        max_watches: int = MAX_WATCHES,
     ) -> None:
         self._redis = redis
+        self._max_watches = max_watches
+        #: Watch and WatchQueue streams open now (at most max_watches).
+        self._streams = 0
         self._tail_redis = tail_redis
         self._scripts = scripts
         self._history = history
         self._buffer = buffer
         self._tails: dict[str, EventTail] = {}
+
+    @property
+    def streams(self) -> int:
+        """Watch and WatchQueue streams open now."""
+        return self._streams
+
+    def _open_stream(self) -> None:
+        if self._streams >= self._max_watches:
+            raise ResourceExhausted(
+                f"this producer already serves {self._streams} Watch/WatchQueue streams, its limit "
+                f"(CONVEYOR_MAX_WATCHES={self._max_watches}); retry later, on another producer replica, "
+                "or close streams you no longer read"
+            )
+        self._streams += 1
 
     async def close(self) -> None:
         for tail in self._tails.values():
@@ -304,75 +330,79 @@ class Watcher:
         self._tails.clear()
 
     async def watch(self, request: producer_service_pb2.WatchRequest, context: object = None) -> AsyncIterator[bytes]:
-        """The job's events after ``request.after_event_id`` (all when empty) until its final event.
+        """The job's events after ``request.after_event_id`` (all when empty) until its current final event.
 
         Each is a serialized ``WatchResponse``, ready for the wire. The signature is a gRPC
         handler's: ProducerServicer serves Watch with this generator itself (one generator
         layer less on every event sent to every watcher).
         """
-        job_id, after_event_id = request.job_id, request.after_event_id
-        parsed = parse_job_id(job_id)
-        if parsed is None:
-            raise InvalidArgument({"job_id": "must be a job id like '<queue>/<ULID>'"})
-        after: tuple[int, int] = (0, 0)
-        if after_event_id:
-            parsed_after = parse_stream_id(after_event_id)
-            if parsed_after is None:
-                raise InvalidArgument({"after_event_id": "must be an event id like '1732540000000-0'"})
-            after = parsed_after
-        queue, ulid = parsed
-        keys = queue_keys(queue)
-        raw = await hget(self._redis, keys.state, ulid)
-        if raw is None:
-            # The job left Redis (finished longer ago than the retention), or never existed.
-            found = False
-            async for event in self._history.events(job_id, after_event_id):
-                found = True
-                yield _watch_response(event)
-            if not found and not await self._history.exists(job_id):
-                raise NotFound(f"job {job_id} not found")
-            return
-        record = Record.parse(raw)
-        tail = self._tail(keys)
-        sub = await tail.subscribe(ulid, self._buffer)
+        self._open_stream()
         try:
-            last = after
-            async for key, event in self._replay(keys, ulid, job_id, record, after, after_event_id):
-                last = key
-                yield _watch_response(public_event(event))
-                if event.type in FINAL_EVENTS:
-                    ends = await self._ends_at(keys, ulid, key)
-                    if ends is None:
-                        async for later in self._history.events(job_id, event.id):
-                            yield _watch_response(later)
-                        return
-                    if ends:
-                        return
-            inbox = sub.inbox
-            while True:
-                if not inbox:
-                    await sub.wait()
-                live = inbox.popleft()
-                if live is None:  # the overflow mark
-                    raise ResourceExhausted(
-                        f"watcher fell more than {self._buffer} events behind; "
-                        f"resume with after_event_id={last[0]}-{last[1]}"
-                    )
-                if live.key <= last:
-                    continue
-                last = live.key
-                yield live.data  # serialized once by the tail for every watcher
-                if live.final:
-                    ends = await self._ends_at(keys, ulid, live.key)
-                    if ends is None:
-                        async for later in self._history.events(job_id, live.event.id):
-                            yield _watch_response(later)
-                        return
-                    if ends:
-                        return
+            job_id, after_event_id = request.job_id, request.after_event_id
+            parsed = parse_job_id(job_id)
+            if parsed is None:
+                raise InvalidArgument({"job_id": "must be a job id like '<queue>/<ULID>'"})
+            after: tuple[int, int] = (0, 0)
+            if after_event_id:
+                parsed_after = parse_stream_id(after_event_id)
+                if parsed_after is None:
+                    raise InvalidArgument({"after_event_id": "must be an event id like '1732540000000-0'"})
+                after = parsed_after
+            queue, ulid = parsed
+            keys = queue_keys(queue)
+            raw = await hget(self._redis, keys.state, ulid)
+            if raw is None:
+                # The job left Redis (finished longer ago than the retention), or never existed.
+                found = False
+                async for event in self._history.events(job_id, after_event_id):
+                    found = True
+                    yield _watch_response(event)
+                if not found and not await self._history.exists(job_id):
+                    raise NotFound(f"job {job_id} not found")
+                return
+            record = Record.parse(raw)
+            tail = self._tail(keys)
+            sub = await tail.subscribe(ulid, self._buffer)
+            try:
+                last = after
+                async for key, event in self._replay(keys, ulid, job_id, record, after, after_event_id):
+                    last = key
+                    yield _watch_response(public_event(event))
+                    if event.type in FINAL_EVENTS:
+                        ends = await self._ends_at(keys, ulid, key)
+                        if ends is None:
+                            async for later in self._history.events(job_id, event.id):
+                                yield _watch_response(later)
+                            return
+                        if ends:
+                            return
+                inbox = sub.inbox
+                while True:
+                    if not inbox:
+                        await sub.wait()
+                    live = inbox.popleft()
+                    if live is None:  # the overflow mark
+                        raise ResourceExhausted(
+                            f"watcher fell more than {self._buffer} events behind; "
+                            f"resume with after_event_id={last[0]}-{last[1]}"
+                        )
+                    if live.key <= last:
+                        continue
+                    last = live.key
+                    yield live.data  # serialized once by the tail for every watcher
+                    if live.final:
+                        ends = await self._ends_at(keys, ulid, live.key)
+                        if ends is None:
+                            async for later in self._history.events(job_id, live.event.id):
+                                yield _watch_response(later)
+                            return
+                        if ends:
+                            return
+            finally:
+                tail.unsubscribe(sub)
+                await self._release(tail, queue)
         finally:
-            tail.unsubscribe(sub)
-            await self._release(tail, queue)
+            self._streams -= 1
 
     async def _ends_at(self, keys: QueueKeys, ulid: str, key: tuple[int, int]) -> bool | None:
         """Whether the final event with stream id ``key`` is the job's *current* final event.
@@ -397,60 +427,64 @@ class Watcher:
         Each is a serialized ``WatchQueueResponse``, ready for the wire; like :meth:`watch`,
         this generator is the gRPC handler itself.
         """
-        queue, after_event_id, replay = request.queue, request.after_event_id, request.replay
-        event_types: Iterable[int] = request.event_types
-        bad: dict[str, str] = {}
-        if not queue:
-            bad["queue"] = "required"
-        elif not QUEUE_RE.match(queue):
-            bad["queue"] = "must be 1-64 characters from A-Z a-z 0-9 _ . -"
-        after = (0, 0)
-        if after_event_id:
-            parsed_after = parse_stream_id(after_event_id)
-            if parsed_after is None:
-                bad["after_event_id"] = "must be an event id like '1732540000000-0'"
-            else:
-                after = parsed_after
-            if replay:
-                bad["replay"] = "set at most one of after_event_id and replay"
-        types = list(event_types)
-        for i, value in enumerate(types):
-            if value == event_pb2.EVENT_TYPE_UNSPECIFIED or value not in event_pb2.EventType.values():
-                bad[f"event_types[{i}]"] = "must be a known event type other than EVENT_TYPE_UNSPECIFIED"
-        if bad:
-            raise InvalidArgument(bad)
-        keys = queue_keys(queue)
-        tail = self._tail(keys)
-        sub = QueueSubscription(queue, self._buffer, frozenset(types))
-        await tail.subscribe_queue(sub)
+        self._open_stream()
         try:
-            last, last_id = after, after_event_id
-            if after_event_id or replay:
-                async for item in self._replay_queue(keys, after, after_event_id, sub):
-                    if isinstance(item, producer_service_pb2.WatchQueueGap):
-                        yield producer_service_pb2.WatchQueueResponse(gap=item).SerializeToString()
+            queue, after_event_id, replay = request.queue, request.after_event_id, request.replay
+            event_types: Iterable[int] = request.event_types
+            bad: dict[str, str] = {}
+            if not queue:
+                bad["queue"] = "required"
+            elif not QUEUE_RE.match(queue):
+                bad["queue"] = "must be 1-64 characters from A-Z a-z 0-9 _ . -"
+            after = (0, 0)
+            if after_event_id:
+                parsed_after = parse_stream_id(after_event_id)
+                if parsed_after is None:
+                    bad["after_event_id"] = "must be an event id like '1732540000000-0'"
+                else:
+                    after = parsed_after
+                if replay:
+                    bad["replay"] = "set at most one of after_event_id and replay"
+            types = list(event_types)
+            for i, value in enumerate(types):
+                if value == event_pb2.EVENT_TYPE_UNSPECIFIED or value not in event_pb2.EventType.values():
+                    bad[f"event_types[{i}]"] = "must be a known event type other than EVENT_TYPE_UNSPECIFIED"
+            if bad:
+                raise InvalidArgument(bad)
+            keys = queue_keys(queue)
+            tail = self._tail(keys)
+            sub = QueueSubscription(queue, self._buffer, frozenset(types))
+            await tail.subscribe_queue(sub)
+            try:
+                last, last_id = after, after_event_id
+                if after_event_id or replay:
+                    async for item in self._replay_queue(keys, after, after_event_id, sub):
+                        if isinstance(item, producer_service_pb2.WatchQueueGap):
+                            yield producer_service_pb2.WatchQueueResponse(gap=item).SerializeToString()
+                            continue
+                        (last, event) = item
+                        last_id = event.id
+                        yield producer_service_pb2.WatchQueueResponse(event=event).SerializeToString()
+                while True:
+                    gap, key, event, live = await sub.next_live()
+                    if gap is not None:
+                        yield producer_service_pb2.WatchQueueResponse(
+                            gap=producer_service_pb2.WatchQueueGap(
+                                reason=producer_service_pb2.WATCH_QUEUE_GAP_REASON_SLOW_CLIENT,
+                                after_event_id=last_id,
+                                before_event_id=gap.before_id,
+                                dropped=gap.dropped,
+                            )
+                        ).SerializeToString()
+                    if key <= last:
                         continue
-                    (last, event) = item
-                    last_id = event.id
-                    yield producer_service_pb2.WatchQueueResponse(event=event).SerializeToString()
-            while True:
-                gap, key, event, live = await sub.next_live()
-                if gap is not None:
-                    yield producer_service_pb2.WatchQueueResponse(
-                        gap=producer_service_pb2.WatchQueueGap(
-                            reason=producer_service_pb2.WATCH_QUEUE_GAP_REASON_SLOW_CLIENT,
-                            after_event_id=last_id,
-                            before_event_id=gap.before_id,
-                            dropped=gap.dropped,
-                        )
-                    ).SerializeToString()
-                if key <= last:
-                    continue
-                last, last_id = key, event.id
-                yield live.data if live is not None else _watch_response(event)
+                    last, last_id = key, event.id
+                    yield live.data if live is not None else _watch_response(event)
+            finally:
+                tail.unsubscribe_queue(sub)
+                await self._release(tail, queue)
         finally:
-            tail.unsubscribe_queue(sub)
-            await self._release(tail, queue)
+            self._streams -= 1
 
     async def _replay_queue(
         self, keys: QueueKeys, after: tuple[int, int], after_event_id: str, sub: QueueSubscription
