@@ -7,7 +7,6 @@ The producer here is wired exactly as `python -m conveyor.producer` wires it (co
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -15,15 +14,14 @@ import grpc
 import pytest
 import redis.asyncio
 
-from conveyor.common import server
 from conveyor.common.enqueue import QueueDefaults
 from conveyor.common.keys import DEFAULT_PRIORITY, queue_keys
-from conveyor.common.redis import REDIS_UNAVAILABLE
 from conveyor.common.settings import ProducerSettings
-from conveyor.producer.app import ProducerApp, build
+from conveyor.producer.app import ProducerApp
 from conveyor.v1 import admin_service_pb2 as a
 from conveyor.v1 import admin_service_pb2_grpc, producer_service_pb2_grpc
 from conveyor.v1 import producer_service_pb2 as p
+from tests.support.producer_app import StartedProducer, start_app
 from tests.support.wait import wait_for
 
 Started = tuple[ProducerApp, producer_service_pb2_grpc.ProducerServiceStub, admin_service_pb2_grpc.AdminServiceStub]
@@ -32,34 +30,16 @@ Started = tuple[ProducerApp, producer_service_pb2_grpc.ProducerServiceStub, admi
 @pytest.fixture
 async def start(redis_client: redis.asyncio.Redis, redis_url: str) -> AsyncIterator[Callable[..., Awaitable[Started]]]:
     """Factory: a producer built from ProducerSettings(**overrides) on the test Redis, over real gRPC."""
-    stops: list[Callable[[], Awaitable[Any]]] = []
+    started: list[StartedProducer] = []
 
     async def start(**overrides: Any) -> Started:
-        settings = dataclasses.replace(ProducerSettings(), redis_url=redis_url, results_addr="", **overrides)
-        app = await build(settings)
-        running = await server.start(
-            "127.0.0.1:0", app.services, unavailable=REDIS_UNAVAILABLE, max_message_bytes=settings.message_limit
-        )
-        channel = grpc.aio.insecure_channel(
-            f"127.0.0.1:{running.port}", options=[("grpc.max_send_message_length", 64 << 20)]
-        )
-
-        async def stop() -> None:
-            await channel.close()
-            await running.stop(0.5)
-            for close in app.closers:
-                await close()
-
-        stops.append(stop)
-        return (
-            app,
-            producer_service_pb2_grpc.ProducerServiceStub(channel),
-            admin_service_pb2_grpc.AdminServiceStub(channel),
-        )
+        producer = await start_app(redis_url, **overrides)
+        started.append(producer)
+        return producer.app, producer.stub, producer.admin
 
     yield start
-    for stop in stops:
-        await stop()
+    for producer in started:
+        await producer.stop()
 
 
 async def _enqueue(stub: producer_service_pb2_grpc.ProducerServiceStub) -> p.EnqueueResponse:

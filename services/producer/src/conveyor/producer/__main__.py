@@ -19,6 +19,7 @@ async def run() -> None:
         unavailable=REDIS_UNAVAILABLE,
         max_message_bytes=settings.message_limit,
         on_shutdown=app.closers,
+        supervisor=app.supervisor,
     )
 
 

@@ -14,6 +14,7 @@ from conveyor.common.redis import connect_redis, make_redis
 from conveyor.common.schedules import ScheduleStore
 from conveyor.common.scripts import Scripts
 from conveyor.common.settings import ProducerSettings
+from conveyor.common.supervise import Supervisor
 from conveyor.producer.admin import AdminServicer
 from conveyor.producer.cancel import Canceller
 from conveyor.producer.controls import QueueControls
@@ -46,6 +47,8 @@ class ProducerApp:
     watch_redis: aioredis.Redis
     #: AdminService and ScheduleService (CONVEYOR_ADMIN_REDIS_POOL_SIZE).
     admin_redis: aioredis.Redis
+    #: Runs the Watch/WatchQueue event tails; its health is the server's.
+    supervisor: Supervisor
     closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
 
 
@@ -64,8 +67,15 @@ async def build(settings: ProducerSettings) -> ProducerApp:
     scripts = Scripts(redis)
     admin_scripts = Scripts(admin_redis)
     history = History(settings.results_addr)
+    supervisor = settings.supervisor()
     watcher = Watcher(
-        watch_redis, tail_redis, Scripts(watch_redis), history, settings.watch_buffer, settings.max_watches
+        watch_redis,
+        tail_redis,
+        Scripts(watch_redis),
+        history,
+        settings.watch_buffer,
+        settings.max_watches,
+        supervisor,
     )
     enqueuer = Enqueuer(redis, scripts, settings.max_payload_bytes, settings.max_batch)
     servicer = ProducerServicer(
@@ -103,4 +113,4 @@ async def build(settings: ProducerSettings) -> ProducerApp:
         history.close,
         *(client.aclose for client in (redis, watch_redis, admin_redis, tail_redis)),
     ]
-    return ProducerApp(services, watcher, redis, watch_redis, admin_redis, closers)
+    return ProducerApp(services, watcher, redis, watch_redis, admin_redis, supervisor, closers)

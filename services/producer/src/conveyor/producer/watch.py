@@ -28,12 +28,14 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 import structlog
 
+from conveyor.common import faults
 from conveyor.common.codec import FINAL_EVENTS, decode_event, public_event
 from conveyor.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from conveyor.common.ids import QUEUE_RE, parse_job_id, parse_stream_id, stream_id_key
 from conveyor.common.keys import QueueKeys, queue_keys
-from conveyor.common.redis import REDIS_UNAVAILABLE, hget
+from conveyor.common.redis import hget
 from conveyor.common.scripts import Record, Scripts
+from conveyor.common.supervise import Supervisor
 from conveyor.producer.history import History
 from conveyor.v1 import event_pb2, producer_service_pb2
 
@@ -175,12 +177,22 @@ class QueueSubscription:
 
 
 class EventTail:
-    """Follows one queue's event stream and hands each event to its job's subscribers."""
+    """Follows one queue's event stream and hands each event to its job's subscribers.
 
-    def __init__(self, client: aioredis.Redis, keys: QueueKeys, block_ms: int = 5000) -> None:
+    The read loop runs under the process's Supervisor (loop ``watch-tail:<queue>``): any error,
+    a Redis fault (connection killed, UNBLOCKED on a role change, LOADING...) or a bug, restarts
+    it with capped jittered backoff and counts towards the process's health. It resumes from the
+    last id it handed out, so watchers get neither a gap nor a repeat.
+    """
+
+    def __init__(
+        self, client: aioredis.Redis, keys: QueueKeys, block_ms: int = 5000, supervisor: Supervisor | None = None
+    ) -> None:
         self._client = client
         self._keys = keys
         self._block_ms = block_ms
+        self._supervisor = supervisor or Supervisor()
+        self._stop = asyncio.Event()
         self._subs: dict[str, set[Subscription]] = {}
         self._queue_subs: set[QueueSubscription] = set()
         self._last_id = "0-0"
@@ -210,9 +222,17 @@ class EventTail:
     def unsubscribe_queue(self, sub: QueueSubscription) -> None:
         self._queue_subs.discard(sub)
 
+    @property
+    def loop_name(self) -> str:
+        """The tail's name in the Supervisor."""
+        return f"watch-tail:{self._keys.queue}"
+
     def _start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"event-tail:{self._keys.queue}")
+            self._stop = asyncio.Event()
+            self._task = asyncio.create_task(
+                self._supervisor.run(self.loop_name, self._run, self._stop), name=f"event-tail:{self._keys.queue}"
+            )
 
     def unsubscribe(self, sub: Subscription) -> None:
         subs = self._subs.get(sub.ulid)
@@ -223,6 +243,7 @@ class EventTail:
 
     async def close(self) -> None:
         if self._task is not None:
+            self._stop.set()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -231,28 +252,25 @@ class EventTail:
     async def _start_position(self) -> str:
         try:
             info = await self._client.xinfo_stream(self._keys.events)
-        except aioredis.ResponseError:  # no stream yet: everything that comes is new
-            return "0-0"
+        except aioredis.ResponseError as exc:
+            if faults.is_transient(exc):
+                raise  # READONLY, BUSY, MASTERDOWN...: a fault, not "no such stream"
+            return "0-0"  # no stream yet: everything that comes is new
         last = info["last-generated-id"]
         return str(last.decode() if isinstance(last, bytes) else last)
 
     async def _run(self) -> None:
-        backoff = 0.05
+        """The read loop; every error goes to the Supervisor, which restarts it (from ``_last_id``)."""
+        status = self._supervisor.status(self.loop_name)
         while True:
-            try:
-                if not self._ready.is_set():
-                    self._last_id = await self._start_position()
-                    for qsub in self._queue_subs:
-                        if qsub.boundary is None:
-                            qsub.boundary = stream_id_key(self._last_id)
-                    self._ready.set()
-                replies = await self._client.xread({self._keys.events: self._last_id}, count=512, block=self._block_ms)
-                backoff = 0.05
-            except REDIS_UNAVAILABLE as exc:
-                log.warning("event_tail_redis_unavailable", queue=self._keys.queue, error=str(exc))
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                continue
+            if not self._ready.is_set():
+                self._last_id = await self._start_position()
+                for qsub in self._queue_subs:
+                    if qsub.boundary is None:
+                        qsub.boundary = stream_id_key(self._last_id)
+                self._ready.set()
+            replies = await self._client.xread({self._keys.events: self._last_id}, count=512, block=self._block_ms)
+            status.ok()
             for _stream, entries in replies or ():
                 for entry_id, fields in entries:
                     self._last_id = entry_id.decode()
@@ -286,6 +304,7 @@ class Watcher:
         buffer: Events one stream may have waiting (CONVEYOR_WATCH_BUFFER).
         max_watches: Most Watch and WatchQueue streams open at once (CONVEYOR_MAX_WATCHES);
             one more ends at once with RESOURCE_EXHAUSTED.
+        supervisor: The process's Supervisor, which runs the event tails.
 
     ``redis`` should be a pool of its own (CONVEYOR_WATCH_REDIS_POOL_SIZE): a burst of
     replays then waits for or fails on that pool, never the one Enqueue uses.
@@ -299,8 +318,10 @@ class Watcher:
         history: History,
         buffer: int = WATCHER_BUFFER,
         max_watches: int = MAX_WATCHES,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._redis = redis
+        self._supervisor = supervisor or Supervisor()
         self._max_watches = max_watches
         #: Watch and WatchQueue streams open now (at most max_watches).
         self._streams = 0
@@ -528,8 +549,10 @@ class Watcher:
         else:
             try:
                 info = await self._redis.xinfo_stream(keys.events)
-            except aioredis.ResponseError:  # no stream at all: whatever came after `after` is gone
-                info = None
+            except aioredis.ResponseError as exc:
+                if faults.is_transient(exc):
+                    raise  # a fault (UNAVAILABLE to the caller), not "no such stream"
+                info = None  # no stream at all: whatever came after `after` is gone
             if info is not None:
                 last = info["last-generated-id"]
                 last_id = last.decode() if isinstance(last, bytes) else str(last)
@@ -547,11 +570,13 @@ class Watcher:
             if self._tails.get(queue) is tail:
                 del self._tails[queue]
             await tail.close()
+            if queue not in self._tails:  # no newer tail of the queue took the name meanwhile
+                self._supervisor.loops.pop(tail.loop_name, None)
 
     def _tail(self, keys: QueueKeys) -> EventTail:
         tail = self._tails.get(keys.queue)
         if tail is None:
-            tail = self._tails[keys.queue] = EventTail(self._tail_redis, keys)
+            tail = self._tails[keys.queue] = EventTail(self._tail_redis, keys, supervisor=self._supervisor)
         return tail
 
     async def _replay(
