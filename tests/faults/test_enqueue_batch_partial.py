@@ -10,6 +10,7 @@ adds only the missing jobs. The Python client raises PartiallyEnqueued with the 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
@@ -22,6 +23,7 @@ from conveyor.common.errors import ResourceExhausted
 from conveyor.common.keys import queue_keys
 from conveyor.v1 import producer_service_pb2 as p
 from tests.integration.conftest import Producer, start_producer
+from tests.support.producer_app import start_app
 
 SMALL, BIG = "batch-small", "batch-big"
 #: Jobs of the second queue: their arguments together are far over the headroom left below maxmemory.
@@ -140,3 +142,26 @@ async def test_a_batch_no_queue_of_which_is_written_fails_with_the_status(
     assert "Redis is full" in (info.value.details() or "")
     await admin.config_set("maxmemory", 0)
     assert await _jobs_in(admin, BIG) == 0 and await _jobs_in(admin, SMALL) == 0
+
+
+async def test_the_coalescing_client_gives_each_caller_of_a_partial_batch_its_own_answer(
+    private_redis: RedisServer, setup: tuple[Producer, redis.asyncio.Redis]
+) -> None:
+    _, admin = setup
+    # A producer with the default 1 MiB payload limit: one large job alone is far over the headroom.
+    producer = await start_app(private_redis.url)
+    try:
+        async with ConveyorClient(f"127.0.0.1:{producer.running.port}") as client:
+            await _fill_all_but(admin, 128 * 1024)
+            outcomes = await asyncio.gather(
+                *(client.enqueue(SMALL, "noop", {"n": i}) for i in range(SMALL_JOBS)),
+                *(client.enqueue(BIG, "noop", {"pad": "x" * 500_000}) for _ in range(2)),
+                return_exceptions=True,
+            )
+        small, big = outcomes[:SMALL_JOBS], outcomes[SMALL_JOBS:]
+        assert all(isinstance(r, p.EnqueueResponse) and r.created for r in small), small
+        assert all(isinstance(e, ResourceExhausted) and "Redis is full" in e.message for e in big), big
+        await admin.config_set("maxmemory", 0)
+        assert await _jobs_in(admin, SMALL) == SMALL_JOBS and await _jobs_in(admin, BIG) == 0
+    finally:
+        await producer.stop()
