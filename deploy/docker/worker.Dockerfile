@@ -1,10 +1,9 @@
 # syntax=docker/dockerfile:1
 # Conveyor worker image. Build from the repository root:
 #   docker build -f deploy/docker/worker.Dockerfile -t conveyor-worker .
-# Only conveyor-common, conveyor-producer (the worker's scheduler loop enqueues schedule ticks
-# through the producer's own validation and enqueue code; it adds no third-party package) and
-# conveyor-worker are installed, with the third-party pins that uv.lock gives for that one
-# package (uv export --package): no psycopg here.
+# Only conveyor-common (which holds the enqueue and validation code the worker's scheduler loop
+# shares with the producer) and conveyor-worker are installed, with the third-party pins that
+# uv.lock gives for that one package (uv export --package): no psycopg here.
 
 # --- 1. Pinned requirements for this one service, from uv.lock -------------------------------
 FROM python:3.11-slim AS requirements
@@ -21,7 +20,7 @@ COPY services/results/pyproject.toml services/results/
 RUN uv export --package conveyor-worker --frozen --no-dev --no-emit-workspace --no-header \
         --output-file /requirements.txt
 
-# --- 2. A virtualenv with the pins, conveyor-common, conveyor-producer and conveyor-worker ----
+# --- 2. A virtualenv with the pins, conveyor-common and conveyor-worker ---------------------
 FROM python:3.11-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
@@ -32,9 +31,8 @@ COPY --from=requirements /requirements.txt /tmp/requirements.txt
 RUN pip install --no-cache-dir --require-hashes --only-binary=:all: --no-deps -r /tmp/requirements.txt
 WORKDIR /src
 COPY libs/common libs/common
-COPY services/producer services/producer
 COPY services/worker services/worker
-RUN pip install --no-cache-dir --no-deps ./libs/common ./services/producer ./services/worker \
+RUN pip install --no-cache-dir --no-deps ./libs/common ./services/worker \
     && pip check
 
 # --- 3. Runtime: the virtualenv and the health probe, as a non-root user ----------------------

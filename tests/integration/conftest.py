@@ -12,6 +12,7 @@ import redis as sync_redis
 import redis.asyncio
 
 from conveyor.common import server
+from conveyor.common.enqueue import Enqueuer
 from conveyor.common.redis import REDIS_UNAVAILABLE, make_redis
 from conveyor.common.schedules import ScheduleStore
 from conveyor.common.scripts import Heartbeat, Scripts
@@ -20,7 +21,6 @@ from conveyor.producer.admin import AdminServicer
 from conveyor.producer.cancel import Canceller
 from conveyor.producer.controls import QueueControls
 from conveyor.producer.dead_letters import DeadLetters
-from conveyor.producer.enqueue import Enqueuer
 from conveyor.producer.history import History
 from conveyor.producer.jobs import JobReader
 from conveyor.producer.limits import FlowLimits

@@ -15,6 +15,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from conveyor.common.client import ConveyorClient
+from conveyor.common.enqueue import Enqueuer
 from conveyor.common.errors import InvalidArgument, NotFound
 from conveyor.common.keys import queue_keys
 from conveyor.common.redis import make_redis
@@ -25,7 +26,6 @@ from conveyor.common.schedules import (
     tick_idempotency_key,
 )
 from conveyor.common.scripts import Scripts
-from conveyor.producer.enqueue import Enqueuer
 from conveyor.v1 import job_pb2
 from conveyor.v1 import producer_service_pb2 as p
 from conveyor.v1 import schedule_service_pb2 as s

@@ -37,6 +37,16 @@ async def gated(payload: dict[str, Any], ctx: JobContext) -> str:
     return "opened"
 
 
+@handlers.register("test.fail_then_gate")
+async def fail_then_gate(payload: dict[str, Any], ctx: JobContext) -> int:
+    """Fails on attempt 1; any later attempt (a retry from the dead letters) waits for ``gate``."""
+    started.append(ctx.job_id)
+    if ctx.attempt == 1:
+        raise ValueError("fails on attempt 1")
+    await gate.wait()
+    return ctx.attempt
+
+
 @handlers.register("test.sync")
 def sync_handler(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     ctx.progress_threadsafe(50, "half way in a thread")

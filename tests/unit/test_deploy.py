@@ -41,9 +41,9 @@ HEALTHCHECK = DOCKER / "healthcheck.py"
 #: Service -> the port it listens on in its image (producer and results: the API; worker: health).
 PORTS = {"producer": 50051, "results": 50052, "worker": 50061}
 SERVICES = sorted(PORTS)
-#: Workspace members a service's image installs besides conveyor-common and itself: the worker's
-#: scheduler loop enqueues schedule ticks through the producer's enqueue code (no third-party deps).
-USES = {"worker": ("producer",)}
+#: Workspace members a service's image installs besides conveyor-common and itself: none, since
+#: each service depends on libs/common only (tests/unit/test_layers.py checks the imports).
+USES: dict[str, tuple[str, ...]] = {}
 #: The images' non-root user (Dockerfile USER), which the Kubernetes securityContext repeats.
 IMAGE_UID = 10001
 

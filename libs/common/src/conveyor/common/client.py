@@ -71,6 +71,53 @@ def from_rpc_error(exc: grpc.aio.AioRpcError | grpc.RpcError) -> ConveyorError:
     return err
 
 
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class PartiallyEnqueued(Exception):
+    """EnqueueBatch accepted some jobs and not others (their queues' writes failed; ADR 0014).
+
+    A batch is atomic per queue, not across queues: this says exactly which jobs exist.
+    Send :attr:`failed_requests` again (or the whole batch: with the same idempotency keys,
+    which :meth:`ConveyorClient.request` always sets, the accepted jobs come back with
+    ``created`` false and the same ids).
+
+    Attributes:
+        results: Every result, in request order; a job not accepted has ``error`` set.
+        accepted: Request index -> result, for each accepted job.
+        failures: Request index -> the error (``Unavailable``, ``ResourceExhausted``...) of
+            each job not accepted.
+        failed_requests: Request index -> the request, for each job not accepted.
+    """
+
+    def __init__(
+        self,
+        requests: Sequence[producer_service_pb2.EnqueueRequest],
+        results: Sequence[producer_service_pb2.EnqueueResponse],
+    ) -> None:
+        self.results = list(results)
+        self.accepted: dict[int, producer_service_pb2.EnqueueResponse] = {}
+        self.failures: dict[int, ConveyorError] = {}
+        self.failed_requests: dict[int, producer_service_pb2.EnqueueRequest] = {}
+        for index, (req, result) in enumerate(zip(requests, results, strict=True)):
+            if result.HasField("error"):
+                code = _STATUS_BY_NUMBER.get(result.error.code, grpc.StatusCode.UNKNOWN)
+                self.failures[index] = ConveyorError.by_code.get(code, Internal)(result.error.message)
+                self.failed_requests[index] = req
+            else:
+                self.accepted[index] = result
+        messages = sorted({e.message for e in self.failures.values()})
+        super().__init__(
+            f"{len(self.accepted)} of {len(self.results)} jobs enqueued; "
+            f"{len(self.failures)} not: {'; '.join(messages)}"
+        )
+
+    @property
+    def accepted_ids(self) -> list[str]:
+        """Job ids of the accepted jobs, in request order."""
+        return [result.job_id for result in self.accepted.values()]
+
+
 def _scope(
     req: limits_pb2.SetRateLimitRequest
     | limits_pb2.SetConcurrencyLimitRequest
@@ -222,12 +269,20 @@ class ConveyorClient:
     ) -> list[producer_service_pb2.EnqueueResponse]:
         """Enqueue many jobs (built with :meth:`request`) in one call; results in order.
 
+        Validation is all or none; writing is atomic per queue, not across queues (ADR 0014).
+
         Raises:
             InvalidArgument: A job is bad; nothing was enqueued.
+            PartiallyEnqueued: Some queues' jobs were written and others' were not: it says
+                which (``accepted``, ``failures``); send ``failed_requests`` again.
+            Unavailable, ResourceExhausted: No job was written (after retries).
         """
         req = producer_service_pb2.EnqueueBatchRequest(jobs=requests)
         response = await self._call(lambda: self._producer.EnqueueBatch(req, timeout=self._timeout))
-        return list(response.results)
+        results = list(response.results)
+        if any(result.HasField("error") for result in results):
+            raise PartiallyEnqueued(requests, results)
+        return results
 
     async def _enqueue_one(self, req: producer_service_pb2.EnqueueRequest) -> producer_service_pb2.EnqueueResponse:
         return await self._call(lambda: self._producer.Enqueue(req, timeout=self._timeout))
@@ -553,9 +608,10 @@ class _Coalescer:
 
     A call waits only for the batch it joins: whatever is pending when a sender task
     runs goes out together, up to MAX_BATCH jobs, with at most MAX_SENDERS batches in
-    flight. An EnqueueBatch is all or none, so when one bad job makes it fail with
-    INVALID_ARGUMENT or RESOURCE_EXHAUSTED, its jobs are sent again one by one and each
-    caller gets its own answer.
+    flight. An EnqueueBatch's validation is all or none, so when one bad job makes it fail
+    with INVALID_ARGUMENT or RESOURCE_EXHAUSTED, its jobs are sent again one by one and each
+    caller gets its own answer; when only some queues' jobs were written (PartiallyEnqueued),
+    the others are sent again one by one.
     """
 
     MAX_BATCH = 500
@@ -600,6 +656,16 @@ class _Coalescer:
             results = await self._client.enqueue_batch([req for req, _ in batch])
         except (InvalidArgument, ResourceExhausted):
             await asyncio.gather(*(self._settle(f, self._client._enqueue_one(r)) for r, f in batch))
+            return
+        except PartiallyEnqueued as partial:
+            # Jobs of the queues that were written get their results; the others are sent
+            # again one by one (each has an idempotency key, so a repeat is safe).
+            for index, result in partial.accepted.items():
+                if not batch[index][1].done():
+                    batch[index][1].set_result(result)
+            await asyncio.gather(
+                *(self._settle(batch[i][1], self._client._enqueue_one(r)) for i, r in partial.failed_requests.items())
+            )
             return
         except Exception as exc:
             for _, future in batch:

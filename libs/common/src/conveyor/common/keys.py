@@ -8,7 +8,7 @@ different queues spread across shards.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import lru_cache
 
 PREFIX = "conveyor"
 #: Consumer group of the workers on every job stream.
@@ -126,9 +126,10 @@ class QueueKeys:
         return f"{self.per_key_prefix}starts:{rate_key}"
 
 
-@cache
+@lru_cache(maxsize=1024)
 def queue_keys(queue: str) -> QueueKeys:
-    """Keys of ``queue`` (cached: there are few queues and many calls)."""
+    """Keys of ``queue`` (cached: few queues, many calls; bounded, since any well-formed name a
+    client sends in GetJob, Watch or CancelJob reaches it)."""
     base = f"{PREFIX}:{{{queue}}}"
     return QueueKeys(
         queue=queue,

@@ -72,6 +72,7 @@ async def connect_redis(
     blocking: bool = False,
     wait: bool = False,
     max_delay_s: float = CONNECT_MAX_DELAY_S,
+    max_connections: int = 64,
 ) -> aioredis.Redis:
     """A checked client for ``url`` (see make_redis and check_server).
 
@@ -84,13 +85,14 @@ async def connect_redis(
             started before Redis waits for it rather than exiting into a crash loop.
             A RedisConfigError (eviction policy, version) is never retried.
         max_delay_s: Longest wait between two tries when ``wait`` is set.
+        max_connections: Pool size (see make_redis).
 
     Raises:
         RedisConfigError: Redis is reachable but configured in a way that can lose jobs.
         redis.exceptions.ConnectionError, TimeoutError, OSError: Redis cannot be reached
             and ``wait`` is not set.
     """
-    client = make_redis(url, blocking=blocking)
+    client = make_redis(url, blocking=blocking, max_connections=max_connections)
     delay = CONNECT_FIRST_DELAY_S
     attempt = 0
     while True:

@@ -88,6 +88,12 @@ def bind(server: grpc.aio.Server, addr: str) -> int:
     return port
 
 
+def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """SERVER_OPTIONS with the receive and send message limits set to ``max_message_bytes``."""
+    limits = {"grpc.max_receive_message_length", "grpc.max_send_message_length"}
+    return [(k, max_message_bytes if k in limits else v) for k, v in SERVER_OPTIONS]
+
+
 @dataclass(frozen=True)
 class Service:
     """One gRPC service to host: its generated ``add_*_to_server`` function and servicer."""
@@ -132,6 +138,7 @@ async def start(
     *,
     unavailable: tuple[type[BaseException], ...] = (),
     classify: Sequence[Callable[[BaseException], ConveyorError | None]] = (),
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
 ) -> RunningServer:
     """Start a server on ``addr`` ("host:port", port 0 picks a free one) hosting ``services``.
 
@@ -139,7 +146,7 @@ async def start(
     server reflection, so grpcurl and Kubernetes probes work out of the box.
     """
     interceptor = ServerInterceptor(unavailable, classify)
-    server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
+    server = grpc.aio.server(interceptors=[interceptor], options=server_options(max_message_bytes))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [s.name for s in services]
@@ -165,6 +172,7 @@ async def serve(
     on_shutdown: Sequence[Callable[[], Awaitable[Any]]] = (),
     supervisor: Supervisor | None = None,
     classify: Sequence[Callable[[BaseException], ConveyorError | None]] = (),
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
 ) -> None:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully.
 
@@ -180,8 +188,11 @@ async def serve(
         supervisor: Supervises the background loops: its health is this server's
             grpc.health.v1 status, and LoopsFailing from it ends the process (run_process).
         classify: What else an exception means for a caller (see ServerInterceptor).
+        max_message_bytes: gRPC max receive and send message length.
     """
-    running = await start(addr, services, unavailable=unavailable, classify=classify)
+    running = await start(
+        addr, services, unavailable=unavailable, classify=classify, max_message_bytes=max_message_bytes
+    )
     log.info("server_started", addr=addr, port=running.port, services=running.names)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

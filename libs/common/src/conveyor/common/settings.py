@@ -144,6 +144,29 @@ class ProducerSettings(CommonSettings):
     queue_idle_s: float = 3600.0
     #: How often the producer looks for idle queues (CONVEYOR_QUEUE_SWEEP_SECONDS).
     queue_sweep_s: float = 60.0
+    #: Most Watch and WatchQueue streams open at once on this process (CONVEYOR_MAX_WATCHES).
+    max_watches: int = 10_000
+    #: gRPC max receive/send message length (CONVEYOR_MAX_MESSAGE_BYTES); 0 = derived, see message_limit.
+    max_message_bytes: int = 0
+    #: Redis connections for Enqueue, GetJob and CancelJob (CONVEYOR_REDIS_POOL_SIZE).
+    redis_pool_size: int = 64
+    #: Redis connections for Watch/WatchQueue replays and checks (CONVEYOR_WATCH_REDIS_POOL_SIZE).
+    watch_redis_pool_size: int = 32
+    #: Redis connections for AdminService and ScheduleService (CONVEYOR_ADMIN_REDIS_POOL_SIZE).
+    admin_redis_pool_size: int = 16
+
+    @property
+    def message_limit(self) -> int:
+        """The gRPC message limit: CONVEYOR_MAX_MESSAGE_BYTES, or one derived from the payload limit.
+
+        Derived: a full EnqueueBatch (max_batch jobs, each with a payload at the limit counted
+        twice, since a ``payload`` Struct can encode larger than its JSON, plus 16 KiB for
+        the other fields) and 1 MiB of slack, at most gRPC's ceiling of 2 GiB - 1. The same
+        limit bounds what is sent (a job with its payload and result).
+        """
+        if self.max_message_bytes:
+            return self.max_message_bytes
+        return message_limit_for(self.max_payload_bytes, self.max_batch)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ProducerSettings:
@@ -157,7 +180,31 @@ class ProducerSettings(CommonSettings):
             # Longer than the 30 s a producer trusts its cached registration of a queue.
             queue_idle_s=e.number("CONVEYOR_QUEUE_IDLE_SECONDS", 3600.0, minimum=60.0),
             queue_sweep_s=e.number("CONVEYOR_QUEUE_SWEEP_SECONDS", 60.0, minimum=1.0),
+            max_watches=e.integer("CONVEYOR_MAX_WATCHES", 10_000, minimum=1),
+            max_message_bytes=_message_bytes(e),
+            redis_pool_size=e.integer("CONVEYOR_REDIS_POOL_SIZE", 64, minimum=1),
+            watch_redis_pool_size=e.integer("CONVEYOR_WATCH_REDIS_POOL_SIZE", 32, minimum=1),
+            admin_redis_pool_size=e.integer("CONVEYOR_ADMIN_REDIS_POOL_SIZE", 16, minimum=1),
         )
+
+
+#: gRPC's largest message length (a signed 32-bit length).
+GRPC_MAX_MESSAGE_BYTES = (1 << 31) - 1
+
+
+def message_limit_for(max_payload_bytes: int, max_batch: int) -> int:
+    """The gRPC message limit derived from the payload limit (see ProducerSettings.message_limit)."""
+    return min(GRPC_MAX_MESSAGE_BYTES, (2 * max_payload_bytes + (16 << 10)) * max_batch + (1 << 20))
+
+
+def _message_bytes(e: _Env) -> int:
+    value = e.integer("CONVEYOR_MAX_MESSAGE_BYTES", 0, minimum=0)
+    if value and not 4096 <= value <= GRPC_MAX_MESSAGE_BYTES:
+        raise SettingsError(
+            f"CONVEYOR_MAX_MESSAGE_BYTES={value}: must be 0 (derived from the payload limit) "
+            f"or 4096 to {GRPC_MAX_MESSAGE_BYTES}"
+        )
+    return value
 
 
 def _default_worker_id() -> str:

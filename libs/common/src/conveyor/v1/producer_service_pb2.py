@@ -29,7 +29,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"conveyor/v1/producer_service.proto\x12\x0b\x63onveyor.v1\x1a\x17\x63onveyor/v1/event.proto\x1a\x15\x63onveyor/v1/job.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf4\x03\n\x0e\x45nqueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12(\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0cpayload_json\x18\x04 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x35\n\x12idempotency_window\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12(\n\x05\x64\x65lay\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x06run_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05retry\x18\n \x01(\x0b\x32\x18.conveyor.v1.RetryPolicy\x12*\n\x07timeout\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x37\n\x06labels\x18\x0c \x03(\x0b\x32\'.conveyor.v1.EnqueueRequest.LabelsEntry\x12\x10\n\x08rate_key\x18\r \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"X\n\x0f\x45nqueueResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.conveyor.v1.JobState\"@\n\x13\x45nqueueBatchRequest\x12)\n\x04jobs\x18\x01 \x03(\x0b\x32\x1b.conveyor.v1.EnqueueRequest\"E\n\x14\x45nqueueBatchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.conveyor.v1.EnqueueResponse\"6\n\x0cWatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\"5\n\rWatchResponse\x12$\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.JobEvent\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"/\n\x0eGetJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.conveyor.v1.Job\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"S\n\x11\x43\x61ncelJobResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.conveyor.v1.JobState\x12\x18\n\x10\x63\x61ncel_requested\x18\x02 \x01(\x08\"w\n\x11WatchQueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\x12\x0e\n\x06replay\x18\x03 \x01(\x08\x12+\n\x0b\x65vent_types\x18\x04 \x03(\x0e\x32\x16.conveyor.v1.EventType\"o\n\x12WatchQueueResponse\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.JobEventH\x00\x12)\n\x03gap\x18\x02 \x01(\x0b\x32\x1a.conveyor.v1.WatchQueueGapH\x00\x42\x06\n\x04item\"\x83\x01\n\rWatchQueueGap\x12\x30\n\x06reason\x18\x01 \x01(\x0e\x32 .conveyor.v1.WatchQueueGapReason\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\x12\x17\n\x0f\x62\x65\x66ore_event_id\x18\x03 \x01(\t\x12\x0f\n\x07\x64ropped\x18\x04 \x01(\x03*\x89\x01\n\x13WatchQueueGapReason\x12&\n\"WATCH_QUEUE_GAP_REASON_UNSPECIFIED\x10\x00\x12\"\n\x1eWATCH_QUEUE_GAP_REASON_TRIMMED\x10\x01\x12&\n\"WATCH_QUEUE_GAP_REASON_SLOW_CLIENT\x10\x02\x32\xce\x03\n\x0fProducerService\x12\x44\n\x07\x45nqueue\x12\x1b.conveyor.v1.EnqueueRequest\x1a\x1c.conveyor.v1.EnqueueResponse\x12S\n\x0c\x45nqueueBatch\x12 .conveyor.v1.EnqueueBatchRequest\x1a!.conveyor.v1.EnqueueBatchResponse\x12@\n\x05Watch\x12\x19.conveyor.v1.WatchRequest\x1a\x1a.conveyor.v1.WatchResponse0\x01\x12\x41\n\x06GetJob\x12\x1a.conveyor.v1.GetJobRequest\x1a\x1b.conveyor.v1.GetJobResponse\x12J\n\tCancelJob\x12\x1d.conveyor.v1.CancelJobRequest\x1a\x1e.conveyor.v1.CancelJobResponse\x12O\n\nWatchQueue\x12\x1e.conveyor.v1.WatchQueueRequest\x1a\x1f.conveyor.v1.WatchQueueResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"conveyor/v1/producer_service.proto\x12\x0b\x63onveyor.v1\x1a\x17\x63onveyor/v1/event.proto\x1a\x15\x63onveyor/v1/job.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf4\x03\n\x0e\x45nqueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12(\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0cpayload_json\x18\x04 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x35\n\x12idempotency_window\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12(\n\x05\x64\x65lay\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x06run_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05retry\x18\n \x01(\x0b\x32\x18.conveyor.v1.RetryPolicy\x12*\n\x07timeout\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x37\n\x06labels\x18\x0c \x03(\x0b\x32\'.conveyor.v1.EnqueueRequest.LabelsEntry\x12\x10\n\x08rate_key\x18\r \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x82\x01\n\x0f\x45nqueueResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.conveyor.v1.JobState\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x19.conveyor.v1.EnqueueError\"-\n\x0c\x45nqueueError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"@\n\x13\x45nqueueBatchRequest\x12)\n\x04jobs\x18\x01 \x03(\x0b\x32\x1b.conveyor.v1.EnqueueRequest\"E\n\x14\x45nqueueBatchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.conveyor.v1.EnqueueResponse\"6\n\x0cWatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\"5\n\rWatchResponse\x12$\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.JobEvent\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"/\n\x0eGetJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.conveyor.v1.Job\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"S\n\x11\x43\x61ncelJobResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.conveyor.v1.JobState\x12\x18\n\x10\x63\x61ncel_requested\x18\x02 \x01(\x08\"w\n\x11WatchQueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\x12\x0e\n\x06replay\x18\x03 \x01(\x08\x12+\n\x0b\x65vent_types\x18\x04 \x03(\x0e\x32\x16.conveyor.v1.EventType\"o\n\x12WatchQueueResponse\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.JobEventH\x00\x12)\n\x03gap\x18\x02 \x01(\x0b\x32\x1a.conveyor.v1.WatchQueueGapH\x00\x42\x06\n\x04item\"\x83\x01\n\rWatchQueueGap\x12\x30\n\x06reason\x18\x01 \x01(\x0e\x32 .conveyor.v1.WatchQueueGapReason\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\x12\x17\n\x0f\x62\x65\x66ore_event_id\x18\x03 \x01(\t\x12\x0f\n\x07\x64ropped\x18\x04 \x01(\x03*\x89\x01\n\x13WatchQueueGapReason\x12&\n\"WATCH_QUEUE_GAP_REASON_UNSPECIFIED\x10\x00\x12\"\n\x1eWATCH_QUEUE_GAP_REASON_TRIMMED\x10\x01\x12&\n\"WATCH_QUEUE_GAP_REASON_SLOW_CLIENT\x10\x02\x32\xce\x03\n\x0fProducerService\x12\x44\n\x07\x45nqueue\x12\x1b.conveyor.v1.EnqueueRequest\x1a\x1c.conveyor.v1.EnqueueResponse\x12S\n\x0c\x45nqueueBatch\x12 .conveyor.v1.EnqueueBatchRequest\x1a!.conveyor.v1.EnqueueBatchResponse\x12@\n\x05Watch\x12\x19.conveyor.v1.WatchRequest\x1a\x1a.conveyor.v1.WatchResponse0\x01\x12\x41\n\x06GetJob\x12\x1a.conveyor.v1.GetJobRequest\x1a\x1b.conveyor.v1.GetJobResponse\x12J\n\tCancelJob\x12\x1d.conveyor.v1.CancelJobRequest\x1a\x1e.conveyor.v1.CancelJobResponse\x12O\n\nWatchQueue\x12\x1e.conveyor.v1.WatchQueueRequest\x1a\x1f.conveyor.v1.WatchQueueResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,36 +38,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENQUEUEREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_ENQUEUEREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_WATCHQUEUEGAPREASON']._serialized_start=1623
-  _globals['_WATCHQUEUEGAPREASON']._serialized_end=1760
+  _globals['_WATCHQUEUEGAPREASON']._serialized_start=1713
+  _globals['_WATCHQUEUEGAPREASON']._serialized_end=1850
   _globals['_ENQUEUEREQUEST']._serialized_start=195
   _globals['_ENQUEUEREQUEST']._serialized_end=695
   _globals['_ENQUEUEREQUEST_LABELSENTRY']._serialized_start=650
   _globals['_ENQUEUEREQUEST_LABELSENTRY']._serialized_end=695
-  _globals['_ENQUEUERESPONSE']._serialized_start=697
-  _globals['_ENQUEUERESPONSE']._serialized_end=785
-  _globals['_ENQUEUEBATCHREQUEST']._serialized_start=787
-  _globals['_ENQUEUEBATCHREQUEST']._serialized_end=851
-  _globals['_ENQUEUEBATCHRESPONSE']._serialized_start=853
-  _globals['_ENQUEUEBATCHRESPONSE']._serialized_end=922
-  _globals['_WATCHREQUEST']._serialized_start=924
-  _globals['_WATCHREQUEST']._serialized_end=978
-  _globals['_WATCHRESPONSE']._serialized_start=980
-  _globals['_WATCHRESPONSE']._serialized_end=1033
-  _globals['_GETJOBREQUEST']._serialized_start=1035
-  _globals['_GETJOBREQUEST']._serialized_end=1066
-  _globals['_GETJOBRESPONSE']._serialized_start=1068
-  _globals['_GETJOBRESPONSE']._serialized_end=1115
-  _globals['_CANCELJOBREQUEST']._serialized_start=1117
-  _globals['_CANCELJOBREQUEST']._serialized_end=1167
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1169
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1252
-  _globals['_WATCHQUEUEREQUEST']._serialized_start=1254
-  _globals['_WATCHQUEUEREQUEST']._serialized_end=1373
-  _globals['_WATCHQUEUERESPONSE']._serialized_start=1375
-  _globals['_WATCHQUEUERESPONSE']._serialized_end=1486
-  _globals['_WATCHQUEUEGAP']._serialized_start=1489
-  _globals['_WATCHQUEUEGAP']._serialized_end=1620
-  _globals['_PRODUCERSERVICE']._serialized_start=1763
-  _globals['_PRODUCERSERVICE']._serialized_end=2225
+  _globals['_ENQUEUERESPONSE']._serialized_start=698
+  _globals['_ENQUEUERESPONSE']._serialized_end=828
+  _globals['_ENQUEUEERROR']._serialized_start=830
+  _globals['_ENQUEUEERROR']._serialized_end=875
+  _globals['_ENQUEUEBATCHREQUEST']._serialized_start=877
+  _globals['_ENQUEUEBATCHREQUEST']._serialized_end=941
+  _globals['_ENQUEUEBATCHRESPONSE']._serialized_start=943
+  _globals['_ENQUEUEBATCHRESPONSE']._serialized_end=1012
+  _globals['_WATCHREQUEST']._serialized_start=1014
+  _globals['_WATCHREQUEST']._serialized_end=1068
+  _globals['_WATCHRESPONSE']._serialized_start=1070
+  _globals['_WATCHRESPONSE']._serialized_end=1123
+  _globals['_GETJOBREQUEST']._serialized_start=1125
+  _globals['_GETJOBREQUEST']._serialized_end=1156
+  _globals['_GETJOBRESPONSE']._serialized_start=1158
+  _globals['_GETJOBRESPONSE']._serialized_end=1205
+  _globals['_CANCELJOBREQUEST']._serialized_start=1207
+  _globals['_CANCELJOBREQUEST']._serialized_end=1257
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1259
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1342
+  _globals['_WATCHQUEUEREQUEST']._serialized_start=1344
+  _globals['_WATCHQUEUEREQUEST']._serialized_end=1463
+  _globals['_WATCHQUEUERESPONSE']._serialized_start=1465
+  _globals['_WATCHQUEUERESPONSE']._serialized_end=1576
+  _globals['_WATCHQUEUEGAP']._serialized_start=1579
+  _globals['_WATCHQUEUEGAP']._serialized_end=1710
+  _globals['_PRODUCERSERVICE']._serialized_start=1853
+  _globals['_PRODUCERSERVICE']._serialized_end=2315
 # @@protoc_insertion_point(module_scope)

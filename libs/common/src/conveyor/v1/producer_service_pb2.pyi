@@ -177,28 +177,66 @@ class EnqueueResponse(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """The job's id."""
+    """The job's id (empty when error is set: the job was not accepted)."""
     created: _builtins.bool
     """False when an earlier Enqueue with the same idempotency key made the job."""
     state: _job_pb2.JobState.ValueType
     """The job's state as far as Redis knows (UNSPECIFIED when it has finished
     and left Redis; ask ResultsService).
     """
+    @_builtins.property
+    def error(self) -> Global___EnqueueError:
+        """Set only in an EnqueueBatchResponse, for a job that was not accepted
+        because its queue's write failed while another queue's succeeded. Unset
+        when the job was accepted.
+        """
+
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         created: _builtins.bool = ...,
         state: _job_pb2.JobState.ValueType = ...,
+        error: Global___EnqueueError | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "job_id", b"job_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "error", b"error", "job_id", b"job_id", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EnqueueResponse: _TypeAlias = EnqueueResponse  # noqa: Y015
+
+@_typing.final
+class EnqueueError(_message.Message):
+    """EnqueueError says why one job of an EnqueueBatch was not accepted."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code (its number) a lone Enqueue of the job would have
+    ended with: 14 UNAVAILABLE (retry shortly), 8 RESOURCE_EXHAUSTED (Redis is
+    full: retry later), 13 INTERNAL (a bug: see the producer's log).
+    """
+    message: _builtins.str
+    """What happened and what to do, naming the queue."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnqueueError: _TypeAlias = EnqueueError  # noqa: Y015
 
 @_typing.final
 class EnqueueBatchRequest(_message.Message):

@@ -81,8 +81,17 @@ class ProducerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EnqueueBatch(self, request, context):
-        """EnqueueBatch adds many jobs in one call, all or none: one invalid job
-        fails the whole call with INVALID_ARGUMENT naming it (jobs[i].field).
+        """EnqueueBatch adds many jobs in one call. Validation is all or none: one
+        invalid job fails the whole call with INVALID_ARGUMENT naming it
+        (jobs[i].field), and nothing is written. Writing is atomic per queue, not
+        across queues (each queue may live on a different Redis Cluster shard; ADR
+        0014): all of one queue's jobs are written, or none of them. When no queue's
+        jobs could be written, the call fails with that status (UNAVAILABLE, or
+        RESOURCE_EXHAUSTED when Redis is full). When some queues' jobs were written
+        and others' were not, the call succeeds and the result of every job that was
+        not accepted has error set (and no job_id): send those jobs again. Sending
+        the whole batch again is safe with idempotency keys: jobs already accepted
+        come back with created = false and the same job ids.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,7 +99,10 @@ class ProducerServiceServicer:
 
     def Watch(self, request, context):
         """Watch replays a job's events (all, or those after after_event_id), then
-        follows live; the stream ends after the job's final event.
+        follows live; the stream ends after the job's current final event. A final
+        event that is not the last (the job was retried from the dead letters, or
+        re-run) does not end it: the stream follows the new attempts to the job's
+        final event.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -39,12 +39,24 @@ class ProducerServiceStub:
     returns the original job with created = false.
     """
     EnqueueBatch: _grpc.UnaryUnaryMultiCallable[_producer_service_pb2.EnqueueBatchRequest, _producer_service_pb2.EnqueueBatchResponse]
-    """EnqueueBatch adds many jobs in one call, all or none: one invalid job
-    fails the whole call with INVALID_ARGUMENT naming it (jobs[i].field).
+    """EnqueueBatch adds many jobs in one call. Validation is all or none: one
+    invalid job fails the whole call with INVALID_ARGUMENT naming it
+    (jobs[i].field), and nothing is written. Writing is atomic per queue, not
+    across queues (each queue may live on a different Redis Cluster shard; ADR
+    0014): all of one queue's jobs are written, or none of them. When no queue's
+    jobs could be written, the call fails with that status (UNAVAILABLE, or
+    RESOURCE_EXHAUSTED when Redis is full). When some queues' jobs were written
+    and others' were not, the call succeeds and the result of every job that was
+    not accepted has error set (and no job_id): send those jobs again. Sending
+    the whole batch again is safe with idempotency keys: jobs already accepted
+    come back with created = false and the same job ids.
     """
     Watch: _grpc.UnaryStreamMultiCallable[_producer_service_pb2.WatchRequest, _producer_service_pb2.WatchResponse]
     """Watch replays a job's events (all, or those after after_event_id), then
-    follows live; the stream ends after the job's final event.
+    follows live; the stream ends after the job's current final event. A final
+    event that is not the last (the job was retried from the dead letters, or
+    re-run) does not end it: the stream follows the new attempts to the job's
+    final event.
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_producer_service_pb2.GetJobRequest, _producer_service_pb2.GetJobResponse]
     """GetJob returns a job's current state, payload and outcome."""
@@ -79,12 +91,24 @@ class ProducerServiceAsyncStub(ProducerServiceStub):
     returns the original job with created = false.
     """
     EnqueueBatch: _aio.UnaryUnaryMultiCallable[_producer_service_pb2.EnqueueBatchRequest, _producer_service_pb2.EnqueueBatchResponse]  # type: ignore[assignment]
-    """EnqueueBatch adds many jobs in one call, all or none: one invalid job
-    fails the whole call with INVALID_ARGUMENT naming it (jobs[i].field).
+    """EnqueueBatch adds many jobs in one call. Validation is all or none: one
+    invalid job fails the whole call with INVALID_ARGUMENT naming it
+    (jobs[i].field), and nothing is written. Writing is atomic per queue, not
+    across queues (each queue may live on a different Redis Cluster shard; ADR
+    0014): all of one queue's jobs are written, or none of them. When no queue's
+    jobs could be written, the call fails with that status (UNAVAILABLE, or
+    RESOURCE_EXHAUSTED when Redis is full). When some queues' jobs were written
+    and others' were not, the call succeeds and the result of every job that was
+    not accepted has error set (and no job_id): send those jobs again. Sending
+    the whole batch again is safe with idempotency keys: jobs already accepted
+    come back with created = false and the same job ids.
     """
     Watch: _aio.UnaryStreamMultiCallable[_producer_service_pb2.WatchRequest, _producer_service_pb2.WatchResponse]  # type: ignore[assignment]
     """Watch replays a job's events (all, or those after after_event_id), then
-    follows live; the stream ends after the job's final event.
+    follows live; the stream ends after the job's current final event. A final
+    event that is not the last (the job was retried from the dead letters, or
+    re-run) does not end it: the stream follows the new attempts to the job's
+    final event.
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_producer_service_pb2.GetJobRequest, _producer_service_pb2.GetJobResponse]  # type: ignore[assignment]
     """GetJob returns a job's current state, payload and outcome."""
@@ -128,8 +152,17 @@ class ProducerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _producer_service_pb2.EnqueueBatchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_producer_service_pb2.EnqueueBatchResponse, _abc.Awaitable[_producer_service_pb2.EnqueueBatchResponse]]:
-        """EnqueueBatch adds many jobs in one call, all or none: one invalid job
-        fails the whole call with INVALID_ARGUMENT naming it (jobs[i].field).
+        """EnqueueBatch adds many jobs in one call. Validation is all or none: one
+        invalid job fails the whole call with INVALID_ARGUMENT naming it
+        (jobs[i].field), and nothing is written. Writing is atomic per queue, not
+        across queues (each queue may live on a different Redis Cluster shard; ADR
+        0014): all of one queue's jobs are written, or none of them. When no queue's
+        jobs could be written, the call fails with that status (UNAVAILABLE, or
+        RESOURCE_EXHAUSTED when Redis is full). When some queues' jobs were written
+        and others' were not, the call succeeds and the result of every job that was
+        not accepted has error set (and no job_id): send those jobs again. Sending
+        the whole batch again is safe with idempotency keys: jobs already accepted
+        come back with created = false and the same job ids.
         """
 
     @_abc_1.abstractmethod
@@ -139,7 +172,10 @@ class ProducerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_producer_service_pb2.WatchResponse], _abc.AsyncIterator[_producer_service_pb2.WatchResponse]]:
         """Watch replays a job's events (all, or those after after_event_id), then
-        follows live; the stream ends after the job's final event.
+        follows live; the stream ends after the job's current final event. A final
+        event that is not the last (the job was retried from the dead letters, or
+        re-run) does not end it: the stream follows the new attempts to the job's
+        final event.
         """
 
     @_abc_1.abstractmethod

@@ -11,8 +11,8 @@ from google.protobuf.duration_pb2 import Duration
 from conveyor.common.errors import InvalidArgument
 from conveyor.common.keys import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 from conveyor.common.scripts import LimitsSnapshot, Scripts
+from conveyor.common.validate import RATE_KEY_RE
 from conveyor.producer.dead_letters import queue_of
-from conveyor.producer.validate import RATE_KEY_RE
 from conveyor.v1 import limits_pb2
 
 MAX_RATE = 100_000

@@ -1,8 +1,9 @@
 """ScheduleService: repeatable jobs (validation, the RPCs, and enqueueing one tick's job).
 
 The state and the tick arithmetic are in conveyor.common.schedules; the firing loop runs
-in every worker (conveyor.worker.scheduler) and calls :func:`enqueue_tick` from here, so a
-tick's job goes through exactly the producer's own validation and enqueue path.
+in every worker (conveyor.worker.scheduler) and calls conveyor.common.enqueue.enqueue_tick,
+so a tick's job goes through exactly the producer's own validation and enqueue path (both
+services share it through libs/common; neither imports the other).
 """
 
 from __future__ import annotations
@@ -15,21 +16,18 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import grpc
 import structlog
 
+from conveyor.common.enqueue import Enqueuer, enqueue_tick
 from conveyor.common.errors import InvalidArgument, NotFound
 from conveyor.common.schedules import (
     MIN_INTERVAL_MS,
-    TICK_KEY_WINDOW_MS,
     UPSERT_CREATED,
     UPSERT_NOT_FOUND,
-    InFlight,
     ScheduleStore,
     cron_error,
-    tick_idempotency_key,
     timestamp_ms,
 )
-from conveyor.producer.enqueue import Enqueuer
-from conveyor.producer.validate import validate
-from conveyor.v1 import producer_service_pb2, schedule_service_pb2, schedule_service_pb2_grpc
+from conveyor.common.validate import validate
+from conveyor.v1 import schedule_service_pb2, schedule_service_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 log = structlog.get_logger("conveyor.schedules")
@@ -98,29 +96,6 @@ def validate_spec(spec: schedule_service_pb2.ScheduleSpec, max_payload_bytes: in
         bad.update(violations)
     if bad:
         raise InvalidArgument(bad)
-
-
-async def enqueue_tick(enqueuer: Enqueuer, store: ScheduleStore, tick: InFlight) -> str:
-    """Enqueue the job of a claimed tick (idempotently) and record it; returns the job id.
-
-    Safe to repeat, in any process: the idempotency key is derived from the schedule id
-    and the tick, so a repeat returns the same job.
-    """
-    request = producer_service_pb2.EnqueueRequest()
-    request.CopyFrom(tick.spec.template)
-    request.idempotency_key = tick_idempotency_key(tick.schedule_id, tick.tick_ms)
-    if not request.HasField("idempotency_window"):
-        request.idempotency_window.FromMilliseconds(TICK_KEY_WINDOW_MS)
-    (response,) = await enqueuer.enqueue([request], batch=False)
-    await store.fired(tick.schedule_id, tick.tick_ms, response.job_id, time.time_ns() // 1_000_000)
-    log.info(
-        "schedule_fired",
-        schedule_id=tick.schedule_id,
-        tick_ms=tick.tick_ms,
-        job_id=response.job_id,
-        created=response.created,
-    )
-    return response.job_id
 
 
 class ScheduleServicer(schedule_service_pb2_grpc.ScheduleServiceServicer):

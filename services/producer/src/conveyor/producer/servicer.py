@@ -12,8 +12,8 @@ from typing import Any
 
 import grpc
 
+from conveyor.common.enqueue import Enqueuer
 from conveyor.producer.cancel import Canceller
-from conveyor.producer.enqueue import Enqueuer
 from conveyor.producer.jobs import JobReader
 from conveyor.producer.watch import Watcher
 from conveyor.v1 import producer_service_pb2, producer_service_pb2_grpc

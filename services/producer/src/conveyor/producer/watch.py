@@ -28,12 +28,14 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 import structlog
 
+from conveyor.common import faults
 from conveyor.common.codec import FINAL_EVENTS, decode_event, public_event
 from conveyor.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from conveyor.common.ids import QUEUE_RE, parse_job_id, parse_stream_id, stream_id_key
 from conveyor.common.keys import QueueKeys, queue_keys
-from conveyor.common.redis import REDIS_UNAVAILABLE, hget
+from conveyor.common.redis import hget
 from conveyor.common.scripts import Record, Scripts
+from conveyor.common.supervise import Supervisor
 from conveyor.producer.history import History
 from conveyor.v1 import event_pb2, producer_service_pb2
 
@@ -41,6 +43,8 @@ log = structlog.get_logger("conveyor.producer.watch")
 
 #: Events one watcher may have waiting before it is cut off (it can resume with after_event_id).
 WATCHER_BUFFER = 10_000
+#: Watch and WatchQueue streams one producer serves at once, by default (CONVEYOR_MAX_WATCHES).
+MAX_WATCHES = 10_000
 #: Events read per XRANGE when a WatchQueue replays.
 _PAGE = 512
 #: Ends a Watch inbox that overflowed.
@@ -173,12 +177,22 @@ class QueueSubscription:
 
 
 class EventTail:
-    """Follows one queue's event stream and hands each event to its job's subscribers."""
+    """Follows one queue's event stream and hands each event to its job's subscribers.
 
-    def __init__(self, client: aioredis.Redis, keys: QueueKeys, block_ms: int = 5000) -> None:
+    The read loop runs under the process's Supervisor (loop ``watch-tail:<queue>``): any error,
+    a Redis fault (connection killed, UNBLOCKED on a role change, LOADING...) or a bug, restarts
+    it with capped jittered backoff and counts towards the process's health. It resumes from the
+    last id it handed out, so watchers get neither a gap nor a repeat.
+    """
+
+    def __init__(
+        self, client: aioredis.Redis, keys: QueueKeys, block_ms: int = 5000, supervisor: Supervisor | None = None
+    ) -> None:
         self._client = client
         self._keys = keys
         self._block_ms = block_ms
+        self._supervisor = supervisor or Supervisor()
+        self._stop = asyncio.Event()
         self._subs: dict[str, set[Subscription]] = {}
         self._queue_subs: set[QueueSubscription] = set()
         self._last_id = "0-0"
@@ -208,9 +222,17 @@ class EventTail:
     def unsubscribe_queue(self, sub: QueueSubscription) -> None:
         self._queue_subs.discard(sub)
 
+    @property
+    def loop_name(self) -> str:
+        """The tail's name in the Supervisor."""
+        return f"watch-tail:{self._keys.queue}"
+
     def _start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"event-tail:{self._keys.queue}")
+            self._stop = asyncio.Event()
+            self._task = asyncio.create_task(
+                self._supervisor.run(self.loop_name, self._run, self._stop), name=f"event-tail:{self._keys.queue}"
+            )
 
     def unsubscribe(self, sub: Subscription) -> None:
         subs = self._subs.get(sub.ulid)
@@ -221,6 +243,7 @@ class EventTail:
 
     async def close(self) -> None:
         if self._task is not None:
+            self._stop.set()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -229,28 +252,25 @@ class EventTail:
     async def _start_position(self) -> str:
         try:
             info = await self._client.xinfo_stream(self._keys.events)
-        except aioredis.ResponseError:  # no stream yet: everything that comes is new
-            return "0-0"
+        except aioredis.ResponseError as exc:
+            if faults.is_transient(exc):
+                raise  # READONLY, BUSY, MASTERDOWN...: a fault, not "no such stream"
+            return "0-0"  # no stream yet: everything that comes is new
         last = info["last-generated-id"]
         return str(last.decode() if isinstance(last, bytes) else last)
 
     async def _run(self) -> None:
-        backoff = 0.05
+        """The read loop; every error goes to the Supervisor, which restarts it (from ``_last_id``)."""
+        status = self._supervisor.status(self.loop_name)
         while True:
-            try:
-                if not self._ready.is_set():
-                    self._last_id = await self._start_position()
-                    for qsub in self._queue_subs:
-                        if qsub.boundary is None:
-                            qsub.boundary = stream_id_key(self._last_id)
-                    self._ready.set()
-                replies = await self._client.xread({self._keys.events: self._last_id}, count=512, block=self._block_ms)
-                backoff = 0.05
-            except REDIS_UNAVAILABLE as exc:
-                log.warning("event_tail_redis_unavailable", queue=self._keys.queue, error=str(exc))
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                continue
+            if not self._ready.is_set():
+                self._last_id = await self._start_position()
+                for qsub in self._queue_subs:
+                    if qsub.boundary is None:
+                        qsub.boundary = stream_id_key(self._last_id)
+                self._ready.set()
+            replies = await self._client.xread({self._keys.events: self._last_id}, count=512, block=self._block_ms)
+            status.ok()
             for _stream, entries in replies or ():
                 for entry_id, fields in entries:
                     self._last_id = entry_id.decode()
@@ -281,6 +301,13 @@ class Watcher:
         tail_redis: Client for blocking reads (no socket timeout).
         scripts: Scripts on ``redis``.
         history: Where events of jobs that left Redis are read from (the results service).
+        buffer: Events one stream may have waiting (CONVEYOR_WATCH_BUFFER).
+        max_watches: Most Watch and WatchQueue streams open at once (CONVEYOR_MAX_WATCHES);
+            one more ends at once with RESOURCE_EXHAUSTED.
+        supervisor: The process's Supervisor, which runs the event tails.
+
+    ``redis`` should be a pool of its own (CONVEYOR_WATCH_REDIS_POOL_SIZE): a burst of
+    replays then waits for or fails on that pool, never the one Enqueue uses.
     """
 
     def __init__(
@@ -290,13 +317,33 @@ class Watcher:
         scripts: Scripts,
         history: History,
         buffer: int = WATCHER_BUFFER,
+        max_watches: int = MAX_WATCHES,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._redis = redis
+        self._supervisor = supervisor or Supervisor()
+        self._max_watches = max_watches
+        #: Watch and WatchQueue streams open now (at most max_watches).
+        self._streams = 0
         self._tail_redis = tail_redis
         self._scripts = scripts
         self._history = history
         self._buffer = buffer
         self._tails: dict[str, EventTail] = {}
+
+    @property
+    def streams(self) -> int:
+        """Watch and WatchQueue streams open now."""
+        return self._streams
+
+    def _open_stream(self) -> None:
+        if self._streams >= self._max_watches:
+            raise ResourceExhausted(
+                f"this producer already serves {self._streams} Watch/WatchQueue streams, its limit "
+                f"(CONVEYOR_MAX_WATCHES={self._max_watches}); retry later, on another producer replica, "
+                "or close streams you no longer read"
+            )
+        self._streams += 1
 
     async def close(self) -> None:
         for tail in self._tails.values():
@@ -304,63 +351,94 @@ class Watcher:
         self._tails.clear()
 
     async def watch(self, request: producer_service_pb2.WatchRequest, context: object = None) -> AsyncIterator[bytes]:
-        """The job's events after ``request.after_event_id`` (all when empty) until its final event.
+        """The job's events after ``request.after_event_id`` (all when empty) until its current final event.
 
         Each is a serialized ``WatchResponse``, ready for the wire. The signature is a gRPC
         handler's: ProducerServicer serves Watch with this generator itself (one generator
         layer less on every event sent to every watcher).
         """
-        job_id, after_event_id = request.job_id, request.after_event_id
-        parsed = parse_job_id(job_id)
-        if parsed is None:
-            raise InvalidArgument({"job_id": "must be a job id like '<queue>/<ULID>'"})
-        after: tuple[int, int] = (0, 0)
-        if after_event_id:
-            parsed_after = parse_stream_id(after_event_id)
-            if parsed_after is None:
-                raise InvalidArgument({"after_event_id": "must be an event id like '1732540000000-0'"})
-            after = parsed_after
-        queue, ulid = parsed
-        keys = queue_keys(queue)
+        self._open_stream()
+        try:
+            job_id, after_event_id = request.job_id, request.after_event_id
+            parsed = parse_job_id(job_id)
+            if parsed is None:
+                raise InvalidArgument({"job_id": "must be a job id like '<queue>/<ULID>'"})
+            after: tuple[int, int] = (0, 0)
+            if after_event_id:
+                parsed_after = parse_stream_id(after_event_id)
+                if parsed_after is None:
+                    raise InvalidArgument({"after_event_id": "must be an event id like '1732540000000-0'"})
+                after = parsed_after
+            queue, ulid = parsed
+            keys = queue_keys(queue)
+            raw = await hget(self._redis, keys.state, ulid)
+            if raw is None:
+                # The job left Redis (finished longer ago than the retention), or never existed.
+                found = False
+                async for event in self._history.events(job_id, after_event_id):
+                    found = True
+                    yield _watch_response(event)
+                if not found and not await self._history.exists(job_id):
+                    raise NotFound(f"job {job_id} not found")
+                return
+            record = Record.parse(raw)
+            tail = self._tail(keys)
+            sub = await tail.subscribe(ulid, self._buffer)
+            try:
+                last = after
+                async for key, event in self._replay(keys, ulid, job_id, record, after, after_event_id):
+                    last = key
+                    yield _watch_response(public_event(event))
+                    if event.type in FINAL_EVENTS:
+                        ends = await self._ends_at(keys, ulid, key)
+                        if ends is None:
+                            async for later in self._history.events(job_id, event.id):
+                                yield _watch_response(later)
+                            return
+                        if ends:
+                            return
+                inbox = sub.inbox
+                while True:
+                    if not inbox:
+                        await sub.wait()
+                    live = inbox.popleft()
+                    if live is None:  # the overflow mark
+                        raise ResourceExhausted(
+                            f"watcher fell more than {self._buffer} events behind; "
+                            f"resume with after_event_id={last[0]}-{last[1]}"
+                        )
+                    if live.key <= last:
+                        continue
+                    last = live.key
+                    yield live.data  # serialized once by the tail for every watcher
+                    if live.final:
+                        ends = await self._ends_at(keys, ulid, live.key)
+                        if ends is None:
+                            async for later in self._history.events(job_id, live.event.id):
+                                yield _watch_response(later)
+                            return
+                        if ends:
+                            return
+            finally:
+                tail.unsubscribe(sub)
+                await self._release(tail, queue)
+        finally:
+            self._streams -= 1
+
+    async def _ends_at(self, keys: QueueKeys, ulid: str, key: tuple[int, int]) -> bool | None:
+        """Whether the final event with stream id ``key`` is the job's *current* final event.
+
+        A final event is not always the end: RetryDeadLetters (or any re-run) gives the job a
+        new attempt after it, and the live record then says QUEUED/ACTIVE with no final event,
+        or names a later one. Only the event the live record names as final ends a Watch.
+        None when the live record is gone (the job finished and left Redis after its outcome
+        was projected): the caller sends what the results service holds after this event.
+        """
         raw = await hget(self._redis, keys.state, ulid)
         if raw is None:
-            # The job left Redis (finished longer ago than the retention), or never existed.
-            found = False
-            async for event in self._history.events(job_id, after_event_id):
-                found = True
-                yield _watch_response(event)
-            if not found and not await self._history.exists(job_id):
-                raise NotFound(f"job {job_id} not found")
-            return
-        record = Record.parse(raw)
-        tail = self._tail(keys)
-        sub = await tail.subscribe(ulid, self._buffer)
-        try:
-            last = after
-            async for key, event in self._replay(keys, ulid, job_id, record, after, after_event_id):
-                last = key
-                yield _watch_response(public_event(event))
-                if event.type in FINAL_EVENTS:
-                    return
-            inbox = sub.inbox
-            while True:
-                if not inbox:
-                    await sub.wait()
-                live = inbox.popleft()
-                if live is None:  # the overflow mark
-                    raise ResourceExhausted(
-                        f"watcher fell more than {self._buffer} events behind; "
-                        f"resume with after_event_id={last[0]}-{last[1]}"
-                    )
-                if live.key <= last:
-                    continue
-                last = live.key
-                yield live.data  # serialized once by the tail for every watcher
-                if live.final:
-                    return
-        finally:
-            tail.unsubscribe(sub)
-            await self._release(tail, queue)
+            return None
+        final = Record.parse(raw).final_event_id
+        return bool(final) and stream_id_key(final) <= key
 
     async def watch_queue(
         self, request: producer_service_pb2.WatchQueueRequest, context: object = None
@@ -370,60 +448,64 @@ class Watcher:
         Each is a serialized ``WatchQueueResponse``, ready for the wire; like :meth:`watch`,
         this generator is the gRPC handler itself.
         """
-        queue, after_event_id, replay = request.queue, request.after_event_id, request.replay
-        event_types: Iterable[int] = request.event_types
-        bad: dict[str, str] = {}
-        if not queue:
-            bad["queue"] = "required"
-        elif not QUEUE_RE.match(queue):
-            bad["queue"] = "must be 1-64 characters from A-Z a-z 0-9 _ . -"
-        after = (0, 0)
-        if after_event_id:
-            parsed_after = parse_stream_id(after_event_id)
-            if parsed_after is None:
-                bad["after_event_id"] = "must be an event id like '1732540000000-0'"
-            else:
-                after = parsed_after
-            if replay:
-                bad["replay"] = "set at most one of after_event_id and replay"
-        types = list(event_types)
-        for i, value in enumerate(types):
-            if value == event_pb2.EVENT_TYPE_UNSPECIFIED or value not in event_pb2.EventType.values():
-                bad[f"event_types[{i}]"] = "must be a known event type other than EVENT_TYPE_UNSPECIFIED"
-        if bad:
-            raise InvalidArgument(bad)
-        keys = queue_keys(queue)
-        tail = self._tail(keys)
-        sub = QueueSubscription(queue, self._buffer, frozenset(types))
-        await tail.subscribe_queue(sub)
+        self._open_stream()
         try:
-            last, last_id = after, after_event_id
-            if after_event_id or replay:
-                async for item in self._replay_queue(keys, after, after_event_id, sub):
-                    if isinstance(item, producer_service_pb2.WatchQueueGap):
-                        yield producer_service_pb2.WatchQueueResponse(gap=item).SerializeToString()
+            queue, after_event_id, replay = request.queue, request.after_event_id, request.replay
+            event_types: Iterable[int] = request.event_types
+            bad: dict[str, str] = {}
+            if not queue:
+                bad["queue"] = "required"
+            elif not QUEUE_RE.match(queue):
+                bad["queue"] = "must be 1-64 characters from A-Z a-z 0-9 _ . -"
+            after = (0, 0)
+            if after_event_id:
+                parsed_after = parse_stream_id(after_event_id)
+                if parsed_after is None:
+                    bad["after_event_id"] = "must be an event id like '1732540000000-0'"
+                else:
+                    after = parsed_after
+                if replay:
+                    bad["replay"] = "set at most one of after_event_id and replay"
+            types = list(event_types)
+            for i, value in enumerate(types):
+                if value == event_pb2.EVENT_TYPE_UNSPECIFIED or value not in event_pb2.EventType.values():
+                    bad[f"event_types[{i}]"] = "must be a known event type other than EVENT_TYPE_UNSPECIFIED"
+            if bad:
+                raise InvalidArgument(bad)
+            keys = queue_keys(queue)
+            tail = self._tail(keys)
+            sub = QueueSubscription(queue, self._buffer, frozenset(types))
+            await tail.subscribe_queue(sub)
+            try:
+                last, last_id = after, after_event_id
+                if after_event_id or replay:
+                    async for item in self._replay_queue(keys, after, after_event_id, sub):
+                        if isinstance(item, producer_service_pb2.WatchQueueGap):
+                            yield producer_service_pb2.WatchQueueResponse(gap=item).SerializeToString()
+                            continue
+                        (last, event) = item
+                        last_id = event.id
+                        yield producer_service_pb2.WatchQueueResponse(event=event).SerializeToString()
+                while True:
+                    gap, key, event, live = await sub.next_live()
+                    if gap is not None:
+                        yield producer_service_pb2.WatchQueueResponse(
+                            gap=producer_service_pb2.WatchQueueGap(
+                                reason=producer_service_pb2.WATCH_QUEUE_GAP_REASON_SLOW_CLIENT,
+                                after_event_id=last_id,
+                                before_event_id=gap.before_id,
+                                dropped=gap.dropped,
+                            )
+                        ).SerializeToString()
+                    if key <= last:
                         continue
-                    (last, event) = item
-                    last_id = event.id
-                    yield producer_service_pb2.WatchQueueResponse(event=event).SerializeToString()
-            while True:
-                gap, key, event, live = await sub.next_live()
-                if gap is not None:
-                    yield producer_service_pb2.WatchQueueResponse(
-                        gap=producer_service_pb2.WatchQueueGap(
-                            reason=producer_service_pb2.WATCH_QUEUE_GAP_REASON_SLOW_CLIENT,
-                            after_event_id=last_id,
-                            before_event_id=gap.before_id,
-                            dropped=gap.dropped,
-                        )
-                    ).SerializeToString()
-                if key <= last:
-                    continue
-                last, last_id = key, event.id
-                yield live.data if live is not None else _watch_response(event)
+                    last, last_id = key, event.id
+                    yield live.data if live is not None else _watch_response(event)
+            finally:
+                tail.unsubscribe_queue(sub)
+                await self._release(tail, queue)
         finally:
-            tail.unsubscribe_queue(sub)
-            await self._release(tail, queue)
+            self._streams -= 1
 
     async def _replay_queue(
         self, keys: QueueKeys, after: tuple[int, int], after_event_id: str, sub: QueueSubscription
@@ -467,8 +549,10 @@ class Watcher:
         else:
             try:
                 info = await self._redis.xinfo_stream(keys.events)
-            except aioredis.ResponseError:  # no stream at all: whatever came after `after` is gone
-                info = None
+            except aioredis.ResponseError as exc:
+                if faults.is_transient(exc):
+                    raise  # a fault (UNAVAILABLE to the caller), not "no such stream"
+                info = None  # no stream at all: whatever came after `after` is gone
             if info is not None:
                 last = info["last-generated-id"]
                 last_id = last.decode() if isinstance(last, bytes) else str(last)
@@ -486,11 +570,13 @@ class Watcher:
             if self._tails.get(queue) is tail:
                 del self._tails[queue]
             await tail.close()
+            if queue not in self._tails:  # no newer tail of the queue took the name meanwhile
+                self._supervisor.loops.pop(tail.loop_name, None)
 
     def _tail(self, keys: QueueKeys) -> EventTail:
         tail = self._tails.get(keys.queue)
         if tail is None:
-            tail = self._tails[keys.queue] = EventTail(self._tail_redis, keys)
+            tail = self._tails[keys.queue] = EventTail(self._tail_redis, keys, supervisor=self._supervisor)
         return tail
 
     async def _replay(

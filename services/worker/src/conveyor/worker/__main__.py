@@ -8,10 +8,10 @@ import functools
 import redis as sync_redis
 
 from conveyor.common import logs, server
+from conveyor.common.enqueue import Enqueuer
 from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
 from conveyor.common.scripts import Heartbeat, Scripts
 from conveyor.common.settings import WorkerSettings
-from conveyor.producer.enqueue import Enqueuer
 from conveyor.worker import isolate
 from conveyor.worker.handlers import load_handlers
 from conveyor.worker.runner import Runner

@@ -17,11 +17,10 @@ import time
 import redis.asyncio as aioredis
 import structlog
 
+from conveyor.common.enqueue import Enqueuer, enqueue_tick
 from conveyor.common.faults import is_transient
 from conveyor.common.redis import REDIS_UNAVAILABLE
 from conveyor.common.schedules import SCHEDULE_SIGNAL, InFlight, ScheduleStore, Timing
-from conveyor.producer.enqueue import Enqueuer
-from conveyor.producer.schedules import enqueue_tick
 from conveyor.v1 import schedule_service_pb2
 
 log = structlog.get_logger("conveyor.scheduler")

@@ -7,9 +7,9 @@ from google.protobuf.duration_pb2 import Duration
 
 from conveyor.common.codec import length_delimited, restore_job
 from conveyor.common.defaults import DEFAULT_RETRY
+from conveyor.common.enqueue import build_job
 from conveyor.common.ids import ulid_time_ms
-from conveyor.producer.enqueue import build_job
-from conveyor.producer.validate import validate_all
+from conveyor.common.validate import validate_all
 from conveyor.v1 import event_pb2, job_pb2
 from conveyor.v1 import producer_service_pb2 as p
 

@@ -2,7 +2,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from conveyor.common.errors import InvalidArgument, ResourceExhausted
-from conveyor.producer.validate import validate_all
+from conveyor.common.validate import validate_all
 from conveyor.v1 import producer_service_pb2 as p
 
 

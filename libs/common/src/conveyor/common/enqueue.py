@@ -1,12 +1,20 @@
-"""Writing validated jobs into their queues' streams, one Lua call per queue per batch."""
+"""Writing validated jobs into their queues' streams, one Lua call per queue per batch.
+
+Shared by the producer (Enqueue, EnqueueBatch, DeleteSchedule's in-flight tick) and the
+worker's scheduler loop (a schedule tick's job), so both go through one validation and
+enqueue path without either service importing the other.
+"""
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
 
+import grpc
 import redis.asyncio as aioredis
+import structlog
 
+from conveyor.common import faults
 from conveyor.common.codec import length_delimited, timestamp_bytes, varint
 from conveyor.common.defaults import DEFAULT_RETRY
 from conveyor.common.errors import InvalidArgument, ResourceExhausted
@@ -14,9 +22,12 @@ from conveyor.common.ids import make_job_id, new_ulid
 from conveyor.common.keys import DEFAULT_PRIORITY, queue_keys
 from conveyor.common.queue_registry import QueueRegistry
 from conveyor.common.redis import hget
+from conveyor.common.schedules import TICK_KEY_WINDOW_MS, InFlight, ScheduleStore, tick_idempotency_key
 from conveyor.common.scripts import NewJob, Scripts
-from conveyor.producer.validate import ValidJob, validate_all
+from conveyor.common.validate import ValidJob, validate_all
 from conveyor.v1 import event_pb2, job_pb2, producer_service_pb2
+
+log = structlog.get_logger("conveyor.schedules")
 
 _PAYLOAD_TAG = bytes([(5 << 3) | 2])  # Job.payload_json, length-delimited
 
@@ -79,6 +90,31 @@ def build_job(valid: ValidJob, priority: int, now_ns: int) -> tuple[bytes, bytes
     return stored, event.SerializeToString()
 
 
+def batch_error(queue: str, exc: Exception) -> producer_service_pb2.EnqueueError:
+    """The per-job error of an EnqueueBatch for the jobs of ``queue``, whose write raised ``exc``.
+
+    Classified by the one table of Redis faults (conveyor.common.faults): OOM is
+    RESOURCE_EXHAUSTED, every other fault UNAVAILABLE; anything else is a bug (INTERNAL,
+    logged with its traceback).
+    """
+    fault = faults.redis_fault(exc)
+    if fault is None:
+        log.error("enqueue_failed", queue=queue, exc_info=exc)
+        return producer_service_pb2.EnqueueError(
+            code=grpc.StatusCode.INTERNAL.value[0],
+            message=f"queue {queue!r}: internal error (see the producer's log); "
+            "sending these jobs again with the same idempotency keys is safe",
+        )
+    if fault in (faults.CONNECTION, faults.TIMEOUT):
+        # The call may have reached Redis: its jobs may be there, which only a key makes safe to repeat.
+        written = "this queue's jobs may or may not have been written: send them again with the same idempotency keys"
+    else:
+        written = "none of this queue's jobs were written: send them again"
+    return producer_service_pb2.EnqueueError(
+        code=fault.code.value[0], message=f"queue {queue!r}: {fault.advice}; {written}"
+    )
+
+
 class QueueDefaults:
     """Each queue's default priority (SetDefaultPriority), read from Redis at most once a second.
 
@@ -87,6 +123,9 @@ class QueueDefaults:
     """
 
     DEFAULTS_TTL_S = 1.0
+    #: Queues remembered at most (any queue name a client enqueues to is a key): the oldest
+    #: entry goes first, and costs one HGET when that queue is used again.
+    MAX_QUEUES = 1024
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
@@ -99,8 +138,14 @@ class QueueDefaults:
             return cached[0]
         raw = await hget(self._redis, queue_keys(queue).limits, "prio")
         value = int(raw) if raw else DEFAULT_PRIORITY
+        self._cache.pop(queue, None)  # re-inserted last: the dict's order is the age of its entries
+        while len(self._cache) >= self.MAX_QUEUES:
+            del self._cache[next(iter(self._cache))]
         self._cache[queue] = (value, now + self.DEFAULTS_TTL_S)
         return value
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
 
 class Enqueuer:
@@ -158,16 +203,64 @@ class Enqueuer:
                 )
             )
         responses: list[producer_service_pb2.EnqueueResponse] = [producer_service_pb2.EnqueueResponse() for _ in valid]
+        # Atomic per queue (one Lua call writes all of a queue's jobs or none), not across
+        # queues: each queue may live on its own Redis Cluster shard (ADR 0014). A queue whose
+        # write fails does not stop the others; its jobs' results say why.
+        failed: list[tuple[str, list[int], Exception]] = []
         for queue, items in by_queue.items():
-            await self._register(queue)
-            results = await self._scripts.enqueue(queue_keys(queue), [job for _, job in items])
+            try:
+                await self._register(queue)
+                results = await self._scripts.enqueue(queue_keys(queue), [job for _, job in items])
+            except Exception as exc:
+                if not batch:
+                    raise
+                failed.append((queue, [index for index, _ in items], exc))
+                continue
             for (index, _), result in zip(items, results, strict=True):
                 r = responses[index]
                 r.job_id = make_job_id(queue, result.ulid)
                 r.created = result.created
                 r.state = result.state  # type: ignore[assignment]
+        if failed:
+            if len(failed) == len(by_queue):
+                # Nothing was accepted: the call fails with the status (UNAVAILABLE,
+                # RESOURCE_EXHAUSTED...), exactly as a single Enqueue would.
+                raise failed[0][2]
+            for queue, indexes, cause in failed:
+                error = batch_error(queue, cause)
+                for index in indexes:
+                    responses[index].error.CopyFrom(error)
+            log.warning(
+                "enqueue_batch_partial",
+                accepted=len(valid) - sum(len(indexes) for _, indexes, _ in failed),
+                rejected=sum(len(indexes) for _, indexes, _ in failed),
+                failed_queues=[queue for queue, _, _ in failed],
+            )
         return responses
 
     async def _register(self, queue: str) -> None:
         # Discovery for the results service and operators; cached, and idle queues leave (queue_registry).
         await self._registry.register(queue)
+
+
+async def enqueue_tick(enqueuer: Enqueuer, store: ScheduleStore, tick: InFlight) -> str:
+    """Enqueue the job of a claimed tick (idempotently) and record it; returns the job id.
+
+    Safe to repeat, in any process: the idempotency key is derived from the schedule id
+    and the tick, so a repeat returns the same job.
+    """
+    request = producer_service_pb2.EnqueueRequest()
+    request.CopyFrom(tick.spec.template)
+    request.idempotency_key = tick_idempotency_key(tick.schedule_id, tick.tick_ms)
+    if not request.HasField("idempotency_window"):
+        request.idempotency_window.FromMilliseconds(TICK_KEY_WINDOW_MS)
+    (response,) = await enqueuer.enqueue([request], batch=False)
+    await store.fired(tick.schedule_id, tick.tick_ms, response.job_id, time.time_ns() // 1_000_000)
+    log.info(
+        "schedule_fired",
+        schedule_id=tick.schedule_id,
+        tick_ms=tick.tick_ms,
+        job_id=response.job_id,
+        created=response.created,
+    )
+    return response.job_id
