@@ -662,7 +662,16 @@ class Run:
                     self.fail[res.job_id] = fail
                     self.index[res.job_id] = i
 
-            await asyncio.gather(*(send(plan[k : k + BATCH]) for k in range(0, len(plan), BATCH)))
+            # Paced (--rate): jobs keep arriving while the faults come and go, as production traffic does.
+            size = max(1, min(BATCH, int(a.rate / 5))) if a.rate else BATCH
+            start = time.monotonic()
+
+            async def paced(k: int) -> None:
+                if a.rate:
+                    await asyncio.sleep(max(0.0, start + k / a.rate - time.monotonic()))
+                await send(plan[k : k + size])
+
+            await asyncio.gather(*(paced(k) for k in range(0, len(plan), size)))
             self.t_enqueued = time.time()
         retries = sum(self.enqueue_retries.values())
         log(
@@ -1311,7 +1320,10 @@ def print_summary(run: Run, checks: list[Check], figures: dict[str, Any], wlog: 
             f"baseline {mib(figures.get('memory_baseline_used') or 0)}, "
             f"peak {mib(figures.get('memory_peak_used') or 0)}, after {mib(figures.get('memory_after_used') or 0)}",
         ),
-        ("enqueue (EnqueueBatch of 500)", f"{run.t_enqueued - run.t0:.2f} s"),
+        (
+            "enqueue (EnqueueBatch)",
+            f"{run.t_enqueued - run.t0:.2f} s ({f'paced at {a.rate:g} jobs/s' if a.rate else 'all at once'})",
+        ),
         ("duration (first enqueue -> last commit)", f"{duration:.2f} s"),
         ("throughput", f"{len(run.fail) / duration:,.0f} jobs/s" if duration > 0 else "-"),
     ]
@@ -1452,6 +1464,13 @@ def main() -> int:
         default="3-6",
         help="seconds a fault lasts, min-max (not client_pause: 5 s, pg_lock: 10 s, script_flush, client_kill)",
     )
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=200.0,
+        help="jobs enqueued per second (batches of rate/5, 5 a second), so the faults land while jobs arrive; "
+        "0: all at once in batches of 500",
+    )
     ap.add_argument("--keys", type=int, default=20, help="rate keys the jobs are spread over (0: none)")
     ap.add_argument("--key-cap", type=int, default=5, help="concurrency cap of each rate key (0: none)")
     ap.add_argument("--retention", type=float, default=10.0, help="CONVEYOR_RETENTION_SECONDS of every service")
@@ -1479,6 +1498,8 @@ def main() -> int:
         a.fault_list = parse_faults(a.faults)
     except ValueError as exc:
         ap.error(str(exc))
+    if a.rate < 0:
+        ap.error("--rate must be at least 0")
     if a.workers < 1 or a.jobs < 1 or not 0 <= a.fail_rate <= 1:
         ap.error("--workers and --jobs must be at least 1, --fail-rate between 0 and 1")
     if a.keys < 0 or a.key_cap < 0 or a.retention < 1 or a.idempotency_window < 1:
