@@ -38,9 +38,10 @@ import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import psycopg
@@ -67,6 +68,7 @@ from conveyor.v1 import (  # noqa: E402
 )
 
 PY = sys.executable
+T = TypeVar("T")
 QUEUE = "chaos"
 KEYS = queue_keys(QUEUE)
 JOB_TYPE = "chaos.work"
@@ -592,6 +594,7 @@ class Run:
     kills: list[dict[str, Any]] = field(default_factory=list)
     faults: list[dict[str, Any]] = field(default_factory=list)
     restarts: list[dict[str, Any]] = field(default_factory=list)  # workers that exited 75 and were restarted
+    crashes: list[dict[str, Any]] = field(default_factory=list)  # workers that exited otherwise (restarted too)
     enqueue_retries: Counter[str] = field(default_factory=Counter)  # status code -> EnqueueBatch retries
     replayed: int = 0  # jobs a retried EnqueueBatch found already made (created = false)
     max_running_per_key: int = 0  # sampled SCARD of the per-key running sets
@@ -722,7 +725,8 @@ class Run:
         try:
             await wait_healthy(w, 120)
         except BenchError as exc:
-            if w.killed_at is None:
+            # One that exited is watch_final's: recorded as a crash and restarted.
+            if w.killed_at is None and w.proc.poll() is None:
                 self.errors.append(str(exc))
                 self.done.set()
 
@@ -804,29 +808,45 @@ class Run:
     async def watch_final(self) -> None:
         """Until every job is final in PostgreSQL (or the deadline, or a service died)."""
         deadline = time.monotonic() + self.a.deadline
+        stall_since, stall_final = time.monotonic(), None
         while not self.done.is_set():
             try:
                 self.stack.check_alive()
             except BenchError as exc:
                 self.errors.append(str(exc))
                 break
-            crashed = self.pool.died_on_their_own()
-            restart = [w for w in crashed if w.proc.returncode == EXIT_RESTART_ME]
-            for w in restart:
-                # The Supervisor gave up past CONVEYOR_EXIT_AFTER_SECONDS and asked to be restarted.
+            for w in self.pool.died_on_their_own():
+                # Restarted as an orchestrator would. Exit 75 is the Supervisor asking for it (past
+                # CONVEYOR_EXIT_AFTER_SECONDS); any other exit is a crash, and fails a check.
                 w.killed_at = time.monotonic()
                 fresh = self.pool.spawn()
-                self.restarts.append({"t": round(time.time() - self.t0, 2), "worker": w.worker_id})
-                log(f"{w.worker_id} exited {EXIT_RESTART_ME} (asks for a restart): started {fresh.worker_id}")
+                rc = w.proc.returncode
+                last = [ln for ln in tail(w.log_path, 200).splitlines() if ln.strip()]
+                error = next((ln for ln in reversed(last) if not ln.startswith((" ", "{"))), last[-1] if last else "")
+                entry = {"t": round(time.time() - self.t0, 2), "worker": w.worker_id, "exit": rc, "last": error[:200]}
+                (self.restarts if rc == EXIT_RESTART_ME else self.crashes).append(entry)
+                log(f"{w.worker_id} exited {rc} by itself ({error[:200]}): started {fresh.worker_id}")
                 self.watch_start(fresh)
-            crashed = [w for w in crashed if w not in restart]
-            if crashed:
-                w = crashed[0]
-                self.errors.append(f"worker {w.worker_id} exited by itself ({w.proc.returncode}):\n{tail(w.log_path)}")
-                break
             st = pg_states(self.stack)
             if st is not None and self.fail and sum(st[s] for s in FINAL_STATES) >= len(self.fail):
                 self.t_final_seen = time.time()
+                break
+            # Stalled: Redis has nothing left to do (streams empty, nothing pending or delayed, the
+            # results group caught up) yet PostgreSQL lacks outcomes, for --stall seconds: they were
+            # acked without being written, and waiting for the deadline would not bring them back.
+            quiet = False
+            if st is not None and self.t_enqueued:
+                with contextlib.suppress(redis.RedisError):
+                    quiet = settled(redis_queue_state(self.stack))
+            final = sum(st[s] for s in FINAL_STATES) if st is not None else None
+            if not quiet or final != stall_final:
+                stall_since, stall_final = time.monotonic(), final
+            elif time.monotonic() - stall_since > self.a.stall:
+                self.errors.append(
+                    f"stalled: for {self.a.stall:g} s Redis has had nothing left to do and the results group is "
+                    f"caught up, but PostgreSQL holds {final} final rows of {len(self.fail)} ({st and dict(st)}): "
+                    "outcomes were acked without being written"
+                )
                 break
             if time.monotonic() > deadline:
                 self.errors.append(f"deadline: not every job final after {self.a.deadline:.0f} s ({st and dict(st)})")
@@ -868,12 +888,10 @@ class Run:
                 after = ""
                 async with sem:
                     while True:
-                        resp = await stub.ListJobEvents(
-                            results_service_pb2.ListJobEventsRequest(
-                                job_id=job_id, after_event_id=after, page_size=1000
-                            ),
-                            timeout=60,
+                        req = results_service_pb2.ListJobEventsRequest(
+                            job_id=job_id, after_event_id=after, page_size=1000
                         )
+                        resp = await call_retrying(lambda req=req: stub.ListJobEvents(req, timeout=60))  # type: ignore[misc]
                         events.extend(resp.events)
                         if not resp.has_more or not resp.events:
                             break
@@ -882,6 +900,20 @@ class Run:
 
             await asyncio.gather(*(one(j) for j in self.fail))
         return out
+
+
+async def call_retrying(call: Callable[[], Awaitable[T]], within_s: float = 60.0) -> T:
+    """A unary call, sent again while it answers a retryable status (a fault's aftermath), up to ``within_s``."""
+    deadline = time.monotonic() + within_s
+    delay = 0.1
+    while True:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as err:
+            if err.code() not in RETRYABLE or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 # -- verification ----------------------------------------------------------------------------
@@ -1349,6 +1381,11 @@ def print_summary(run: Run, checks: list[Check], figures: dict[str, Any], wlog: 
             "  workers that exited 75 and were restarted: "
             + ", ".join(f"{x['t']}s {x['worker']}" for x in run.restarts)
         )
+    if run.crashes:
+        print(
+            "  workers that crashed and were restarted: "
+            + ", ".join(f"{x['t']}s {x['worker']} exit {x['exit']}: {x['last']}" for x in run.crashes)
+        )
     if run.faults:
         print()
         print(f"  faults ({len(run.faults)}; kinds {dict(Counter(f['fault'] for f in run.faults))}):")
@@ -1398,6 +1435,13 @@ async def main_async(a: argparse.Namespace, workdir: Path) -> int:
                 checks.append(
                     Check("run: finished before the deadline, no service died, every fault injected and undone", True)
                 )
+            checks.append(
+                Check(
+                    f"workers: none exited by itself (exit {EXIT_RESTART_ME}, asking for a restart, is counted apart)",
+                    not run.crashes,
+                    f"{len(run.crashes)} crashes (restarted): {run.crashes[:3]}",
+                )
+            )
             # Let Redis settle: stragglers reclaimed, results caught up.
             settle_deadline = time.monotonic() + a.settle
             rs = redis_queue_state(stack)
@@ -1432,6 +1476,8 @@ async def main_async(a: argparse.Namespace, workdir: Path) -> int:
                     "figures": {k: v for k, v in figures.items() if k != "dead_lettered_ids"},
                     "kills": run.kills,
                     "faults": run.faults,
+                    "crashes": run.crashes,
+                    "restarts": run.restarts,
                     "worker_logs": wlog,
                     "checks": {c.name: c.ok for c in checks},
                     "duration_s": (figures["last_commit_wall"] or time.time()) - run.t0,
@@ -1486,7 +1532,19 @@ def main() -> int:
         help="handler sleeps uniform 0..this ms (with 20 ms, 20,000 jobs finish in ~4 s: one kill at most)",
     )
     ap.add_argument("--deadline", type=float, default=900.0, help="give up when not every job is final after this (s)")
-    ap.add_argument("--settle", type=float, default=30.0, help="s to wait for Redis to drain after the last outcome")
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=120.0,
+        help="s to wait for Redis to drain after the last outcome (an entry the results reader lost in flight "
+        "is claimed back after 60 s idle)",
+    )
+    ap.add_argument(
+        "--stall",
+        type=float,
+        default=60.0,
+        help="end the run when Redis has had nothing left to do for this long while PostgreSQL lacks outcomes (s)",
+    )
     ap.add_argument("--progress", type=float, default=3.0, help="seconds between progress lines")
     ap.add_argument("--json", help="append the run's figures and checks to this JSON-lines file")
     ap.add_argument("--keep", action="store_true", help="keep the logs directory even when every check passes")
