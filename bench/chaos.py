@@ -834,14 +834,14 @@ class Run:
             # Stalled: Redis has nothing left to do (streams empty, nothing pending or delayed, the
             # results group caught up) yet PostgreSQL lacks outcomes, for --stall seconds: they were
             # acked without being written, and waiting for the deadline would not bring them back.
-            quiet = False
-            if st is not None and self.t_enqueued:
-                with contextlib.suppress(redis.RedisError):
-                    quiet = settled(redis_queue_state(self.stack))
-            final = sum(st[s] for s in FINAL_STATES) if st is not None else None
-            if not quiet or final != stall_final:
+            # A reading Redis or PostgreSQL cannot give (a fault is on) neither starts nor ends a stall.
+            quiet: bool | None = None
+            with contextlib.suppress(redis.RedisError):
+                quiet = bool(self.t_enqueued) and settled(redis_queue_state(self.stack))
+            final = sum(st[s] for s in FINAL_STATES) if st is not None else stall_final
+            if quiet is False or final != stall_final:
                 stall_since, stall_final = time.monotonic(), final
-            elif time.monotonic() - stall_since > self.a.stall:
+            elif quiet and time.monotonic() - stall_since > self.a.stall:
                 self.errors.append(
                     f"stalled: for {self.a.stall:g} s Redis has had nothing left to do and the results group is "
                     f"caught up, but PostgreSQL holds {final} final rows of {len(self.fail)} ({st and dict(st)}): "
