@@ -1,23 +1,28 @@
 #!/usr/bin/env python3
-"""Chaos run: many jobs, handlers failing at random, workers SIGKILLed at random intervals.
+"""Chaos run: jobs arriving, handlers failing, workers SIGKILLed and production faults drawn at random.
 
-    .venv/bin/python bench/chaos.py [--jobs 20000] [--workers 3] [--fail-rate 0.05]
-                                    [--kill-every 2-6] [--seed N] [--deadline 600] [--keep]
+    .venv/bin/python bench/chaos.py [--jobs 20000] [--workers 3] [--fail-rate 0.05] [--kill-every 2-6]
+        [--faults all] [--fault-every 2-5] [--fault-hold 3-6] [--rate 200] [--keys 20] [--key-cap 5]
+        [--retention 10] [--seed N] [--deadline 900] [--stall 60] [--json FILE] [--keep]
 
-Starts a private stack (the same as bench/run.py: redis-server with AOF, PostgreSQL with
-fsync on, `python -m conveyor.results` and `conveyor.producer`), plus N workers running
-`bench/chaos_handlers.py` (`chaos.work`: sleeps 0-200 ms, fails on every attempt when its
-payload says so). The driver decides from the seed which jobs fail, enqueues them all with
-`EnqueueBatch` (500 a call), and meanwhile a killer SIGKILLs a random worker every 2-6 s and
-starts a replacement under a new worker id, until every job is final in PostgreSQL (or the
-deadline). Workers run with a 2 s visibility timeout and a delivery limit of 10.
+Starts a private stack (as bench/run.py: redis-server with AOF, PostgreSQL with fsync on,
+`python -m conveyor.results` connecting as the non-superuser role `conveyor_app`, and
+`conveyor.producer`), plus N workers running `bench/chaos_handlers.py` (`chaos.work`: sleeps
+0-200 ms, fails on every attempt when its payload says so). The driver decides from the seed
+which jobs fail and enqueues them with `EnqueueBatch` at --rate jobs/s (idempotency keys, so a
+batch a fault refused is sent again safely), spread over per-key capped rate keys. Meanwhile a
+killer SIGKILLs a random worker every 2-6 s and starts a replacement, and a chaos loop draws one
+fault at a time from --faults (Redis full, made a replica, a BUSY script, SCRIPT FLUSH, CLIENT
+KILL, CLIENT PAUSE WRITE; PostgreSQL read-only, privileges revoked, the jobs table locked,
+stopped and restarted), holds it and undoes it, printing each with its time and duration.
+Until every job is final in PostgreSQL (or the deadline, or a stall).
 
-Then it checks, from PostgreSQL, Redis and `ResultsService.ListJobEvents`: one row per job and
-no other; every row final; fail-jobs FAILED (after all their attempts) and the others SUCCEEDED
-(DEAD_LETTERED counted apart, with why); nothing pending, queued or parked in Redis; the
-dead-letter stream holding exactly the FAILED/DEAD_LETTERED jobs; every job's history starting
-with QUEUED and holding exactly one final event, last. Prints the figures and a PASS/FAIL per
-check; exits 1 when a check fails.
+Then it checks, from PostgreSQL, Redis, `ResultsService.ListJobEvents` and gRPC health: one row
+per job and no other; every row final with the right outcome; nothing pending, queued or parked
+in Redis; the dead-letter stream right; every job's history right; every process SERVING; no
+concurrency-cap slot leaked nor ever exceeded; no worker crashed; Redis memory back to its
+baseline after the retention. Prints a summary table and PASS/FAIL per check; exits 1 when a
+check fails. bench/README.md ("Chaos run") says how each fault is made and each check measured.
 """
 
 from __future__ import annotations
