@@ -599,6 +599,7 @@ class Run:
     kills: list[dict[str, Any]] = field(default_factory=list)
     faults: list[dict[str, Any]] = field(default_factory=list)
     restarts: list[dict[str, Any]] = field(default_factory=list)  # workers that exited 75 and were restarted
+    history_errors: Counter[str] = field(default_factory=Counter)  # ListJobEvents status -> jobs
     crashes: list[dict[str, Any]] = field(default_factory=list)  # workers that exited otherwise (restarted too)
     enqueue_retries: Counter[str] = field(default_factory=Counter)  # status code -> EnqueueBatch retries
     replayed: int = 0  # jobs a retried EnqueueBatch found already made (created = false)
@@ -896,7 +897,13 @@ class Run:
                         req = results_service_pb2.ListJobEventsRequest(
                             job_id=job_id, after_event_id=after, page_size=1000
                         )
-                        resp = await call_retrying(lambda req=req: stub.ListJobEvents(req, timeout=60))  # type: ignore[misc]
+                        try:
+                            resp = await call_retrying(lambda req=req: stub.ListJobEvents(req, timeout=60))  # type: ignore[misc]
+                        except grpc.aio.AioRpcError as err:
+                            # NOT_FOUND: PostgreSQL holds no trace of the job (its events were lost);
+                            # the "every job has events" check names it.
+                            self.history_errors[err.code().name] += 1
+                            break
                         events.extend(resp.events)
                         if not resp.has_more or not resp.events:
                             break
@@ -1073,7 +1080,11 @@ def verify(run: Run, rs: dict[str, Any], histories: JobEvents) -> tuple[list[Che
         active_total += actives
         if not run.fail[job_id] and actives > 1:
             reruns += 1
-    check("history: every job has events (ListJobEvents)", not no_history, few(no_history))
+    check(
+        "history: every job has events (ListJobEvents)",
+        not no_history,
+        f"{few(no_history)}; ListJobEvents errors {dict(run.history_errors)}",
+    )
     check("history: exactly one final event per job", not not_one_final, few(not_one_final))
     check(
         "history: final event is the last, first is QUEUED, ids increase",
