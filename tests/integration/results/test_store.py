@@ -112,25 +112,34 @@ async def test_a_row_first_seen_without_its_job_gets_the_job_fields_later(
     assert row["started_at"] is not None  # kept from the earlier batch
 
 
-async def test_bad_data_is_salvaged_row_by_row(store: Store, pool: AsyncConnectionPool[Any]) -> None:
-    good, bad = JobHistory(), JobHistory()
+async def test_rows_refused_for_their_data_are_set_aside_and_the_rest_committed(
+    store: Store, pool: AsyncConnectionPool[Any]
+) -> None:
+    good, bad, nul = JobHistory(), JobHistory(), JobHistory()
     poison = bad.succeeded(2, None)
-    poison.result_json = b"{not json"
-    poison.worker = "nul\x00worker"
-    batch = batch_of(numbered([good.queued(0), bad.queued(0), poison]))
-    rows_in = batch.finish()
-    try:
-        await store.write(rows_in, batch.events)
-    except psycopg.Error:
-        pass
-    else:
-        raise AssertionError("PostgreSQL accepted invalid JSON")
-    assert await store.write_salvaging(rows_in, batch.events) == []
+    poison.result_json = b"{not json"  # 22P02
+    nul_event = nul.progress(1, 50.0, "nul\x00message")  # 22021
+    entries = numbered([good.queued(0), bad.queued(0), poison, nul.queued(0), nul_event, good.succeeded(3, {})])
+    batch = batch_of(entries)
+    set_aside = await store.write(batch.finish(), batch.events)
+    assert {(s.job_id, s.sqlstate[:2]) for s in set_aside} == {(bad.job_id, "22"), (nul.job_id, "22")}
+    # Every entry of a refused job is kept, as it was in the stream; the good job is projected.
+    assert sorted(s.entry_id for s in set_aside) == sorted(e for e, ev in entries if ev.job_id != good.job_id)
     by_id = {r["job_id"]: r for r in await rows(pool)}
-    assert by_id[bad.job_id]["state"] == job_pb2.JOB_STATE_SUCCEEDED
-    assert by_id[bad.job_id]["result"] is None
-    assert by_id[bad.job_id]["worker"] == "nulworker"
-    assert by_id[good.job_id]["state"] == job_pb2.JOB_STATE_QUEUED
+    assert set(by_id) == {good.job_id}
+    assert by_id[good.job_id]["state"] == job_pb2.JOB_STATE_SUCCEEDED
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT job_id, entry_id, event, sqlstate FROM projection_set_aside ORDER BY id")
+        kept = await cur.fetchall()
+    assert {(r[0], r[1]) for r in kept} == {(s.job_id, s.entry_id) for s in set_aside}
+    raw = dict(entries)
+    assert all(bytes(r[2]) == stored(raw[r[1]]) for r in kept)
+    # A redelivery of the same entries (a crash before the ack) finds the rows instead of adding more.
+    again = batch_of(entries)
+    await store.write(again.finish(), again.events)
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM projection_set_aside")
+        assert (await cur.fetchone()) == (len(kept),)
 
 
 def random_history(rng: random.Random) -> list[event_pb2.JobEvent]:

@@ -217,6 +217,13 @@ class ResultsSettings(CommonSettings):
     #: Most events projected in one PostgreSQL transaction.
     batch_size: int = 1000
     pool_size: int = 4
+    #: Longest wait of a statement for a lock (lock_timeout); 0 waits forever.
+    db_lock_timeout_s: float = 5.0
+    #: Finished jobs and their events are kept in PostgreSQL this many days, then pruned; 0 keeps them forever.
+    pg_retention_days: float = 30.0
+    #: How often the prune loop runs, and most rows it deletes per statement.
+    prune_interval_s: float = 600.0
+    prune_batch: int = 1000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ResultsSettings:
@@ -226,4 +233,8 @@ class ResultsSettings(CommonSettings):
             database_url=e.text("DATABASE_URL", DEFAULT_DATABASE_URL, "CONVEYOR_DATABASE_URL"),
             batch_size=e.integer("CONVEYOR_RESULTS_BATCH", 1000, minimum=1),
             pool_size=e.integer("CONVEYOR_DB_POOL_SIZE", 4, minimum=1),
+            db_lock_timeout_s=e.number("CONVEYOR_DB_LOCK_TIMEOUT_SECONDS", 5.0),
+            pg_retention_days=e.number("CONVEYOR_PG_RETENTION_DAYS", 30.0),
+            prune_interval_s=e.number("CONVEYOR_PG_PRUNE_INTERVAL_SECONDS", 600.0, minimum=0.1),
+            prune_batch=e.integer("CONVEYOR_PG_PRUNE_BATCH", 1000, minimum=1),
         )

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 import socket
 
-import psycopg
-import psycopg_pool
-
 from conveyor.common import logs, server
 from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
 from conveyor.common.settings import ResultsSettings
+from conveyor.results import pgerrors
 from conveyor.results.projector import Projector
 from conveyor.results.queries import Queries
 from conveyor.results.servicer import ResultsServicer
@@ -28,12 +28,24 @@ async def run() -> None:
     # Started before Redis (or while it restarts): wait for it with backoff rather than crash-looping.
     redis = await connect_redis(settings.redis_url, wait=True)
     blocking = make_redis(settings.redis_url, blocking=True)
-    pool = await open_pool(settings.database_url, settings.pool_size)
+    pgerrors.register()
+    supervisor = settings.supervisor()
+    pool = await open_pool(settings.database_url, settings.pool_size, lock_timeout_s=settings.db_lock_timeout_s)
     store = Store(pool)
     await store.migrate()
     projector = Projector(
-        redis, blocking, store, consumer=consumer, batch_size=settings.batch_size, retention_s=settings.retention_s
+        redis,
+        blocking,
+        store,
+        consumer=consumer,
+        batch_size=settings.batch_size,
+        retention_s=settings.retention_s,
+        supervisor=supervisor,
     )
+
+    async def project(stop: asyncio.Event) -> None:
+        await supervisor.run("projector", functools.partial(projector.run, stop), stop)
+
     await server.serve(
         settings.grpc_addr,
         [
@@ -44,9 +56,11 @@ async def run() -> None:
             )
         ],
         grace=settings.shutdown_grace_s,
-        unavailable=(*REDIS_UNAVAILABLE, psycopg.OperationalError, psycopg_pool.PoolTimeout),
-        background=[projector.run],
+        unavailable=REDIS_UNAVAILABLE,
+        background=[project],
         on_shutdown=[pool.close, redis.aclose, blocking.aclose],
+        supervisor=supervisor,
+        classify=[pgerrors.client_error],
     )
 
 

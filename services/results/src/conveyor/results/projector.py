@@ -20,8 +20,6 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import psycopg
-import psycopg_pool
 import redis.asyncio as aioredis
 import structlog
 from google.protobuf import json_format
@@ -35,16 +33,15 @@ from conveyor.common.ids import parse_job_id, ulid_time_ms
 from conveyor.common.keys import QUEUES, RESULTS_GROUP, queue_keys
 from conveyor.common.redis import REDIS_UNAVAILABLE
 from conveyor.common.scripts import Scripts
-from conveyor.results.store import HistoryRow, JobRow, Store, pack_event
+from conveyor.common.supervise import LoopStatus, Supervisor
+from conveyor.results import pgerrors
+from conveyor.results.store import HistoryRow, JobRow, SetAside, Store, pack_event
 from conveyor.v1 import event_pb2, job_pb2
 
 log = structlog.get_logger("conveyor.results.projector")
 
 #: How much longer than its BLOCK time one XREADGROUP may take before the connection is presumed dead.
 READ_GRACE_S = 10.0
-
-#: Errors that mean "PostgreSQL cannot be reached right now": retry the same batch.
-PG_UNAVAILABLE: tuple[type[BaseException], ...] = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
 
 # Only these outcomes may be reopened, by a newer QUEUED/DELAYED (re-queued dead letters).
 _REOPENABLE_STATES = frozenset({job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_DEAD_LETTERED})
@@ -88,7 +85,7 @@ class Batch:
     ``events`` (one job_events row per job, see store.HistoryRow) is filled by ``finish``.
     """
 
-    __slots__ = ("_history", "acks", "events", "rows", "size")
+    __slots__ = ("_history", "acks", "events", "malformed", "rows", "size")
 
     def __init__(self) -> None:
         self.rows: dict[str, JobRow] = {}
@@ -96,6 +93,8 @@ class Batch:
         self._history: dict[str, list[Any]] = {}
         self.events: list[HistoryRow] = []
         self.acks: dict[str, list[bytes]] = {}
+        #: Entries that are not a JobEvent of a job: set aside with the batch, never dropped.
+        self.malformed: list[SetAside] = []
         self.size = 0
 
     def add(self, queue: str, stream: str, entries: Sequence[Any], deleted: Sequence[bytes] = ()) -> None:
@@ -120,8 +119,12 @@ class Batch:
             try:
                 self._fold_one(queue, prefix, entry_id, ulid, data)
             except (DecodeError, ValueError) as exc:
-                # A poison entry must not wedge the projector: log it and move on (it is acked).
-                log.warning("event_malformed", queue=queue, entry_id=entry_id.decode(), error=str(exc))
+                # A poison entry must not wedge the projector, nor be lost: it is set aside in the
+                # batch's commit (projection_set_aside), where an operator sees it.
+                job_id = prefix + ulid.decode("utf-8", "replace") if ulid else ""
+                error = f"malformed event: {exc}"
+                log.error("event_malformed", queue=queue, job_id=job_id, entry_id=entry_id.decode(), error=error)
+                self.malformed.append(SetAside(queue, job_id, entry_id.decode(), bytes(data), "", error))
         self.size += len(entries) + len(deleted)
 
     def _fold_one(self, queue: str, prefix: str, entry_id: bytes, ulid: bytes | None, data: bytes) -> None:
@@ -318,6 +321,7 @@ class Projector:
         refresh_s: float = 2.0,
         block_ms: int = 1000,
         coalesce_ms: int = 10,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._redis = redis
         self._blocking = blocking
@@ -339,10 +343,18 @@ class Projector:
         self._trimmed_at: dict[str, float] = {}
         #: Events committed and acked since start (for operators and benchmarks).
         self.projected = 0
+        #: Entries set aside since start (see pgerrors).
+        self.set_aside = 0
+        # Reader (Redis) and writer (PostgreSQL) report apart: one working must not hide the other failing.
+        self._reader_status = supervisor.status("projector-reader") if supervisor else LoopStatus("projector-reader")
+        self._writer_status = supervisor.status("projector") if supervisor else LoopStatus("projector")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Project until ``stop`` is set; then finish the batches in flight (commit and ack) and return."""
         batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
+        # A restart (the Supervisor's, after a bug) re-reads this consumer's pending entries first.
+        self._streams.clear()
+        self._refreshed_at = self._claimed_at = -1e9
         reader = asyncio.create_task(self._read(stop, batches), name="results-reader")
         log.info("projector_started", consumer=self.consumer)
         try:
@@ -364,7 +376,9 @@ class Projector:
                 try:
                     await self._read_once(out)
                     backoff.reset()
+                    self._reader_status.ok()
                 except ResponseError as exc:
+                    self._reader_status.failed(exc)
                     if "NOGROUP" in str(exc):
                         # A stream or its group vanished (deleted, Redis restarted empty): create it again.
                         log.warning("results_group_missing", error=str(exc))
@@ -374,6 +388,7 @@ class Projector:
                         log.warning("redis_error", error=str(exc))
                     await _sleep(stop, backoff.next())
                 except _READ_ERRORS as exc:
+                    self._reader_status.failed(exc)
                     log.warning("redis_unavailable", error=str(exc) or type(exc).__name__)
                     await _sleep(stop, backoff.next())
         except asyncio.CancelledError:
@@ -495,23 +510,37 @@ class Projector:
             await self._ack(stop, batch)
 
     async def _commit(self, stop: asyncio.Event, batch: Batch) -> bool:
+        """Commit ``batch`` (rows refused for their own data set aside in the same commit); retry anything else.
+
+        Every PostgreSQL error but classes 22/23 (pgerrors) is retried with capped backoff, the
+        same batch, for as long as it lasts: nothing is acked before its commit. While it lasts
+        the projector's LoopStatus says so, and the process's health turns NOT_SERVING.
+        """
         rows = batch.finish()
-        backoff = _Backoff()
-        salvage = False
+        backoff = _Backoff(cap=5.0)
         while True:
             try:
-                if salvage:
-                    for job_id in await self._store.write_salvaging(rows, batch.events):
-                        log.error("job_row_dropped", job_id=job_id)
-                else:
-                    await self._store.write(rows, batch.events)
+                set_aside = await self._store.write(rows, batch.events, batch.malformed)
+            except Exception as exc:
+                fault = pgerrors.pg_fault(exc)
+                if fault is None:
+                    raise  # a bug: the Supervisor restarts the projector; the entries stay pending
+                self._writer_status.failed(exc)
+                sqlstate, message = pgerrors.describe(exc)
+                log.warning("postgres_fault", fault=fault.name, sqlstate=sqlstate, error=message, entries=batch.size)
+            else:
+                self._writer_status.ok()
+                for item in set_aside:
+                    self.set_aside += 1
+                    log.error(
+                        "event_set_aside",
+                        queue=item.queue,
+                        job_id=item.job_id,
+                        entry_id=item.entry_id,
+                        sqlstate=item.sqlstate,
+                        error=item.error,
+                    )
                 return True
-            except PG_UNAVAILABLE as exc:
-                log.warning("postgres_unavailable", error=str(exc) or type(exc).__name__, entries=batch.size)
-            except psycopg.Error as exc:
-                # Data PostgreSQL refuses (NUL bytes, bad JSON...): retry row by row, cleaned up.
-                log.error("batch_rejected", error=str(exc), entries=batch.size, salvage=salvage)
-                salvage = True
             if stop.is_set():
                 log.warning("batch_abandoned", entries=batch.size)
                 return False

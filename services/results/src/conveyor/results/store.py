@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import re
 import struct
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ import psycopg
 import structlog
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from conveyor.common.ids import parse_job_id
+from conveyor.results import pgerrors
 from conveyor.results.pgarrays import (
     PackedArray,
     bytea_array,
@@ -333,47 +334,70 @@ def history_columns(history: list[HistoryRow]) -> list[PackedArray]:
     ]
 
 
-_TEXT_FIELDS = ("queue", "type", "progress_message", "idempotency_key", "worker")
-_JSON_FIELDS = ("payload", "result", "error", "labels")
+@dataclass(frozen=True, slots=True)
+class SetAside:
+    """One stream entry the projector could not fold because of its own data (see pgerrors)."""
+
+    queue: str
+    job_id: str
+    entry_id: str
+    event: bytes
+    #: The SQLSTATE PostgreSQL answered, or "" when the entry could not even be decoded.
+    sqlstate: str
+    error: str
 
 
-def _clean_text(value: str) -> str:
-    return value.replace("\x00", "")
+INSERT_SET_ASIDE = """
+INSERT INTO projection_set_aside (queue, job_id, entry_id, event, sqlstate, error)
+SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::bytea[], %b::text[], %b::text[])
+ON CONFLICT (queue, entry_id) DO UPDATE SET
+    event = EXCLUDED.event, sqlstate = EXCLUDED.sqlstate, error = EXCLUDED.error, set_aside_at = now()
+"""
 
 
-def _clean_json(value: str) -> str | None:
-    # jsonb refuses NUL characters, raw or escaped; anything still not JSON is dropped.
-    text = value.replace("\x00", "").replace("\\u0000", "")
-    try:
-        json.loads(text)
-    except ValueError:
-        return None
-    return text
+def _text(value: str) -> str:
+    # The set-aside row must be storable whatever the event held: text columns refuse NUL.
+    return value.replace("\x00", "\ufffd")
 
 
-def sanitize(row: JobRow) -> None:
-    """Make ``row`` acceptable to PostgreSQL, losing as little as possible (the salvage path)."""
-    for name in _TEXT_FIELDS:
-        value = getattr(row, name)
-        if value is not None:
-            setattr(row, name, _clean_text(value))
-    for name in _JSON_FIELDS:
-        value = getattr(row, name)
-        if value is not None:
-            setattr(row, name, _clean_json(value))
-    if row.priority is not None:
-        row.priority = max(-(2**15), min(2**15 - 1, row.priority))
+def set_aside_columns(items: list[SetAside]) -> list[PackedArray]:
+    """The unnest() arrays of INSERT_SET_ASIDE for ``items``."""
+    return [
+        text_array([_text(i.queue) for i in items]),
+        text_array([_text(i.job_id) for i in items]),
+        text_array([i.entry_id for i in items]),
+        bytea_array([i.event for i in items]),
+        text_array([i.sqlstate for i in items]),
+        text_array([_text(i.error) for i in items]),
+    ]
 
 
-async def open_pool(url: str, max_size: int, *, attempt_timeout_s: float = 10.0) -> AsyncConnectionPool[Any]:
+def entries_of(queue: str, job_id: str, history: list[HistoryRow], sqlstate: str, error: str) -> list[SetAside]:
+    """The stream entries of a job's history rows, to set aside with ``error``."""
+    return [
+        SetAside(queue, job_id, f"{ms}-{seq}", data, sqlstate, error)
+        for h in history
+        for ms, seq, data in unpack_events(h[5])
+    ]
+
+
+async def open_pool(
+    url: str, max_size: int, *, attempt_timeout_s: float = 10.0, lock_timeout_s: float = 5.0
+) -> AsyncConnectionPool[Any]:
     """An open pool on ``url``; while PostgreSQL cannot be reached, log and keep trying.
 
     Connections are in autocommit mode: reads need no transaction, writes open one explicitly.
+    Every statement waits at most ``lock_timeout_s`` for a lock (0: forever): a table someone
+    locked makes the projector retry (SQLSTATE 55P03) and an RPC answer UNAVAILABLE, instead
+    of hanging with its connection.
     """
+    kwargs: dict[str, Any] = {"autocommit": True}
+    if lock_timeout_s > 0:
+        kwargs["options"] = f"-c lock_timeout={max(1, int(lock_timeout_s * 1000))}"
     delay = 0.5
     while True:
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            url, min_size=1, max_size=max_size, open=False, kwargs={"autocommit": True}, name="results"
+            url, min_size=1, max_size=max_size, open=False, kwargs=kwargs, name="results"
         )
         try:
             await pool.open(wait=True, timeout=attempt_timeout_s)
@@ -440,44 +464,78 @@ class Store:
                 applied.append(migration.version)
         return applied
 
-    async def write(self, rows: list[JobRow], events: list[HistoryRow]) -> None:
+    async def write(
+        self, rows: list[JobRow], events: list[HistoryRow], malformed: list[SetAside] | None = None
+    ) -> list[SetAside]:
         """Upsert ``rows`` and insert the history rows ``events`` in one transaction.
 
         Both are sorted by key first, so that two results processes writing overlapping
         jobs lock them in the same order and cannot deadlock.
+
+        When PostgreSQL refuses the data of a row (SQLSTATE class 22 or 23), the batch is
+        written again in a new transaction, bisected with savepoints down to the jobs it
+        refuses: their events are set aside (projection_set_aside) in the same commit as the
+        rest. Any other error is raised: the caller retries the whole batch.
+
+        Args:
+            malformed: Entries that could not be decoded, set aside with the batch.
+
+        Returns:
+            What was set aside (``malformed`` included).
         """
         rows = sorted(rows, key=lambda r: r.job_id)
         events = sorted(events)
-        async with self._pool.connection(self._timeout) as conn, conn.transaction(), conn.cursor() as cur:
-            if rows:
-                await cur.execute(UPSERT_JOBS, job_columns(rows))
-            if events:
-                await cur.execute(INSERT_EVENTS, history_columns(events))
+        try:
+            async with self._pool.connection(self._timeout) as conn, conn.transaction(), conn.cursor() as cur:
+                if rows:
+                    await cur.execute(UPSERT_JOBS, job_columns(rows))
+                if events:
+                    await cur.execute(INSERT_EVENTS, history_columns(events))
+                if malformed:
+                    await cur.execute(INSERT_SET_ASIDE, set_aside_columns(malformed))
+            return list(malformed or ())
+        except psycopg.Error as exc:
+            if not pgerrors.is_row_error(exc):
+                raise
+            log.warning("batch_refused_bisecting", sqlstate=exc.sqlstate, error=str(exc).strip(), jobs=len(rows))
+        return await self._write_bisecting(rows, events, list(malformed or ()))
 
-    async def write_salvaging(self, rows: list[JobRow], events: list[HistoryRow]) -> list[str]:
-        """Like write, for a batch PostgreSQL refused: clean each row, write each in its own savepoint.
+    async def _write_bisecting(
+        self, rows: list[JobRow], events: list[HistoryRow], set_aside: list[SetAside]
+    ) -> list[SetAside]:
+        by_job: dict[str, JobRow] = {r.job_id: r for r in rows}
+        history: dict[str, list[HistoryRow]] = {}
+        for h in events:
+            history.setdefault(h[0], []).append(h)
+        job_ids = sorted(by_job.keys() | history.keys())
 
-        Returns:
-            The ids of jobs whose row or events could still not be written (they are skipped,
-            so that one poison event cannot stop the projection of every queue).
-        """
-        dropped: list[str] = []
+        async def write(conn: psycopg.AsyncConnection[Any], cur: psycopg.AsyncCursor[Any], ids: list[str]) -> None:
+            try:
+                async with conn.transaction():  # a savepoint: a refusal undoes only this part
+                    part = [by_job[j] for j in ids if j in by_job]
+                    if part:
+                        await cur.execute(UPSERT_JOBS, job_columns(part))
+                    part_events = [h for j in ids for h in history.get(j, ())]
+                    if part_events:
+                        await cur.execute(INSERT_EVENTS, history_columns(part_events))
+                return
+            except psycopg.Error as exc:
+                if not pgerrors.is_row_error(exc):
+                    raise
+                if len(ids) > 1:
+                    mid = len(ids) // 2
+                    await write(conn, cur, ids[:mid])
+                    await write(conn, cur, ids[mid:])
+                    return
+                job_id = ids[0]
+                row = by_job.get(job_id)
+                parsed = parse_job_id(job_id)
+                queue = row.queue if row is not None else (parsed[0] if parsed else "")
+                sqlstate, message = pgerrors.describe(exc)
+                set_aside.extend(entries_of(queue, job_id, history.get(job_id, []), sqlstate, message))
+
         async with self._pool.connection(self._timeout) as conn, conn.transaction(), conn.cursor() as cur:
-            for row in sorted(rows, key=lambda r: r.job_id):
-                sanitize(row)
-                try:
-                    async with conn.transaction():
-                        await cur.execute(UPSERT_JOBS, job_columns([row]))
-                except psycopg.OperationalError:
-                    raise
-                except psycopg.Error:
-                    dropped.append(row.job_id)
-            for event in sorted(events):
-                try:
-                    async with conn.transaction():
-                        await cur.execute(INSERT_EVENTS, history_columns([event]))
-                except psycopg.OperationalError:
-                    raise
-                except psycopg.Error:
-                    dropped.append(event[0])
-        return sorted(set(dropped))
+            await write(conn, cur, job_ids)
+            if set_aside:
+                await cur.execute(INSERT_SET_ASIDE, set_aside_columns(set_aside))
+        return set_aside
