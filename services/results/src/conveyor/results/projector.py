@@ -527,7 +527,9 @@ class Projector:
                     raise  # a bug: the Supervisor restarts the projector; the entries stay pending
                 self._writer_status.failed(exc)
                 sqlstate, message = pgerrors.describe(exc)
-                log.warning("postgres_fault", fault=fault.name, sqlstate=sqlstate, error=message, entries=batch.size)
+                log.warning(
+                    "postgres_unavailable", fault=fault.name, sqlstate=sqlstate, error=message, entries=batch.size
+                )
             else:
                 self._writer_status.ok()
                 for item in set_aside:

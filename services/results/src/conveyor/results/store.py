@@ -409,6 +409,16 @@ async def open_pool(
         delay = min(delay * 2, 5.0)
 
 
+async def _drop_if_read_only(conn: psycopg.AsyncConnection[Any], exc: psycopg.Error) -> None:
+    """Close a connection that found the database read-only, so that the pool replaces it.
+
+    A session keeps the default_transaction_read_only it started with (and after a failover
+    it may still be talking to the demoted server): only a new connection sees the change.
+    """
+    if pgerrors.pg_fault(exc) is pgerrors.READ_ONLY:
+        await conn.close()
+
+
 class Store:
     """The results service's writes to PostgreSQL.
 
@@ -486,13 +496,18 @@ class Store:
         rows = sorted(rows, key=lambda r: r.job_id)
         events = sorted(events)
         try:
-            async with self._pool.connection(self._timeout) as conn, conn.transaction(), conn.cursor() as cur:
-                if rows:
-                    await cur.execute(UPSERT_JOBS, job_columns(rows))
-                if events:
-                    await cur.execute(INSERT_EVENTS, history_columns(events))
-                if malformed:
-                    await cur.execute(INSERT_SET_ASIDE, set_aside_columns(malformed))
+            async with self._pool.connection(self._timeout) as conn:
+                try:
+                    async with conn.transaction(), conn.cursor() as cur:
+                        if rows:
+                            await cur.execute(UPSERT_JOBS, job_columns(rows))
+                        if events:
+                            await cur.execute(INSERT_EVENTS, history_columns(events))
+                        if malformed:
+                            await cur.execute(INSERT_SET_ASIDE, set_aside_columns(malformed))
+                except psycopg.Error as exc:
+                    await _drop_if_read_only(conn, exc)
+                    raise
             return list(malformed or ())
         except psycopg.Error as exc:
             if not pgerrors.is_row_error(exc):
@@ -534,8 +549,13 @@ class Store:
                 sqlstate, message = pgerrors.describe(exc)
                 set_aside.extend(entries_of(queue, job_id, history.get(job_id, []), sqlstate, message))
 
-        async with self._pool.connection(self._timeout) as conn, conn.transaction(), conn.cursor() as cur:
-            await write(conn, cur, job_ids)
-            if set_aside:
-                await cur.execute(INSERT_SET_ASIDE, set_aside_columns(set_aside))
+        async with self._pool.connection(self._timeout) as conn:
+            try:
+                async with conn.transaction(), conn.cursor() as cur:
+                    await write(conn, cur, job_ids)
+                    if set_aside:
+                        await cur.execute(INSERT_SET_ASIDE, set_aside_columns(set_aside))
+            except psycopg.Error as exc:
+                await _drop_if_read_only(conn, exc)
+                raise
         return set_aside
