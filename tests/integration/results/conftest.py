@@ -21,9 +21,11 @@ from conveyor.common import server
 from conveyor.common.devstack.servers import PostgresServer
 from conveyor.common.keys import QUEUES, RESULTS_GROUP, queue_keys
 from conveyor.common.redis import REDIS_UNAVAILABLE, make_redis
+from conveyor.results import pgerrors
 from conveyor.results.projector import Projector
 from conveyor.results.queries import Queries
 from conveyor.results.servicer import ResultsServicer
+from conveyor.results.setaside import SetAsideRows
 from conveyor.results.store import Store, open_pool, unpack_events
 from conveyor.v1 import event_pb2, results_service_pb2, results_service_pb2_grpc
 from tests.support.wait import wait_for
@@ -194,11 +196,12 @@ async def start_results_server(queries: Queries) -> tuple[ResultsClient, Callabl
         [
             server.Service(
                 results_service_pb2_grpc.add_ResultsServiceServicer_to_server,
-                ResultsServicer(queries),
+                ResultsServicer(queries, SetAsideRows(queries.pool, Store(queries.pool))),
                 results_service_pb2.DESCRIPTOR.services_by_name["ResultsService"].full_name,
             )
         ],
         unavailable=(*REDIS_UNAVAILABLE, psycopg.OperationalError, psycopg_pool.PoolTimeout),
+        classify=[pgerrors.client_error],
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
 

@@ -10,6 +10,7 @@ from conveyor.common import server
 from conveyor.common.redis import REDIS_UNAVAILABLE
 from conveyor.results.queries import Queries
 from conveyor.results.servicer import ResultsServicer
+from conveyor.results.setaside import SetAsideRows
 from conveyor.results.store import Store
 from conveyor.v1 import admin_service_pb2 as a
 from conveyor.v1 import results_service_pb2, results_service_pb2_grpc
@@ -29,7 +30,7 @@ async def producer_with_results(redis_url: str, queries: Queries) -> AsyncIterat
         [
             server.Service(
                 results_service_pb2_grpc.add_ResultsServiceServicer_to_server,
-                ResultsServicer(queries),
+                ResultsServicer(queries, SetAsideRows(queries.pool, Store(queries.pool))),
                 results_service_pb2.DESCRIPTOR.services_by_name["ResultsService"].full_name,
             )
         ],

@@ -23,7 +23,7 @@ class NoQueries:
         raise AssertionError(f"queried {name} for an invalid request")
 
 
-servicer = ResultsServicer(NoQueries())  # type: ignore[arg-type]
+servicer = ResultsServicer(NoQueries(), NoQueries())  # type: ignore[arg-type]
 
 
 def test_microsecond_conversions_are_exact() -> None:

@@ -323,3 +323,229 @@ class FinishedWindow(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FinishedWindow: _TypeAlias = FinishedWindow  # noqa: Y015
+
+@_typing.final
+class SetAsideEntry(_message.Message):
+    """SetAsideEntry is one stream entry the projector set aside."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    SQLSTATE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    SET_ASIDE_AT_FIELD_NUMBER: _builtins.int
+    REPLAYS_FIELD_NUMBER: _builtins.int
+    REPLAYED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Identifies the entry for ReplaySetAside and DiscardSetAside."""
+    queue: _builtins.str
+    """The queue whose event stream held it."""
+    job_id: _builtins.str
+    """The job it belongs to ("<queue>/<ULID>"); empty when the entry named none."""
+    entry_id: _builtins.str
+    """The stream entry id ("<ms>-<seq>")."""
+    event: _builtins.bytes
+    """The entry's serialized conveyor.v1.JobEvent, as it was in the stream."""
+    sqlstate: _builtins.str
+    """The SQLSTATE PostgreSQL answered; empty when the entry could not be decoded."""
+    error: _builtins.str
+    """PostgreSQL's message (or why the entry could not be decoded)."""
+    replays: _builtins.int
+    """How many replays it failed since."""
+    @_builtins.property
+    def set_aside_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was set aside."""
+
+    @_builtins.property
+    def replayed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the last failed replay ran; unset when never replayed."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        queue: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        entry_id: _builtins.str = ...,
+        event: _builtins.bytes = ...,
+        sqlstate: _builtins.str = ...,
+        error: _builtins.str = ...,
+        set_aside_at: _timestamp_pb2.Timestamp | None = ...,
+        replays: _builtins.int = ...,
+        replayed_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["replayed_at", b"replayed_at", "set_aside_at", b"set_aside_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_id", b"entry_id", "error", b"error", "event", b"event", "id", b"id", "job_id", b"job_id", "queue", b"queue", "replayed_at", b"replayed_at", "replays", b"replays", "set_aside_at", b"set_aside_at", "sqlstate", b"sqlstate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAsideEntry: _TypeAlias = SetAsideEntry  # noqa: Y015
+
+@_typing.final
+class ListSetAsideRequest(_message.Message):
+    """ListSetAsideRequest pages through the set-aside entries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """Only entries of this queue."""
+    page_size: _builtins.int
+    """At most this many entries (1-1000; 0 means 100)."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token; the queue must be the same."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSetAsideRequest: _TypeAlias = ListSetAsideRequest  # noqa: Y015
+
+@_typing.final
+class ListSetAsideResponse(_message.Message):
+    """ListSetAsideResponse is one page of set-aside entries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass it as page_token for the next page; empty on the last page."""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___SetAsideEntry]:
+        """The entries, oldest first (by id)."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___SetAsideEntry] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSetAsideResponse: _TypeAlias = ListSetAsideResponse  # noqa: Y015
+
+@_typing.final
+class ReplaySetAsideRequest(_message.Message):
+    """ReplaySetAsideRequest names the entries to replay: ids, or all."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    ALL_FIELD_NUMBER: _builtins.int
+    all: _builtins.bool
+    """Replay every set-aside entry (ids must then be empty)."""
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The entries to replay (at most 1000); leave empty with all set."""
+
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.int] | None = ...,
+        all: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "ids", b"ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplaySetAsideRequest: _TypeAlias = ReplaySetAsideRequest  # noqa: Y015
+
+@_typing.final
+class ReplaySetAsideResponse(_message.Message):
+    """ReplaySetAsideResponse says what the replay did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    REFUSED_COUNT_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.int
+    """Entries projected and removed from the set-aside table."""
+    refused_count: _builtins.int
+    """How many were refused again in all."""
+    @_builtins.property
+    def refused(self) -> _containers.RepeatedCompositeFieldContainer[Global___SetAsideEntry]:
+        """Entries refused again (kept, with the new error); at most 1000 of them listed."""
+
+    def __init__(
+        self,
+        *,
+        replayed: _builtins.int = ...,
+        refused: _abc.Iterable[Global___SetAsideEntry] | None = ...,
+        refused_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["refused", b"refused", "refused_count", b"refused_count", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplaySetAsideResponse: _TypeAlias = ReplaySetAsideResponse  # noqa: Y015
+
+@_typing.final
+class DiscardSetAsideRequest(_message.Message):
+    """DiscardSetAsideRequest names the entries to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The entries to delete (1-1000 ids)."""
+
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiscardSetAsideRequest: _TypeAlias = DiscardSetAsideRequest  # noqa: Y015
+
+@_typing.final
+class DiscardSetAsideResponse(_message.Message):
+    """DiscardSetAsideResponse says how many were deleted."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISCARDED_FIELD_NUMBER: _builtins.int
+    discarded: _builtins.int
+    """Entries deleted."""
+    def __init__(
+        self,
+        *,
+        discarded: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["discarded", b"discarded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiscardSetAsideResponse: _TypeAlias = DiscardSetAsideResponse  # noqa: Y015

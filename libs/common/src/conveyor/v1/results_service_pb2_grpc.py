@@ -55,6 +55,21 @@ class ResultsServiceStub:
                 request_serializer=conveyor_dot_v1_dot_results__service__pb2.GetFinishedStatsRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_results__service__pb2.GetFinishedStatsResponse.FromString,
                 _registered_method=True)
+        self.ListSetAside = channel.unary_unary(
+                '/conveyor.v1.ResultsService/ListSetAside',
+                request_serializer=conveyor_dot_v1_dot_results__service__pb2.ListSetAsideRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_results__service__pb2.ListSetAsideResponse.FromString,
+                _registered_method=True)
+        self.ReplaySetAside = channel.unary_unary(
+                '/conveyor.v1.ResultsService/ReplaySetAside',
+                request_serializer=conveyor_dot_v1_dot_results__service__pb2.ReplaySetAsideRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_results__service__pb2.ReplaySetAsideResponse.FromString,
+                _registered_method=True)
+        self.DiscardSetAside = channel.unary_unary(
+                '/conveyor.v1.ResultsService/DiscardSetAside',
+                request_serializer=conveyor_dot_v1_dot_results__service__pb2.DiscardSetAsideRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_results__service__pb2.DiscardSetAsideResponse.FromString,
+                _registered_method=True)
 
 
 class ResultsServiceServicer:
@@ -92,6 +107,34 @@ class ResultsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSetAside(self, request, context):
+        """ListSetAside lists the events the projector set aside, oldest first, one page
+        at a time: stream entries whose data PostgreSQL refused (SQLSTATE class 22 data
+        exception or 23 integrity violation) or that were not a JobEvent at all. Every
+        other error is retried, never set aside; a set-aside entry is never dropped by itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplaySetAside(self, request, context):
+        """ReplaySetAside folds set-aside entries into the jobs table again (after the data
+        or the schema was fixed): those named by id, or all of them. An entry projected is
+        removed; one refused again is kept, with the new error. Unknown ids: NOT_FOUND,
+        nothing replayed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DiscardSetAside(self, request, context):
+        """DiscardSetAside deletes set-aside entries, named by id, for good. Unknown ids:
+        NOT_FOUND, nothing deleted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ResultsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +157,21 @@ def add_ResultsServiceServicer_to_server(servicer, server):
                     servicer.GetFinishedStats,
                     request_deserializer=conveyor_dot_v1_dot_results__service__pb2.GetFinishedStatsRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_results__service__pb2.GetFinishedStatsResponse.SerializeToString,
+            ),
+            'ListSetAside': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSetAside,
+                    request_deserializer=conveyor_dot_v1_dot_results__service__pb2.ListSetAsideRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_results__service__pb2.ListSetAsideResponse.SerializeToString,
+            ),
+            'ReplaySetAside': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplaySetAside,
+                    request_deserializer=conveyor_dot_v1_dot_results__service__pb2.ReplaySetAsideRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_results__service__pb2.ReplaySetAsideResponse.SerializeToString,
+            ),
+            'DiscardSetAside': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiscardSetAside,
+                    request_deserializer=conveyor_dot_v1_dot_results__service__pb2.DiscardSetAsideRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_results__service__pb2.DiscardSetAsideResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +283,87 @@ class ResultsService:
             '/conveyor.v1.ResultsService/GetFinishedStats',
             conveyor_dot_v1_dot_results__service__pb2.GetFinishedStatsRequest.SerializeToString,
             conveyor_dot_v1_dot_results__service__pb2.GetFinishedStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSetAside(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ResultsService/ListSetAside',
+            conveyor_dot_v1_dot_results__service__pb2.ListSetAsideRequest.SerializeToString,
+            conveyor_dot_v1_dot_results__service__pb2.ListSetAsideResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplaySetAside(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ResultsService/ReplaySetAside',
+            conveyor_dot_v1_dot_results__service__pb2.ReplaySetAsideRequest.SerializeToString,
+            conveyor_dot_v1_dot_results__service__pb2.ReplaySetAsideResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiscardSetAside(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ResultsService/DiscardSetAside',
+            conveyor_dot_v1_dot_results__service__pb2.DiscardSetAsideRequest.SerializeToString,
+            conveyor_dot_v1_dot_results__service__pb2.DiscardSetAsideResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,22 @@ class ResultsServiceStub:
     last minute, 5 minutes and hour, by finished_at), per final state, with the rate.
     An unknown queue has zero counts.
     """
+    ListSetAside: _grpc.UnaryUnaryMultiCallable[_results_service_pb2.ListSetAsideRequest, _results_service_pb2.ListSetAsideResponse]
+    """ListSetAside lists the events the projector set aside, oldest first, one page
+    at a time: stream entries whose data PostgreSQL refused (SQLSTATE class 22 data
+    exception or 23 integrity violation) or that were not a JobEvent at all. Every
+    other error is retried, never set aside; a set-aside entry is never dropped by itself.
+    """
+    ReplaySetAside: _grpc.UnaryUnaryMultiCallable[_results_service_pb2.ReplaySetAsideRequest, _results_service_pb2.ReplaySetAsideResponse]
+    """ReplaySetAside folds set-aside entries into the jobs table again (after the data
+    or the schema was fixed): those named by id, or all of them. An entry projected is
+    removed; one refused again is kept, with the new error. Unknown ids: NOT_FOUND,
+    nothing replayed.
+    """
+    DiscardSetAside: _grpc.UnaryUnaryMultiCallable[_results_service_pb2.DiscardSetAsideRequest, _results_service_pb2.DiscardSetAsideResponse]
+    """DiscardSetAside deletes set-aside entries, named by id, for good. Unknown ids:
+    NOT_FOUND, nothing deleted.
+    """
 
 @_typing.type_check_only
 class ResultsServiceAsyncStub(ResultsServiceStub):
@@ -64,6 +80,22 @@ class ResultsServiceAsyncStub(ResultsServiceStub):
     """GetFinishedStats counts a queue's jobs that finished in recent windows (the
     last minute, 5 minutes and hour, by finished_at), per final state, with the rate.
     An unknown queue has zero counts.
+    """
+    ListSetAside: _aio.UnaryUnaryMultiCallable[_results_service_pb2.ListSetAsideRequest, _results_service_pb2.ListSetAsideResponse]  # type: ignore[assignment]
+    """ListSetAside lists the events the projector set aside, oldest first, one page
+    at a time: stream entries whose data PostgreSQL refused (SQLSTATE class 22 data
+    exception or 23 integrity violation) or that were not a JobEvent at all. Every
+    other error is retried, never set aside; a set-aside entry is never dropped by itself.
+    """
+    ReplaySetAside: _aio.UnaryUnaryMultiCallable[_results_service_pb2.ReplaySetAsideRequest, _results_service_pb2.ReplaySetAsideResponse]  # type: ignore[assignment]
+    """ReplaySetAside folds set-aside entries into the jobs table again (after the data
+    or the schema was fixed): those named by id, or all of them. An entry projected is
+    removed; one refused again is kept, with the new error. Unknown ids: NOT_FOUND,
+    nothing replayed.
+    """
+    DiscardSetAside: _aio.UnaryUnaryMultiCallable[_results_service_pb2.DiscardSetAsideRequest, _results_service_pb2.DiscardSetAsideResponse]  # type: ignore[assignment]
+    """DiscardSetAside deletes set-aside entries, named by id, for good. Unknown ids:
+    NOT_FOUND, nothing deleted.
     """
 
 class ResultsServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -104,6 +136,40 @@ class ResultsServiceServicer(metaclass=_abc_1.ABCMeta):
         """GetFinishedStats counts a queue's jobs that finished in recent windows (the
         last minute, 5 minutes and hour, by finished_at), per final state, with the rate.
         An unknown queue has zero counts.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSetAside(
+        self,
+        request: _results_service_pb2.ListSetAsideRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_results_service_pb2.ListSetAsideResponse, _abc.Awaitable[_results_service_pb2.ListSetAsideResponse]]:
+        """ListSetAside lists the events the projector set aside, oldest first, one page
+        at a time: stream entries whose data PostgreSQL refused (SQLSTATE class 22 data
+        exception or 23 integrity violation) or that were not a JobEvent at all. Every
+        other error is retried, never set aside; a set-aside entry is never dropped by itself.
+        """
+
+    @_abc_1.abstractmethod
+    def ReplaySetAside(
+        self,
+        request: _results_service_pb2.ReplaySetAsideRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_results_service_pb2.ReplaySetAsideResponse, _abc.Awaitable[_results_service_pb2.ReplaySetAsideResponse]]:
+        """ReplaySetAside folds set-aside entries into the jobs table again (after the data
+        or the schema was fixed): those named by id, or all of them. An entry projected is
+        removed; one refused again is kept, with the new error. Unknown ids: NOT_FOUND,
+        nothing replayed.
+        """
+
+    @_abc_1.abstractmethod
+    def DiscardSetAside(
+        self,
+        request: _results_service_pb2.DiscardSetAsideRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_results_service_pb2.DiscardSetAsideResponse, _abc.Awaitable[_results_service_pb2.DiscardSetAsideResponse]]:
+        """DiscardSetAside deletes set-aside entries, named by id, for good. Unknown ids:
+        NOT_FOUND, nothing deleted.
         """
 
 def add_ResultsServiceServicer_to_server(servicer: ResultsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

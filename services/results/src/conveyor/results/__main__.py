@@ -15,6 +15,7 @@ from conveyor.results import pgerrors
 from conveyor.results.projector import Projector
 from conveyor.results.queries import Queries
 from conveyor.results.servicer import ResultsServicer
+from conveyor.results.setaside import SetAsideRows
 from conveyor.results.store import Store, open_pool
 from conveyor.v1 import results_service_pb2, results_service_pb2_grpc
 
@@ -51,7 +52,7 @@ async def run() -> None:
         [
             server.Service(
                 results_service_pb2_grpc.add_ResultsServiceServicer_to_server,
-                ResultsServicer(Queries(pool)),
+                ResultsServicer(Queries(pool), SetAsideRows(pool, store)),
                 results_service_pb2.DESCRIPTOR.services_by_name["ResultsService"].full_name,
             )
         ],

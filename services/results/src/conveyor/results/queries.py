@@ -152,6 +152,11 @@ class Queries:
         self._pool = pool
         self._timeout = connect_timeout_s
 
+    @property
+    def pool(self) -> AsyncConnectionPool[Any]:
+        """The pool this reads through."""
+        return self._pool
+
     async def get_job(self, job_id: str) -> job_pb2.Job | None:
         """The job ``job_id`` as last projected, or None."""
         async with self._pool.connection(self._timeout) as conn:

@@ -19,6 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from conveyor.common.errors import InvalidArgument, NotFound
 from conveyor.common.ids import QUEUE_RE, parse_job_id, parse_stream_id
 from conveyor.results.queries import FINISHED_WINDOWS_S, JobFilter, Queries, from_us, to_us
+from conveyor.results.setaside import Missing, SetAsideRow, SetAsideRows
 from conveyor.v1 import job_pb2, results_service_pb2, results_service_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -118,10 +119,12 @@ class ResultsServicer(results_service_pb2_grpc.ResultsServiceServicer):
 
     Args:
         queries: The read side of the results database.
+        set_aside: The projector's set-aside entries (ListSetAside, ReplaySetAside, DiscardSetAside).
     """
 
-    def __init__(self, queries: Queries) -> None:
+    def __init__(self, queries: Queries, set_aside: SetAsideRows) -> None:
         self._queries = queries
+        self._set_aside = set_aside
 
     async def GetJob(
         self, request: results_service_pb2.ResultsServiceGetJobRequest, context: Context
@@ -184,6 +187,100 @@ class ResultsServicer(results_service_pb2_grpc.ResultsServiceServicer):
             finished = window.succeeded + window.failed + window.dead_lettered + window.cancelled
             window.jobs_per_second = finished / seconds
         return results_service_pb2.GetFinishedStatsResponse(stats=stats)
+
+    async def ListSetAside(
+        self, request: results_service_pb2.ListSetAsideRequest, context: Context
+    ) -> results_service_pb2.ListSetAsideResponse:
+        limit = _page_size(request.page_size, DEFAULT_SET_ASIDE_PAGE, "page_size")
+        if request.queue and not QUEUE_RE.match(request.queue):
+            raise InvalidArgument({"queue": "must be 1-64 letters, digits, '_', '.' or '-'"})
+        after = _decode_set_aside_token(request.page_token, request.queue) if request.page_token else 0
+        found = await self._set_aside.page(request.queue, after, limit + 1)
+        page = found[:limit]
+        response = results_service_pb2.ListSetAsideResponse(entries=[_set_aside_entry(r) for r in page])
+        if len(found) > limit:
+            response.next_page_token = _encode_set_aside_token(page[-1].id, request.queue)
+        return response
+
+    async def ReplaySetAside(
+        self, request: results_service_pb2.ReplaySetAsideRequest, context: Context
+    ) -> results_service_pb2.ReplaySetAsideResponse:
+        if request.all:
+            if request.ids:
+                raise InvalidArgument({"ids": "must be empty when all is set"})
+            replayed, refused_count, refused = await self._set_aside.replay_all(MAX_PAGE)
+            return results_service_pb2.ReplaySetAsideResponse(
+                replayed=replayed, refused=[_set_aside_entry(r) for r in refused], refused_count=refused_count
+            )
+        ids = _set_aside_ids(list(request.ids), "or set all to replay every entry")
+        rows = await self._set_aside.get(ids)
+        missing = sorted(set(ids) - {r.id for r in rows})
+        if missing:
+            raise NotFound(f"no set-aside entries with ids {missing}; nothing was replayed")
+        outcome = await self._set_aside.replay(rows)
+        return results_service_pb2.ReplaySetAsideResponse(
+            replayed=outcome.replayed,
+            refused=[_set_aside_entry(r) for r in outcome.refused],
+            refused_count=len(outcome.refused),
+        )
+
+    async def DiscardSetAside(
+        self, request: results_service_pb2.DiscardSetAsideRequest, context: Context
+    ) -> results_service_pb2.DiscardSetAsideResponse:
+        ids = _set_aside_ids(list(request.ids), "(discarding is explicit: there is no 'all')")
+        try:
+            deleted = await self._set_aside.discard(ids)
+        except Missing as exc:
+            raise NotFound(f"no set-aside entries with ids {exc.ids}; nothing was discarded") from None
+        return results_service_pb2.DiscardSetAsideResponse(discarded=len(deleted or ()))
+
+
+DEFAULT_SET_ASIDE_PAGE = 100
+
+
+def _set_aside_ids(ids: list[int], hint: str) -> list[int]:
+    if not ids:
+        raise InvalidArgument({"ids": f"is required {hint}"})
+    if len(ids) > MAX_PAGE:
+        raise InvalidArgument({"ids": f"at most {MAX_PAGE} per call"})
+    if any(i <= 0 for i in ids):
+        raise InvalidArgument({"ids": "must be ids from ListSetAside (positive)"})
+    return sorted(set(ids))
+
+
+def _encode_set_aside_token(last_id: int, queue: str) -> str:
+    raw = json.dumps({"a": last_id, "q": queue}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_set_aside_token(token: str, queue: str) -> int:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        after, token_queue = data["a"], data["q"]
+        if not isinstance(after, int) or not isinstance(token_queue, str):
+            raise ValueError("bad token fields")
+    except (ValueError, TypeError, KeyError, binascii.Error):
+        raise InvalidArgument({"page_token": "is not a token from a previous ListSetAside response"}) from None
+    if token_queue != queue:
+        raise InvalidArgument({"page_token": "was issued for another queue; use the same queue or start over"})
+    return after
+
+
+def _set_aside_entry(row: SetAsideRow) -> results_service_pb2.SetAsideEntry:
+    entry = results_service_pb2.SetAsideEntry(
+        id=row.id,
+        queue=row.queue,
+        job_id=row.job_id,
+        entry_id=row.entry_id,
+        event=row.event,
+        sqlstate=row.sqlstate,
+        error=row.error,
+        replays=row.replays,
+    )
+    entry.set_aside_at.FromDatetime(row.set_aside_at)
+    if row.replayed_at is not None:
+        entry.replayed_at.FromDatetime(row.replayed_at)
+    return entry
 
 
 def _count(by_state: dict[int, tuple[int, ...]], state: int, window: int) -> int:

@@ -351,7 +351,7 @@ INSERT_SET_ASIDE = """
 INSERT INTO projection_set_aside (queue, job_id, entry_id, event, sqlstate, error)
 SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::bytea[], %b::text[], %b::text[])
 ON CONFLICT (queue, entry_id) DO UPDATE SET
-    event = EXCLUDED.event, sqlstate = EXCLUDED.sqlstate, error = EXCLUDED.error, set_aside_at = now()
+    event = EXCLUDED.event, sqlstate = EXCLUDED.sqlstate, error = EXCLUDED.error
 """
 
 
