@@ -228,6 +228,7 @@ class Scripts:
         self._job_events = ReloadingScript(client, "job_events")
         self._trim_events = ReloadingScript(client, "trim_events")
         self._expire_records = ReloadingScript(client, "expire_records")
+        self._projected = ReloadingScript(client, "projected")
         self._reclaim = ReloadingScript(client, "reclaim")
         self._recover = ReloadingScript(client, "recover")
         self._cancel = ReloadingScript(client, "cancel")
@@ -380,6 +381,12 @@ class Scripts:
     async def expire_records(self, keys: QueueKeys, limit: int = 1000) -> int:
         """Drop up to ``limit`` live records whose retention has passed; returns how many."""
         return int(await self._expire_records(keys=[keys.state, keys.done], args=[limit]))
+
+    async def projected(self, keys: QueueKeys, ulids: list[str], retention_ms: int) -> int:
+        """Finished jobs committed to PostgreSQL: their live records expire ``retention_ms`` from now."""
+        if not ulids:
+            return 0
+        return int(await self._projected(keys=[keys.done], args=[retention_ms, *ulids]))
 
     async def trim_events(self, keys: QueueKeys, cutoff_ms: int) -> int:
         """Trim events older than ``cutoff_ms`` that the results service has acknowledged."""

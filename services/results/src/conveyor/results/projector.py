@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 from redis.exceptions import ResponseError
 
+from conveyor.common import faults
 from conveyor.common.codec import FINAL_EVENTS, FINAL_STATES, STATE_AFTER_EVENT, struct_to_json
 from conveyor.common.defaults import DEFAULT_RETRY
 from conveyor.common.ids import parse_job_id, ulid_time_ms
@@ -157,6 +158,14 @@ class Batch:
             return  # Invariant 2: a final state is never overwritten (a late ACTIVE is ignored)
         at_us = _us(event.time) if event.HasField("time") else ms * 1000
         apply_event(row, event, etype, state, ms, seq, at_us)
+
+    def finished(self) -> dict[str, list[str]]:
+        """Queue -> ULIDs of the jobs this batch leaves final (projected or set aside)."""
+        out: dict[str, list[str]] = {}
+        for row in self.rows.values():
+            if row.state in FINAL_STATES:
+                out.setdefault(row.queue, []).append(row.job_id.rpartition("/")[2])
+        return out
 
     def finish(self) -> list[JobRow]:
         """The folded rows, with created_at filled in where no event carried the job; fills ``events``."""
@@ -549,21 +558,35 @@ class Projector:
             await _sleep(stop, backoff.next())
 
     async def _ack(self, stop: asyncio.Event, batch: Batch) -> None:
+        """After the commit: let the finished jobs' live records expire, then ack the entries.
+
+        Retention counts from projection (issue 10): a finished job's live record stays in Redis
+        (done score +inf) until its outcome is committed here, so GetJob and Watch never lose a
+        job that PostgreSQL does not have yet.
+        """
         backoff = _Backoff()
+        finished = batch.finished()
         while True:
             try:
+                for queue, ulids in finished.items():
+                    await self._scripts.projected(queue_keys(queue), ulids, self._retention_ms)
+                finished = {}
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for stream, ids in batch.acks.items():
                         if ids:
                             pipe.xack(stream, RESULTS_GROUP, *ids)
                     await pipe.execute()
                 break
-            except ResponseError as exc:
-                # NOGROUP: the stream went away, and its pending entries with it.
-                log.warning("ack_failed", error=str(exc), entries=batch.size)
-                break
-            except REDIS_UNAVAILABLE as exc:
+            except Exception as exc:
+                transient = faults.is_transient(exc) or isinstance(exc, REDIS_UNAVAILABLE)
+                if isinstance(exc, ResponseError) and not transient:
+                    # NOGROUP: the stream went away, and its pending entries with it.
+                    log.warning("ack_failed", error=str(exc), entries=batch.size)
+                    break
+                if not transient:
+                    raise
                 # Committed already: replaying these entries later is harmless, so give up on stop.
+                self._reader_status.failed(exc)
                 log.warning("ack_failed", error=str(exc) or type(exc).__name__, entries=batch.size)
                 if stop.is_set():
                     return

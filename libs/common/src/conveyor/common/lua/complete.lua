@@ -5,13 +5,14 @@ consumer, this attempt and this entry as its claim (a reclaim bumps the attempt)
 stale owner whose job was taken over changes nothing.
 A RETRY_SCHEDULED outcome parks the job (delayed zset + parked hash) until it is due; a
 final FAILED also goes to the dead-letter stream with its last error; final outcomes keep
-the record for the retention. Also expires records past it.
+the record until the results service has projected them (done score +inf, see projected.lua),
+then for the retention. Also expires records past it.
 KEYS[1] state hash  KEYS[2] events stream  KEYS[3] done zset  KEYS[4..12] job streams, bands 1..9
 KEYS[13] delayed zset  KEYS[14] parked hash  KEYS[15] signal stream  KEYS[16] dead stream
 KEYS[17] cancel hash  KEYS[19..25] flow control (see prelude): every outcome gives the job's
 concurrency slot back; the workers are signalled when that may let a held job start
 KEYS[26] dead-letter index (ulid -> dead entry id)  KEYS[27] retrying zset (retry-scheduled part of delayed)
-ARGV[1] consumer group  ARGV[2] consumer  ARGV[3] record retention ms  ARGV[4] number of outcomes
+ARGV[1] consumer group  ARGV[2] consumer  ARGV[3] record retention ms (unused: applied on projection)  ARGV[4] number of outcomes
 ARGV[5] the outcomes packed back to back, each as struct '>B I2 c0 c26 I4 B d I4 c0 B c0':
   band, entry id, ulid, attempt, JobState (4 = retry, else final), due ms (retries), JobEvent
   bytes, rate key ("" = none)
@@ -88,7 +89,8 @@ end
 flush_records()
 if #done > 0 then
   local scored = {}
-  local expires = now_ms + retention
+  -- Kept until the results service has committed the outcome (projected.lua sets the expiry).
+  local expires = '+inf'
   for i, ulid in ipairs(done) do
     scored[2 * i - 1] = expires
     scored[2 * i] = ulid

@@ -78,13 +78,14 @@ local function final_event(event_type, attempt, consumer, message, kind, job)
     .. bytes_field(0x2a, timestamp) .. bytes_field(0x32, consumer) .. bytes_field(0x52, err) .. bytes_field(0x62, job)
 end
 
--- End a job inside Redis: its final event, its final record (kept for the retention, then
--- expired through the done set; written by flush_records). KEYS[1..3] as in every queue
--- script. Returns the event id.
+-- End a job inside Redis: its final event, its final record (written by flush_records), kept
+-- until the results service has committed the outcome to PostgreSQL: the done set's score is
+-- +inf until projected.lua sets the expiry (retention counts from projection; ``retention`` is
+-- the results service's to apply). KEYS[1..3] as in every queue script. Returns the event id.
 local function finish(ulid, state, event, attempt, prio, eid, first_ev, retention)
   local event_id = redis.call('XADD', KEYS[2], '*', 'j', ulid, 'e', event)
   put_record(ulid, record_of(state, attempt, prio, eid, first_ev, event_id))
-  redis.call('ZADD', KEYS[3], now_ms + retention, ulid)
+  redis.call('ZADD', KEYS[3], '+inf', ulid)
   return event_id
 end
 
