@@ -11,6 +11,7 @@ projector could not commit and is SERVING again.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,11 +19,13 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
+import redis.asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor.common.client import ConveyorClient
 from conveyor.common.devstack.servers import PostgresServer, RedisServer
-from conveyor.v1 import job_pb2, results_service_pb2, results_service_pb2_grpc
+from conveyor.common.keys import queue_keys
+from conveyor.v1 import event_pb2, job_pb2, results_service_pb2, results_service_pb2_grpc
 from tests.conftest import FAST_PG
 from tests.support.processes import ServiceProcess
 from tests.support.wait import wait_for
@@ -32,6 +35,7 @@ QUEUE = "pgfaults"
 APP_ROLE = "conveyor_app"
 APP_DB = "conveyor_app"
 JOBS = 300
+RETENTION_S = 1
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -59,7 +63,8 @@ def stack() -> Iterator[PgStack]:
             conn.execute(f"CREATE ROLE {APP_ROLE} LOGIN")
             conn.execute(f"CREATE DATABASE {APP_DB} OWNER {APP_ROLE}")
         app_url = f"postgresql://{APP_ROLE}@127.0.0.1:{pg_server.port}/{APP_DB}"
-        env = {"REDIS_URL": redis_server.url, "CONVEYOR_RETENTION_SECONDS": "60"}
+        # A short retention: the outage test outlasts it many times over.
+        env = {"REDIS_URL": redis_server.url, "CONVEYOR_RETENTION_SECONDS": str(RETENTION_S)}
         results = ServiceProcess(
             "results",
             {
@@ -152,6 +157,8 @@ async def healthy(stack: PgStack) -> AsyncIterator[PgStack]:
     """The stack SERVING with nothing set aside before the test; the fault undone after it whatever happened."""
     await wait_health(stack, SERVING)
     yield stack
+    if not stack.pg.running:
+        stack.pg.start()
     with stack.admin() as conn:
         conn.execute(f"ALTER DATABASE {APP_DB} RESET default_transaction_read_only")
         conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {APP_ROLE}")
@@ -212,3 +219,56 @@ async def test_jobs_table_locked_for_ten_seconds(healthy: PgStack) -> None:
         locker.execute("ROLLBACK")
         locker.close()
     await check_recovered(stack, job_ids, "LOCK_TIMEOUT")
+
+
+async def live_records(stack: PgStack, job_ids: list[str]) -> int:
+    """How many of ``job_ids`` still have their live record in Redis."""
+    client = redis.asyncio.Redis.from_url(stack.redis.url)
+    try:
+        state = queue_keys(QUEUE).state
+        found = await client.hmget(state, [j.split("/")[1] for j in job_ids])
+        return sum(1 for v in found if v is not None)
+    finally:
+        await client.aclose()
+
+
+async def test_postgres_down_longer_than_the_retention_loses_no_job(healthy: PgStack) -> None:
+    stack = healthy
+    stack.pg.stop()
+    try:
+        job_ids = await enqueue(stack)
+        async with ConveyorClient(stack.producer.addr) as client:
+
+            async def all_finished() -> bool:
+                jobs = [await client.get_job(j) for j in job_ids]
+                return all(j.state == job_pb2.JOB_STATE_SUCCEEDED for j in jobs)
+
+            await wait_for(all_finished, "every job SUCCEEDED in Redis with PostgreSQL down", within=60, interval=0.2)
+            finished_at = time.monotonic()
+            await wait_health(stack, NOT_SERVING)
+
+            async def retention_passed() -> bool:
+                return time.monotonic() - finished_at > 5 * RETENTION_S
+
+            await wait_for(retention_passed, "five retentions to pass", within=30, interval=0.1)
+            # Five retentions after finishing, with PostgreSQL still down: GetJob finds every job, and a
+            # Watch from the start ends at its final event.
+            assert await live_records(stack, job_ids) == len(job_ids)
+            for job_id in job_ids:
+                assert (await client.get_job(job_id)).state == job_pb2.JOB_STATE_SUCCEEDED
+            events = [e async for e in client.watch(job_ids[0])]
+            assert events and events[-1].type == event_pb2.EVENT_TYPE_SUCCEEDED
+    finally:
+        stack.pg.start()
+    await wait_projected(stack, job_ids)
+
+    async def expired() -> bool:
+        return await live_records(stack, job_ids) == 0
+
+    # Projected: now the retention runs, and the records leave Redis.
+    await wait_for(expired, "the live records to expire after projection", within=30, interval=0.2)
+    await wait_health(stack, SERVING)
+    assert set_aside_count(stack) == 0
+    async with ConveyorClient(stack.producer.addr) as client:
+        # Gone from Redis, served from PostgreSQL.
+        assert (await client.get_job(job_ids[0])).state == job_pb2.JOB_STATE_SUCCEEDED

@@ -1,4 +1,5 @@
---[[ expire_records: drop live records of jobs that finished more than the retention ago.
+--[[ expire_records: drop live records whose expiry passed (set by projected.lua: the retention after
+the results service committed the outcome; a job not projected yet has +inf and stays).
 Invariant 7 (DESIGN.md): nothing in Redis grows with the number of jobs ever run.
 complete.lua does the same after each batch; this runs on a timer so idle queues shrink too.
 KEYS[1] state hash  KEYS[2] done zset
