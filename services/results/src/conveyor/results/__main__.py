@@ -13,6 +13,7 @@ from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
 from conveyor.common.settings import ResultsSettings
 from conveyor.results import pgerrors
 from conveyor.results.projector import Projector
+from conveyor.results.prune import Pruner
 from conveyor.results.queries import Queries
 from conveyor.results.servicer import ResultsServicer
 from conveyor.results.setaside import SetAsideRows
@@ -44,8 +45,13 @@ async def run() -> None:
         supervisor=supervisor,
     )
 
+    pruner = Pruner(pool, settings.pg_retention_days, interval_s=settings.prune_interval_s, batch=settings.prune_batch)
+
     async def project(stop: asyncio.Event) -> None:
         await supervisor.run("projector", functools.partial(projector.run, stop), stop)
+
+    async def prune(stop: asyncio.Event) -> None:
+        await supervisor.run("prune", functools.partial(pruner.run, stop), stop)
 
     await server.serve(
         settings.grpc_addr,
@@ -58,7 +64,7 @@ async def run() -> None:
         ],
         grace=settings.shutdown_grace_s,
         unavailable=REDIS_UNAVAILABLE,
-        background=[project],
+        background=[project, prune],
         on_shutdown=[pool.close, redis.aclose, blocking.aclose],
         supervisor=supervisor,
         classify=[pgerrors.client_error],
