@@ -10,7 +10,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from conveyor.common.settings import ResultsSettings
 from conveyor.results.projector import Batch
-from conveyor.results.prune import PRUNE_LOCK, Pruner
+from conveyor.results.prune import PRUNE_BATCH, PRUNE_LOCK, Pruner
 from conveyor.results.store import Store
 from conveyor.v1 import event_pb2
 from tests.support.wait import wait_for
@@ -120,3 +120,22 @@ def test_settings() -> None:
     )
     assert (custom.pg_retention_days, custom.prune_interval_s, custom.prune_batch) == (7.0, 60.0, 500)
     assert custom.db_lock_timeout_s == 0.0
+
+
+async def test_a_round_reads_the_prune_index(pool: AsyncConnectionPool[Any]) -> None:
+    # 80,000 jobs, half finished over the last day: finding the old ones must not scan the table.
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO jobs (job_id, queue, state, created_at, updated_at, finished_at, last_event_ms,"
+            " last_event_seq)"
+            " SELECT 'q' || (i % 20) || '/' || lpad(i::text, 26, '0'), 'q' || (i % 20),"
+            "  CASE WHEN i % 2 = 0 THEN 5 ELSE 1 END, now(), now(),"
+            "  CASE WHEN i % 2 = 0 THEN now() - (i || ' seconds')::interval END, 1, 0"
+            " FROM generate_series(1, 80000) AS i"
+        )
+        await conn.execute("ANALYZE jobs")
+        sql = PRUNE_BATCH.replace("%(age)s", "interval '30 days'").replace("%(batch)s", "1000")
+        cur = await conn.execute(("EXPLAIN " + sql).encode())
+        plan = "\n".join(row[0] for row in await cur.fetchall())
+    assert "jobs_finished_idx" in plan, plan
+    assert "Seq Scan on jobs" not in plan, plan

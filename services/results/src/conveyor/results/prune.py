@@ -30,7 +30,8 @@ PRUNE_LOCK = MIGRATION_LOCK + 1
 PRUNE_BATCH = """
 WITH doomed AS (
     SELECT job_id FROM jobs
-    WHERE finished_at IS NOT NULL AND finished_at < now() - %(age)s
+    -- The states of jobs_finished_idx's predicate (migration 0004): final, so finished_at is set.
+    WHERE state IN (5, 6, 7, 8) AND finished_at < now() - %(age)s
     ORDER BY finished_at
     LIMIT %(batch)s
     FOR UPDATE SKIP LOCKED
