@@ -272,3 +272,63 @@ async def test_postgres_down_longer_than_the_retention_loses_no_job(healthy: PgS
     async with ConveyorClient(stack.producer.addr) as client:
         # Gone from Redis, served from PostgreSQL.
         assert (await client.get_job(job_ids[0])).state == job_pb2.JOB_STATE_SUCCEEDED
+
+
+async def test_bad_data_is_set_aside_under_load_then_replayed_and_discarded(healthy: PgStack) -> None:
+    stack = healthy
+    # An operator's constraint that one job breaks (23514), and an event PostgreSQL cannot take (22P02).
+    with stack.admin() as conn:
+        conn.execute("ALTER TABLE jobs ADD CONSTRAINT no_forbidden CHECK (NOT labels ? 'forbidden')")
+    try:
+        async with ConveyorClient(stack.producer.addr) as client:
+            labelled = {"seconds": 0.02}
+            forbidden = (await client.enqueue(QUEUE, "outage.nap", labelled, labels={"forbidden": "yes"})).job_id
+        job_ids = await enqueue(stack)
+        poison_id = f"{QUEUE}/01JDQ4ZG0000000000000000PZ"
+        poison = event_pb2.JobEvent(type=event_pb2.EVENT_TYPE_SUCCEEDED, attempt=1, result_json=b"{not json")
+        admin = redis.asyncio.Redis.from_url(stack.redis.url)
+        try:
+            await admin.xadd(
+                queue_keys(QUEUE).events, {b"j": poison_id.split("/")[1], b"e": poison.SerializeToString()}
+            )
+        finally:
+            await admin.aclose()
+        await wait_projected(stack, job_ids)  # the rest projected
+
+        async with grpc.aio.insecure_channel(stack.results.addr) as channel:
+            stub = results_service_pb2_grpc.ResultsServiceStub(channel)
+
+            async def set_aside() -> dict[str, set[str]]:
+                page = await stub.ListSetAside(results_service_pb2.ListSetAsideRequest(queue=QUEUE), timeout=10)
+                found: dict[str, set[str]] = {}
+                for e in page.entries:
+                    found.setdefault(e.job_id, set()).add(e.sqlstate)
+                return found
+
+            async def both_kept() -> bool:
+                return set((await set_aside()).keys()) == {forbidden, poison_id}
+
+            await wait_for(both_kept, "the two bad jobs set aside", within=30, interval=0.2)
+            assert await set_aside() == {forbidden: {"23514"}, poison_id: {"22P02"}}
+            assert await wait_health_value(stack) == SERVING  # bad data is not a fault of the service
+            # The constraint fixed: replaying everything projects the forbidden job; the poison stays.
+            with stack.admin() as conn:
+                conn.execute("ALTER TABLE jobs DROP CONSTRAINT no_forbidden")
+            replay = await stub.ReplaySetAside(results_service_pb2.ReplaySetAsideRequest(all=True), timeout=30)
+            assert replay.refused_count == 1 and replay.refused[0].job_id == poison_id
+            assert replay.replayed >= 1
+            assert set((await set_aside()).keys()) == {poison_id}
+            assert final_rows(stack, [forbidden]) != {}
+            gone = await stub.DiscardSetAside(
+                results_service_pb2.DiscardSetAsideRequest(ids=[e.id for e in replay.refused]), timeout=10
+            )
+            assert gone.discarded == 1
+            assert await set_aside() == {}
+    finally:
+        with stack.admin() as conn:
+            conn.execute("ALTER TABLE jobs DROP CONSTRAINT IF EXISTS no_forbidden")
+    assert set_aside_count(stack) == 0
+
+
+async def wait_health_value(stack: PgStack) -> int:
+    return await asyncio.to_thread(_health, stack)
