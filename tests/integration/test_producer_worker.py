@@ -102,10 +102,10 @@ async def test_idempotency_outlives_the_job_in_redis(
 ) -> None:
     await start_worker(retention_s=0.001)
     first = await enqueue(producer, idempotency_key="once")
-    await watch_all(producer, first.job_id)
+    final = (await watch_all(producer, first.job_id))[-1]
     keys = queue_keys("default")
     # Retention counts from projection: the results service's step after its commit (no PostgreSQL here).
-    await Scripts(redis_client).projected(keys, [first.job_id.split("/")[1]], 1)
+    await Scripts(redis_client).projected(keys, [(first.job_id.split("/")[1], final.id)], 1)
     # Another completion sweeps expired records; then the job is gone from Redis.
     await watch_all(producer, (await enqueue(producer)).job_id)
     await wait_for(lambda: _gone(redis_client, keys.state, first.job_id), "record expiry")

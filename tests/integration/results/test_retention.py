@@ -78,10 +78,24 @@ async def test_projection_never_extends_an_expiry_nor_brings_back_a_requeued_job
 ) -> None:
     scripts = Scripts(redis_client)
     keys = queue_keys("proj")
-    await redis_client.zadd(keys.done, {"final": math.inf, "expiring": 1000.0})
-    assert await scripts.projected(keys, ["final", "expiring", "requeued"], 60_000) == 1
+    # Live records: state|attempt|priority|entry id|first event id|final event id (prelude RECORD).
+    await redis_client.hset(
+        keys.state,
+        mapping={
+            "final": "5|1|5||100-0|300-0",
+            "expiring": "5|1|5||100-0|300-0",
+            "rerun": "6|2|5||100-0|900-0",  # finished again after a retry from the dead letters
+            "running": "3|2|5|1-0|100-0|",
+        },
+    )
+    await redis_client.zadd(keys.done, {"final": math.inf, "expiring": 1000.0, "rerun": math.inf})
+    jobs = [("final", "300-0"), ("expiring", "300-0"), ("rerun", "300-0"), ("running", "300-0"), ("gone", "300-0")]
+    assert await scripts.projected(keys, jobs, 60_000) == 1
     scores = dict(await redis_client.zrange(keys.done, 0, -1, withscores=True))
-    assert scores[b"expiring"] == 1000.0  # LT: never later
     assert abs(scores[b"final"] - (time.time() * 1000 + 60_000)) < 10_000
-    assert b"requeued" not in scores  # XX: a job no longer in the done set is not put back
+    assert scores[b"expiring"] == 1000.0  # LT: never later
+    assert scores[b"rerun"] == math.inf  # its newer outcome (900-0) is not projected yet
+    assert b"running" not in scores and b"gone" not in scores  # XX: never put back
+    # The newer outcome projected: now it expires too.
+    assert await scripts.projected(keys, [("rerun", "900-0")], 60_000) == 1
     assert await scripts.projected(keys, [], 60_000) == 0

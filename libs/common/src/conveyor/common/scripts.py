@@ -382,11 +382,19 @@ class Scripts:
         """Drop up to ``limit`` live records whose retention has passed; returns how many."""
         return int(await self._expire_records(keys=[keys.state, keys.done], args=[limit]))
 
-    async def projected(self, keys: QueueKeys, ulids: list[str], retention_ms: int) -> int:
-        """Finished jobs committed to PostgreSQL: their live records expire ``retention_ms`` from now."""
-        if not ulids:
+    async def projected(self, keys: QueueKeys, jobs: list[tuple[str, str]], retention_ms: int) -> int:
+        """Finished jobs committed to PostgreSQL: their live records expire ``retention_ms`` from now.
+
+        Args:
+            jobs: (ulid, id of the job's last event committed) pairs; a job whose record holds a
+                newer outcome than that event keeps its record until that outcome is projected.
+        """
+        if not jobs:
             return 0
-        return int(await self._projected(keys=[keys.done], args=[retention_ms, *ulids]))
+        args: list[str | int] = [retention_ms]
+        for ulid, event_id in jobs:
+            args += [ulid, event_id]
+        return int(await self._projected(keys=[keys.state, keys.events, keys.done], args=args))
 
     async def trim_events(self, keys: QueueKeys, cutoff_ms: int) -> int:
         """Trim events older than ``cutoff_ms`` that the results service has acknowledged."""

@@ -159,12 +159,13 @@ class Batch:
         at_us = _us(event.time) if event.HasField("time") else ms * 1000
         apply_event(row, event, etype, state, ms, seq, at_us)
 
-    def finished(self) -> dict[str, list[str]]:
-        """Queue -> ULIDs of the jobs this batch leaves final (projected or set aside)."""
-        out: dict[str, list[str]] = {}
+    def finished(self) -> dict[str, list[tuple[str, str]]]:
+        """Queue -> (ULID, final event id) of the jobs this batch leaves final (projected or set aside)."""
+        out: dict[str, list[tuple[str, str]]] = {}
         for row in self.rows.values():
             if row.state in FINAL_STATES:
-                out.setdefault(row.queue, []).append(row.job_id.rpartition("/")[2])
+                ulid = row.job_id.rpartition("/")[2]
+                out.setdefault(row.queue, []).append((ulid, f"{row.last_ms}-{row.last_seq}"))
         return out
 
     def finish(self) -> list[JobRow]:
@@ -568,8 +569,8 @@ class Projector:
         finished = batch.finished()
         while True:
             try:
-                for queue, ulids in finished.items():
-                    await self._scripts.projected(queue_keys(queue), ulids, self._retention_ms)
+                for queue, jobs in finished.items():
+                    await self._scripts.projected(queue_keys(queue), jobs, self._retention_ms)
                 finished = {}
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for stream, ids in batch.acks.items():

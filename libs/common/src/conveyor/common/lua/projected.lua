@@ -1,22 +1,50 @@
 --[[ projected: the results service committed these finished jobs to PostgreSQL, so their live
 records may now expire, the retention after this commit (issue 10: retention counts from
 projection, not from finish). Finishing puts a job in the done set with score +inf (never
-expires); this lowers it to now + retention. XX: a job re-queued since (retry from the dead
-letters removed it) is not put back; LT: an expiry already set is never pushed later.
-KEYS[1] done zset
-ARGV[1] retention ms  ARGV[2..] ulids
+expires); this lowers it to now + retention, for each job whose current final event is the
+one projected or an older one: a job re-run since (retried from the dead letters) and finished
+again keeps +inf until that newer outcome is projected too. ZADD XX: a job no longer in the
+done set (re-queued) is not put back; LT: an expiry already set is never pushed later.
+KEYS[1] state hash  KEYS[2] events stream (unused)  KEYS[3] done zset
+ARGV[1] retention ms  ARGV[2..] pairs: ulid, id of the last event projected for it ("<ms>-<seq>")
 returns the number of records whose expiry was set
 ]]
-local t = redis.call('TIME')
-local expires = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+--#include prelude
+local expires = now_ms + tonumber(ARGV[1])
+local function id_key(id)
+  local ms, seq = string.match(id or '', '^(%d+)-(%d+)$')
+  if not ms then return nil end
+  return tonumber(ms), tonumber(seq)
+end
 local changed = 0
 local args = {}
-for i = 2, #ARGV do
-  args[#args + 1] = expires
-  args[#args + 1] = ARGV[i]
-  if #args >= 1000 or i == #ARGV then
-    changed = changed + redis.call('ZADD', KEYS[1], 'XX', 'LT', 'CH', unpack(args))
+for i = 2, #ARGV - 1, 2 do
+  local ulid, projected = ARGV[i], ARGV[i + 1]
+  local rec = redis.call('HGET', KEYS[1], ulid)
+  local due = true
+  if rec then
+    local m = { string.match(rec, RECORD) }
+    local state = tonumber(m[1] or '0')
+    if state < 5 or state > 8 then
+      due = false  -- not finished now (re-queued, running): its next outcome will be projected
+    else
+      local fms, fseq = id_key(m[6])
+      local pms, pseq = id_key(projected)
+      if fms and pms and (fms > pms or (fms == pms and fseq > pseq)) then
+        due = false  -- a newer outcome than the one projected
+      end
+    end
+  end
+  if due then
+    args[#args + 1] = expires
+    args[#args + 1] = ulid
+  end
+  if #args >= 1000 then
+    changed = changed + redis.call('ZADD', KEYS[3], 'XX', 'LT', 'CH', unpack(args))
     args = {}
   end
+end
+if #args > 0 then
+  changed = changed + redis.call('ZADD', KEYS[3], 'XX', 'LT', 'CH', unpack(args))
 end
 return changed
