@@ -174,3 +174,30 @@ def test_a_final_event_whose_stored_job_has_a_policy_projects_that_one() -> None
     job.job.retry.CopyFrom(job_pb2.RetryPolicy(max_attempts=8, backoff=job_pb2.BACKOFF_FIXED))
     (row,) = fold([job.active(1), job.succeeded(2, {})]).finish()
     assert job_pb2.RetryPolicy.FromString(row.retry or b"") == job.job.retry and row.max_attempts == 8
+
+
+def test_malformed_entries_are_kept_to_set_aside_and_acked_with_the_batch() -> None:
+    good = JobHistory()
+    batch = Batch()
+    batch.add(
+        "default",
+        STREAM,
+        [
+            (b"1000-0", {b"j": b"01JDQ4ZG0000000000000000AA", b"e": b"\xff\xff"}),
+            *entries([good.queued(0)], start_ms=1001),
+        ],
+    )
+    assert [(m.job_id, m.entry_id, m.event, m.sqlstate) for m in batch.malformed] == [
+        ("default/01JDQ4ZG0000000000000000AA", "1000-0", b"\xff\xff", "")
+    ]
+    assert "malformed event" in batch.malformed[0].error
+    assert batch.acks[STREAM] == [b"1000-0", b"1001-0"]
+    assert [r.job_id for r in batch.finish()] == [good.job_id]
+
+
+def test_finished_names_each_final_job_with_its_final_event_id() -> None:
+    done, running = JobHistory(), JobHistory()
+    # done: QUEUED 1000-0, ACTIVE 1001-1, PROGRESS 1002-0, SUCCEEDED 1003-1, then a stray PROGRESS 1004-0.
+    batch = fold([*done.lifecycle(), done.progress(9, 99.0), running.queued(0), running.active(1)])
+    batch.finish()
+    assert batch.finished() == {"default": [(done.job_id.rpartition("/")[2], "1003-1")]}
