@@ -20,15 +20,14 @@ local changed = 0
 local args = {}
 for i = 2, #ARGV - 1, 2 do
   local ulid, projected = ARGV[i], ARGV[i + 1]
-  local rec = redis.call('HGET', KEYS[1], ulid)
+  local st, _, _, _, _, final_ev = read_record(redis.call('HGET', KEYS[1], ulid))
   local due = true
-  if rec then
-    local m = { string.match(rec, RECORD) }
-    local state = tonumber(m[1] or '0')
+  if st then
+    local state = tonumber(st)
     if state < 5 or state > 8 then
       due = false  -- not finished now (re-queued, running): its next outcome will be projected
     else
-      local fms, fseq = id_key(m[6])
+      local fms, fseq = id_key(final_ev)
       local pms, pseq = id_key(projected)
       if fms and pms and (fms > pms or (fms == pms and fseq > pseq)) then
         due = false  -- a newer outcome than the one projected
