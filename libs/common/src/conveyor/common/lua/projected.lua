@@ -20,11 +20,10 @@ local changed = 0
 local args = {}
 for i = 2, #ARGV - 1, 2 do
   local ulid, projected = ARGV[i], ARGV[i + 1]
-  local rec = redis.call('HGET', KEYS[1], ulid)
+  local st, _, _, _, _, final_ev = read_record(redis.call('HGET', KEYS[1], ulid))
   local due = true
-  if rec then
-    local st, _, _, _, _, final_ev = read_record(rec)
-    local state = tonumber(st or '0')
+  if st then
+    local state = tonumber(st)
     if state < 5 or state > 8 then
       due = false  -- not finished now (re-queued, running): its next outcome will be projected
     else
