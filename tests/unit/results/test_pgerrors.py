@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import psycopg
 import psycopg.errors
@@ -101,3 +103,15 @@ def test_registered_with_the_supervisor() -> None:
     assert supervise._transient(psycopg.OperationalError("gone"))
     assert not supervise._transient(_error("22P02"))
     assert supervise._EXTRA_TRANSIENT.count(pgerrors.is_transient) == 1
+
+
+def test_the_readme_has_a_row_per_postgres_class_with_its_status() -> None:
+    """The README's "When PostgreSQL refuses work" table is pgerrors.TABLE in words."""
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    section = readme.split("#### When PostgreSQL refuses work", 1)[1].split("\n#", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")][1:]
+    for fault in pgerrors.TABLE:
+        mark = {"": "no SQLSTATE", "*": "any other"}.get(fault.sqlstate, f"`{fault.sqlstate}`")
+        row = next((r for r in rows if mark in r), None)
+        assert row is not None, f"README has no row for SQLSTATE {fault.sqlstate or '(none)'}"
+        assert f"`{fault.code.name}`" in row, f"README row for {fault.sqlstate} does not say {fault.code.name}"
