@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conveyor.common import metrics
 from conveyor.common.devstack.servers import free_port
 from conveyor.common.keys import RESULTS_GROUP, queue_keys
+from conveyor.common.settings import ProducerSettings, ResultsSettings, WorkerSettings
 from conveyor.v1 import admin_service_pb2
 from conveyor.v1 import producer_service_pb2 as p
 from tests.integration.conftest import Producer
@@ -120,8 +121,11 @@ def test_client_chosen_label_values_are_bounded(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_the_default_address_is_beside_the_grpc_port() -> None:
-    assert metrics.default_addr("127.0.0.1:50051") == "127.0.0.1:51051"
-    assert metrics.default_addr("0.0.0.0:50061") == "0.0.0.0:51061"
+    assert ProducerSettings.from_env({}).metrics_addr == "127.0.0.1:51051"
+    assert WorkerSettings.from_env({"CONVEYOR_GRPC_ADDR": "0.0.0.0:50062"}).metrics_addr == "0.0.0.0:51062"
+    assert ResultsSettings.from_env({"CONVEYOR_METRICS_ADDR": "off"}).metrics_addr == "off"
+    assert ProducerSettings.from_env({"CONVEYOR_GRPC_ADDR": "127.0.0.1:0"}).metrics_addr == "off"
+    assert ProducerSettings.from_env({}).metrics_max_queues == 200
 
 
 async def test_redis_client_is_not_needed_at_registration(redis_client: redis.asyncio.Redis) -> None:

@@ -32,6 +32,8 @@ class ServiceProcess:
             "CONVEYOR_LOG_FORMAT": "json",
             "CONVEYOR_LOG_LEVEL": "info",
             "PYTHONUNBUFFERED": "1",
+            # Free ports are random: the default metrics port (gRPC + 1000) could be anyone's.
+            "CONVEYOR_METRICS_ADDR": "off",
             # Workers may load handlers from tests.support.handlers.
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])),
             **env,

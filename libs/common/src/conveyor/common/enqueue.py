@@ -14,7 +14,7 @@ import grpc
 import redis.asyncio as aioredis
 import structlog
 
-from conveyor.common import faults
+from conveyor.common import faults, metrics
 from conveyor.common.codec import length_delimited, timestamp_bytes, varint
 from conveyor.common.defaults import DEFAULT_RETRY
 from conveyor.common.errors import InvalidArgument, ResourceExhausted
@@ -216,11 +216,17 @@ class Enqueuer:
                     raise
                 failed.append((queue, [index for index, _ in items], exc))
                 continue
+            created: dict[str, int] = {}
             for (index, _), result in zip(items, results, strict=True):
                 r = responses[index]
                 r.job_id = make_job_id(queue, result.ulid)
                 r.created = result.created
                 r.state = result.state  # type: ignore[assignment]
+                if result.created:
+                    job_type = valid[index].request.type
+                    created[job_type] = created.get(job_type, 0) + 1
+            for job_type, n in created.items():
+                metrics.job_event(queue, job_type, "enqueued", n)
         if failed:
             if len(failed) == len(by_queue):
                 # Nothing was accepted: the call fails with the status (UNAVAILABLE,

@@ -60,10 +60,6 @@ WAIT_SECONDS = Histogram(
 )
 SLOTS_IN_USE = Gauge("conveyor_worker_slots_in_use", "Jobs this worker runs now (its concurrency slots taken).")
 SLOTS = Gauge("conveyor_worker_slots", "This worker's concurrency.")
-PROJECTION_LAG = Gauge(
-    "conveyor_results_projection_lag_seconds",
-    "Age of the newest event this results process has committed to PostgreSQL when it committed it.",
-)
 
 
 class _Bounded:
@@ -92,6 +88,26 @@ def job_event(queue: str, type_: str, event: str, n: int = 1) -> None:
     JOBS.labels(bounded_queue(queue), bounded_type(type_), event).inc(n)
 
 
+#: A final JobState's name in conveyor_jobs_total{event} and conveyor_job_duration_seconds{outcome}.
+OUTCOMES = {4: "retried", 5: "succeeded", 6: "failed", 7: "dead_lettered", 8: "cancelled"}
+
+
+def job_started(queue: str, type_: str, wait_s: float | None) -> None:
+    """A worker started an attempt; ``wait_s`` is how long a first attempt waited since it was due."""
+    q = bounded_queue(queue)
+    JOBS.labels(q, bounded_type(type_), "started").inc()
+    if wait_s is not None:
+        WAIT_SECONDS.labels(q).observe(wait_s)
+
+
+def job_ended(queue: str, type_: str, state: int, seconds: float) -> None:
+    """A worker's attempt ended in ``state`` (a JobState) after ``seconds`` of handler time."""
+    outcome = OUTCOMES.get(state, "other")
+    q, t = bounded_queue(queue), bounded_type(type_)
+    JOBS.labels(q, t, outcome).inc()
+    HANDLER_SECONDS.labels(q, t, outcome).observe(seconds)
+
+
 def rpc_finished(method: str, code: grpc.StatusCode, seconds: float) -> None:
     """Count one served call (method names are the server's own: bounded)."""
     RPCS.labels(method, code.name).inc()
@@ -114,12 +130,6 @@ def serve(addr: str) -> Callable[[], None] | None:
         thread.join(5)
 
     return stop
-
-
-def default_addr(grpc_addr: str) -> str:
-    """The metrics address beside a gRPC one: the same host, the port + 1000 (50051 -> 51051)."""
-    host, _, port = grpc_addr.rpartition(":")
-    return f"{host}:{int(port) + 1000}"
 
 
 class QueueCollector(Collector):

@@ -16,7 +16,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from conveyor.common import reflection_docs
+from conveyor.common import metrics, reflection_docs
 from conveyor.common.errors import ConveyorError
 from conveyor.common.interceptors import ServerInterceptor
 from conveyor.common.supervise import EXIT_LOOPS_FAILING, LoopsFailing, Supervisor
@@ -173,6 +173,7 @@ async def serve(
     supervisor: Supervisor | None = None,
     classify: Sequence[Callable[[BaseException], ConveyorError | None]] = (),
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    metrics_addr: str = "",
 ) -> None:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully.
 
@@ -189,7 +190,16 @@ async def serve(
             grpc.health.v1 status, and LoopsFailing from it ends the process (run_process).
         classify: What else an exception means for a caller (see ServerInterceptor).
         max_message_bytes: gRPC max receive and send message length.
+        metrics_addr: Where to serve Prometheus metrics ("" or "off": nowhere).
     """
+    try:
+        stop_metrics = metrics.serve(metrics_addr)
+    except OSError as exc:
+        # Metrics are for watching the service, not part of its work: say so loudly and go on.
+        log.error("metrics_unavailable", addr=metrics_addr, error=str(exc), hint="set CONVEYOR_METRICS_ADDR")
+        stop_metrics = None
+    if stop_metrics is not None:
+        log.info("metrics_serving", addr=metrics_addr)
     running = await start(
         addr, services, unavailable=unavailable, classify=classify, max_message_bytes=max_message_bytes
     )
@@ -221,6 +231,8 @@ async def serve(
         for close in on_shutdown:
             await close()
         waiter.cancel()
+        if stop_metrics is not None:
+            stop_metrics()
         log.info("server_stopped")
 
 

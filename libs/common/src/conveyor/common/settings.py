@@ -111,6 +111,8 @@ class CommonSettings:
     unhealthy_after_s: float = 10.0
     #: A background loop failing this long ends the process (exit 75) for its supervisor to restart; 0 never.
     exit_after_s: float = 300.0
+    #: Where /metrics is served (CONVEYOR_METRICS_ADDR; "off": nowhere). Default: the gRPC host, port + 1000.
+    metrics_addr: str = ""
 
     def supervisor(self) -> Supervisor:
         """The supervisor of this process's background loops."""
@@ -118,16 +120,26 @@ class CommonSettings:
 
     @classmethod
     def _common(cls, env: _Env, default_addr: str) -> dict[str, object]:
+        grpc_addr = env.text("CONVEYOR_GRPC_ADDR", default_addr)
         return {
             "redis_url": env.text("REDIS_URL", DEFAULT_REDIS_URL, "CONVEYOR_REDIS_URL"),
-            "grpc_addr": env.text("CONVEYOR_GRPC_ADDR", default_addr),
+            "grpc_addr": grpc_addr,
             "log_level": env.choice("CONVEYOR_LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
             "log_format": env.choice("CONVEYOR_LOG_FORMAT", "auto", ("auto", "json", "console")),
             "retention_s": env.number("CONVEYOR_RETENTION_SECONDS", 300.0, minimum=1.0),
             "shutdown_grace_s": env.number("CONVEYOR_SHUTDOWN_GRACE_SECONDS", 10.0),
             "unhealthy_after_s": env.number("CONVEYOR_UNHEALTHY_AFTER_SECONDS", 10.0, minimum=0.1),
             "exit_after_s": env.number("CONVEYOR_EXIT_AFTER_SECONDS", 300.0),
+            "metrics_addr": env.text("CONVEYOR_METRICS_ADDR", _metrics_beside(grpc_addr)),
         }
+
+
+def _metrics_beside(grpc_addr: str) -> str:
+    """The gRPC host with the port + 1000 (50051 -> 51051); "off" when the gRPC port is 0 (tests)."""
+    host, _, port = grpc_addr.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) + 1000 <= 65535 or int(port) == 0:
+        return "off"
+    return f"{host}:{int(port) + 1000}"
 
 
 @dataclass(frozen=True)
@@ -144,6 +156,8 @@ class ProducerSettings(CommonSettings):
     queue_idle_s: float = 3600.0
     #: How often the producer looks for idle queues (CONVEYOR_QUEUE_SWEEP_SECONDS).
     queue_sweep_s: float = 60.0
+    #: Most queues whose state /metrics reads from Redis per scrape (CONVEYOR_METRICS_MAX_QUEUES).
+    metrics_max_queues: int = 200
     #: Most Watch and WatchQueue streams open at once on this process (CONVEYOR_MAX_WATCHES).
     max_watches: int = 10_000
     #: gRPC max receive/send message length (CONVEYOR_MAX_MESSAGE_BYTES); 0 = derived, see message_limit.
@@ -180,6 +194,7 @@ class ProducerSettings(CommonSettings):
             # Longer than the 30 s a producer trusts its cached registration of a queue.
             queue_idle_s=e.number("CONVEYOR_QUEUE_IDLE_SECONDS", 3600.0, minimum=60.0),
             queue_sweep_s=e.number("CONVEYOR_QUEUE_SWEEP_SECONDS", 60.0, minimum=1.0),
+            metrics_max_queues=e.integer("CONVEYOR_METRICS_MAX_QUEUES", 200, minimum=0),
             max_watches=e.integer("CONVEYOR_MAX_WATCHES", 10_000, minimum=1),
             max_message_bytes=_message_bytes(e),
             redis_pool_size=e.integer("CONVEYOR_REDIS_POOL_SIZE", 64, minimum=1),

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 
-from conveyor.common import logs, server
+import redis as sync_redis
+
+from conveyor.common import logs, metrics, server
 from conveyor.common.queue_registry import QueueSweeper
 from conveyor.common.redis import REDIS_UNAVAILABLE
 from conveyor.common.settings import ProducerSettings
@@ -16,6 +18,9 @@ async def run() -> None:
     settings = ProducerSettings.from_env()
     logs.configure(service="producer", level=settings.log_level, fmt=settings.log_format)
     app = await build(settings)
+    # Queue depths for /metrics, read at scrape time in the exposition thread (a sync client).
+    metrics_redis = sync_redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    metrics.register_queue_collector(metrics_redis, settings.metrics_max_queues)
     sweeper = QueueSweeper(app.admin_redis, settings.queue_idle_s, settings.queue_sweep_s)
 
     async def sweep_idle_queues(stop: asyncio.Event) -> None:
@@ -30,7 +35,9 @@ async def run() -> None:
         background=[sweep_idle_queues],
         on_shutdown=app.closers,
         supervisor=app.supervisor,
+        metrics_addr=settings.metrics_addr,
     )
+    metrics_redis.close()
 
 
 def main() -> None:

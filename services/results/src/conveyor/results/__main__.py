@@ -68,6 +68,7 @@ async def run() -> None:
         on_shutdown=[pool.close, redis.aclose, blocking.aclose],
         supervisor=supervisor,
         classify=[pgerrors.client_error],
+        metrics_addr=settings.metrics_addr,
     )
 
 

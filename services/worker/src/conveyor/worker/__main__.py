@@ -7,7 +7,7 @@ import functools
 
 import redis as sync_redis
 
-from conveyor.common import logs, server
+from conveyor.common import logs, metrics, server
 from conveyor.common.enqueue import Enqueuer
 from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
 from conveyor.common.scripts import Heartbeat, Scripts
@@ -34,6 +34,8 @@ async def run() -> None:
     scripts = Scripts(redis)
     supervisor = settings.supervisor()
     runner = Runner(redis, wait_redis, scripts, handlers, settings, Heartbeat(beat_redis), supervisor)
+    metrics.SLOTS.set(settings.concurrency)
+    metrics.SLOTS_IN_USE.set_function(lambda: runner.slots.busy)
 
     async def close_beat() -> None:
         beat_redis.close()
@@ -58,6 +60,7 @@ async def run() -> None:
         background=background,
         on_shutdown=[redis.aclose, wait_redis.aclose, close_beat],
         supervisor=supervisor,
+        metrics_addr=settings.metrics_addr,
     )
 
 

@@ -20,7 +20,9 @@ from importlib import metadata
 import redis.asyncio as aioredis
 import structlog
 
+from conveyor.common import metrics
 from conveyor.common.faults import is_transient
+from conveyor.common.ids import ulid_time_ms
 from conveyor.common.introspection import WorkerRegistry
 from conveyor.common.keys import QueueKeys, queue_keys
 from conveyor.common.redis import REDIS_UNAVAILABLE
@@ -295,9 +297,16 @@ class QueueRunner:
             await self._scripts.back_off(self._keys, key, max(1, round(seconds * 1000)))
             log.info("backed_off", rate_key=key, seconds=seconds)
 
+        wait_s = None
+        if claimed.attempt == 1:
+            due_ms = max(ulid_time_ms(claimed.ulid), job.run_at.ToMilliseconds() if job.HasField("run_at") else 0)
+            wait_s = max(0.0, time.time() - due_ms / 1000)
+        metrics.job_started(job.queue, job.type, wait_s)
+        began = time.monotonic()
         state, event_bytes, due_ms = await run_attempt(
             attempt, self._handlers, worker_id, report, cancellation, back_off, self._pool
         )
+        metrics.job_ended(job.queue, job.type, state, time.monotonic() - began)
         self._outcomes.put_nowait(
             Outcome(
                 band=claimed.band,

@@ -268,7 +268,9 @@ def _pg_data_dir(data_dir: Path) -> Path:
     return base / "postgres"
 
 
-def _print_commands(producer: str, results: str, redis_url: str, database_url: str) -> None:
+def _print_commands(
+    producer: str, results: str, redis_url: str, database_url: str, metrics: list[tuple[str, str]]
+) -> None:
     buf = "npx buf curl --protocol grpc --http2-prior-knowledge"
     enqueue = '{"queue":"default","type":"demo.sleep","payload":{"seconds":3,"steps":5}}'
     job = '{"jobId":"<JOB_ID>"}'
@@ -285,9 +287,13 @@ def _print_commands(producer: str, results: str, redis_url: str, database_url: s
     lines.append(f"{buf} --list-services http://{producer}")
     for title, addr, method, body in calls:
         lines += [f"# {title}", f"{buf} -d {shlex.quote(body)} http://{addr}/conveyor.v1.{method}"]
-    lines += ["", "# grpcurl", f"grpcurl -plaintext {producer} list"]
+    lines += ["", "# grpcurl (.venv/bin/grpcurl)", f"grpcurl -plaintext {producer} list"]
     for _, addr, method, body in calls:
         lines.append(f"grpcurl -plaintext -d {shlex.quote(body)} {addr} conveyor.v1.{method}")
+    cli = ".venv/bin/conveyor"
+    lines += ["", "# the command line", f'{cli} enqueue demo.sleep --payload \'{{"seconds": 3, "steps": 5}}\' --watch']
+    lines += [f"{cli} queues", f"{cli} workers", f"{cli} --help"]
+    lines += ["", "# Prometheus metrics"] + [f"# {name}: http://{addr}/metrics" for name, addr in metrics]
     lines += ["", f"# redis-cli -u {redis_url}", f"# psql {database_url}", ""]
     with _out_lock:
         print("\n".join(lines), flush=True)
@@ -337,8 +343,12 @@ def main(argv: list[str] | None = None) -> int:
             addr = f"127.0.0.1:{worker_base + i}"
             extra = {"CONVEYOR_QUEUES": "default", "CONVEYOR_WORKER_ID": f"worker-{i + 1}"}
             specs.append((f"worker-{i + 1}", "conveyor.worker", addr, extra))
+        metrics_urls: list[tuple[str, str]] = []
         for n, (name, module, addr, extra) in enumerate(specs):
-            env = {**base, "CONVEYOR_GRPC_ADDR": addr, **extra}
+            host, _, port = addr.rpartition(":")
+            metrics_addr = f"{host}:{int(port) + 1000}"
+            metrics_urls.append((name, metrics_addr))
+            env = {**base, "CONVEYOR_GRPC_ADDR": addr, "CONVEYOR_METRICS_ADDR": metrics_addr, **extra}
             services.append(Service(name, module, addr, env, _COLORS[n % len(_COLORS)]))
         for svc in services:
             if not stop.is_set():
@@ -347,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         stack = Stack([redis, pg], services, stop)
         while not stop.is_set():
             if stack.tick():
-                _print_commands(producer, results, redis.url, pg.url)
+                _print_commands(producer, results, redis.url, pg.url, metrics_urls)
             stop.wait(_TICK)
     except (RuntimeError, TimeoutError, OSError) as exc:
         _note(f"error: {exc}")
