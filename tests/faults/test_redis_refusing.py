@@ -17,6 +17,7 @@ import grpc
 import pytest
 import redis
 import redis.asyncio
+import structlog
 
 from conveyor.common.devstack.servers import RedisServer
 from conveyor.v1 import producer_service_pb2
@@ -169,3 +170,51 @@ async def test_killed_connections_cost_at_most_a_retry(setup: tuple[Producer, re
         # (a script must not be sent twice: it may have run); the next calls reconnect.
         assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
         assert codes[-1] == grpc.StatusCode.OK
+
+
+async def test_a_service_started_while_redis_is_busy_waits_for_it(private_redis: RedisServer) -> None:
+    """connect_redis(wait=True) treats BUSY like a refused connection: it waits, it does not exit."""
+    from conveyor.common.redis import connect_redis
+
+    admin = redis.Redis.from_url(private_redis.url)
+    admin.config_set("busy-reply-threshold", 50)
+    blocker = redis.Redis.from_url(private_redis.url, socket_timeout=60)
+
+    def spin() -> None:
+        with contextlib.suppress(redis.ResponseError):  # "Script killed by user"
+            blocker.eval("local i = 0 while true do i = i + 1 end", 0)
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    try:
+        await wait_for(lambda: asyncio.to_thread(lambda: _busy(admin)), "Redis to answer BUSY", within=10)
+        with structlog.testing.capture_logs() as logged:
+            connecting = asyncio.create_task(connect_redis(private_redis.url, wait=True, max_delay_s=0.2))
+
+            async def refused_twice() -> bool:
+                assert not connecting.done(), connecting.exception() if connecting.done() else None
+                return sum(e["event"] == "redis_unavailable_at_start" for e in logged) >= 2
+
+            await wait_for(refused_twice, "two tries refused with BUSY, the connect still waiting", within=10)
+        assert all("BUSY" in e["error"] for e in logged if e["event"] == "redis_unavailable_at_start")
+    finally:
+        while thread.is_alive():
+            with contextlib.suppress(redis.ResponseError):
+                admin.script_kill()
+            thread.join(0.05)
+        admin.config_set("busy-reply-threshold", 5000)
+    client = await asyncio.wait_for(connecting, 10)
+    assert await client.ping()
+    await client.aclose()
+    blocker.close()
+    admin.close()
+
+
+def _busy(admin: redis.Redis) -> bool:
+    try:
+        admin.ping()
+    except redis.exceptions.BusyLoadingError:
+        return False
+    except redis.ResponseError as exc:
+        return str(exc).startswith("BUSY")
+    return False

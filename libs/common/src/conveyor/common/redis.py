@@ -12,6 +12,8 @@ import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from conveyor.common import faults
+
 log = structlog.get_logger("conveyor.redis")
 
 #: Exceptions that mean "Redis is not reachable right now" (UNAVAILABLE to clients).
@@ -99,8 +101,10 @@ async def connect_redis(
         attempt += 1
         try:
             await check_server(client)
-        except REDIS_UNAVAILABLE as exc:
-            if not wait:
+        except Exception as exc:
+            # Refused and timed out, and the replies that pass (LOADING, BUSY, READONLY...: faults.py).
+            passing = isinstance(exc, REDIS_UNAVAILABLE) or faults.is_transient(exc)
+            if not wait or not passing or isinstance(exc, RedisConfigError):
                 await client.aclose()
                 raise
             pause = min(delay, max_delay_s) * (0.5 + random.random() / 2)
