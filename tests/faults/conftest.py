@@ -21,25 +21,28 @@ class FaultStack:
     database_url: str
     results: ServiceProcess
     producer: ServiceProcess
+    #: CONVEYOR_RETENTION_SECONDS of every process; a test module may set RETENTION_SECONDS.
+    retention: str = "60"
 
     def env(self) -> dict[str, str]:
-        return {"REDIS_URL": self.redis.url, "CONVEYOR_RETENTION_SECONDS": "60"}
+        return {"REDIS_URL": self.redis.url, "CONVEYOR_RETENTION_SECONDS": self.retention}
 
 
 @pytest.fixture(scope="module")
-def fault_stack(pg_server: PostgresServer) -> Iterator[FaultStack]:
+def fault_stack(pg_server: PostgresServer, request: pytest.FixtureRequest) -> Iterator[FaultStack]:
+    retention = str(getattr(request.module, "RETENTION_SECONDS", "60"))
     database = f"faults_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(pg_server.url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{database}"')
     database_url = pg_server.url.rsplit("/", 1)[0] + f"/{database}"
     with RedisServer() as redis_server:
-        common = {"REDIS_URL": redis_server.url, "CONVEYOR_RETENTION_SECONDS": "60"}
+        common = {"REDIS_URL": redis_server.url, "CONVEYOR_RETENTION_SECONDS": retention}
         results = ServiceProcess("results", {**common, "DATABASE_URL": database_url})
         producer = ServiceProcess("producer", {**common, "CONVEYOR_RESULTS_ADDR": results.addr})
         try:
             results.start()
             producer.start()
-            yield FaultStack(redis_server, database_url, results, producer)
+            yield FaultStack(redis_server, database_url, results, producer, retention)
         finally:
             producer.kill()
             results.kill()

@@ -31,6 +31,10 @@ from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 JOBS = 300
+#: Short, so each test also sees every job's live data leave Redis and memory back to baseline.
+RETENTION_SECONDS = 3
+#: What Redis may keep above the baseline once the jobs are gone (stream and group bookkeeping, limits).
+MEMORY_SLACK = 64 * 1024
 KEYS = 10
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -148,6 +152,27 @@ async def _pending(r: redis.asyncio.Redis) -> int:
     return total
 
 
+async def _until_no_job_data(r: redis.asyncio.Redis) -> None:
+    keys = queue_keys(QUEUE)
+
+    async def gone() -> bool:
+        left = [int(await r.hlen(keys.state)), int(await r.zcard(keys.done)), int(await r.xlen(keys.events))]
+        return not any(left)
+
+    await wait_for(gone, "every job's live data to leave Redis after the retention", within=60, interval=0.2)
+
+
+async def _biggest(r: redis.asyncio.Redis) -> list[tuple[int, str]]:
+    sizes = [(int(await r.memory_usage(k) or 0), k.decode()) async for k in r.scan_iter(count=1000)]
+    return sorted(sizes, reverse=True)[:8]
+
+
+async def _used_memory(r: redis.asyncio.Redis) -> int:
+    """Bytes all keys hold (MEMORY USAGE): what grows with jobs, leaving out what Redis needs
+    whatever its data (client buffers, the Lua VM and script cache, a REPLICAOF's backlog)."""
+    return sum([int(await r.memory_usage(k) or 0) async for k in r.scan_iter(count=1000)])
+
+
 async def _running_in_cap_sets(r: redis.asyncio.Redis) -> int:
     prefix = queue_keys(QUEUE).per_key_prefix
     return sum([int(await r.scard(key)) async for key in r.scan_iter(match=f"{prefix}run:*")])
@@ -166,6 +191,8 @@ async def test_workers_survive(name: str, fault_stack: FaultStack, worker_proces
     await r.delete(*[f"obs:{QUEUE}:{k}" for k in ("done", "starts", "levels", "running")])
     async with await psycopg.AsyncConnection.connect(stack.database_url, autocommit=True) as conn:
         await conn.execute("DELETE FROM jobs WHERE queue = %s", (QUEUE,))
+    await _until_no_job_data(r)
+    baseline = await _used_memory(r)
     fast = {"CONVEYOR_UNHEALTHY_AFTER_SECONDS": "0.5", "CONVEYOR_CONCURRENCY": "20"}
     workers = [worker_process(f"{name}-{i}", **fast) for i in range(2)]
     pids = [w.proc.pid for w in workers if w.proc is not None]
@@ -174,7 +201,11 @@ async def test_workers_survive(name: str, fault_stack: FaultStack, worker_proces
             await client.set_concurrency_limit(QUEUE, 4, each_key=True)
             requests = [
                 client.request(
-                    QUEUE, "test.observe", {"redis": stack.redis.url, "sleep": 0.05}, rate_key=f"k{i % KEYS}"
+                    QUEUE,
+                    "test.observe",
+                    {"redis": stack.redis.url, "sleep": 0.05},
+                    rate_key=f"k{i % KEYS}",
+                    idempotency_key="",  # no keys to outlive the jobs: memory must come back
                 )
                 for i in range(JOBS)
             ]
@@ -203,5 +234,10 @@ async def test_workers_survive(name: str, fault_stack: FaultStack, worker_proces
             if lasts:
                 assert any("health_not_serving" in w.log_text() for w in workers)
             await client.clear_concurrency_limit(QUEUE, each_key=True)
+        # Every job's record, events and expiry entry leave Redis once projected plus the retention.
+        await r.delete(*[f"obs:{QUEUE}:{k}" for k in ("done", "starts", "levels", "running")])
+        await _until_no_job_data(r)
+        above = await _used_memory(r) - baseline
+        assert above <= MEMORY_SLACK, f"Redis holds {above} bytes more than before the jobs: {await _biggest(r)}"
     finally:
         await r.aclose()
