@@ -259,8 +259,10 @@ def test_jobs_filter_by_state_and_page(stack: Stack, browser: WebDriver, tmp_pat
     for i in range(51):
         stack.enqueue("demo.echo", {"page": i})
     wait_until(
-        lambda: len(stack.json("jobs", "--queue", QUEUE, "--state", "succeeded", "--limit", "60").get("jobs", []))  # type: ignore[arg-type]
-        >= 53,
+        lambda: (
+            len(stack.json("jobs", "--queue", QUEUE, "--state", "succeeded", "--limit", "60").get("jobs", []))  # type: ignore[arg-type]
+            >= 53
+        ),
         "53 succeeded jobs in history",
         within=60,
     )
@@ -277,7 +279,8 @@ def test_jobs_filter_by_state_and_page(stack: Stack, browser: WebDriver, tmp_pat
 
 
 def test_bulk_retry_of_dead_letters_asks_first(stack: Stack, browser: WebDriver, tmp_path: Path) -> None:
-    dead = [stack.enqueue("demo.fail", {"message": f"poison {i}", "permanent": True}, queue=DLQ_QUEUE) for i in range(3)]
+    poison = {"message": "poison", "permanent": True}
+    dead = [stack.enqueue("demo.fail", poison, queue=DLQ_QUEUE) for _ in range(3)]
     for job_id in dead:
         assert stack.cli("watch", job_id).returncode == 3
     # Paused, the retried jobs stay QUEUED where the test can see them.
