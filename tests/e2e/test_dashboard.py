@@ -9,6 +9,7 @@ Screenshots go to CONVEYOR_SCREENSHOTS_DIR when set (docs/screenshots is made th
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -171,14 +172,21 @@ def wait(driver: WebDriver, within: float = WAIT) -> WebDriverWait[WebDriver]:
 def screenshot(driver: WebDriver, name: str, tmp_path: Path) -> None:
     folder = Path(os.environ.get("CONVEYOR_SCREENSHOTS_DIR") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1280, max(700, min(int(height) + 40, 2000)))
-    assert driver.save_screenshot(str(folder / f"{name}.png"))
-    driver.set_window_size(1280, 900)
+    height = int(driver.execute_script("return document.documentElement.scrollHeight"))
+    shot = driver.execute_cdp_cmd(
+        "Page.captureScreenshot",
+        {"captureBeyondViewport": True, "clip": {"x": 0, "y": 0, "width": 1280, "height": height, "scale": 1}},
+    )
+    (folder / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
 
 
 def text_of(driver: WebDriver, css: str) -> str:
     return str(driver.find_element(By.CSS_SELECTOR, css).text)
+
+
+def row_limits(stack: Stack, browser: WebDriver) -> str:
+    browser.get(stack.dashboard.url + "/")
+    return text_of(browser, f'tr[data-queue="{QUEUE}"] .limits')
 
 
 def test_overview_lists_every_queue_with_its_counts(stack: Stack, browser: WebDriver, tmp_path: Path) -> None:
@@ -191,7 +199,8 @@ def test_overview_lists_every_queue_with_its_counts(stack: Stack, browser: WebDr
     assert browser.find_elements(By.CSS_SELECTOR, f'tr[data-queue="{DLQ_QUEUE}"]')
     row.find_element(By.LINK_TEXT, QUEUE).click()
     wait(browser).until(ec.text_to_be_present_in_element((By.ID, "queue-status"), "running"))
-    assert '"queue"' in text_of(browser, "#limits") or text_of(browser, "#limits").startswith("{")
+    assert text_of(browser, "#limits-summary") == "none"
+    assert row_limits(stack, browser) == "none"
     browser.get(stack.dashboard.url + "/")
     wait(browser).until(ec.presence_of_element_located((By.ID, "queues")))
     screenshot(browser, "overview", tmp_path)
@@ -226,6 +235,7 @@ def test_a_job_goes_from_queued_to_succeeded_live_without_a_reload(
     assert types.count("PROGRESS") == 4
     assert browser.find_element(By.ID, "job-progress").get_attribute("value") == "100"
     assert text_of(browser, "#job-progress-message") == "step 4 of 4"
+    assert text_of(browser, "#job-worker") == "dash-worker" and text_of(browser, "#job-started").startswith("20")
     assert '"slept":1.2' in text_of(browser, "#job-result").replace(" ", "")
 
     browser.find_element(By.ID, "show-payload").click()
@@ -310,7 +320,11 @@ def test_bulk_retry_of_dead_letters_asks_first(stack: Stack, browser: WebDriver,
 
 
 def test_pause_and_resume_a_queue_from_its_page(stack: Stack, browser: WebDriver, tmp_path: Path) -> None:
+    assert stack.cli("limits", "set-concurrency", QUEUE, "7").returncode == 0
+    assert stack.cli("limits", "set-rate", QUEUE, "100", "1s", "--each-key").returncode == 0
+    assert row_limits(stack, browser) == "at most 7 running, each key 100 per 1 s"
     browser.get(f"{stack.dashboard.url}/queues/{QUEUE}")
+    assert text_of(browser, "#limits-summary") == "at most 7 running, each key 100 per 1 s"
     wait(browser).until(ec.element_to_be_clickable((By.ID, "pause"))).click()
     wait(browser).until(ec.visibility_of_element_located((By.ID, "confirm")))
     browser.find_element(By.ID, "confirm-ok").click()
@@ -322,6 +336,8 @@ def test_pause_and_resume_a_queue_from_its_page(stack: Stack, browser: WebDriver
     assert stack.json("stats", QUEUE)["stats"].get("paused", False) is False  # type: ignore[attr-defined]
     wait(browser).until(lambda d: d.find_element(By.ID, "throughput").get_attribute("data-drawn") == "true")
     screenshot(browser, "queue", tmp_path)
+    browser.get(stack.dashboard.url + "/")
+    screenshot(browser, "overview", tmp_path)
 
 
 def test_workers_and_schedules(stack: Stack, browser: WebDriver, tmp_path: Path) -> None:

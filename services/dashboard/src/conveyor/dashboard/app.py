@@ -88,6 +88,7 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
             "queue.html",
             q=views.queue_row(stats.stats),
             limits=views.limits_view(limits),
+            limits_summary=views.limits_summary(limits),
             finished=finished,
             finished_json=json.dumps(finished),
             finished_unavailable=stats.finished_unavailable,

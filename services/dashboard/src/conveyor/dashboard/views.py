@@ -9,7 +9,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from conveyor.v1 import admin_service_pb2, event_pb2, job_pb2, results_service_pb2, schedule_service_pb2
+from conveyor.v1 import admin_service_pb2, event_pb2, job_pb2, limits_pb2, results_service_pb2, schedule_service_pb2
 
 FINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "DEAD_LETTERED", "CANCELLED"})
 JOB_STATES = [v.name.removeprefix("JOB_STATE_") for v in job_pb2.JobState.DESCRIPTOR.values if v.number != 0]
@@ -47,8 +47,41 @@ def duration(message: Message, field: str) -> str:
     return f"{seconds:g}s"
 
 
+def human_seconds(seconds: float) -> str:
+    """60 -> "1 min", 3600 -> "1 h", 1.5 -> "1.5 s"."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)} {unit}"
+    return f"{seconds:g} s"
+
+
+def rate_text(rate: limits_pb2.RateLimit) -> str:
+    return f"{rate.limit} per {human_seconds(rate.period.ToTimedelta().total_seconds())}"
+
+
+def limits_summary(limits: limits_pb2.QueueLimits) -> str:
+    """One line: the limits in force, or "none"."""
+    parts = []
+    if limits.HasField("rate") and limits.rate.limit:
+        parts.append(f"rate {rate_text(limits.rate)}")
+    if limits.concurrency:
+        parts.append(f"at most {limits.concurrency} running")
+    if limits.HasField("rate_per_key") and limits.rate_per_key.limit:
+        parts.append(f"each key {rate_text(limits.rate_per_key)}")
+    if limits.concurrency_per_key:
+        parts.append(f"each key at most {limits.concurrency_per_key} running")
+    if limits.keys:
+        parts.append(f"{len(limits.keys)} keys with own limits")
+    if limits.HasField("backed_off_until"):
+        parts.append(f"backed off until {ts(limits, 'backed_off_until')}")
+    if limits.blocked_keys:
+        parts.append(f"{len(limits.blocked_keys)} keys held back")
+    return ", ".join(parts) or "none"
+
+
 def queue_row(q: admin_service_pb2.QueueStats) -> dict[str, Any]:
     return {
+        "limits": limits_summary(q.limits),
         "queue": q.queue,
         "paused": q.paused,
         "queued": q.queued,
@@ -73,7 +106,7 @@ def limits_view(limits: Message) -> dict[str, Any]:
 def finished_view(stats: results_service_pb2.FinishedStats) -> list[dict[str, Any]]:
     return [
         {
-            "window": duration(w, "window"),
+            "window": human_seconds(w.window.ToTimedelta().total_seconds()),
             "succeeded": w.succeeded,
             "failed": w.failed,
             "dead_lettered": w.dead_lettered,

@@ -68,6 +68,10 @@ function showEvent(e) {
     state.className = `state state-${e.state.toLowerCase()}`;
   }
   setText("job-attempt", String(e.attempt));
+  if (e.type === "ACTIVE") {
+    setText("job-started", e.time);
+    setText("job-worker", e.worker);
+  }
   const bar = document.getElementById("job-progress");
   if (e.progress) {
     bar.value = e.progress.percent;
