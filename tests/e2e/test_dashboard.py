@@ -72,7 +72,7 @@ class Dashboard:
         if self.proc.poll() is not None:
             raise RuntimeError(f"dashboard exited with {self.proc.returncode}:\n{self.log.read_text()}")
         try:
-            with urllib.request.urlopen(self.url + "/", timeout=2) as response:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=2) as response:
                 return bool(response.status == 200)
         except (urllib.error.URLError, ConnectionError):
             return False
@@ -299,6 +299,7 @@ def test_bulk_retry_of_dead_letters_asks_first(stack: Stack, browser: WebDriver,
         browser.get(f"{stack.dashboard.url}/queues/{DLQ_QUEUE}/dead-letters")
         rows = wait(browser).until(ec.presence_of_all_elements_located((By.CSS_SELECTOR, "#dead-letters tbody tr")))
         assert {r.get_attribute("data-job-id") for r in rows} == set(dead)
+        assert {r.find_element(By.CSS_SELECTOR, ".attempt").text for r in rows} == {"1"}
         screenshot(browser, "dead-letters", tmp_path)
 
         browser.find_element(By.ID, "retry-all").click()
@@ -386,3 +387,21 @@ def test_actions_refuse_bad_input_and_map_grpc_errors(stack: Stack) -> None:
         urllib.request.urlopen(stack.dashboard.url + f"/jobs/{QUEUE}/01JZZZZZZZZZZZZZZZZZZZZZZZ", timeout=10)
     missing.value.close()
     assert missing.value.code == 404
+
+
+def test_a_service_that_cannot_be_reached_is_a_503_naming_unavailable(stack: Stack, browser: WebDriver) -> None:
+    nowhere = f"127.0.0.1:{free_port()}"
+    orphan = Dashboard({**stack.env, "CONVEYOR_PRODUCER_ADDR": nowhere, "CONVEYOR_RESULTS_ADDR": nowhere})
+    try:
+        for path in ("/", f"/queues/{QUEUE}", "/jobs", "/workers"):
+            with pytest.raises(urllib.error.HTTPError) as failed:
+                urllib.request.urlopen(orphan.url + path, timeout=30)
+            with failed.value:
+                assert failed.value.code == 503, path
+                assert "UNAVAILABLE" in failed.value.read().decode()
+        status, answer = orphan.post(f"/queues/{QUEUE}/pause", {})
+        assert status == 503 and answer["code"] == "UNAVAILABLE"
+        browser.get(orphan.url + "/")
+        assert "UNAVAILABLE" in text_of(browser, "#error-message")
+    finally:
+        orphan.stop()

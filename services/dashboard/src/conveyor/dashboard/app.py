@@ -18,7 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -247,6 +247,10 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
         state = await client.cancel_job(request.path_params["job_id"], reason="cancelled from the dashboard")
         return {"state": views.state_name(state)}
 
+    async def healthz(request: Request) -> Response:
+        """Liveness of this process only (no backend call): for a load balancer or `make up`."""
+        return PlainTextResponse("ok\n")
+
     async def chart_bundle(request: Request) -> Response:
         if chart_js is None:
             raise HTTPException(404, "Chart.js is not installed (run npm ci)")
@@ -261,6 +265,7 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
 
     routes = [
         Route("/", overview),
+        Route("/healthz", healthz),
         Route("/queues/{queue}", queue_page),
         Route("/queues/{queue}/dead-letters", dead_letters_page),
         Route("/queues/{queue}/pause", action(pause), methods=["POST"]),

@@ -182,7 +182,7 @@ def dead_letter_view(d: admin_service_pb2.DeadLetter) -> dict[str, Any]:
         "id": d.id,
         "job_id": d.job.id,
         "type": d.job.type,
-        "attempt": d.job.attempt,
+        "attempt": d.event.attempt or d.job.attempt,
         "error": d.event.error.message if d.event.HasField("error") else (d.job.error.message or ""),
         "dead_at": ts(d, "dead_at"),
     }
