@@ -265,6 +265,14 @@ def test_jobs_filter_by_state_and_page(stack: Stack, browser: WebDriver, tmp_pat
     assert succeeded in {r.get_attribute("data-job-id") for r in rows}
     screenshot(browser, "jobs", tmp_path)
 
+    browser.get(stack.dashboard.url + f"/jobs?queue={QUEUE}&type=demo.fail&created_after=2020-01-01T00:00")
+    ids = {r.get_attribute("data-job-id") for r in browser.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")}
+    assert failed in ids and succeeded not in ids
+    browser.get(stack.dashboard.url + f"/jobs?queue={QUEUE}&created_after=2999-01-01T00:00")
+    assert browser.find_elements(By.ID, "no-jobs")
+    browser.get(stack.dashboard.url + f"/jobs?queue={QUEUE}&created_before=2020-01-01T00:00:00Z")
+    assert browser.find_elements(By.ID, "no-jobs")
+
     # Keyset paging: page_size is 50, so 51 more jobs make a second page that goes on where the first stopped.
     for i in range(51):
         stack.enqueue("demo.echo", {"page": i})

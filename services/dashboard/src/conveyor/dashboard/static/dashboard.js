@@ -98,7 +98,7 @@ function showEvent(e) {
 
 function watchJob(live) {
   if (live.dataset.final === "true") return;
-  const source = new EventSource(`/api/watch/${live.dataset.jobId}`);
+  const source = new EventSource(`/api/watch/${encodeURI(live.dataset.jobId)}`);
   live.dataset.watching = "true";
   source.onmessage = (message) => {
     const e = JSON.parse(message.data);
