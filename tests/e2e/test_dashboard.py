@@ -413,3 +413,27 @@ def test_a_service_that_cannot_be_reached_is_a_503_naming_unavailable(stack: Sta
         assert "UNAVAILABLE" in text_of(browser, "#error-message")
     finally:
         orphan.stop()
+
+
+def test_the_watch_relay_streams_a_jobs_events_as_server_sent_events(stack: Stack) -> None:
+    job_id = stack.enqueue("demo.sleep", {"seconds": 0.2, "steps": 2})
+    assert stack.cli("watch", job_id).returncode == 0
+    url = f"{stack.dashboard.url}/api/watch/{job_id}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        messages = response.read().decode().strip().split("\n\n")
+    events = [json.loads(m.split("data: ", 1)[1]) for m in messages if m.startswith("id: ")]
+    assert [e["type"] for e in events] == ["QUEUED", "ACTIVE", "PROGRESS", "PROGRESS", "SUCCEEDED"]
+    assert events[-1]["final"] is True and json.loads(events[-1]["result"]) == {"slept": 0.2, "steps": 2}
+    assert messages[-1] == "event: end\ndata: {}"
+
+    # A reconnecting EventSource sends Last-Event-ID: the relay resumes after it, with no repeat.
+    request = urllib.request.Request(url, headers={"Last-Event-ID": events[2]["id"]})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        resumed = [m for m in response.read().decode().strip().split("\n\n") if m.startswith("id: ")]
+    assert [json.loads(m.split("data: ", 1)[1])["type"] for m in resumed] == ["PROGRESS", "SUCCEEDED"]
+
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"{stack.dashboard.url}/api/watch/{QUEUE}/01JZZZZZZZZZZZZZZZZZZZZZZZ", timeout=30)
+    with missing.value:
+        assert missing.value.code == 404
