@@ -19,7 +19,14 @@ async def run() -> None:
     client = ConveyorClient(settings.producer_addr, settings.results_addr, coalesce=False)
     app = create_app(client, read_only=settings.read_only, chart_js=settings.assets)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_config=None, access_log=False, lifespan="on"
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        # Open live-progress streams never end by themselves: give them 5 s on SIGTERM, then close them.
+        timeout_graceful_shutdown=5,
     )
     log.info(
         "dashboard listening",
