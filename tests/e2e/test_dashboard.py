@@ -437,3 +437,19 @@ def test_the_watch_relay_streams_a_jobs_events_as_server_sent_events(stack: Stac
         urllib.request.urlopen(f"{stack.dashboard.url}/api/watch/{QUEUE}/01JZZZZZZZZZZZZZZZZZZZZZZZ", timeout=30)
     with missing.value:
         assert missing.value.code == 404
+
+
+def test_a_jobs_page_without_the_results_service_still_shows_the_job(stack: Stack, browser: WebDriver) -> None:
+    job_id = stack.enqueue("demo.echo", {"k": "v"})
+    assert stack.cli("watch", job_id).returncode == 0
+    blind = Dashboard({**stack.env, "CONVEYOR_RESULTS_ADDR": f"127.0.0.1:{free_port()}"})
+    try:
+        browser.get(f"{blind.url}/jobs/{job_id}")
+        wait(browser).until(ec.text_to_be_present_in_element((By.ID, "job-state"), "SUCCEEDED"))
+        assert "UNAVAILABLE" in text_of(browser, "#history-unavailable")
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            urllib.request.urlopen(f"{blind.url}/jobs?queue={QUEUE}", timeout=30)
+        with failed.value:
+            assert failed.value.code == 503
+    finally:
+        blind.stop()

@@ -139,15 +139,31 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
         job_id = request.path_params["job_id"]
         job = await client.get_job(job_id)
         events: list[dict[str, Any]] = []
+        history_unavailable = ""
         after = ""
-        while True:
-            chunk = await client.list_job_events(job_id, after_event_id=after)
-            events.extend(views.event_view(e) for e in chunk.events)
-            if not chunk.has_more or not chunk.events:
-                break
-            after = chunk.events[-1].id
+        try:
+            while True:
+                chunk = await client.list_job_events(job_id, after_event_id=after)
+                events.extend(views.event_view(e) for e in chunk.events)
+                if not chunk.has_more or not chunk.events:
+                    break
+                after = chunk.events[-1].id
+        except ConveyorError as exc:
+            # The job itself came from the producer; without the results service the page still shows
+            # it, and the live relay (from the producer) still fills the timeline.
+            if exc.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            log.warning("job history unavailable", job_id=job_id, code=exc.code.name, error=exc.message)
+            history_unavailable = f"{exc.code.name}: {exc.message}"
         row = views.job_row(job)
-        return page(request, "job.html", job=row, events=events, final=row["state"] in views.FINAL_STATES)
+        return page(
+            request,
+            "job.html",
+            job=row,
+            events=events,
+            history_unavailable=history_unavailable,
+            final=row["state"] in views.FINAL_STATES,
+        )
 
     async def job_payload(request: Request) -> Response:
         job = await client.get_job(request.path_params["job_id"])
