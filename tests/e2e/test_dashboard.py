@@ -357,6 +357,21 @@ def test_workers_and_schedules(stack: Stack, browser: WebDriver, tmp_path: Path)
     assert "cron 0 3 * * *" in row.text
     screenshot(browser, "schedules", tmp_path)
 
+    row.find_element(By.CSS_SELECTOR, "button.run-now").click()
+    wait(browser).until(ec.visibility_of_element_located((By.ID, "confirm")))
+    browser.find_element(By.ID, "confirm-ok").click()
+    flash = wait(browser).until(ec.visibility_of_element_located((By.ID, "flash")))
+    fired = json.loads(flash.text.split("done ", 1)[1])["job_id"]
+    assert fired.startswith(f"{QUEUE}/")
+    assert stack.cli("watch", fired).returncode == 0
+
+    browser.find_element(By.CSS_SELECTOR, 'tr[data-schedule-id="dash-nightly"] button.delete').click()
+    wait(browser).until(ec.visibility_of_element_located((By.ID, "confirm")))
+    browser.find_element(By.ID, "confirm-ok").click()
+    wait(browser).until(ec.text_to_be_present_in_element((By.ID, "flash"), "Delete: done"))
+    assert not browser.find_elements(By.CSS_SELECTOR, 'tr[data-schedule-id="dash-nightly"]')
+    assert stack.cli("schedules", "get", "dash-nightly").returncode == 1
+
     browser.get(stack.dashboard.url + "/workers")
     row = wait(browser).until(ec.presence_of_element_located((By.CSS_SELECTOR, 'tr[data-worker-id="dash-worker"]')))
     assert QUEUE in row.text and DLQ_QUEUE in row.text

@@ -27,7 +27,7 @@ from conveyor.common import logs
 from conveyor.common.client import ConveyorClient
 from conveyor.common.errors import ConveyorError, InvalidArgument
 from conveyor.dashboard import views
-from conveyor.v1 import job_pb2
+from conveyor.v1 import job_pb2, producer_service_pb2
 
 HERE = Path(__file__).resolve().parent
 log = logs.get_logger(__name__)
@@ -263,6 +263,16 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
         state = await client.cancel_job(request.path_params["job_id"], reason="cancelled from the dashboard")
         return {"state": views.state_name(state)}
 
+    async def run_schedule_now(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        """Enqueue the schedule's job once, now (not a tick: the next fire time stays), as the CLI's run-now."""
+        schedule = await client.get_schedule(request.path_params["schedule_id"])
+        job = producer_service_pb2.EnqueueRequest()
+        job.CopyFrom(schedule.spec.template)
+        return {"job_id": (await client.submit(job)).job_id}
+
+    async def delete_schedule(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        return {"deleted": (await client.delete_schedule(request.path_params["schedule_id"])).schedule_id}
+
     async def healthz(request: Request) -> Response:
         """Liveness of this process only (no backend call): for a load balancer or `make up`."""
         return PlainTextResponse("ok\n")
@@ -295,6 +305,8 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
         Route("/jobs/{job_id:path}", job_page),
         Route("/workers", workers_page),
         Route("/schedules", schedules_page),
+        Route("/schedules/{schedule_id:path}/run-now", action(run_schedule_now), methods=["POST"]),
+        Route("/schedules/{schedule_id:path}/delete", action(delete_schedule), methods=["POST"]),
         Route("/static/vendor/chart.umd.min.js", chart_bundle),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
