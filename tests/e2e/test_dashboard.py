@@ -243,6 +243,23 @@ def test_a_job_goes_from_queued_to_succeeded_live_without_a_reload(
     screenshot(browser, "job", tmp_path)
 
 
+def test_cancel_a_waiting_job_from_its_page(stack: Stack, browser: WebDriver) -> None:
+    assert stack.cli("pause", QUEUE).returncode == 0
+    try:
+        job_id = stack.enqueue("demo.echo", {"never": "runs"})
+        browser.get(f"{stack.dashboard.url}/jobs/{job_id}")
+        wait(browser).until(ec.element_to_be_clickable((By.ID, "cancel"))).click()
+        wait(browser).until(ec.visibility_of_element_located((By.ID, "confirm")))
+        browser.find_element(By.ID, "confirm-ok").click()
+        wait(browser).until(ec.text_to_be_present_in_element((By.ID, "job-state"), "CANCELLED"))
+        assert not browser.find_elements(By.ID, "cancel")
+        assert stack.state(job_id) == "CANCELLED"
+        status, answer = stack.dashboard.post(f"/jobs/{job_id}/cancel", {})
+        assert (status, answer) == (200, {"state": "CANCELLED"})  # cancelling again changes nothing
+    finally:
+        assert stack.cli("resume", QUEUE).returncode == 0
+
+
 def test_jobs_filter_by_state_and_page(stack: Stack, browser: WebDriver, tmp_path: Path) -> None:
     failed = stack.enqueue("demo.fail", {"message": "filtered out?", "permanent": True})
     succeeded = stack.enqueue("demo.echo", {"n": 1})
@@ -462,6 +479,13 @@ def test_a_jobs_page_without_the_results_service_still_shows_the_job(stack: Stac
         browser.get(f"{blind.url}/jobs/{job_id}")
         wait(browser).until(ec.text_to_be_present_in_element((By.ID, "job-state"), "SUCCEEDED"))
         assert "UNAVAILABLE" in text_of(browser, "#history-unavailable")
+        # The relay replays what the results service could not give.
+        wait(browser).until(
+            lambda d: (
+                [r.get_attribute("data-type") for r in d.find_elements(By.CSS_SELECTOR, "#timeline tbody tr")]
+                == ["QUEUED", "ACTIVE", "SUCCEEDED"]
+            )
+        )
         with pytest.raises(urllib.error.HTTPError) as failed:
             urllib.request.urlopen(f"{blind.url}/jobs?queue={QUEUE}", timeout=30)
         with failed.value:

@@ -149,12 +149,15 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
                     break
                 after = chunk.events[-1].id
         except ConveyorError as exc:
-            # The job itself came from the producer; without the results service the page still shows
-            # it, and the live relay (from the producer) still fills the timeline.
-            if exc.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            # The job itself came from the producer. NOT_FOUND: the results service has not recorded
+            # it yet (it projects the event streams a moment later). UNAVAILABLE: it is down. Either
+            # way the page shows the job, and the live relay (Watch replays from the first event)
+            # fills the timeline.
+            if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                log.warning("job history unavailable", job_id=job_id, code=exc.code.name, error=exc.message)
+                history_unavailable = f"{exc.code.name}: {exc.message}"
+            elif exc.code != grpc.StatusCode.NOT_FOUND:
                 raise
-            log.warning("job history unavailable", job_id=job_id, code=exc.code.name, error=exc.message)
-            history_unavailable = f"{exc.code.name}: {exc.message}"
         row = views.job_row(job)
         return page(
             request,

@@ -97,7 +97,8 @@ function showEvent(e) {
 }
 
 function watchJob(live) {
-  if (live.dataset.final === "true") return;
+  // A finished job is watched only to replay a timeline the results service could not give.
+  if (live.dataset.final === "true" && live.dataset.replay !== "true") return;
   const source = new EventSource(`/api/watch/${encodeURI(live.dataset.jobId)}`);
   live.dataset.watching = "true";
   source.onmessage = (message) => {
