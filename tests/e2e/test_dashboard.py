@@ -389,10 +389,21 @@ def test_workers_and_schedules(stack: Stack, browser: WebDriver, tmp_path: Path)
     assert not browser.find_elements(By.CSS_SELECTOR, 'tr[data-schedule-id="dash-nightly"]')
     assert stack.cli("schedules", "get", "dash-nightly").returncode == 1
 
-    browser.get(stack.dashboard.url + "/workers")
-    row = wait(browser).until(ec.presence_of_element_located((By.CSS_SELECTOR, 'tr[data-worker-id="dash-worker"]')))
-    assert QUEUE in row.text and DLQ_QUEUE in row.text
-    screenshot(browser, "workers", tmp_path)
+    running = stack.enqueue("demo.sleep", {"seconds": 120, "steps": 120})
+    try:
+        wait_until(lambda: stack.state(running) == "ACTIVE", "the long job to start", within=WAIT)
+
+        def shows_running_job() -> bool:
+            browser.get(stack.dashboard.url + "/workers")
+            row = browser.find_element(By.CSS_SELECTOR, 'tr[data-worker-id="dash-worker"]')
+            assert QUEUE in row.text and DLQ_QUEUE in row.text
+            return bool(row.find_elements(By.LINK_TEXT, running))
+
+        wait_until(shows_running_job, "the worker's job in flight on /workers", within=WAIT, interval=0.5)
+        screenshot(browser, "workers", tmp_path)
+    finally:
+        assert stack.cli("cancel", running).returncode == 0
+    wait_until(lambda: stack.state(running) == "CANCELLED", "the long job to stop", within=WAIT)
 
 
 def test_read_only_mode_hides_the_buttons_and_refuses_posts(stack: Stack, browser: WebDriver) -> None:
