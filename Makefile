@@ -13,7 +13,7 @@ BUF := npx --no-install buf
 UV := $(or $(shell command -v uv 2>/dev/null),python3 -m uv)
 STAMP := $(VENV)/.make-venv.stamp
 PROJECTS := pyproject.toml $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
-MEMBERS := conveyor-common conveyor-producer conveyor-worker conveyor-results
+MEMBERS := conveyor-common conveyor-producer conveyor-worker conveyor-results conveyor-dashboard
 STUBS := libs/common/src/conveyor/v1
 BASELINE := protos/breaking-baseline.binpb
 PYTEST_ARGS ?=
@@ -54,7 +54,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 typecheck: venv
-	$(VENV)/bin/mypy -p conveyor.common -p conveyor.producer -p conveyor.worker -p conveyor.results
+	$(VENV)/bin/mypy -p conveyor.common -p conveyor.producer -p conveyor.worker -p conveyor.results -p conveyor.dashboard
 
 # Tests start their own Redis and PostgreSQL; CONVEYOR_SLOW=1 adds the slow ones.
 test: venv proto-check

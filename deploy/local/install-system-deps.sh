@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # Installs the system binaries that tests and `make up` spawn privately: redis-server and PostgreSQL,
-# and tmux, in which the CLI's tests read its live progress bar off a real terminal.
+# tmux, in which the CLI's tests read its live progress bar off a real terminal, and chromium with
+# chromedriver, in which the dashboard's tests drive a real headless browser.
 # Idempotent: does nothing when they are present. Never starts, stops or reconfigures the system
 # services; Conveyor runs its own throwaway servers (conveyor.common.devstack.servers).
 set -euo pipefail
 
-PACKAGES=(redis-server postgresql tmux)
+PACKAGES=(redis-server postgresql tmux chromium chromium-driver)
 
 have_redis() { command -v redis-server >/dev/null 2>&1; }
 have_postgres() { compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; }
 have_tmux() { command -v tmux >/dev/null 2>&1; }
+have_chromium() { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }
 
-if ! have_redis || ! have_postgres || ! have_tmux; then
+if ! have_redis || ! have_postgres || ! have_tmux || ! have_chromium; then
   if [ "$(id -u)" -ne 0 ]; then
-    echo "redis-server, PostgreSQL or tmux is missing; install them with:" >&2
+    echo "redis-server, PostgreSQL, tmux or chromium is missing; install them with:" >&2
     echo "  sudo apt-get update && sudo apt-get install -y --no-install-recommends ${PACKAGES[*]}" >&2
     exit 1
   fi

@@ -1,0 +1,320 @@
+"""The dashboard's web application: server-rendered pages, a JSON POST per action, and Watch relayed as SSE.
+
+It reads and changes Conveyor only through the gRPC APIs (a :class:`ConveyorClient` on the producer's
+and the results service's addresses); it never opens Redis or PostgreSQL itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from conveyor.common import logs
+from conveyor.common.client import ConveyorClient
+from conveyor.common.errors import ConveyorError, InvalidArgument
+from conveyor.dashboard import views
+from conveyor.v1 import job_pb2, producer_service_pb2
+
+HERE = Path(__file__).resolve().parent
+log = logs.get_logger(__name__)
+
+# gRPC status -> HTTP status of the page or the action that hit it.
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+}
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Path | None = None) -> Starlette:
+    """The ASGI app. ``client`` must have a results address (jobs, events and history come from there)."""
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.globals["read_only"] = read_only
+    templates.env.globals["chart_js"] = chart_js is not None
+
+    def page(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
+        return templates.TemplateResponse(request, name, context, status_code=status_code)
+
+    async def error_page(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, ConveyorError):
+            status = HTTP_STATUS.get(exc.code, 500)
+            code, message = exc.code.name, exc.message
+        elif isinstance(exc, HTTPException):
+            status, code, message = exc.status_code, "", exc.detail
+        else:
+            raise exc
+        if request.method == "POST" or request.url.path.startswith("/api/"):
+            return JSONResponse({"code": code, "error": message}, status_code=status)
+        return page(request, "error.html", status_code=status, status=status, code=code, message=message)
+
+    # ---- pages -------------------------------------------------------------------------------------
+
+    async def overview(request: Request) -> Response:
+        queues = [views.queue_row(q) for q in await client.list_queues()]
+        return page(request, "overview.html", queues=queues)
+
+    async def queue_page(request: Request) -> Response:
+        queue = request.path_params["queue"]
+        stats = await client.get_queue_stats(queue)
+        limits = await client.get_limits(queue)
+        finished = views.finished_view(stats.finished) if stats.HasField("finished") else []
+        return page(
+            request,
+            "queue.html",
+            q=views.queue_row(stats.stats),
+            limits=views.limits_view(limits),
+            limits_summary=views.limits_summary(limits),
+            finished=finished,
+            finished_json=json.dumps(finished),
+            finished_unavailable=stats.finished_unavailable,
+        )
+
+    async def jobs_page(request: Request) -> Response:
+        params = request.query_params
+        filters: dict[str, Any] = {}
+        problems: dict[str, str] = {}
+        if params.get("queue"):
+            filters["queue"] = params["queue"]
+        if params.get("type"):
+            filters["type"] = params["type"]
+        state = params.get("state", "")
+        if state:
+            if state not in views.JOB_STATES:
+                problems["state"] = f"must be one of {', '.join(views.JOB_STATES)}"
+            else:
+                filters["state"] = job_pb2.JobState.Value(f"JOB_STATE_{state}")
+        for field in ("created_after", "created_before"):
+            raw = params.get(field, "")
+            if raw:
+                try:
+                    moment = datetime.fromisoformat(raw)
+                except ValueError:
+                    problems[field] = f"must be a date and time like 2026-12-05T13:00, got {raw!r}"
+                    continue
+                stamp = Timestamp()
+                stamp.FromDatetime(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+                filters[field] = stamp
+        if problems:
+            raise InvalidArgument(problems)
+        token = params.get("page_token", "")
+        response = await client.list_jobs(**filters, page_size=50, page_token=token)
+        kept = {k: v for k, v in params.items() if k != "page_token" and v}
+
+        return page(
+            request,
+            "jobs.html",
+            jobs=[views.job_row(j) for j in response.jobs],
+            next_page_token=response.next_page_token,
+            next_params={**kept, "page_token": response.next_page_token},
+            filters=kept,
+            states=views.JOB_STATES,
+        )
+
+    async def job_page(request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        job = await client.get_job(job_id)
+        events: list[dict[str, Any]] = []
+        history_unavailable = ""
+        after = ""
+        try:
+            while True:
+                chunk = await client.list_job_events(job_id, after_event_id=after)
+                events.extend(views.event_view(e) for e in chunk.events)
+                if not chunk.has_more or not chunk.events:
+                    break
+                after = chunk.events[-1].id
+        except ConveyorError as exc:
+            # The job itself came from the producer. NOT_FOUND: the results service has not recorded
+            # it yet (it projects the event streams a moment later). UNAVAILABLE: it is down. Either
+            # way the page shows the job, and the live relay (Watch replays from the first event)
+            # fills the timeline.
+            if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                log.warning("job history unavailable", job_id=job_id, code=exc.code.name, error=exc.message)
+                history_unavailable = f"{exc.code.name}: {exc.message}"
+            elif exc.code != grpc.StatusCode.NOT_FOUND:
+                raise
+        row = views.job_row(job)
+        return page(
+            request,
+            "job.html",
+            job=row,
+            events=events,
+            history_unavailable=history_unavailable,
+            final=row["state"] in views.FINAL_STATES,
+        )
+
+    async def job_payload(request: Request) -> Response:
+        job = await client.get_job(request.path_params["job_id"])
+        return JSONResponse({"payload": views.payload_of(job)})
+
+    async def watch_job(request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        after = request.headers.get("last-event-id", "")
+        await client.get_job(job_id)  # a missing job is a 404 here, before the stream starts
+
+        async def stream() -> AsyncIterator[str]:
+            try:
+                async for event in client.watch(job_id, after_event_id=after):
+                    view = views.event_view(event)
+                    yield f"id: {view['id']}\ndata: {json.dumps(view)}\n\n"
+                    if view["final"]:
+                        break
+            except ConveyorError as exc:
+                log.warning("watch relay failed", job_id=job_id, code=exc.code.name, error=exc.message)
+                yield f"event: failure\ndata: {json.dumps({'code': exc.code.name, 'error': exc.message})}\n\n"
+                return
+            yield "event: end\ndata: {}\n\n"
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+
+    async def dead_letters_page(request: Request) -> Response:
+        queue = request.path_params["queue"]
+        response = await client.list_dead_letters(
+            queue, page_size=100, page_token=request.query_params.get("page_token", "")
+        )
+        return page(
+            request,
+            "dead_letters.html",
+            queue=queue,
+            letters=[views.dead_letter_view(d) for d in response.dead_letters],
+            next_page_token=response.next_page_token,
+        )
+
+    async def workers_page(request: Request) -> Response:
+        workers = [views.worker_view(w) for w in await client.list_workers()]
+        return page(request, "workers.html", workers=workers)
+
+    async def schedules_page(request: Request) -> Response:
+        response = await client.list_schedules(page_size=100, page_token=request.query_params.get("page_token", ""))
+        return page(
+            request,
+            "schedules.html",
+            schedules=[views.schedule_view(s) for s in response.schedules],
+            next_page_token=response.next_page_token,
+        )
+
+    # ---- actions (JSON POSTs) ----------------------------------------------------------------------
+
+    def action(fn: Callable[[Request, dict[str, Any]], Awaitable[dict[str, Any]]]) -> Handler:
+        async def handler(request: Request) -> Response:
+            if read_only:
+                return JSONResponse({"code": "PERMISSION_DENIED", "error": "the dashboard is read-only"}, 403)
+            # Only JSON bodies: a cross-site form cannot send one without a CORS preflight we never allow.
+            if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+                return JSONResponse({"code": "INVALID_ARGUMENT", "error": "send Content-Type: application/json"}, 415)
+            try:
+                body = await request.json()
+            except ValueError:
+                body = None
+            if not isinstance(body, dict):
+                raise InvalidArgument({"body": "must be a JSON object"})
+            result = await fn(request, body)
+            log.info("dashboard action", path=request.url.path, **{k: v for k, v in body.items() if k != "payload"})
+            return JSONResponse(result)
+
+        return handler
+
+    async def pause(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        return {"changed": await client.pause_queue(request.path_params["queue"])}
+
+    async def resume(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        return {"changed": await client.resume_queue(request.path_params["queue"])}
+
+    def one_or_all(body: dict[str, Any]) -> tuple[str, bool]:
+        job_id, everything = body.get("job_id", ""), body.get("all", False)
+        if not isinstance(job_id, str) or not isinstance(everything, bool) or bool(job_id) == everything:
+            raise InvalidArgument({"job_id": "give either job_id (a string) or all: true"})
+        return job_id, everything
+
+    async def retry_dead(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        job_id, everything = one_or_all(body)
+        ids = await client.retry_dead_letters(request.path_params["queue"], job_id, all=everything)
+        return {"retried": ids}
+
+    async def purge_dead(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        job_id, everything = one_or_all(body)
+        return {"purged": await client.purge_dead_letters(request.path_params["queue"], job_id, all=everything)}
+
+    async def cancel(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        state = await client.cancel_job(request.path_params["job_id"], reason="cancelled from the dashboard")
+        return {"state": views.state_name(state)}
+
+    async def run_schedule_now(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        """Enqueue the schedule's job once, now (not a tick: the next fire time stays), as the CLI's run-now."""
+        schedule = await client.get_schedule(request.path_params["schedule_id"])
+        job = producer_service_pb2.EnqueueRequest()
+        job.CopyFrom(schedule.spec.template)
+        return {"job_id": (await client.submit(job)).job_id}
+
+    async def delete_schedule(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        return {"deleted": (await client.delete_schedule(request.path_params["schedule_id"])).schedule_id}
+
+    async def healthz(request: Request) -> Response:
+        """Liveness of this process only (no backend call): for a load balancer or `make up`."""
+        return PlainTextResponse("ok\n")
+
+    async def chart_bundle(request: Request) -> Response:
+        if chart_js is None:
+            raise HTTPException(404, "Chart.js is not installed (run npm ci)")
+        return FileResponse(chart_js, media_type="text/javascript")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await client.close()
+
+    routes = [
+        Route("/", overview),
+        Route("/healthz", healthz),
+        Route("/queues/{queue}", queue_page),
+        Route("/queues/{queue}/dead-letters", dead_letters_page),
+        Route("/queues/{queue}/pause", action(pause), methods=["POST"]),
+        Route("/queues/{queue}/resume", action(resume), methods=["POST"]),
+        Route("/queues/{queue}/dead-letters/retry", action(retry_dead), methods=["POST"]),
+        Route("/queues/{queue}/dead-letters/purge", action(purge_dead), methods=["POST"]),
+        Route("/jobs", jobs_page),
+        Route("/jobs/{job_id:path}/cancel", action(cancel), methods=["POST"]),
+        Route("/api/payload/{job_id:path}", job_payload),
+        Route("/api/watch/{job_id:path}", watch_job),
+        Route("/jobs/{job_id:path}", job_page),
+        Route("/workers", workers_page),
+        Route("/schedules", schedules_page),
+        Route("/schedules/{schedule_id:path}/run-now", action(run_schedule_now), methods=["POST"]),
+        Route("/schedules/{schedule_id:path}/delete", action(delete_schedule), methods=["POST"]),
+        Route("/static/vendor/chart.umd.min.js", chart_bundle),
+        Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+    ]
+    return Starlette(
+        routes=routes,
+        exception_handlers={ConveyorError: error_page, HTTPException: error_page},
+        lifespan=lifespan,
+    )

@@ -1,0 +1,171 @@
+// Conveyor dashboard: confirmations and JSON POSTs for actions, the payload on request, live job
+// progress over Server-Sent Events, and the throughput chart. No build step, nothing from elsewhere.
+"use strict";
+
+function flash(text, isError) {
+  const box = document.getElementById("flash");
+  box.textContent = text;
+  box.className = isError ? "error" : "ok";
+  box.hidden = false;
+}
+
+function confirmStep(text) {
+  const dialog = document.getElementById("confirm");
+  document.getElementById("confirm-text").textContent = text;
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
+    dialog.showModal();
+  });
+}
+
+async function post(button) {
+  if (button.dataset.confirm && !(await confirmStep(button.dataset.confirm))) return;
+  button.disabled = true;
+  try {
+    const response = await fetch(button.dataset.post, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: button.dataset.body || "{}",
+    });
+    const answer = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      flash(`${answer.code || response.status}: ${answer.error || response.statusText}`, true);
+      button.disabled = false;
+      return;
+    }
+    sessionStorage.setItem("conveyor-flash", `${button.textContent.trim()}: done ${JSON.stringify(answer)}`);
+    location.reload();
+  } catch (err) {
+    flash(`request failed: ${err}`, true);
+    button.disabled = false;
+  }
+}
+
+function setText(id, text) {
+  const el = document.getElementById(id);
+  if (el) el.textContent = text;
+}
+
+function detail(e) {
+  if (e.progress) return `${e.progress.percent}% ${e.progress.message}`;
+  if (e.error) return `${e.error.kind}: ${e.error.message}`;
+  if (e.result) return e.result;
+  if (e.next_run_at) return `next run ${e.next_run_at}`;
+  return "";
+}
+
+function showEvent(e) {
+  const body = document.querySelector("#timeline tbody");
+  if (body && !body.querySelector(`tr[data-event-id="${CSS.escape(e.id)}"]`)) {
+    const row = body.insertRow();
+    row.dataset.eventId = e.id;
+    row.dataset.type = e.type;
+    for (const text of [e.time, e.type, String(e.attempt), e.worker, detail(e)]) row.insertCell().textContent = text;
+  }
+  const state = document.getElementById("job-state");
+  if (state && e.state) {
+    state.textContent = e.state;
+    state.className = `state state-${e.state.toLowerCase()}`;
+  }
+  setText("job-attempt", String(e.attempt));
+  if (e.type === "ACTIVE") {
+    setText("job-started", e.time);
+    setText("job-worker", e.worker);
+  }
+  const bar = document.getElementById("job-progress");
+  if (e.progress) {
+    bar.value = e.progress.percent;
+    setText("job-progress-text", `${e.progress.percent}%`);
+    setText("job-progress-message", e.progress.message);
+  }
+  if (e.type === "SUCCEEDED") bar.value = 100;
+  if (e.result) {
+    const result = document.getElementById("job-result");
+    result.textContent = e.result;
+    result.hidden = false;
+  }
+  if (e.error) {
+    const error = document.getElementById("job-error");
+    error.textContent = `${e.error.kind}: ${e.error.message}`;
+    error.hidden = false;
+  }
+  if (e.final) {
+    setText("job-finished", e.time);
+    const cancel = document.getElementById("cancel");
+    if (cancel) cancel.remove();
+  }
+}
+
+function watchJob(live) {
+  // A finished job is watched only to replay a timeline the results service could not give.
+  if (live.dataset.final === "true" && live.dataset.replay !== "true") return;
+  const source = new EventSource(`/api/watch/${encodeURI(live.dataset.jobId)}`);
+  live.dataset.watching = "true";
+  source.onmessage = (message) => {
+    const e = JSON.parse(message.data);
+    showEvent(e);
+    if (e.final) {
+      live.dataset.final = "true";
+      source.close();
+    }
+  };
+  source.addEventListener("end", () => source.close());
+  source.addEventListener("failure", (message) => {
+    const answer = JSON.parse(message.data);
+    flash(`live updates stopped: ${answer.code}: ${answer.error}`, true);
+    source.close();
+  });
+}
+
+async function showPayload(button) {
+  const response = await fetch(button.dataset.url);
+  const answer = await response.json();
+  const box = document.getElementById("payload");
+  box.textContent = response.ok ? JSON.stringify(answer.payload, null, 2) : `${answer.code}: ${answer.error}`;
+  box.hidden = false;
+  button.hidden = true;
+}
+
+function drawThroughput(canvas) {
+  if (typeof Chart === "undefined") return;
+  const windows = JSON.parse(canvas.dataset.windows);
+  const outcome = (label, key, color) => ({ label, data: windows.map((w) => w[key]), backgroundColor: color });
+  new Chart(canvas, {
+    type: "bar",
+    data: {
+      labels: windows.map((w) => `last ${w.window}`),
+      datasets: [
+        outcome("succeeded", "succeeded", "#2e7d32"),
+        outcome("failed", "failed", "#c62828"),
+        outcome("dead-lettered", "dead_lettered", "#6a1b9a"),
+        outcome("cancelled", "cancelled", "#757575"),
+      ],
+    },
+    options: {
+      animation: false,
+      responsive: true,
+      maintainAspectRatio: false,
+      plugins: { title: { display: true, text: "Finished jobs per window" } },
+      scales: { x: { stacked: true }, y: { stacked: true, beginAtZero: true, ticks: { precision: 0 } } },
+    },
+  });
+  canvas.dataset.drawn = "true";
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const message = sessionStorage.getItem("conveyor-flash");
+  if (message) {
+    sessionStorage.removeItem("conveyor-flash");
+    flash(message, false);
+  }
+  for (const button of document.querySelectorAll("button[data-post]")) button.addEventListener("click", () => post(button));
+  const payload = document.getElementById("show-payload");
+  if (payload) payload.addEventListener("click", () => showPayload(payload));
+  const live = document.getElementById("live");
+  if (live) watchJob(live);
+});
+
+window.addEventListener("load", () => {
+  const canvas = document.getElementById("throughput");
+  if (canvas) drawThroughput(canvas);
+});

@@ -1,0 +1,219 @@
+"""Turns the API's protobuf messages into plain dicts for the templates and the browser."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+from conveyor.v1 import admin_service_pb2, event_pb2, job_pb2, limits_pb2, results_service_pb2, schedule_service_pb2
+
+FINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "DEAD_LETTERED", "CANCELLED"})
+JOB_STATES = [v.name.removeprefix("JOB_STATE_") for v in job_pb2.JobState.DESCRIPTOR.values if v.number != 0]
+
+# The state a job is in after an event of each type.
+STATE_AFTER = {
+    "QUEUED": "QUEUED",
+    "ACTIVE": "ACTIVE",
+    "PROGRESS": "ACTIVE",
+    "RETRY_SCHEDULED": "RETRY_SCHEDULED",
+    "SUCCEEDED": "SUCCEEDED",
+    "FAILED": "FAILED",
+    "DEAD_LETTERED": "DEAD_LETTERED",
+    "CANCELLED": "CANCELLED",
+    "DELAYED": "DELAYED",
+}
+
+
+def ts(message: Message, field: str) -> str:
+    """An optional Timestamp field as ISO 8601 UTC (seconds), or "" when absent."""
+    if not message.HasField(field):
+        return ""
+    value: datetime = getattr(message, field).ToDatetime(tzinfo=UTC)
+    return value.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def state_name(state: int) -> str:
+    return job_pb2.JobState.Name(state).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
+
+
+def duration(message: Message, field: str) -> str:
+    if not message.HasField(field):
+        return ""
+    seconds = getattr(message, field).ToTimedelta().total_seconds()
+    return f"{seconds:g}s"
+
+
+def human_seconds(seconds: float) -> str:
+    """60 -> "1 min", 3600 -> "1 h", 1.5 -> "1.5 s"."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)} {unit}"
+    return f"{seconds:g} s"
+
+
+def rate_text(rate: limits_pb2.RateLimit) -> str:
+    return f"{rate.limit} per {human_seconds(rate.period.ToTimedelta().total_seconds())}"
+
+
+def limits_summary(limits: limits_pb2.QueueLimits) -> str:
+    """One line: the limits in force, or "none"."""
+    parts = []
+    if limits.HasField("rate") and limits.rate.limit:
+        parts.append(f"rate {rate_text(limits.rate)}")
+    if limits.concurrency:
+        parts.append(f"at most {limits.concurrency} running")
+    if limits.HasField("rate_per_key") and limits.rate_per_key.limit:
+        parts.append(f"each key {rate_text(limits.rate_per_key)}")
+    if limits.concurrency_per_key:
+        parts.append(f"each key at most {limits.concurrency_per_key} running")
+    if limits.keys:
+        parts.append(f"{len(limits.keys)} keys with own limits")
+    if limits.HasField("backed_off_until"):
+        parts.append(f"backed off until {ts(limits, 'backed_off_until')}")
+    if limits.blocked_keys:
+        parts.append(f"{len(limits.blocked_keys)} keys held back")
+    return ", ".join(parts) or "none"
+
+
+def queue_row(q: admin_service_pb2.QueueStats) -> dict[str, Any]:
+    return {
+        "limits": limits_summary(q.limits),
+        "queue": q.queue,
+        "paused": q.paused,
+        "queued": q.queued,
+        "delayed": q.delayed,
+        "retry_scheduled": q.retry_scheduled,
+        "active": q.active,
+        "held": q.held,
+        "orphaned": q.orphaned,
+        "dead_lettered": q.dead_lettered,
+        "workers": q.workers,
+        "oldest_queued": ts(q, "oldest_queued_time"),
+        "next_due": ts(q, "next_due_time"),
+        "read_time": ts(q, "read_time"),
+        "bands": [{"priority": b.priority, "queued": b.queued, "active": b.active} for b in q.bands],
+    }
+
+
+def limits_view(limits: Message) -> dict[str, Any]:
+    return MessageToDict(limits, preserving_proto_field_name=True)
+
+
+def finished_view(stats: results_service_pb2.FinishedStats) -> list[dict[str, Any]]:
+    return [
+        {
+            "window": human_seconds(w.window.ToTimedelta().total_seconds()),
+            "succeeded": w.succeeded,
+            "failed": w.failed,
+            "dead_lettered": w.dead_lettered,
+            "cancelled": w.cancelled,
+            "jobs_per_second": round(w.jobs_per_second, 4),
+        }
+        for w in stats.windows
+    ]
+
+
+def job_row(job: job_pb2.Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "queue": job.queue,
+        "type": job.type,
+        "state": state_name(job.state),
+        "priority": job.priority,
+        "attempt": job.attempt,
+        "created_at": ts(job, "created_at"),
+        "started_at": ts(job, "started_at"),
+        "finished_at": ts(job, "finished_at"),
+        "updated_at": ts(job, "updated_at"),
+        "run_at": ts(job, "run_at"),
+        "worker": job.worker,
+        "rate_key": job.rate_key,
+        "labels": dict(job.labels),
+        "timeout": duration(job, "timeout"),
+        "max_attempts": job.retry.max_attempts,
+        "progress": {"percent": job.progress.percent, "message": job.progress.message}
+        if job.HasField("progress")
+        else None,
+        "result": json.dumps(MessageToDict(job.result), indent=2) if job.HasField("result") else "",
+        "error": {"message": job.error.message, "kind": job.error.kind, "retryable": job.error.retryable}
+        if job.HasField("error")
+        else None,
+    }
+
+
+def payload_of(job: job_pb2.Job) -> Any:
+    if job.payload_json:
+        return json.loads(job.payload_json)
+    return MessageToDict(job.payload)
+
+
+def event_view(event: event_pb2.JobEvent) -> dict[str, Any]:
+    kind = event_pb2.EventType.Name(event.type).removeprefix("EVENT_TYPE_")
+    view: dict[str, Any] = {
+        "id": event.id,
+        "type": kind,
+        "state": STATE_AFTER.get(kind, ""),
+        "final": STATE_AFTER.get(kind, "") in FINAL_STATES,
+        "attempt": event.attempt,
+        "time": ts(event, "time"),
+        "worker": event.worker,
+        "progress": None,
+        "error": None,
+        "result": "",
+        "next_run_at": ts(event, "next_run_at"),
+    }
+    if event.HasField("progress"):
+        view["progress"] = {"percent": event.progress.percent, "message": event.progress.message}
+    if event.HasField("error"):
+        view["error"] = {"message": event.error.message, "kind": event.error.kind}
+    if event.result_json:
+        view["result"] = event.result_json.decode()
+    elif event.HasField("result"):
+        view["result"] = json.dumps(MessageToDict(event.result))
+    return view
+
+
+def dead_letter_view(d: admin_service_pb2.DeadLetter) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "job_id": d.job.id,
+        "type": d.job.type,
+        "attempt": d.event.attempt or d.job.attempt,
+        "error": d.event.error.message if d.event.HasField("error") else (d.job.error.message or ""),
+        "dead_at": ts(d, "dead_at"),
+    }
+
+
+def worker_view(w: admin_service_pb2.WorkerInfo) -> dict[str, Any]:
+    return {
+        "worker_id": w.worker_id,
+        "host": w.host,
+        "pid": w.pid,
+        "queues": list(w.queues),
+        "concurrency": w.concurrency,
+        "in_flight": w.in_flight,
+        "job_ids": list(w.job_ids),
+        "last_heartbeat": ts(w, "last_heartbeat_time"),
+        "started": ts(w, "started_time"),
+        "version": w.version,
+    }
+
+
+def schedule_view(s: schedule_service_pb2.Schedule) -> dict[str, Any]:
+    spec = s.spec
+    when = f"cron {spec.cron}" + (f" ({spec.time_zone})" if spec.time_zone else "") if spec.cron else ""
+    if not when and spec.HasField("interval"):
+        when = f"every {duration(spec, 'interval')}"
+    return {
+        "id": s.schedule_id,
+        "when": when,
+        "queue": spec.template.queue,
+        "type": spec.template.type,
+        "next_fire_at": ts(s, "next_fire_at"),
+        "last_tick_at": ts(s, "last_tick_at"),
+        "last_job_id": s.last_job_id,
+    }
