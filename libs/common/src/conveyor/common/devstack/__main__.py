@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -172,6 +173,15 @@ def _serving(addr: str) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def _http_ok(addr: str) -> bool:
+    """The dashboard's readiness: GET /healthz answers 200 (it speaks HTTP, not gRPC health)."""
+    try:
+        with urllib.request.urlopen(f"http://{addr}/healthz", timeout=1.0) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
+
+
 def _stop_services(services: list[Service]) -> None:
     running = [s for s in services if s.proc is not None and s.proc.poll() is None]
     for svc in running:
@@ -245,7 +255,7 @@ class Stack:
             return
         if restarts.waiting or svc.serving:
             return
-        if _serving(svc.addr):
+        if _http_ok(svc.addr) if svc.module == "conveyor.dashboard" else _serving(svc.addr):
             svc.serving = True
             again = " again" if restarts.count else ""
             _note(f"{svc.name} is serving{again} on {svc.addr}")
@@ -269,7 +279,7 @@ def _pg_data_dir(data_dir: Path) -> Path:
 
 
 def _print_commands(
-    producer: str, results: str, redis_url: str, database_url: str, metrics: list[tuple[str, str]]
+    producer: str, results: str, redis_url: str, database_url: str, metrics: list[tuple[str, str]], dashboard: str
 ) -> None:
     buf = "npx buf curl --protocol grpc --http2-prior-knowledge"
     enqueue = '{"queue":"default","type":"demo.sleep","payload":{"seconds":3,"steps":5}}'
@@ -282,7 +292,7 @@ def _print_commands(
         ("list jobs", results, "ResultsService/ListJobs", '{"queue":"default","pageSize":10}'),
     ]
     up = "Conveyor is up; a process that dies is restarted; Ctrl-C stops everything."
-    lines = ["", up, "", "# buf curl (from the repo root)"]
+    lines = ["", up, "", f"# the dashboard: http://{dashboard}/", "", "# buf curl (from the repo root)"]
     lines.append("# list services")
     lines.append(f"{buf} --list-services http://{producer}")
     for title, addr, method, body in calls:
@@ -344,10 +354,16 @@ def main(argv: list[str] | None = None) -> int:
             extra = {"CONVEYOR_QUEUES": "default", "CONVEYOR_WORKER_ID": f"worker-{i + 1}"}
             specs.append((f"worker-{i + 1}", "conveyor.worker", addr, extra))
         metrics_urls: list[tuple[str, str]] = []
+        dashboard = f"127.0.0.1:{_port('CONVEYOR_DEV_DASHBOARD_PORT', 8080)}"
+        dashboard_env = {"CONVEYOR_DASHBOARD_ADDR": dashboard, "CONVEYOR_PRODUCER_ADDR": producer}
+        specs.append(
+            ("dashboard", "conveyor.dashboard", dashboard, {**dashboard_env, "CONVEYOR_RESULTS_ADDR": results})
+        )
         for n, (name, module, addr, extra) in enumerate(specs):
             host, _, port = addr.rpartition(":")
             metrics_addr = f"{host}:{int(port) + 1000}"
-            metrics_urls.append((name, metrics_addr))
+            if module != "conveyor.dashboard":  # HTTP pages, no /metrics
+                metrics_urls.append((name, metrics_addr))
             env = {**base, "CONVEYOR_GRPC_ADDR": addr, "CONVEYOR_METRICS_ADDR": metrics_addr, **extra}
             services.append(Service(name, module, addr, env, _COLORS[n % len(_COLORS)]))
         for svc in services:
@@ -357,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         stack = Stack([redis, pg], services, stop)
         while not stop.is_set():
             if stack.tick():
-                _print_commands(producer, results, redis.url, pg.url, metrics_urls)
+                _print_commands(producer, results, redis.url, pg.url, metrics_urls, dashboard)
             stop.wait(_TICK)
     except (RuntimeError, TimeoutError, OSError) as exc:
         _note(f"error: {exc}")
