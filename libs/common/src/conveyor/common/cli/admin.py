@@ -229,12 +229,7 @@ async def limits_set_concurrency(settings: Settings, queue: str, limit: int, key
 @command
 async def limits_clear_rate(settings: Settings, queue: str, key: str | None, each_key: bool) -> int:
     """Remove a rate limit."""
-    async with settings.client() as client:
-        changed = await client.clear_rate_limit(queue, key=key, each_key=each_key)
-        _show_limits(settings, await client.get_limits(queue)) if settings.json else output.out.print(
-            "cleared" if changed else "there was none"
-        )
-    return OK
+    return await _clear(settings, queue, "rate", key, each_key)
 
 
 @limits.command(name="clear-concurrency")
@@ -243,11 +238,17 @@ async def limits_clear_rate(settings: Settings, queue: str, key: str | None, eac
 @command
 async def limits_clear_concurrency(settings: Settings, queue: str, key: str | None, each_key: bool) -> int:
     """Remove a concurrency cap."""
+    return await _clear(settings, queue, "concurrency", key, each_key)
+
+
+async def _clear(settings: Settings, queue: str, which: str, key: str | None, each_key: bool) -> int:
     async with settings.client() as client:
-        changed = await client.clear_concurrency_limit(queue, key=key, each_key=each_key)
-        _show_limits(settings, await client.get_limits(queue)) if settings.json else output.out.print(
-            "cleared" if changed else "there was none"
-        )
+        clear = client.clear_rate_limit if which == "rate" else client.clear_concurrency_limit
+        changed = await clear(queue, key=key, each_key=each_key)
+        if settings.json:
+            _show_limits(settings, await client.get_limits(queue))
+        else:
+            output.out.print("cleared" if changed else "there was none")
     return OK
 
 
