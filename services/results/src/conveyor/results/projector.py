@@ -344,6 +344,8 @@ class Projector:
         self._claim_interval_s = claim_interval_s
         self._stale_consumer_ms = stale_consumer_ms
         self._refresh_s = refresh_s
+        #: Set when a read failed: this consumer's pending entries are read again first.
+        self._reread_pending = False
         self._block_ms = block_ms
         self._coalesce_s = coalesce_ms / 1000
         #: stream key -> queue name, for every queue whose group is known to exist.
@@ -389,6 +391,7 @@ class Projector:
                     self._reader_status.ok()
                 except ResponseError as exc:
                     self._reader_status.failed(exc)
+                    self._reread_pending = True
                     if "NOGROUP" in str(exc):
                         # A stream or its group vanished (deleted, Redis restarted empty): create it again.
                         log.warning("results_group_missing", error=str(exc))
@@ -399,6 +402,9 @@ class Projector:
                     await _sleep(stop, backoff.next())
                 except _READ_ERRORS as exc:
                     self._reader_status.failed(exc)
+                    # A read whose reply was lost left entries pending for this consumer: read them
+                    # again now rather than wait claim_idle_ms to claim them back from ourselves.
+                    self._reread_pending = True
                     log.warning("redis_unavailable", error=str(exc) or type(exc).__name__)
                     await _sleep(stop, backoff.next())
         except asyncio.CancelledError:
@@ -411,6 +417,10 @@ class Projector:
 
     async def _read_once(self, out: asyncio.Queue[Batch | None]) -> None:
         now = time.monotonic()
+        if self._reread_pending:
+            for stream, queue in list(self._streams.items()):
+                await self._read_pending(queue, stream, out)
+            self._reread_pending = False
         if now - self._refreshed_at >= self._refresh_s:
             for stream, queue in await self._discover():
                 # Entries delivered to this consumer before a restart, never acked.

@@ -531,16 +531,17 @@ class Runner:
         self._register()
         while not stopped.wait(interval):
             self._register()
+            failed = False
             for q in self.queues:
                 claims = list(q.active.values())
                 if not claims:
                     continue
                 try:
                     held = self._heartbeat.beat(q.keys, self._settings.worker_id, claims)
-                    status.ok()
                 except Exception as exc:  # a missed beat is retried next interval; never kill the thread
                     log.warning("heartbeat_failed", queue=q.keys.queue, error=str(exc))
                     status.failed(exc)
+                    failed = True
                     continue
                 for c, answer in zip(claims, held, strict=True):
                     if isinstance(answer, str):  # CancelJob's reason
@@ -552,6 +553,10 @@ class Runner:
                 ]
                 if lost:
                     log.warning("claims_lost", queue=q.keys.queue, count=len(lost), ulids=lost[:10])
+            if not failed:
+                # Every claim renewed, or none left to renew: a beat that failed before while this
+                # worker held jobs must not keep health NOT_SERVING once it holds none.
+                status.ok()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set, then drain gracefully."""
