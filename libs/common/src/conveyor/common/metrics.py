@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 
 from conveyor.common.introspection import QueueSnapshot, snapshot_of
 from conveyor.common.keys import QUEUES, RESULTS_GROUP, WORKER_GROUP, queue_keys
-from conveyor.common.scripts import _source
+from conveyor.common.scripts import _source, _text
 
 #: Distinct values one client-chosen label may take in one process before it reads "other".
 MAX_LABEL_VALUES = 200
@@ -188,8 +188,7 @@ class QueueCollector(Collector):
             keys = queue_keys(name)
             snap: QueueSnapshot = snapshot_of(self._stats(keys=keys.script_keys(), args=[WORKER_GROUP]))
             now_ms = snap.read_us / 1000
-            queued = sum(q for q, _ in snap.bands.values())
-            active = sum(a for _, a in snap.bands.values()) + snap.admitted_active
+            queued, active = snap.queued, snap.active
             for state, value in (
                 ("queued", queued),
                 ("held", snap.held),
@@ -233,10 +232,6 @@ class QueueCollector(Collector):
             ms = _ms(_text(unread[0][0]))
             oldest_ms = ms if oldest_ms is None else min(oldest_ms, ms)
         return 0.0 if oldest_ms is None else max(0.0, (now_ms - oldest_ms) / 1000)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value or "")
 
 
 def _ms(entry_id: str) -> float:

@@ -102,9 +102,9 @@ async def connect_redis(
         try:
             await check_server(client)
         except Exception as exc:
-            # Refused and timed out, and the replies that pass (LOADING, BUSY, READONLY...: faults.py).
-            passing = isinstance(exc, REDIS_UNAVAILABLE) or faults.is_transient(exc)
-            if not wait or not passing or isinstance(exc, RedisConfigError):
+            # Refused, timed out, and the replies that pass (LOADING, BUSY, READONLY...): faults.py.
+            # A RedisConfigError is none of these: it is never retried.
+            if not wait or not faults.is_transient(exc):
                 await client.aclose()
                 raise
             pause = min(delay, max_delay_s) * (0.5 + random.random() / 2)

@@ -130,14 +130,15 @@ class CommonSettings:
             "shutdown_grace_s": env.number("CONVEYOR_SHUTDOWN_GRACE_SECONDS", 10.0),
             "unhealthy_after_s": env.number("CONVEYOR_UNHEALTHY_AFTER_SECONDS", 10.0, minimum=0.1),
             "exit_after_s": env.number("CONVEYOR_EXIT_AFTER_SECONDS", 300.0),
-            "metrics_addr": env.text("CONVEYOR_METRICS_ADDR", _metrics_beside(grpc_addr)),
+            "metrics_addr": env.text("CONVEYOR_METRICS_ADDR", metrics_addr_beside(grpc_addr)),
         }
 
 
-def _metrics_beside(grpc_addr: str) -> str:
-    """The gRPC host with the port + 1000 (50051 -> 51051); "off" when the gRPC port is 0 (tests)."""
+def metrics_addr_beside(grpc_addr: str) -> str:
+    """The default metrics address: the gRPC host with the port + 1000 (50051 -> 51051); "off"
+    when there is no such port (port 0, as in tests, or past 65535)."""
     host, _, port = grpc_addr.rpartition(":")
-    if not port.isdigit() or not 0 < int(port) + 1000 <= 65535 or int(port) == 0:
+    if not port.isdigit() or int(port) == 0 or int(port) + 1000 > 65535:
         return "off"
     return f"{host}:{int(port) + 1000}"
 

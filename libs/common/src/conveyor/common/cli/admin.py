@@ -126,13 +126,7 @@ async def workers(settings: Settings, queue: str) -> int:
 @command
 async def pause(settings: Settings, queue: str) -> int:
     """Pause QUEUE: enqueues are kept, running jobs finish, nothing new starts."""
-    async with settings.client() as client:
-        changed = await client.pause_queue(queue)
-    if settings.json:
-        output.print_json({"queue": queue, "paused": True, "changed": changed})
-    else:
-        output.out.print(f"{queue}: paused" + ("" if changed else " (it was already)"))
-    return OK
+    return await _set_paused(settings, queue, True)
 
 
 @click.command()
@@ -140,10 +134,16 @@ async def pause(settings: Settings, queue: str) -> int:
 @command
 async def resume(settings: Settings, queue: str) -> int:
     """Resume QUEUE: workers start its jobs again at once."""
+    return await _set_paused(settings, queue, False)
+
+
+async def _set_paused(settings: Settings, queue: str, paused: bool) -> int:
     async with settings.client() as client:
-        changed = await client.resume_queue(queue)
+        changed = await (client.pause_queue if paused else client.resume_queue)(queue)
     if settings.json:
-        output.print_json({"queue": queue, "paused": False, "changed": changed})
+        output.print_json({"queue": queue, "paused": paused, "changed": changed})
+    elif paused:
+        output.out.print(f"{queue}: paused" + ("" if changed else " (it was already)"))
     else:
         output.out.print(f"{queue}: resumed" + ("" if changed else " (it was not paused)"))
     return OK

@@ -37,6 +37,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor.common.devstack.servers import PostgresServer, RedisServer, postgres_can_reach
+from conveyor.common.settings import metrics_addr_beside
 
 READY_TIMEOUT = 30.0
 STOP_GRACE = 10.0
@@ -360,8 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             ("dashboard", "conveyor.dashboard", dashboard, {**dashboard_env, "CONVEYOR_RESULTS_ADDR": results})
         )
         for n, (name, module, addr, extra) in enumerate(specs):
-            host, _, port = addr.rpartition(":")
-            metrics_addr = f"{host}:{int(port) + 1000}"
+            metrics_addr = metrics_addr_beside(addr)
             if module != "conveyor.dashboard":  # HTTP pages, no /metrics
                 metrics_urls.append((name, metrics_addr))
             env = {**base, "CONVEYOR_GRPC_ADDR": addr, "CONVEYOR_METRICS_ADDR": metrics_addr, **extra}
