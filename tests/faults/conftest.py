@@ -48,6 +48,13 @@ def fault_stack(pg_server: PostgresServer, request: pytest.FixtureRequest) -> It
             results.kill()
 
 
+@pytest.fixture(scope="module")
+def private_redis() -> Iterator[RedisServer]:
+    """A Redis of the test module's own, to drive into faults (no AOF: nothing here restarts it)."""
+    with RedisServer(appendonly=False) as server:
+        yield server
+
+
 StartWorker = Callable[..., ServiceProcess]
 
 

@@ -11,7 +11,7 @@ adds only the missing jobs. The Python client raises PartiallyEnqueued with the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -30,12 +30,6 @@ SMALL, BIG = "batch-small", "batch-big"
 BIG_JOBS, BIG_PAYLOAD = 20, 60_000
 SMALL_JOBS = 3
 HEADROOM = 256 * 1024
-
-
-@pytest.fixture(scope="module")
-def private_redis() -> Iterator[RedisServer]:
-    with RedisServer(appendonly=False) as server:
-        yield server
 
 
 @pytest.fixture

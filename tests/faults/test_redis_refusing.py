@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -25,12 +25,6 @@ from tests.integration.conftest import Producer, start_producer
 from tests.support.wait import wait_for
 
 QUEUE = "refusing"
-
-
-@pytest.fixture(scope="module")
-def private_redis() -> Iterator[RedisServer]:
-    with RedisServer(appendonly=False) as server:
-        yield server
 
 
 @pytest.fixture

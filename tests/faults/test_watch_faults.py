@@ -10,7 +10,7 @@ Enqueue (QUEUED) and CancelJob (CANCELLED, which ends a Watch), so no worker is 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -26,12 +26,6 @@ from tests.support.wait import wait_for
 E = event_pb2
 QUEUE = "watched"
 TAIL = f"watch-tail:{QUEUE}"
-
-
-@pytest.fixture(scope="module")
-def private_redis() -> Iterator[RedisServer]:
-    with RedisServer(appendonly=False) as server:
-        yield server
 
 
 @pytest.fixture
