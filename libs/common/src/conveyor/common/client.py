@@ -27,6 +27,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from conveyor.common import auth
 from conveyor.common.codec import dumps
 from conveyor.common.errors import ConveyorError, Internal, InvalidArgument, ResourceExhausted
 from conveyor.v1 import (
@@ -143,6 +144,7 @@ class ConveyorClient:
         timeout: Deadline of each unary call, in seconds.
         retries: Extra tries for UNAVAILABLE / DEADLINE_EXCEEDED.
         coalesce: Send concurrent :meth:`enqueue` calls together as EnqueueBatch calls.
+        token: Bearer token sent on every call, for servers with authentication on.
     """
 
     def __init__(
@@ -153,11 +155,12 @@ class ConveyorClient:
         timeout: float = 10.0,
         retries: int = 3,
         coalesce: bool = True,
+        token: str = "",
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(producer_addr)
+        self._channel = auth.dial(producer_addr, token)
         self._producer = producer_service_pb2_grpc.ProducerServiceStub(self._channel)
         self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
-        self._results_channel = grpc.aio.insecure_channel(results_addr) if results_addr else None
+        self._results_channel = auth.dial(results_addr, token) if results_addr else None
         self._results = (
             results_service_pb2_grpc.ResultsServiceStub(self._results_channel) if self._results_channel else None
         )

@@ -105,3 +105,25 @@ class Unimplemented(ConveyorError):
     """The request asks for a feature this version does not have yet."""
 
     code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Unauthenticated(ConveyorError):
+    """No token, a malformed one, or one the server does not know."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ConveyorError):
+    """The caller's token is known but its role (or its queues) does not allow the call."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+    def __init__(self, message: str, reason: str = "", metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.metadata = dict(metadata or {})
+
+    def details(self) -> list[Message]:
+        if not self.reason:
+            return []
+        return [error_details_pb2.ErrorInfo(reason=self.reason, domain="conveyor", metadata=self.metadata)]

@@ -25,6 +25,7 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from conveyor.common import faults, metrics
+from conveyor.common.auth import OPEN_SERVICES, Authorizer
 from conveyor.common.errors import ConveyorError, Internal, InvalidArgument, Unavailable
 
 log = structlog.get_logger("conveyor.rpc")
@@ -68,13 +69,16 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         unavailable: Exception types meaning a backing store is down (mapped to UNAVAILABLE).
         classify: Asked in turn what an exception means for the caller (None: not theirs); the
             Redis table (faults.client_error) is always asked first.
+        auth: Checks each call's bearer token and role (None: every caller is let in).
     """
 
     def __init__(
         self,
         unavailable: tuple[type[BaseException], ...] = (),
         classify: Sequence[Callable[[BaseException], ConveyorError | None]] = (),
+        auth: Authorizer | None = None,
     ) -> None:
+        self._auth = auth
         self._unavailable = unavailable
         self._classify = (faults.client_error, *classify)
         self._streams: set[_OpenStream] = set()
@@ -128,6 +132,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 code = grpc.StatusCode.OK
                 try:
                     _check_parsed(request)
+                    self._authorize(method, request, context)
                     return await behavior(request, context)
                 except BaseException as exc:
                     code, status = self._status_for(exc, context)
@@ -146,6 +151,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 code = grpc.StatusCode.OK
                 try:
                     _check_parsed(request)
+                    self._authorize(method, request, context)
                     async for response in self._until_shutdown(behavior(request, context)):
                         yield response
                 except BaseException as exc:
@@ -157,6 +163,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     _finished(method, code, started)
 
         return stream
+
+    def _authorize(self, method: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if self._auth is not None and not method.startswith(OPEN_SERVICES):
+            token = self._auth.identify(context.invocation_metadata())
+            # Bound before the role check, so a refused call's log line says who was refused.
+            structlog.contextvars.bind_contextvars(caller=token.name)
+            self._auth.authorize(token, method, request)
 
     async def _until_shutdown(self, responses: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """``responses``, until shutdown() ends them with Unavailable(SHUTTING_DOWN).

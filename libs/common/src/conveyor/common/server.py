@@ -17,8 +17,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from conveyor.common import metrics, reflection_docs
+from conveyor.common.auth import Authorizer, TokenFileError
 from conveyor.common.errors import ConveyorError
 from conveyor.common.interceptors import ServerInterceptor
+from conveyor.common.settings import SettingsError
 from conveyor.common.supervise import EXIT_LOOPS_FAILING, LoopsFailing, Supervisor
 
 log = structlog.get_logger("conveyor.server")
@@ -139,13 +141,14 @@ async def start(
     unavailable: tuple[type[BaseException], ...] = (),
     classify: Sequence[Callable[[BaseException], ConveyorError | None]] = (),
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    auth: Authorizer | None = None,
 ) -> RunningServer:
     """Start a server on ``addr`` ("host:port", port 0 picks a free one) hosting ``services``.
 
     Every server also hosts grpc.health.v1 (SERVING for "" and each service) and
     server reflection, so grpcurl and Kubernetes probes work out of the box.
     """
-    interceptor = ServerInterceptor(unavailable, classify)
+    interceptor = ServerInterceptor(unavailable, classify, auth)
     server = grpc.aio.server(interceptors=[interceptor], options=server_options(max_message_bytes))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -174,6 +177,7 @@ async def serve(
     classify: Sequence[Callable[[BaseException], ConveyorError | None]] = (),
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     metrics_addr: str = "",
+    auth: Authorizer | None = None,
 ) -> None:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully.
 
@@ -191,6 +195,7 @@ async def serve(
         classify: What else an exception means for a caller (see ServerInterceptor).
         max_message_bytes: gRPC max receive and send message length.
         metrics_addr: Where to serve Prometheus metrics ("" or "off": nowhere).
+        auth: Checks every call's bearer token (None: no authentication).
     """
     try:
         stop_metrics = metrics.serve(metrics_addr)
@@ -201,7 +206,7 @@ async def serve(
     if stop_metrics is not None:
         log.info("metrics_serving", addr=metrics_addr)
     running = await start(
-        addr, services, unavailable=unavailable, classify=classify, max_message_bytes=max_message_bytes
+        addr, services, unavailable=unavailable, classify=classify, max_message_bytes=max_message_bytes, auth=auth
     )
     log.info("server_started", addr=addr, port=running.port, services=running.names)
     stop = asyncio.Event()
@@ -236,6 +241,10 @@ async def serve(
         log.info("server_stopped")
 
 
+#: sysexits.h EX_CONFIG: the configuration (environment, token file) is wrong; restarting will not help.
+EXIT_CONFIG = 78
+
+
 def run_process(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run a service's async ``main`` on uvloop when it is installed (ADR 0005), else asyncio's loop."""
     try:
@@ -257,3 +266,8 @@ def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     except LoopsFailing:
         # Logged by the supervisor; a non-zero exit makes the orchestrator restart us.
         raise SystemExit(EXIT_LOOPS_FAILING) from None
+    except (SettingsError, TokenFileError) as exc:
+        # A configuration mistake: one line saying what to fix, not a traceback.
+        log.error("bad_configuration", error=str(exc))
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(EXIT_CONFIG) from None

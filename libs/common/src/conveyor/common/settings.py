@@ -113,6 +113,10 @@ class CommonSettings:
     exit_after_s: float = 300.0
     #: Where /metrics is served (CONVEYOR_METRICS_ADDR; "off": nowhere). Default: the gRPC host, port + 1000.
     metrics_addr: str = ""
+    #: CONVEYOR_AUTH_TOKENS_FILE: the token file every call is checked against ("": no authentication).
+    auth_tokens_file: str = ""
+    #: CONVEYOR_TOKEN: the bearer token this process presents when it calls another service.
+    token: str = ""
 
     def supervisor(self) -> Supervisor:
         """The supervisor of this process's background loops."""
@@ -131,6 +135,8 @@ class CommonSettings:
             "unhealthy_after_s": env.number("CONVEYOR_UNHEALTHY_AFTER_SECONDS", 10.0, minimum=0.1),
             "exit_after_s": env.number("CONVEYOR_EXIT_AFTER_SECONDS", 300.0),
             "metrics_addr": env.text("CONVEYOR_METRICS_ADDR", metrics_addr_beside(grpc_addr)),
+            "auth_tokens_file": env.text("CONVEYOR_AUTH_TOKENS_FILE", ""),
+            "token": env.text("CONVEYOR_TOKEN", ""),
         }
 
 

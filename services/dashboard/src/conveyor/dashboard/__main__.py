@@ -16,7 +16,7 @@ async def run() -> None:
     settings = DashboardSettings.from_env()
     logs.configure(service="dashboard", level=settings.log_level, fmt=settings.log_format)
     log = logs.get_logger("conveyor.dashboard")
-    client = ConveyorClient(settings.producer_addr, settings.results_addr, coalesce=False)
+    client = ConveyorClient(settings.producer_addr, settings.results_addr, coalesce=False, token=settings.token)
     app = create_app(client, read_only=settings.read_only, chart_js=settings.assets)
     config = uvicorn.Config(
         app,

@@ -29,6 +29,8 @@ class DashboardSettings:
     assets: Path | None
     log_level: str
     log_format: str
+    #: The token the dashboard presents to the gRPC APIs (CONVEYOR_TOKEN), when they check tokens.
+    token: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DashboardSettings:
@@ -50,4 +52,5 @@ class DashboardSettings:
             assets=Path(assets) if assets else find_chart_js(Path(__file__).resolve().parent),
             log_level=e.get("CONVEYOR_LOG_LEVEL", "info"),
             log_format=e.get("CONVEYOR_LOG_FORMAT", "auto"),
+            token=e.get("CONVEYOR_TOKEN", ""),
         )

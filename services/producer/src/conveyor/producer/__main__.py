@@ -8,6 +8,7 @@ import functools
 import redis as sync_redis
 
 from conveyor.common import logs, metrics, server
+from conveyor.common.auth import Authorizer
 from conveyor.common.queue_registry import QueueSweeper
 from conveyor.common.redis import REDIS_UNAVAILABLE
 from conveyor.common.settings import ProducerSettings
@@ -16,6 +17,8 @@ from conveyor.producer.app import build
 
 async def run() -> None:
     settings = ProducerSettings.from_env()
+    # Read the token file now: a wrong one stops the start with one line saying what is wrong.
+    authorizer = Authorizer.from_path(settings.auth_tokens_file)
     logs.configure(service="producer", level=settings.log_level, fmt=settings.log_format)
     app = await build(settings)
     # Queue depths for /metrics, read at scrape time in the exposition thread (a sync client).
@@ -35,6 +38,7 @@ async def run() -> None:
         background=[sweep_idle_queues],
         on_shutdown=app.closers,
         supervisor=app.supervisor,
+        auth=authorizer,
         metrics_addr=settings.metrics_addr,
     )
     metrics_redis.close()

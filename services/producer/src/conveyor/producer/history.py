@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from conveyor.common import auth
 from conveyor.common.errors import NotFound, Unavailable
 from conveyor.v1 import event_pb2, job_pb2, results_service_pb2, results_service_pb2_grpc
 
@@ -16,11 +17,12 @@ class History:
     Args:
         addr: "host:port" of ResultsService, or "" for none.
         timeout_s: Deadline of each call.
+        token: The bearer token to present (CONVEYOR_TOKEN), when ResultsService checks tokens.
     """
 
-    def __init__(self, addr: str, timeout_s: float = 5.0) -> None:
+    def __init__(self, addr: str, timeout_s: float = 5.0, token: str = "") -> None:
         self._timeout = timeout_s
-        self._channel = grpc.aio.insecure_channel(addr) if addr else None
+        self._channel = auth.dial(addr, token) if addr else None
         self._stub = results_service_pb2_grpc.ResultsServiceStub(self._channel) if self._channel else None
 
     async def close(self) -> None:

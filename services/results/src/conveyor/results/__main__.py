@@ -9,6 +9,7 @@ import os
 import socket
 
 from conveyor.common import logs, server
+from conveyor.common.auth import Authorizer
 from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
 from conveyor.common.settings import ResultsSettings
 from conveyor.results import pgerrors
@@ -23,6 +24,8 @@ from conveyor.v1 import results_service_pb2, results_service_pb2_grpc
 
 async def run() -> None:
     settings = ResultsSettings.from_env()
+    # Read the token file now: a wrong one stops the start with one line saying what is wrong.
+    authorizer = Authorizer.from_path(settings.auth_tokens_file)
     logs.configure(service="results", level=settings.log_level, fmt=settings.log_format)
     # psycopg_pool logs each failed reconnect as unstructured text; our own warnings cover outages.
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
@@ -67,6 +70,7 @@ async def run() -> None:
         background=[project, prune],
         on_shutdown=[pool.close, redis.aclose, blocking.aclose],
         supervisor=supervisor,
+        auth=authorizer,
         classify=[pgerrors.client_error],
         metrics_addr=settings.metrics_addr,
     )

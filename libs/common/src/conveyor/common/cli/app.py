@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from conveyor.common.cli import admin, jobs, schedules
+from conveyor.common.cli import admin, jobs, schedules, tokens
 from conveyor.common.cli.context import Settings
 
 
@@ -23,17 +23,24 @@ from conveyor.common.cli.context import Settings
     show_default=True,
     help="ResultsService address, for history (env CONVEYOR_RESULTS_ADDR).",
 )
+@click.option(
+    "--token",
+    envvar="CONVEYOR_TOKEN",
+    default="",
+    show_default=False,
+    help="Bearer token, when the servers check tokens (env CONVEYOR_TOKEN).",
+)
 @click.option("--json", "json_", is_flag=True, help="Print JSON for scripts (also accepted after the command).")
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds each call may take.")
 @click.version_option(package_name="conveyor-common", prog_name="conveyor")
 @click.pass_context
-def cli(ctx: click.Context, producer: str, results: str, json_: bool, timeout: float) -> None:
+def cli(ctx: click.Context, producer: str, results: str, token: str, json_: bool, timeout: float) -> None:
     """Enqueue, watch and manage Conveyor jobs from a terminal.
 
     Exit codes: 0 done (watch: the job succeeded), 1 the service said no or could not be
     reached, 2 bad usage, 3 the job failed, 4 dead-lettered, 5 cancelled, 130 Ctrl-C.
     """
-    ctx.obj = Settings(producer=producer, results=results, json=json_, timeout=timeout)
+    ctx.obj = Settings(producer=producer, results=results, json=json_, timeout=timeout, token=token)
 
 
 for command in (
@@ -51,6 +58,7 @@ for command in (
     admin.limits,
     admin.dlq,
     schedules.schedules,
+    tokens.token,
 ):
     cli.add_command(command)
 

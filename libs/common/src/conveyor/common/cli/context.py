@@ -33,11 +33,14 @@ class Settings:
     results: str
     json: bool
     timeout: float
+    token: str = ""
 
     def client(self) -> ConveyorClient:
         # One job at a time from a terminal: no coalescing, and a short retry budget so that a
         # stack that is down is reported within seconds.
-        return ConveyorClient(self.producer, self.results, timeout=self.timeout, retries=2, coalesce=False)
+        return ConveyorClient(
+            self.producer, self.results, timeout=self.timeout, retries=2, coalesce=False, token=self.token
+        )
 
 
 def json_option(fn: Callable[P, T]) -> Callable[P, T]:

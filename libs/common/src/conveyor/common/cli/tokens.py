@@ -1,0 +1,42 @@
+"""`conveyor token new`: make a bearer token and the token-file entry that admits it."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from conveyor.common import auth
+
+
+@click.group("token")
+def token() -> None:
+    """Bearer tokens for servers with CONVEYOR_AUTH_TOKENS_FILE set."""
+
+
+@token.command("new")
+@click.option("--name", required=True, help="Who holds it (shown in the servers' logs as `caller`).")
+@click.option(
+    "--role",
+    type=click.Choice([r.value for r in auth.Role]),
+    required=True,
+    help="producer: enqueue and watch; reader: get, list, watch, stats; admin: everything.",
+)
+@click.option("--queue", "queues", multiple=True, help="Limit the token to this queue (repeatable).")
+@click.option("--json", "json_", is_flag=True, help="Print {token, entry} as JSON.")
+def new(name: str, role: str, queues: tuple[str, ...], json_: bool) -> None:
+    """Print a new token on standard output and its file entry on standard error.
+
+    Append the entry to the token file (servers re-read it within a second); give the token
+    to its holder. The file keeps only the token's SHA-256, so a lost token cannot be read
+    back from it: make a new one.
+
+        conveyor token new --name billing --role producer 2>>tokens.toml
+    """
+    secret = auth.new_token()
+    entry = auth.entry_for(secret, name, auth.Role(role), queues)
+    if json_:
+        click.echo(json.dumps({"token": secret, "entry": entry}))
+        return
+    click.echo(entry, err=True, nl=False)
+    click.echo(secret)
