@@ -66,6 +66,9 @@ async def test_limits_are_set_shown_and_cleared_per_scope(producer: Producer) ->
         (lim.SetConcurrencyLimitRequest(queue="lq", each_key=False, limit=3), "each_key"),
         (lim.BackOffRequest(queue="lq", duration=_ms(-1)), "duration"),
         (lim.ClearBackOffRequest(queue="bad queue"), "queue"),
+        (lim.ClearBackOffRequest(queue="..", key="api"), "queue"),
+        (lim.BackOffRequest(queue=".", duration=_ms(1000)), "queue"),
+        (lim.SetConcurrencyLimitRequest(queue="..", limit=3), "queue"),
         (lim.ClearBackOffRequest(queue="lq", key="has space"), "key"),
     ],
 )
