@@ -148,6 +148,10 @@ def test_errors_are_one_line_with_the_code_and_the_field(cli: Cli) -> None:
     assert done.stderr.startswith("error: NOT_FOUND: ") and len(done.stderr.strip().splitlines()) == 1
     done = cli.run("enqueue", "demo.echo", "-q", "bad queue!")
     assert done.returncode == 1 and done.stderr.startswith("error: INVALID_ARGUMENT: queue: ")
+    for path_like in (".", ".."):  # job ids would look like paths: "../01M..."
+        done = cli.run("enqueue", "demo.echo", "-q", path_like)
+        assert done.returncode == 1 and done.stderr.startswith("error: INVALID_ARGUMENT: queue: "), done.stderr
+        assert "'..'" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     done = cli.run("enqueue", "demo.echo", "--payload", "{nope")
     assert done.returncode == 2 and "not JSON" in done.stderr and "Traceback" not in done.stderr
     done = cli.run("--producer", "127.0.0.1:1", "--timeout", "1", "queues")
