@@ -148,6 +148,10 @@ def test_errors_are_one_line_with_the_code_and_the_field(cli: Cli) -> None:
     assert done.stderr.startswith("error: NOT_FOUND: ") and len(done.stderr.strip().splitlines()) == 1
     done = cli.run("enqueue", "demo.echo", "-q", "bad queue!")
     assert done.returncode == 1 and done.stderr.startswith("error: INVALID_ARGUMENT: queue: ")
+    for path_like in (".", ".."):  # job ids would look like paths: "../01M..."
+        done = cli.run("enqueue", "demo.echo", "-q", path_like)
+        assert done.returncode == 1 and done.stderr.startswith("error: INVALID_ARGUMENT: queue: "), done.stderr
+        assert "'..'" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     done = cli.run("enqueue", "demo.echo", "--payload", "{nope")
     assert done.returncode == 2 and "not JSON" in done.stderr and "Traceback" not in done.stderr
     done = cli.run("--producer", "127.0.0.1:1", "--timeout", "1", "queues")
@@ -200,6 +204,26 @@ def test_pause_resume_and_limits(cli: Cli) -> None:
     assert cli.run("limits", "clear-rate", QUEUE).stdout.strip() == "cleared"
     assert cli.run("limits", "clear-concurrency", QUEUE, "--key", "acme").stdout.strip() == "cleared"
     assert cli.run("limits", "clear-rate", QUEUE).stdout.strip() == "there was none"
+
+
+def test_backoff_and_clear_backoff(cli: Cli) -> None:
+    done = cli.run("limits", "backoff", QUEUE, "10m")
+    assert done.returncode == 0 and done.stdout.startswith(f"{QUEUE}: backed off until "), done.stderr
+    limits = cli.json("limits", "show", QUEUE)
+    assert isinstance(limits, dict) and "backedOffUntil" in limits
+    assert "backed off until" in cli.run("limits", "show", QUEUE).stdout
+    job_id = cli.enqueue("demo.echo", {"n": 1})
+    assert cli.state(job_id) == "JOB_STATE_QUEUED"
+    assert cli.run("limits", "clear-backoff", QUEUE).stdout.strip() == "cleared"
+    # Ten minutes of back-off left: the job finishing within watch's 60 s is the clear's doing.
+    assert cli.run("watch", job_id).returncode == 0
+    assert cli.run("limits", "clear-backoff", QUEUE).stdout.strip() == "there was none"
+    limits = cli.json("limits", "clear-backoff", QUEUE)
+    assert isinstance(limits, dict) and "backedOffUntil" not in limits
+    assert cli.run("limits", "backoff", QUEUE, "10m", "--key", "acme").returncode == 0
+    assert cli.run("limits", "clear-backoff", QUEUE, "--key", "acme").stdout.strip() == "cleared"
+    done = cli.run("limits", "clear-backoff", QUEUE, "--key", "has space")
+    assert done.returncode == 1 and done.stderr.startswith("error: INVALID_ARGUMENT: key: "), done.stderr
 
 
 def test_dead_letters_ask_before_changing_many(cli: Cli) -> None:

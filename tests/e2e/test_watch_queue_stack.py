@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import threading
 from typing import Any
@@ -42,7 +44,11 @@ def test_buf_curl_tails_a_queue_over_reflection(stack: Stack) -> None:  # noqa: 
     cmd += [f"http://{stack.producer.addr}/conveyor.v1.ProducerService/WatchQueue"]
     lines: list[str] = []
     done = threading.Event()
-    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
+    # Its own process group: npx runs buf as a child, which proc.kill() alone would leave holding the pipe
+    # (the reader thread then never ends, and closing the pipe under it hangs the test).
+    with subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, process_group=0
+    ) as proc:
 
         def read() -> None:
             assert proc.stdout is not None
@@ -60,7 +66,7 @@ def test_buf_curl_tails_a_queue_over_reflection(stack: Stack) -> None:  # noqa: 
         try:
             assert done.wait(30), (lines, proc.poll())
         finally:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             reader.join(10)
     mine = [m["event"] for m in _messages(lines) if m.get("event", {}).get("jobId") == job_id]
     assert [e["type"] for e in mine] == [

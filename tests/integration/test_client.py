@@ -12,6 +12,7 @@ from conveyor.common.client import ConveyorClient
 from conveyor.common.devstack.servers import free_port
 from conveyor.common.errors import InvalidArgument, NotFound, Unavailable
 from conveyor.common.keys import queue_keys
+from conveyor.common.validate import QUEUE_RULE
 from conveyor.v1 import event_pb2
 from tests.integration.conftest import Producer, StartWorker
 
@@ -51,7 +52,7 @@ async def test_one_bad_call_among_coalesced_ones_fails_alone(producer: Producer)
         results = await asyncio.gather(*calls, return_exceptions=True)
     errors = [r for r in results if isinstance(r, Exception)]
     assert len(errors) == 1 and isinstance(errors[0], InvalidArgument)
-    assert errors[0].violations == {"queue": "must be 1-64 characters from A-Z a-z 0-9 _ . -"}
+    assert errors[0].violations == {"queue": QUEUE_RULE}
     assert isinstance(results[5], InvalidArgument)
 
 

@@ -65,6 +65,11 @@ async def test_limits_are_set_shown_and_cleared_per_scope(producer: Producer) ->
         (lim.SetConcurrencyLimitRequest(queue="lq", limit=0), "limit"),
         (lim.SetConcurrencyLimitRequest(queue="lq", each_key=False, limit=3), "each_key"),
         (lim.BackOffRequest(queue="lq", duration=_ms(-1)), "duration"),
+        (lim.ClearBackOffRequest(queue="bad queue"), "queue"),
+        (lim.ClearBackOffRequest(queue="..", key="api"), "queue"),
+        (lim.BackOffRequest(queue=".", duration=_ms(1000)), "queue"),
+        (lim.SetConcurrencyLimitRequest(queue="..", limit=3), "queue"),
+        (lim.ClearBackOffRequest(queue="lq", key="has space"), "key"),
     ],
 )
 async def test_bad_limits_are_invalid_name_the_field_and_change_nothing(
@@ -75,6 +80,7 @@ async def test_bad_limits_are_invalid_name_the_field_and_change_nothing(
         lim.SetRateLimitRequest: producer.admin.SetRateLimit,
         lim.SetConcurrencyLimitRequest: producer.admin.SetConcurrencyLimit,
         lim.BackOffRequest: producer.admin.BackOff,
+        lim.ClearBackOffRequest: producer.admin.ClearBackOff,
     }[type(request_)]
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await method(request_)  # type: ignore[operator]
@@ -259,6 +265,52 @@ async def test_back_off_holds_the_whole_queue(
     started_at = (await observe.starts(redis_client, "q"))[0][0]
     assert started_at * 1000 >= until.ToMilliseconds() - 5
     assert job.job_id
+
+
+async def test_clear_back_off_starts_a_backed_off_queue_at_once_and_is_idempotent(
+    producer: Producer, start_worker: StartWorker, redis_client: redis.asyncio.Redis, redis_url: str
+) -> None:
+    admin = producer.admin
+    await admin.BackOff(lim.BackOffRequest(queue="default", duration=_ms(600_000)))
+    await enqueue(producer, "test.observe", payload={"redis": redis_url, "group": "q"})
+    await start_worker(poll_interval_s=60.0)  # only the clear's wake-up can start the job in time
+
+    async def claimed_and_held() -> bool:  # the worker's claim has seen the job and was refused by the back-off
+        stats = (await admin.GetQueueStats(a.GetQueueStatsRequest(queue="default"))).stats
+        return stats.workers == 1 and stats.queued == 1
+
+    await wait_for(claimed_and_held, "a worker serving the backed-off queue")
+    assert not await observe.started(redis_client, "q", 1)
+    cleared = await admin.ClearBackOff(lim.ClearBackOffRequest(queue="default"))
+    assert cleared.changed and not cleared.limits.HasField("backed_off_until")
+    await wait_for(lambda: observe.started(redis_client, "q", 1), "the job right after ClearBackOff", within=5)
+    assert not (await admin.ClearBackOff(lim.ClearBackOffRequest(queue="default"))).changed  # idempotent
+    assert not (await admin.ClearBackOff(lim.ClearBackOffRequest(queue="never-used"))).changed
+
+
+async def test_clear_back_off_of_one_key_starts_its_held_jobs_at_once(
+    producer: Producer, start_worker: StartWorker, redis_client: redis.asyncio.Redis, redis_url: str
+) -> None:
+    admin = producer.admin
+    await admin.BackOff(lim.BackOffRequest(queue="default", key="api", duration=_ms(600_000)))
+    await start_worker(poll_interval_s=60.0)
+    await enqueue(producer, "test.observe", rate_key="api", payload={"redis": redis_url, "group": "api"})
+    await enqueue(producer, "test.observe", rate_key="other", payload={"redis": redis_url, "group": "other"})
+    await wait_for(lambda: observe.started(redis_client, "other", 1), "the other key's job")
+
+    async def held() -> bool:
+        limits = (await admin.GetLimits(lim.GetLimitsRequest(queue="default"))).limits
+        return [(b.key, b.waiting) for b in limits.blocked_keys] == [("api", 1)]
+
+    await wait_for(held, "the backed-off key's job held back")
+    assert not await observe.started(redis_client, "api", 1)
+    # Clearing another key's back-off (or the queue's, not in force) changes nothing.
+    assert not (await admin.ClearBackOff(lim.ClearBackOffRequest(queue="default", key="other"))).changed
+    assert not (await admin.ClearBackOff(lim.ClearBackOffRequest(queue="default"))).changed
+    cleared = await admin.ClearBackOff(lim.ClearBackOffRequest(queue="default", key="api"))
+    assert cleared.changed
+    await wait_for(lambda: observe.started(redis_client, "api", 1), "the key's job right after ClearBackOff", within=5)
+    assert not (await admin.ClearBackOff(lim.ClearBackOffRequest(queue="default", key="api"))).changed
 
 
 async def test_delayed_and_retried_jobs_keep_their_key(

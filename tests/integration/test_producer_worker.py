@@ -156,6 +156,8 @@ BAD_INPUT = [
     (p.EnqueueRequest(queue="", type="t"), grpc.StatusCode.INVALID_ARGUMENT, "queue"),
     (p.EnqueueRequest(queue="x" * 65, type="t"), grpc.StatusCode.INVALID_ARGUMENT, "queue"),
     (p.EnqueueRequest(queue="bad queue", type="t"), grpc.StatusCode.INVALID_ARGUMENT, "queue"),
+    (p.EnqueueRequest(queue=".", type="t"), grpc.StatusCode.INVALID_ARGUMENT, "queue"),
+    (p.EnqueueRequest(queue="..", type="t"), grpc.StatusCode.INVALID_ARGUMENT, "queue"),
     (p.EnqueueRequest(queue="q", type=""), grpc.StatusCode.INVALID_ARGUMENT, "type"),
     (p.EnqueueRequest(queue="q", type="t" * 129), grpc.StatusCode.INVALID_ARGUMENT, "type"),
     (p.EnqueueRequest(queue="q", type="no spaces"), grpc.StatusCode.INVALID_ARGUMENT, "type"),

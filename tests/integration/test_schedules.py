@@ -177,6 +177,7 @@ def _bad_specs() -> list[tuple[str, s.ScheduleSpec]]:
         ("spec.template.run_at", run_at),
         ("spec.time_zone", zone_without_cron),
         ("spec.template.queue", bad_queue),
+        ("spec.template.queue", every(60, queue="..")),
         ("spec.template.priority", bad_priority),
         ("spec.template", no_template),
         ("spec.missed_tick_policy", every(60, missed_tick_policy=9)),

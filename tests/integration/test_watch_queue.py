@@ -296,6 +296,7 @@ async def test_bad_requests_are_invalid_argument_naming_the_field(
     cases: list[tuple[p.WatchQueueRequest, str]] = [
         (p.WatchQueueRequest(), "queue"),
         (p.WatchQueueRequest(queue="no spaces!"), "queue"),
+        (p.WatchQueueRequest(queue=".."), "queue"),
         (p.WatchQueueRequest(queue="default", after_event_id="yesterday"), "after_event_id"),
         (p.WatchQueueRequest(queue="default", after_event_id="1-0", replay=True), "replay"),
         (p.WatchQueueRequest(queue="default", event_types=[E.EVENT_TYPE_UNSPECIFIED]), "event_types[0]"),

@@ -205,6 +205,7 @@ async def test_list_jobs_rejects_a_page_token_used_with_other_filters(
         ({"page_size": 1001}, "page_size"),
         ({"page_size": -1}, "page_size"),
         ({"queue": "bad queue!"}, "queue"),
+        ({"queue": ".."}, "queue"),
         ({"state": 99}, "state"),
     ],
 )

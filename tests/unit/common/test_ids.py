@@ -25,6 +25,8 @@ def test_parse_job_id_rejects_garbage() -> None:
         "/01ARZ3NDEKTSV4RRFFQ69G5FAV",
         "q/short",
         "bad queue/01ARZ3NDEKTSV4RRFFQ69G5FAV",
+        "./01ARZ3NDEKTSV4RRFFQ69G5FAV",
+        "../01ARZ3NDEKTSV4RRFFQ69G5FAV",
         "q/01ARZ3NDEKTSV4RRFFQ69G5FAU!",
     ]:
         assert parse_job_id(bad) is None, bad

@@ -30,6 +30,10 @@ def test_visibility_timeouts_can_differ_per_queue() -> None:
         ({"CONVEYOR_LOG_FORMAT": "xml"}, "CONVEYOR_LOG_FORMAT"),
         ({"CONVEYOR_VISIBILITY_TIMEOUTS": "reports"}, "CONVEYOR_VISIBILITY_TIMEOUTS"),
         ({"CONVEYOR_VISIBILITY_TIMEOUTS": "reports=0"}, "CONVEYOR_VISIBILITY_TIMEOUTS"),
+        ({"CONVEYOR_VISIBILITY_TIMEOUTS": "..=60"}, "CONVEYOR_VISIBILITY_TIMEOUTS"),
+        ({"CONVEYOR_QUEUES": "default,.."}, "CONVEYOR_QUEUES"),
+        ({"CONVEYOR_QUEUES": "."}, "CONVEYOR_QUEUES"),
+        ({"CONVEYOR_QUEUES": "bad queue"}, "CONVEYOR_QUEUES"),
     ],
 )
 def test_a_bad_value_names_its_variable(env: dict[str, str], name: str) -> None:

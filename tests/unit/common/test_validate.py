@@ -2,7 +2,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from conveyor.common.errors import InvalidArgument, ResourceExhausted
-from conveyor.common.validate import validate_all
+from conveyor.common.validate import QUEUE_RULE, check_queue, queue_problem, validate_all
 from conveyor.v1 import producer_service_pb2 as p
 
 
@@ -31,6 +31,9 @@ def test_a_valid_request_passes_with_defaults() -> None:
         (ok(queue="has space"), "queue"),
         (ok(queue="x" * 65), "queue"),
         (ok(queue="a/b"), "queue"),
+        (ok(queue="."), "queue"),
+        (ok(queue=".."), "queue"),
+        (ok(queue="..."), "queue"),
         (ok(type=""), "type"),
         (ok(type="bad type"), "type"),
         (ok(type="t" * 129), "type"),
@@ -91,3 +94,24 @@ def test_the_retry_policy_gets_the_queue_defaults() -> None:
     assert custom.retry.max_attempts == 1 and custom.retry.jitter == 0
     assert "retry.jitter" in violations(ok(retry=job_pb2.RetryPolicy(jitter=2)))
     assert "retry.max_attempts" in violations(ok(retry=job_pb2.RetryPolicy(max_attempts=1000)))
+
+
+@pytest.mark.parametrize("queue", [".", "..", "...", "../x", "a/b", "has space", "x" * 65])
+def test_path_like_and_malformed_queue_names_are_refused_with_the_reason(queue: str) -> None:
+    assert queue_problem(queue) == QUEUE_RULE
+    with pytest.raises(InvalidArgument) as info:
+        check_queue(queue)
+    assert info.value.violations == {"queue": QUEUE_RULE}
+    assert "'..'" in QUEUE_RULE  # the message says why dots alone are refused
+
+
+@pytest.mark.parametrize("queue", ["default", "emails.v2", ".hidden", "a..b", "_", "-", "x" * 64])
+def test_names_with_dots_among_other_characters_are_queue_names(queue: str) -> None:
+    assert queue_problem(queue) is None
+    check_queue(queue)
+    (job,) = validate_all([ok(queue=queue)], 1000, False)
+    assert job.request.queue == queue
+
+
+def test_an_empty_queue_is_required() -> None:
+    assert queue_problem("") == "required"

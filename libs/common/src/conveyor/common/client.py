@@ -337,6 +337,11 @@ class ConveyorClient:
         response = await self._call(lambda: self._admin.BackOff(req, timeout=self._timeout))
         return response.until.ToDatetime(tzinfo=UTC)
 
+    async def clear_back_off(self, queue: str, *, key: str = "") -> bool:
+        """End the back-off of the queue (or of one rate key) now; False when none was in force."""
+        req = limits_pb2.ClearBackOffRequest(queue=queue, key=key)
+        return (await self._call(lambda: self._admin.ClearBackOff(req, timeout=self._timeout))).changed
+
     async def get_job(self, job_id: str) -> job_pb2.Job:
         """The job's current state, payload and outcome.
 

@@ -16,7 +16,9 @@ import time
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
 _ULID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
-QUEUE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+#: A queue name: 1-64 of A-Z a-z 0-9 _ . - and not only dots, so that no job id looks like a
+#: path ("./01M...", "../01M..."). validate.queue_problem says why a name is refused.
+QUEUE_RE = re.compile(r"^(?!\.+$)[A-Za-z0-9_.\-]{1,64}$")
 _STREAM_ID_RE = re.compile(r"^(\d{1,20})-(\d{1,20})$")
 
 

@@ -368,6 +368,10 @@ class Scripts:
         """Hold back starts of the queue (``rate_key`` "") or of one key; returns the end in force (ms)."""
         return int(await self._limits(keys=keys.script_keys(), args=["backoff", rate_key, duration_ms]))
 
+    async def clear_back_off(self, keys: QueueKeys, rate_key: str) -> bool:
+        """End the back-off of the queue (``rate_key`` "") or of one key now; False when none was in force."""
+        return bool(await self._limits(keys=keys.script_keys(), args=["clearbackoff", rate_key]))
+
     async def limits(self, keys: QueueKeys) -> LimitsSnapshot:
         """The queue's limits, back-offs, held-back keys and running jobs, at one instant."""
         settings, backoffs, blocked, running = await self._limits(keys=keys.script_keys(), args=["get"])

@@ -39,6 +39,8 @@ SERVER_OPTIONS = [
 ]
 #: Exit status of a service whose listen address is taken (Linux's EADDRINUSE).
 EXIT_ADDRESS_IN_USE = errno.EADDRINUSE
+#: A configuration variable holds a value the service cannot use (sysexits' EX_CONFIG).
+EXIT_BAD_SETTING = 78
 
 
 class AddressInUse(OSError):
@@ -263,6 +265,9 @@ def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         log.error("address_in_use", addr=exc.addr, error=exc.strerror)
         sys.stderr.write(f"error: {exc.strerror}\n")
         raise SystemExit(EXIT_ADDRESS_IN_USE) from None
+    except SettingsError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(EXIT_BAD_SETTING) from None
     except LoopsFailing:
         # Logged by the supervisor; a non-zero exit makes the orchestrator restart us.
         raise SystemExit(EXIT_LOOPS_FAILING) from None

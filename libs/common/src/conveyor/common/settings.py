@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from conveyor.common.supervise import Supervisor
+from conveyor.common.validate import queue_problem
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:56379/0"
 DEFAULT_DATABASE_URL = "postgresql://conveyor@127.0.0.1:55432/conveyor"
@@ -73,6 +74,8 @@ class _Env:
                 value = float("nan")
             if not sep or not key.strip() or not value >= minimum:
                 raise SettingsError(f"{name}: {part!r} should be name=seconds with seconds >= {minimum}")
+            if (problem := queue_problem(key.strip())) is not None:
+                raise SettingsError(f"{name}: queue {key.strip()!r} {problem}")
             out.append((key.strip(), value))
         return tuple(out)
 
@@ -86,6 +89,14 @@ class _Env:
         if raw in ("0", "false", "no", "off"):
             return False
         raise SettingsError(f"{name}={raw!r}: expected 1 or 0")
+
+    def queues(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        """A comma-separated list of queue names, each checked by the rule every API applies."""
+        found = self.items(name, default)
+        for queue in found:
+            if (problem := queue_problem(queue)) is not None:
+                raise SettingsError(f"{name}: queue {queue!r} {problem}")
+        return found
 
     def items(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         raw = self._env.get(name)
@@ -265,7 +276,7 @@ class WorkerSettings(CommonSettings):
         e = _Env(env)
         return cls(
             **cls._common(e, "127.0.0.1:50061"),  # type: ignore[arg-type]
-            queues=e.items("CONVEYOR_QUEUES", ("default",)),
+            queues=e.queues("CONVEYOR_QUEUES", ("default",)),
             concurrency=e.integer("CONVEYOR_CONCURRENCY", 50, minimum=1),
             handlers=e.items("CONVEYOR_HANDLERS", ("conveyor.worker.demo:handlers",)),
             worker_id=e.text("CONVEYOR_WORKER_ID", _default_worker_id()),

@@ -30,6 +30,30 @@ MAX_LABEL_KEY = 64
 MAX_LABEL_VALUE = 256
 MAX_ATTEMPTS = 100
 MAX_DELAY_MS = 365 * 24 * 3600 * 1000
+#: Why a queue name is refused (the one rule: ids.QUEUE_RE).
+QUEUE_RULE = (
+    "must be 1-64 characters from A-Z a-z 0-9 _ . - and not only dots ('.' and '..' would make job ids look like paths)"
+)
+
+
+def queue_problem(queue: str) -> str | None:
+    """Why ``queue`` cannot be a queue name, or None when it can.
+
+    Every place a queue name enters (Enqueue, EnqueueBatch, schedules, the admin and results
+    RPCs, a worker's CONVEYOR_QUEUES) asks this, so they all refuse the same names the same way.
+    """
+    if not queue:
+        return "required"
+    if not QUEUE_RE.match(queue):
+        return QUEUE_RULE
+    return None
+
+
+def check_queue(queue: str, field: str = "queue") -> None:
+    """Raise InvalidArgument naming ``field`` when ``queue`` is not a valid queue name."""
+    problem = queue_problem(queue)
+    if problem is not None:
+        raise InvalidArgument({field: problem})
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +88,8 @@ def validate(
         ResourceExhausted: The payload is over ``max_payload_bytes``.
     """
     bad: dict[str, str] = {}
-    if not request.queue:
-        bad[f"{prefix}queue"] = "required"
-    elif not QUEUE_RE.match(request.queue):
-        bad[f"{prefix}queue"] = "must be 1-64 characters from A-Z a-z 0-9 _ . -"
+    if (queue_problem_ := queue_problem(request.queue)) is not None:
+        bad[f"{prefix}queue"] = queue_problem_
     if not request.type:
         bad[f"{prefix}type"] = "required"
     elif not TYPE_RE.match(request.type):

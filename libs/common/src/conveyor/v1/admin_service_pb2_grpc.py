@@ -76,6 +76,11 @@ class AdminServiceStub:
                 request_serializer=conveyor_dot_v1_dot_limits__pb2.BackOffRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_limits__pb2.BackOffResponse.FromString,
                 _registered_method=True)
+        self.ClearBackOff = channel.unary_unary(
+                '/conveyor.v1.AdminService/ClearBackOff',
+                request_serializer=conveyor_dot_v1_dot_limits__pb2.ClearBackOffRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_limits__pb2.ClearBackOffResponse.FromString,
+                _registered_method=True)
         self.SetDefaultPriority = channel.unary_unary(
                 '/conveyor.v1.AdminService/SetDefaultPriority',
                 request_serializer=conveyor_dot_v1_dot_limits__pb2.SetDefaultPriorityRequest.SerializeToString,
@@ -176,6 +181,14 @@ class AdminServiceServicer:
     def BackOff(self, request, context):
         """BackOff holds back the starts of a queue, or of one rate key, for a while
         (what a handler does when it gets HTTP 429). Running jobs go on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearBackOff(self, request, context):
+        """ClearBackOff ends a back-off of the queue, or of one rate key, before its time:
+        waiting jobs start again at once. Idempotent (changed is false when none was in force).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -289,6 +302,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.BackOff,
                     request_deserializer=conveyor_dot_v1_dot_limits__pb2.BackOffRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_limits__pb2.BackOffResponse.SerializeToString,
+            ),
+            'ClearBackOff': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearBackOff,
+                    request_deserializer=conveyor_dot_v1_dot_limits__pb2.ClearBackOffRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_limits__pb2.ClearBackOffResponse.SerializeToString,
             ),
             'SetDefaultPriority': grpc.unary_unary_rpc_method_handler(
                     servicer.SetDefaultPriority,
@@ -543,6 +561,33 @@ class AdminService:
             '/conveyor.v1.AdminService/BackOff',
             conveyor_dot_v1_dot_limits__pb2.BackOffRequest.SerializeToString,
             conveyor_dot_v1_dot_limits__pb2.BackOffResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearBackOff(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/ClearBackOff',
+            conveyor_dot_v1_dot_limits__pb2.ClearBackOffRequest.SerializeToString,
+            conveyor_dot_v1_dot_limits__pb2.ClearBackOffResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,10 @@ class AdminServiceStub:
     """BackOff holds back the starts of a queue, or of one rate key, for a while
     (what a handler does when it gets HTTP 429). Running jobs go on.
     """
+    ClearBackOff: _grpc.UnaryUnaryMultiCallable[_limits_pb2.ClearBackOffRequest, _limits_pb2.ClearBackOffResponse]
+    """ClearBackOff ends a back-off of the queue, or of one rate key, before its time:
+    waiting jobs start again at once. Idempotent (changed is false when none was in force).
+    """
     SetDefaultPriority: _grpc.UnaryUnaryMultiCallable[_limits_pb2.SetDefaultPriorityRequest, _limits_pb2.SetDefaultPriorityResponse]
     """SetDefaultPriority sets the priority of the queue's jobs enqueued without one
     (every producer applies it within a second). Jobs already waiting keep theirs.
@@ -133,6 +137,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     BackOff: _aio.UnaryUnaryMultiCallable[_limits_pb2.BackOffRequest, _limits_pb2.BackOffResponse]  # type: ignore[assignment]
     """BackOff holds back the starts of a queue, or of one rate key, for a while
     (what a handler does when it gets HTTP 429). Running jobs go on.
+    """
+    ClearBackOff: _aio.UnaryUnaryMultiCallable[_limits_pb2.ClearBackOffRequest, _limits_pb2.ClearBackOffResponse]  # type: ignore[assignment]
+    """ClearBackOff ends a back-off of the queue, or of one rate key, before its time:
+    waiting jobs start again at once. Idempotent (changed is false when none was in force).
     """
     SetDefaultPriority: _aio.UnaryUnaryMultiCallable[_limits_pb2.SetDefaultPriorityRequest, _limits_pb2.SetDefaultPriorityResponse]  # type: ignore[assignment]
     """SetDefaultPriority sets the priority of the queue's jobs enqueued without one
@@ -250,6 +258,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_limits_pb2.BackOffResponse, _abc.Awaitable[_limits_pb2.BackOffResponse]]:
         """BackOff holds back the starts of a queue, or of one rate key, for a while
         (what a handler does when it gets HTTP 429). Running jobs go on.
+        """
+
+    @_abc_1.abstractmethod
+    def ClearBackOff(
+        self,
+        request: _limits_pb2.ClearBackOffRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_limits_pb2.ClearBackOffResponse, _abc.Awaitable[_limits_pb2.ClearBackOffResponse]]:
+        """ClearBackOff ends a back-off of the queue, or of one rate key, before its time:
+        waiting jobs start again at once. Idempotent (changed is false when none was in force).
         """
 
     @_abc_1.abstractmethod

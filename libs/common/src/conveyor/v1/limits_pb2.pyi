@@ -539,6 +539,60 @@ class BackOffResponse(_message.Message):
 Global___BackOffResponse: _TypeAlias = BackOffResponse  # noqa: Y015
 
 @_typing.final
+class ClearBackOffRequest(_message.Message):
+    """ClearBackOffRequest ends a back-off early (BackOffRequest's scopes)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """The queue."""
+    key: _builtins.str
+    """One rate key; empty: the whole queue's back-off."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClearBackOffRequest: _TypeAlias = ClearBackOffRequest  # noqa: Y015
+
+@_typing.final
+class ClearBackOffResponse(_message.Message):
+    """ClearBackOffResponse shows the queue's limits after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGED_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """False when no back-off of that scope was in force."""
+    @_builtins.property
+    def limits(self) -> Global___QueueLimits:
+        """The queue's limits now."""
+
+    def __init__(
+        self,
+        *,
+        changed: _builtins.bool = ...,
+        limits: Global___QueueLimits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "limits", b"limits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClearBackOffResponse: _TypeAlias = ClearBackOffResponse  # noqa: Y015
+
+@_typing.final
 class SetDefaultPriorityRequest(_message.Message):
     """SetDefaultPriorityRequest sets the priority of a queue's jobs enqueued without one."""
 

@@ -96,7 +96,7 @@ class EnqueueRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     RATE_KEY_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
-    """Queue name: 1-64 characters from [A-Za-z0-9_.-]."""
+    """Queue name: 1-64 characters from [A-Za-z0-9_.-], not only dots ("." and ".." are refused)."""
     type: _builtins.str
     """Handler name: 1-128 characters from [A-Za-z0-9_.:-], e.g. "demo.echo"."""
     payload_json: _builtins.bytes
@@ -445,7 +445,7 @@ class WatchQueueRequest(_message.Message):
     REPLAY_FIELD_NUMBER: _builtins.int
     EVENT_TYPES_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
-    """Queue name: 1-64 characters from [A-Za-z0-9_.-]. The queue need not exist yet."""
+    """Queue name: 1-64 characters from [A-Za-z0-9_.-], not only dots ("." and ".." are refused). The queue need not exist yet."""
     after_event_id: _builtins.str
     """Resume after this event id (the id of the last event received); the stream
     continues with the next event of the queue. When it is older than the oldest

@@ -86,6 +86,12 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         response.until.FromMilliseconds(await self._limits.back_off(request))
         return response
 
+    async def ClearBackOff(
+        self, request: limits_pb2.ClearBackOffRequest, context: Context
+    ) -> limits_pb2.ClearBackOffResponse:
+        changed, limits = await self._limits.clear_back_off(request)
+        return limits_pb2.ClearBackOffResponse(changed=changed, limits=limits)
+
     async def GetQueueStats(
         self, request: admin_service_pb2.GetQueueStatsRequest, context: Context
     ) -> admin_service_pb2.GetQueueStatsResponse:

@@ -6,9 +6,10 @@ import redis.asyncio as aioredis
 
 from conveyor.common.codec import decode_event, public_event, public_job, restore_job
 from conveyor.common.errors import FailedPrecondition, InvalidArgument
-from conveyor.common.ids import QUEUE_RE, make_job_id, parse_job_id, parse_stream_id, stream_id_key
+from conveyor.common.ids import make_job_id, parse_job_id, parse_stream_id, stream_id_key
 from conveyor.common.keys import QueueKeys, queue_keys
 from conveyor.common.scripts import DEAD_LETTERS_PER_CALL, Scripts
+from conveyor.common.validate import check_queue
 from conveyor.v1 import admin_service_pb2, job_pb2
 
 DEFAULT_PAGE = 100
@@ -17,8 +18,7 @@ MAX_PAGE = 1000
 
 def queue_of(queue: str) -> QueueKeys:
     """The keys of ``queue``, or InvalidArgument naming the field."""
-    if not QUEUE_RE.match(queue):
-        raise InvalidArgument({"queue": "must be 1-64 characters from A-Z a-z 0-9 _ . -"})
+    check_queue(queue)
     return queue_keys(queue)
 
 

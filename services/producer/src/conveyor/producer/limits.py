@@ -134,7 +134,19 @@ class FlowLimits:
 
     async def back_off(self, request: limits_pb2.BackOffRequest) -> int:
         keys = queue_of(request.queue)
-        if request.key and not RATE_KEY_RE.match(request.key):
-            raise InvalidArgument({"key": "must be 1-128 bytes of printable characters"})
+        _check_key(request.key)
         duration_ms = _duration_ms(request.duration, "duration", request.HasField("duration"))
         return await self._scripts.back_off(keys, request.key, duration_ms)
+
+    async def clear_back_off(self, request: limits_pb2.ClearBackOffRequest) -> tuple[bool, limits_pb2.QueueLimits]:
+        """End a back-off early; changed is False when none of that scope was in force."""
+        keys = queue_of(request.queue)
+        _check_key(request.key)
+        changed = await self._scripts.clear_back_off(keys, request.key)
+        return changed, await self.get(request.queue)
+
+
+def _check_key(key: str) -> None:
+    """A back-off's rate key: empty (the whole queue) or a valid rate key."""
+    if key and not RATE_KEY_RE.match(key):
+        raise InvalidArgument({"key": "must be 1-128 bytes of printable characters, or empty for the whole queue"})

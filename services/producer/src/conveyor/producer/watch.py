@@ -31,11 +31,12 @@ import structlog
 from conveyor.common import faults
 from conveyor.common.codec import FINAL_EVENTS, decode_event, public_event
 from conveyor.common.errors import InvalidArgument, NotFound, ResourceExhausted
-from conveyor.common.ids import QUEUE_RE, parse_job_id, parse_stream_id, stream_id_key
+from conveyor.common.ids import parse_job_id, parse_stream_id, stream_id_key
 from conveyor.common.keys import QueueKeys, queue_keys
 from conveyor.common.redis import hget
 from conveyor.common.scripts import Record, Scripts
 from conveyor.common.supervise import Supervisor
+from conveyor.common.validate import queue_problem
 from conveyor.producer.history import History
 from conveyor.v1 import event_pb2, producer_service_pb2
 
@@ -453,10 +454,8 @@ class Watcher:
             queue, after_event_id, replay = request.queue, request.after_event_id, request.replay
             event_types: Iterable[int] = request.event_types
             bad: dict[str, str] = {}
-            if not queue:
-                bad["queue"] = "required"
-            elif not QUEUE_RE.match(queue):
-                bad["queue"] = "must be 1-64 characters from A-Z a-z 0-9 _ . -"
+            if (problem := queue_problem(queue)) is not None:
+                bad["queue"] = problem
             after = (0, 0)
             if after_event_id:
                 parsed_after = parse_stream_id(after_event_id)

@@ -17,7 +17,8 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.common.errors import InvalidArgument, NotFound
-from conveyor.common.ids import QUEUE_RE, parse_job_id, parse_stream_id
+from conveyor.common.ids import parse_job_id, parse_stream_id
+from conveyor.common.validate import check_queue, queue_problem
 from conveyor.results.queries import FINISHED_WINDOWS_S, JobFilter, Queries, from_us, to_us
 from conveyor.results.setaside import Missing, SetAsideRow, SetAsideRows
 from conveyor.v1 import job_pb2, results_service_pb2, results_service_pb2_grpc
@@ -57,8 +58,8 @@ def _time(ts: Timestamp, field: str) -> datetime:
 
 def _filters(request: results_service_pb2.ListJobsRequest) -> JobFilter:
     violations: dict[str, str] = {}
-    if request.queue and not QUEUE_RE.match(request.queue):
-        violations["queue"] = "must be 1-64 letters, digits, '_', '.' or '-'"
+    if request.queue and (problem := queue_problem(request.queue)) is not None:
+        violations["queue"] = problem
     if request.state not in _JOB_STATES:
         violations["state"] = "is not a JobState"
     filters = JobFilter(
@@ -169,10 +170,7 @@ class ResultsServicer(results_service_pb2_grpc.ResultsServiceServicer):
     async def GetFinishedStats(
         self, request: results_service_pb2.GetFinishedStatsRequest, context: Context
     ) -> results_service_pb2.GetFinishedStatsResponse:
-        if not request.queue:
-            raise InvalidArgument({"queue": "is required"})
-        if not QUEUE_RE.match(request.queue):
-            raise InvalidArgument({"queue": "must be 1-64 letters, digits, '_', '.' or '-'"})
+        check_queue(request.queue)
         counts = await self._queries.finished_stats(request.queue)
         stats = results_service_pb2.FinishedStats()
         stats.as_of.FromDatetime(counts.as_of)
@@ -192,8 +190,8 @@ class ResultsServicer(results_service_pb2_grpc.ResultsServiceServicer):
         self, request: results_service_pb2.ListSetAsideRequest, context: Context
     ) -> results_service_pb2.ListSetAsideResponse:
         limit = _page_size(request.page_size, DEFAULT_SET_ASIDE_PAGE, "page_size")
-        if request.queue and not QUEUE_RE.match(request.queue):
-            raise InvalidArgument({"queue": "must be 1-64 letters, digits, '_', '.' or '-'"})
+        if request.queue:
+            check_queue(request.queue)
         after = _decode_set_aside_token(request.page_token, request.queue) if request.page_token else 0
         found = await self._set_aside.page(request.queue, after, limit + 1)
         page = found[:limit]

@@ -151,7 +151,8 @@ async def _set_paused(settings: Settings, queue: str, paused: bool) -> int:
 
 @click.group()
 def limits() -> None:
-    """Rate limits and concurrency caps (show, set-rate, set-concurrency, clear-rate, clear-concurrency)."""
+    """Rate limits, concurrency caps and back-offs (show, set-rate, set-concurrency, clear-rate,
+    clear-concurrency, backoff, clear-backoff)."""
 
 
 def _scope_options(fn: Callable[P, T]) -> Callable[P, T]:
@@ -172,6 +173,7 @@ def _show_limits(settings: Settings, found: limits_pb2.QueueLimits) -> None:
             ("concurrency per key", str(found.concurrency_per_key or "")),
             ("running", str(found.running)),
             ("default priority", str(found.default_priority or "")),
+            ("backed off until", output.when(found.backed_off_until)),
         ],
     )
     if found.keys:
@@ -245,6 +247,38 @@ async def _clear(settings: Settings, queue: str, which: str, key: str | None, ea
     async with settings.client() as client:
         clear = client.clear_rate_limit if which == "rate" else client.clear_concurrency_limit
         changed = await clear(queue, key=key, each_key=each_key)
+        if settings.json:
+            _show_limits(settings, await client.get_limits(queue))
+        else:
+            output.out.print("cleared" if changed else "there was none")
+    return OK
+
+
+@limits.command(name="backoff")
+@click.argument("queue")
+@click.argument("duration", type=DURATION)
+@click.option("--key", default="", help="Only this rate key (default: the whole queue).")
+@command
+async def limits_backoff(settings: Settings, queue: str, duration: timedelta, key: str) -> int:
+    """Start nothing of QUEUE (or of one key) for DURATION; running jobs go on."""
+    async with settings.client() as client:
+        until = await client.back_off(queue, duration, key=key)
+        if settings.json:
+            _show_limits(settings, await client.get_limits(queue))
+        else:
+            scope = f"{queue} key {key}" if key else queue
+            output.out.print(f"{scope}: backed off until {until.astimezone():%Y-%m-%d %H:%M:%S}")
+    return OK
+
+
+@limits.command(name="clear-backoff")
+@click.argument("queue")
+@click.option("--key", default="", help="Only this rate key's back-off (default: the whole queue's).")
+@command
+async def limits_clear_backoff(settings: Settings, queue: str, key: str) -> int:
+    """End a back-off of QUEUE (or of one key) now: its waiting jobs start at once."""
+    async with settings.client() as client:
+        changed = await client.clear_back_off(queue, key=key)
         if settings.json:
             _show_limits(settings, await client.get_limits(queue))
         else:

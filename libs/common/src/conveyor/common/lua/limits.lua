@@ -8,6 +8,8 @@ ARGV[1] operation:
   clear <field>             returns 1 if it existed, else 0
   backoff <member> <ms>     member "" = the whole queue, else a rate key; a later end already
                             in force is kept; returns the end (ms)
+  clearbackoff <member>     ends that back-off now and wakes the workers (held keys are looked
+                            at again); returns 1 if one was in force, else 0
   get                       returns {limits hash as a flat array, back-offs (member, end ms)...,
                             blocked keys (key, until ms, held jobs)... (at most 100), running}
 ]]
@@ -63,6 +65,12 @@ elseif op == 'backoff' then
   redis.call('ZADD', KEYS[25], 'GT', until_ms, member)
   redis.call('XADD', KEYS[15], 'MAXLEN', '~', 16, '*', 's', 'backoff')
   return tonumber(redis.call('ZSCORE', KEYS[25], member))
+elseif op == 'clearbackoff' then
+  local until_ms = redis.call('ZSCORE', KEYS[25], ARGV[2])
+  redis.call('ZREM', KEYS[25], ARGV[2])
+  wake_all()
+  if until_ms and tonumber(until_ms) > now_ms then return 1 end
+  return 0
 elseif op == 'get' then
   redis.call('ZREMRANGEBYSCORE', KEYS[25], '-inf', now_ms)
   local backoffs = {}
