@@ -90,6 +90,7 @@ ACCESS: dict[str, frozenset[Role]] = {
             "SetConcurrencyLimit": set(),
             "ClearConcurrencyLimit": set(),
             "BackOff": set(),
+            "ClearBackOff": set(),
             "SetDefaultPriority": set(),
             "RetryDeadLetters": set(),
             "PurgeDeadLetters": set(),

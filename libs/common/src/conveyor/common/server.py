@@ -39,7 +39,7 @@ SERVER_OPTIONS = [
 ]
 #: Exit status of a service whose listen address is taken (Linux's EADDRINUSE).
 EXIT_ADDRESS_IN_USE = errno.EADDRINUSE
-#: A configuration variable holds a value the service cannot use (sysexits' EX_CONFIG).
+#: A configuration variable (or the token file) holds a value the service cannot use (sysexits' EX_CONFIG).
 EXIT_BAD_SETTING = 78
 
 
@@ -243,10 +243,6 @@ async def serve(
         log.info("server_stopped")
 
 
-#: sysexits.h EX_CONFIG: the configuration (environment, token file) is wrong; restarting will not help.
-EXIT_CONFIG = 78
-
-
 def run_process(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run a service's async ``main`` on uvloop when it is installed (ADR 0005), else asyncio's loop."""
     try:
@@ -265,14 +261,10 @@ def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         log.error("address_in_use", addr=exc.addr, error=exc.strerror)
         sys.stderr.write(f"error: {exc.strerror}\n")
         raise SystemExit(EXIT_ADDRESS_IN_USE) from None
-    except SettingsError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        raise SystemExit(EXIT_BAD_SETTING) from None
     except LoopsFailing:
         # Logged by the supervisor; a non-zero exit makes the orchestrator restart us.
         raise SystemExit(EXIT_LOOPS_FAILING) from None
     except (SettingsError, TokenFileError) as exc:
-        # A configuration mistake: one line saying what to fix, not a traceback.
-        log.error("bad_configuration", error=str(exc))
+        # A configuration mistake (a variable, the token file): one line saying what to fix, no traceback.
         sys.stderr.write(f"error: {exc}\n")
-        raise SystemExit(EXIT_CONFIG) from None
+        raise SystemExit(EXIT_BAD_SETTING) from None
