@@ -7,7 +7,7 @@ import functools
 
 import redis as sync_redis
 
-from conveyor.common import logs, metrics, server
+from conveyor.common import logs, metrics, server, tracing
 from conveyor.common.queue_registry import QueueSweeper
 from conveyor.common.redis import REDIS_UNAVAILABLE
 from conveyor.common.settings import ProducerSettings
@@ -17,6 +17,7 @@ from conveyor.producer.app import build
 async def run() -> None:
     settings = ProducerSettings.from_env()
     logs.configure(service="producer", level=settings.log_level, fmt=settings.log_format)
+    tracing.configure(service="conveyor-producer")
     app = await build(settings)
     # Queue depths for /metrics, read at scrape time in the exposition thread (a sync client).
     metrics_redis = sync_redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)

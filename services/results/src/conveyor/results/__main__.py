@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 
-from conveyor.common import logs, server
+from conveyor.common import logs, server, tracing
 from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
 from conveyor.common.settings import ResultsSettings
 from conveyor.results import pgerrors
@@ -24,6 +24,7 @@ from conveyor.v1 import results_service_pb2, results_service_pb2_grpc
 async def run() -> None:
     settings = ResultsSettings.from_env()
     logs.configure(service="results", level=settings.log_level, fmt=settings.log_format)
+    tracing.configure(service="conveyor-results")
     # psycopg_pool logs each failed reconnect as unstructured text; our own warnings cover outages.
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     consumer = os.environ.get("CONVEYOR_RESULTS_CONSUMER") or f"results-{socket.gethostname()}-{os.getpid()}"
