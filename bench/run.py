@@ -2,7 +2,12 @@
 """Conveyor's benchmarks (DESIGN.md, "Budgets"), optionally side by side with BullMQ in the same run.
 
     .venv/bin/python bench/run.py [--n 20000] [--reps 3] [--only e2e,bulk,single,conc,latency,mem,finish,watch]
-                                  [--json bench/results/conveyor.jsonl] [--with-bullmq]
+                                  [--json bench/results/conveyor.jsonl] [--with-bullmq] [--pair]
+
+--pair is --only e2e,metrics_off,tracing: the end-to-end figure as shipped (metrics on, tracing
+off), with metrics off (CONVEYOR_METRICS_ADDR=off), and with tracing on (OTLP to a sink in this
+process), each repetition running the three in a rotated order; the end prints the medians of the
+per-repetition ratios.
 
 Every measurement starts a fresh stack: a private redis-server (AOF, appendfsync everysec,
 noeviction), a private PostgreSQL (fsync on, synchronous_commit on, track_commit_timestamp on)
@@ -59,7 +64,20 @@ BAND = KEYS.band(5)  # default priority
 SUCCEEDED = 5  # conveyor.v1.JobState.JOB_STATE_SUCCEEDED
 CLK = os.sysconf("SC_CLK_TCK")
 POLL = 0.02
-ALL = ("e2e", "controls", "bulk", "client", "conc", "single", "latency", "mem", "finish", "watch")
+ALL = (
+    "e2e",
+    "metrics_off",
+    "tracing",
+    "controls",
+    "bulk",
+    "client",
+    "conc",
+    "single",
+    "latency",
+    "mem",
+    "finish",
+    "watch",
+)
 ONCE = ("mem", "finish")  # deterministic or slow: first repetition only
 BULLMQ_NAMES = {
     "e2e": "e2e",
@@ -158,6 +176,8 @@ class Stack:
 
     workdir: Path
     worker: bool = True
+    #: Extra environment for the three services (metrics off, tracing on).
+    env_extra: dict[str, str] = field(default_factory=dict)
     retention_s: float | None = None
     concurrency: int = 50
     services: dict[str, Service] = field(default_factory=dict)
@@ -189,6 +209,7 @@ class Stack:
             CONVEYOR_LOG_LEVEL="warning",
             CONVEYOR_LOG_FORMAT="json",
             PYTHONUNBUFFERED="1",
+            **self.env_extra,
         )
         if self.retention_s is not None:
             env["CONVEYOR_RETENTION_SECONDS"] = str(self.retention_s)
@@ -424,6 +445,35 @@ def cpu_report(before: dict[str, int], after: dict[str, int], driver_cpu: float,
     }
 
 
+class OtlpSink:
+    """A tiny OTLP/gRPC trace collector: accepts every export and counts the spans (tracing's figure)."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        sink = self
+        self.spans = 0
+
+        class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request: Any, context: Any) -> Any:
+                sink.spans += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self.server)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.addr = f"127.0.0.1:{port}"
+
+    def __enter__(self) -> OtlpSink:
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop(0)
+
+
 # -- measurements ------------------------------------------------------------------------------
 
 
@@ -444,9 +494,30 @@ class Bench:
         rows = self.e2e(controls=True)
         return [dict(rows[0], metric="e2e_controls_jobs_per_s")]
 
-    def e2e(self, controls: bool = False) -> list[dict]:
+    def metrics_off(self) -> list[dict]:
+        """e2e with every service's /metrics off (CONVEYOR_METRICS_ADDR=off): paired with e2e (metrics on)."""
+        rows = self.e2e(env={"CONVEYOR_METRICS_ADDR": "off"})
+        return [dict(rows[0], metric="e2e_metrics_off_jobs_per_s")]
+
+    def tracing(self) -> list[dict]:
+        """e2e with tracing on: every job traced (the SDK's default sampler), spans sent as OTLP over gRPC
+        (batched, the SDK's defaults) to a sink in this process that counts them."""
+        with OtlpSink() as sink:
+            env = {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{sink.addr}",
+                "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            }
+            rows = self.e2e(env=env)
+            # The services flush their batches at exit (the stack is stopped by now).
+            with contextlib.suppress(BenchError):
+                wait_until(lambda: sink.spans >= 3 * self.a.n, "spans", 30, 0.1)
+            spans = sink.spans
+        return [dict(rows[0], metric="e2e_tracing_jobs_per_s", spans_exported=spans)]
+
+    def e2e(self, controls: bool = False, env: dict[str, str] | None = None) -> list[dict]:
         n = self.a.n
-        with self.stack(worker=True) as st:
+        with self.stack(worker=True, env_extra=env or {}) as st:
             warm = st.warmup(100)
             extra: tuple[str, ...] = ()
             if controls:
@@ -976,6 +1047,40 @@ def controls_pairs(rows: list[dict]) -> list[tuple[float, float]]:
     ]
 
 
+def e2e_pairs(rows: list[dict], metric: str) -> list[tuple[float, float]]:
+    """Per repetition with both: (``metric`` / metrics-off e2e throughput, metrics-off / ``metric`` CPU per job)."""
+    base = "e2e_metrics_off_jobs_per_s"
+    by_rep: dict[int, dict[str, dict]] = {}
+    for r in rows:
+        if r.get("peer") == "conveyor" and r.get("metric") in (base, metric):
+            by_rep.setdefault(r["rep"], {})[r["metric"]] = r
+    return [
+        (
+            got[metric]["value"] / got[base]["value"],
+            got[base]["cpu_us_per_job"]["total"] / got[metric]["cpu_us_per_job"]["total"],
+        )
+        for got in by_rep.values()
+        if len(got) == 2
+    ]
+
+
+def print_pairs(rows: list[dict]) -> None:
+    """Issue 11 item 5: metrics on (tracing off) within 5 % of metrics off; tracing on beside it."""
+    for metric, label, target in (
+        ("e2e_jobs_per_s", "Metrics on / off", ", target >= 0.95"),
+        ("e2e_tracing_jobs_per_s", "Tracing on (metrics on) / metrics off", ""),
+    ):
+        pairs = e2e_pairs(rows, metric)
+        if not pairs:
+            continue
+        speed, cpu = [r for r, _ in pairs], [c for _, c in pairs]
+        print(
+            f"{label}, e2e paired by repetition ({len(pairs)} pairs){target}: throughput "
+            f"{statistics.median(speed):.3f} median ({min(speed):.2f}-{max(speed):.2f}); "
+            f"CPU per job off / on {statistics.median(cpu):.3f} median ({min(cpu):.2f}-{max(cpu):.2f})"
+        )
+
+
 def print_table(rows: list[dict], with_bullmq: bool) -> None:
     header = f"{'figure':41s} {'Conveyor':>10s} {'(min-max)':>19s} {'BullMQ':>10s} {'ratio':>7s}  {'target':24s} result"
     print("\nMedians over repetitions (Conveyor min-max in brackets); ratio = Conveyor / BullMQ, same run")
@@ -1007,6 +1112,9 @@ def print_table(rows: list[dict], with_bullmq: bool) -> None:
         print(f"{f.label:41s} {fmt(cm):>10s} {spread:>19s} {fmt(bm):>10s} {ratio:>7s}  {f.target:24s} {result}")
     if not with_bullmq:
         print("(run with --with-bullmq for the BullMQ column and ratios)")
+    if any(r.get("metric") == "e2e_metrics_off_jobs_per_s" for r in rows):
+        print()
+        print_pairs(rows)
     pairs = controls_pairs(rows)
     if pairs:
         speed, cpu = [r for r, _ in pairs], [c for _, c in pairs]
@@ -1074,6 +1182,11 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(ALL), help="comma list of " + ",".join(ALL))
     ap.add_argument("--json", help="append every measurement to this JSON-lines file")
     ap.add_argument("--with-bullmq", action="store_true", help="also run ../shared/peers/baseline.py, interleaved")
+    ap.add_argument(
+        "--pair",
+        action="store_true",
+        help="e2e with metrics on, off, and tracing on, paired (= --only e2e,metrics_off,tracing)",
+    )
     ap.add_argument("--inflight", type=int, default=4, help="EnqueueBatch calls in flight (e2e, bulk, mem)")
     ap.add_argument("--mem-n", type=int, default=100_000, help="waiting jobs for bytes_per_waiting_job")
     ap.add_argument("--finish-n", type=int, default=None, help="jobs for memory_after_finish (default --n)")
@@ -1085,6 +1198,8 @@ def main() -> int:
     )
     a = ap.parse_args()
     a.finish_n = a.finish_n or a.n
+    if a.pair:
+        a.only = "e2e,metrics_off,tracing"
     only = [w.strip() for w in a.only.split(",") if w.strip()]
     bad = [w for w in only if w not in ALL]
     if bad:
@@ -1123,6 +1238,12 @@ def main() -> int:
                 # Paired figures alternate which goes first, so a drift of the machine favours neither.
                 i, j = order.index("e2e"), order.index("controls")
                 order[i], order[j] = order[j], order[i]
+            paired = [w for w in order if w in ("e2e", "metrics_off", "tracing")]
+            if len(paired) > 1:
+                # The same for e2e with metrics on / off / tracing: each goes first in turn.
+                turn = paired[rep % len(paired) :] + paired[: rep % len(paired)]
+                slots = iter(turn)
+                order = [next(slots) if w in paired else w for w in order]
             for what in order:
                 if what in ONCE and rep > 0:
                     continue
