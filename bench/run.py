@@ -33,8 +33,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +170,8 @@ class Service:
     addr: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    #: Where it serves /metrics ("off": nowhere).
+    metrics_addr: str = "off"
 
 
 @dataclass
@@ -228,14 +232,16 @@ class Stack:
 
     def _spawn(self, name: str, env: dict[str, str], addr: str, **extra: str) -> None:
         log_path = self.workdir / f"{name}.log"
+        # A port of its own (the default, gRPC port + 1000, may be taken or past 65535).
+        metrics_addr = "off" if env.get("CONVEYOR_METRICS_ADDR") == "off" else f"127.0.0.1:{free_port()}"
         with log_path.open("ab") as out:
             proc = subprocess.Popen(
                 [PY, "-m", f"conveyor.{name}"],
-                env={**env, "CONVEYOR_GRPC_ADDR": addr, **extra},
+                env={**env, "CONVEYOR_GRPC_ADDR": addr, "CONVEYOR_METRICS_ADDR": metrics_addr, **extra},
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 cwd=ROOT, start_new_session=True,
             )  # fmt: skip
-        self.services[name] = Service(name, addr, proc, log_path)
+        self.services[name] = Service(name, addr, proc, log_path, metrics_addr)
 
     def _wait_healthy(self, s: Service, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -445,6 +451,35 @@ def cpu_report(before: dict[str, int], after: dict[str, int], driver_cpu: float,
     }
 
 
+class Scraper:
+    """Scrapes every service's /metrics every ``interval`` s while the e2e run lasts (0: never), as
+    Prometheus would: the queue gauges are read from Redis at scrape time, so scraping has a cost."""
+
+    def __init__(self, stack: Stack, interval: float) -> None:
+        self.urls = [f"http://{s.metrics_addr}/metrics" for s in stack.services.values() if s.metrics_addr != "off"]
+        self.interval = interval
+        self.scrapes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for url in self.urls:
+                with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as r:
+                    r.read()
+                    self.scrapes += 1
+
+    def __enter__(self) -> Scraper:
+        if self.interval > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+
 class OtlpSink:
     """A tiny OTLP/gRPC trace collector: accepts every export and counts the spans (tracing's figure)."""
 
@@ -527,8 +562,12 @@ class Bench:
             assert st.r is not None
             st.r.config_resetstat()
             cpu0, bench0 = st.cpu_ticks(), time.process_time()
-            with driver_cleanup(st.driver("batch", "--n", str(n), "--batch", "100",
-                                          "--inflight", str(self.a.inflight), *extra)) as d:  # fmt: skip
+            metrics_on = (env or {}).get("CONVEYOR_METRICS_ADDR") != "off"
+            with (
+                Scraper(st, self.a.scrape if metrics_on else 0.0) as scraper,
+                driver_cleanup(st.driver("batch", "--n", str(n), "--batch", "100",
+                                         "--inflight", str(self.a.inflight), *extra)) as d,
+            ):  # fmt: skip
                 t_handled = st.wait_handled(warm + n, timeout=300)
                 t_seen = st.wait_committed(warm + n, timeout=300)
                 cpu1, bench1 = st.cpu_ticks(), time.process_time()
@@ -567,6 +606,7 @@ class Bench:
             "committed_s": t_commit - t0,
             "committed_poll_s": t_seen - t0,
             "lost": n - done,
+            "scrapes": scraper.scrapes,
             "redis_per_job": redis_calls,
             **cpu_report(cpu0, cpu1, res["cpu_s"], bench1 - bench0, n),
         }
@@ -1182,6 +1222,9 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(ALL), help="comma list of " + ",".join(ALL))
     ap.add_argument("--json", help="append every measurement to this JSON-lines file")
     ap.add_argument("--with-bullmq", action="store_true", help="also run ../shared/peers/baseline.py, interleaved")
+    ap.add_argument(
+        "--scrape", type=float, default=1.0, help="e2e: scrape every service's /metrics every S s (0: never)"
+    )
     ap.add_argument(
         "--pair",
         action="store_true",
