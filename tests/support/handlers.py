@@ -279,7 +279,7 @@ def isolated_echo(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
         raise PermanentError(str(payload["permanent"]))
     if payload.get("rate_limited"):
         raise RateLimited(float(payload["rate_limited"]))
-    return {"pid": os.getpid(), "echo": payload.get("echo")}
+    return {"pid": os.getpid(), "echo": payload.get("echo"), "traceparent": ctx.traceparent}
 
 
 @handlers.register("test.traced")

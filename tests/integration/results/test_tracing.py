@@ -6,6 +6,7 @@ PostgreSQL, behind real gRPC channels; spans go to the SDK's InMemorySpanExporte
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -22,6 +23,7 @@ from conveyor.v1 import job_pb2
 from conveyor.v1 import producer_service_pb2 as p
 from tests.integration.conftest import Producer, StartWorker
 from tests.integration.results.conftest import StartProjector
+from tests.integration.test_producer_worker import watch_all
 from tests.support.wait import wait_for
 
 # One provider for the test process: the API lets the global provider (the one handlers reach
@@ -148,6 +150,20 @@ async def test_a_sync_handlers_span_is_inside_the_process_span_and_a_call_withou
     assert render[0].context.trace_id == send.context.trace_id
 
 
+async def test_an_isolated_handler_gets_its_process_spans_traceparent_to_continue_the_trace(
+    spans: InMemorySpanExporter, producer: Producer, start_worker: StartWorker
+) -> None:
+    reply = await producer.stub.Enqueue(p.EnqueueRequest(queue="iso-traced", type="test.isolated_echo"))
+    await start_worker(queues=("iso-traced",))
+    got = await spans_of_job(spans, reply.job_id, {"process iso-traced"})
+    (process,) = named(got, "process iso-traced")
+    events = await watch_all(producer, reply.job_id)
+    result = events[-1].result.struct_value
+    ctx = process.context
+    assert result["traceparent"] == f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+    assert int(result["pid"]) != os.getpid()  # ran in the child process
+
+
 async def test_a_failed_job_has_its_error_on_the_process_span(
     spans: InMemorySpanExporter, producer: Producer, start_worker: StartWorker
 ) -> None:
@@ -195,6 +211,7 @@ async def test_with_tracing_off_nothing_is_added_to_the_stored_job_and_no_span_i
 ) -> None:
     assert tracing.tracer is None
     EXPORTER.clear()
+    assert tracing.current_traceparent() == ""
     reply = await producer.stub.Enqueue(
         p.EnqueueRequest(queue="untraced", type="demo.echo", payload_json=b'{"a":1}'), metadata=CALLER
     )

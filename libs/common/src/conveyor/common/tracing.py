@@ -142,6 +142,12 @@ def stored_context(span: Span) -> tuple[str, str]:
     return carrier.get("traceparent", ""), carrier.get("tracestate", "")
 
 
+def current_traceparent() -> str:
+    """The W3C traceparent of the current span ("" when there is none)."""
+    span = trace.get_current_span()
+    return stored_context(span)[0] if span.get_span_context().is_valid else ""
+
+
 def links_to(ctx: otel_context.Context | None) -> list[Link]:
     """A link to the span of ``ctx`` (the messaging conventions link a process span to its creation)."""
     if ctx is None:
@@ -187,6 +193,7 @@ __all__ = [
     "Tracer",
     "configure",
     "context_from_metadata",
+    "current_traceparent",
     "end_all",
     "fail",
     "install",
