@@ -24,6 +24,7 @@ from conveyor.v1 import producer_service_pb2 as p
 from tests.integration.conftest import Producer, StartWorker
 from tests.integration.results.conftest import StartProjector
 from tests.integration.test_producer_worker import watch_all
+from tests.support import handlers as test_handlers
 from tests.support.wait import wait_for
 
 # One provider for the test process: the API lets the global provider (the one handlers reach
@@ -162,6 +163,31 @@ async def test_an_isolated_handler_gets_its_process_spans_traceparent_to_continu
     ctx = process.context
     assert result["traceparent"] == f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
     assert int(result["pid"]) != os.getpid()  # ran in the child process
+
+
+async def test_a_retried_job_keeps_its_trace_each_attempt_a_process_span_of_it(
+    spans: InMemorySpanExporter, producer: Producer, start_worker: StartWorker
+) -> None:
+    test_handlers.gate.set()  # attempt 2 of test.fail_then_gate runs through
+    retry = job_pb2.RetryPolicy(max_attempts=2, backoff=job_pb2.BACKOFF_FIXED)
+    retry.base.FromMilliseconds(100)
+    reply = await producer.stub.Enqueue(p.EnqueueRequest(queue="retried", type="test.fail_then_gate", retry=retry))
+    await start_worker(queues=("retried",))
+
+    async def two_attempts() -> list[ReadableSpan] | None:
+        got = named(spans.get_finished_spans(), "process retried")
+        return got if len(got) == 2 else None
+
+    first, second = sorted(await wait_for(two_attempts, "two process spans"), key=lambda s: s.start_time or 0)
+    (send,) = named(spans.get_finished_spans(), "send retried")
+    for span in (first, second):  # the stored job (parked between attempts) kept its context
+        assert span.parent is not None and span.parent.span_id == send.context.span_id
+        assert span.context.trace_id == send.context.trace_id
+        assert (span.attributes or {})["messaging.message.id"] == reply.job_id
+    assert [(s.attributes or {})["conveyor.job.attempt"] for s in (first, second)] == [1, 2]
+    assert first.status.status_code == StatusCode.ERROR
+    assert (first.attributes or {})["conveyor.job.state"] == "JOB_STATE_RETRY_SCHEDULED"
+    assert second.status.status_code == StatusCode.UNSET
 
 
 async def test_a_failed_job_has_its_error_on_the_process_span(
