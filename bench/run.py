@@ -2,7 +2,12 @@
 """Conveyor's benchmarks (DESIGN.md, "Budgets"), optionally side by side with BullMQ in the same run.
 
     .venv/bin/python bench/run.py [--n 20000] [--reps 3] [--only e2e,bulk,single,conc,latency,mem,finish,watch]
-                                  [--json bench/results/conveyor.jsonl] [--with-bullmq]
+                                  [--json bench/results/conveyor.jsonl] [--with-bullmq] [--pair]
+
+--pair is --only e2e,metrics_off,tracing: the end-to-end figure as shipped (metrics on, tracing
+off), with metrics off (CONVEYOR_METRICS_ADDR=off), and with tracing on (OTLP to a sink in this
+process), each repetition running the three in a rotated order; the end prints the medians of the
+per-repetition ratios.
 
 Every measurement starts a fresh stack: a private redis-server (AOF, appendfsync everysec,
 noeviction), a private PostgreSQL (fsync on, synchronous_commit on, track_commit_timestamp on)
@@ -28,8 +33,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +66,20 @@ BAND = KEYS.band(5)  # default priority
 SUCCEEDED = 5  # conveyor.v1.JobState.JOB_STATE_SUCCEEDED
 CLK = os.sysconf("SC_CLK_TCK")
 POLL = 0.02
-ALL = ("e2e", "controls", "bulk", "client", "conc", "single", "latency", "mem", "finish", "watch")
+ALL = (
+    "e2e",
+    "metrics_off",
+    "tracing",
+    "controls",
+    "bulk",
+    "client",
+    "conc",
+    "single",
+    "latency",
+    "mem",
+    "finish",
+    "watch",
+)
 ONCE = ("mem", "finish")  # deterministic or slow: first repetition only
 BULLMQ_NAMES = {
     "e2e": "e2e",
@@ -150,6 +170,8 @@ class Service:
     addr: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    #: Where it serves /metrics ("off": nowhere).
+    metrics_addr: str = "off"
 
 
 @dataclass
@@ -158,6 +180,8 @@ class Stack:
 
     workdir: Path
     worker: bool = True
+    #: Extra environment for the three services (metrics off, tracing on).
+    env_extra: dict[str, str] = field(default_factory=dict)
     retention_s: float | None = None
     concurrency: int = 50
     services: dict[str, Service] = field(default_factory=dict)
@@ -189,6 +213,7 @@ class Stack:
             CONVEYOR_LOG_LEVEL="warning",
             CONVEYOR_LOG_FORMAT="json",
             PYTHONUNBUFFERED="1",
+            **self.env_extra,
         )
         if self.retention_s is not None:
             env["CONVEYOR_RETENTION_SECONDS"] = str(self.retention_s)
@@ -207,14 +232,16 @@ class Stack:
 
     def _spawn(self, name: str, env: dict[str, str], addr: str, **extra: str) -> None:
         log_path = self.workdir / f"{name}.log"
+        # A port of its own (the default, gRPC port + 1000, may be taken or past 65535).
+        metrics_addr = "off" if env.get("CONVEYOR_METRICS_ADDR") == "off" else f"127.0.0.1:{free_port()}"
         with log_path.open("ab") as out:
             proc = subprocess.Popen(
                 [PY, "-m", f"conveyor.{name}"],
-                env={**env, "CONVEYOR_GRPC_ADDR": addr, **extra},
+                env={**env, "CONVEYOR_GRPC_ADDR": addr, "CONVEYOR_METRICS_ADDR": metrics_addr, **extra},
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 cwd=ROOT, start_new_session=True,
             )  # fmt: skip
-        self.services[name] = Service(name, addr, proc, log_path)
+        self.services[name] = Service(name, addr, proc, log_path, metrics_addr)
 
     def _wait_healthy(self, s: Service, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -424,6 +451,64 @@ def cpu_report(before: dict[str, int], after: dict[str, int], driver_cpu: float,
     }
 
 
+class Scraper:
+    """Scrapes every service's /metrics every ``interval`` s while the e2e run lasts (0: never), as
+    Prometheus would: the queue gauges are read from Redis at scrape time, so scraping has a cost."""
+
+    def __init__(self, stack: Stack, interval: float) -> None:
+        self.urls = [f"http://{s.metrics_addr}/metrics" for s in stack.services.values() if s.metrics_addr != "off"]
+        self.interval = interval
+        self.scrapes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for url in self.urls:
+                with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as r:
+                    r.read()
+                    self.scrapes += 1
+
+    def __enter__(self) -> Scraper:
+        if self.interval > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+
+class OtlpSink:
+    """A tiny OTLP/gRPC trace collector: accepts every export and counts the spans (tracing's figure)."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        sink = self
+        self.spans = 0
+
+        class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request: Any, context: Any) -> Any:
+                sink.spans += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self.server)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.addr = f"127.0.0.1:{port}"
+
+    def __enter__(self) -> OtlpSink:
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop(0)
+
+
 # -- measurements ------------------------------------------------------------------------------
 
 
@@ -444,9 +529,30 @@ class Bench:
         rows = self.e2e(controls=True)
         return [dict(rows[0], metric="e2e_controls_jobs_per_s")]
 
-    def e2e(self, controls: bool = False) -> list[dict]:
+    def metrics_off(self) -> list[dict]:
+        """e2e with every service's /metrics off (CONVEYOR_METRICS_ADDR=off): paired with e2e (metrics on)."""
+        rows = self.e2e(env={"CONVEYOR_METRICS_ADDR": "off"})
+        return [dict(rows[0], metric="e2e_metrics_off_jobs_per_s")]
+
+    def tracing(self) -> list[dict]:
+        """e2e with tracing on: every job traced (the SDK's default sampler), spans sent as OTLP over gRPC
+        (batched, the SDK's defaults) to a sink in this process that counts them."""
+        with OtlpSink() as sink:
+            env = {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{sink.addr}",
+                "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            }
+            rows = self.e2e(env=env)
+            # The services flush their batches at exit (the stack is stopped by now).
+            with contextlib.suppress(BenchError):
+                wait_until(lambda: sink.spans >= 3 * self.a.n, "spans", 30, 0.1)
+            spans = sink.spans
+        return [dict(rows[0], metric="e2e_tracing_jobs_per_s", spans_exported=spans)]
+
+    def e2e(self, controls: bool = False, env: dict[str, str] | None = None) -> list[dict]:
         n = self.a.n
-        with self.stack(worker=True) as st:
+        with self.stack(worker=True, env_extra=env or {}) as st:
             warm = st.warmup(100)
             extra: tuple[str, ...] = ()
             if controls:
@@ -456,8 +562,12 @@ class Bench:
             assert st.r is not None
             st.r.config_resetstat()
             cpu0, bench0 = st.cpu_ticks(), time.process_time()
-            with driver_cleanup(st.driver("batch", "--n", str(n), "--batch", "100",
-                                          "--inflight", str(self.a.inflight), *extra)) as d:  # fmt: skip
+            metrics_on = (env or {}).get("CONVEYOR_METRICS_ADDR") != "off"
+            with (
+                Scraper(st, self.a.scrape if metrics_on else 0.0) as scraper,
+                driver_cleanup(st.driver("batch", "--n", str(n), "--batch", "100",
+                                         "--inflight", str(self.a.inflight), *extra)) as d,
+            ):  # fmt: skip
                 t_handled = st.wait_handled(warm + n, timeout=300)
                 t_seen = st.wait_committed(warm + n, timeout=300)
                 cpu1, bench1 = st.cpu_ticks(), time.process_time()
@@ -496,6 +606,7 @@ class Bench:
             "committed_s": t_commit - t0,
             "committed_poll_s": t_seen - t0,
             "lost": n - done,
+            "scrapes": scraper.scrapes,
             "redis_per_job": redis_calls,
             **cpu_report(cpu0, cpu1, res["cpu_s"], bench1 - bench0, n),
         }
@@ -976,6 +1087,40 @@ def controls_pairs(rows: list[dict]) -> list[tuple[float, float]]:
     ]
 
 
+def e2e_pairs(rows: list[dict], metric: str) -> list[tuple[float, float]]:
+    """Per repetition with both: (``metric`` / metrics-off e2e throughput, metrics-off / ``metric`` CPU per job)."""
+    base = "e2e_metrics_off_jobs_per_s"
+    by_rep: dict[int, dict[str, dict]] = {}
+    for r in rows:
+        if r.get("peer") == "conveyor" and r.get("metric") in (base, metric):
+            by_rep.setdefault(r["rep"], {})[r["metric"]] = r
+    return [
+        (
+            got[metric]["value"] / got[base]["value"],
+            got[base]["cpu_us_per_job"]["total"] / got[metric]["cpu_us_per_job"]["total"],
+        )
+        for got in by_rep.values()
+        if len(got) == 2
+    ]
+
+
+def print_pairs(rows: list[dict]) -> None:
+    """Issue 11 item 5: metrics on (tracing off) within 5 % of metrics off; tracing on beside it."""
+    for metric, label, target in (
+        ("e2e_jobs_per_s", "Metrics on / off", ", target >= 0.95"),
+        ("e2e_tracing_jobs_per_s", "Tracing on (metrics on) / metrics off", ""),
+    ):
+        pairs = e2e_pairs(rows, metric)
+        if not pairs:
+            continue
+        speed, cpu = [r for r, _ in pairs], [c for _, c in pairs]
+        print(
+            f"{label}, e2e paired by repetition ({len(pairs)} pairs){target}: throughput "
+            f"{statistics.median(speed):.3f} median ({min(speed):.2f}-{max(speed):.2f}); "
+            f"CPU per job off / on {statistics.median(cpu):.3f} median ({min(cpu):.2f}-{max(cpu):.2f})"
+        )
+
+
 def print_table(rows: list[dict], with_bullmq: bool) -> None:
     header = f"{'figure':41s} {'Conveyor':>10s} {'(min-max)':>19s} {'BullMQ':>10s} {'ratio':>7s}  {'target':24s} result"
     print("\nMedians over repetitions (Conveyor min-max in brackets); ratio = Conveyor / BullMQ, same run")
@@ -1007,6 +1152,9 @@ def print_table(rows: list[dict], with_bullmq: bool) -> None:
         print(f"{f.label:41s} {fmt(cm):>10s} {spread:>19s} {fmt(bm):>10s} {ratio:>7s}  {f.target:24s} {result}")
     if not with_bullmq:
         print("(run with --with-bullmq for the BullMQ column and ratios)")
+    if any(r.get("metric") == "e2e_metrics_off_jobs_per_s" for r in rows):
+        print()
+        print_pairs(rows)
     pairs = controls_pairs(rows)
     if pairs:
         speed, cpu = [r for r, _ in pairs], [c for _, c in pairs]
@@ -1074,6 +1222,14 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(ALL), help="comma list of " + ",".join(ALL))
     ap.add_argument("--json", help="append every measurement to this JSON-lines file")
     ap.add_argument("--with-bullmq", action="store_true", help="also run ../shared/peers/baseline.py, interleaved")
+    ap.add_argument(
+        "--scrape", type=float, default=1.0, help="e2e: scrape every service's /metrics every S s (0: never)"
+    )
+    ap.add_argument(
+        "--pair",
+        action="store_true",
+        help="e2e with metrics on, off, and tracing on, paired (= --only e2e,metrics_off,tracing)",
+    )
     ap.add_argument("--inflight", type=int, default=4, help="EnqueueBatch calls in flight (e2e, bulk, mem)")
     ap.add_argument("--mem-n", type=int, default=100_000, help="waiting jobs for bytes_per_waiting_job")
     ap.add_argument("--finish-n", type=int, default=None, help="jobs for memory_after_finish (default --n)")
@@ -1085,6 +1241,8 @@ def main() -> int:
     )
     a = ap.parse_args()
     a.finish_n = a.finish_n or a.n
+    if a.pair:
+        a.only = "e2e,metrics_off,tracing"
     only = [w.strip() for w in a.only.split(",") if w.strip()]
     bad = [w for w in only if w not in ALL]
     if bad:
@@ -1123,6 +1281,12 @@ def main() -> int:
                 # Paired figures alternate which goes first, so a drift of the machine favours neither.
                 i, j = order.index("e2e"), order.index("controls")
                 order[i], order[j] = order[j], order[i]
+            paired = [w for w in order if w in ("e2e", "metrics_off", "tracing")]
+            if len(paired) > 1:
+                # The same for e2e with metrics on / off / tracing: each goes first in turn.
+                turn = paired[rep % len(paired) :] + paired[: rep % len(paired)]
+                slots = iter(turn)
+                order = [next(slots) if w in paired else w for w in order]
             for what in order:
                 if what in ONCE and rep > 0:
                     continue

@@ -279,4 +279,24 @@ def isolated_echo(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
         raise PermanentError(str(payload["permanent"]))
     if payload.get("rate_limited"):
         raise RateLimited(float(payload["rate_limited"]))
-    return {"pid": os.getpid(), "echo": payload.get("echo")}
+    return {"pid": os.getpid(), "echo": payload.get("echo"), "traceparent": ctx.traceparent}
+
+
+@handlers.register("test.traced")
+async def traced(payload: dict[str, Any], ctx: JobContext) -> str:
+    """Adds a span of its own (tracing tests): a child of the worker's process span."""
+    from opentelemetry import trace
+
+    with trace.get_tracer("tests.handlers").start_as_current_span("render", attributes={"pages": 2}):
+        await asyncio.sleep(0)
+    return "rendered"
+
+
+@handlers.register("test.traced_sync")
+def traced_sync(payload: dict[str, Any], ctx: JobContext) -> str:
+    """The same in a plain function, which runs in the worker's threads."""
+    from opentelemetry import trace
+
+    with trace.get_tracer("tests.handlers").start_as_current_span("render in a thread"):
+        pass
+    return "rendered"

@@ -16,10 +16,15 @@ from conveyor.v1 import producer_service_pb2 as p
 NOW_NS = 1_795_619_270_889_123_456
 
 
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
 def _expected(
-    req: p.EnqueueRequest, priority: int, retry: job_pb2.RetryPolicy | None
+    req: p.EnqueueRequest, priority: int, retry: job_pb2.RetryPolicy | None, trace: tuple[str, str] = ("", "")
 ) -> tuple[job_pb2.Job, event_pb2.JobEvent]:
     job = job_pb2.Job(
+        traceparent=trace[0],
+        tracestate=trace[1],
         type=req.type,
         priority=priority,
         retry=retry,
@@ -49,11 +54,15 @@ def _expected(
     ],
 )
 @pytest.mark.parametrize("priority", [1, 5, 9])
-def test_both_paths_encode_the_same_job_and_event(req: p.EnqueueRequest, priority: int) -> None:
+# Tracing off (nothing written), and on: the W3C context of the job's send span (ADR 0018).
+@pytest.mark.parametrize(
+    "trace", [("", ""), (TRACEPARENT, ""), (TRACEPARENT, "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7")]
+)
+def test_both_paths_encode_the_same_job_and_event(req: p.EnqueueRequest, priority: int, trace: tuple[str, str]) -> None:
     (valid,) = validate_all([req], 1 << 20, False)
-    stored, queued = build_job(valid, priority, NOW_NS)
+    stored, queued = build_job(valid, priority, NOW_NS, *trace)
     # ADR 0010: neither created_at nor the default policy is stored; a policy of the job's own is.
-    job, event = _expected(req, priority, valid.retry if req.HasField("retry") else None)
+    job, event = _expected(req, priority, valid.retry if req.HasField("retry") else None, trace)
     assert job_pb2.Job.FromString(stored) == job
     assert event_pb2.JobEvent.FromString(queued) == event
     # Byte for byte what protobuf writes, the payload appended last (fields in number order otherwise).
@@ -129,3 +138,12 @@ def test_a_job_stored_with_created_at_before_adr_0010_keeps_it() -> None:
     old.created_at.FromNanoseconds(NOW_NS)
     restored = restore_job(job_pb2.Job.FromString(old.SerializeToString()), "q/01JC9ZQ0Q9AAAAAAAAAAAAAAAA", "q")
     assert restored.created_at.ToNanoseconds() == NOW_NS and restored.retry == DEFAULT_RETRY
+
+
+def test_tracing_off_adds_no_byte_to_the_stored_job() -> None:
+    (valid,) = validate_all([p.EnqueueRequest(queue="q", type="t", payload_json=b'{"a":1}')], 1000, False)
+    stored, _ = build_job(valid, 5, NOW_NS)
+    traced, _ = build_job(valid, 5, NOW_NS, TRACEPARENT)
+    assert b"traceparent" not in stored and TRACEPARENT.encode() not in stored
+    assert len(traced) == len(stored) + 2 + 1 + len(TRACEPARENT)  # tag (2 bytes), length, value
+    assert job_pb2.Job.FromString(traced).traceparent == TRACEPARENT

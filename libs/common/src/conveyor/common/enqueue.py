@@ -14,7 +14,7 @@ import grpc
 import redis.asyncio as aioredis
 import structlog
 
-from conveyor.common import faults, metrics
+from conveyor.common import faults, metrics, tracing
 from conveyor.common.codec import length_delimited, timestamp_bytes, varint
 from conveyor.common.defaults import DEFAULT_RETRY
 from conveyor.common.errors import InvalidArgument, ResourceExhausted
@@ -34,11 +34,14 @@ _PAYLOAD_TAG = bytes([(5 << 3) | 2])  # Job.payload_json, length-delimited
 
 # Tags (field number << 3 | wire type) of the fields the fast path writes.
 _JOB_TYPE, _JOB_PRIORITY, _JOB_IDEM, _JOB_RATE_KEY = b"\x1a", b"\x30", b"\x52", b"\xb2\x01"
+_JOB_TRACEPARENT, _JOB_TRACESTATE = b"\xba\x01", b"\xc2\x01"
 _EVENT_QUEUED = b"\x18" + varint(event_pb2.EVENT_TYPE_QUEUED)
 _EVENT_TIME, _EVENT_JOB = b"\x2a", b"\x62"
 
 
-def build_job(valid: ValidJob, priority: int, now_ns: int) -> tuple[bytes, bytes]:
+def build_job(
+    valid: ValidJob, priority: int, now_ns: int, traceparent: str = "", tracestate: str = ""
+) -> tuple[bytes, bytes]:
     """The Job as stored in the stream, and its QUEUED (or DELAYED) event.
 
     Both leave out what the keys already say (job id, queue), the Job leaves out what its
@@ -47,7 +50,8 @@ def build_job(valid: ValidJob, priority: int, now_ns: int) -> tuple[bytes, bytes
     priority: a waiting job's bytes are its memory cost (ADR 0001). The payload is appended
     as raw bytes to the serialized rest. The common job (no labels, timeout, delay or retry
     policy of its own) is encoded by hand: building and serializing protobuf objects was the
-    producer's largest cost per job.
+    producer's largest cost per job. ``traceparent``/``tracestate`` (W3C trace context of the
+    job's send span) are written only when given, i.e. while tracing is on (ADR 0018).
     """
     r = valid.request
     payload = valid.payload_json
@@ -59,6 +63,8 @@ def build_job(valid: ValidJob, priority: int, now_ns: int) -> tuple[bytes, bytes
                 head,
                 length_delimited(_JOB_IDEM, r.idempotency_key.encode()) if r.idempotency_key else b"",
                 length_delimited(_JOB_RATE_KEY, r.rate_key.encode()) if r.rate_key else b"",
+                length_delimited(_JOB_TRACEPARENT, traceparent.encode()) if traceparent else b"",
+                length_delimited(_JOB_TRACESTATE, tracestate.encode()) if tracestate else b"",
                 _PAYLOAD_TAG,
                 varint(len(payload)),
                 payload,
@@ -73,6 +79,8 @@ def build_job(valid: ValidJob, priority: int, now_ns: int) -> tuple[bytes, bytes
         labels=r.labels,
         idempotency_key=r.idempotency_key,
         rate_key=r.rate_key,
+        traceparent=traceparent,
+        tracestate=tracestate,
     )
     if valid.retry is not DEFAULT_RETRY:
         job.retry.CopyFrom(valid.retry)
@@ -184,9 +192,13 @@ class Enqueuer:
         # Read after the ids: a job's created_at is its ULID's millisecond (ADR 0010), and its
         # QUEUED event's time must not come before it.
         now_ns = time.time_ns()
+        spans = None if tracing.tracer is None else _send_spans(tracing.tracer, valid, ulids, batch)
         for index, (v, ulid) in enumerate(zip(valid, ulids, strict=True)):
             priority = v.priority or defaults[v.request.queue]
-            stored, queued_event = build_job(v, priority, now_ns)
+            if spans is None:
+                stored, queued_event = build_job(v, priority, now_ns)
+            else:
+                stored, queued_event = build_job(v, priority, now_ns, *tracing.stored_context(spans[index]))
             by_queue[v.request.queue].append(
                 (
                     index,
@@ -212,6 +224,8 @@ class Enqueuer:
                 await self._register(queue)
                 results = await self._scripts.enqueue(queue_keys(queue), [job for _, job in items])
             except Exception as exc:
+                if spans is not None:
+                    tracing.end_all((spans[index] for index, _ in items), exc)
                 if not batch:
                     raise
                 failed.append((queue, [index for index, _ in items], exc))
@@ -225,6 +239,12 @@ class Enqueuer:
                 if result.created:
                     job_type = valid[index].request.type
                     created[job_type] = created.get(job_type, 0) + 1
+                if spans is not None:
+                    span = spans[index]
+                    # An idempotency key that is known answers with the job that has it.
+                    span.set_attribute("messaging.message.id", r.job_id)
+                    span.set_attribute("conveyor.job.created", result.created)
+                    span.end()
             for job_type, n in created.items():
                 metrics.job_event(queue, job_type, "enqueued", n)
         if failed:
@@ -247,6 +267,21 @@ class Enqueuer:
     async def _register(self, queue: str) -> None:
         # Discovery for the results service and operators; cached, and idle queues leave (queue_registry).
         await self._registry.register(queue)
+
+
+def _send_spans(tracer: tracing.Tracer, valid: list[ValidJob], ulids: list[str], batch: bool) -> list[tracing.Span]:
+    """One ``send {queue}`` PRODUCER span per job, children of the current context (the caller's,
+    from the RPC's metadata, or none: a new trace). Each job's own span is its creation context,
+    so each job has a trace of its own even in a batch (ADR 0018)."""
+    spans = []
+    for v, ulid in zip(valid, ulids, strict=True):
+        queue = v.request.queue
+        attributes = tracing.messaging_attributes(queue, "send", make_job_id(queue, ulid))
+        attributes["conveyor.job.type"] = v.request.type
+        if batch:
+            attributes["messaging.batch.message_count"] = len(valid)
+        spans.append(tracer.start_span(f"send {queue}", kind=tracing.SpanKind.PRODUCER, attributes=attributes))
+    return spans
 
 
 async def enqueue_tick(enqueuer: Enqueuer, store: ScheduleStore, tick: InFlight) -> str:

@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63onveyor/v1/job.proto\x12\x0b\x63onveyor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xab\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12%\n\x07\x62\x61\x63koff\x18\x02 \x01(\x0e\x32\x14.conveyor.v1.Backoff\x12\'\n\x04\x62\x61se\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03\x63\x61p\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06jitter\x18\x05 \x01(\x01\",\n\x08Progress\x12\x0f\n\x07percent\x18\x01 \x01(\x01\x12\x0f\n\x07message\x18\x02 \x01(\t\"<\n\x08JobError\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\x88\x06\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12(\n\x07payload\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0cpayload_json\x18\x05 \x01(\x0c\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\'\n\x05retry\x18\x07 \x01(\x0b\x32\x18.conveyor.v1.RetryPolicy\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x06labels\x18\t \x03(\x0b\x32\x1c.conveyor.v1.Job.LabelsEntry\x12\x17\n\x0fidempotency_key\x18\n \x01(\t\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06run_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x05state\x18\r \x01(\x0e\x32\x15.conveyor.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x0e \x01(\x05\x12&\n\x06result\x18\x0f \x01(\x0b\x32\x16.google.protobuf.Value\x12$\n\x05\x65rror\x18\x10 \x01(\x0b\x32\x15.conveyor.v1.JobError\x12\'\n\x08progress\x18\x11 \x01(\x0b\x32\x15.conveyor.v1.Progress\x12.\n\nstarted_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06worker\x18\x15 \x01(\t\x12\x10\n\x08rate_key\x18\x16 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xec\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_DELAYED\x10\x02\x12\x14\n\x10JOB_STATE_ACTIVE\x10\x03\x12\x1d\n\x19JOB_STATE_RETRY_SCHEDULED\x10\x04\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x05\x12\x14\n\x10JOB_STATE_FAILED\x10\x06\x12\x1b\n\x17JOB_STATE_DEAD_LETTERED\x10\x07\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x08*N\n\x07\x42\x61\x63koff\x12\x17\n\x13\x42\x41\x43KOFF_UNSPECIFIED\x10\x00\x12\x11\n\rBACKOFF_FIXED\x10\x01\x12\x17\n\x13\x42\x41\x43KOFF_EXPONENTIAL\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63onveyor/v1/job.proto\x12\x0b\x63onveyor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xab\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12%\n\x07\x62\x61\x63koff\x18\x02 \x01(\x0e\x32\x14.conveyor.v1.Backoff\x12\'\n\x04\x62\x61se\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03\x63\x61p\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06jitter\x18\x05 \x01(\x01\",\n\x08Progress\x12\x0f\n\x07percent\x18\x01 \x01(\x01\x12\x0f\n\x07message\x18\x02 \x01(\t\"<\n\x08JobError\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\xb1\x06\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12(\n\x07payload\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0cpayload_json\x18\x05 \x01(\x0c\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\'\n\x05retry\x18\x07 \x01(\x0b\x32\x18.conveyor.v1.RetryPolicy\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x06labels\x18\t \x03(\x0b\x32\x1c.conveyor.v1.Job.LabelsEntry\x12\x17\n\x0fidempotency_key\x18\n \x01(\t\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06run_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x05state\x18\r \x01(\x0e\x32\x15.conveyor.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x0e \x01(\x05\x12&\n\x06result\x18\x0f \x01(\x0b\x32\x16.google.protobuf.Value\x12$\n\x05\x65rror\x18\x10 \x01(\x0b\x32\x15.conveyor.v1.JobError\x12\'\n\x08progress\x18\x11 \x01(\x0b\x32\x15.conveyor.v1.Progress\x12.\n\nstarted_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06worker\x18\x15 \x01(\t\x12\x10\n\x08rate_key\x18\x16 \x01(\t\x12\x13\n\x0btraceparent\x18\x17 \x01(\t\x12\x12\n\ntracestate\x18\x18 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xec\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_DELAYED\x10\x02\x12\x14\n\x10JOB_STATE_ACTIVE\x10\x03\x12\x1d\n\x19JOB_STATE_RETRY_SCHEDULED\x10\x04\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x05\x12\x14\n\x10JOB_STATE_FAILED\x10\x06\x12\x1b\n\x17JOB_STATE_DEAD_LETTERED\x10\x07\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x08*N\n\x07\x42\x61\x63koff\x12\x17\n\x13\x42\x41\x43KOFF_UNSPECIFIED\x10\x00\x12\x11\n\rBACKOFF_FIXED\x10\x01\x12\x17\n\x13\x42\x41\x43KOFF_EXPONENTIAL\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOB_LABELSENTRY']._loaded_options = None
   _globals['_JOB_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1195
-  _globals['_JOBSTATE']._serialized_end=1431
-  _globals['_BACKOFF']._serialized_start=1433
-  _globals['_BACKOFF']._serialized_end=1511
+  _globals['_JOBSTATE']._serialized_start=1236
+  _globals['_JOBSTATE']._serialized_end=1472
+  _globals['_BACKOFF']._serialized_start=1474
+  _globals['_BACKOFF']._serialized_end=1552
   _globals['_RETRYPOLICY']._serialized_start=134
   _globals['_RETRYPOLICY']._serialized_end=305
   _globals['_PROGRESS']._serialized_start=307
@@ -47,7 +47,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBERROR']._serialized_start=353
   _globals['_JOBERROR']._serialized_end=413
   _globals['_JOB']._serialized_start=416
-  _globals['_JOB']._serialized_end=1192
-  _globals['_JOB_LABELSENTRY']._serialized_start=1147
-  _globals['_JOB_LABELSENTRY']._serialized_end=1192
+  _globals['_JOB']._serialized_end=1233
+  _globals['_JOB_LABELSENTRY']._serialized_start=1188
+  _globals['_JOB_LABELSENTRY']._serialized_end=1233
 # @@protoc_insertion_point(module_scope)

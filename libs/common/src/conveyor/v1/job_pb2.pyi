@@ -238,6 +238,8 @@ class Job(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     WORKER_FIELD_NUMBER: _builtins.int
     RATE_KEY_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
+    TRACESTATE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Job id: "<queue>/<ULID>"; time-ordered within a queue, stable across retries."""
     queue: _builtins.str
@@ -258,6 +260,13 @@ class Job(_message.Message):
     """Worker that ran the latest attempt."""
     rate_key: _builtins.str
     """Flow-control key the per-key rate limits and concurrency caps count it under."""
+    traceparent: _builtins.str
+    """W3C trace context (the `traceparent` header) of the span that enqueued the
+    job, when the producer traced it (OpenTelemetry on): the worker's and the
+    results service's spans join that trace. Empty when tracing is off.
+    """
+    tracestate: _builtins.str
+    """W3C `tracestate` that came with traceparent, if any."""
     @_builtins.property
     def payload(self) -> _struct_pb2.Struct:
         """Payload as a JSON object. Responses always fill this field."""
@@ -333,10 +342,12 @@ class Job(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         worker: _builtins.str = ...,
         rate_key: _builtins.str = ...,
+        traceparent: _builtins.str = ...,
+        tracestate: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "payload", b"payload", "progress", b"progress", "result", b"result", "retry", b"retry", "run_at", b"run_at", "started_at", b"started_at", "timeout", b"timeout", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "id", b"id", "idempotency_key", b"idempotency_key", "labels", b"labels", "payload", b"payload", "payload_json", b"payload_json", "priority", b"priority", "progress", b"progress", "queue", b"queue", "rate_key", b"rate_key", "result", b"result", "retry", b"retry", "run_at", b"run_at", "started_at", b"started_at", "state", b"state", "timeout", b"timeout", "type", b"type", "updated_at", b"updated_at", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "id", b"id", "idempotency_key", b"idempotency_key", "labels", b"labels", "payload", b"payload", "payload_json", b"payload_json", "priority", b"priority", "progress", b"progress", "queue", b"queue", "rate_key", b"rate_key", "result", b"result", "retry", b"retry", "run_at", b"run_at", "started_at", b"started_at", "state", b"state", "timeout", b"timeout", "traceparent", b"traceparent", "tracestate", b"tracestate", "type", b"type", "updated_at", b"updated_at", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

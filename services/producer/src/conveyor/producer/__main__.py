@@ -7,7 +7,7 @@ import functools
 
 import redis as sync_redis
 
-from conveyor.common import logs, metrics, server
+from conveyor.common import logs, metrics, server, tracing
 from conveyor.common.auth import Authorizer
 from conveyor.common.queue_registry import QueueSweeper
 from conveyor.common.redis import REDIS_UNAVAILABLE
@@ -20,6 +20,7 @@ async def run() -> None:
     # Read the token file now: a wrong one stops the start with one line saying what is wrong.
     authorizer = Authorizer.from_path(settings.auth_tokens_file)
     logs.configure(service="producer", level=settings.log_level, fmt=settings.log_format)
+    tracing.configure(service="conveyor-producer")
     app = await build(settings)
     # Queue depths for /metrics, read at scrape time in the exposition thread (a sync client).
     metrics_redis = sync_redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)

@@ -11,7 +11,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from opentelemetry import context as otel_context
 
+from conveyor.common import tracing
 from conveyor.common.enqueue import Enqueuer
 from conveyor.producer.cancel import Canceller
 from conveyor.producer.jobs import JobReader
@@ -37,13 +39,28 @@ class ProducerServicer(producer_service_pb2_grpc.ProducerServiceServicer):
     async def Enqueue(
         self, request: producer_service_pb2.EnqueueRequest, context: Context
     ) -> producer_service_pb2.EnqueueResponse:
-        (response,) = await self._enqueuer.enqueue([request], batch=False)
+        if tracing.tracer is None:
+            (response,) = await self._enqueuer.enqueue([request], batch=False)
+            return response
+        token = otel_context.attach(tracing.context_from_metadata(context.invocation_metadata()))
+        try:
+            (response,) = await self._enqueuer.enqueue([request], batch=False)
+        finally:
+            otel_context.detach(token)
         return response
 
     async def EnqueueBatch(
         self, request: producer_service_pb2.EnqueueBatchRequest, context: Context
     ) -> producer_service_pb2.EnqueueBatchResponse:
-        results = await self._enqueuer.enqueue(list(request.jobs), batch=True)
+        if tracing.tracer is None:
+            results = await self._enqueuer.enqueue(list(request.jobs), batch=True)
+            return producer_service_pb2.EnqueueBatchResponse(results=results)
+        # The caller's trace context (W3C traceparent metadata) parents each job's send span.
+        token = otel_context.attach(tracing.context_from_metadata(context.invocation_metadata()))
+        try:
+            results = await self._enqueuer.enqueue(list(request.jobs), batch=True)
+        finally:
+            otel_context.detach(token)
         return producer_service_pb2.EnqueueBatchResponse(results=results)
 
     async def Watch(  # type: ignore[override]  # serialized WatchResponse messages (see add_to_server)

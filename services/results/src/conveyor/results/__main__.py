@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 
-from conveyor.common import logs, server
+from conveyor.common import logs, server, tracing
 from conveyor.common.auth import Authorizer
 from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
 from conveyor.common.settings import ResultsSettings
@@ -27,6 +27,7 @@ async def run() -> None:
     # Read the token file now: a wrong one stops the start with one line saying what is wrong.
     authorizer = Authorizer.from_path(settings.auth_tokens_file)
     logs.configure(service="results", level=settings.log_level, fmt=settings.log_format)
+    tracing.configure(service="conveyor-results")
     # psycopg_pool logs each failed reconnect as unstructured text; our own warnings cover outages.
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     consumer = os.environ.get("CONVEYOR_RESULTS_CONSUMER") or f"results-{socket.gethostname()}-{os.getpid()}"

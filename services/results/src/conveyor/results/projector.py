@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 from redis.exceptions import ResponseError
 
-from conveyor.common import faults
+from conveyor.common import faults, tracing
 from conveyor.common.codec import FINAL_EVENTS, FINAL_STATES, STATE_AFTER_EVENT, struct_to_json
 from conveyor.common.defaults import DEFAULT_RETRY
 from conveyor.common.ids import parse_job_id, ulid_time_ms
@@ -86,7 +86,7 @@ class Batch:
     ``events`` (one job_events row per job, see store.HistoryRow) is filled by ``finish``.
     """
 
-    __slots__ = ("_history", "acks", "events", "malformed", "rows", "size")
+    __slots__ = ("_history", "acks", "events", "malformed", "rows", "size", "traces")
 
     def __init__(self) -> None:
         self.rows: dict[str, JobRow] = {}
@@ -97,6 +97,9 @@ class Batch:
         #: Entries that are not a JobEvent of a job: set aside with the batch, never dropped.
         self.malformed: list[SetAside] = []
         self.size = 0
+        #: While tracing is on: (job id, queue, traceparent, tracestate) of each outcome whose
+        #: job carries a trace context; its PostgreSQL write becomes a span of that trace.
+        self.traces: list[tuple[str, str, str, str]] = []
 
     def add(self, queue: str, stream: str, entries: Sequence[Any], deleted: Sequence[bytes] = ()) -> None:
         """Fold one stream's entries (in id order) into the batch.
@@ -158,6 +161,8 @@ class Batch:
             return  # Invariant 2: a final state is never overwritten (a late ACTIVE is ignored)
         at_us = _us(event.time) if event.HasField("time") else ms * 1000
         apply_event(row, event, etype, state, ms, seq, at_us)
+        if tracing.tracer is not None and etype in FINAL_EVENTS and event.job.traceparent:
+            self.traces.append((job_id, queue, event.job.traceparent, event.job.tracestate))
 
     def finished(self) -> dict[str, list[tuple[str, str]]]:
         """Queue -> (ULID, final event id) of the jobs this batch leaves final (projected or set aside)."""
@@ -252,6 +257,39 @@ def _take_job(row: JobRow, job: job_pb2.Job, stored: bool) -> None:
         row.payload = job.payload_json.decode("utf-8", "replace")
     elif job.HasField("payload"):
         row.payload = struct_to_json(job.payload).decode()
+
+
+def _trace_write(
+    tracer: tracing.Tracer, batch: Batch, rows: int, set_aside: list[SetAside], start_ns: int, end_ns: int
+) -> None:
+    """One CLIENT span per traced outcome in ``batch``, covering the transaction that committed it.
+
+    Each is a child of its job's creation context (the send span the stored Job names), so the
+    write of a job's outcome belongs to the job's trace; a batch commits many jobs' outcomes at
+    once, hence one span per job, all with the same times (ADR 0018).
+    """
+    refused = {item.job_id: item for item in set_aside}
+    for job_id, queue, traceparent, tracestate in batch.traces:
+        attributes: dict[str, Any] = {
+            "db.system.name": "postgresql",
+            "db.operation.name": "upsert",
+            "db.collection.name": "jobs",
+            "db.operation.batch.size": rows,
+            "messaging.system": tracing.SYSTEM,
+            "messaging.destination.name": queue,
+            "messaging.message.id": job_id,
+        }
+        span = tracer.start_span(
+            "upsert jobs",
+            context=tracing.job_context(traceparent, tracestate),
+            kind=tracing.SpanKind.CLIENT,
+            attributes=attributes,
+            start_time=start_ns,
+        )
+        item = refused.get(job_id)
+        if item is not None:
+            tracing.fail(span, "SetAside", f"SQLSTATE {item.sqlstate}: {item.error}")
+        span.end(end_time=end_ns)
 
 
 async def _xreadgroup(
@@ -539,6 +577,7 @@ class Projector:
         rows = batch.finish()
         backoff = _Backoff(cap=5.0)
         while True:
+            started_ns = time.time_ns()
             try:
                 set_aside = await self._store.write(rows, batch.events, batch.malformed)
             except Exception as exc:
@@ -562,6 +601,8 @@ class Projector:
                         sqlstate=item.sqlstate,
                         error=item.error,
                     )
+                if batch.traces and tracing.tracer is not None:
+                    _trace_write(tracing.tracer, batch, len(rows), set_aside, started_ns, time.time_ns())
                 return True
             if stop.is_set():
                 log.warning("batch_abandoned", entries=batch.size)

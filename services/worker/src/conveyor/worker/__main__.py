@@ -7,7 +7,7 @@ import functools
 
 import redis as sync_redis
 
-from conveyor.common import logs, metrics, server
+from conveyor.common import logs, metrics, server, tracing
 from conveyor.common.enqueue import Enqueuer
 from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
 from conveyor.common.scripts import Heartbeat, Scripts
@@ -24,6 +24,7 @@ SCHEDULED_PAYLOAD_LIMIT = 1 << 26
 async def run() -> None:
     settings = WorkerSettings.from_env()
     logs.configure(service="worker", level=settings.log_level, fmt=settings.log_format)
+    tracing.configure(service="conveyor-worker")
     handlers = load_handlers(settings.handlers)
     # The fork server for isolate=True handlers starts now, before any thread, importing their modules.
     isolate.prepare(handlers.isolated_modules())

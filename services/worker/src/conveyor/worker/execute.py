@@ -11,6 +11,7 @@ from typing import Any
 
 import structlog
 
+from conveyor.common import tracing
 from conveyor.common.codec import dumps, embed_job, length_delimited, timestamp_bytes, varint
 from conveyor.common.defaults import retry_policy
 from conveyor.v1 import event_pb2, job_pb2
@@ -205,6 +206,8 @@ async def run_attempt(
             _cancel=cancellation.stop,
             _back_off=back_off,
             rate_key=job.rate_key,
+            # The process span (runner) is current here while tracing is on.
+            traceparent="" if tracing.tracer is None else tracing.current_traceparent(),
         )
         timeout = job.timeout.ToTimedelta().total_seconds() if job.HasField("timeout") else 0.0
         try:

@@ -117,6 +117,9 @@ class JobContext:
         worker_id: The worker running it.
         labels: The job's labels.
         rate_key: Its flow-control key ("" when none).
+        traceparent: While tracing is on, the W3C traceparent of this attempt's ``process`` span
+            ("" when off): to continue the trace where the current span does not reach, as in an
+            ``isolate=True`` handler's child process or a message to another system.
     """
 
     job_id: str
@@ -130,6 +133,7 @@ class JobContext:
     _back_off: Callable[[float, bool], Awaitable[None]] | None = field(default=None, repr=False)
     rate_key: str = ""
     _cancel: Flag = field(default_factory=Flag, repr=False)
+    traceparent: str = ""
 
     @property
     def cancelled(self) -> bool:

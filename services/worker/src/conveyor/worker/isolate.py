@@ -140,6 +140,7 @@ class IsolatedCall:
             "worker_id": ctx.worker_id,
             "labels": dict(ctx.labels),
             "rate_key": ctx.rate_key,
+            "traceparent": ctx.traceparent,
         }
         reader, writer = _context.Pipe(duplex=False)
         proc = _context.Process(

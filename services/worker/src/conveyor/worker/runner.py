@@ -15,12 +15,14 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Coroutine
 from importlib import metadata
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 
-from conveyor.common import metrics
+from conveyor.common import metrics, tracing
 from conveyor.common.faults import is_transient
 from conveyor.common.ids import ulid_time_ms
 from conveyor.common.introspection import WorkerRegistry
@@ -45,6 +47,40 @@ MAX_CLAIM = 100
 MAX_COMPLETE = 500
 MAINTENANCE_INTERVAL_S = 1.0
 EXPIRE_BATCH = 1000
+
+
+async def _traced_attempt(
+    tracer: tracing.Tracer, attempt: Attempt, worker_id: str, run: Coroutine[Any, Any, tuple[int, bytes, int]]
+) -> tuple[int, bytes, int]:
+    """Run ``run`` (the attempt) inside a ``process {queue}`` CONSUMER span (ADR 0018).
+
+    The span is a child of the job's creation context (the producer's send span, carried in the
+    stored Job) and links to it, as the messaging conventions advise for one message at a time.
+    It is the current span while the handler runs: an async handler's spans, and a sync
+    handler's (the pool runs it in a copy of this context), are its children.
+    """
+    job = attempt.job
+    creation = tracing.job_context(job.traceparent, job.tracestate)
+    attributes = tracing.messaging_attributes(job.queue, "process", job.id)
+    attributes["messaging.consumer.group.name"] = tracing.CONSUMER_GROUP
+    attributes["messaging.client.id"] = worker_id
+    attributes["conveyor.job.type"] = job.type
+    attributes["conveyor.job.attempt"] = attempt.attempt
+    with tracer.start_as_current_span(
+        f"process {job.queue}",
+        context=creation,
+        kind=tracing.SpanKind.CONSUMER,
+        attributes=attributes,
+        links=tracing.links_to(creation),
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        state, event_bytes, due_ms = await run
+        span.set_attribute("conveyor.job.state", job_pb2.JobState.Name(state))  # type: ignore[arg-type]
+        if state != job_pb2.JOB_STATE_SUCCEEDED:
+            error = event_pb2.JobEvent.FromString(event_bytes).error
+            tracing.fail(span, error.kind or "Error", error.message)
+    return state, event_bytes, due_ms
 
 
 class Slots:
@@ -303,9 +339,17 @@ class QueueRunner:
             wait_s = max(0.0, time.time() - due_ms / 1000)
         metrics.job_started(job.queue, job.type, wait_s)
         began = time.monotonic()
-        state, event_bytes, due_ms = await run_attempt(
-            attempt, self._handlers, worker_id, report, cancellation, back_off, self._pool
-        )
+        if tracing.tracer is None:
+            state, event_bytes, due_ms = await run_attempt(
+                attempt, self._handlers, worker_id, report, cancellation, back_off, self._pool
+            )
+        else:
+            state, event_bytes, due_ms = await _traced_attempt(
+                tracing.tracer,
+                attempt,
+                worker_id,
+                run_attempt(attempt, self._handlers, worker_id, report, cancellation, back_off, self._pool),
+            )
         metrics.job_ended(job.queue, job.type, state, time.monotonic() - began)
         self._outcomes.put_nowait(
             Outcome(
