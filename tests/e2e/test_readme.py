@@ -296,7 +296,7 @@ def test_the_readme_blocks_are_found_and_markers_give_reasons() -> None:
     assert len(runnable) >= 20, "the README's examples were not found: did the fences change?"
     skipped = [b for b in blocks if b.not_run]
     assert all(len(b.not_run) > 10 for b in skipped), "every not-run marker says why"
-    assert len(skipped) <= 5, f"keep the not-run list short: {[b.line for b in skipped]}"
+    assert len(skipped) <= 6, f"keep the not-run list short: {[b.line for b in skipped]}"
     for b in blocks:
         if b.lang == "python":
             ast.parse(b.text, filename=f"README.md:{b.line}")  # every snippet at least parses
