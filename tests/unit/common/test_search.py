@@ -48,7 +48,7 @@ def test_parse_where_exists() -> None:
 
 @pytest.mark.parametrize("expr", ["", "   ", "?", "=5", "!=x", "plain", "@>x"])
 def test_parse_where_refuses_what_is_not_a_condition(expr: str) -> None:
-    with pytest.raises(ValueError, match="PATH|expected"):
+    with pytest.raises(ValueError, match=r"PATH|expected"):
         parse_where(expr)
 
 
