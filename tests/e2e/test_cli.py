@@ -187,6 +187,50 @@ def test_history_lists_and_stats(cli: Cli) -> None:
     assert "cli-worker" in cli.run("workers").stdout
 
 
+def test_jobs_where_on_payload_fields_and_labels(cli: Cli) -> None:
+    run = uuid.uuid4().hex[:8]  # only this test's jobs carry it
+    gold = cli.enqueue(
+        "demo.echo", {"run": run, "customer": {"id": 42, "tier": "gold"}, "total": 120}, "--label", "team=billing"
+    )
+    silver = cli.enqueue(
+        "demo.echo", {"run": run, "customer": {"id": 7, "tier": "silver"}, "total": 30}, "--label", "team=ops"
+    )
+    for job_id in (gold, silver):
+        assert cli.run("watch", job_id).returncode == 0
+
+    def ids(*args: str) -> set[str]:
+        page = cli.json("jobs", "--queue", QUEUE, "--where", f"run={run}", *args)
+        assert isinstance(page, dict)
+        return {j["id"] for j in page.get("jobs", [])}
+
+    # The payload reaches PostgreSQL with the outcome: wait until both are recorded.
+    wait_until(lambda: ids() == {gold, silver}, "both jobs recorded with their payloads")
+    assert ids("--where", "customer.id=42") == {gold}
+    assert ids("-w", "customer.tier!=gold") == {silver}
+    assert ids("--where", "total>=100") == {gold}
+    assert ids("--where", "total<100", "--where", "customer.tier=silver") == {silver}
+    assert ids("--where", "?customer.tier") == {gold, silver}
+    assert ids("--where", "?customer.vip") == set()
+    assert ids("--where", 'customer@>{"tier": "gold"}') == {gold}
+    assert ids("--where", 'customer.id="42"') == set()  # a string, not the number 42
+    assert ids("--label", "team=ops") == {silver}
+    assert ids("--label", "team=ops", "--where", "customer.id=42") == set()
+    table = cli.run("jobs", "--queue", QUEUE, "--where", f"run={run}", "--where", "customer.id=42")
+    assert table.returncode == 0 and gold in table.stdout and silver not in table.stdout
+
+    # Errors: one line, the gRPC code and the field (the CLI's own flag, or the request's field).
+    for args, start in [
+        (("--where", "nonsense"), "error: INVALID_ARGUMENT: --where: 'nonsense' is not a condition"),
+        (("--where", "a..b=1"), "error: INVALID_ARGUMENT: where[0].path: "),
+        (("--where", "run=x", "--where", "total<true"), "error: INVALID_ARGUMENT: where[1].value: "),
+        (("--label", "team"), "error: INVALID_ARGUMENT: --label: 'team' is not KEY=VALUE"),
+    ]:
+        done = cli.run("jobs", *args)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith(start), done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
 def test_pause_resume_and_limits(cli: Cli) -> None:
     assert cli.run("pause", QUEUE).stdout.strip() == f"{QUEUE}: paused"
     job_id = cli.enqueue("demo.echo", {"n": 1})

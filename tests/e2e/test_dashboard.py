@@ -313,6 +313,56 @@ def test_jobs_filter_by_state_and_page(stack: Stack, browser: WebDriver, tmp_pat
     assert "state" in text_of(browser, "#error-message") and "INVALID_ARGUMENT" in text_of(browser, "#error-message")
 
 
+def test_jobs_filter_by_payload_fields_and_labels(stack: Stack, browser: WebDriver) -> None:
+    run = uuid.uuid4().hex[:8]  # only this test's jobs carry it
+
+    def enqueue(payload: dict[str, object], team: str) -> str:
+        done = stack.cli(
+            "enqueue", "demo.echo", "-q", QUEUE, "-p", json.dumps({"run": run, **payload}), "--label", f"team={team}"
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    big = enqueue({"customer": {"id": 42}, "order": {"total": 250}}, "billing")
+    small = enqueue({"customer": {"id": 42}, "order": {"total": 20}}, "ops")
+    other = enqueue({"customer": {"id": 7}, "order": {"total": 300}}, "billing")
+    for job_id in (big, small, other):
+        assert stack.cli("watch", job_id).returncode == 0
+    wait_until(
+        lambda: len(stack.json("jobs", "-q", QUEUE, "--where", f"run={run}").get("jobs", [])) == 3,  # type: ignore[arg-type]
+        "the three jobs recorded with their payloads",
+        within=WAIT,
+    )
+
+    def shown() -> set[str | None]:
+        return {r.get_attribute("data-job-id") for r in browser.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")}
+
+    browser.get(stack.dashboard.url + f"/jobs?queue={QUEUE}&where=run%3D{run}")
+    wait(browser).until(ec.presence_of_element_located((By.ID, "jobs")))
+    assert shown() == {big, small, other}
+    browser.find_element(By.ID, "filter-where-new").send_keys("customer.id=42")
+    browser.find_element(By.ID, "apply-filters").click()
+    wait(browser).until(lambda d: "customer.id" in d.current_url)
+    assert shown() == {big, small}
+    # The conditions stay in the form; add a range on another field and a label.
+    values = [e.get_attribute("value") for e in browser.find_elements(By.CSS_SELECTOR, "input.filter-where")]
+    assert values == [f"run={run}", "customer.id=42", ""]
+    browser.find_element(By.ID, "filter-where-new").send_keys("order.total>=100")
+    browser.find_element(By.ID, "filter-label-new").send_keys("team=billing")
+    browser.find_element(By.ID, "apply-filters").click()
+    wait(browser).until(lambda d: "team" in d.current_url)
+    assert shown() == {big}
+    browser.get(stack.dashboard.url + f"/jobs?queue={QUEUE}&where=run%3D{run}&label=team%3Dops")
+    assert shown() == {small}
+    browser.get(stack.dashboard.url + f"/jobs?queue={QUEUE}&where=run%3D{run}&where=customer.vip%3Dtrue")
+    assert browser.find_elements(By.ID, "no-jobs")
+    # A condition that is not one, or one the service refuses: a page naming the field, no listing.
+    browser.get(stack.dashboard.url + f"/jobs?queue={QUEUE}&where=nonsense")
+    assert "where" in text_of(browser, "#error-message") and "INVALID_ARGUMENT" in text_of(browser, "#error-message")
+    browser.get(stack.dashboard.url + f"/jobs?queue={QUEUE}&where=order.total%3Ctrue")
+    assert "where[0].value" in text_of(browser, "#error-message")
+
+
 def test_bulk_retry_of_dead_letters_asks_first(stack: Stack, browser: WebDriver, tmp_path: Path) -> None:
     poison = {"message": "poison", "permanent": True}
     dead = [stack.enqueue("demo.fail", poison, queue=DLQ_QUEUE) for _ in range(3)]

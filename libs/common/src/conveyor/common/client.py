@@ -414,12 +414,16 @@ class ConveyorClient:
             finally:
                 call.cancel()
 
-    async def list_jobs(self, **filters: Any) -> results_service_pb2.ListJobsResponse:
-        """One page of ResultsService.ListJobs; ``filters`` are ListJobsRequest fields."""
+    async def list_jobs(
+        self, request: results_service_pb2.ListJobsRequest | None = None, **filters: Any
+    ) -> results_service_pb2.ListJobsResponse:
+        """One page of ResultsService.ListJobs: ``request``, or one made of ``filters`` (ListJobsRequest fields)."""
         if self._results is None:
             raise ValueError("ConveyorClient was created without results_addr")
         stub = self._results
-        req = results_service_pb2.ListJobsRequest(**filters)
+        if request is not None and filters:
+            raise TypeError("give a ListJobsRequest or its fields, not both")
+        req = request if request is not None else results_service_pb2.ListJobsRequest(**filters)
         return await self._call(lambda: stub.ListJobs(req, timeout=self._timeout))
 
     async def get_queue_stats(self, queue: str) -> admin_service_pb2.GetQueueStatsResponse:

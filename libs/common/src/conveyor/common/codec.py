@@ -36,6 +36,11 @@ def struct_to_json(value: struct_pb2.Struct) -> bytes:
     return dumps(_plain(json_format.MessageToDict(value)))
 
 
+def value_to_python(value: struct_pb2.Value) -> Any:
+    """The JSON-able Python form of a set Value, whole numbers as ints (as payloads are stored)."""
+    return _plain(json_format.MessageToDict(value))
+
+
 # json.dumps with non-default options builds a new encoder on every call; keep one.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 

@@ -25,50 +25,59 @@ _sym_db = _symbol_database.Default()
 from conveyor.v1 import event_pb2 as conveyor_dot_v1_dot_event__pb2
 from conveyor.v1 import job_pb2 as conveyor_dot_v1_dot_job__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!conveyor/v1/results_service.proto\x12\x0b\x63onveyor.v1\x1a\x17\x63onveyor/v1/event.proto\x1a\x15\x63onveyor/v1/job.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"-\n\x1bResultsServiceGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"=\n\x1cResultsServiceGetJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.conveyor.v1.Job\"\xe2\x01\n\x0fListJobsRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.conveyor.v1.JobState\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x31\n\rcreated_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.conveyor.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Q\n\x14ListJobEventsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"P\n\x15ListJobEventsResponse\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.JobEvent\x12\x10\n\x08has_more\x18\x02 \x01(\x08\"(\n\x17GetFinishedStatsRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"E\n\x18GetFinishedStatsResponse\x12)\n\x05stats\x18\x01 \x01(\x0b\x32\x1a.conveyor.v1.FinishedStats\"h\n\rFinishedStats\x12,\n\x07windows\x18\x01 \x03(\x0b\x32\x1b.conveyor.v1.FinishedWindow\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa1\x01\n\x0e\x46inishedWindow\x12)\n\x06window\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tsucceeded\x18\x02 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x03\x12\x15\n\rdead_lettered\x18\x04 \x01(\x03\x12\x11\n\tcancelled\x18\x05 \x01(\x03\x12\x17\n\x0fjobs_per_second\x18\x06 \x01(\x01\"\xf0\x01\n\rSetAsideEntry\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x10\n\x08\x65ntry_id\x18\x04 \x01(\t\x12\r\n\x05\x65vent\x18\x05 \x01(\x0c\x12\x10\n\x08sqlstate\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x30\n\x0cset_aside_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07replays\x18\t \x01(\x05\x12/\n\x0breplayed_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x13ListSetAsideRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\\\n\x14ListSetAsideResponse\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.conveyor.v1.SetAsideEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"1\n\x15ReplaySetAsideRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"n\n\x16ReplaySetAsideResponse\x12\x10\n\x08replayed\x18\x01 \x01(\x03\x12+\n\x07refused\x18\x02 \x03(\x0b\x32\x1a.conveyor.v1.SetAsideEntry\x12\x15\n\rrefused_count\x18\x03 \x01(\x03\"%\n\x16\x44iscardSetAsideRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\",\n\x17\x44iscardSetAsideResponse\x12\x11\n\tdiscarded\x18\x01 \x01(\x03\x32\xff\x04\n\x0eResultsService\x12]\n\x06GetJob\x12(.conveyor.v1.ResultsServiceGetJobRequest\x1a).conveyor.v1.ResultsServiceGetJobResponse\x12G\n\x08ListJobs\x12\x1c.conveyor.v1.ListJobsRequest\x1a\x1d.conveyor.v1.ListJobsResponse\x12V\n\rListJobEvents\x12!.conveyor.v1.ListJobEventsRequest\x1a\".conveyor.v1.ListJobEventsResponse\x12_\n\x10GetFinishedStats\x12$.conveyor.v1.GetFinishedStatsRequest\x1a%.conveyor.v1.GetFinishedStatsResponse\x12S\n\x0cListSetAside\x12 .conveyor.v1.ListSetAsideRequest\x1a!.conveyor.v1.ListSetAsideResponse\x12Y\n\x0eReplaySetAside\x12\".conveyor.v1.ReplaySetAsideRequest\x1a#.conveyor.v1.ReplaySetAsideResponse\x12\\\n\x0f\x44iscardSetAside\x12#.conveyor.v1.DiscardSetAsideRequest\x1a$.conveyor.v1.DiscardSetAsideResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!conveyor/v1/results_service.proto\x12\x0b\x63onveyor.v1\x1a\x17\x63onveyor/v1/event.proto\x1a\x15\x63onveyor/v1/job.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"-\n\x1bResultsServiceGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"=\n\x1cResultsServiceGetJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.conveyor.v1.Job\"\xf4\x02\n\x0fListJobsRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.conveyor.v1.JobState\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x31\n\rcreated_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\x12\x38\n\x06labels\x18\x08 \x03(\x0b\x32(.conveyor.v1.ListJobsRequest.LabelsEntry\x12\'\n\x05where\x18\t \x03(\x0b\x32\x18.conveyor.v1.FieldFilter\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"j\n\x0b\x46ieldFilter\x12\x0c\n\x04path\x18\x01 \x01(\t\x12&\n\x02op\x18\x02 \x01(\x0e\x32\x1a.conveyor.v1.FieldOperator\x12%\n\x05value\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.conveyor.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Q\n\x14ListJobEventsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"P\n\x15ListJobEventsResponse\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.JobEvent\x12\x10\n\x08has_more\x18\x02 \x01(\x08\"(\n\x17GetFinishedStatsRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"E\n\x18GetFinishedStatsResponse\x12)\n\x05stats\x18\x01 \x01(\x0b\x32\x1a.conveyor.v1.FinishedStats\"h\n\rFinishedStats\x12,\n\x07windows\x18\x01 \x03(\x0b\x32\x1b.conveyor.v1.FinishedWindow\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa1\x01\n\x0e\x46inishedWindow\x12)\n\x06window\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tsucceeded\x18\x02 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x03\x12\x15\n\rdead_lettered\x18\x04 \x01(\x03\x12\x11\n\tcancelled\x18\x05 \x01(\x03\x12\x17\n\x0fjobs_per_second\x18\x06 \x01(\x01\"\xf0\x01\n\rSetAsideEntry\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x10\n\x08\x65ntry_id\x18\x04 \x01(\t\x12\r\n\x05\x65vent\x18\x05 \x01(\x0c\x12\x10\n\x08sqlstate\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x30\n\x0cset_aside_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07replays\x18\t \x01(\x05\x12/\n\x0breplayed_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x13ListSetAsideRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\\\n\x14ListSetAsideResponse\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.conveyor.v1.SetAsideEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"1\n\x15ReplaySetAsideRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"n\n\x16ReplaySetAsideResponse\x12\x10\n\x08replayed\x18\x01 \x01(\x03\x12+\n\x07refused\x18\x02 \x03(\x0b\x32\x1a.conveyor.v1.SetAsideEntry\x12\x15\n\rrefused_count\x18\x03 \x01(\x03\"%\n\x16\x44iscardSetAsideRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\",\n\x17\x44iscardSetAsideResponse\x12\x11\n\tdiscarded\x18\x01 \x01(\x03*\xf1\x01\n\rFieldOperator\x12\x1e\n\x1a\x46IELD_OPERATOR_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46IELD_OPERATOR_EQ\x10\x01\x12\x15\n\x11\x46IELD_OPERATOR_NE\x10\x02\x12\x15\n\x11\x46IELD_OPERATOR_LT\x10\x03\x12\x15\n\x11\x46IELD_OPERATOR_LE\x10\x04\x12\x15\n\x11\x46IELD_OPERATOR_GT\x10\x05\x12\x15\n\x11\x46IELD_OPERATOR_GE\x10\x06\x12\x19\n\x15\x46IELD_OPERATOR_EXISTS\x10\x07\x12\x1b\n\x17\x46IELD_OPERATOR_CONTAINS\x10\x08\x32\xff\x04\n\x0eResultsService\x12]\n\x06GetJob\x12(.conveyor.v1.ResultsServiceGetJobRequest\x1a).conveyor.v1.ResultsServiceGetJobResponse\x12G\n\x08ListJobs\x12\x1c.conveyor.v1.ListJobsRequest\x1a\x1d.conveyor.v1.ListJobsResponse\x12V\n\rListJobEvents\x12!.conveyor.v1.ListJobEventsRequest\x1a\".conveyor.v1.ListJobEventsResponse\x12_\n\x10GetFinishedStats\x12$.conveyor.v1.GetFinishedStatsRequest\x1a%.conveyor.v1.GetFinishedStatsResponse\x12S\n\x0cListSetAside\x12 .conveyor.v1.ListSetAsideRequest\x1a!.conveyor.v1.ListSetAsideResponse\x12Y\n\x0eReplaySetAside\x12\".conveyor.v1.ReplaySetAsideRequest\x1a#.conveyor.v1.ReplaySetAsideResponse\x12\\\n\x0f\x44iscardSetAside\x12#.conveyor.v1.DiscardSetAsideRequest\x1a$.conveyor.v1.DiscardSetAsideResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.v1.results_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESULTSSERVICEGETJOBREQUEST']._serialized_start=163
-  _globals['_RESULTSSERVICEGETJOBREQUEST']._serialized_end=208
-  _globals['_RESULTSSERVICEGETJOBRESPONSE']._serialized_start=210
-  _globals['_RESULTSSERVICEGETJOBRESPONSE']._serialized_end=271
-  _globals['_LISTJOBSREQUEST']._serialized_start=274
-  _globals['_LISTJOBSREQUEST']._serialized_end=500
-  _globals['_LISTJOBSRESPONSE']._serialized_start=502
-  _globals['_LISTJOBSRESPONSE']._serialized_end=577
-  _globals['_LISTJOBEVENTSREQUEST']._serialized_start=579
-  _globals['_LISTJOBEVENTSREQUEST']._serialized_end=660
-  _globals['_LISTJOBEVENTSRESPONSE']._serialized_start=662
-  _globals['_LISTJOBEVENTSRESPONSE']._serialized_end=742
-  _globals['_GETFINISHEDSTATSREQUEST']._serialized_start=744
-  _globals['_GETFINISHEDSTATSREQUEST']._serialized_end=784
-  _globals['_GETFINISHEDSTATSRESPONSE']._serialized_start=786
-  _globals['_GETFINISHEDSTATSRESPONSE']._serialized_end=855
-  _globals['_FINISHEDSTATS']._serialized_start=857
-  _globals['_FINISHEDSTATS']._serialized_end=961
-  _globals['_FINISHEDWINDOW']._serialized_start=964
-  _globals['_FINISHEDWINDOW']._serialized_end=1125
-  _globals['_SETASIDEENTRY']._serialized_start=1128
-  _globals['_SETASIDEENTRY']._serialized_end=1368
-  _globals['_LISTSETASIDEREQUEST']._serialized_start=1370
-  _globals['_LISTSETASIDEREQUEST']._serialized_end=1445
-  _globals['_LISTSETASIDERESPONSE']._serialized_start=1447
-  _globals['_LISTSETASIDERESPONSE']._serialized_end=1539
-  _globals['_REPLAYSETASIDEREQUEST']._serialized_start=1541
-  _globals['_REPLAYSETASIDEREQUEST']._serialized_end=1590
-  _globals['_REPLAYSETASIDERESPONSE']._serialized_start=1592
-  _globals['_REPLAYSETASIDERESPONSE']._serialized_end=1702
-  _globals['_DISCARDSETASIDEREQUEST']._serialized_start=1704
-  _globals['_DISCARDSETASIDEREQUEST']._serialized_end=1741
-  _globals['_DISCARDSETASIDERESPONSE']._serialized_start=1743
-  _globals['_DISCARDSETASIDERESPONSE']._serialized_end=1787
-  _globals['_RESULTSSERVICE']._serialized_start=1790
-  _globals['_RESULTSSERVICE']._serialized_end=2429
+  _globals['_LISTJOBSREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_FIELDOPERATOR']._serialized_start=2074
+  _globals['_FIELDOPERATOR']._serialized_end=2315
+  _globals['_RESULTSSERVICEGETJOBREQUEST']._serialized_start=193
+  _globals['_RESULTSSERVICEGETJOBREQUEST']._serialized_end=238
+  _globals['_RESULTSSERVICEGETJOBRESPONSE']._serialized_start=240
+  _globals['_RESULTSSERVICEGETJOBRESPONSE']._serialized_end=301
+  _globals['_LISTJOBSREQUEST']._serialized_start=304
+  _globals['_LISTJOBSREQUEST']._serialized_end=676
+  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_start=631
+  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_end=676
+  _globals['_FIELDFILTER']._serialized_start=678
+  _globals['_FIELDFILTER']._serialized_end=784
+  _globals['_LISTJOBSRESPONSE']._serialized_start=786
+  _globals['_LISTJOBSRESPONSE']._serialized_end=861
+  _globals['_LISTJOBEVENTSREQUEST']._serialized_start=863
+  _globals['_LISTJOBEVENTSREQUEST']._serialized_end=944
+  _globals['_LISTJOBEVENTSRESPONSE']._serialized_start=946
+  _globals['_LISTJOBEVENTSRESPONSE']._serialized_end=1026
+  _globals['_GETFINISHEDSTATSREQUEST']._serialized_start=1028
+  _globals['_GETFINISHEDSTATSREQUEST']._serialized_end=1068
+  _globals['_GETFINISHEDSTATSRESPONSE']._serialized_start=1070
+  _globals['_GETFINISHEDSTATSRESPONSE']._serialized_end=1139
+  _globals['_FINISHEDSTATS']._serialized_start=1141
+  _globals['_FINISHEDSTATS']._serialized_end=1245
+  _globals['_FINISHEDWINDOW']._serialized_start=1248
+  _globals['_FINISHEDWINDOW']._serialized_end=1409
+  _globals['_SETASIDEENTRY']._serialized_start=1412
+  _globals['_SETASIDEENTRY']._serialized_end=1652
+  _globals['_LISTSETASIDEREQUEST']._serialized_start=1654
+  _globals['_LISTSETASIDEREQUEST']._serialized_end=1729
+  _globals['_LISTSETASIDERESPONSE']._serialized_start=1731
+  _globals['_LISTSETASIDERESPONSE']._serialized_end=1823
+  _globals['_REPLAYSETASIDEREQUEST']._serialized_start=1825
+  _globals['_REPLAYSETASIDEREQUEST']._serialized_end=1874
+  _globals['_REPLAYSETASIDERESPONSE']._serialized_start=1876
+  _globals['_REPLAYSETASIDERESPONSE']._serialized_end=1986
+  _globals['_DISCARDSETASIDEREQUEST']._serialized_start=1988
+  _globals['_DISCARDSETASIDEREQUEST']._serialized_end=2025
+  _globals['_DISCARDSETASIDERESPONSE']._serialized_start=2027
+  _globals['_DISCARDSETASIDERESPONSE']._serialized_end=2071
+  _globals['_RESULTSSERVICE']._serialized_start=2318
+  _globals['_RESULTSSERVICE']._serialized_end=2957
 # @@protoc_insertion_point(module_scope)

@@ -9,8 +9,10 @@ from conveyor.v1 import job_pb2 as _job_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -21,6 +23,60 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _FieldOperator:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FieldOperatorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FieldOperator.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FIELD_OPERATOR_UNSPECIFIED: _FieldOperator.ValueType  # 0
+    """Read as FIELD_OPERATOR_EQ."""
+    FIELD_OPERATOR_EQ: _FieldOperator.ValueType  # 1
+    """The field equals value exactly (an object or list too). Uses the index."""
+    FIELD_OPERATOR_NE: _FieldOperator.ValueType  # 2
+    """The field differs from value, or the payload has no such field."""
+    FIELD_OPERATOR_LT: _FieldOperator.ValueType  # 3
+    """The field and value are both numbers, or both strings, and field < value."""
+    FIELD_OPERATOR_LE: _FieldOperator.ValueType  # 4
+    """Like FIELD_OPERATOR_LT, with field <= value."""
+    FIELD_OPERATOR_GT: _FieldOperator.ValueType  # 5
+    """Like FIELD_OPERATOR_LT, with field > value."""
+    FIELD_OPERATOR_GE: _FieldOperator.ValueType  # 6
+    """Like FIELD_OPERATOR_LT, with field >= value."""
+    FIELD_OPERATOR_EXISTS: _FieldOperator.ValueType  # 7
+    """The payload has the field (whatever its value, null included)."""
+    FIELD_OPERATOR_CONTAINS: _FieldOperator.ValueType  # 8
+    """JSON containment, served by the index: the list at the field holds value
+    (or each element of a list value); the object at the field holds value's
+    keys with their values; a scalar field equals a scalar value.
+    """
+
+class FieldOperator(_FieldOperator, metaclass=_FieldOperatorEnumTypeWrapper):
+    """FieldOperator says how a payload field is compared with a value."""
+
+FIELD_OPERATOR_UNSPECIFIED: FieldOperator.ValueType  # 0
+"""Read as FIELD_OPERATOR_EQ."""
+FIELD_OPERATOR_EQ: FieldOperator.ValueType  # 1
+"""The field equals value exactly (an object or list too). Uses the index."""
+FIELD_OPERATOR_NE: FieldOperator.ValueType  # 2
+"""The field differs from value, or the payload has no such field."""
+FIELD_OPERATOR_LT: FieldOperator.ValueType  # 3
+"""The field and value are both numbers, or both strings, and field < value."""
+FIELD_OPERATOR_LE: FieldOperator.ValueType  # 4
+"""Like FIELD_OPERATOR_LT, with field <= value."""
+FIELD_OPERATOR_GT: FieldOperator.ValueType  # 5
+"""Like FIELD_OPERATOR_LT, with field > value."""
+FIELD_OPERATOR_GE: FieldOperator.ValueType  # 6
+"""Like FIELD_OPERATOR_LT, with field >= value."""
+FIELD_OPERATOR_EXISTS: FieldOperator.ValueType  # 7
+"""The payload has the field (whatever its value, null included)."""
+FIELD_OPERATOR_CONTAINS: FieldOperator.ValueType  # 8
+"""JSON containment, served by the index: the list at the field holds value
+(or each element of a list value); the object at the field holds value's
+keys with their values; a scalar field equals a scalar value.
+"""
+Global___FieldOperator: _TypeAlias = FieldOperator  # noqa: Y015
 
 @_typing.final
 class ResultsServiceGetJobRequest(_message.Message):
@@ -74,6 +130,26 @@ class ListJobsRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     QUEUE_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
@@ -81,6 +157,8 @@ class ListJobsRequest(_message.Message):
     CREATED_BEFORE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    WHERE_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """Only jobs of this queue."""
     state: _job_pb2.JobState.ValueType
@@ -99,6 +177,18 @@ class ListJobsRequest(_message.Message):
     def created_before(self) -> _timestamp_pb2.Timestamp:
         """Only jobs created before this instant."""
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only jobs carrying every one of these labels with exactly this value
+        (at most 16). Served by a GIN index on the labels.
+        """
+
+    @_builtins.property
+    def where(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldFilter]:
+        """Only jobs whose payload meets every one of these conditions (at most 16),
+        e.g. {"path": "customer.id", "op": "FIELD_OPERATOR_EQ", "value": 42}.
+        """
+
     def __init__(
         self,
         *,
@@ -109,14 +199,54 @@ class ListJobsRequest(_message.Message):
         created_before: _timestamp_pb2.Timestamp | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        where: _abc.Iterable[Global___FieldFilter] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "page_size", b"page_size", "page_token", b"page_token", "queue", b"queue", "state", b"state", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "queue", b"queue", "state", b"state", "type", b"type", "where", b"where"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListJobsRequest: _TypeAlias = ListJobsRequest  # noqa: Y015
+
+@_typing.final
+class FieldFilter(_message.Message):
+    """FieldFilter is one condition on a field of the job's JSON payload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    OP_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """The field: object keys from the payload's top, joined by dots
+    ("customer.id"). 1-16 keys of 1-128 characters; a key cannot hold a dot,
+    and there is no array indexing (use FIELD_OPERATOR_CONTAINS on the array).
+    """
+    op: Global___FieldOperator.ValueType
+    """How the field is compared with value. Unspecified means FIELD_OPERATOR_EQ."""
+    @_builtins.property
+    def value(self) -> _struct_pb2.Value:
+        """The JSON value to compare with: a number, string, bool, null, object or
+        list (numbers only and strings only for the ordering operators). Must be
+        left unset for FIELD_OPERATOR_EXISTS, and set for every other operator.
+        """
+
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        op: Global___FieldOperator.ValueType = ...,
+        value: _struct_pb2.Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["op", b"op", "path", b"path", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FieldFilter: _TypeAlias = FieldFilter  # noqa: Y015
 
 @_typing.final
 class ListJobsResponse(_message.Message):

@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -26,8 +24,8 @@ from starlette.templating import Jinja2Templates
 from conveyor.common import logs
 from conveyor.common.client import ConveyorClient
 from conveyor.common.errors import ConveyorError, InvalidArgument
-from conveyor.dashboard import views
-from conveyor.v1 import job_pb2, producer_service_pb2
+from conveyor.dashboard import filters, views
+from conveyor.v1 import producer_service_pb2
 
 HERE = Path(__file__).resolve().parent
 log = logs.get_logger(__name__)
@@ -95,43 +93,19 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
         )
 
     async def jobs_page(request: Request) -> Response:
-        params = request.query_params
-        filters: dict[str, Any] = {}
-        problems: dict[str, str] = {}
-        if params.get("queue"):
-            filters["queue"] = params["queue"]
-        if params.get("type"):
-            filters["type"] = params["type"]
-        state = params.get("state", "")
-        if state:
-            if state not in views.JOB_STATES:
-                problems["state"] = f"must be one of {', '.join(views.JOB_STATES)}"
-            else:
-                filters["state"] = job_pb2.JobState.Value(f"JOB_STATE_{state}")
-        for field in ("created_after", "created_before"):
-            raw = params.get(field, "")
-            if raw:
-                try:
-                    moment = datetime.fromisoformat(raw)
-                except ValueError:
-                    problems[field] = f"must be a date and time like 2026-12-05T13:00, got {raw!r}"
-                    continue
-                stamp = Timestamp()
-                stamp.FromDatetime(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
-                filters[field] = stamp
-        if problems:
-            raise InvalidArgument(problems)
-        token = params.get("page_token", "")
-        response = await client.list_jobs(**filters, page_size=50, page_token=token)
-        kept = {k: v for k, v in params.items() if k != "page_token" and v}
-
+        pairs = [(k, v) for k, v in request.query_params.multi_items() if k in filters.FILTER_PARAMS and v.strip()]
+        response = await client.list_jobs(
+            filters.list_jobs_request(pairs, page_size=50, page_token=request.query_params.get("page_token", ""))
+        )
         return page(
             request,
             "jobs.html",
             jobs=[views.job_row(j) for j in response.jobs],
             next_page_token=response.next_page_token,
-            next_params={**kept, "page_token": response.next_page_token},
-            filters=kept,
+            next_params=[*pairs, ("page_token", response.next_page_token)],
+            filters=dict(pairs),
+            where=[v for k, v in pairs if k == "where"],
+            labels=[v for k, v in pairs if k == "label"],
             states=views.JOB_STATES,
         )
 

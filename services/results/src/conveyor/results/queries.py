@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from psycopg import sql
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from conveyor.common.codec import decode_event, json_to_struct, json_to_value, public_event
@@ -38,6 +39,83 @@ def from_us(us: int) -> datetime:
     return EPOCH + timedelta(microseconds=us)
 
 
+#: FieldCondition operators (conveyor.v1.FieldOperator without its prefix, lower case).
+FIELD_OPERATORS = ("eq", "ne", "lt", "le", "gt", "ge", "exists", "contains")
+_ORDERING_SQL = {"lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+
+
+@dataclass(frozen=True, slots=True)
+class FieldCondition:
+    """One validated condition on a payload field: ``path`` (object keys), ``op``, a JSON-able ``value``.
+
+    ``value`` is None for "exists" (a JSON null is ``JSON_NULL``, to tell the two apart).
+    """
+
+    path: tuple[str, ...]
+    op: str
+    value: Any = None
+
+
+class _JsonNull:
+    """The JSON value null as a condition's value (None means "no value")."""
+
+    def __repr__(self) -> str:
+        return "JSON_NULL"
+
+
+JSON_NULL: Any = _JsonNull()
+
+
+def _json(value: Any) -> Any:
+    return None if value is JSON_NULL else value
+
+
+def _nest(path: tuple[str, ...], value: Any) -> Any:
+    """``{"a": {"b": value}}`` for the path ("a", "b")."""
+    for key in reversed(path):
+        value = {key: value}
+    return value
+
+
+def condition_sql(cond: FieldCondition) -> tuple[sql.Composable, list[Any]]:
+    """The SQL predicate on ``jobs.payload`` for one condition, and its parameters.
+
+    eq and contains are containment (``payload @> …``), which jobs_payload_idx (GIN jsonb_path_ops)
+    serves; eq then checks the field exactly (containment alone lets a list or an object hold more).
+    The others are checked on the rows the rest of the query selects (ADR 0019).
+    """
+    path = list(cond.path)
+    value = _json(cond.value)
+    if cond.op == "eq":
+        return (
+            sql.SQL("(payload @> %s AND payload #> %s = %s)"),
+            [Jsonb(_nest(cond.path, value)), path, Jsonb(value)],
+        )
+    if cond.op == "contains":
+        if isinstance(value, dict | list):
+            return sql.SQL("payload @> %s"), [Jsonb(_nest(cond.path, value))]
+        # A scalar: a list at the field holding it, or the field equal to it (both indexed).
+        return (
+            sql.SQL("(payload @> %s OR payload @> %s)"),
+            [Jsonb(_nest(cond.path, [value])), Jsonb(_nest(cond.path, value))],
+        )
+    if cond.op == "ne":
+        # Only jobs whose payload is known (PostgreSQL has it once the job finished, ADR 0001).
+        return sql.SQL("(payload IS NOT NULL AND payload #> %s IS DISTINCT FROM %s)"), [path, Jsonb(value)]
+    if cond.op == "exists":
+        return sql.SQL("payload #> %s IS NOT NULL"), [path]
+    if cond.op in _ORDERING_SQL:
+        # jsonb orders across types (any number sorts after any string): compare only like with like.
+        kind = "number" if isinstance(value, int | float) else "string"
+        return (
+            sql.SQL("(jsonb_typeof(payload #> %s) = {} AND payload #> %s {} %s)").format(
+                sql.Literal(kind), sql.SQL(_ORDERING_SQL[cond.op])
+            ),
+            [path, path, Jsonb(value)],
+        )
+    raise ValueError(f"unknown operator {cond.op!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class JobFilter:
     """ListJobs filters; empty or None means "any"."""
@@ -47,6 +125,10 @@ class JobFilter:
     type: str = ""
     created_after: datetime | None = None
     created_before: datetime | None = None
+    #: Every one of these (key, value) labels, sorted by key.
+    labels: tuple[tuple[str, str], ...] = ()
+    #: Every one of these payload conditions, in request order.
+    where: tuple[FieldCondition, ...] = ()
 
 
 def _job(row: tuple[Any, ...]) -> job_pb2.Job:
@@ -113,6 +195,49 @@ def _job(row: tuple[Any, ...]) -> job_pb2.Job:
     return job
 
 
+def list_jobs_sql(
+    filters: JobFilter, after: tuple[datetime, str] | None, limit: int
+) -> tuple[sql.Composable, list[Any]]:
+    """ListJobs' query and parameters: ``filters``, keyset after ``after``, newest first, ``limit`` rows."""
+    where: list[sql.Composable] = []
+    params: list[Any] = []
+    if filters.queue:
+        where.append(sql.SQL("queue = %s"))
+        params.append(filters.queue)
+    if filters.state:
+        # A literal (a validated JobState number), not a parameter: the planner can then use the
+        # partial jobs_state_created_idx for the states it holds, in a prepared statement too.
+        where.append(sql.SQL("state = {}").format(sql.Literal(int(filters.state))))
+    if filters.type:
+        where.append(sql.SQL("type = %s"))
+        params.append(filters.type)
+    if filters.created_after is not None:
+        where.append(sql.SQL("created_at >= %s"))
+        params.append(filters.created_after)
+    if filters.created_before is not None:
+        where.append(sql.SQL("created_at < %s"))
+        params.append(filters.created_before)
+    if filters.labels:
+        # One containment of every pair, served by jobs_labels_idx; its partial predicate is spelled
+        # out (a label asked for is never in '{}') so that the planner can use the index.
+        where.append(sql.SQL("labels <> '{}'::jsonb AND labels @> %s"))
+        params.append(Jsonb(dict(filters.labels)))
+    for cond in filters.where:
+        predicate, values = condition_sql(cond)
+        where.append(predicate)
+        params.extend(values)
+    if after is not None:
+        # Keyset paging: a row comparison the (…, created_at DESC, job_id DESC) indexes serve.
+        where.append(sql.SQL("(created_at, job_id) < (%s, %s)"))
+        params.extend(after)
+    query: sql.Composable = sql.SQL(_JOB_SELECT)
+    if where:
+        query += sql.SQL("WHERE ") + sql.SQL(" AND ").join(where)
+    query += sql.SQL(" ORDER BY created_at DESC, job_id DESC LIMIT %s")
+    params.append(limit)
+    return query, params
+
+
 #: GetFinishedStats windows, shortest first, in seconds.
 FINISHED_WINDOWS_S = (60, 300, 3600)
 
@@ -172,33 +297,7 @@ class Queries:
         Returns:
             Up to ``limit`` jobs, each with its exact created_at (for the next page's key).
         """
-        where: list[sql.Composable] = []
-        params: list[Any] = []
-        if filters.queue:
-            where.append(sql.SQL("queue = %s"))
-            params.append(filters.queue)
-        if filters.state:
-            # A literal (a validated JobState number), not a parameter: the planner can then use the
-            # partial jobs_state_created_idx for the states it holds, in a prepared statement too.
-            where.append(sql.SQL("state = {}").format(sql.Literal(int(filters.state))))
-        if filters.type:
-            where.append(sql.SQL("type = %s"))
-            params.append(filters.type)
-        if filters.created_after is not None:
-            where.append(sql.SQL("created_at >= %s"))
-            params.append(filters.created_after)
-        if filters.created_before is not None:
-            where.append(sql.SQL("created_at < %s"))
-            params.append(filters.created_before)
-        if after is not None:
-            # Keyset paging: a row comparison the (…, created_at DESC, job_id DESC) indexes serve.
-            where.append(sql.SQL("(created_at, job_id) < (%s, %s)"))
-            params.extend(after)
-        query: sql.Composable = sql.SQL(_JOB_SELECT)
-        if where:
-            query += sql.SQL("WHERE ") + sql.SQL(" AND ").join(where)
-        query += sql.SQL(" ORDER BY created_at DESC, job_id DESC LIMIT %s")
-        params.append(limit)
+        query, params = list_jobs_sql(filters, after, limit)
         async with self._pool.connection(self._timeout) as conn:
             cur = await conn.execute(query, params)
             rows = await cur.fetchall()

@@ -10,16 +10,27 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 from datetime import UTC, datetime
 from typing import Any
 
 import grpc
+from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from conveyor.common.codec import dumps, value_to_python
 from conveyor.common.errors import InvalidArgument, NotFound
 from conveyor.common.ids import parse_job_id, parse_stream_id
-from conveyor.common.validate import check_queue, queue_problem
-from conveyor.results.queries import FINISHED_WINDOWS_S, JobFilter, Queries, from_us, to_us
+from conveyor.common.validate import MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS, check_queue, queue_problem
+from conveyor.results.queries import (
+    FINISHED_WINDOWS_S,
+    JSON_NULL,
+    FieldCondition,
+    JobFilter,
+    Queries,
+    from_us,
+    to_us,
+)
 from conveyor.results.setaside import Missing, SetAsideRow, SetAsideRows
 from conveyor.v1 import job_pb2, results_service_pb2, results_service_pb2_grpc
 
@@ -56,18 +67,103 @@ def _time(ts: Timestamp, field: str) -> datetime:
         raise InvalidArgument({field: "is out of range"}) from None
 
 
+#: ListJobs ``where``: at most this many conditions, keys per path, characters per key, bytes of JSON value.
+MAX_CONDITIONS = 16
+MAX_PATH_KEYS = 16
+MAX_KEY_CHARS = 128
+MAX_VALUE_BYTES = 4096
+_OPERATORS = {
+    results_service_pb2.FIELD_OPERATOR_UNSPECIFIED: "eq",
+    results_service_pb2.FIELD_OPERATOR_EQ: "eq",
+    results_service_pb2.FIELD_OPERATOR_NE: "ne",
+    results_service_pb2.FIELD_OPERATOR_LT: "lt",
+    results_service_pb2.FIELD_OPERATOR_LE: "le",
+    results_service_pb2.FIELD_OPERATOR_GT: "gt",
+    results_service_pb2.FIELD_OPERATOR_GE: "ge",
+    results_service_pb2.FIELD_OPERATOR_EXISTS: "exists",
+    results_service_pb2.FIELD_OPERATOR_CONTAINS: "contains",
+}
+
+
+def _finite(value: struct_pb2.Value) -> bool:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        return math.isfinite(value.number_value)
+    if kind == "list_value":
+        return all(_finite(v) for v in value.list_value.values)
+    if kind == "struct_value":
+        return all(_finite(v) for v in value.struct_value.fields.values())
+    return True
+
+
+def _condition(index: int, cond: results_service_pb2.FieldFilter, bad: dict[str, str]) -> FieldCondition | None:
+    """``cond`` validated, or None with its problems added to ``bad`` (named ``where[i].field``)."""
+    name = f"where[{index}]"
+    keys = tuple(cond.path.split(".")) if cond.path else ()
+    if not keys:
+        bad[f"{name}.path"] = "is required: object keys joined by dots, like 'customer.id'"
+    elif len(keys) > MAX_PATH_KEYS or any(not k or len(k) > MAX_KEY_CHARS for k in keys):
+        bad[f"{name}.path"] = (
+            f"must be 1-{MAX_PATH_KEYS} keys of 1-{MAX_KEY_CHARS} characters joined by dots, got {cond.path!r}"
+        )
+    op = _OPERATORS.get(cond.op)
+    if op is None:
+        bad[f"{name}.op"] = "is not a FieldOperator"
+        return None
+    kind = cond.value.WhichOneof("kind") if cond.HasField("value") else None
+    value: Any = None
+    if op == "exists":
+        if kind is not None:
+            bad[f"{name}.value"] = "must be left unset with FIELD_OPERATOR_EXISTS"
+    elif kind is None:
+        bad[f"{name}.value"] = f"is required with FIELD_OPERATOR_{op.upper()} (a JSON value; null is null_value)"
+    elif not _finite(cond.value):
+        bad[f"{name}.value"] = "numbers must be finite"
+    elif op in ("lt", "le", "gt", "ge") and kind not in ("number_value", "string_value"):
+        bad[f"{name}.value"] = f"must be a number or a string with FIELD_OPERATOR_{op.upper()}"
+    else:
+        value = JSON_NULL if kind == "null_value" else value_to_python(cond.value)
+        if len(dumps(None if value is JSON_NULL else value)) > MAX_VALUE_BYTES:
+            bad[f"{name}.value"] = f"must be at most {MAX_VALUE_BYTES} bytes of JSON"
+    if f"{name}.path" in bad or f"{name}.value" in bad:
+        return None
+    return FieldCondition(keys, op, value)
+
+
+def _search(request: results_service_pb2.ListJobsRequest, bad: dict[str, str]) -> dict[str, Any]:
+    """The labels and where filters of ``request``, validated (problems added to ``bad``)."""
+    if len(request.labels) > MAX_LABELS:
+        bad["labels"] = f"at most {MAX_LABELS} labels"
+    for key, value in request.labels.items():
+        if not key or len(key.encode()) > MAX_LABEL_KEY:
+            bad[f"labels[{key!r}]"] = f"keys must be 1-{MAX_LABEL_KEY} bytes"
+        elif len(value.encode()) > MAX_LABEL_VALUE:
+            bad[f"labels[{key!r}]"] = f"values must be at most {MAX_LABEL_VALUE} bytes"
+    conditions: list[FieldCondition] = []
+    if len(request.where) > MAX_CONDITIONS:
+        bad["where"] = f"at most {MAX_CONDITIONS} conditions"
+    else:
+        for i, cond in enumerate(request.where):
+            checked = _condition(i, cond, bad)
+            if checked is not None:
+                conditions.append(checked)
+    return {"labels": tuple(sorted(request.labels.items())), "where": tuple(conditions)}
+
+
 def _filters(request: results_service_pb2.ListJobsRequest) -> JobFilter:
     violations: dict[str, str] = {}
     if request.queue and (problem := queue_problem(request.queue)) is not None:
         violations["queue"] = problem
     if request.state not in _JOB_STATES:
         violations["state"] = "is not a JobState"
+    search = _search(request, violations)
     filters = JobFilter(
         queue=request.queue,
         state=request.state if "state" not in violations else 0,
         type=request.type,
         created_after=_time(request.created_after, "created_after") if request.HasField("created_after") else None,
         created_before=_time(request.created_before, "created_before") if request.HasField("created_before") else None,
+        **search,
     )
     if violations:
         raise InvalidArgument(violations)
@@ -76,16 +172,24 @@ def _filters(request: results_service_pb2.ListJobsRequest) -> JobFilter:
 
 def filter_hash(filters: JobFilter) -> str:
     """A short digest of ``filters``, carried in page tokens to refuse a token used with other filters."""
-    canonical = json.dumps(
-        [
-            filters.queue,
-            filters.state,
-            filters.type,
-            to_us(filters.created_after) if filters.created_after is not None else None,
-            to_us(filters.created_before) if filters.created_before is not None else None,
-        ],
-        separators=(",", ":"),
-    )
+    fields: list[Any] = [
+        filters.queue,
+        filters.state,
+        filters.type,
+        to_us(filters.created_after) if filters.created_after is not None else None,
+        to_us(filters.created_before) if filters.created_before is not None else None,
+    ]
+    if filters.labels or filters.where:
+        # Only when present, so tokens issued before these filters existed stay valid.
+        fields.append([list(kv) for kv in filters.labels])
+        fields.append(
+            # [] for "no value" (exists), [null] for the JSON null, [v] otherwise.
+            [
+                [list(c.path), c.op, [] if c.value is None else [None if c.value is JSON_NULL else c.value]]
+                for c in filters.where
+            ]
+        )
+    canonical = json.dumps(fields, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

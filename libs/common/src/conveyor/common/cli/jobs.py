@@ -20,6 +20,8 @@ from conveyor.common.cli.context import (
 )
 from conveyor.common.cli.options import DURATION, INSTANT, STATE, read_labels, read_payload
 from conveyor.common.client import ConveyorClient
+from conveyor.common.errors import InvalidArgument
+from conveyor.common.search import parse_labels, parse_where
 from conveyor.v1 import event_pb2, job_pb2
 
 E = event_pb2
@@ -233,6 +235,18 @@ async def events(settings: Settings, job_id: str) -> int:
 @click.option("--type", "type_", default="", help="Only jobs of this type.")
 @click.option("--since", type=INSTANT, help="Created at or after this time.")
 @click.option("--until", type=INSTANT, help="Created before this time.")
+@click.option(
+    "--where",
+    "-w",
+    "where",
+    multiple=True,
+    metavar="COND",
+    help="A condition on a payload field; repeat for more (all must hold): "
+    "customer.id=42, tier!=gold, amount<10 (<= > >=), tags@>urgent (contains), ?customer.vip (exists). "
+    'The value is JSON when it parses as JSON (42, true, null, "42"), else a string. '
+    "Payloads reach PostgreSQL with the outcome, so these match finished jobs.",
+)
+@click.option("--label", "-l", "labels", multiple=True, metavar="KEY=VALUE", help="Only jobs with this label; repeat.")
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True, help="Jobs per page.")
 @click.option("--page", "page_token", default="", help="The page token a previous call printed.")
 @command
@@ -243,11 +257,26 @@ async def list_jobs(
     type_: str,
     since: datetime | None,
     until: datetime | None,
+    where: tuple[str, ...],
+    labels: tuple[str, ...],
     limit: int,
     page_token: str,
 ) -> int:
-    """Jobs recorded in PostgreSQL, newest first, a page at a time."""
+    """Jobs recorded in PostgreSQL, newest first, a page at a time.
+
+    \b
+    conveyor jobs --where customer.id=42 --label team=billing
+    conveyor jobs -q emails --state failed --where 'order.total>=100' --where '?customer.vip'
+    """
     filters: dict[str, Any] = {"queue": queue, "type": type_, "page_size": limit, "page_token": page_token}
+    try:
+        filters["where"] = [parse_where(w) for w in where]
+    except ValueError as exc:
+        raise InvalidArgument({"--where": str(exc)}) from None
+    try:
+        filters["labels"] = parse_labels(labels)
+    except ValueError as exc:
+        raise InvalidArgument({"--label": str(exc)}) from None
     if state_:
         filters["state"] = state_
     for field, value in (("created_after", since), ("created_before", until)):

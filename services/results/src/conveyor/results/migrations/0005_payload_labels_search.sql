@@ -1,0 +1,23 @@
+-- 0005_payload_labels_search: serves ListJobs' `labels` and `where` filters (queries.py, ADR 0019).
+--
+-- GIN with jsonb_path_ops: the index answers containment (`payload @> '{"customer":{"id":42}}'`,
+-- `labels @> '{"team":"a"}'`), which is how queries.py asks for every equality and `contains`
+-- condition and every label. The other operators (ne, lt, le, gt, ge, exists) are checked on the
+-- rows the other conditions (containment, queue, type, state, time) select. jsonb_path_ops rather
+-- than the default jsonb_ops: smaller entries (one hash per path to a value, not one per key and
+-- value), and containment is the only operator we ask of it.
+--
+-- Partial, because every update of a job row writes into every index it belongs to (state is
+-- indexed, so no update is HOT), and GIN gives a NULL or an empty object an entry of its own:
+-- - the payload reaches PostgreSQL with the job's final event (ADR 0001), so before that it is
+--   NULL and the row stays out of jobs_payload_idx (`payload @> …` is strict: the planner knows it
+--   implies `payload IS NOT NULL`);
+-- - a job without labels ('{}') stays out of jobs_labels_idx; queries.py adds the predicate's
+--   `labels <> '{}'::jsonb` to every label condition so the planner can use it.
+-- Measured (ADR 0019): 20,000 jobs written QUEUED, ACTIVE, SUCCEEDED wrote 48 % more WAL with
+-- full indexes, 19 % more with these (no labels).
+--
+-- IF NOT EXISTS: on a large table, build both CONCURRENTLY under these names before upgrading
+-- (CREATE INDEX here would lock writes to jobs while it builds; migrations run in one transaction).
+CREATE INDEX IF NOT EXISTS jobs_payload_idx ON jobs USING gin (payload jsonb_path_ops) WHERE payload IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_labels_idx ON jobs USING gin (labels jsonb_path_ops) WHERE labels <> '{}'::jsonb;
