@@ -62,6 +62,15 @@ class ResultsServiceStub:
     """DiscardSetAside deletes set-aside entries, named by id, for good. Unknown ids:
     NOT_FOUND, nothing deleted.
     """
+    DeleteJobs: _grpc.UnaryUnaryMultiCallable[_results_service_pb2.DeleteJobsRequest, _results_service_pb2.DeleteJobsResponse]
+    """DeleteJobs deletes finished jobs (SUCCEEDED, FAILED, DEAD_LETTERED, CANCELLED),
+    named by id (1-1000 per call), with their whole event history from PostgreSQL.
+    Each job is deleted whole (its row and every event, in one transaction) or not
+    at all. A job not in a final state, or not recorded, is refused and reported in
+    refused with the reason; the others are deleted all the same. A malformed id is
+    INVALID_ARGUMENT and nothing is deleted. Redis is not touched: a dead letter stays
+    in its queue's dead letters, and a job that runs again is recorded afresh.
+    """
 
 @_typing.type_check_only
 class ResultsServiceAsyncStub(ResultsServiceStub):
@@ -96,6 +105,15 @@ class ResultsServiceAsyncStub(ResultsServiceStub):
     DiscardSetAside: _aio.UnaryUnaryMultiCallable[_results_service_pb2.DiscardSetAsideRequest, _results_service_pb2.DiscardSetAsideResponse]  # type: ignore[assignment]
     """DiscardSetAside deletes set-aside entries, named by id, for good. Unknown ids:
     NOT_FOUND, nothing deleted.
+    """
+    DeleteJobs: _aio.UnaryUnaryMultiCallable[_results_service_pb2.DeleteJobsRequest, _results_service_pb2.DeleteJobsResponse]  # type: ignore[assignment]
+    """DeleteJobs deletes finished jobs (SUCCEEDED, FAILED, DEAD_LETTERED, CANCELLED),
+    named by id (1-1000 per call), with their whole event history from PostgreSQL.
+    Each job is deleted whole (its row and every event, in one transaction) or not
+    at all. A job not in a final state, or not recorded, is refused and reported in
+    refused with the reason; the others are deleted all the same. A malformed id is
+    INVALID_ARGUMENT and nothing is deleted. Redis is not touched: a dead letter stays
+    in its queue's dead letters, and a job that runs again is recorded afresh.
     """
 
 class ResultsServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -170,6 +188,21 @@ class ResultsServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_results_service_pb2.DiscardSetAsideResponse, _abc.Awaitable[_results_service_pb2.DiscardSetAsideResponse]]:
         """DiscardSetAside deletes set-aside entries, named by id, for good. Unknown ids:
         NOT_FOUND, nothing deleted.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteJobs(
+        self,
+        request: _results_service_pb2.DeleteJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_results_service_pb2.DeleteJobsResponse, _abc.Awaitable[_results_service_pb2.DeleteJobsResponse]]:
+        """DeleteJobs deletes finished jobs (SUCCEEDED, FAILED, DEAD_LETTERED, CANCELLED),
+        named by id (1-1000 per call), with their whole event history from PostgreSQL.
+        Each job is deleted whole (its row and every event, in one transaction) or not
+        at all. A job not in a final state, or not recorded, is refused and reported in
+        refused with the reason; the others are deleted all the same. A malformed id is
+        INVALID_ARGUMENT and nothing is deleted. Redis is not touched: a dead letter stays
+        in its queue's dead letters, and a job that runs again is recorded afresh.
         """
 
 def add_ResultsServiceServicer_to_server(servicer: ResultsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

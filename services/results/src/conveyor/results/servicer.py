@@ -20,6 +20,7 @@ from conveyor.common.errors import InvalidArgument, NotFound
 from conveyor.common.ids import QUEUE_RE, parse_job_id, parse_stream_id
 from conveyor.results.queries import FINISHED_WINDOWS_S, JobFilter, Queries, from_us, to_us
 from conveyor.results.setaside import Missing, SetAsideRow, SetAsideRows
+from conveyor.results.store import delete_finished_jobs
 from conveyor.v1 import job_pb2, results_service_pb2, results_service_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -234,8 +235,39 @@ class ResultsServicer(results_service_pb2_grpc.ResultsServiceServicer):
             raise NotFound(f"no set-aside entries with ids {exc.ids}; nothing was discarded") from None
         return results_service_pb2.DiscardSetAsideResponse(discarded=len(deleted or ()))
 
+    async def DeleteJobs(
+        self, request: results_service_pb2.DeleteJobsRequest, context: Context
+    ) -> results_service_pb2.DeleteJobsResponse:
+        ids = _delete_ids(list(request.job_ids))
+        deleted, kept = await delete_finished_jobs(self._queries.pool, ids)
+        response = results_service_pb2.DeleteJobsResponse(deleted=deleted)
+        gone = set(deleted)
+        for job_id in ids:
+            if job_id in gone:
+                continue
+            state = kept.get(job_id)
+            if state is None:
+                response.refused.add(job_id=job_id, reason="not found")
+            else:
+                name = job_pb2.JobState.Name(state).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
+                response.refused.add(
+                    job_id=job_id, state=state, reason=f"not finished ({name}): cancel it or wait for it to end"
+                )
+        return response
+
 
 DEFAULT_SET_ASIDE_PAGE = 100
+
+
+def _delete_ids(ids: list[str]) -> list[str]:
+    if not ids:
+        raise InvalidArgument({"job_ids": "is required (1-1000 job ids)"})
+    if len(ids) > MAX_PAGE:
+        raise InvalidArgument({"job_ids": f"at most {MAX_PAGE} per call; split the ids into several calls"})
+    bad = [i for i in ids if parse_job_id(i) is None]
+    if bad:
+        raise InvalidArgument({"job_ids": f"{_JOB_ID_HELP}; not one: {bad[0]!r} (nothing was deleted)"})
+    return sorted(set(ids))
 
 
 def _set_aside_ids(ids: list[int], hint: str) -> list[int]:
