@@ -7,7 +7,7 @@ and the results service's addresses); it never opens Redis or PostgreSQL itself.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +26,7 @@ from starlette.templating import Jinja2Templates
 from conveyor.common import logs
 from conveyor.common.client import ConveyorClient
 from conveyor.common.errors import ConveyorError, InvalidArgument
-from conveyor.dashboard import views
+from conveyor.dashboard import bulk, views
 from conveyor.v1 import job_pb2, producer_service_pb2
 
 HERE = Path(__file__).resolve().parent
@@ -49,6 +49,41 @@ HTTP_STATUS = {
 }
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+def list_jobs_filters(params: Mapping[str, str]) -> dict[str, Any]:
+    """The jobs page's query parameters as ListJobsRequest fields (page_token aside): the one place
+    filters are read, used by the page and by the bulk actions on everything it matches.
+
+    Raises:
+        InvalidArgument: A parameter is malformed (nothing is listed or changed).
+    """
+    filters: dict[str, Any] = {}
+    problems: dict[str, str] = {}
+    if params.get("queue"):
+        filters["queue"] = params["queue"]
+    if params.get("type"):
+        filters["type"] = params["type"]
+    state = params.get("state", "")
+    if state:
+        if state not in views.JOB_STATES:
+            problems["state"] = f"must be one of {', '.join(views.JOB_STATES)}"
+        else:
+            filters["state"] = job_pb2.JobState.Value(f"JOB_STATE_{state}")
+    for field in ("created_after", "created_before"):
+        raw = params.get(field, "")
+        if raw:
+            try:
+                moment = datetime.fromisoformat(raw)
+            except ValueError:
+                problems[field] = f"must be a date and time like 2026-12-05T13:00, got {raw!r}"
+                continue
+            stamp = Timestamp()
+            stamp.FromDatetime(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+            filters[field] = stamp
+    if problems:
+        raise InvalidArgument(problems)
+    return filters
 
 
 def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Path | None = None) -> Starlette:
@@ -96,31 +131,7 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
 
     async def jobs_page(request: Request) -> Response:
         params = request.query_params
-        filters: dict[str, Any] = {}
-        problems: dict[str, str] = {}
-        if params.get("queue"):
-            filters["queue"] = params["queue"]
-        if params.get("type"):
-            filters["type"] = params["type"]
-        state = params.get("state", "")
-        if state:
-            if state not in views.JOB_STATES:
-                problems["state"] = f"must be one of {', '.join(views.JOB_STATES)}"
-            else:
-                filters["state"] = job_pb2.JobState.Value(f"JOB_STATE_{state}")
-        for field in ("created_after", "created_before"):
-            raw = params.get(field, "")
-            if raw:
-                try:
-                    moment = datetime.fromisoformat(raw)
-                except ValueError:
-                    problems[field] = f"must be a date and time like 2026-12-05T13:00, got {raw!r}"
-                    continue
-                stamp = Timestamp()
-                stamp.FromDatetime(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
-                filters[field] = stamp
-        if problems:
-            raise InvalidArgument(problems)
+        filters = list_jobs_filters(params)
         token = params.get("page_token", "")
         response = await client.list_jobs(**filters, page_size=50, page_token=token)
         kept = {k: v for k, v in params.items() if k != "page_token" and v}
@@ -236,7 +247,10 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
             if not isinstance(body, dict):
                 raise InvalidArgument({"body": "must be a JSON object"})
             result = await fn(request, body)
-            log.info("dashboard action", path=request.url.path, **{k: v for k, v in body.items() if k != "payload"})
+            logged = {k: v for k, v in body.items() if k not in ("payload", "job_ids")}
+            if isinstance(body.get("job_ids"), list):
+                logged["job_count"] = len(body["job_ids"])
+            log.info("dashboard action", path=request.url.path, **logged)
             return JSONResponse(result)
 
         return handler
@@ -276,6 +290,32 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
     async def delete_schedule(request: Request, body: dict[str, Any]) -> dict[str, Any]:
         return {"deleted": (await client.delete_schedule(request.path_params["schedule_id"])).schedule_id}
 
+    def bulk_filter(raw: object) -> dict[str, Any]:
+        if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+            raise InvalidArgument({"filter": "must be an object of the jobs page's filter parameters (strings)"})
+        return list_jobs_filters({k: v for k, v in raw.items() if k != "page_token" and v})
+
+    async def bulk_action(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        """Retry, cancel or delete the jobs named in ``job_ids``, or every job ``filter`` matches (up to the cap)."""
+        action = request.path_params["action"]
+        if action not in bulk.ACTIONS:
+            raise InvalidArgument({"action": f"must be one of {', '.join(bulk.ACTIONS)}"})
+        if ("job_ids" in body) == ("filter" in body):
+            raise InvalidArgument({"job_ids": "give either job_ids (a list) or filter (an object), not both"})
+        outcome = bulk.Outcome(action)
+        if "filter" in body:
+            ids, outcome.more = await bulk.matching_ids(client, bulk_filter(body["filter"]))
+        else:
+            ids = bulk.chosen_ids(body["job_ids"])
+        await bulk.run(client, action, ids, outcome)
+        return outcome.answer()
+
+    async def count_jobs(request: Request) -> Response:
+        """How many jobs the filter in the query matches, up to the bulk cap (for the confirmation)."""
+        filters = list_jobs_filters({k: v for k, v in request.query_params.items() if k != "page_token" and v})
+        ids, more = await bulk.matching_ids(client, filters)
+        return JSONResponse({"count": len(ids), "more": more, "cap": bulk.MAX_JOBS})
+
     async def healthz(request: Request) -> Response:
         """Liveness of this process only (no backend call): for a load balancer or `make up`."""
         return PlainTextResponse("ok\n")
@@ -302,6 +342,8 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
         Route("/queues/{queue}/dead-letters/retry", action(retry_dead), methods=["POST"]),
         Route("/queues/{queue}/dead-letters/purge", action(purge_dead), methods=["POST"]),
         Route("/jobs", jobs_page),
+        Route("/jobs/bulk/{action}", action(bulk_action), methods=["POST"]),
+        Route("/api/jobs/count", count_jobs),
         Route("/jobs/{job_id:path}/cancel", action(cancel), methods=["POST"]),
         Route("/api/payload/{job_id:path}", job_payload),
         Route("/api/watch/{job_id:path}", watch_job),

@@ -41,6 +41,103 @@ async function post(button) {
   }
 }
 
+// ---- bulk actions on the jobs page -------------------------------------------------------------
+
+const BULK_VERBS = {
+  retry: { verb: "Retry", note: "Only dead-lettered and failed jobs are retried; the others are refused." },
+  cancel: { verb: "Cancel", note: "Finished jobs are refused." },
+  delete: { verb: "Delete", note: "Their history is deleted for good; jobs not finished are refused." },
+};
+
+function selectedJobs() {
+  return [...document.querySelectorAll("input.select-job:checked")].map((box) => box.value);
+}
+
+function countSelected() {
+  setText("selected-count", String(selectedJobs().length));
+}
+
+function bulkSummary(answer) {
+  const { verb } = BULK_VERBS[answer.action];
+  let text = `${verb}: ${answer.succeeded} of ${answer.matched} done, ${answer.refused} refused`;
+  const reasons = Object.entries(answer.reasons).map(([reason, n]) => `${n} × ${reason}`);
+  if (reasons.length) text += ` (${reasons.join("; ")})`;
+  if (answer.more) text += `. More jobs match than the ${answer.matched} one action takes: run it again for the rest.`;
+  return text;
+}
+
+async function bulk(button, bar) {
+  const action = button.dataset.action;
+  const { verb, note } = BULK_VERBS[action];
+  const filter = JSON.parse(bar.dataset.filter);
+  let body;
+  let question;
+  if (button.dataset.scope === "selected") {
+    const ids = selectedJobs();
+    if (!ids.length) {
+      flash("Select jobs first (the boxes on the left), or use the buttons for everything the filter matches.", true);
+      return;
+    }
+    body = { job_ids: ids };
+    question = `${verb} the ${ids.length} selected job${ids.length === 1 ? "" : "s"}? ${note}`;
+  } else {
+    const response = await fetch(`/api/jobs/count?${new URLSearchParams(filter)}`);
+    const count = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      flash(`${count.code || response.status}: ${count.error || response.statusText}`, true);
+      return;
+    }
+    if (!count.count) {
+      flash("No job matches this filter: nothing to do.", true);
+      return;
+    }
+    body = { filter };
+    question = count.more
+      ? `${verb} the newest ${count.count} of more than ${count.count} matching jobs (${count.cap} per action)? ${note}`
+      : `${verb} all ${count.count} matching job${count.count === 1 ? "" : "s"}? ${note}`;
+  }
+  if (!(await confirmStep(question))) return;
+  for (const b of bar.querySelectorAll("button")) b.disabled = true;
+  try {
+    const response = await fetch(`/jobs/bulk/${action}`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    const answer = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      flash(`${answer.code || response.status}: ${answer.error || response.statusText}`, true);
+      return;
+    }
+    sessionStorage.setItem("conveyor-flash", bulkSummary(answer));
+    sessionStorage.setItem("conveyor-bulk", JSON.stringify(answer, null, 2));
+    location.reload();
+  } catch (err) {
+    flash(`request failed: ${err}`, true);
+  } finally {
+    for (const b of bar.querySelectorAll("button")) b.disabled = false;
+  }
+}
+
+function setupBulk(bar) {
+  for (const button of bar.querySelectorAll("button.bulk-action")) button.addEventListener("click", () => bulk(button, bar));
+  for (const box of document.querySelectorAll("input.select-job")) box.addEventListener("change", countSelected);
+  const all = document.getElementById("select-page");
+  if (all) {
+    all.addEventListener("change", () => {
+      for (const box of document.querySelectorAll("input.select-job")) box.checked = all.checked;
+      countSelected();
+    });
+  }
+  const last = sessionStorage.getItem("conveyor-bulk");
+  if (last) {
+    sessionStorage.removeItem("conveyor-bulk");
+    const box = document.getElementById("bulk-result");
+    box.textContent = last;
+    box.hidden = false;
+  }
+}
+
 function setText(id, text) {
   const el = document.getElementById(id);
   if (el) el.textContent = text;
@@ -163,6 +260,8 @@ document.addEventListener("DOMContentLoaded", () => {
   if (payload) payload.addEventListener("click", () => showPayload(payload));
   const live = document.getElementById("live");
   if (live) watchJob(live);
+  const bar = document.getElementById("bulk");
+  if (bar) setupBulk(bar);
 });
 
 window.addEventListener("load", () => {

@@ -1,0 +1,177 @@
+"""Bulk retry / cancel / delete on the dashboard's jobs page, in headless Chromium against a real stack.
+
+The stack and the browser are test_dashboard.py's fixtures (a stack of its own for this module:
+fresh Redis, database and queues). Each action is asked for in the page's confirm dialog, which
+names how many jobs; the outcome is checked through the CLI (the gRPC APIs), not the page alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support import expected_conditions as ec
+
+from conveyor.common.client import ConveyorClient
+from conveyor.dashboard import bulk
+from tests.e2e import test_dashboard as dashboard_tests
+from tests.e2e.test_dashboard import DLQ_QUEUE, QUEUE, WAIT, Dashboard, Stack, screenshot, text_of, wait
+from tests.support.wait import wait_until
+
+# test_dashboard.py's fixtures and marks (module-scoped: this module gets a stack of its own).
+pytestmark = dashboard_tests.pytestmark
+stack = dashboard_tests.stack
+browser = dashboard_tests.browser
+
+
+def listed(stack: Stack, queue: str, *filters: str) -> set[str]:
+    """The ids ResultsService lists for ``queue`` (and the CLI's filters)."""
+    jobs = stack.json("jobs", "--queue", queue, "--limit", "200", *filters).get("jobs", [])
+    return {str(j["id"]) for j in jobs}  # type: ignore[union-attr]
+
+
+def confirm(browser: WebDriver, expected: str, ok: bool = True) -> None:
+    dialog = wait(browser).until(ec.visibility_of_element_located((By.ID, "confirm")))
+    assert expected in dialog.text, dialog.text
+    browser.find_element(By.ID, "confirm-ok" if ok else "confirm-cancel").click()
+    wait(browser).until(ec.invisibility_of_element_located((By.ID, "confirm")))
+
+
+def rows(browser: WebDriver) -> set[str]:
+    return {str(r.get_attribute("data-job-id")) for r in browser.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")}
+
+
+def test_bulk_retry_of_selected_dead_letters_asks_first(stack: Stack, browser: WebDriver, tmp_path: Path) -> None:
+    poison = {"message": "poison", "permanent": True}
+    dead = [stack.enqueue("demo.fail", poison, queue=DLQ_QUEUE) for _ in range(3)]
+    for job_id in dead:
+        assert stack.cli("watch", job_id).returncode == 3
+    wait_until(lambda: listed(stack, DLQ_QUEUE, "--state", "failed") >= set(dead), "the failures in history", WAIT)
+    # Paused, the retried jobs stay QUEUED where the test can see them.
+    assert stack.cli("pause", DLQ_QUEUE).returncode == 0
+    try:
+        browser.get(f"{stack.dashboard.url}/jobs?queue={DLQ_QUEUE}&state=FAILED")
+        wait(browser).until(ec.presence_of_element_located((By.ID, "jobs")))
+        assert rows(browser) == set(dead)
+        browser.find_element(By.ID, "retry-selected").click()  # nothing selected: nothing asked, nothing done
+        wait(browser).until(ec.text_to_be_present_in_element((By.ID, "flash"), "Select jobs first"))
+
+        browser.find_element(By.ID, "select-page").click()
+        assert text_of(browser, "#selected-count") == "3"
+        screenshot(browser, "jobs-bulk", tmp_path)
+        browser.find_element(By.ID, "retry-selected").click()
+        confirm(browser, "Retry the 3 selected jobs?", ok=False)
+        assert len(stack.json("dlq", "list", DLQ_QUEUE)["deadLetters"]) == 3  # type: ignore[arg-type]
+
+        assert text_of(browser, "#selected-count") == "3"  # still selected after saying no
+        browser.find_element(By.ID, "retry-selected").click()
+        confirm(browser, "Retry the 3 selected jobs?")
+        wait(browser).until(ec.text_to_be_present_in_element((By.ID, "flash"), "Retry: 3 of 3 done, 0 refused"))
+        assert '"succeeded": 3' in text_of(browser, "#bulk-result")
+        assert stack.json("dlq", "list", DLQ_QUEUE) == {}
+        assert {stack.state(j) for j in dead} == {"QUEUED"}
+    finally:
+        assert stack.cli("resume", DLQ_QUEUE).returncode == 0
+    for job_id in dead:
+        assert stack.cli("watch", job_id).returncode == 3  # failed again: the retry ran them
+
+
+def test_bulk_cancel_then_delete_everything_a_filter_matches(stack: Stack, browser: WebDriver, tmp_path: Path) -> None:
+    done = stack.enqueue("demo.echo", {"bulk": "done"})
+    assert stack.cli("watch", done).returncode == 0
+    assert stack.cli("pause", QUEUE).returncode == 0
+    try:
+        waiting = [stack.enqueue("demo.echo", {"bulk": i}) for i in range(4)]
+        everything = {done, *waiting}
+        wait_until(lambda: listed(stack, QUEUE) >= everything, "the jobs in history", WAIT)
+        assert listed(stack, QUEUE) == everything
+
+        browser.get(f"{stack.dashboard.url}/jobs?queue={QUEUE}")
+        wait(browser).until(ec.presence_of_element_located((By.ID, "jobs")))
+        browser.find_element(By.ID, "cancel-matching").click()
+        confirm(browser, "Cancel all 5 matching jobs?")
+        wait(browser).until(
+            ec.text_to_be_present_in_element(
+                (By.ID, "flash"), "Cancel: 4 of 5 done, 1 refused (1 \u00d7 FAILED_PRECONDITION: already finished)"
+            )
+        )
+        assert {stack.state(j) for j in waiting} == {"CANCELLED"}
+        assert stack.state(done) == "SUCCEEDED"
+
+        # One more, still waiting: delete takes the finished ones and refuses it.
+        late = stack.enqueue("demo.echo", {"bulk": "late"})
+        wait_until(lambda: listed(stack, QUEUE, "--state", "cancelled") >= set(waiting), "the cancels in history", WAIT)
+        wait_until(lambda: late in listed(stack, QUEUE), "the late job in history", WAIT)
+        browser.get(f"{stack.dashboard.url}/jobs?queue={QUEUE}")
+        wait(browser).until(lambda d: rows(d) == everything | {late})
+        browser.find_element(By.ID, "delete-matching").click()
+        confirm(browser, "Delete all 6 matching jobs?")
+        wait(browser).until(ec.text_to_be_present_in_element((By.ID, "flash"), "Delete: 5 of 6 done, 1 refused"))
+        assert "not finished (QUEUED)" in text_of(browser, "#flash")
+        assert rows(browser) == {late}
+        assert listed(stack, QUEUE) == {late}
+        screenshot(browser, "jobs-bulk-result", tmp_path)
+    finally:
+        assert stack.cli("resume", QUEUE).returncode == 0
+    assert stack.cli("watch", late).returncode == 0
+
+
+def test_bulk_delete_of_selected_jobs(stack: Stack, browser: WebDriver) -> None:
+    first, second = (stack.enqueue("demo.echo", {"pick": i}) for i in range(2))
+    for job_id in (first, second):
+        assert stack.cli("watch", job_id).returncode == 0
+    wait_until(lambda: {first, second} <= listed(stack, QUEUE), "the jobs in history", WAIT)
+    browser.get(f"{stack.dashboard.url}/jobs?queue={QUEUE}")
+    wait(browser).until(ec.presence_of_element_located((By.ID, "jobs")))
+    browser.find_element(By.CSS_SELECTOR, f'input.select-job[value="{first}"]').click()
+    assert text_of(browser, "#selected-count") == "1"
+    browser.find_element(By.ID, "delete-selected").click()
+    confirm(browser, "Delete the 1 selected job?")
+    wait(browser).until(ec.text_to_be_present_in_element((By.ID, "flash"), "Delete: 1 of 1 done, 0 refused"))
+    assert first not in rows(browser) and second in rows(browser)
+    assert first not in listed(stack, QUEUE)
+
+
+def test_bulk_actions_refuse_bad_input_and_read_only(stack: Stack, browser: WebDriver) -> None:
+    post = stack.dashboard.post
+    job_id = stack.enqueue("demo.echo", {"k": 1})
+    assert stack.cli("watch", job_id).returncode == 0
+    status, answer = post("/jobs/bulk/cancel", {"job_ids": [job_id], "filter": {}})
+    assert status == 400 and "not both" in str(answer["error"])
+    status, answer = post("/jobs/bulk/explode", {"job_ids": [job_id]})
+    assert status == 400 and "retry, cancel, delete" in str(answer["error"])
+    status, answer = post("/jobs/bulk/delete", {"job_ids": [job_id, "nope"]})
+    assert status == 400 and "'nope'" in str(answer["error"])
+    status, answer = post("/jobs/bulk/delete", {"filter": {"state": "NOPE"}})
+    assert status == 400 and answer["code"] == "INVALID_ARGUMENT" and "state" in str(answer["error"])
+    status, answer = post("/jobs/bulk/delete", {"job_ids": []})
+    assert status == 400
+    assert stack.state(job_id) == "SUCCEEDED" and job_id in listed(stack, QUEUE)  # bad input changed nothing
+
+    viewer = Dashboard({**stack.env, "CONVEYOR_DASHBOARD_READ_ONLY": "1"})
+    try:
+        browser.get(f"{viewer.url}/jobs?queue={QUEUE}")
+        wait(browser).until(ec.presence_of_element_located((By.ID, "jobs")))
+        assert browser.find_elements(By.ID, "bulk") == []
+        assert browser.find_elements(By.CSS_SELECTOR, "input.select-job") == []
+        status, answer = viewer.post("/jobs/bulk/delete", {"job_ids": [job_id]})
+        assert status == 403 and answer["code"] == "PERMISSION_DENIED"
+        assert job_id in listed(stack, QUEUE)
+    finally:
+        viewer.stop()
+
+
+async def test_everything_a_filter_matches_is_paged_and_capped(stack: Stack) -> None:
+    ids = [stack.enqueue("demo.echo", {"cap": i}, queue=DLQ_QUEUE) for i in range(5)]
+    for job_id in ids:
+        assert stack.cli("watch", job_id).returncode == 0
+    wait_until(lambda: set(ids) <= listed(stack, DLQ_QUEUE, "--type", "demo.echo"), "the jobs in history", WAIT)
+    filters = {"queue": DLQ_QUEUE, "type": "demo.echo"}
+    async with ConveyorClient(stack.env["CONVEYOR_PRODUCER_ADDR"], stack.env["CONVEYOR_RESULTS_ADDR"]) as client:
+        found, more = await bulk.matching_ids(client, filters, cap=3)
+        assert (found, more) == (list(reversed(ids))[:3], True)  # newest first, then capped
+        found, more = await bulk.matching_ids(client, filters, cap=5)
+        assert (sorted(found), more) == (sorted(ids), False)
+        found, more = await bulk.matching_ids(client, filters)
+        assert (sorted(found), more) == (sorted(ids), False)
