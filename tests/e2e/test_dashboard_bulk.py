@@ -7,6 +7,8 @@ names how many jobs; the outcome is checked through the CLI (the gRPC APIs), not
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from pathlib import Path
 
 from selenium.webdriver.common.by import By
@@ -175,3 +177,90 @@ async def test_everything_a_filter_matches_is_paged_and_capped(stack: Stack) -> 
         assert (sorted(found), more) == (sorted(ids), False)
         found, more = await bulk.matching_ids(client, filters)
         assert (sorted(found), more) == (sorted(ids), False)
+
+
+def test_edit_a_schedule_timing_and_payload(stack: Stack, browser: WebDriver, tmp_path: Path) -> None:
+    created = stack.cli(
+        "schedules",
+        "create",
+        "dash-edit",
+        "demo.echo",
+        "--queue",
+        QUEUE,
+        "--cron",
+        "0 3 * * *",
+        "--payload",
+        '{"v": 1}',
+    )
+    assert created.returncode == 0, created.stderr
+    try:
+        browser.get(stack.dashboard.url + "/schedules")
+        row = wait(browser).until(ec.presence_of_element_located((By.CSS_SELECTOR, 'tr[data-schedule-id="dash-edit"]')))
+        row.find_element(By.CSS_SELECTOR, "a.edit").click()
+        wait(browser).until(ec.presence_of_element_located((By.ID, "schedule-form")))
+        assert text_of(browser, "#schedule-when") == "cron 0 3 * * *"
+        assert text_of(browser, "#schedule-next").startswith("20") and text_of(browser, "#schedule-last") == "\u2013"
+        assert '"v": 1' in str(browser.find_element(By.ID, "edit-payload").get_attribute("value"))
+
+        # Both a cron and an interval: refused, nothing changed.
+        browser.find_element(By.ID, "edit-interval").send_keys("90")
+        browser.find_element(By.ID, "save-schedule").click()
+        confirm(browser, "Change schedule dash-edit?")
+        wait(browser).until(ec.text_to_be_present_in_element((By.ID, "flash"), "INVALID_ARGUMENT"))
+        assert "not both" in text_of(browser, "#flash")
+        assert stack.json("schedules", "get", "dash-edit")["spec"]["cron"] == "0 3 * * *"  # type: ignore[index]
+
+        browser.find_element(By.ID, "edit-cron").clear()
+        payload = browser.find_element(By.ID, "edit-payload")
+        payload.clear()
+        payload.send_keys('{"v": 2, "who": "dashboard"}')
+        screenshot(browser, "schedule-edit", tmp_path)
+        browser.find_element(By.ID, "save-schedule").click()
+        confirm(browser, "Change schedule dash-edit?")
+        wait(browser).until(ec.text_to_be_present_in_element((By.ID, "flash"), "Save: done"))
+        row = browser.find_element(By.CSS_SELECTOR, 'tr[data-schedule-id="dash-edit"]')
+        assert "every 90s" in row.text
+        stored = stack.json("schedules", "get", "dash-edit")
+        spec = stored["spec"]
+        assert spec.get("cron", "") == "" and spec["interval"] == "90s"  # type: ignore[union-attr,index]
+        job_id = str(stack.json("schedules", "run-now", "dash-edit")["jobId"])
+        assert stack.cli("watch", job_id).returncode == 0
+        with urllib.request.urlopen(f"{stack.dashboard.url}/api/payload/{job_id}", timeout=10) as response:
+            assert json.loads(response.read()) == {"payload": {"v": 2, "who": "dashboard"}}
+    finally:
+        stack.cli("schedules", "delete", "dash-edit")
+
+
+def test_set_and_clear_queue_limits_from_its_page(stack: Stack, browser: WebDriver, tmp_path: Path) -> None:
+    browser.get(f"{stack.dashboard.url}/queues/{QUEUE}")
+    wait(browser).until(ec.presence_of_element_located((By.ID, "rate-form")))
+    assert text_of(browser, "#limits-summary") == "none"
+
+    browser.find_element(By.ID, "concurrency-limit").send_keys("0")
+    browser.find_element(By.ID, "set-concurrency").click()
+    confirm(browser, f"Set the concurrency cap of queue {QUEUE}?")
+    wait(browser).until(ec.text_to_be_present_in_element((By.ID, "flash"), "INVALID_ARGUMENT"))
+    assert "limit" in text_of(browser, "#flash")
+
+    field = browser.find_element(By.ID, "concurrency-limit")
+    field.clear()
+    field.send_keys("3")
+    browser.find_element(By.ID, "set-concurrency").click()
+    confirm(browser, f"Set the concurrency cap of queue {QUEUE}?")
+    wait(browser).until(ec.text_to_be_present_in_element((By.ID, "limits-summary"), "at most 3 running"))
+
+    browser.find_element(By.ID, "rate-limit").send_keys("20")
+    browser.find_element(By.ID, "rate-period").send_keys("60")
+    browser.find_element(By.ID, "set-rate").click()
+    confirm(browser, f"Set the rate limit of queue {QUEUE}?")
+    wait(browser).until(
+        ec.text_to_be_present_in_element((By.ID, "limits-summary"), "rate 20 per 1 min, at most 3 running")
+    )
+    limits = stack.json("limits", "show", QUEUE)
+    assert "20" in json.dumps(limits) and "3" in json.dumps(limits)
+    screenshot(browser, "queue-limits", tmp_path)
+
+    for kind, left in (("rate", "at most 3 running"), ("concurrency", "none")):
+        browser.find_element(By.ID, f"clear-{kind}").click()
+        confirm(browser, f"Clear the {'rate limit' if kind == 'rate' else 'concurrency cap'} of queue {QUEUE}?")
+        wait(browser).until(lambda d, left=left: text_of(d, "#limits-summary") == left)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +231,10 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
             next_page_token=response.next_page_token,
         )
 
+    async def schedule_edit_page(request: Request) -> Response:
+        schedule = await client.get_schedule(request.path_params["schedule_id"])
+        return page(request, "schedule_edit.html", s=views.schedule_view(schedule), form=views.schedule_form(schedule))
+
     # ---- actions (JSON POSTs) ----------------------------------------------------------------------
 
     def action(fn: Callable[[Request, dict[str, Any]], Awaitable[dict[str, Any]]]) -> Handler:
@@ -316,6 +320,36 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
         ids, more = await bulk.matching_ids(client, filters)
         return JSONResponse({"count": len(ids), "more": more, "cap": bulk.MAX_JOBS})
 
+    async def update_schedule(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        """Change a schedule's timing (cron with time zone, or an interval) and its job's payload (UpdateSchedule)."""
+        schedule = await client.get_schedule(request.path_params["schedule_id"])
+        spec = views.edited_spec(schedule.spec, body)
+        updated = await client.update_schedule(schedule.schedule_id, spec)
+        return {"schedule": views.schedule_view(updated)}
+
+    async def set_limit(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        """Set the queue-wide rate limit (limit per period_seconds) or concurrency cap (limit)."""
+        queue, kind = request.path_params["queue"], request.path_params["kind"]
+        limit = views.whole_number(body.get("limit"), "limit")
+        if kind == "rate":
+            period = views.whole_number(body.get("period_seconds"), "period_seconds")
+            limits = await client.set_rate_limit(queue, limit, timedelta(seconds=period))
+        elif kind == "concurrency":
+            limits = await client.set_concurrency_limit(queue, limit)
+        else:
+            raise HTTPException(404, f"no limit {kind!r}: rate or concurrency")
+        return {"limits": views.limits_summary(limits)}
+
+    async def clear_limit(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        queue, kind = request.path_params["queue"], request.path_params["kind"]
+        if kind == "rate":
+            changed = await client.clear_rate_limit(queue)
+        elif kind == "concurrency":
+            changed = await client.clear_concurrency_limit(queue)
+        else:
+            raise HTTPException(404, f"no limit {kind!r}: rate or concurrency")
+        return {"changed": changed}
+
     async def healthz(request: Request) -> Response:
         """Liveness of this process only (no backend call): for a load balancer or `make up`."""
         return PlainTextResponse("ok\n")
@@ -350,6 +384,10 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
         Route("/jobs/{job_id:path}", job_page),
         Route("/workers", workers_page),
         Route("/schedules", schedules_page),
+        Route("/queues/{queue}/limits/{kind}", action(set_limit), methods=["POST"]),
+        Route("/queues/{queue}/limits/{kind}/clear", action(clear_limit), methods=["POST"]),
+        Route("/schedules/{schedule_id:path}/edit", schedule_edit_page),
+        Route("/schedules/{schedule_id:path}/update", action(update_schedule), methods=["POST"]),
         Route("/schedules/{schedule_id:path}/run-now", action(run_schedule_now), methods=["POST"]),
         Route("/schedules/{schedule_id:path}/delete", action(delete_schedule), methods=["POST"]),
         Route("/static/vendor/chart.umd.min.js", chart_bundle),

@@ -41,6 +41,33 @@ async function post(button) {
   }
 }
 
+// A form sent as a JSON POST (schedule edit, limits): its fields as strings, asked first when data-confirm.
+async function postForm(form) {
+  if (form.dataset.confirm && !(await confirmStep(form.dataset.confirm))) return;
+  const body = Object.fromEntries(new FormData(form));
+  const submit = form.querySelector("button[type=submit]");
+  submit.disabled = true;
+  try {
+    const response = await fetch(form.dataset.post, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    const answer = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      flash(`${answer.code || response.status}: ${answer.error || response.statusText}`, true);
+      return;
+    }
+    sessionStorage.setItem("conveyor-flash", `${submit.textContent.trim()}: done ${JSON.stringify(answer)}`);
+    if (form.dataset.next) location.assign(form.dataset.next);
+    else location.reload();
+  } catch (err) {
+    flash(`request failed: ${err}`, true);
+  } finally {
+    submit.disabled = false;
+  }
+}
+
 // ---- bulk actions on the jobs page -------------------------------------------------------------
 
 const BULK_VERBS = {
@@ -256,6 +283,12 @@ document.addEventListener("DOMContentLoaded", () => {
     flash(message, false);
   }
   for (const button of document.querySelectorAll("button[data-post]")) button.addEventListener("click", () => post(button));
+  for (const form of document.querySelectorAll("form[data-post]")) {
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      postForm(form);
+    });
+  }
   const payload = document.getElementById("show-payload");
   if (payload) payload.addEventListener("click", () => showPayload(payload));
   const live = document.getElementById("live");
