@@ -14,11 +14,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
+import psycopg
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from conveyor.common.errors import InvalidArgument, NotFound
+from conveyor.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from conveyor.common.ids import QUEUE_RE, parse_job_id, parse_stream_id
-from conveyor.results.queries import FINISHED_WINDOWS_S, JobFilter, Queries, from_us, to_us
+from conveyor.results.queries import (
+    FINISHED_WINDOWS_S,
+    SERIES_TIMEOUT_MS,
+    SERIES_WINDOWS,
+    JobFilter,
+    Queries,
+    from_us,
+    to_us,
+)
 from conveyor.results.setaside import Missing, SetAsideRow, SetAsideRows
 from conveyor.results.store import delete_finished_jobs
 from conveyor.v1 import job_pb2, results_service_pb2, results_service_pb2_grpc
@@ -234,6 +243,39 @@ class ResultsServicer(results_service_pb2_grpc.ResultsServiceServicer):
         except Missing as exc:
             raise NotFound(f"no set-aside entries with ids {exc.ids}; nothing was discarded") from None
         return results_service_pb2.DiscardSetAsideResponse(discarded=len(deleted or ()))
+
+    async def GetJobSeries(
+        self, request: results_service_pb2.GetJobSeriesRequest, context: Context
+    ) -> results_service_pb2.GetJobSeriesResponse:
+        if request.queue and not QUEUE_RE.match(request.queue):
+            raise InvalidArgument({"queue": "must be 1-64 letters, digits, '_', '.' or '-' (or empty for all)"})
+        window = request.window or results_service_pb2.SERIES_WINDOW_HOUR
+        if window not in SERIES_WINDOWS:
+            raise InvalidArgument({"window": "must be SERIES_WINDOW_HOUR, SERIES_WINDOW_DAY or SERIES_WINDOW_WEEK"})
+        bucket_s, count = SERIES_WINDOWS[window]
+        try:
+            start, rows = await self._queries.job_series(request.queue, bucket_s, count)
+        except psycopg.errors.QueryCanceled:
+            raise ResourceExhausted(
+                f"the series took longer than {SERIES_TIMEOUT_MS // 1000} s to compute and was stopped;"
+                " ask for a shorter window or one queue"
+            ) from None
+        found = {r.bucket: r for r in rows}
+        response = results_service_pb2.GetJobSeriesResponse()
+        response.bucket.FromSeconds(bucket_s)
+        response.start.FromSeconds(start)
+        response.end.FromSeconds(start + bucket_s * count)
+        for i in range(count):
+            bucket = response.buckets.add()
+            bucket.start.FromSeconds(start + i * bucket_s)
+            row = found.get(i)
+            if row is None:
+                continue
+            bucket.succeeded, bucket.failed = row.succeeded, row.failed
+            bucket.dead_lettered, bucket.cancelled = row.dead_lettered, row.cancelled
+            bucket.wait.p50, bucket.wait.p95, bucket.wait.p99 = row.wait
+            bucket.run.p50, bucket.run.p95, bucket.run.p99 = row.run
+        return response
 
     async def DeleteJobs(
         self, request: results_service_pb2.DeleteJobsRequest, context: Context
