@@ -264,3 +264,40 @@ def test_set_and_clear_queue_limits_from_its_page(stack: Stack, browser: WebDriv
         browser.find_element(By.ID, f"clear-{kind}").click()
         confirm(browser, f"Clear the {'rate limit' if kind == 'rate' else 'concurrency cap'} of queue {QUEUE}?")
         wait(browser).until(lambda d, left=left: text_of(d, "#limits-summary") == left)
+
+
+def test_overview_charts_switch_between_hour_day_and_week(stack: Stack, browser: WebDriver, tmp_path: Path) -> None:
+    ran = [stack.enqueue("demo.sleep", {"seconds": 0.3}) for _ in range(3)]
+    for job_id in ran:
+        assert stack.cli("watch", job_id).returncode == 0
+    wait_until(lambda: set(ran) <= listed(stack, QUEUE, "--state", "succeeded"), "the jobs in history", WAIT)
+
+    def drawn(window: str, buckets: int) -> None:
+        wait(browser).until(
+            lambda d: (
+                d.find_element(By.ID, "latency-chart").get_attribute("data-window") == window
+                and d.find_element(By.ID, "throughput-chart").get_attribute("data-drawn") == "true"
+            )
+        )
+        labels, finished, run_p50 = browser.execute_script(
+            "const t = Chart.getChart(document.getElementById('throughput-chart'));"
+            "const l = Chart.getChart(document.getElementById('latency-chart'));"
+            "return [t.data.labels.length, t.data.datasets[0].data.reduce((a, b) => a + b, 0),"
+            " Math.max(...l.data.datasets[2].data)];"
+        )
+        assert labels == buckets
+        assert finished >= len(ran)  # succeeded jobs, counted in their buckets
+        assert run_p50 >= 0.3  # demo.sleep ran 0.3 s: the run-time line shows it
+
+    browser.get(stack.dashboard.url + "/")
+    drawn("hour", 60)
+    assert "current" in str(browser.find_element(By.ID, "window-hour").get_attribute("class"))
+    screenshot(browser, "overview-charts", tmp_path)
+    browser.find_element(By.ID, "window-day").click()
+    wait(browser).until(lambda d: "window=day" in d.current_url)
+    drawn("day", 96)
+    assert "last day" in text_of(browser, "#charts h2")
+    browser.find_element(By.ID, "window-week").click()
+    drawn("week", 84)
+    browser.get(stack.dashboard.url + "/?window=year")
+    assert "INVALID_ARGUMENT" in text_of(browser, "#error-message") and "window" in text_of(browser, "#error-message")

@@ -110,8 +110,29 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
     # ---- pages -------------------------------------------------------------------------------------
 
     async def overview(request: Request) -> Response:
+        window = request.query_params.get("window", "hour")
+        if window not in views.SERIES_WINDOWS:
+            raise InvalidArgument({"window": f"must be one of {', '.join(views.SERIES_WINDOWS)}"})
         queues = [views.queue_row(q) for q in await client.list_queues()]
-        return page(request, "overview.html", queues=queues)
+        series: dict[str, Any] | None = None
+        series_unavailable = ""
+        try:
+            series = views.series_view(window, await client.get_job_series(views.SERIES_WINDOWS[window]))
+        except ConveyorError as exc:
+            # The queues come from the producer; the charts from the results service, which may be down
+            # or too slow: the page shows the queues and says why the charts are missing.
+            log.warning("job series unavailable", window=window, code=exc.code.name, error=exc.message)
+            series_unavailable = f"{exc.code.name}: {exc.message}"
+        return page(
+            request,
+            "overview.html",
+            queues=queues,
+            window=window,
+            windows=list(views.SERIES_WINDOWS),
+            series=series,
+            series_json=json.dumps(series),
+            series_unavailable=series_unavailable,
+        )
 
     async def queue_page(request: Request) -> Response:
         queue = request.path_params["queue"]

@@ -275,3 +275,31 @@ def edited_spec(old: schedule_service_pb2.ScheduleSpec, body: dict[str, Any]) ->
         spec.template.ClearField("payload")
         spec.template.payload_json = dumps(payload)
     return spec
+
+
+#: The overview's chart windows: query value -> SeriesWindow.
+SERIES_WINDOWS = {
+    "hour": results_service_pb2.SERIES_WINDOW_HOUR,
+    "day": results_service_pb2.SERIES_WINDOW_DAY,
+    "week": results_service_pb2.SERIES_WINDOW_WEEK,
+}
+
+
+def series_view(window: str, reply: results_service_pb2.GetJobSeriesResponse) -> dict[str, Any]:
+    """GetJobSeries as the overview's charts draw it: one label and one number per bucket and line."""
+    fmt = "%a %H:%M" if window == "week" else "%H:%M"
+    buckets = list(reply.buckets)
+    return {
+        "window": window,
+        "bucket": human_seconds(reply.bucket.ToTimedelta().total_seconds()),
+        "labels": [b.start.ToDatetime(tzinfo=UTC).strftime(fmt) for b in buckets],
+        "succeeded": [b.succeeded for b in buckets],
+        "failed": [b.failed for b in buckets],
+        "dead_lettered": [b.dead_lettered for b in buckets],
+        "cancelled": [b.cancelled for b in buckets],
+        "wait_p50": [round(b.wait.p50, 3) for b in buckets],
+        "wait_p95": [round(b.wait.p95, 3) for b in buckets],
+        "run_p50": [round(b.run.p50, 3) for b in buckets],
+        "run_p95": [round(b.run.p95, 3) for b in buckets],
+        "finished": sum(b.succeeded + b.failed + b.dead_lettered + b.cancelled for b in buckets),
+    }

@@ -276,6 +276,58 @@ function drawThroughput(canvas) {
   canvas.dataset.drawn = "true";
 }
 
+function chartOptions(title, stacked, unit) {
+  return {
+    animation: false,
+    responsive: true,
+    maintainAspectRatio: false,
+    plugins: { title: { display: true, text: title } },
+    scales: {
+      x: { stacked, ticks: { maxTicksLimit: 12 } },
+      y: { stacked, beginAtZero: true, title: { display: Boolean(unit), text: unit } },
+    },
+  };
+}
+
+function drawSeries(throughput, latency) {
+  if (typeof Chart === "undefined") return;
+  const series = JSON.parse(throughput.dataset.series);
+  const bars = (label, key, color) => ({ label, data: series[key], backgroundColor: color });
+  new Chart(throughput, {
+    type: "bar",
+    data: {
+      labels: series.labels,
+      datasets: [
+        bars("succeeded", "succeeded", "#2e7d32"),
+        bars("failed", "failed", "#c62828"),
+        bars("dead-lettered", "dead_lettered", "#6a1b9a"),
+        bars("cancelled", "cancelled", "#757575"),
+      ],
+    },
+    options: chartOptions(`Finished per ${series.bucket} (UTC)`, true, "jobs"),
+  });
+  const line = (label, key, color, dash) => ({
+    label, data: series[key], borderColor: color, backgroundColor: color, borderDash: dash, pointRadius: 0, tension: 0.2,
+  });
+  new Chart(latency, {
+    type: "line",
+    data: {
+      labels: series.labels,
+      datasets: [
+        line("wait p50", "wait_p50", "#1f5fbf", []),
+        line("wait p95", "wait_p95", "#1f5fbf", [6, 4]),
+        line("run p50", "run_p50", "#e65100", []),
+        line("run p95", "run_p95", "#e65100", [6, 4]),
+      ],
+    },
+    options: chartOptions("Wait (enqueue to start) and run time", false, "seconds"),
+  });
+  for (const canvas of [throughput, latency]) {
+    canvas.dataset.drawn = "true";
+    canvas.dataset.window = series.window;
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   const message = sessionStorage.getItem("conveyor-flash");
   if (message) {
@@ -300,4 +352,6 @@ document.addEventListener("DOMContentLoaded", () => {
 window.addEventListener("load", () => {
   const canvas = document.getElementById("throughput");
   if (canvas) drawThroughput(canvas);
+  const throughput = document.getElementById("throughput-chart");
+  if (throughput) drawSeries(throughput, document.getElementById("latency-chart"));
 });
