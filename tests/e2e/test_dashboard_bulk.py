@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions as ec
 
 from conveyor.common.client import ConveyorClient
-from conveyor.dashboard import bulk
+from conveyor.dashboard import bulk, views
 from tests.e2e import test_dashboard as dashboard_tests
 from tests.e2e.test_dashboard import DLQ_QUEUE, QUEUE, WAIT, Dashboard, Stack, screenshot, text_of, wait
 from tests.support.wait import wait_until
@@ -29,8 +32,8 @@ browser = dashboard_tests.browser
 
 def listed(stack: Stack, queue: str, *filters: str) -> set[str]:
     """The ids ResultsService lists for ``queue`` (and the CLI's filters)."""
-    jobs = stack.json("jobs", "--queue", queue, "--limit", "200", *filters).get("jobs", [])
-    return {str(j["id"]) for j in jobs}  # type: ignore[union-attr]
+    jobs: Any = stack.json("jobs", "--queue", queue, "--limit", "200", *filters).get("jobs", [])
+    return {str(j["id"]) for j in jobs}
 
 
 def confirm(browser: WebDriver, expected: str, ok: bool = True) -> None:
@@ -220,15 +223,22 @@ def test_edit_a_schedule_timing_and_payload(stack: Stack, browser: WebDriver, tm
         wait(browser).until(ec.text_to_be_present_in_element((By.ID, "flash"), "Save: done"))
         row = browser.find_element(By.CSS_SELECTOR, 'tr[data-schedule-id="dash-edit"]')
         assert "every 90s" in row.text
-        stored = stack.json("schedules", "get", "dash-edit")
-        spec = stored["spec"]
-        assert spec.get("cron", "") == "" and spec["interval"] == "90s"  # type: ignore[union-attr,index]
+        spec: Any = stack.json("schedules", "get", "dash-edit")["spec"]
+        assert spec.get("cron", "") == "" and spec["interval"] == "90s"
         job_id = str(stack.json("schedules", "run-now", "dash-edit")["jobId"])
         assert stack.cli("watch", job_id).returncode == 0
         with urllib.request.urlopen(f"{stack.dashboard.url}/api/payload/{job_id}", timeout=10) as response:
             assert json.loads(response.read()) == {"payload": {"v": 2, "who": "dashboard"}}
     finally:
         stack.cli("schedules", "delete", "dash-edit")
+
+
+def summary_is(expected: str) -> Callable[[WebDriver], bool]:
+    def check(d: WebDriver) -> bool:
+        text = d.execute_script("const e = document.getElementById('limits-summary'); return e && e.textContent;")
+        return bool(text == expected)
+
+    return check
 
 
 def test_set_and_clear_queue_limits_from_its_page(stack: Stack, browser: WebDriver, tmp_path: Path) -> None:
@@ -263,41 +273,59 @@ def test_set_and_clear_queue_limits_from_its_page(stack: Stack, browser: WebDriv
     for kind, left in (("rate", "at most 3 running"), ("concurrency", "none")):
         browser.find_element(By.ID, f"clear-{kind}").click()
         confirm(browser, f"Clear the {'rate limit' if kind == 'rate' else 'concurrency cap'} of queue {QUEUE}?")
-        wait(browser).until(lambda d, left=left: text_of(d, "#limits-summary") == left)
+        wait(browser).until(summary_is(left))
 
 
-def test_overview_charts_switch_between_hour_day_and_week(stack: Stack, browser: WebDriver, tmp_path: Path) -> None:
+async def api_series(stack: Stack, window: str) -> tuple[int, float]:
+    """(finished jobs, highest run-time p95) of GetJobSeries over ``window``, every queue."""
+    async with ConveyorClient(stack.env["CONVEYOR_PRODUCER_ADDR"], stack.env["CONVEYOR_RESULTS_ADDR"]) as client:
+        reply = await client.get_job_series(views.SERIES_WINDOWS[window])
+    finished = sum(b.succeeded + b.failed + b.dead_lettered + b.cancelled for b in reply.buckets)
+    return finished, max(b.run.p95 for b in reply.buckets)
+
+
+async def test_overview_charts_switch_between_hour_day_and_week(
+    stack: Stack, browser: WebDriver, tmp_path: Path
+) -> None:
     ran = [stack.enqueue("demo.sleep", {"seconds": 0.3}) for _ in range(3)]
     for job_id in ran:
         assert stack.cli("watch", job_id).returncode == 0
     wait_until(lambda: set(ran) <= listed(stack, QUEUE, "--state", "succeeded"), "the jobs in history", WAIT)
 
-    def drawn(window: str, buckets: int) -> None:
-        wait(browser).until(
-            lambda d: (
-                d.find_element(By.ID, "latency-chart").get_attribute("data-window") == window
-                and d.find_element(By.ID, "throughput-chart").get_attribute("data-drawn") == "true"
+    async def drawn(window: str, buckets: int) -> None:
+        def ready(d: WebDriver) -> bool:
+            # One script reads both, so a page being replaced cannot go stale between two reads.
+            return bool(
+                d.execute_script(
+                    "const l = document.getElementById('latency-chart');"
+                    "const t = document.getElementById('throughput-chart');"
+                    "return !!(l && t && l.dataset.window === arguments[0] && t.dataset.drawn === 'true');",
+                    window,
+                )
             )
-        )
-        labels, finished, run_p50 = browser.execute_script(
+
+        wait(browser).until(ready)
+        labels, finished, run_p95 = browser.execute_script(
             "const t = Chart.getChart(document.getElementById('throughput-chart'));"
             "const l = Chart.getChart(document.getElementById('latency-chart'));"
-            "return [t.data.labels.length, t.data.datasets[0].data.reduce((a, b) => a + b, 0),"
-            " Math.max(...l.data.datasets[2].data)];"
+            "const sum = (ds) => ds.reduce((a, d) => a + d.data.reduce((x, y) => x + y, 0), 0);"
+            "return [t.data.labels.length, sum(t.data.datasets), Math.max(...l.data.datasets[3].data)];"
         )
         assert labels == buckets
-        assert finished >= len(ran)  # succeeded jobs, counted in their buckets
-        assert run_p50 >= 0.3  # demo.sleep ran 0.3 s: the run-time line shows it
+        # What the charts draw is what the results service counts (no job finishes meanwhile).
+        expected_finished, expected_p95 = await api_series(stack, window)
+        assert finished == expected_finished >= len(ran)
+        assert run_p95 == pytest.approx(expected_p95, abs=0.001) and run_p95 > 0
 
     browser.get(stack.dashboard.url + "/")
-    drawn("hour", 60)
+    await drawn("hour", 60)
     assert "current" in str(browser.find_element(By.ID, "window-hour").get_attribute("class"))
     screenshot(browser, "overview-charts", tmp_path)
     browser.find_element(By.ID, "window-day").click()
     wait(browser).until(lambda d: "window=day" in d.current_url)
-    drawn("day", 96)
+    await drawn("day", 96)
     assert "last day" in text_of(browser, "#charts h2")
     browser.find_element(By.ID, "window-week").click()
-    drawn("week", 84)
+    await drawn("week", 84)
     browser.get(stack.dashboard.url + "/?window=year")
     assert "INVALID_ARGUMENT" in text_of(browser, "#error-message") and "window" in text_of(browser, "#error-message")

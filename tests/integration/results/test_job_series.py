@@ -36,7 +36,7 @@ async def place(
         )
 
 
-async def series(results: ResultsClient, window: int, queue: str = "") -> results_service_pb2.GetJobSeriesResponse:
+async def series(results: ResultsClient, window: Any, queue: str = "") -> results_service_pb2.GetJobSeriesResponse:
     return await results.stub.GetJobSeries(results_service_pb2.GetJobSeriesRequest(queue=queue, window=window))
 
 
