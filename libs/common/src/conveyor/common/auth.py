@@ -73,9 +73,11 @@ ACCESS: dict[str, frozenset[Role]] = {
             "ListJobs": {_R},
             "ListJobEvents": {_R},
             "GetFinishedStats": {_R},
+            "GetJobSeries": {_R},
             "ListSetAside": {_R},
             "ReplaySetAside": set(),
             "DiscardSetAside": set(),
+            "DeleteJobs": set(),
         },
         "AdminService": {
             "GetLimits": {_R},

@@ -426,6 +426,27 @@ class ConveyorClient:
         req = request if request is not None else results_service_pb2.ListJobsRequest(**filters)
         return await self._call(lambda: stub.ListJobs(req, timeout=self._timeout))
 
+    async def delete_jobs(self, job_ids: Sequence[str]) -> results_service_pb2.DeleteJobsResponse:
+        """Delete finished jobs (1-1000 ids) and their history from the results database (ResultsService.DeleteJobs).
+
+        Jobs not finished or not recorded are left alone and listed in ``response.refused`` with the reason.
+        """
+        if self._results is None:
+            raise ValueError("ConveyorClient was created without results_addr")
+        stub = self._results
+        req = results_service_pb2.DeleteJobsRequest(job_ids=list(job_ids))
+        return await self._call(lambda: stub.DeleteJobs(req, timeout=self._timeout))
+
+    async def get_job_series(
+        self, window: results_service_pb2.SeriesWindow.ValueType, queue: str = ""
+    ) -> results_service_pb2.GetJobSeriesResponse:
+        """Finished jobs per bucket over the last hour, day or week (ResultsService.GetJobSeries), of a queue or all."""
+        if self._results is None:
+            raise ValueError("ConveyorClient was created without results_addr")
+        stub = self._results
+        req = results_service_pb2.GetJobSeriesRequest(queue=queue, window=window)
+        return await self._call(lambda: stub.GetJobSeries(req, timeout=self._timeout))
+
     async def get_queue_stats(self, queue: str) -> admin_service_pb2.GetQueueStatsResponse:
         """A queue's live counts (one instant) and, when the results service answers, its finished jobs.
 

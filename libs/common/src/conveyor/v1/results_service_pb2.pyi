@@ -78,6 +78,34 @@ keys with their values; a scalar field equals a scalar value.
 """
 Global___FieldOperator: _TypeAlias = FieldOperator  # noqa: Y015
 
+class _SeriesWindow:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SeriesWindowEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SeriesWindow.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SERIES_WINDOW_UNSPECIFIED: _SeriesWindow.ValueType  # 0
+    """Means SERIES_WINDOW_HOUR."""
+    SERIES_WINDOW_HOUR: _SeriesWindow.ValueType  # 1
+    """The last hour, in 60 buckets of 1 minute."""
+    SERIES_WINDOW_DAY: _SeriesWindow.ValueType  # 2
+    """The last day, in 96 buckets of 15 minutes."""
+    SERIES_WINDOW_WEEK: _SeriesWindow.ValueType  # 3
+    """The last week, in 84 buckets of 2 hours."""
+
+class SeriesWindow(_SeriesWindow, metaclass=_SeriesWindowEnumTypeWrapper):
+    """SeriesWindow is how far back GetJobSeries looks."""
+
+SERIES_WINDOW_UNSPECIFIED: SeriesWindow.ValueType  # 0
+"""Means SERIES_WINDOW_HOUR."""
+SERIES_WINDOW_HOUR: SeriesWindow.ValueType  # 1
+"""The last hour, in 60 buckets of 1 minute."""
+SERIES_WINDOW_DAY: SeriesWindow.ValueType  # 2
+"""The last day, in 96 buckets of 15 minutes."""
+SERIES_WINDOW_WEEK: SeriesWindow.ValueType  # 3
+"""The last week, in 84 buckets of 2 hours."""
+Global___SeriesWindow: _TypeAlias = SeriesWindow  # noqa: Y015
+
 @_typing.final
 class ResultsServiceGetJobRequest(_message.Message):
     """ResultsServiceGetJobRequest names a job."""
@@ -679,3 +707,237 @@ class DiscardSetAsideResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DiscardSetAsideResponse: _TypeAlias = DiscardSetAsideResponse  # noqa: Y015
+
+@_typing.final
+class DeleteJobsRequest(_message.Message):
+    """DeleteJobsRequest names the finished jobs to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The jobs' ids, 1-1000 of them (duplicates count once)."""
+
+    def __init__(
+        self,
+        *,
+        job_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_ids", b"job_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteJobsRequest: _TypeAlias = DeleteJobsRequest  # noqa: Y015
+
+@_typing.final
+class DeleteJobsResponse(_message.Message):
+    """DeleteJobsResponse says what was deleted and what was refused."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deleted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The jobs deleted, with their events."""
+
+    @_builtins.property
+    def refused(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeleteJobsRefusal]:
+        """The jobs left as they were, each with the reason."""
+
+    def __init__(
+        self,
+        *,
+        deleted: _abc.Iterable[_builtins.str] | None = ...,
+        refused: _abc.Iterable[Global___DeleteJobsRefusal] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "refused", b"refused"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteJobsResponse: _TypeAlias = DeleteJobsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteJobsRefusal(_message.Message):
+    """DeleteJobsRefusal is one job DeleteJobs did not delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job's id."""
+    state: _job_pb2.JobState.ValueType
+    """The job's state (JOB_STATE_UNSPECIFIED when it is not recorded)."""
+    reason: _builtins.str
+    """Why, for a person: "not finished (ACTIVE)" or "not found"."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        state: _job_pb2.JobState.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "reason", b"reason", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteJobsRefusal: _TypeAlias = DeleteJobsRefusal  # noqa: Y015
+
+@_typing.final
+class GetJobSeriesRequest(_message.Message):
+    """GetJobSeriesRequest names the queue and the window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """Only this queue's jobs; empty means every queue."""
+    window: Global___SeriesWindow.ValueType
+    """How far back."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        window: Global___SeriesWindow.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobSeriesRequest: _TypeAlias = GetJobSeriesRequest  # noqa: Y015
+
+@_typing.final
+class GetJobSeriesResponse(_message.Message):
+    """GetJobSeriesResponse is one series of buckets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUCKET_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    BUCKETS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def bucket(self) -> _duration_pb2.Duration:
+        """Each bucket's length."""
+
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp:
+        """The first bucket's start."""
+
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp:
+        """The last bucket's end (the database's clock, rounded up to a bucket boundary)."""
+
+    @_builtins.property
+    def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___SeriesBucket]:
+        """The buckets, oldest first, every one present (zero counts included)."""
+
+    def __init__(
+        self,
+        *,
+        bucket: _duration_pb2.Duration | None = ...,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        end: _timestamp_pb2.Timestamp | None = ...,
+        buckets: _abc.Iterable[Global___SeriesBucket] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "end", b"end", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "buckets", b"buckets", "end", b"end", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobSeriesResponse: _TypeAlias = GetJobSeriesResponse  # noqa: Y015
+
+@_typing.final
+class SeriesBucket(_message.Message):
+    """SeriesBucket counts the jobs that finished within one bucket."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    DEAD_LETTERED_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    succeeded: _builtins.int
+    """Jobs that ended SUCCEEDED."""
+    failed: _builtins.int
+    """Jobs that ended FAILED."""
+    dead_lettered: _builtins.int
+    """Jobs that ended DEAD_LETTERED."""
+    cancelled: _builtins.int
+    """Jobs that ended CANCELLED."""
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp:
+        """The bucket's start; it ends one bucket length later."""
+
+    @_builtins.property
+    def wait(self) -> Global___Percentiles:
+        """Wait from enqueue (or run_at) to start, in seconds, of the jobs that started."""
+
+    @_builtins.property
+    def run(self) -> Global___Percentiles:
+        """Run time from start to finish, in seconds, of the jobs that started."""
+
+    def __init__(
+        self,
+        *,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        succeeded: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        dead_lettered: _builtins.int = ...,
+        cancelled: _builtins.int = ...,
+        wait: Global___Percentiles | None = ...,
+        run: Global___Percentiles | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run", "start", b"start", "wait", b"wait"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "dead_lettered", b"dead_lettered", "failed", b"failed", "run", b"run", "start", b"start", "succeeded", b"succeeded", "wait", b"wait"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SeriesBucket: _TypeAlias = SeriesBucket  # noqa: Y015
+
+@_typing.final
+class Percentiles(_message.Message):
+    """Percentiles of a duration, in seconds (all 0 when no job contributed)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    P50_FIELD_NUMBER: _builtins.int
+    P95_FIELD_NUMBER: _builtins.int
+    P99_FIELD_NUMBER: _builtins.int
+    p50: _builtins.float
+    """The median."""
+    p95: _builtins.float
+    """The 95th percentile."""
+    p99: _builtins.float
+    """The 99th percentile."""
+    def __init__(
+        self,
+        *,
+        p50: _builtins.float = ...,
+        p95: _builtins.float = ...,
+        p99: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["p50", b"p50", "p95", b"p95", "p99", b"p99"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Percentiles: _TypeAlias = Percentiles  # noqa: Y015

@@ -70,6 +70,16 @@ class ResultsServiceStub:
                 request_serializer=conveyor_dot_v1_dot_results__service__pb2.DiscardSetAsideRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_results__service__pb2.DiscardSetAsideResponse.FromString,
                 _registered_method=True)
+        self.DeleteJobs = channel.unary_unary(
+                '/conveyor.v1.ResultsService/DeleteJobs',
+                request_serializer=conveyor_dot_v1_dot_results__service__pb2.DeleteJobsRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_results__service__pb2.DeleteJobsResponse.FromString,
+                _registered_method=True)
+        self.GetJobSeries = channel.unary_unary(
+                '/conveyor.v1.ResultsService/GetJobSeries',
+                request_serializer=conveyor_dot_v1_dot_results__service__pb2.GetJobSeriesRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_results__service__pb2.GetJobSeriesResponse.FromString,
+                _registered_method=True)
 
 
 class ResultsServiceServicer:
@@ -135,6 +145,33 @@ class ResultsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteJobs(self, request, context):
+        """DeleteJobs deletes finished jobs (SUCCEEDED, FAILED, DEAD_LETTERED, CANCELLED),
+        named by id (1-1000 per call), with their whole event history from PostgreSQL.
+        Each job is deleted whole (its row and every event, in one transaction) or not
+        at all. A job not in a final state, or not recorded, is refused and reported in
+        refused with the reason; the others are deleted all the same. A malformed id is
+        INVALID_ARGUMENT and nothing is deleted. Redis is not touched: a dead letter stays
+        in its queue's dead letters, and a job that runs again is recorded afresh.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJobSeries(self, request, context):
+        """GetJobSeries returns the jobs that finished in each bucket of a recent window,
+        of one queue or of all: the last hour (60 buckets of 1 minute), day (96 of 15
+        minutes) or week (84 of 2 hours), buckets aligned on multiples of their length
+        since the epoch, oldest first, every bucket present. Per bucket: counts by final
+        state, and percentiles of the wait (from enqueue, or run_at when later, to the
+        last start) and of the run time (last start to finish). Read from PostgreSQL at
+        each call, so it survives restarts; a call that would run past 5 s is stopped and
+        answers RESOURCE_EXHAUSTED (nothing else waits on it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ResultsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +209,16 @@ def add_ResultsServiceServicer_to_server(servicer, server):
                     servicer.DiscardSetAside,
                     request_deserializer=conveyor_dot_v1_dot_results__service__pb2.DiscardSetAsideRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_results__service__pb2.DiscardSetAsideResponse.SerializeToString,
+            ),
+            'DeleteJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJobs,
+                    request_deserializer=conveyor_dot_v1_dot_results__service__pb2.DeleteJobsRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_results__service__pb2.DeleteJobsResponse.SerializeToString,
+            ),
+            'GetJobSeries': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobSeries,
+                    request_deserializer=conveyor_dot_v1_dot_results__service__pb2.GetJobSeriesRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_results__service__pb2.GetJobSeriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -364,6 +411,60 @@ class ResultsService:
             '/conveyor.v1.ResultsService/DiscardSetAside',
             conveyor_dot_v1_dot_results__service__pb2.DiscardSetAsideRequest.SerializeToString,
             conveyor_dot_v1_dot_results__service__pb2.DiscardSetAsideResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ResultsService/DeleteJobs',
+            conveyor_dot_v1_dot_results__service__pb2.DeleteJobsRequest.SerializeToString,
+            conveyor_dot_v1_dot_results__service__pb2.DeleteJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobSeries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ResultsService/GetJobSeries',
+            conveyor_dot_v1_dot_results__service__pb2.GetJobSeriesRequest.SerializeToString,
+            conveyor_dot_v1_dot_results__service__pb2.GetJobSeriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

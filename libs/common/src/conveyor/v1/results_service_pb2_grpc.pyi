@@ -62,6 +62,25 @@ class ResultsServiceStub:
     """DiscardSetAside deletes set-aside entries, named by id, for good. Unknown ids:
     NOT_FOUND, nothing deleted.
     """
+    DeleteJobs: _grpc.UnaryUnaryMultiCallable[_results_service_pb2.DeleteJobsRequest, _results_service_pb2.DeleteJobsResponse]
+    """DeleteJobs deletes finished jobs (SUCCEEDED, FAILED, DEAD_LETTERED, CANCELLED),
+    named by id (1-1000 per call), with their whole event history from PostgreSQL.
+    Each job is deleted whole (its row and every event, in one transaction) or not
+    at all. A job not in a final state, or not recorded, is refused and reported in
+    refused with the reason; the others are deleted all the same. A malformed id is
+    INVALID_ARGUMENT and nothing is deleted. Redis is not touched: a dead letter stays
+    in its queue's dead letters, and a job that runs again is recorded afresh.
+    """
+    GetJobSeries: _grpc.UnaryUnaryMultiCallable[_results_service_pb2.GetJobSeriesRequest, _results_service_pb2.GetJobSeriesResponse]
+    """GetJobSeries returns the jobs that finished in each bucket of a recent window,
+    of one queue or of all: the last hour (60 buckets of 1 minute), day (96 of 15
+    minutes) or week (84 of 2 hours), buckets aligned on multiples of their length
+    since the epoch, oldest first, every bucket present. Per bucket: counts by final
+    state, and percentiles of the wait (from enqueue, or run_at when later, to the
+    last start) and of the run time (last start to finish). Read from PostgreSQL at
+    each call, so it survives restarts; a call that would run past 5 s is stopped and
+    answers RESOURCE_EXHAUSTED (nothing else waits on it).
+    """
 
 @_typing.type_check_only
 class ResultsServiceAsyncStub(ResultsServiceStub):
@@ -96,6 +115,25 @@ class ResultsServiceAsyncStub(ResultsServiceStub):
     DiscardSetAside: _aio.UnaryUnaryMultiCallable[_results_service_pb2.DiscardSetAsideRequest, _results_service_pb2.DiscardSetAsideResponse]  # type: ignore[assignment]
     """DiscardSetAside deletes set-aside entries, named by id, for good. Unknown ids:
     NOT_FOUND, nothing deleted.
+    """
+    DeleteJobs: _aio.UnaryUnaryMultiCallable[_results_service_pb2.DeleteJobsRequest, _results_service_pb2.DeleteJobsResponse]  # type: ignore[assignment]
+    """DeleteJobs deletes finished jobs (SUCCEEDED, FAILED, DEAD_LETTERED, CANCELLED),
+    named by id (1-1000 per call), with their whole event history from PostgreSQL.
+    Each job is deleted whole (its row and every event, in one transaction) or not
+    at all. A job not in a final state, or not recorded, is refused and reported in
+    refused with the reason; the others are deleted all the same. A malformed id is
+    INVALID_ARGUMENT and nothing is deleted. Redis is not touched: a dead letter stays
+    in its queue's dead letters, and a job that runs again is recorded afresh.
+    """
+    GetJobSeries: _aio.UnaryUnaryMultiCallable[_results_service_pb2.GetJobSeriesRequest, _results_service_pb2.GetJobSeriesResponse]  # type: ignore[assignment]
+    """GetJobSeries returns the jobs that finished in each bucket of a recent window,
+    of one queue or of all: the last hour (60 buckets of 1 minute), day (96 of 15
+    minutes) or week (84 of 2 hours), buckets aligned on multiples of their length
+    since the epoch, oldest first, every bucket present. Per bucket: counts by final
+    state, and percentiles of the wait (from enqueue, or run_at when later, to the
+    last start) and of the run time (last start to finish). Read from PostgreSQL at
+    each call, so it survives restarts; a call that would run past 5 s is stopped and
+    answers RESOURCE_EXHAUSTED (nothing else waits on it).
     """
 
 class ResultsServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -170,6 +208,37 @@ class ResultsServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_results_service_pb2.DiscardSetAsideResponse, _abc.Awaitable[_results_service_pb2.DiscardSetAsideResponse]]:
         """DiscardSetAside deletes set-aside entries, named by id, for good. Unknown ids:
         NOT_FOUND, nothing deleted.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteJobs(
+        self,
+        request: _results_service_pb2.DeleteJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_results_service_pb2.DeleteJobsResponse, _abc.Awaitable[_results_service_pb2.DeleteJobsResponse]]:
+        """DeleteJobs deletes finished jobs (SUCCEEDED, FAILED, DEAD_LETTERED, CANCELLED),
+        named by id (1-1000 per call), with their whole event history from PostgreSQL.
+        Each job is deleted whole (its row and every event, in one transaction) or not
+        at all. A job not in a final state, or not recorded, is refused and reported in
+        refused with the reason; the others are deleted all the same. A malformed id is
+        INVALID_ARGUMENT and nothing is deleted. Redis is not touched: a dead letter stays
+        in its queue's dead letters, and a job that runs again is recorded afresh.
+        """
+
+    @_abc_1.abstractmethod
+    def GetJobSeries(
+        self,
+        request: _results_service_pb2.GetJobSeriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_results_service_pb2.GetJobSeriesResponse, _abc.Awaitable[_results_service_pb2.GetJobSeriesResponse]]:
+        """GetJobSeries returns the jobs that finished in each bucket of a recent window,
+        of one queue or of all: the last hour (60 buckets of 1 minute), day (96 of 15
+        minutes) or week (84 of 2 hours), buckets aligned on multiples of their length
+        since the epoch, oldest first, every bucket present. Per bucket: counts by final
+        state, and percentiles of the wait (from enqueue, or run_at when later, to the
+        last start) and of the run time (last start to finish). Read from PostgreSQL at
+        each call, so it survives restarts; a call that would run past 5 s is stopped and
+        answers RESOURCE_EXHAUSTED (nothing else waits on it).
         """
 
 def add_ResultsServiceServicer_to_server(servicer: ResultsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,8 @@ from starlette.templating import Jinja2Templates
 from conveyor.common import logs
 from conveyor.common.client import ConveyorClient
 from conveyor.common.errors import ConveyorError, InvalidArgument
-from conveyor.dashboard import filters, views
-from conveyor.v1 import producer_service_pb2
+from conveyor.dashboard import bulk, filters, views
+from conveyor.v1 import producer_service_pb2, results_service_pb2
 
 HERE = Path(__file__).resolve().parent
 log = logs.get_logger(__name__)
@@ -73,8 +74,29 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
     # ---- pages -------------------------------------------------------------------------------------
 
     async def overview(request: Request) -> Response:
+        window = request.query_params.get("window", "hour")
+        if window not in views.SERIES_WINDOWS:
+            raise InvalidArgument({"window": f"must be one of {', '.join(views.SERIES_WINDOWS)}"})
         queues = [views.queue_row(q) for q in await client.list_queues()]
-        return page(request, "overview.html", queues=queues)
+        series: dict[str, Any] | None = None
+        series_unavailable = ""
+        try:
+            series = views.series_view(window, await client.get_job_series(views.SERIES_WINDOWS[window]))
+        except ConveyorError as exc:
+            # The queues come from the producer; the charts from the results service, which may be down
+            # or too slow: the page shows the queues and says why the charts are missing.
+            log.warning("job series unavailable", window=window, code=exc.code.name, error=exc.message)
+            series_unavailable = f"{exc.code.name}: {exc.message}"
+        return page(
+            request,
+            "overview.html",
+            queues=queues,
+            window=window,
+            windows=list(views.SERIES_WINDOWS),
+            series=series,
+            series_json=json.dumps(series),
+            series_unavailable=series_unavailable,
+        )
 
     async def queue_page(request: Request) -> Response:
         queue = request.path_params["queue"]
@@ -93,7 +115,7 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
         )
 
     async def jobs_page(request: Request) -> Response:
-        pairs = [(k, v) for k, v in request.query_params.multi_items() if k in filters.FILTER_PARAMS and v.strip()]
+        pairs = filters.filter_pairs(request.query_params.multi_items())
         response = await client.list_jobs(
             filters.list_jobs_request(pairs, page_size=50, page_token=request.query_params.get("page_token", ""))
         )
@@ -104,6 +126,7 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
             next_page_token=response.next_page_token,
             next_params=[*pairs, ("page_token", response.next_page_token)],
             filters=dict(pairs),
+            filter_pairs=pairs,
             where=[v for k, v in pairs if k == "where"],
             labels=[v for k, v in pairs if k == "label"],
             states=views.JOB_STATES,
@@ -194,6 +217,10 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
             next_page_token=response.next_page_token,
         )
 
+    async def schedule_edit_page(request: Request) -> Response:
+        schedule = await client.get_schedule(request.path_params["schedule_id"])
+        return page(request, "schedule_edit.html", s=views.schedule_view(schedule), form=views.schedule_form(schedule))
+
     # ---- actions (JSON POSTs) ----------------------------------------------------------------------
 
     def action(fn: Callable[[Request, dict[str, Any]], Awaitable[dict[str, Any]]]) -> Handler:
@@ -210,7 +237,10 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
             if not isinstance(body, dict):
                 raise InvalidArgument({"body": "must be a JSON object"})
             result = await fn(request, body)
-            log.info("dashboard action", path=request.url.path, **{k: v for k, v in body.items() if k != "payload"})
+            logged = {k: v for k, v in body.items() if k not in ("payload", "job_ids")}
+            if isinstance(body.get("job_ids"), list):
+                logged["job_count"] = len(body["job_ids"])
+            log.info("dashboard action", path=request.url.path, **logged)
             return JSONResponse(result)
 
         return handler
@@ -250,6 +280,64 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
     async def delete_schedule(request: Request, body: dict[str, Any]) -> dict[str, Any]:
         return {"deleted": (await client.delete_schedule(request.path_params["schedule_id"])).schedule_id}
 
+    def bulk_filter(raw: object) -> results_service_pb2.ListJobsRequest:
+        if not isinstance(raw, list) or not all(
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair) for pair in raw
+        ):
+            raise InvalidArgument({"filter": "must be the jobs page's filter as a list of [parameter, value] pairs"})
+        return filters.list_jobs_request(filters.filter_pairs((k, v) for k, v in raw))
+
+    async def bulk_action(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        """Retry, cancel or delete the jobs named in ``job_ids``, or every job ``filter`` matches (up to the cap)."""
+        action = request.path_params["action"]
+        if action not in bulk.ACTIONS:
+            raise InvalidArgument({"action": f"must be one of {', '.join(bulk.ACTIONS)}"})
+        if ("job_ids" in body) == ("filter" in body):
+            raise InvalidArgument({"job_ids": "give either job_ids (a list) or filter (an object), not both"})
+        outcome = bulk.Outcome(action)
+        if "filter" in body:
+            ids, outcome.more = await bulk.matching_ids(client, bulk_filter(body["filter"]))
+        else:
+            ids = bulk.chosen_ids(body["job_ids"])
+        await bulk.run(client, action, ids, outcome)
+        return outcome.answer()
+
+    async def count_jobs(request: Request) -> Response:
+        """How many jobs the filter in the query matches, up to the bulk cap (for the confirmation)."""
+        matching = filters.list_jobs_request(filters.filter_pairs(request.query_params.multi_items()))
+        ids, more = await bulk.matching_ids(client, matching)
+        return JSONResponse({"count": len(ids), "more": more, "cap": bulk.MAX_JOBS})
+
+    async def update_schedule(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        """Change a schedule's timing (cron with time zone, or an interval) and its job's payload (UpdateSchedule)."""
+        schedule = await client.get_schedule(request.path_params["schedule_id"])
+        spec = views.edited_spec(schedule.spec, body)
+        updated = await client.update_schedule(schedule.schedule_id, spec)
+        return {"schedule": views.schedule_view(updated)}
+
+    async def set_limit(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        """Set the queue-wide rate limit (limit per period_seconds) or concurrency cap (limit)."""
+        queue, kind = request.path_params["queue"], request.path_params["kind"]
+        limit = views.whole_number(body.get("limit"), "limit")
+        if kind == "rate":
+            period = views.whole_number(body.get("period_seconds"), "period_seconds")
+            limits = await client.set_rate_limit(queue, limit, timedelta(seconds=period))
+        elif kind == "concurrency":
+            limits = await client.set_concurrency_limit(queue, limit)
+        else:
+            raise HTTPException(404, f"no limit {kind!r}: rate or concurrency")
+        return {"limits": views.limits_summary(limits)}
+
+    async def clear_limit(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        queue, kind = request.path_params["queue"], request.path_params["kind"]
+        if kind == "rate":
+            changed = await client.clear_rate_limit(queue)
+        elif kind == "concurrency":
+            changed = await client.clear_concurrency_limit(queue)
+        else:
+            raise HTTPException(404, f"no limit {kind!r}: rate or concurrency")
+        return {"changed": changed}
+
     async def healthz(request: Request) -> Response:
         """Liveness of this process only (no backend call): for a load balancer or `make up`."""
         return PlainTextResponse("ok\n")
@@ -276,12 +364,18 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
         Route("/queues/{queue}/dead-letters/retry", action(retry_dead), methods=["POST"]),
         Route("/queues/{queue}/dead-letters/purge", action(purge_dead), methods=["POST"]),
         Route("/jobs", jobs_page),
+        Route("/jobs/bulk/{action}", action(bulk_action), methods=["POST"]),
+        Route("/api/jobs/count", count_jobs),
         Route("/jobs/{job_id:path}/cancel", action(cancel), methods=["POST"]),
         Route("/api/payload/{job_id:path}", job_payload),
         Route("/api/watch/{job_id:path}", watch_job),
         Route("/jobs/{job_id:path}", job_page),
         Route("/workers", workers_page),
         Route("/schedules", schedules_page),
+        Route("/queues/{queue}/limits/{kind}", action(set_limit), methods=["POST"]),
+        Route("/queues/{queue}/limits/{kind}/clear", action(clear_limit), methods=["POST"]),
+        Route("/schedules/{schedule_id:path}/edit", schedule_edit_page),
+        Route("/schedules/{schedule_id:path}/update", action(update_schedule), methods=["POST"]),
         Route("/schedules/{schedule_id:path}/run-now", action(run_schedule_now), methods=["POST"]),
         Route("/schedules/{schedule_id:path}/delete", action(delete_schedule), methods=["POST"]),
         Route("/static/vendor/chart.umd.min.js", chart_bundle),

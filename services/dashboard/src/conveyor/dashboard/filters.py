@@ -7,7 +7,7 @@ ResultsService for exactly the same jobs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 
 from conveyor.common.errors import InvalidArgument
@@ -17,6 +17,11 @@ from conveyor.v1 import job_pb2, results_service_pb2
 
 #: Query parameters that hold the filter (``where`` and ``label`` may repeat); anything else is not a filter.
 FILTER_PARAMS = ("queue", "state", "type", "created_after", "created_before", "where", "label")
+
+
+def filter_pairs(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (parameter, value) pairs of a query string that make the filter, in order (``where``, ``label`` repeat)."""
+    return [(k, v) for k, v in items if k in FILTER_PARAMS and v.strip()]
 
 
 def list_jobs_request(

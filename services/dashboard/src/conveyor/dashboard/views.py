@@ -9,6 +9,8 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from conveyor.common.codec import dumps
+from conveyor.common.errors import InvalidArgument
 from conveyor.v1 import admin_service_pb2, event_pb2, job_pb2, limits_pb2, results_service_pb2, schedule_service_pb2
 
 FINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "DEAD_LETTERED", "CANCELLED"})
@@ -216,4 +218,88 @@ def schedule_view(s: schedule_service_pb2.Schedule) -> dict[str, Any]:
         "next_fire_at": ts(s, "next_fire_at"),
         "last_tick_at": ts(s, "last_tick_at"),
         "last_job_id": s.last_job_id,
+    }
+
+
+def schedule_form(s: schedule_service_pb2.Schedule) -> dict[str, Any]:
+    """The edit form's fields for a schedule as stored."""
+    spec = s.spec
+    template = spec.template
+    payload = json.loads(template.payload_json) if template.payload_json else MessageToDict(template.payload)
+    return {
+        "cron": spec.cron,
+        "time_zone": spec.time_zone,
+        "interval_seconds": int(spec.interval.ToTimedelta().total_seconds()) if spec.HasField("interval") else "",
+        "payload": json.dumps(payload, indent=2),
+    }
+
+
+def whole_number(value: object, field: str) -> int:
+    """A positive whole number from a form field (a JSON number or a string of digits)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidArgument({field: f"must be a whole number above 0, got {value!r}"})
+    return value
+
+
+def edited_spec(old: schedule_service_pb2.ScheduleSpec, body: dict[str, Any]) -> schedule_service_pb2.ScheduleSpec:
+    """``old`` with the edit form's timing and payload: cron (and time_zone) or interval_seconds, and payload (JSON).
+
+    Raises:
+        InvalidArgument: A field is malformed; nothing is sent.
+    """
+    spec = schedule_service_pb2.ScheduleSpec()
+    spec.CopyFrom(old)
+    cron = str(body.get("cron") or "").strip()
+    interval = body.get("interval_seconds")
+    has_interval = interval not in (None, "")
+    if bool(cron) == has_interval:
+        raise InvalidArgument({"cron": "give either a cron expression or an interval in seconds, not both"})
+    if cron:
+        spec.cron = cron
+        spec.time_zone = str(body.get("time_zone") or "").strip()
+        spec.ClearField("interval")
+    else:
+        spec.cron = ""
+        spec.time_zone = ""
+        spec.interval.FromSeconds(whole_number(interval, "interval_seconds"))
+    raw = body.get("payload")
+    if raw is not None:
+        try:
+            payload = json.loads(raw) if isinstance(raw, str) else raw
+        except ValueError as exc:
+            raise InvalidArgument({"payload": f"is not JSON: {exc}"}) from None
+        if not isinstance(payload, dict):
+            raise InvalidArgument({"payload": "must be a JSON object"})
+        spec.template.ClearField("payload")
+        spec.template.payload_json = dumps(payload)
+    return spec
+
+
+#: The overview's chart windows: query value -> SeriesWindow.
+SERIES_WINDOWS = {
+    "hour": results_service_pb2.SERIES_WINDOW_HOUR,
+    "day": results_service_pb2.SERIES_WINDOW_DAY,
+    "week": results_service_pb2.SERIES_WINDOW_WEEK,
+}
+
+
+def series_view(window: str, reply: results_service_pb2.GetJobSeriesResponse) -> dict[str, Any]:
+    """GetJobSeries as the overview's charts draw it: one label and one number per bucket and line."""
+    fmt = "%a %H:%M" if window == "week" else "%H:%M"
+    buckets = list(reply.buckets)
+    return {
+        "window": window,
+        "bucket": human_seconds(reply.bucket.ToTimedelta().total_seconds()),
+        "labels": [b.start.ToDatetime(tzinfo=UTC).strftime(fmt) for b in buckets],
+        "succeeded": [b.succeeded for b in buckets],
+        "failed": [b.failed for b in buckets],
+        "dead_lettered": [b.dead_lettered for b in buckets],
+        "cancelled": [b.cancelled for b in buckets],
+        "wait_p50": [round(b.wait.p50, 3) for b in buckets],
+        "wait_p95": [round(b.wait.p95, 3) for b in buckets],
+        "run_p50": [round(b.run.p50, 3) for b in buckets],
+        "run_p95": [round(b.run.p95, 3) for b in buckets],
+        "finished": sum(b.succeeded + b.failed + b.dead_lettered + b.cancelled for b in buckets),
     }

@@ -264,6 +264,49 @@ class FinishedCounts:
     by_state: dict[int, tuple[int, ...]]
 
 
+#: GetJobSeries windows: (bucket seconds, buckets) by SeriesWindow number.
+SERIES_WINDOWS = {1: (60, 60), 2: (900, 96), 3: (7200, 84)}
+#: Longest a series query may run before PostgreSQL stops it (bounded cost on a large table).
+SERIES_TIMEOUT_MS = 5000
+
+# One pass over the finished rows of the window (a range scan of jobs_queue_finished_idx with a
+# queue, of jobs_finished_idx, whose predicate the state literals match, without), grouped by bucket.
+# Wait: enqueue (or run_at, when later) to the last start; run: last start to finish; a job that
+# never started (cancelled while waiting) has neither, and percentile_cont skips its NULLs.
+_SERIES_SQL = """
+SELECT floor((extract(epoch FROM finished_at) - %(start)s) / %(bucket)s)::int AS b,
+       count(*) FILTER (WHERE state = 5), count(*) FILTER (WHERE state = 6),
+       count(*) FILTER (WHERE state = 7), count(*) FILTER (WHERE state = 8),
+       percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (
+           ORDER BY greatest(0, extract(epoch FROM started_at - greatest(created_at, coalesce(run_at, created_at))))),
+       percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (
+           ORDER BY greatest(0, extract(epoch FROM finished_at - started_at)))
+FROM jobs
+WHERE state IN (5, 6, 7, 8) AND finished_at >= to_timestamp(%(start)s) AND finished_at < to_timestamp(%(end)s) {queue}
+GROUP BY 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesRow:
+    """One bucket's numbers: counts by final state, and (p50, p95, p99) of wait and run, in seconds."""
+
+    bucket: int
+    succeeded: int
+    failed: int
+    dead_lettered: int
+    cancelled: int
+    wait: tuple[float, float, float]
+    run: tuple[float, float, float]
+
+
+def _percentiles(value: list[float | None] | None) -> tuple[float, float, float]:
+    if not value:
+        return (0.0, 0.0, 0.0)
+    p50, p95, p99 = (float(v or 0.0) for v in value)
+    return (p50, p95, p99)
+
+
 class Queries:
     """The results service's reads from PostgreSQL.
 
@@ -358,3 +401,28 @@ class Queries:
             cur = await conn.execute(FINISHED_STATS_SQL, (queue,))
             rows = await cur.fetchall()
         return FinishedCounts(as_of, {int(r[0]): tuple(int(c) for c in r[1:]) for r in rows})
+
+    async def job_series(self, queue: str, bucket_s: int, buckets: int) -> tuple[int, list[SeriesRow]]:
+        """Finished jobs per bucket over the last ``buckets`` buckets of ``bucket_s`` seconds (of ``queue``, or all).
+
+        Buckets are aligned on multiples of ``bucket_s`` since the epoch; the last one holds the
+        database's now(). Returns the first bucket's start (epoch seconds) and the non-empty buckets.
+
+        Raises:
+            psycopg.errors.QueryCanceled: The query ran past SERIES_TIMEOUT_MS.
+        """
+        async with self._pool.connection(self._timeout) as conn, conn.transaction():
+            await conn.execute(f"SET LOCAL statement_timeout = {int(SERIES_TIMEOUT_MS)}")
+            cur = await conn.execute("SELECT extract(epoch FROM now())::float8")
+            row = await cur.fetchone()
+            assert row is not None
+            end = (int(row[0]) // bucket_s + 1) * bucket_s
+            start = end - bucket_s * buckets
+            query = _SERIES_SQL.format(queue="AND queue = %(queue)s" if queue else "")
+            cur = await conn.execute(query, {"start": start, "end": end, "bucket": bucket_s, "queue": queue})
+            rows = await cur.fetchall()
+        return start, [
+            SeriesRow(int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]), _percentiles(r[5]), _percentiles(r[6]))
+            for r in rows
+            if 0 <= int(r[0]) < buckets
+        ]

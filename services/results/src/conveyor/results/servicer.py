@@ -15,16 +15,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
+import psycopg
 from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.common.codec import dumps, value_to_python
-from conveyor.common.errors import InvalidArgument, NotFound
+from conveyor.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from conveyor.common.ids import parse_job_id, parse_stream_id
 from conveyor.common.validate import MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS, check_queue, queue_problem
 from conveyor.results.queries import (
     FINISHED_WINDOWS_S,
     JSON_NULL,
+    SERIES_TIMEOUT_MS,
+    SERIES_WINDOWS,
     FieldCondition,
     JobFilter,
     Queries,
@@ -32,6 +35,7 @@ from conveyor.results.queries import (
     to_us,
 )
 from conveyor.results.setaside import Missing, SetAsideRow, SetAsideRows
+from conveyor.results.store import delete_finished_jobs
 from conveyor.v1 import job_pb2, results_service_pb2, results_service_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -336,8 +340,72 @@ class ResultsServicer(results_service_pb2_grpc.ResultsServiceServicer):
             raise NotFound(f"no set-aside entries with ids {exc.ids}; nothing was discarded") from None
         return results_service_pb2.DiscardSetAsideResponse(discarded=len(deleted or ()))
 
+    async def GetJobSeries(
+        self, request: results_service_pb2.GetJobSeriesRequest, context: Context
+    ) -> results_service_pb2.GetJobSeriesResponse:
+        if request.queue and (problem := queue_problem(request.queue)) is not None:
+            raise InvalidArgument({"queue": f"{problem} (or empty for all)"})
+        window = request.window or results_service_pb2.SERIES_WINDOW_HOUR
+        if window not in SERIES_WINDOWS:
+            raise InvalidArgument({"window": "must be SERIES_WINDOW_HOUR, SERIES_WINDOW_DAY or SERIES_WINDOW_WEEK"})
+        bucket_s, count = SERIES_WINDOWS[window]
+        try:
+            start, rows = await self._queries.job_series(request.queue, bucket_s, count)
+        except psycopg.errors.QueryCanceled:
+            raise ResourceExhausted(
+                f"the series took longer than {SERIES_TIMEOUT_MS // 1000} s to compute and was stopped;"
+                " ask for a shorter window or one queue"
+            ) from None
+        found = {r.bucket: r for r in rows}
+        response = results_service_pb2.GetJobSeriesResponse()
+        response.bucket.FromSeconds(bucket_s)
+        response.start.FromSeconds(start)
+        response.end.FromSeconds(start + bucket_s * count)
+        for i in range(count):
+            bucket = response.buckets.add()
+            bucket.start.FromSeconds(start + i * bucket_s)
+            row = found.get(i)
+            if row is None:
+                continue
+            bucket.succeeded, bucket.failed = row.succeeded, row.failed
+            bucket.dead_lettered, bucket.cancelled = row.dead_lettered, row.cancelled
+            bucket.wait.p50, bucket.wait.p95, bucket.wait.p99 = row.wait
+            bucket.run.p50, bucket.run.p95, bucket.run.p99 = row.run
+        return response
+
+    async def DeleteJobs(
+        self, request: results_service_pb2.DeleteJobsRequest, context: Context
+    ) -> results_service_pb2.DeleteJobsResponse:
+        ids = _delete_ids(list(request.job_ids))
+        deleted, kept = await delete_finished_jobs(self._queries.pool, ids)
+        response = results_service_pb2.DeleteJobsResponse(deleted=deleted)
+        gone = set(deleted)
+        for job_id in ids:
+            if job_id in gone:
+                continue
+            state = kept.get(job_id)
+            if state is None:
+                response.refused.add(job_id=job_id, reason="not found")
+            else:
+                name = job_pb2.JobState.Name(state).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
+                response.refused.add(
+                    job_id=job_id, state=state, reason=f"not finished ({name}): cancel it or wait for it to end"
+                )
+        return response
+
 
 DEFAULT_SET_ASIDE_PAGE = 100
+
+
+def _delete_ids(ids: list[str]) -> list[str]:
+    if not ids:
+        raise InvalidArgument({"job_ids": "is required (1-1000 job ids)"})
+    if len(ids) > MAX_PAGE:
+        raise InvalidArgument({"job_ids": f"at most {MAX_PAGE} per call; split the ids into several calls"})
+    bad = [i for i in ids if parse_job_id(i) is None]
+    if bad:
+        raise InvalidArgument({"job_ids": f"{_JOB_ID_HELP}; not one: {bad[0]!r} (nothing was deleted)"})
+    return sorted(set(ids))
 
 
 def _set_aside_ids(ids: list[int], hint: str) -> list[int]:

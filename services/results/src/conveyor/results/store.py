@@ -559,3 +559,34 @@ class Store:
                 await _drop_if_read_only(conn, exc)
                 raise
         return set_aside
+
+
+# DeleteJobs: the named jobs in a final state (SUCCEEDED 5, FAILED 6, DEAD_LETTERED 7, CANCELLED 8),
+# locked so that the projector cannot move one out of its final state between the check and the
+# delete; their history rows, then the rows. NOWAIT is not used: a row the projector holds is
+# waited for (one batch's transaction), then checked again by the predicate.
+DELETE_FINISHED = """
+WITH doomed AS (
+    SELECT job_id FROM jobs WHERE job_id = ANY(%(ids)s) AND state IN (5, 6, 7, 8) FOR UPDATE
+), history AS (
+    DELETE FROM job_events e USING doomed d WHERE e.job_id = d.job_id
+)
+DELETE FROM jobs j USING doomed d WHERE j.job_id = d.job_id RETURNING j.job_id
+"""
+
+
+async def delete_finished_jobs(
+    pool: AsyncConnectionPool[Any], job_ids: list[str], connect_timeout_s: float = 5.0
+) -> tuple[list[str], dict[str, int]]:
+    """Delete those of ``job_ids`` that are finished, each with its whole history, in one transaction.
+
+    Returns:
+        The ids deleted, and the state of each id kept because it is not finished (ids not
+        recorded at all are in neither).
+    """
+    async with pool.connection(connect_timeout_s) as conn, conn.transaction():
+        cur = await conn.execute(DELETE_FINISHED, {"ids": job_ids})
+        deleted = sorted(str(r[0]) for r in await cur.fetchall())
+        cur = await conn.execute("SELECT job_id, state FROM jobs WHERE job_id = ANY(%s)", (job_ids,))
+        kept = {str(r[0]): int(r[1]) for r in await cur.fetchall()}
+    return deleted, kept
