@@ -24,7 +24,8 @@ async def test_a_job_finishing_within_the_window_is_written_once_as_its_final_ro
     store: Store, pool: AsyncConnectionPool[Any], events: Events, start_projector: StartProjector
 ) -> None:
     job = JobHistory(payload={"n": 7})
-    await start_projector(store, defer_ms=5000)
+    # A long block: a quiet read (block_ms) writes what is held, and this test looks in between.
+    await start_projector(store, defer_ms=5000, block_ms=3000)
     queued_id = await events.add(job.queued(0))
     await wait_for(lambda: _pending_is(events, 1), "the QUEUED event read and held back")
 
@@ -59,18 +60,15 @@ async def _pending_is(events: Events, n: int) -> bool:
     return pending == n and lag == 0
 
 
-async def test_a_job_still_waiting_is_written_when_its_window_ends(
+async def test_a_job_still_waiting_is_written_once_the_stream_goes_quiet(
     store: Store, pool: AsyncConnectionPool[Any], events: Events, start_projector: StartProjector
 ) -> None:
     job = JobHistory()
-    await start_projector(store, defer_ms=700)
+    await start_projector(store, defer_ms=600_000, block_ms=300)
     await events.add(job.queued(0))
-    started = time.monotonic()
-    await events.wait_caught_up()  # acked: committed first
-    waited = time.monotonic() - started
+    await events.wait_caught_up()  # acked: committed first, long before the window
     row = await job_row(pool, job.job_id)
     assert row is not None and row["state"] == job_pb2.JOB_STATE_QUEUED
-    assert waited >= 0.6, f"written after {waited:.2f} s, before its window"
 
     # Its outcome later is the usual update of that row.
     await events.add_all([job.active(1), job.succeeded(2, "ok")])
@@ -84,11 +82,32 @@ async def test_a_job_still_waiting_is_written_when_its_window_ends(
     ]
 
 
+async def test_a_job_still_waiting_while_events_keep_coming_is_written_when_its_window_ends(
+    store: Store, pool: AsyncConnectionPool[Any], events: Events, start_projector: StartProjector
+) -> None:
+    waiting, busy = JobHistory(), JobHistory()
+    await start_projector(store, defer_ms=600, block_ms=3000)
+    await events.add(waiting.queued(0))
+    started = time.monotonic()
+    await events.add(busy.queued(0))
+    await events.add(busy.active(1))
+
+    async def written_while_busy() -> bool:
+        await events.add(busy.progress(1.5, 10, "still going"))  # never quiet: no read comes back empty
+        return await job_row(pool, waiting.job_id) is not None
+
+    await wait_for(written_while_busy, "the waiting job written at the end of its window", within=10.0, interval=0.05)
+    waited = time.monotonic() - started
+    assert 0.5 <= waited < 5.0, f"written after {waited:.2f} s, window 0.6 s"
+    row = await job_row(pool, waiting.job_id)
+    assert row is not None and row["state"] == job_pb2.JOB_STATE_QUEUED
+
+
 async def test_stopping_writes_the_jobs_held_back(
     store: Store, pool: AsyncConnectionPool[Any], events: Events, start_projector: StartProjector
 ) -> None:
     jobs = [JobHistory() for _ in range(20)]
-    running = await start_projector(store, defer_ms=600_000)
+    running = await start_projector(store, defer_ms=600_000, block_ms=5000)
     for job in jobs:
         await events.add(job.queued(0))
     await wait_for(lambda: _pending_is(events, len(jobs)), "every QUEUED event read and held back")
@@ -104,7 +123,7 @@ async def test_a_restarted_projector_projects_the_jobs_a_dead_one_held_back(
     store: Store, pool: AsyncConnectionPool[Any], events: Events, start_projector: StartProjector
 ) -> None:
     job = JobHistory()
-    first = await start_projector(store, defer_ms=600_000, consumer="results-deferring")
+    first = await start_projector(store, defer_ms=600_000, block_ms=3000, consumer="results-deferring")
     await events.add(job.queued(0))
     await wait_for(lambda: _pending_is(events, 1), "the QUEUED event read and held back")
     first.task.cancel()  # dies without its stop: what it held is pending for its consumer name

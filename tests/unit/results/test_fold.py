@@ -278,8 +278,8 @@ def test_keeping_back_is_bounded_and_off_at_zero() -> None:
     batch = Batch(carry)
     batch.add("default", STREAM, entries([j.queued(0) for j in jobs]))
     batch.settle(now=1.0, window_s=1.0, max_jobs=2)
-    assert list(carry) == [jobs[3].job_id, jobs[4].job_id]  # the newest kept back, the oldest written
-    assert [r.job_id for r in batch.finish()] == [j.job_id for j in jobs[:3]]
+    assert list(carry) == [jobs[0].job_id, jobs[1].job_id]  # the oldest kept back (nearest their outcome)
+    assert [r.job_id for r in batch.finish()] == [j.job_id for j in jobs[2:]]
     assert batch.size == 3
 
     carry = {}

@@ -42,7 +42,7 @@ from conveyor.v1 import event_pb2, job_pb2
 log = structlog.get_logger("conveyor.results.projector")
 
 #: How long a job left unfinished by a batch is kept back for its outcome (ADR 0020; CONVEYOR_PROJECTION_DEFER_MS).
-DEFAULT_DEFER_MS = 5000
+DEFAULT_DEFER_MS = 10_000
 #: How much longer than its BLOCK time one XREADGROUP may take before the connection is presumed dead.
 READ_GRACE_S = 10.0
 
@@ -200,7 +200,9 @@ class Batch:
         and its entry ids: nothing of it is committed or acked with this batch, so that a job whose
         outcome follows within the window is written once, as its final row, instead of a QUEUED
         row now and an UPDATE later. A carried job that finished here leaves the carry and is
-        written; carried jobs whose window ended (or beyond ``max_jobs``, the oldest) join this batch.
+        written; carried jobs whose window ended join this batch (all of them with ``window_s`` 0).
+        At most ``max_jobs`` are held: beyond, a newly unfinished job is written at once (the jobs
+        held are older, so nearer their outcome).
         """
         carry = self._carry
         if carry is None:
@@ -216,8 +218,8 @@ class Batch:
                     self.size += len(ids)
                 continue
             if kept is None:
-                if window_s <= 0:
-                    continue
+                if window_s <= 0 or len(carry) >= max_jobs:
+                    continue  # written now: the jobs already held are older, nearer their outcome
                 history = self._history[job_id]
                 carry[job_id] = Carried(now, queue_keys(row.queue).events, row, history)
             else:
@@ -234,7 +236,7 @@ class Batch:
         while carry:
             job_id = next(iter(carry))
             kept = carry[job_id]
-            if now - kept.born < window_s and len(carry) <= max_jobs:
+            if now - kept.born < window_s:
                 break
             del carry[job_id]
             self.rows[job_id] = kept.row
@@ -400,8 +402,9 @@ class Projector:
         coalesce_ms: When a read returns a small batch, how long to wait for more before writing.
         defer_ms: How long a job left unfinished by a batch is kept back, folded in memory, in case its
             outcome follows: a job that finishes within it is written once, as its final row (ADR 0020).
-            0 writes every batch's rows at once.
-        defer_max: Most jobs kept back at a time (about 1 KB each); beyond it the oldest are written at once.
+            A read that finds nothing (``block_ms`` of quiet) writes everything held at once. 0 writes
+            every batch's rows at once.
+        defer_max: Most jobs kept back at a time (about 1 KB each); beyond it new ones are written at once.
     """
 
     def __init__(
@@ -562,7 +565,11 @@ class Projector:
                     batch.add(self._streams[key], key, entries)
             await self._put(out, batch)
         elif carry:
-            await self._put(out, Batch(carry))
+            # A quiet stream: the outcomes are not coming soon, so what is held is written now (a
+            # waiting job shows in PostgreSQL after block_ms of quiet, not after the whole window).
+            batch = Batch(carry)
+            batch.settle(time.monotonic(), 0.0, 0)
+            await out.put(batch)
         else:
             # Idle: events past the retention still leave Redis (invariant 7), not only after the next batch.
             await self._trim(list(self._streams))
