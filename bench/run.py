@@ -974,6 +974,14 @@ FIGURES = [
         lambda c, b: None,
     ),
     Figure(
+        "  e2e B (--b-env), jobs/s (-> PG commit)",
+        ("e2e_b_jobs_per_s", "value"),
+        ("e2e_jobs_per_s", "value"),
+        "info (paired below)",
+        lambda c, b: None,
+    ),
+    Figure("  PG projection lag p99 of B, ms", ("projection_lag_b_ms", "p99"), None, "info", lambda c, b: None),
+    Figure(
         "  e2e with controls on (prio mix, 100 keys)",
         ("e2e_controls_jobs_per_s", "value"),
         ("e2e_jobs_per_s", "value"),
