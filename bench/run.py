@@ -68,6 +68,7 @@ CLK = os.sysconf("SC_CLK_TCK")
 POLL = 0.02
 ALL = (
     "e2e",
+    "e2e_b",
     "metrics_off",
     "tracing",
     "controls",
@@ -91,6 +92,24 @@ BULLMQ_NAMES = {
     "mem": "mem",
 }
 PG_SETTINGS = {"track_commit_timestamp": "on"}  # fsync and synchronous_commit stay at their durable defaults
+#: With --profile only: pg_stat_statements costs PostgreSQL a little on every statement.
+PG_PROFILE_SETTINGS = {
+    **PG_SETTINGS,
+    "shared_preload_libraries": "pg_stat_statements",
+    "pg_stat_statements.track": "all",
+}
+#: The CPU budget per job and process, end to end (bench/README.md, "CPU budget per job, per process"): what
+#: 2x BullMQ's e2e asks of two cores, split as the prototype's profile split it. Printed beside each figure.
+CPU_BUDGET_US = {
+    "results": 12.0,
+    "producer": 6.0,
+    "worker": 10.0,
+    "redis": 14.0,
+    "postgres": 16.0,
+    "driver": 6.0,
+    "bench": 1.0,
+}
+CPU_BUDGET_US["total"] = sum(CPU_BUDGET_US.values())
 SERVICES = ("producer", "worker", "results")
 
 
@@ -180,10 +199,11 @@ class Stack:
 
     workdir: Path
     worker: bool = True
-    #: Extra environment for the three services (metrics off, tracing on).
-    env_extra: dict[str, str] = field(default_factory=dict)
     retention_s: float | None = None
     concurrency: int = 50
+    #: Extra environment of every service (the B side of a paired comparison, --b-env).
+    extra_env: dict[str, str] = field(default_factory=dict)
+    profile: bool = False
     services: dict[str, Service] = field(default_factory=dict)
     redis_server: RedisServer | None = None
     pg_server: PostgresServer | None = None
@@ -204,7 +224,7 @@ class Stack:
     def start(self) -> None:
         self.redis_server = RedisServer(appendonly=True)
         self.redis_server.start()
-        self.pg_server = PostgresServer(settings=PG_SETTINGS)
+        self.pg_server = PostgresServer(settings=PG_PROFILE_SETTINGS if self.profile else PG_SETTINGS)
         self.pg_server.start(timeout=60)
         env = dict(
             os.environ,
@@ -213,7 +233,7 @@ class Stack:
             CONVEYOR_LOG_LEVEL="warning",
             CONVEYOR_LOG_FORMAT="json",
             PYTHONUNBUFFERED="1",
-            **self.env_extra,
+            **self.extra_env,
         )
         if self.retention_s is not None:
             env["CONVEYOR_RETENTION_SECONDS"] = str(self.retention_s)
@@ -229,6 +249,8 @@ class Stack:
             self._wait_healthy(s, 60.0)
         self.r = redis.Redis.from_url(self.redis_server.url, socket_timeout=30, socket_connect_timeout=5)
         self.db = psycopg.connect(self.pg_server.url, autocommit=True, connect_timeout=10)
+        if self.profile:
+            self.db.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
 
     def _spawn(self, name: str, env: dict[str, str], addr: str, **extra: str) -> None:
         log_path = self.workdir / f"{name}.log"
@@ -440,6 +462,93 @@ def driver_cleanup(d: Driver) -> Iterator[Driver]:
             d.err.close()
 
 
+def parse_env(spec: str | None) -> dict[str, str]:
+    """``KEY=VALUE,KEY=VALUE`` as a dict (--b-env)."""
+    out: dict[str, str] = {}
+    for item in (spec or "").split(","):
+        if item.strip():
+            key, sep, value = item.strip().partition("=")
+            if not sep:
+                raise BenchError(f"--b-env: {item!r} is not KEY=VALUE")
+            out[key] = value
+    return out
+
+
+def pg_counters(st: Stack, reset: bool = False) -> dict[str, Any]:
+    """WAL position and the database's commit and tuple counters, to diff around a measurement
+    (``reset``: also start pg_stat_statements afresh, with --profile)."""
+    assert st.db is not None
+    if st.profile and reset:
+        st.db.execute("SELECT pg_stat_statements_reset()")
+    st.db.execute("SELECT pg_stat_clear_snapshot()")
+    row = st.db.execute(
+        "SELECT pg_current_wal_lsn()::text, xact_commit, tup_inserted, tup_updated, tup_deleted"
+        " FROM pg_stat_database WHERE datname = current_database()"
+    ).fetchone()
+    assert row is not None
+    return dict(zip(("lsn", "commits", "inserted", "updated", "deleted"), row, strict=True))
+
+
+def pg_per_job(st: Stack, before: dict[str, Any], after: dict[str, Any], n: int) -> dict[str, Any]:
+    """PostgreSQL's work per job between two pg_counters: WAL bytes, rows written, commits; with --profile,
+    the statements that cost most (pg_stat_statements: calls, ms and WAL bytes per job)."""
+    assert st.db is not None
+    row = st.db.execute("SELECT pg_wal_lsn_diff(%s, %s)", (after["lsn"], before["lsn"])).fetchone()
+    assert row is not None
+    # pg_stat_database counters are sent by the backends when their transactions end, not at once
+    # (stats_fetch_consistency); they lag by at most a second or so, hence "about".
+    out: dict[str, Any] = {
+        "wal_bytes": round(float(row[0]) / n, 1),
+        "commits": after["commits"] - before["commits"],
+        "tuples_inserted": round((after["inserted"] - before["inserted"]) / n, 2),
+        "tuples_updated": round((after["updated"] - before["updated"]) / n, 2),
+    }
+    if st.profile:
+        stmts = st.db.execute(
+            "SELECT regexp_replace(left(query, 90), '\\s+', ' ', 'g'), calls, total_exec_time, wal_bytes, rows"
+            " FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 8"
+        ).fetchall()
+        out["statements"] = [
+            {"query": q, "calls": c, "exec_us_per_job": round(t * 1000 / n, 2),
+             "wal_bytes_per_job": round(float(w) / n, 1), "rows_per_job": round(r / n, 2)}
+            for q, c, t, w, r in stmts
+        ]  # fmt: skip
+    return out
+
+
+def start_profiles(st: Stack, outdir: str | None, label: str) -> list[tuple[str, subprocess.Popen[bytes], Path]]:
+    """With --profile DIR: py-spy record (collapsed stacks, 250 Hz) of each Python service until stop_profiles."""
+    if not outdir:
+        return []
+    spy = Path(PY).with_name("py-spy")
+    if not spy.exists():
+        raise BenchError(f"--profile needs py-spy beside {PY} (make venv installs it with the dev group)")
+    Path(outdir).mkdir(parents=True, exist_ok=True)
+    spies = []
+    for name, s in st.services.items():
+        path = Path(outdir) / f"{label}-{name}.txt"
+        proc = subprocess.Popen(
+            [str(spy), "record", "--pid", str(s.proc.pid), "--rate", "250", "--format", "raw", "--output", str(path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        spies.append((name, proc, path))
+    time.sleep(0.3)  # py-spy attaches before the load starts
+    return spies
+
+
+def stop_profiles(spies: list[tuple[str, subprocess.Popen[bytes], Path]]) -> dict[str, str]:
+    for _, proc, _ in spies:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+    for _, proc, _ in spies:
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return {name: str(path) for name, _, path in spies}
+
+
 def cpu_report(before: dict[str, int], after: dict[str, int], driver_cpu: float, bench_cpu: float, n: int) -> dict:
     cpu = {k: (after[k] - before[k]) / CLK for k in before}
     cpu["driver"] = driver_cpu
@@ -531,7 +640,7 @@ class Bench:
 
     def metrics_off(self) -> list[dict]:
         """e2e with every service's /metrics off (CONVEYOR_METRICS_ADDR=off): paired with e2e (metrics on)."""
-        rows = self.e2e(env={"CONVEYOR_METRICS_ADDR": "off"})
+        rows = self.e2e(extra_env={"CONVEYOR_METRICS_ADDR": "off"}, tag="metrics-off")
         return [dict(rows[0], metric="e2e_metrics_off_jobs_per_s")]
 
     def tracing(self) -> list[dict]:
@@ -543,16 +652,25 @@ class Bench:
                 "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{sink.addr}",
                 "OTEL_EXPORTER_OTLP_INSECURE": "true",
             }
-            rows = self.e2e(env=env)
+            rows = self.e2e(extra_env=env, tag="tracing")
             # The services flush their batches at exit (the stack is stopped by now).
             with contextlib.suppress(BenchError):
                 wait_until(lambda: sink.spans >= 3 * self.a.n, "spans", 30, 0.1)
             spans = sink.spans
         return [dict(rows[0], metric="e2e_tracing_jobs_per_s", spans_exported=spans)]
 
-    def e2e(self, controls: bool = False, env: dict[str, str] | None = None) -> list[dict]:
+    def e2e_b(self) -> list[dict]:
+        """e2e with --b-env added to every service's environment: the B side of a paired before/after."""
+        rows = self.e2e(extra_env=parse_env(self.a.b_env), tag="b")
+        return [
+            dict(rows[0], metric="e2e_b_jobs_per_s", b_env=self.a.b_env),
+            dict(rows[1], metric="projection_lag_b_ms"),
+        ]
+
+    def e2e(self, controls: bool = False, extra_env: dict[str, str] | None = None, tag: str = "a") -> list[dict]:
         n = self.a.n
-        with self.stack(worker=True, env_extra=env or {}) as st:
+        env = parse_env(self.a.a_env) if extra_env is None else extra_env
+        with self.stack(worker=True, extra_env=env, profile=bool(self.a.profile)) as st:
             warm = st.warmup(100)
             extra: tuple[str, ...] = ()
             if controls:
@@ -561,6 +679,8 @@ class Bench:
             time.sleep(0.5)  # idle and ready: the worker is blocked waiting for work
             assert st.r is not None
             st.r.config_resetstat()
+            pg0 = pg_counters(st, reset=True)
+            spies = start_profiles(st, self.a.profile, f"{'controls' if controls else 'e2e'}-{tag}-{self.count:02d}")
             cpu0, bench0 = st.cpu_ticks(), time.process_time()
             metrics_on = (env or {}).get("CONVEYOR_METRICS_ADDR") != "off"
             with (
@@ -572,6 +692,8 @@ class Bench:
                 t_seen = st.wait_committed(warm + n, timeout=300)
                 cpu1, bench1 = st.cpu_ticks(), time.process_time()
                 res = d.result(60)
+            profiles = stop_profiles(spies)
+            pg_calls = pg_per_job(st, pg0, pg_counters(st), n)
             redis_calls = redis_commands(st.r, n)
             t0 = res["t0"]
             assert st.db is not None
@@ -608,6 +730,9 @@ class Bench:
             "lost": n - done,
             "scrapes": scraper.scrapes,
             "redis_per_job": redis_calls,
+            "pg_per_job": pg_calls,
+            **({"a_env": self.a.a_env} if self.a.a_env and extra_env is None else {}),
+            **({"profiles": profiles} if profiles else {}),
             **cpu_report(cpu0, cpu1, res["cpu_s"], bench1 - bench0, n),
         }
         lag = {
@@ -958,6 +1083,14 @@ FIGURES = [
         lambda c, b: None,
     ),
     Figure(
+        "  e2e B (--b-env), jobs/s (-> PG commit)",
+        ("e2e_b_jobs_per_s", "value"),
+        ("e2e_jobs_per_s", "value"),
+        "info (paired below)",
+        lambda c, b: None,
+    ),
+    Figure("  PG projection lag p99 of B, ms", ("projection_lag_b_ms", "p99"), None, "info", lambda c, b: None),
+    Figure(
         "  e2e with controls on (prio mix, 100 keys)",
         ("e2e_controls_jobs_per_s", "value"),
         ("e2e_jobs_per_s", "value"),
@@ -1121,6 +1254,47 @@ def print_pairs(rows: list[dict]) -> None:
         )
 
 
+def b_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """Per repetition with both: (e2e row, e2e_b row)."""
+    by_rep: dict[int, dict[str, dict]] = {}
+    for r in rows:
+        if r.get("peer") == "conveyor" and r.get("metric") in ("e2e_jobs_per_s", "e2e_b_jobs_per_s"):
+            by_rep.setdefault(r["rep"], {})[r["metric"]] = r
+    return [(g["e2e_jobs_per_s"], g["e2e_b_jobs_per_s"]) for g in by_rep.values() if len(g) == 2]
+
+
+def print_b_pairs(rows: list[dict]) -> None:
+    pairs = b_pairs(rows)
+    if not pairs:
+        return
+    lags = {(r["rep"], r["metric"]): r for r in rows if r.get("metric") in ("projection_lag_ms", "projection_lag_b_ms")}
+
+    def med(f: Callable[[dict, dict], float]) -> str:
+        xs = [f(a, b) for a, b in pairs]
+        return f"{statistics.median(xs):6.3f}  ({min(xs):.2f}-{max(xs):.2f})"
+
+    b_env, a_env = pairs[0][1].get("b_env"), pairs[0][0].get("a_env") or "defaults"
+    print(f"\nB ({b_env}) / A ({a_env}), paired by repetition ({len(pairs)} pairs): median (min-max) of ratios")
+    print(f"  e2e throughput          {med(lambda a, b: b['value'] / a['value'])}")
+    for name in pairs[0][0]["cpu_us_per_job"]:
+        ratio = med(lambda a, b, k=name: b["cpu_us_per_job"][k] / max(a["cpu_us_per_job"][k], 1e-9))
+        print(f"  CPU/job {name:16s}{ratio}"
+              f"   A {statistics.median(a['cpu_us_per_job'][name] for a, _ in pairs):7.1f}"
+              f"  B {statistics.median(b['cpu_us_per_job'][name] for _, b in pairs):7.1f} us/job")  # fmt: skip
+    for key in ("wal_bytes", "tuples_inserted", "tuples_updated"):
+        print(f"  PG {key:21s}{med(lambda a, b, k=key: b['pg_per_job'][k] / max(a['pg_per_job'][k], 1e-9))}"
+              f"   A {statistics.median(a['pg_per_job'][key] for a, _ in pairs):7.1f}"
+              f"  B {statistics.median(b['pg_per_job'][key] for _, b in pairs):7.1f} per job")  # fmt: skip
+    lag_pairs = [
+        (lags[(a["rep"], "projection_lag_ms")]["p99"], lags[(b["rep"], "projection_lag_b_ms")]["p99"])
+        for a, b in pairs
+        if (a["rep"], "projection_lag_ms") in lags and (b["rep"], "projection_lag_b_ms") in lags
+    ]
+    if lag_pairs:
+        print(f"  projection lag p99 ms   A {statistics.median(x for x, _ in lag_pairs):7.0f}"
+              f"  B {statistics.median(y for _, y in lag_pairs):7.0f}")  # fmt: skip
+
+
 def print_table(rows: list[dict], with_bullmq: bool) -> None:
     header = f"{'figure':41s} {'Conveyor':>10s} {'(min-max)':>19s} {'BullMQ':>10s} {'ratio':>7s}  {'target':24s} result"
     print("\nMedians over repetitions (Conveyor min-max in brackets); ratio = Conveyor / BullMQ, same run")
@@ -1155,6 +1329,7 @@ def print_table(rows: list[dict], with_bullmq: bool) -> None:
     if any(r.get("metric") == "e2e_metrics_off_jobs_per_s" for r in rows):
         print()
         print_pairs(rows)
+    print_b_pairs(rows)
     pairs = controls_pairs(rows)
     if pairs:
         speed, cpu = [r for r, _ in pairs], [c for _, c in pairs]
@@ -1180,14 +1355,25 @@ def print_table(rows: list[dict], with_bullmq: bool) -> None:
 
     e2e = [r for r in rows if r.get("peer") == "conveyor" and r.get("metric") == "e2e_jobs_per_s" and "cpu_s" in r]
     if e2e:
-        print("\nCPU during end to end (median over repetitions): seconds, and us of CPU per job")
+        print("\nCPU during end to end (median over repetitions): seconds, us of CPU per job, and the budget")
+        print('(bench/README.md, "CPU budget per job, per process": what 2x BullMQ asks of two cores)')
         names = list(e2e[0]["cpu_s"])
         total_us = statistics.median(r["cpu_us_per_job"]["total"] for r in e2e)
         for name in names:
             s = statistics.median(r["cpu_s"][name] for r in e2e)
             us = statistics.median(r["cpu_us_per_job"][name] for r in e2e)
-            share = f"{us / total_us * 100:5.1f} %" if total_us and name != "total" else ""
-            print(f"  {name:10s} {s:8.2f} s {us:9.1f} us/job  {share}")
+            share = f"{us / total_us * 100:5.1f} %" if total_us and name != "total" else "       "
+            budget = CPU_BUDGET_US.get(name)
+            over = f"budget {budget:5.1f} us  ({us / budget:4.1f}x)" if budget else ""
+            print(f"  {name:10s} {s:8.2f} s {us:9.1f} us/job  {share}  {over}")
+        pg = [r["pg_per_job"] for r in e2e if "pg_per_job" in r]
+        if pg:
+            print(
+                f"  PostgreSQL per job: {statistics.median(x['wal_bytes'] for x in pg):.0f} WAL bytes, "
+                f"{statistics.median(x['tuples_inserted'] for x in pg):.2f} tuples inserted, "
+                f"{statistics.median(x['tuples_updated'] for x in pg):.2f} updated; "
+                f"{statistics.median(x['commits'] for x in pg):.0f} commits in all"
+            )
         walls = statistics.median(r["committed_s"] for r in e2e)
         print(f"  wall      {walls:8.2f} s   (first enqueue -> last commit); {os.cpu_count()} CPUs")
 
@@ -1237,6 +1423,22 @@ def main() -> int:
     ap.add_argument("--latency-s", type=float, default=10.0, help="duration of the 200 jobs/s latency run")
     ap.add_argument("--keep", action="store_true", help="keep the logs directory")
     ap.add_argument(
+        "--a-env",
+        default="",
+        help="e2e and controls: KEY=VALUE[,KEY=VALUE] added to every service's environment (the A side)",
+    )
+    ap.add_argument(
+        "--b-env",
+        default="",
+        help="e2e_b: KEY=VALUE[,KEY=VALUE] added to every service's environment, paired with e2e per repetition",
+    )
+    ap.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="e2e: py-spy record every Python service into DIR (collapsed stacks) and read pg_stat_statements "
+        "(slows what it watches: for where the CPU goes, not for speed figures)",
+    )
+    ap.add_argument(
         "--watch-drivers", type=int, default=1, help="watch: client processes sharing the 1,000 streams (default 1)"
     )
     a = ap.parse_args()
@@ -1247,6 +1449,8 @@ def main() -> int:
     bad = [w for w in only if w not in ALL]
     if bad:
         ap.error(f"unknown figures {bad}; choose from {','.join(ALL)}")
+    if "e2e_b" in only and not a.b_env:
+        ap.error("e2e_b needs --b-env KEY=VALUE[,...]")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
 
@@ -1277,10 +1481,11 @@ def main() -> int:
                     failures += 1
                     emit({"metric": "error", "peer": "bullmq-node", "rep": rep, "error": str(exc)})
             order = list(only)
-            if rep % 2 and "e2e" in order and "controls" in order:
-                # Paired figures alternate which goes first, so a drift of the machine favours neither.
-                i, j = order.index("e2e"), order.index("controls")
-                order[i], order[j] = order[j], order[i]
+            for other in ("controls", "e2e_b"):
+                if rep % 2 and "e2e" in order and other in order:
+                    # Paired figures alternate which goes first, so a drift of the machine favours neither.
+                    i, j = order.index("e2e"), order.index(other)
+                    order[i], order[j] = order[j], order[i]
             paired = [w for w in order if w in ("e2e", "metrics_off", "tracing")]
             if len(paired) > 1:
                 # The same for e2e with metrics on / off / tracing: each goes first in turn.

@@ -7,7 +7,7 @@ import json
 from conveyor.common.defaults import DEFAULT_RETRY
 from conveyor.common.ids import ulid_time_ms
 from conveyor.common.keys import queue_keys
-from conveyor.results.projector import Batch
+from conveyor.results.projector import Batch, Carry
 from conveyor.results.store import unpack_events
 from conveyor.v1 import event_pb2, job_pb2
 from tests.unit.results.builders import BASE_S, JobHistory, stored
@@ -201,3 +201,96 @@ def test_finished_names_each_final_job_with_its_final_event_id() -> None:
     batch = fold([*done.lifecycle(), done.progress(9, 99.0), running.queued(0), running.active(1)])
     batch.finish()
     assert batch.finished() == {"default": [(done.job_id.rpartition("/")[2], "1003-1")]}
+
+
+# -- keeping back unfinished jobs for their outcome (ADR 0020) -----------------------------------------
+
+
+def test_a_job_left_unfinished_is_kept_back_with_its_history_and_entry_ids() -> None:
+    waiting, done = JobHistory(), JobHistory()
+    carry: Carry = {}
+    batch = Batch(carry)
+    batch.add("default", STREAM, entries([waiting.queued(0), done.queued(0), done.active(1), done.succeeded(2, "ok")]))
+    batch.settle(now=100.0, window_s=1.0, max_jobs=100)
+
+    # The finished job is written now, alone; the waiting one is kept back whole, nothing of it acked.
+    assert [r.job_id for r in batch.finish()] == [done.job_id]
+    assert {e[0] for e in history(batch)} == {done.job_id}
+    assert batch.acks == {STREAM: [b"1001-1", b"1002-0", b"1003-1"]}
+    assert batch.size == 3
+    assert list(carry) == [waiting.job_id]
+    assert carry[waiting.job_id].born == 100.0 and carry[waiting.job_id].row.state == job_pb2.JOB_STATE_QUEUED
+    assert batch.finished() == {"default": [(done.job_id.rpartition("/")[2], "1003-1")]}
+
+
+def test_a_kept_job_that_finishes_in_a_later_read_is_written_once_as_its_final_row() -> None:
+    job, other = JobHistory(payload={"a": 1}), JobHistory()
+    carry: Carry = {}
+    first = Batch(carry)
+    first.add("default", STREAM, entries([job.queued(0)], start_ms=1000))
+    first.settle(now=100.0, window_s=1.0, max_jobs=100)
+    assert not first  # nothing left to write or ack now
+
+    second = Batch(carry)
+    second.add("default", STREAM, entries([job.active(1), other.queued(0)], start_ms=2000))
+    second.settle(now=100.3, window_s=1.0, max_jobs=100)
+    assert not second and list(carry) == [job.job_id, other.job_id]
+    assert carry[job.job_id].born == 100.0  # kept since it was first left unfinished
+
+    third = Batch(carry)
+    third.add("default", STREAM, entries([job.succeeded(2, "ok")], start_ms=3000))
+    third.settle(now=100.6, window_s=1.0, max_jobs=100)
+    assert list(carry) == [other.job_id]
+    (row,) = third.finish()
+    assert row.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert row.type == "demo.echo" and json.loads(row.payload or "") == {"a": 1}  # from the QUEUED event
+    assert (row.queued_ms, row.queued_seq) == (1000, 0) and (row.last_ms, row.last_seq) == (3000, 0)
+    assert len(third.events) == 1  # one history row holding all three events
+    assert [e[1:4] for e in history(third)] == [
+        (1000, 0, event_pb2.EVENT_TYPE_QUEUED),
+        (2000, 0, event_pb2.EVENT_TYPE_ACTIVE),
+        (3000, 0, event_pb2.EVENT_TYPE_SUCCEEDED),
+    ]
+    assert sorted(third.acks[STREAM]) == [b"1000-0", b"2000-0", b"3000-0"] and third.size == 3
+
+
+def test_a_kept_job_is_written_unfinished_once_its_window_ends() -> None:
+    job, later = JobHistory(), JobHistory()
+    carry: Carry = {}
+    first = Batch(carry)
+    first.add("default", STREAM, entries([job.queued(0)], start_ms=1000))
+    first.settle(now=100.0, window_s=1.0, max_jobs=100)
+    second = Batch(carry)
+    second.add("default", STREAM, entries([job.active(1), later.queued(0)], start_ms=2000))
+    second.settle(now=100.5, window_s=1.0, max_jobs=100)
+
+    due = Batch(carry)  # nothing read: the window of the first job ended
+    due.settle(now=101.0, window_s=1.0, max_jobs=100)
+    (row,) = due.finish()
+    assert row.job_id == job.job_id and row.state == job_pb2.JOB_STATE_ACTIVE
+    assert due.acks == {STREAM: [b"1000-0", b"2000-0"]} and due.size == 2
+    assert list(carry) == [later.job_id]
+
+
+def test_keeping_back_is_bounded_and_off_at_zero() -> None:
+    jobs = [JobHistory() for _ in range(5)]
+    carry: Carry = {}
+    batch = Batch(carry)
+    batch.add("default", STREAM, entries([j.queued(0) for j in jobs]))
+    batch.settle(now=1.0, window_s=1.0, max_jobs=2)
+    assert list(carry) == [jobs[0].job_id, jobs[1].job_id]  # the oldest kept back (nearest their outcome)
+    assert [r.job_id for r in batch.finish()] == [j.job_id for j in jobs[2:]]
+    assert batch.size == 3
+
+    carry = {}
+    batch = Batch(carry)
+    batch.add("default", STREAM, entries([j.queued(0) for j in jobs]))
+    batch.settle(now=1.0, window_s=0.0, max_jobs=100)
+    assert not carry and len(batch.finish()) == 5
+
+
+def test_a_batch_without_a_carry_keeps_nothing_back() -> None:
+    job = JobHistory()
+    batch = fold([job.queued(0)])
+    batch.settle(now=1.0, window_s=1.0, max_jobs=100)
+    assert [r.job_id for r in batch.finish()] == [job.job_id] and batch.acks == {STREAM: [b"1000-0"]}

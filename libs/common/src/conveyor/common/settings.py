@@ -304,6 +304,11 @@ class ResultsSettings(CommonSettings):
     #: How often the prune loop runs, and most rows it deletes per statement.
     prune_interval_s: float = 600.0
     prune_batch: int = 1000
+    #: How long the projector keeps back a job a batch leaves unfinished, so that a job finishing
+    #: within it is written once, as its final row (ADR 0020); 0 writes every batch at once.
+    projection_defer_ms: int = 10_000
+    #: Most jobs kept back at once (about 1 KB of memory each); beyond it new ones are written at once.
+    projection_defer_max: int = 20_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ResultsSettings:
@@ -317,4 +322,6 @@ class ResultsSettings(CommonSettings):
             pg_retention_days=e.number("CONVEYOR_PG_RETENTION_DAYS", 30.0),
             prune_interval_s=e.number("CONVEYOR_PG_PRUNE_INTERVAL_SECONDS", 600.0, minimum=0.1),
             prune_batch=e.integer("CONVEYOR_PG_PRUNE_BATCH", 1000, minimum=1),
+            projection_defer_ms=e.integer("CONVEYOR_PROJECTION_DEFER_MS", 10_000, minimum=0),
+            projection_defer_max=e.integer("CONVEYOR_PROJECTION_DEFER_MAX", 20_000, minimum=0),
         )

@@ -46,6 +46,8 @@ async def run() -> None:
         consumer=consumer,
         batch_size=settings.batch_size,
         retention_s=settings.retention_s,
+        defer_ms=settings.projection_defer_ms,
+        defer_max=settings.projection_defer_max,
         supervisor=supervisor,
     )
 

@@ -41,6 +41,8 @@ from conveyor.v1 import event_pb2, job_pb2
 
 log = structlog.get_logger("conveyor.results.projector")
 
+#: How long a job left unfinished by a batch is kept back for its outcome (ADR 0020; CONVEYOR_PROJECTION_DEFER_MS).
+DEFAULT_DEFER_MS = 10_000
 #: How much longer than its BLOCK time one XREADGROUP may take before the connection is presumed dead.
 READ_GRACE_S = 10.0
 
@@ -80,18 +82,41 @@ def _entry_fields(fields: Any) -> tuple[bytes | None, bytes | None]:
     return data, ulid
 
 
+class Carried:
+    """A job a batch left unfinished, kept back for its outcome (ADR 0020): its folded row and history so far."""
+
+    __slots__ = ("born", "held", "history", "row", "stream")
+
+    def __init__(self, born: float, stream: str, row: JobRow, history: list[Any]) -> None:
+        self.born = born
+        self.stream = stream
+        self.row = row
+        #: As Batch._history: [first_ms, first_seq, last_ms, last_seq, entry ids, records...].
+        self.history = history
+        #: How many of the entry ids are held back (not acked by any batch yet): the first ``held``.
+        self.held = len(history[4])
+
+
+#: job id -> the job kept back, oldest first (insertion order is the order they were kept back in).
+Carry = dict[str, Carried]
+
+
 class Batch:
     """Entries read together: their folded job rows, their history rows, and the ids to ack per stream.
 
     ``events`` (one job_events row per job, see store.HistoryRow) is filled by ``finish``.
+    Given the projector's ``carry`` (ADR 0020), a job kept back by an earlier batch is folded on
+    top of what was kept: its row and history are the carried ones, updated in place; ``settle``
+    then decides what is written now and what stays back.
     """
 
-    __slots__ = ("_history", "acks", "events", "malformed", "rows", "size", "traces")
+    __slots__ = ("_carry", "_history", "acks", "events", "malformed", "rows", "size", "traces")
 
-    def __init__(self) -> None:
+    def __init__(self, carry: Carry | None = None) -> None:
         self.rows: dict[str, JobRow] = {}
-        #: job id -> [first_ms, first_seq, last_ms, last_seq, packed records...]
+        #: job id -> [first_ms, first_seq, last_ms, last_seq, [entry ids], packed records...]
         self._history: dict[str, list[Any]] = {}
+        self._carry = carry
         self.events: list[HistoryRow] = []
         self.acks: dict[str, list[bytes]] = {}
         #: Entries that are not a JobEvent of a job: set aside with the batch, never dropped.
@@ -142,9 +167,15 @@ class Batch:
             raise ValueError("event without job id")
         record = pack_event(ms, seq, data)
         history = self._history.get(job_id)
+        if history is None and self._carry and job_id in self._carry:
+            # Kept back by an earlier batch: fold on top of what was kept.
+            kept = self._carry[job_id]
+            history = self._history[job_id] = kept.history
+            self.rows[job_id] = kept.row
         if history is None:
-            self._history[job_id] = [ms, seq, ms, seq, record]
+            self._history[job_id] = [ms, seq, ms, seq, [entry_id], record]
         else:
+            history[4].append(entry_id)
             if (ms, seq) < (history[0], history[1]):
                 history[0], history[1] = ms, seq
             if (ms, seq) > (history[2], history[3]):
@@ -164,6 +195,61 @@ class Batch:
         if tracing.tracer is not None and etype in FINAL_EVENTS and event.job.traceparent:
             self.traces.append((job_id, queue, event.job.traceparent, event.job.tracestate))
 
+    def __bool__(self) -> bool:
+        return bool(self.size or self.rows or self._history or self.malformed)
+
+    def settle(self, now: float, window_s: float, max_jobs: int) -> None:
+        """Keep back the jobs this batch leaves unfinished, and write those kept back long enough (ADR 0020).
+
+        A job first left unfinished less than ``window_s`` ago stays in the carry, with its history
+        and its entry ids: nothing of it is committed or acked with this batch, so that a job whose
+        outcome follows within the window is written once, as its final row, instead of a QUEUED
+        row now and an UPDATE later. A carried job that finished here leaves the carry and is
+        written; carried jobs whose window ended join this batch (all of them with ``window_s`` 0).
+        At most ``max_jobs`` are held: beyond, a newly unfinished job is written at once (the jobs
+        held are older, so nearer their outcome).
+        """
+        carry = self._carry
+        if carry is None:
+            return
+        held: set[bytes] = set()
+        for job_id, row in list(self.rows.items()):
+            kept = carry.get(job_id)
+            if row.state in FINAL_STATES:
+                if kept is not None:  # finished now: written with what was held back, and acked with it
+                    del carry[job_id]
+                    ids = kept.history[4][: kept.held]
+                    self.acks.setdefault(kept.stream, []).extend(ids)
+                    self.size += len(ids)
+                continue
+            if kept is None:
+                if window_s <= 0 or len(carry) >= max_jobs:
+                    continue  # written now: the jobs already held are older, nearer their outcome
+                history = self._history[job_id]
+                carry[job_id] = Carried(now, queue_keys(row.queue).events, row, history)
+            else:
+                history = kept.history  # the same list, updated in place by this batch's events
+                kept.held = len(history[4])
+            del self.rows[job_id]
+            del self._history[job_id]
+            held.update(history[4])
+        if held:
+            for stream, ids in self.acks.items():
+                keep = [i for i in ids if i not in held]
+                self.size -= len(ids) - len(keep)
+                self.acks[stream] = keep
+        while carry:
+            job_id = next(iter(carry))
+            kept = carry[job_id]
+            if now - kept.born < window_s:
+                break
+            del carry[job_id]
+            self.rows[job_id] = kept.row
+            self._history[job_id] = kept.history
+            ids = kept.history[4]
+            self.acks.setdefault(kept.stream, []).extend(ids)
+            self.size += len(ids)
+
     def finished(self) -> dict[str, list[tuple[str, str]]]:
         """Queue -> (ULID, final event id) of the jobs this batch leaves final (projected or set aside)."""
         out: dict[str, list[tuple[str, str]]] = {}
@@ -182,7 +268,7 @@ class Batch:
                 parsed = parse_job_id(row.job_id)
                 row.created_us = ulid_time_ms(parsed[1]) * 1000 if parsed else row.updated_us
         self.events = [
-            (job_id, h[0], h[1], h[2], h[3], h[4] if len(h) == 5 else b"".join(h[4:]))
+            (job_id, h[0], h[1], h[2], h[3], h[5] if len(h) == 6 else b"".join(h[5:]))
             for job_id, h in self._history.items()
         ]
         return rows
@@ -352,6 +438,11 @@ class Projector:
         refresh_s: How often the set of queues is re-read.
         block_ms: Longest wait of one XREADGROUP (bounds how long stopping takes).
         coalesce_ms: When a read returns a small batch, how long to wait for more before writing.
+        defer_ms: How long a job left unfinished by a batch is kept back, folded in memory, in case its
+            outcome follows: a job that finishes within it is written once, as its final row (ADR 0020).
+            A read that finds nothing (``block_ms`` of quiet) writes everything held at once. 0 writes
+            every batch's rows at once.
+        defer_max: Most jobs kept back at a time (about 1 KB each); beyond it new ones are written at once.
     """
 
     def __init__(
@@ -369,6 +460,8 @@ class Projector:
         refresh_s: float = 2.0,
         block_ms: int = 1000,
         coalesce_ms: int = 10,
+        defer_ms: int = DEFAULT_DEFER_MS,
+        defer_max: int = 20_000,
         supervisor: Supervisor | None = None,
     ) -> None:
         self._redis = redis
@@ -386,6 +479,10 @@ class Projector:
         self._reread_pending = False
         self._block_ms = block_ms
         self._coalesce_s = coalesce_ms / 1000
+        self._defer_s = defer_ms / 1000
+        self._defer_max = defer_max
+        #: Jobs kept back for their outcome (ADR 0020), oldest first; the next reads fold into them.
+        self._carry: Carry = {}
         #: stream key -> queue name, for every queue whose group is known to exist.
         self._streams: dict[str, str] = {}
         self._refreshed_at = -1e9
@@ -405,6 +502,7 @@ class Projector:
         # A restart (the Supervisor's, after a bug) re-reads this consumer's pending entries first.
         self._streams.clear()
         self._refreshed_at = self._claimed_at = -1e9
+        self._carry.clear()  # its entries are pending for this consumer: re-read below
         reader = asyncio.create_task(self._read(stop, batches), name="results-reader")
         log.info("projector_started", consumer=self.consumer)
         try:
@@ -450,12 +548,19 @@ class Projector:
         except BaseException:
             await out.put(None)  # a bug: the writer finishes what is queued, then run() re-raises this
             raise
-        # Stopping: the end marker waits behind the batches in flight, which the writer commits and acks.
+        # Stopping: the deferred jobs are written as they are, and the end marker waits behind the
+        # batches in flight, which the writer commits and acks.
+        if self._carry:
+            batch = Batch(self._carry)
+            batch.settle(time.monotonic(), 0.0, 0)
+            await out.put(batch)
         await out.put(None)
 
     async def _read_once(self, out: asyncio.Queue[Batch | None]) -> None:
         now = time.monotonic()
         if self._reread_pending:
+            # The held-back jobs' entries are pending for this consumer too: the re-read brings them back.
+            self._carry.clear()
             for stream, queue in list(self._streams.items()):
                 await self._read_pending(queue, stream, out)
             self._reread_pending = False
@@ -472,27 +577,46 @@ class Projector:
             return
         # The blocking client has no socket timeout; a connection that died silently must not hang
         # the reader forever. Entries lost in flight stay pending and are claimed back later.
-        async with asyncio.timeout(self._block_ms / 1000 + READ_GRACE_S):
+        block_ms = self._block_ms
+        carry = self._carry
+        if carry:
+            # Held-back jobs are written once their window ends, whether or not anything else arrives.
+            due = carry[next(iter(carry))].born + self._defer_s - time.monotonic()
+            block_ms = max(1, min(block_ms, int(due * 1000) + 1))
+        async with asyncio.timeout(block_ms / 1000 + READ_GRACE_S):
             reply = await _xreadgroup(
-                self._blocking, self.consumer, self._streams, ">", self._batch_size, block=self._block_ms
+                self._blocking, self.consumer, self._streams, ">", self._batch_size, block=block_ms
             )
         if reply:
-            batch = Batch()
+            batch = Batch(carry)
             for stream, entries in reply:
                 key = stream.decode()
                 batch.add(self._streams[key], key, entries)
-            if batch.size < self._batch_size // 4 and self._coalesce_s > 0:
+            read = batch.size
+            if read < self._batch_size // 4 and self._coalesce_s > 0:
                 # Events are trickling in (one Enqueue at a time): a commit per handful of events
                 # costs a WAL flush each. Wait a moment for more and write them together.
                 await asyncio.sleep(self._coalesce_s)
-                more = await _xreadgroup(self._redis, self.consumer, self._streams, ">", self._batch_size - batch.size)
+                more = await _xreadgroup(self._redis, self.consumer, self._streams, ">", self._batch_size - read)
                 for stream, entries in more:
                     key = stream.decode()
                     batch.add(self._streams[key], key, entries)
+            await self._put(out, batch)
+        elif carry:
+            # A quiet stream: the outcomes are not coming soon, so what is held is written now (a
+            # waiting job shows in PostgreSQL after block_ms of quiet, not after the whole window).
+            batch = Batch(carry)
+            batch.settle(time.monotonic(), 0.0, 0)
             await out.put(batch)
         else:
             # Idle: events past the retention still leave Redis (invariant 7), not only after the next batch.
             await self._trim(list(self._streams))
+
+    async def _put(self, out: asyncio.Queue[Batch | None], batch: Batch) -> None:
+        """Hand ``batch`` to the writer, less the jobs kept back for their outcome (ADR 0020)."""
+        batch.settle(time.monotonic(), self._defer_s, self._defer_max)
+        if batch:
+            await out.put(batch)
 
     async def _discover(self) -> list[tuple[str, str]]:
         """Re-read the queue set; create group ``results`` on new queues' streams. Returns the new (stream, queue)."""
