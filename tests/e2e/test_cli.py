@@ -204,7 +204,7 @@ def test_jobs_where_on_payload_fields_and_labels(cli: Cli) -> None:
         return {j["id"] for j in page.get("jobs", [])}
 
     # The payload reaches PostgreSQL with the outcome: wait until both are recorded.
-    wait_until(lambda: ids() == {gold, silver}, "both jobs recorded with their payloads")
+    wait_until(lambda: ids() == {gold, silver}, "both jobs recorded with their payloads", within=60)
     assert ids("--where", "customer.id=42") == {gold}
     assert ids("-w", "customer.tier!=gold") == {silver}
     assert ids("--where", "total>=100") == {gold}
