@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions as ec
@@ -38,9 +39,24 @@ def listed(stack: Stack, queue: str, *filters: str) -> set[str]:
 
 
 def confirm(browser: WebDriver, expected: str, ok: bool = True) -> None:
-    dialog = wait(browser).until(ec.visibility_of_element_located((By.ID, "confirm")))
-    assert expected in dialog.text, dialog.text
-    browser.find_element(By.ID, "confirm-ok" if ok else "confirm-cancel").click()
+    # Found again on every poll: the page redraws while the dialog opens, and a node read once can be
+    # detached by then (Chrome: "Node with given id does not belong to the document").
+    def asking(driver: WebDriver) -> bool:
+        try:
+            dialog = driver.find_element(By.ID, "confirm")
+            return dialog.is_displayed() and expected in dialog.text
+        except WebDriverException:
+            return False
+
+    def answered(driver: WebDriver) -> bool:
+        try:
+            driver.find_element(By.ID, "confirm-ok" if ok else "confirm-cancel").click()
+        except WebDriverException:
+            return False  # detached before the click landed: nothing was clicked, find it again
+        return True
+
+    wait(browser).until(asking, f"the confirmation asking {expected!r}")
+    wait(browser).until(answered, "the confirmation's button to take the click")
     wait(browser).until(ec.invisibility_of_element_located((By.ID, "confirm")))
 
 
