@@ -7,6 +7,7 @@ client and through the `conveyor` command.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from grpc_status import rpc_status
 
 from conveyor.common import auth
 from conveyor.common.auth import Role
+from conveyor.common.client import ConveyorClient
 from conveyor.common.devstack.servers import PostgresServer, RedisServer
 from conveyor.v1 import (
     admin_service_pb2,
@@ -257,3 +259,33 @@ def test_the_token_new_command_prints_a_token_and_the_entry_that_admits_it() -> 
     assert token.startswith(auth.TOKEN_PREFIX) and token not in done.stderr
     (parsed,) = auth.parse_tokens(done.stderr)
     assert parsed == auth.Token("ci", Role.PRODUCER, auth.digest_of(token), frozenset({"q"}))
+
+
+def test_watch_presents_the_token_through_the_client_and_the_cli(stack: Stack) -> None:
+    """Streams carry the token too: the client's watch and `conveyor watch` are not refused."""
+
+    async def first_event() -> tuple[str, str]:
+        async with ConveyorClient(stack.producer, token=stack.tokens["producer"]) as client:
+            job = await client.enqueue("orders", "demo.echo", {"n": 1})
+            async for event in client.watch(job.job_id):
+                return job.job_id, event.job_id
+        return "", ""
+
+    job_id, seen = asyncio.run(first_event())
+    assert job_id and seen == job_id
+    # No worker runs here, so the job stays queued: the CLI prints its QUEUED event and keeps watching.
+    env = {**os.environ, "CONVEYOR_TOKEN": stack.tokens["reader"], "NO_COLOR": "1"}
+    cli = subprocess.Popen(
+        [CONVEYOR, "--producer", stack.producer, "--results", stack.results, "--json", "watch", job_id],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert cli.stdout is not None
+        line = cli.stdout.readline()  # blocks until the first event, or EOF if the CLI was refused
+    finally:
+        cli.kill()
+        _, errors = cli.communicate()
+    assert job_id in line, errors

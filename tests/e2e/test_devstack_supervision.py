@@ -156,7 +156,9 @@ def devstack() -> Iterator[DevStack]:
 
 async def _run_a_job(stack: DevStack, payload: dict[str, float]) -> job_pb2.Job:
     """Enqueue a demo job (retrying while the producer cannot reach Redis yet) and wait until it succeeded."""
-    async with ConveyorClient(stack.producer, stack.results, retries=0, timeout=5) as client:
+    async with ConveyorClient(
+        stack.producer, stack.results, retries=0, timeout=5, token=(stack.data_dir / "admin.token").read_text().strip()
+    ) as client:
 
         async def enqueued() -> str:
             try:
@@ -222,7 +224,13 @@ async def test_a_killed_postgresql_is_restarted_and_outcomes_still_land(devstack
     wait_until(lambda: devstack.saw("postgres exited unexpectedly", mark), "the crash to be reported", within=30)
     wait_until(lambda: devstack.saw("postgres is back", mark), "PostgreSQL to be restarted", within=90)
     job = await _run_a_job(devstack, {"seconds": 0.1, "steps": 1})
-    async with ConveyorClient(devstack.producer, devstack.results, retries=0, timeout=5) as client:
+    async with ConveyorClient(
+        devstack.producer,
+        devstack.results,
+        retries=0,
+        timeout=5,
+        token=(devstack.data_dir / "admin.token").read_text().strip(),
+    ) as client:
 
         async def recorded() -> bool:
             try:

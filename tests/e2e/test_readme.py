@@ -16,10 +16,13 @@ README's fixed ports being free: 56379, 55432, 50051, 50052, 50061, 50062, their
 51051, 51052, 51061, 51062, the dashboard's 8080, and 8081 and 50071/51071 for the read-only
 dashboard and the handler example's worker that the README starts itself. Each of those numbers,
 where it follows a ':' in a block ("127.0.0.1:50051", "localhost:50051/"), is replaced by the
-stack's port; nothing else in the text changes. The CLI's and the dashboard's built-in defaults
+stack's port. The other: `.run/admin.token`, the admin token `make up` keeps in its data
+directory, becomes the test stack's (its data directory is a temporary one). Nothing else in
+the text changes. The CLI's and the dashboard's built-in defaults
 are those same ports, so the blocks also get CONVEYOR_PRODUCER_ADDR and CONVEYOR_RESULTS_ADDR
 naming the stack's producer and results (and the handler example's worker, whose default Redis
-is make up's, REDIS_URL naming the stack's).
+is make up's, REDIS_URL naming the stack's). Python scripts run in the same terminal too: they
+see what the blocks before them exported (CONVEYOR_TOKEN).
 
 The handler example ("Writing a handler") is run by its own test: its `# myapp/jobs.py` block is
 written to that file, the worker command after it (a not-run block, since a worker runs until
@@ -50,6 +53,8 @@ from google.protobuf import json_format
 
 from conveyor.common.client import ConveyorClient
 from conveyor.common.devstack.servers import free_port
+from conveyor.common.errors import NotFound, Unauthenticated
+from conveyor.common.ids import make_job_id, new_ulid
 from conveyor.v1 import job_pb2
 from tests.support.wait import wait_for, wait_until
 
@@ -135,18 +140,24 @@ class Stack:
     producer: str
     results: str
     redis_url: str = ""
+    data_dir: Path = Path(".run")
     lines: list[str] = field(default_factory=list)
 
     def saw(self, text: str) -> bool:
         return any(text in line for line in self.lines)
 
     def substitute(self, text: str) -> str:
-        """``text`` with each README port that follows a ':' replaced by the stack's."""
+        """``text`` with each README port that follows a ':', and make up's token file, made the stack's."""
 
         def swap(match: re.Match[str]) -> str:
             return str(self.ports.get(int(match[0]), match[0]))
 
+        text = text.replace(".run/admin.token", str(self.data_dir / "admin.token"))
         return re.sub(r"(?<=:)\d{4,5}(?!\d)", swap, text)
+
+    @property
+    def admin_token(self) -> str:
+        return (self.data_dir / "admin.token").read_text().strip()
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +206,7 @@ def stack() -> Iterator[Stack]:
         producer=f"127.0.0.1:{ports[50051]}",
         results=f"127.0.0.1:{ports[50052]}",
         redis_url=f"redis://127.0.0.1:{ports[56379]}/0",
+        data_dir=data_dir,
     )
 
     def pump() -> None:
@@ -279,8 +291,13 @@ def _run_sh(
     return _run(["bash", "-c", script], {**env, "CONVEYOR_README_STATE": str(state)}, scratch)
 
 
-def _run_python(block: Block, stack: Stack, env: dict[str, str], scratch: Path) -> subprocess.CompletedProcess[str]:
-    return _run([sys.executable, "-c", stack.substitute(block.text)], env, scratch)
+def _run_python(
+    block: Block, stack: Stack, state: Path, env: dict[str, str], scratch: Path
+) -> subprocess.CompletedProcess[str]:
+    """A script run from the same terminal: it sees what the sh blocks before it exported."""
+    script = '[ -f "$CONVEYOR_README_STATE" ] && . "$CONVEYOR_README_STATE"\nexec "$CONVEYOR_PYTHON" -c "$1"'
+    argv = ["bash", "-c", script, "readme-python", stack.substitute(block.text)]
+    return _run(argv, {**env, "CONVEYOR_README_STATE": str(state), "CONVEYOR_PYTHON": sys.executable}, scratch)
 
 
 def _failure(block: Block, text: str, done: subprocess.CompletedProcess[str]) -> str:
@@ -302,11 +319,31 @@ def test_the_readme_blocks_are_found_and_markers_give_reasons() -> None:
             ast.parse(b.text, filename=f"README.md:{b.line}")  # every snippet at least parses
 
 
-def test_substitution_changes_only_the_readme_ports() -> None:
-    fake = Stack(proc=None, ports={50051: 40001, 8080: 40002}, producer="", results="")  # type: ignore[arg-type]
+def test_substitution_changes_only_the_readme_ports_and_token_file() -> None:
+    fake = Stack(proc=None, ports={50051: 40001, 8080: 40002}, producer="", results="", data_dir=Path("/tmp/x"))  # type: ignore[arg-type]
     before = 'grpcurl -d \'{"limit":50,"period":"1s"}\' 127.0.0.1:50051 x; curl http://localhost:8080/jobs 50051'
     after = fake.substitute(before)
     assert after == before.replace(":50051", ":40001").replace(":8080", ":40002")
+    assert fake.substitute("T=$(cat .run/admin.token) .run/x") == "T=$(cat /tmp/x/admin.token) .run/x"
+
+
+def test_make_up_checks_tokens(stack: Stack) -> None:
+    """The README's promise: `make up` has authentication on, and its admin token opens every call."""
+
+    async def check() -> None:
+        async with ConveyorClient(stack.producer, stack.results, token="") as anonymous:
+            with pytest.raises(Unauthenticated):
+                await anonymous.list_queues()
+        async with ConveyorClient(stack.producer, stack.results, token=stack.admin_token) as admin:
+            await admin.list_queues()
+            # A job Redis does not know is looked up in the results service with the producer's own
+            # reader token: NOT_FOUND from there, not UNAUTHENTICATED.
+            with pytest.raises(NotFound):
+                await admin.get_job(make_job_id("default", new_ulid()))
+
+    asyncio.run(check())
+    tokens = (stack.data_dir / "tokens.toml").read_text()
+    assert stack.admin_token not in tokens and "make-up-admin" in tokens  # digests only
 
 
 # About 90 s on a 2-core machine: the stack's start, some 60 CLI, buf and grpcurl runs, jobs watched to the end.
@@ -322,7 +359,7 @@ def test_every_readme_command_works_as_pasted(stack: Stack, tmp_path: Path) -> N
         if block.lang == "python":
             if not is_whole_script(block.text):
                 continue  # a handler fragment: parsed by the test above
-            done = _run_python(block, stack, env, tmp_path)
+            done = _run_python(block, stack, state, env, tmp_path)
         else:
             done = _run_sh(block, stack, state, env, tmp_path)
         if done.returncode != 0 or "Traceback" in done.stderr:
@@ -364,7 +401,7 @@ def test_the_handler_example_runs_in_a_worker_as_pasted(stack: Stack, tmp_path: 
 
 
 async def _run_the_example_handlers(stack: Stack, worker: subprocess.Popen[bytes], log: Path) -> None:
-    async with ConveyorClient(stack.producer, stack.results) as client:
+    async with ConveyorClient(stack.producer, stack.results, token=stack.admin_token) as client:
         sent = await client.enqueue("emails", "emails.send", {"to": "ada"})
         refused = await client.enqueue("emails", "emails.send", {})  # PermanentError: no retry
         report = await client.enqueue("reports", "reports.build", {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -206,3 +207,56 @@ def test_a_missing_file_stops_the_start(tmp_path: Path) -> None:
     with pytest.raises(TokenFileError, match="cannot read the token file"):
         Authorizer.from_path(str(tmp_path / "nope.toml"))
     assert Authorizer.from_path("") is None
+
+
+async def test_a_dialled_channel_presents_the_token_on_every_kind_of_call() -> None:
+    """Unary and streaming calls alike carry the token (grpc.aio files an interceptor under one kind only)."""
+    seen: dict[str, str] = {}
+
+    def note(kind: str, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+        seen[kind] = dict(context.invocation_metadata() or ()).get("authorization", "")
+
+    async def unary_unary(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        note("unary_unary", context)
+        return b""
+
+    async def unary_stream(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> AsyncIterator[bytes]:
+        note("unary_stream", context)
+        yield b""
+
+    async def stream_unary(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        note("stream_unary", context)
+        return b""
+
+    async def stream_stream(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        note("stream_stream", context)
+        yield b""
+
+    handler = grpc.method_handlers_generic_handler(
+        "test.Echo",
+        {
+            "UU": grpc.unary_unary_rpc_method_handler(unary_unary),
+            "US": grpc.unary_stream_rpc_method_handler(unary_stream),
+            "SU": grpc.stream_unary_rpc_method_handler(stream_unary),
+            "SS": grpc.stream_stream_rpc_method_handler(stream_stream),
+        },
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = auth.dial(f"127.0.0.1:{port}", "cvt_secret")
+    try:
+        await channel.unary_unary("/test.Echo/UU")(b"")
+        async for _ in channel.unary_stream("/test.Echo/US")(b""):
+            pass
+        await channel.stream_unary("/test.Echo/SU")(iter([b""]))
+        async for _ in channel.stream_stream("/test.Echo/SS")(iter([b""])):
+            pass
+    finally:
+        await channel.close()
+        await server.stop(None)
+    kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+    assert seen == dict.fromkeys(kinds, "Bearer cvt_secret")

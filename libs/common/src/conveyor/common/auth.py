@@ -340,13 +340,8 @@ def _collect(message: Message, found: set[str], depth: int) -> None:
                 _collect(item, found, depth + 1)
 
 
-class _Bearer(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds ``authorization: Bearer <token>`` to every call of a channel."""
+class _Bearer:
+    """Adds ``authorization: Bearer <token>`` to a call's metadata."""
 
     def __init__(self, token: str) -> None:
         self._value = f"Bearer {token}"
@@ -358,20 +353,36 @@ class _Bearer(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+# One class per kind of call: a grpc.aio channel files each interceptor under the first kind it
+# implements only (an if/elif chain), so one class of all four would leave streams without the token.
+class _BearerUnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(self._with_token(client_call_details), request)
 
+
+class _BearerUnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(self._with_token(client_call_details), request)
 
+
+class _BearerStreamUnary(_Bearer, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
         return await continuation(self._with_token(client_call_details), request_iterator)
 
+
+class _BearerStreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
         return await continuation(self._with_token(client_call_details), request_iterator)
 
 
+def bearer_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors that present ``token`` on every kind of call of a channel."""
+    kinds = (_BearerUnaryUnary, _BearerUnaryStream, _BearerStreamUnary, _BearerStreamStream)
+    return [kind(token) for kind in kinds]
+
+
 def dial(addr: str, token: str = "", options: Sequence[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
     """A channel to ``addr`` that presents ``token`` on every call ("": no token)."""
-    interceptors = [_Bearer(token)] if token else None
+    interceptors = bearer_interceptors(token) if token else None
     return grpc.aio.insecure_channel(addr, options=options, interceptors=interceptors)

@@ -16,6 +16,7 @@ every job an idempotency key when the caller did not.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -144,7 +145,8 @@ class ConveyorClient:
         timeout: Deadline of each unary call, in seconds.
         retries: Extra tries for UNAVAILABLE / DEADLINE_EXCEEDED.
         coalesce: Send concurrent :meth:`enqueue` calls together as EnqueueBatch calls.
-        token: Bearer token sent on every call, for servers with authentication on.
+        token: Bearer token sent on every call, for servers with authentication on; by default
+            the environment's ``CONVEYOR_TOKEN`` (as the CLI reads it), "" for none.
     """
 
     def __init__(
@@ -155,8 +157,10 @@ class ConveyorClient:
         timeout: float = 10.0,
         retries: int = 3,
         coalesce: bool = True,
-        token: str = "",
+        token: str | None = None,
     ) -> None:
+        if token is None:
+            token = os.environ.get("CONVEYOR_TOKEN", "")
         self._channel = auth.dial(producer_addr, token)
         self._producer = producer_service_pb2_grpc.ProducerServiceStub(self._channel)
         self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)

@@ -1,6 +1,6 @@
 """`make up`: a private Redis and PostgreSQL plus every Conveyor service, supervised in the foreground.
 
-Usage: python -m conveyor.common.devstack [--data-dir .run] [--workers 2]
+Usage: python -m conveyor.common.devstack [--data-dir .run] [--workers 2] [--no-auth]
 
 Owns the local development stack: starts the servers (data kept under --data-dir between
 runs), launches results, producer and N workers (each on its own port, with its own health
@@ -12,6 +12,9 @@ up RESTART_RESET seconds); the others keep running and reconnect. Only Ctrl-C or
 the stack: services first (SIGTERM, then SIGKILL after 10 s), then the servers, exit status 0.
 Ports come from CONVEYOR_DEV_{REDIS,PG,PRODUCER,RESULTS,WORKER}_PORT (worker i gets
 CONVEYOR_DEV_WORKER_PORT + i - 1). Colour only on a terminal and never with NO_COLOR set.
+Authentication is on, as in production: the producer and the results service check the token
+file kept in --data-dir, and the printed commands present its admin token (tokens.py);
+--no-auth leaves every call open.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor.common.devstack.servers import PostgresServer, RedisServer, postgres_can_reach
+from conveyor.common.devstack.tokens import DevTokens, ensure_dev_tokens
 from conveyor.common.settings import metrics_addr_beside
 
 READY_TIMEOUT = 30.0
@@ -280,9 +284,16 @@ def _pg_data_dir(data_dir: Path) -> Path:
 
 
 def _print_commands(
-    producer: str, results: str, redis_url: str, database_url: str, metrics: list[tuple[str, str]], dashboard: str
+    producer: str,
+    results: str,
+    redis_url: str,
+    database_url: str,
+    metrics: list[tuple[str, str]],
+    dashboard: str,
+    tokens: DevTokens | None,
 ) -> None:
-    buf = "npx buf curl --protocol grpc --http2-prior-knowledge"
+    header = ' -H "authorization: Bearer $CONVEYOR_TOKEN"' if tokens else ""
+    buf = f"npx buf curl --protocol grpc --http2-prior-knowledge{header}"
     enqueue = '{"queue":"default","type":"demo.sleep","payload":{"seconds":3,"steps":5}}'
     job = '{"jobId":"<JOB_ID>"}'
     calls = [
@@ -293,14 +304,20 @@ def _print_commands(
         ("list jobs", results, "ResultsService/ListJobs", '{"queue":"default","pageSize":10}'),
     ]
     up = "Conveyor is up; a process that dies is restarted; Ctrl-C stops everything."
-    lines = ["", up, "", f"# the dashboard: http://{dashboard}/", "", "# buf curl (from the repo root)"]
-    lines.append("# list services")
+    lines = ["", up, "", f"# the dashboard: http://{dashboard}/", ""]
+    if tokens:
+        lines += [
+            f"# tokens are checked ({tokens.file}); this admin token is for you, the CLI and the commands below",
+            f"export CONVEYOR_TOKEN=$(cat {shlex.quote(str(tokens.admin_path))})",
+            "",
+        ]
+    lines += ["# buf curl (from the repo root)", "# list services"]
     lines.append(f"{buf} --list-services http://{producer}")
     for title, addr, method, body in calls:
         lines += [f"# {title}", f"{buf} -d {shlex.quote(body)} http://{addr}/conveyor.v1.{method}"]
     lines += ["", "# grpcurl (.venv/bin/grpcurl)", f"grpcurl -plaintext {producer} list"]
     for _, addr, method, body in calls:
-        lines.append(f"grpcurl -plaintext -d {shlex.quote(body)} {addr} conveyor.v1.{method}")
+        lines.append(f"grpcurl -plaintext{header} -d {shlex.quote(body)} {addr} conveyor.v1.{method}")
     cli = ".venv/bin/conveyor"
     lines += ["", "# the command line", f'{cli} enqueue demo.sleep --payload \'{{"seconds": 3, "steps": 5}}\' --watch']
     lines += [f"{cli} queues", f"{cli} workers", f"{cli} --help"]
@@ -314,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conveyor.common.devstack", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path(".run"), help="where Redis/PostgreSQL keep data")
     parser.add_argument("--workers", type=int, default=2, help="number of worker processes")
+    parser.add_argument("--no-auth", action="store_true", help="leave every call open (no token file)")
     args = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -343,13 +361,23 @@ def main(argv: list[str] | None = None) -> int:
         else:
             base.pop("FORCE_COLOR", None)
             base["NO_COLOR"] = "1"
+        tokens = None if args.no_auth else ensure_dev_tokens(data_dir)
+        checked: dict[str, str] = {}
+        if tokens:
+            checked = {"CONVEYOR_AUTH_TOKENS_FILE": str(tokens.file)}
+            _note(f"tokens are checked: {tokens.file} (admin token in {tokens.admin_path}; --no-auth to turn off)")
+        else:
+            base.pop("CONVEYOR_AUTH_TOKENS_FILE", None)
+        base.pop("CONVEYOR_TOKEN", None)  # each service gets its own below
         results = f"127.0.0.1:{_port('CONVEYOR_DEV_RESULTS_PORT', 50052)}"
         producer = f"127.0.0.1:{_port('CONVEYOR_DEV_PRODUCER_PORT', 50051)}"
         worker_base = _port("CONVEYOR_DEV_WORKER_PORT", 50061)
         specs = [
-            ("results", "conveyor.results", results, {}),
-            ("producer", "conveyor.producer", producer, {"CONVEYOR_RESULTS_ADDR": results}),
+            ("results", "conveyor.results", results, checked),
+            ("producer", "conveyor.producer", producer, {"CONVEYOR_RESULTS_ADDR": results, **checked}),
         ]
+        if tokens:
+            specs[1][3]["CONVEYOR_TOKEN"] = tokens.services
         for i in range(args.workers):
             addr = f"127.0.0.1:{worker_base + i}"
             extra = {"CONVEYOR_QUEUES": "default", "CONVEYOR_WORKER_ID": f"worker-{i + 1}"}
@@ -357,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics_urls: list[tuple[str, str]] = []
         dashboard = f"127.0.0.1:{_port('CONVEYOR_DEV_DASHBOARD_PORT', 8080)}"
         dashboard_env = {"CONVEYOR_DASHBOARD_ADDR": dashboard, "CONVEYOR_PRODUCER_ADDR": producer}
+        if tokens:
+            dashboard_env["CONVEYOR_TOKEN"] = tokens.admin
         specs.append(
             ("dashboard", "conveyor.dashboard", dashboard, {**dashboard_env, "CONVEYOR_RESULTS_ADDR": results})
         )
@@ -373,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         stack = Stack([redis, pg], services, stop)
         while not stop.is_set():
             if stack.tick():
-                _print_commands(producer, results, redis.url, pg.url, metrics_urls, dashboard)
+                _print_commands(producer, results, redis.url, pg.url, metrics_urls, dashboard, tokens)
             stop.wait(_TICK)
     except (RuntimeError, TimeoutError, OSError) as exc:
         _note(f"error: {exc}")

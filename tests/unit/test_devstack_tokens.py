@@ -1,0 +1,38 @@
+"""`make up`'s tokens: made once, kept across runs, remade when one is lost; digests only on disk."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from conveyor.common.auth import Role, TokenFile
+from conveyor.common.devstack.tokens import ensure_dev_tokens
+
+
+def test_tokens_are_made_once_and_kept(tmp_path: Path) -> None:
+    first = ensure_dev_tokens(tmp_path)
+    again = ensure_dev_tokens(tmp_path)
+    assert again == first
+    assert first.admin != first.services
+    assert first.admin_path.read_text().strip() == first.admin
+    text = first.file.read_text()
+    assert first.admin not in text and first.services not in text
+    roles = {t.name: t.role for t in TokenFile(first.file).tokens()}
+    assert roles == {"make-up-admin": Role.ADMIN, "make-up-services": Role.READER}
+    for path in (first.file, first.admin_path, tmp_path / "services.token"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_lost_token_file_makes_new_tokens(tmp_path: Path) -> None:
+    first = ensure_dev_tokens(tmp_path)
+    first.file.unlink()
+    second = ensure_dev_tokens(tmp_path)
+    assert second.admin != first.admin
+    assert {t.name for t in TokenFile(second.file).tokens()} == {"make-up-admin", "make-up-services"}
+
+
+def test_an_admin_token_no_longer_admitted_is_replaced(tmp_path: Path) -> None:
+    first = ensure_dev_tokens(tmp_path)
+    first.admin_path.write_text("cvt_not-the-one\n")
+    second = ensure_dev_tokens(tmp_path)
+    assert second.admin not in ("cvt_not-the-one", first.admin)
