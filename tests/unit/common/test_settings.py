@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from conveyor.common.settings import ProducerSettings, SettingsError, WorkerSettings
@@ -55,3 +57,11 @@ def test_the_scheduler_loop_is_on_by_default_and_can_be_switched_off() -> None:
     assert WorkerSettings.from_env({"CONVEYOR_SCHEDULER": "true"}).scheduler
     with pytest.raises(SettingsError, match="CONVEYOR_SCHEDULER"):
         WorkerSettings.from_env({"CONVEYOR_SCHEDULER": "maybe"})
+
+
+def test_the_presented_token_may_come_from_a_mounted_file(tmp_path: Path) -> None:
+    mounted = tmp_path / "services.token"
+    mounted.write_text("cvy_mounted\n")
+    assert ProducerSettings.from_env({"CONVEYOR_TOKEN_FILE": str(mounted)}).token == "cvy_mounted"
+    with pytest.raises(SettingsError, match="CONVEYOR_TOKEN_FILE"):
+        ProducerSettings.from_env({"CONVEYOR_TOKEN_FILE": str(tmp_path / "missing")})

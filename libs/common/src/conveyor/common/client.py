@@ -16,7 +16,6 @@ every job an idempotency key when the caller did not.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -146,7 +145,7 @@ class ConveyorClient:
         retries: Extra tries for UNAVAILABLE / DEADLINE_EXCEEDED.
         coalesce: Send concurrent :meth:`enqueue` calls together as EnqueueBatch calls.
         token: Bearer token sent on every call, for servers with authentication on; by default
-            the environment's ``CONVEYOR_TOKEN`` (as the CLI reads it), "" for none.
+            the environment's ``CONVEYOR_TOKEN`` or ``CONVEYOR_TOKEN_FILE`` (as the CLI reads them), "" for none.
     """
 
     def __init__(
@@ -160,7 +159,7 @@ class ConveyorClient:
         token: str | None = None,
     ) -> None:
         if token is None:
-            token = os.environ.get("CONVEYOR_TOKEN", "")
+            token = auth.presented_token()
         self._channel = auth.dial(producer_addr, token)
         self._producer = producer_service_pb2_grpc.ProducerServiceStub(self._channel)
         self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)

@@ -11,6 +11,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from conveyor.common.auth import TokenFileError, presented_token
 from conveyor.common.supervise import Supervisor
 from conveyor.common.validate import queue_problem
 
@@ -98,6 +99,13 @@ class _Env:
                 raise SettingsError(f"{name}: queue {queue!r} {problem}")
         return found
 
+    def token(self) -> str:
+        """CONVEYOR_TOKEN, or the content of the file CONVEYOR_TOKEN_FILE names."""
+        try:
+            return presented_token(self._env)
+        except TokenFileError as exc:
+            raise SettingsError(str(exc)) from None
+
     def items(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         raw = self._env.get(name)
         if not raw:
@@ -126,7 +134,8 @@ class CommonSettings:
     metrics_addr: str = ""
     #: CONVEYOR_AUTH_TOKENS_FILE: the token file every call is checked against ("": no authentication).
     auth_tokens_file: str = ""
-    #: CONVEYOR_TOKEN: the bearer token this process presents when it calls another service.
+    #: CONVEYOR_TOKEN (or the file CONVEYOR_TOKEN_FILE names): the bearer token this process
+    #: presents when it calls another service.
     token: str = ""
 
     def supervisor(self) -> Supervisor:
@@ -147,7 +156,7 @@ class CommonSettings:
             "exit_after_s": env.number("CONVEYOR_EXIT_AFTER_SECONDS", 300.0),
             "metrics_addr": env.text("CONVEYOR_METRICS_ADDR", metrics_addr_beside(grpc_addr)),
             "auth_tokens_file": env.text("CONVEYOR_AUTH_TOKENS_FILE", ""),
-            "token": env.text("CONVEYOR_TOKEN", ""),
+            "token": env.token(),
         }
 
 
