@@ -318,6 +318,10 @@ class ResultsSettings(CommonSettings):
     projection_defer_ms: int = 10_000
     #: Most jobs kept back at once (about 1 KB of memory each); beyond it new ones are written at once.
     projection_defer_max: int = 20_000
+    #: Events a results process read but never committed (it died) are taken over by another
+    #: results process after they sat this long; shorter than the time a live one takes to commit
+    #: a batch (projection_defer_ms included) would make two projectors write the same events.
+    claim_idle_s: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ResultsSettings:
@@ -333,4 +337,5 @@ class ResultsSettings(CommonSettings):
             prune_batch=e.integer("CONVEYOR_PG_PRUNE_BATCH", 1000, minimum=1),
             projection_defer_ms=e.integer("CONVEYOR_PROJECTION_DEFER_MS", 10_000, minimum=0),
             projection_defer_max=e.integer("CONVEYOR_PROJECTION_DEFER_MAX", 20_000, minimum=0),
+            claim_idle_s=e.number("CONVEYOR_RESULTS_CLAIM_IDLE_SECONDS", 60.0, minimum=1.0),
         )
