@@ -169,6 +169,16 @@ def metrics_addr_beside(grpc_addr: str) -> str:
     return f"{host}:{int(port) + 1000}"
 
 
+def metrics_addr_for_member(addr: str, index: int) -> str:
+    """The metrics address of member ``index`` of a process group: the port + 100 x index."""
+    host, _, port = addr.rpartition(":")
+    if addr in ("", "off") or not port.isdigit() or int(port) == 0:
+        return addr  # nowhere, or a port the system picks for each member anyway
+    if int(port) + 100 * index > 65535:
+        return "off"
+    return f"{host}:{int(port) + 100 * index}"
+
+
 @dataclass(frozen=True)
 class ProducerSettings(CommonSettings):
     """The producer's settings."""
@@ -195,6 +205,10 @@ class ProducerSettings(CommonSettings):
     watch_redis_pool_size: int = 32
     #: Redis connections for AdminService and ScheduleService (CONVEYOR_ADMIN_REDIS_POOL_SIZE).
     admin_redis_pool_size: int = 16
+    #: Producer processes sharing the gRPC port (CONVEYOR_PRODUCER_PROCESSES; process_group.py).
+    processes: int = 1
+    #: This process's index in such a group (CONVEYOR_PROCESS_INDEX, set by the group); -1: alone.
+    process_index: int = -1
 
     @property
     def message_limit(self) -> int:
@@ -212,8 +226,16 @@ class ProducerSettings(CommonSettings):
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ProducerSettings:
         e = _Env(env)
+        common = cls._common(e, "127.0.0.1:50051")
+        index = e.integer("CONVEYOR_PROCESS_INDEX", -1, minimum=-1)
+        if index > 0:
+            # Members of a group share the gRPC port but not the metrics port: member i serves
+            # /metrics on that port + 100 x i (50051's 51051, 51151, 51251...).
+            common["metrics_addr"] = metrics_addr_for_member(str(common["metrics_addr"]), index)
         return cls(
-            **cls._common(e, "127.0.0.1:50051"),  # type: ignore[arg-type]
+            **common,  # type: ignore[arg-type]
+            processes=e.integer("CONVEYOR_PRODUCER_PROCESSES", 1, minimum=1),
+            process_index=index,
             results_addr=e.text("CONVEYOR_RESULTS_ADDR", "127.0.0.1:50052"),
             max_payload_bytes=e.integer("CONVEYOR_MAX_PAYLOAD_BYTES", 1 << 20, minimum=1),
             max_batch=e.integer("CONVEYOR_MAX_BATCH", 1000, minimum=1),
