@@ -212,6 +212,16 @@ def test_compose_runs_the_dashboard_read_only_over_the_grpc_apis(compose: dict[s
     assert dashboard["ports"] == ["127.0.0.1:8080:8080"]
 
 
+def test_the_producer_runs_two_processes_on_one_port_in_both_deployments(
+    compose: dict[str, Any], manifests: dict[tuple[str, str], dict[str, Any]]
+) -> None:
+    assert compose["services"]["producer"]["environment"]["CONVEYOR_PRODUCER_PROCESSES"].endswith(":-2}")
+    container = _container(manifests, "producer")
+    assert _env(container)["CONVEYOR_PRODUCER_PROCESSES"] == "2"
+    # One core per process: requested, so the scheduler places the pod where both can run.
+    assert container["resources"]["requests"]["cpu"] == "1"
+
+
 def test_compose_checks_tokens_on_both_grpc_services_from_a_secret(compose: dict[str, Any]) -> None:
     assert compose["secrets"]["conveyor-tokens"] == {"file": "./secrets/tokens.toml"}
     for name in ("producer", "results"):
@@ -604,7 +614,10 @@ def test_k8s_deployment_probes_grpc_health_on_the_images_port(
     container = _container(manifests, service)
     port = PORTS[service]
     assert container["image"].split(":")[0] == f"conveyor-{service}"
-    assert [p["containerPort"] for p in container["ports"]] == [port, port + 1000]  # API or health, metrics
+    # API or health, metrics (and each further producer process's metrics, + 100 apiece)
+    processes = int(_env(container).get("CONVEYOR_PRODUCER_PROCESSES", "1"))
+    metrics = [port + 1000 + 100 * i for i in range(processes)]
+    assert [p["containerPort"] for p in container["ports"]] == [port, *metrics]
     assert _env(container)["CONVEYOR_GRPC_ADDR"] == f"0.0.0.0:{port}"
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == port, probe
