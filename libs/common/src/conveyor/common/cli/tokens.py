@@ -7,6 +7,9 @@ import json
 import click
 
 from conveyor.common import auth
+from conveyor.common.cli import output
+from conveyor.common.cli.context import OK, Settings, command
+from conveyor.v1 import admin_service_pb2
 
 
 @click.group("token")
@@ -40,3 +43,20 @@ def new(name: str, role: str, queues: tuple[str, ...], json_: bool) -> None:
         return
     click.echo(entry, err=True, nl=False)
     click.echo(secret)
+
+
+@click.command("whoami")
+@command
+async def whoami(settings: Settings) -> int:
+    """Who the servers take you for: your token's name, role and queues (WhoAmI)."""
+    async with settings.client() as client:
+        me = await client.who_am_i()
+    role = admin_service_pb2.Role.Name(me.role).removeprefix("ROLE_").lower()
+    if settings.json:
+        output.print_json(me)
+    elif not me.authentication:
+        output.out.print("the producer checks no tokens: every caller may call everything (admin)")
+    else:
+        queues = ", ".join(me.queues) if me.queues else "every queue"
+        output.out.print(f"{me.name}: role {role}, {queues}")
+    return OK
