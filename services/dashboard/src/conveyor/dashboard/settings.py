@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from conveyor.dashboard.login import LoginSettings
+
 CHART_JS = Path("chart.js") / "dist" / "chart.umd.min.js"
 
 
@@ -31,6 +33,8 @@ class DashboardSettings:
     log_format: str
     #: The token the dashboard presents to the gRPC APIs (CONVEYOR_TOKEN), when they check tokens.
     token: str = ""
+    #: Each person signs in with their own token (CONVEYOR_DASHBOARD_LOGIN=1); None: the one token above.
+    login: LoginSettings | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DashboardSettings:
@@ -53,4 +57,5 @@ class DashboardSettings:
             log_level=e.get("CONVEYOR_LOG_LEVEL", "info"),
             log_format=e.get("CONVEYOR_LOG_FORMAT", "auto"),
             token=e.get("CONVEYOR_TOKEN", ""),
+            login=LoginSettings.from_env(e),
         )

@@ -218,6 +218,8 @@ def schedule_view(s: schedule_service_pb2.Schedule) -> dict[str, Any]:
         "next_fire_at": ts(s, "next_fire_at"),
         "last_tick_at": ts(s, "last_tick_at"),
         "last_job_id": s.last_job_id,
+        "paused": s.paused,
+        "paused_at": ts(s, "paused_at"),
     }
 
 
