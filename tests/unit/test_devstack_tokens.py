@@ -6,7 +6,8 @@ import stat
 from pathlib import Path
 
 from conveyor.common.auth import Role, TokenFile
-from conveyor.common.devstack.tokens import ensure_dev_tokens
+from conveyor.common.devstack.tokens import ensure_dashboard_secret, ensure_dev_tokens
+from conveyor.dashboard.login import LoginSettings
 
 
 def test_tokens_are_made_once_and_kept(tmp_path: Path) -> None:
@@ -36,3 +37,17 @@ def test_an_admin_token_no_longer_admitted_is_replaced(tmp_path: Path) -> None:
     first.admin_path.write_text("cvt_not-the-one\n")
     second = ensure_dev_tokens(tmp_path)
     assert second.admin not in ("cvt_not-the-one", first.admin)
+
+
+def test_the_dashboard_secret_is_made_once_kept_private_and_remade_when_too_short(tmp_path: Path) -> None:
+    path = ensure_dashboard_secret(tmp_path)
+    secret = path.read_text().strip()
+    assert len(secret) >= 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert ensure_dashboard_secret(tmp_path).read_text().strip() == secret  # kept: nobody is signed out
+    path.write_text("short\n")
+    remade = ensure_dashboard_secret(tmp_path).read_text().strip()
+    assert len(remade) >= 32 and remade != secret
+    # It is what the dashboard's settings accept.
+    login = LoginSettings.from_env({"CONVEYOR_DASHBOARD_LOGIN": "1", "CONVEYOR_DASHBOARD_SECRET_FILE": str(path)})
+    assert login is not None and login.secret == remade.encode()

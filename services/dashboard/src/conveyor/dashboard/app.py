@@ -284,6 +284,7 @@ def create_app(
             "queue.html",
             q=views.queue_row(stats.stats),
             limits=views.limits_view(limits),
+            key_limits=views.key_limits_view(limits),
             limits_summary=views.limits_summary(limits),
             finished=finished,
             finished_json=json.dumps(finished),
@@ -504,24 +505,26 @@ def create_app(
         return {"schedule": views.schedule_view(updated)}
 
     async def set_limit(request: Request, body: dict[str, Any]) -> dict[str, Any]:
-        """Set the queue-wide rate limit (limit per period_seconds) or concurrency cap (limit)."""
+        """Set a rate limit (limit per period_seconds) or a concurrency cap (limit): queue, each key or one key."""
         queue, kind = request.path_params["queue"], request.path_params["kind"]
+        key, each_key = views.limit_scope(body)
         limit = views.whole_number(body.get("limit"), "limit")
         if kind == "rate":
             period = views.whole_number(body.get("period_seconds"), "period_seconds")
-            limits = await client.set_rate_limit(queue, limit, timedelta(seconds=period))
+            limits = await client.set_rate_limit(queue, limit, timedelta(seconds=period), key=key, each_key=each_key)
         elif kind == "concurrency":
-            limits = await client.set_concurrency_limit(queue, limit)
+            limits = await client.set_concurrency_limit(queue, limit, key=key, each_key=each_key)
         else:
             raise HTTPException(404, f"no limit {kind!r}: rate or concurrency")
         return {"limits": views.limits_summary(limits)}
 
     async def clear_limit(request: Request, body: dict[str, Any]) -> dict[str, Any]:
         queue, kind = request.path_params["queue"], request.path_params["kind"]
+        key, each_key = views.limit_scope(body)
         if kind == "rate":
-            changed = await client.clear_rate_limit(queue)
+            changed = await client.clear_rate_limit(queue, key=key, each_key=each_key)
         elif kind == "concurrency":
-            changed = await client.clear_concurrency_limit(queue)
+            changed = await client.clear_concurrency_limit(queue, key=key, each_key=each_key)
         else:
             raise HTTPException(404, f"no limit {kind!r}: rate or concurrency")
         return {"changed": changed}
