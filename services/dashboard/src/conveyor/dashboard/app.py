@@ -173,6 +173,8 @@ def create_app(
             expired=request.query_params.get("expired") == "1" and not error,
             next=safe_next(target or request.query_params.get("next")),
             login_csrf=nonce,
+            read_only=False,  # nobody is signed in yet: no "read-only" badge, no navigation
+            sign_in_page=True,
         )
         # Double submit: the form's hidden field must equal this cookie, which another site cannot read or set.
         response.set_cookie(
