@@ -218,8 +218,15 @@ def create_app(
             return login_form(request, f"Cannot check the token: {exc.code.name}: {exc.message}", status, target)
         finally:
             auth.CALL_TOKEN.reset(reset)
+        if not me.authentication:
+            # Any string would "sign in" as an admin: say so rather than pretend to check anything.
+            error = (
+                "The services check no tokens (no CONVEYOR_AUTH_TOKENS_FILE), so a sign-in would protect nothing: "
+                "turn tokens on, or run the dashboard without CONVEYOR_DASHBOARD_LOGIN."
+            )
+            return login_form(request, error, 409, target)
         role = admin_service_pb2.Role.Name(me.role).removeprefix("ROLE_").lower()
-        name = me.name if me.authentication else "anyone (the services check no tokens)"
+        name = me.name
         value, _ = signer.issue(token, name, role, tuple(me.queues))
         log.info("dashboard sign-in", name=name, role=role)
         response = RedirectResponse(safe_next(target), 303)
