@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from conveyor.common.auth import Role, TokenFile, digest_of
 from conveyor.common.cli.app import cli
-from conveyor.common.devstack.tokens import ensure_dev_tokens
+from conveyor.common.devstack.tokens import ensure_dashboard_secret, ensure_dev_tokens
+from conveyor.dashboard.login import LoginSettings
 
 
 def test_tokens_are_made_once_and_kept(tmp_path: Path) -> None:
@@ -53,3 +54,17 @@ def test_token_init_makes_a_deployments_starter_set_once(tmp_path: Path) -> None
     assert tokens["conveyor-admin"].digest == digest_of(admin)
     again = CliRunner().invoke(cli, ["token", "init", str(secrets), "--json"])
     assert again.exit_code == 0 and Path(paths["admin"]).read_text().strip() == admin
+
+
+def test_the_dashboard_secret_is_made_once_kept_private_and_remade_when_too_short(tmp_path: Path) -> None:
+    path = ensure_dashboard_secret(tmp_path)
+    secret = path.read_text().strip()
+    assert len(secret) >= 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert ensure_dashboard_secret(tmp_path).read_text().strip() == secret  # kept: nobody is signed out
+    path.write_text("short\n")
+    remade = ensure_dashboard_secret(tmp_path).read_text().strip()
+    assert len(remade) >= 32 and remade != secret
+    # It is what the dashboard's settings accept.
+    login = LoginSettings.from_env({"CONVEYOR_DASHBOARD_LOGIN": "1", "CONVEYOR_DASHBOARD_SECRET_FILE": str(path)})
+    assert login is not None and login.secret == remade.encode()

@@ -157,13 +157,15 @@ class ConveyorClient:
         retries: int = 3,
         coalesce: bool = True,
         token: str | None = None,
+        per_call_token: bool = False,
     ) -> None:
         if token is None:
             token = auth.presented_token()
-        self._channel = auth.dial(producer_addr, token)
+        # per_call_token: calls made while auth.CALL_TOKEN is set present that token (the dashboard's login).
+        self._channel = auth.dial(producer_addr, token, per_call=per_call_token)
         self._producer = producer_service_pb2_grpc.ProducerServiceStub(self._channel)
         self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
-        self._results_channel = auth.dial(results_addr, token) if results_addr else None
+        self._results_channel = auth.dial(results_addr, token, per_call=per_call_token) if results_addr else None
         self._results = (
             results_service_pb2_grpc.ResultsServiceStub(self._results_channel) if self._results_channel else None
         )
@@ -637,6 +639,35 @@ class ConveyorClient:
         """One page of schedules in id order; pass ``next_page_token`` back for the next."""
         req = schedule_service_pb2.ListSchedulesRequest(page_size=page_size, page_token=page_token)
         return await self._call(lambda: self._schedules.ListSchedules(req, timeout=self._timeout))
+
+    async def pause_schedule(self, schedule_id: str) -> tuple[schedule_service_pb2.Schedule, bool]:
+        """Stop a schedule firing until :meth:`resume_schedule`; returns it and whether it changed.
+
+        Raises:
+            NotFound: No such schedule.
+        """
+        req = schedule_service_pb2.PauseScheduleRequest(schedule_id=schedule_id)
+        response = await self._call(lambda: self._schedules.PauseSchedule(req, timeout=self._timeout))
+        return response.schedule, response.changed
+
+    async def resume_schedule(self, schedule_id: str) -> tuple[schedule_service_pb2.Schedule, bool]:
+        """Let a paused schedule fire again from its next tick after now; returns it and whether it changed.
+
+        Raises:
+            NotFound: No such schedule.
+        """
+        req = schedule_service_pb2.ResumeScheduleRequest(schedule_id=schedule_id)
+        response = await self._call(lambda: self._schedules.ResumeSchedule(req, timeout=self._timeout))
+        return response.schedule, response.changed
+
+    async def who_am_i(self) -> admin_service_pb2.WhoAmIResponse:
+        """The name, role and queues of the token this client presents.
+
+        Raises:
+            Unauthenticated: No token, or an unknown or revoked one.
+        """
+        req = admin_service_pb2.WhoAmIRequest()
+        return await self._call(lambda: self._admin.WhoAmI(req, timeout=self._timeout))
 
 
 class _Coalescer:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conveyor.common.auth import presented_token
+from conveyor.dashboard.login import LoginSettings
 
 CHART_JS = Path("chart.js") / "dist" / "chart.umd.min.js"
 
@@ -34,6 +35,8 @@ class DashboardSettings:
     #: The token the dashboard presents to the gRPC APIs (CONVEYOR_TOKEN or CONVEYOR_TOKEN_FILE),
     #: when they check tokens.
     token: str = ""
+    #: Each person signs in with their own token (CONVEYOR_DASHBOARD_LOGIN=1); None: the one token above.
+    login: LoginSettings | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DashboardSettings:
@@ -56,4 +59,5 @@ class DashboardSettings:
             log_level=e.get("CONVEYOR_LOG_LEVEL", "info"),
             log_format=e.get("CONVEYOR_LOG_FORMAT", "auto"),
             token=presented_token(e),
+            login=LoginSettings.from_env(e),
         )

@@ -65,6 +65,7 @@ for command in (
     admin.dlq,
     schedules.schedules,
     tokens.token,
+    tokens.whoami,
 ):
     cli.add_command(command)
 

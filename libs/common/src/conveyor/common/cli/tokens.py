@@ -9,7 +9,10 @@ from pathlib import Path
 import click
 
 from conveyor.common import auth
+from conveyor.common.cli import output
+from conveyor.common.cli.context import OK, Settings, command
 from conveyor.common.devstack.tokens import ensure_dev_tokens
+from conveyor.v1 import admin_service_pb2
 
 
 @click.group("token")
@@ -67,3 +70,20 @@ def init(directory: Path, prefix: str, json_: bool) -> None:
         return
     for what, path in paths.items():
         click.echo(f"{what:9} {path}")
+
+
+@click.command("whoami")
+@command
+async def whoami(settings: Settings) -> int:
+    """Who the servers take you for: your token's name, role and queues (WhoAmI)."""
+    async with settings.client() as client:
+        me = await client.who_am_i()
+    role = admin_service_pb2.Role.Name(me.role).removeprefix("ROLE_").lower()
+    if settings.json:
+        output.print_json(me)
+    elif not me.authentication:
+        output.out.print("the producer checks no tokens: every caller may call everything (admin)")
+    else:
+        queues = ", ".join(me.queues) if me.queues else "every queue"
+        output.out.print(f"{me.name}: role {role}, {queues}")
+    return OK

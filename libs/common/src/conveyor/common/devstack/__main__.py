@@ -13,7 +13,8 @@ the stack: services first (SIGTERM, then SIGKILL after 10 s), then the servers, 
 Ports come from CONVEYOR_DEV_{REDIS,PG,PRODUCER,RESULTS,WORKER}_PORT (worker i gets
 CONVEYOR_DEV_WORKER_PORT + i - 1). Colour only on a terminal and never with NO_COLOR set.
 Authentication is on, as in production: the producer and the results service check the token
-file kept in --data-dir, and the printed commands present its admin token (tokens.py);
+file kept in --data-dir, the printed commands present its admin token, and the dashboard asks
+each person to sign in with their token (tokens.py);
 --no-auth leaves every call open.
 """
 
@@ -40,7 +41,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor.common.devstack.servers import PostgresServer, RedisServer, postgres_can_reach
-from conveyor.common.devstack.tokens import DevTokens, ensure_dev_tokens
+from conveyor.common.devstack.tokens import DevTokens, ensure_dashboard_secret, ensure_dev_tokens
 from conveyor.common.settings import metrics_addr_beside, metrics_addr_for_member
 
 READY_TIMEOUT = 30.0
@@ -304,7 +305,10 @@ def _print_commands(
         ("list jobs", results, "ResultsService/ListJobs", '{"queue":"default","pageSize":10}'),
     ]
     up = "Conveyor is up; a process that dies is restarted; Ctrl-C stops everything."
-    lines = ["", up, "", f"# the dashboard: http://{dashboard}/", ""]
+    lines = ["", up, "", f"# the dashboard: http://{dashboard}/"]
+    if tokens:
+        lines.append(f"# sign in there with the admin token: cat {shlex.quote(str(tokens.admin_path))}")
+    lines.append("")
     if tokens:
         lines += [
             f"# tokens are checked ({tokens.file}); this admin token is for you, the CLI and the commands below",
@@ -400,8 +404,12 @@ def main(argv: list[str] | None = None) -> int:
         metrics_urls: list[tuple[str, str]] = []
         dashboard = f"127.0.0.1:{_port('CONVEYOR_DEV_DASHBOARD_PORT', 8080)}"
         dashboard_env = {"CONVEYOR_DASHBOARD_ADDR": dashboard, "CONVEYOR_PRODUCER_ADDR": producer}
+        for name in ("CONVEYOR_DASHBOARD_SECRET", "CONVEYOR_DASHBOARD_SECRET_FILE", "CONVEYOR_DASHBOARD_LOGIN"):
+            base.pop(name, None)
         if tokens:
-            dashboard_env["CONVEYOR_TOKEN"] = tokens.admin
+            # Each person signs in with their own token (the admin one is in .run/admin.token).
+            dashboard_env["CONVEYOR_DASHBOARD_LOGIN"] = "1"
+            dashboard_env["CONVEYOR_DASHBOARD_SECRET_FILE"] = str(ensure_dashboard_secret(data_dir))
         specs.append(
             ("dashboard", "conveyor.dashboard", dashboard, {**dashboard_env, "CONVEYOR_RESULTS_ADDR": results})
         )

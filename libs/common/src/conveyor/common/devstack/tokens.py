@@ -3,12 +3,15 @@
 Two tokens, made once and kept in the data directory so that a command pasted yesterday still
 works today: ``admin.token`` for the person at the terminal (the CLI, grpcurl, buf curl and the
 dashboard present it), and ``services.token``, a reader, for the producer's calls to the results
-service. ``tokens.toml`` holds only their digests, as any token file does.
+service. ``tokens.toml`` holds only their digests, as any token file does. ``dashboard.secret``
+signs the dashboard's sign-in cookies (CONVEYOR_DASHBOARD_SECRET_FILE): kept too, so a restart of
+`make up` does not sign everybody out.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,3 +70,16 @@ def ensure_dev_tokens(data_dir: Path, prefix: str = "make-up") -> DevTokens:
     )
     _write_private(file, entries)
     return DevTokens(file, admin_path, admin, services)
+
+
+def ensure_dashboard_secret(data_dir: Path) -> Path:
+    """The file holding the dev dashboard's cookie-signing secret: the kept one, or a new one (256 bits)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "dashboard.secret"
+    try:
+        if len(path.read_text().strip()) >= 32:
+            return path
+    except OSError:
+        pass
+    _write_private(path, secrets.token_urlsafe(32) + "\n")
+    return path
