@@ -199,13 +199,16 @@ def test_compose_gives_workers_time_to_drain(compose: dict[str, Any]) -> None:
     assert _seconds(worker["stop_grace_period"]) >= 2 * grace + 5
 
 
-def test_compose_runs_the_dashboard_read_only_over_the_grpc_apis(compose: dict[str, Any]) -> None:
+def test_compose_runs_the_dashboard_with_sign_in_over_the_grpc_apis(compose: dict[str, Any]) -> None:
     dashboard = compose["services"]["dashboard"]
     assert dashboard["build"]["dockerfile"] == "deploy/docker/dashboard.Dockerfile"
     env = dashboard["environment"]
     assert env["CONVEYOR_PRODUCER_ADDR"] == "producer:50051"
     assert env["CONVEYOR_RESULTS_ADDR"] == "results:50052"
-    assert env["CONVEYOR_DASHBOARD_READ_ONLY"] == "${CONVEYOR_DASHBOARD_READ_ONLY:-1}"
+    # Each person signs in with their own token; no token of its own, so nobody acts with one.
+    assert env["CONVEYOR_DASHBOARD_LOGIN"] == "1"
+    assert env["CONVEYOR_DASHBOARD_SECRET"].startswith("${CONVEYOR_DASHBOARD_SECRET:?")
+    assert "CONVEYOR_TOKEN" not in env and "CONVEYOR_DASHBOARD_READ_ONLY" not in env
     # It reads only through the gRPC APIs: no Redis or PostgreSQL address, and it waits for both APIs.
     assert not {"REDIS_URL", "DATABASE_URL"} & set(env)
     assert set(dashboard["depends_on"]) == {"producer", "results"}
@@ -228,9 +231,8 @@ def test_compose_checks_tokens_on_both_grpc_services_from_a_secret(compose: dict
         service = compose["services"][name]
         assert service["secrets"] == ["conveyor-tokens"]
         assert service["environment"]["CONVEYOR_AUTH_TOKENS_FILE"] == "/run/secrets/conveyor-tokens"
-    # The tokens the producer and the dashboard present are required: compose refuses to start without.
+    # The token the producer presents is required: compose refuses to start without.
     assert compose["services"]["producer"]["environment"]["CONVEYOR_TOKEN"].startswith("${CONVEYOR_SERVICES_TOKEN:?")
-    assert "${CONVEYOR_SERVICES_TOKEN:?" in compose["services"]["dashboard"]["environment"]["CONVEYOR_TOKEN"]
     ignored = (ROOT / ".gitignore").read_text().split()
     assert "deploy/secrets/" in ignored and "deploy/.env" in ignored
 
@@ -673,18 +675,22 @@ def _auth_files(manifests: dict[tuple[str, str], dict[str, Any]], name: str) -> 
     return {item["key"] for item in volume["secret"]["items"]}
 
 
-def test_k8s_checks_tokens_from_the_auth_secret_and_presents_only_a_reader_token(
+def test_k8s_checks_tokens_from_the_auth_secret_and_the_dashboard_signs_people_in(
     manifests: dict[tuple[str, str], dict[str, Any]],
 ) -> None:
     assert _auth_files(manifests, "producer") == {"tokens.toml", "services.token"}
     assert _auth_files(manifests, "results") == {"tokens.toml"}
-    assert _auth_files(manifests, "dashboard") == {"services.token"}
+    assert _auth_files(manifests, "dashboard") == {"dashboard.secret"}
     for name in ("producer", "results"):
         assert _env(_container(manifests, name))["CONVEYOR_AUTH_TOKENS_FILE"] == "/etc/conveyor/auth/tokens.toml"
-    for name in ("producer", "dashboard"):
-        assert _env(_container(manifests, name))["CONVEYOR_TOKEN_FILE"] == "/etc/conveyor/auth/services.token"
+    assert _env(_container(manifests, "producer"))["CONVEYOR_TOKEN_FILE"] == "/etc/conveyor/auth/services.token"
+    dashboard = _env(_container(manifests, "dashboard"))
+    assert dashboard["CONVEYOR_DASHBOARD_LOGIN"] == "1"
+    assert dashboard["CONVEYOR_DASHBOARD_SECRET_FILE"] == "/etc/conveyor/auth/dashboard.secret"
+    assert not {"CONVEYOR_TOKEN", "CONVEYOR_TOKEN_FILE"} & set(dashboard)
     example = manifests[("Secret", "conveyor-auth")]["stringData"]
-    assert set(example) == {"tokens.toml", "services.token"} and "CHANGE-ME" in example["services.token"]
+    assert set(example) == {"tokens.toml", "services.token", "dashboard.secret"}
+    assert all("CHANGE-ME" in example[k] for k in ("services.token", "dashboard.secret"))
     # Workers serve health only and call no service: they hold no token.
     assert not {"CONVEYOR_TOKEN", "CONVEYOR_TOKEN_FILE"} & set(_env(_container(manifests, "worker")))
 
@@ -776,13 +782,13 @@ def test_k8s_services_expose_metrics_where_prometheus_looks(
     assert annotations["prometheus.io/port"] == str(metrics_port)
 
 
-def test_k8s_dashboard_is_read_only_probed_over_http_and_behind_a_service(
+def test_k8s_dashboard_signs_people_in_is_probed_over_http_and_behind_a_service(
     manifests: dict[tuple[str, str], dict[str, Any]],
 ) -> None:
     deployment = manifests[("Deployment", "conveyor-dashboard")]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     env = _env(container)
-    assert env["CONVEYOR_DASHBOARD_READ_ONLY"] == "1"
+    assert env["CONVEYOR_DASHBOARD_LOGIN"] == "1" and "CONVEYOR_DASHBOARD_READ_ONLY" not in env
     assert env["CONVEYOR_PRODUCER_ADDR"] == f"conveyor-producer:{PORTS['producer']}"
     assert env["CONVEYOR_RESULTS_ADDR"] == f"conveyor-results:{PORTS['results']}"
     assert not {"REDIS_URL", "DATABASE_URL"} & set(env) and "envFrom" not in container

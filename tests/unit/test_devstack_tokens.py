@@ -52,8 +52,11 @@ def test_token_init_makes_a_deployments_starter_set_once(tmp_path: Path) -> None
     assert {n: t.role for n, t in tokens.items()} == {"conveyor-admin": Role.ADMIN, "conveyor-services": Role.READER}
     admin = Path(paths["admin"]).read_text().strip()
     assert tokens["conveyor-admin"].digest == digest_of(admin)
+    dashboard = Path(paths["dashboard"]).read_text().strip()
+    assert len(dashboard) >= 32
     again = CliRunner().invoke(cli, ["token", "init", str(secrets), "--json"])
     assert again.exit_code == 0 and Path(paths["admin"]).read_text().strip() == admin
+    assert Path(paths["dashboard"]).read_text().strip() == dashboard
 
 
 def test_the_dashboard_secret_is_made_once_kept_private_and_remade_when_too_short(tmp_path: Path) -> None:

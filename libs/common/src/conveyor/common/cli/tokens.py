@@ -11,7 +11,7 @@ import click
 from conveyor.common import auth
 from conveyor.common.cli import output
 from conveyor.common.cli.context import OK, Settings, command
-from conveyor.common.devstack.tokens import ensure_dev_tokens
+from conveyor.common.devstack.tokens import ensure_dashboard_secret, ensure_dev_tokens
 from conveyor.v1 import admin_service_pb2
 
 
@@ -53,18 +53,24 @@ def new(name: str, role: str, queues: tuple[str, ...], json_: bool) -> None:
 @click.option(
     "--prefix", default="conveyor", show_default=True, help="The entries' names: PREFIX-admin, PREFIX-services."
 )
-@click.option("--json", "json_", is_flag=True, help="Print the three paths as JSON.")
+@click.option("--json", "json_", is_flag=True, help="Print the four paths as JSON.")
 def init(directory: Path, prefix: str, json_: bool) -> None:
     """Make a starter set of token files in DIRECTORY (kept if it is already there).
 
     tokens.toml (the digests, for CONVEYOR_AUTH_TOKENS_FILE), admin.token (an admin token for
-    people and the dashboard) and services.token (a reader, for the producer's calls to the
-    results service), each readable by its owner only. Mount them as secrets:
+    the people who operate Conveyor), services.token (a reader, for the producer's calls to the
+    results service) and dashboard.secret (signs the dashboard's sign-in cookies,
+    CONVEYOR_DASHBOARD_SECRET_FILE), each readable by its owner only. Mount them as secrets:
 
         conveyor token init deploy/secrets
     """
     made = ensure_dev_tokens(directory, prefix=prefix)
-    paths = {"tokens": str(made.file), "admin": str(made.admin_path), "services": str(directory / "services.token")}
+    paths = {
+        "tokens": str(made.file),
+        "admin": str(made.admin_path),
+        "services": str(directory / "services.token"),
+        "dashboard": str(ensure_dashboard_secret(directory)),
+    }
     if json_:
         click.echo(json.dumps(paths))
         return
