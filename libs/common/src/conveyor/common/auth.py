@@ -40,6 +40,7 @@ from google.protobuf.message import Message
 
 from conveyor.common.errors import PermissionDenied, Unauthenticated
 from conveyor.common.ids import parse_job_id
+from conveyor.common.tls import ClientTLS
 
 log = structlog.get_logger("conveyor.auth")
 
@@ -382,7 +383,26 @@ def bearer_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
     return [kind(token) for kind in kinds]
 
 
-def dial(addr: str, token: str = "", options: Sequence[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
-    """A channel to ``addr`` that presents ``token`` on every call ("": no token)."""
+def dial(
+    addr: str,
+    token: str = "",
+    options: Sequence[tuple[str, Any]] | None = None,
+    tls: ClientTLS | None = None,
+) -> grpc.aio.Channel:
+    """A channel to ``addr`` that presents ``token`` on every call ("": no token).
+
+    Args:
+        addr: "host:port".
+        token: Bearer token, sent through the interceptors (over the TLS channel when TLS is on).
+        options: gRPC channel options.
+        tls: How to dial (ADR 0024); None: as the environment says (CONVEYOR_TLS, CONVEYOR_TLS_CA_FILE,
+            CONVEYOR_TLS_CLIENT_CERT_FILE / _KEY_FILE, CONVEYOR_TLS_SERVER_NAME), plaintext when it
+            says nothing. A TLS channel whose certificate files change dials again for its next calls.
+
+    Raises:
+        TLSConfigError: A TLS file is missing, unreadable or not what it should be.
+    """
     interceptors = bearer_interceptors(token) if token else None
-    return grpc.aio.insecure_channel(addr, options=options, interceptors=interceptors)
+    if tls is None:
+        tls = ClientTLS.from_env()
+    return tls.dial(addr, options=options, interceptors=interceptors)

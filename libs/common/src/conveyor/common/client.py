@@ -31,6 +31,7 @@ from grpc_status import rpc_status
 from conveyor.common import auth
 from conveyor.common.codec import dumps
 from conveyor.common.errors import ConveyorError, Internal, InvalidArgument, ResourceExhausted
+from conveyor.common.tls import ClientTLS
 from conveyor.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -147,6 +148,10 @@ class ConveyorClient:
         coalesce: Send concurrent :meth:`enqueue` calls together as EnqueueBatch calls.
         token: Bearer token sent on every call, for servers with authentication on; by default
             the environment's ``CONVEYOR_TOKEN`` (as the CLI reads it), "" for none.
+        tls: How to dial (TLS, mTLS; ADR 0024); by default as the environment says
+            (``CONVEYOR_TLS``, ``CONVEYOR_TLS_CA_FILE``, ``CONVEYOR_TLS_CLIENT_CERT_FILE`` /
+            ``_KEY_FILE``, ``CONVEYOR_TLS_SERVER_NAME``), plaintext when it says nothing.
+            :class:`conveyor.common.tls.TLSConfigError` if its files cannot be used.
     """
 
     def __init__(
@@ -158,13 +163,16 @@ class ConveyorClient:
         retries: int = 3,
         coalesce: bool = True,
         token: str | None = None,
+        tls: ClientTLS | None = None,
     ) -> None:
         if token is None:
             token = os.environ.get("CONVEYOR_TOKEN", "")
-        self._channel = auth.dial(producer_addr, token)
+        if tls is None:
+            tls = ClientTLS.from_env()
+        self._channel = auth.dial(producer_addr, token, tls=tls)
         self._producer = producer_service_pb2_grpc.ProducerServiceStub(self._channel)
         self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
-        self._results_channel = auth.dial(results_addr, token) if results_addr else None
+        self._results_channel = auth.dial(results_addr, token, tls=tls) if results_addr else None
         self._results = (
             results_service_pb2_grpc.ResultsServiceStub(self._results_channel) if self._results_channel else None
         )

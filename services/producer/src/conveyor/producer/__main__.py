@@ -41,6 +41,8 @@ async def run() -> None:
         supervisor=app.supervisor,
         auth=authorizer,
         metrics_addr=settings.metrics_addr,
+        tls=settings.server_tls,
+        health_addr=settings.health_addr,
     )
     metrics_redis.close()
 
