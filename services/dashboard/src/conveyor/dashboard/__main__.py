@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import uvicorn
 
 from conveyor.common import logs
 from conveyor.common.client import ConveyorClient
+from conveyor.common.server import EXIT_BAD_SETTING
+from conveyor.common.tls import TLSConfigError
 from conveyor.dashboard.app import create_app
 from conveyor.dashboard.settings import DashboardSettings
 
@@ -40,7 +43,12 @@ async def run() -> None:
 
 
 def main() -> None:
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except TLSConfigError as exc:
+        # CONVEYOR_TLS_* names a file that cannot be used: one line, the services' exit code (EX_CONFIG).
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(EXIT_BAD_SETTING) from None
 
 
 if __name__ == "__main__":
