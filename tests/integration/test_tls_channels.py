@@ -17,6 +17,7 @@ import grpc
 import pytest
 import redis.asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conveyor.common import auth, server
 from conveyor.common.auth import Authorizer, Role, TokenFile
@@ -206,6 +207,15 @@ async def test_the_health_port_serves_health_alone_in_plaintext(mtls_server: Run
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await _list(channel)
         assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        # Reflection there names health (and itself) only: grpcurl can call Check, nothing else.
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = [
+            r async for r in stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        ]
+        assert {s.name for s in replies[0].list_services_response.service} == {
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        }
     # Both ports tell the same status.
     await mtls_server.running.set_serving(False)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{mtls_server.running.health_port}") as channel:

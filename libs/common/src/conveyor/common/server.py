@@ -185,9 +185,13 @@ async def start(
     health_server: grpc.aio.Server | None = None
     health_port = 0
     if health_addr:
-        # The same servicer: both ports tell the same status. No reflection, no interceptor: health only.
+        # The same servicer: both ports tell the same status. Health only (reflection describes
+        # just health, so `grpcurl -plaintext ADDR grpc.health.v1.Health/Check` works); no interceptor.
         health_server = grpc.aio.server(options=server_options(1 << 20))
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        reflection_docs.enable(
+            [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], health_server
+        )
         health_port = bind(health_server, health_addr)
     await server.start()
     if health_server is not None:
