@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +28,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conveyor.common import auth
 from conveyor.common.auth import Role
 from conveyor.common.client import ConveyorClient
+from conveyor.common.devstack.servers import free_port
 from conveyor.common.errors import NotFound, Unauthenticated, Unavailable
 from conveyor.common.ids import make_job_id, new_ulid
 from conveyor.common.tls import ClientTLS
 from conveyor.v1 import event_pb2, job_pb2
 from tests.support.processes import ServiceProcess
 from tests.support.tls_servers import TlsFiles, TlsRedis, tls_postgres
-from tests.support.wait import wait_for
+from tests.support.wait import wait_for, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -200,3 +204,52 @@ def test_grpcurl_with_cacert_cert_and_key(stack: Stack) -> None:
 
 def _unknown_id() -> str:
     return make_job_id(QUEUE, new_ulid())
+
+
+def test_the_dashboard_reads_the_apis_over_mtls(stack: Stack) -> None:
+    f = stack.files
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")},
+        "CONVEYOR_DASHBOARD_ADDR": f"127.0.0.1:{port}",
+        "CONVEYOR_PRODUCER_ADDR": stack.producer.addr,
+        "CONVEYOR_RESULTS_ADDR": stack.results.addr,
+        "CONVEYOR_TOKEN": stack.tokens["admin"],
+        "CONVEYOR_TLS_CA_FILE": str(f.ca_file),
+        "CONVEYOR_TLS_CLIENT_CERT_FILE": str(f.client_cert),
+        "CONVEYOR_TLS_CLIENT_KEY_FILE": str(f.client_key),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conveyor.dashboard"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+
+        def page() -> str:
+            assert proc.poll() is None, f"the dashboard exited with {proc.returncode}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/jobs?queue={QUEUE}", timeout=10) as response:
+                    return str(response.read().decode())
+            except (urllib.error.URLError, ConnectionError):
+                return ""
+
+        body = wait_until(page, "the dashboard's jobs page", within=30)
+        assert f"{QUEUE}/" in body  # job ids of the queue, read from the results service over mTLS
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    # A CA file that cannot be read: one line, exit 78, as the services.
+    done = subprocess.run(
+        [sys.executable, "-m", "conveyor.dashboard"],
+        env={**env, "CONVEYOR_TLS_CA_FILE": "/nonexistent/ca.pem"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 78, done.stderr
+    assert done.stderr.strip() == (
+        "error: CONVEYOR_TLS_CA_FILE=/nonexistent/ca.pem: cannot read the CA certificate (No such file or directory)"
+    )

@@ -286,3 +286,20 @@ async def _ok(channel: grpc.aio.Channel) -> bool:
     except grpc.aio.AioRpcError:
         return False
     return True
+
+
+async def test_a_half_replaced_client_certificate_keeps_the_current_channel(mtls_server: Running, certs: Tls) -> None:
+    channel = ReloadingChannel(
+        mtls_server.addr, _client(certs), interceptors=auth.bearer_interceptors(certs.reader), check_every_s=0.0
+    )
+    try:
+        await _list(channel)
+        renewed = certs.ca.issue("client-a", server=False)
+        _replace(certs.client_cert, renewed.cert_pem)  # the new certificate, the old key: no pair yet
+        await _list(channel)
+        assert channel.generation == 0
+        _replace(certs.client_key, renewed.key_pem)
+        await _list(channel)
+        assert channel.generation == 1
+    finally:
+        await channel.close()
