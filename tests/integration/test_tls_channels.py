@@ -303,3 +303,16 @@ async def test_a_half_replaced_client_certificate_keeps_the_current_channel(mtls
         assert channel.generation == 1
     finally:
         await channel.close()
+
+
+async def test_tls_with_the_system_roots_trusts_what_the_system_bundle_holds(
+    tls_server: Running, certs: Tls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # CONVEYOR_TLS=1 and no CA file: the system's CA bundle, which OpenSSL's SSL_CERT_FILE names.
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca_file))
+    tls = ClientTLS.from_env({"CONVEYOR_TLS": "1"})
+    assert tls.enabled and not tls.ca_file
+    assert await _code(auth.dial(tls_server.addr, certs.reader, tls=tls)) == grpc.StatusCode.OK
+    monkeypatch.delenv("SSL_CERT_FILE")
+    # Debian's bundle does not hold the test CA: refused.
+    assert await _code(auth.dial(tls_server.addr, certs.reader, tls=tls)) == grpc.StatusCode.UNAVAILABLE
