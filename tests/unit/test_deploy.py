@@ -212,6 +212,19 @@ def test_compose_runs_the_dashboard_read_only_over_the_grpc_apis(compose: dict[s
     assert dashboard["ports"] == ["127.0.0.1:8080:8080"]
 
 
+def test_compose_checks_tokens_on_both_grpc_services_from_a_secret(compose: dict[str, Any]) -> None:
+    assert compose["secrets"]["conveyor-tokens"] == {"file": "./secrets/tokens.toml"}
+    for name in ("producer", "results"):
+        service = compose["services"][name]
+        assert service["secrets"] == ["conveyor-tokens"]
+        assert service["environment"]["CONVEYOR_AUTH_TOKENS_FILE"] == "/run/secrets/conveyor-tokens"
+    # The tokens the producer and the dashboard present are required: compose refuses to start without.
+    assert compose["services"]["producer"]["environment"]["CONVEYOR_TOKEN"].startswith("${CONVEYOR_SERVICES_TOKEN:?")
+    assert "${CONVEYOR_SERVICES_TOKEN:?" in compose["services"]["dashboard"]["environment"]["CONVEYOR_TOKEN"]
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert "deploy/secrets/" in ignored and "deploy/.env" in ignored
+
+
 # --- Dockerfiles ---------------------------------------------------------------------------------
 
 
@@ -545,6 +558,7 @@ def test_k8s_manifests_have_the_expected_kinds(manifests: dict[tuple[str, str], 
         ("Service", "conveyor-dashboard"),
         ("ConfigMap", "conveyor-config"),
         ("Secret", "conveyor-database"),
+        ("Secret", "conveyor-auth"),
         ("ScaledObject", "conveyor-worker"),
         ("PodDisruptionBudget", "conveyor-producer"),
         ("PodDisruptionBudget", "conveyor-results"),
@@ -632,6 +646,34 @@ def test_k8s_only_results_gets_the_database_secret_and_the_example_is_a_placehol
     assert ref == {"name": "conveyor-database", "key": "DATABASE_URL"}
     for service in ("producer", "worker"):
         assert "DATABASE_URL" not in _env(_container(manifests, service))
+
+
+def _auth_files(manifests: dict[tuple[str, str], dict[str, Any]], name: str) -> set[str]:
+    """The auth Secret's keys a deployment mounts, checked to be mounted whole at /etc/conveyor/auth."""
+    pod = manifests[("Deployment", f"conveyor-{name}")]["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if "secret" in v and v["secret"]["secretName"] == "conveyor-auth"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    # No subPath: only a whole-volume mount follows edits of the Secret, so tokens reload without a restart.
+    assert mount["mountPath"] == "/etc/conveyor/auth" and mount["readOnly"] and "subPath" not in mount
+    # Group-readable by the pod's fsGroup, as the image's user is not root.
+    assert volume["secret"]["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"] == IMAGE_UID
+    return {item["key"] for item in volume["secret"]["items"]}
+
+
+def test_k8s_checks_tokens_from_the_auth_secret_and_presents_only_a_reader_token(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    assert _auth_files(manifests, "producer") == {"tokens.toml", "services.token"}
+    assert _auth_files(manifests, "results") == {"tokens.toml"}
+    assert _auth_files(manifests, "dashboard") == {"services.token"}
+    for name in ("producer", "results"):
+        assert _env(_container(manifests, name))["CONVEYOR_AUTH_TOKENS_FILE"] == "/etc/conveyor/auth/tokens.toml"
+    for name in ("producer", "dashboard"):
+        assert _env(_container(manifests, name))["CONVEYOR_TOKEN_FILE"] == "/etc/conveyor/auth/services.token"
+    example = manifests[("Secret", "conveyor-auth")]["stringData"]
+    assert set(example) == {"tokens.toml", "services.token"} and "CHANGE-ME" in example["services.token"]
+    # Workers serve health only and call no service: they hold no token.
+    assert not {"CONVEYOR_TOKEN", "CONVEYOR_TOKEN_FILE"} & set(_env(_container(manifests, "worker")))
 
 
 #: The Kubernetes version whose schemas the manifests are checked against (kubernetes-validate bundles

@@ -28,7 +28,7 @@ import secrets
 import threading
 import time
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -132,6 +132,28 @@ class Token:
     digest: bytes
     #: Empty: every queue.
     queues: frozenset[str] = frozenset()
+
+
+def presented_token(env: Mapping[str, str] | None = None) -> str:
+    """The token this process presents: ``CONVEYOR_TOKEN``, or the file ``CONVEYOR_TOKEN_FILE`` names.
+
+    The file form is for mounted secrets (a Kubernetes Secret volume, a compose secret), which
+    keep the token out of the environment and out of ``ps``. TokenFileError when both are set
+    (which one was meant?) or when the file cannot be read or is empty.
+    """
+    e = os.environ if env is None else env
+    value, path = e.get("CONVEYOR_TOKEN", ""), e.get("CONVEYOR_TOKEN_FILE", "")
+    if value and path:
+        raise TokenFileError("CONVEYOR_TOKEN and CONVEYOR_TOKEN_FILE are both set: keep one")
+    if not path:
+        return value.strip()
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise TokenFileError(f"CONVEYOR_TOKEN_FILE={path}: cannot read it ({exc.strerror})") from None
+    if not token:
+        raise TokenFileError(f"CONVEYOR_TOKEN_FILE={path}: the file is empty")
+    return token
 
 
 def digest_of(token: str) -> bytes:

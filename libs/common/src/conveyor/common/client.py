@@ -16,7 +16,6 @@ every job an idempotency key when the caller did not.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -147,7 +146,7 @@ class ConveyorClient:
         retries: Extra tries for UNAVAILABLE / DEADLINE_EXCEEDED.
         coalesce: Send concurrent :meth:`enqueue` calls together as EnqueueBatch calls.
         token: Bearer token sent on every call, for servers with authentication on; by default
-            the environment's ``CONVEYOR_TOKEN`` (as the CLI reads it), "" for none.
+            the environment's ``CONVEYOR_TOKEN`` or ``CONVEYOR_TOKEN_FILE`` (as the CLI reads them), "" for none.
         tls: How to dial (TLS, mTLS; ADR 0024); by default as the environment says
             (``CONVEYOR_TLS``, ``CONVEYOR_TLS_CA_FILE``, ``CONVEYOR_TLS_CLIENT_CERT_FILE`` /
             ``_KEY_FILE``, ``CONVEYOR_TLS_SERVER_NAME``), plaintext when it says nothing.
@@ -166,7 +165,7 @@ class ConveyorClient:
         tls: ClientTLS | None = None,
     ) -> None:
         if token is None:
-            token = os.environ.get("CONVEYOR_TOKEN", "")
+            token = auth.presented_token()
         if tls is None:
             tls = ClientTLS.from_env()
         self._channel = auth.dial(producer_addr, token, tls=tls)

@@ -56,7 +56,7 @@ class AddressInUse(OSError):
         self.addr = addr
 
 
-def _address_in_use(addr: str) -> bool:
+def address_in_use(addr: str) -> bool:
     """Whether binding ``addr`` ("host:port") fails with EADDRINUSE right now."""
     host, _, port = addr.rpartition(":")
     host = host.strip("[]") or "0.0.0.0"
@@ -87,16 +87,18 @@ def bind(server: grpc.aio.Server, addr: str, credentials: grpc.ServerCredentials
     except RuntimeError:  # grpcio >= 1.5x raises; older versions return 0
         port = 0
     if port == 0:
-        if _address_in_use(addr):
+        if address_in_use(addr):
             raise AddressInUse(addr)
         raise OSError(f"cannot listen on {addr} (set GRPC_VERBOSITY=debug for gRPC's reason)")
     return port
 
 
-def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """SERVER_OPTIONS with the receive and send message limits set to ``max_message_bytes``."""
+def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES, share_port: bool = False) -> list[tuple[str, int]]:
+    """SERVER_OPTIONS with the receive and send message limits set to ``max_message_bytes``;
+    ``share_port`` turns SO_REUSEPORT on, for the members of a process group (process_group.py)."""
     limits = {"grpc.max_receive_message_length", "grpc.max_send_message_length"}
-    return [(k, max_message_bytes if k in limits else v) for k, v in SERVER_OPTIONS]
+    options = [(k, max_message_bytes if k in limits else v) for k, v in SERVER_OPTIONS]
+    return [(k, 1 if k == "grpc.so_reuseport" and share_port else v) for k, v in options]
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,7 @@ async def start(
     classify: Sequence[Callable[[BaseException], ConveyorError | None]] = (),
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     auth: Authorizer | None = None,
+    share_port: bool = False,
     tls: ServerTLS | None = None,
     health_addr: str = "",
 ) -> RunningServer:
@@ -172,7 +175,7 @@ async def start(
     """
     credentials = tls.credentials() if tls is not None else None
     interceptor = ServerInterceptor(unavailable, classify, auth)
-    server = grpc.aio.server(interceptors=[interceptor], options=server_options(max_message_bytes))
+    server = grpc.aio.server(interceptors=[interceptor], options=server_options(max_message_bytes, share_port))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [s.name for s in services]
@@ -187,7 +190,7 @@ async def start(
     if health_addr:
         # The same servicer: both ports tell the same status. Health only (reflection describes
         # just health, so `grpcurl -plaintext ADDR grpc.health.v1.Health/Check` works); no interceptor.
-        health_server = grpc.aio.server(options=server_options(1 << 20))
+        health_server = grpc.aio.server(options=server_options(1 << 20, share_port))
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         reflection_docs.enable(
             [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], health_server
@@ -222,6 +225,7 @@ async def serve(
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     metrics_addr: str = "",
     auth: Authorizer | None = None,
+    share_port: bool = False,
     tls: ServerTLS | None = None,
     health_addr: str = "",
 ) -> None:
@@ -242,6 +246,8 @@ async def serve(
         max_message_bytes: gRPC max receive and send message length.
         metrics_addr: Where to serve Prometheus metrics ("" or "off": nowhere).
         auth: Checks every call's bearer token (None: no authentication).
+        share_port: Listen with SO_REUSEPORT, beside the other members of a process group (the
+            health port too).
         tls: TLS of the server (see start); None: plaintext.
         health_addr: Where grpc.health.v1 alone is also served in plaintext (see start).
     """
@@ -260,6 +266,7 @@ async def serve(
         classify=classify,
         max_message_bytes=max_message_bytes,
         auth=auth,
+        share_port=share_port,
         tls=tls,
         health_addr=health_addr,
     )

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from conveyor.common.auth import presented_token
+
 CHART_JS = Path("chart.js") / "dist" / "chart.umd.min.js"
 
 
@@ -29,7 +31,8 @@ class DashboardSettings:
     assets: Path | None
     log_level: str
     log_format: str
-    #: The token the dashboard presents to the gRPC APIs (CONVEYOR_TOKEN), when they check tokens.
+    #: The token the dashboard presents to the gRPC APIs (CONVEYOR_TOKEN or CONVEYOR_TOKEN_FILE),
+    #: when they check tokens.
     token: str = ""
 
     @classmethod
@@ -52,5 +55,5 @@ class DashboardSettings:
             assets=Path(assets) if assets else find_chart_js(Path(__file__).resolve().parent),
             log_level=e.get("CONVEYOR_LOG_LEVEL", "info"),
             log_format=e.get("CONVEYOR_LOG_FORMAT", "auto"),
-            token=e.get("CONVEYOR_TOKEN", ""),
+            token=presented_token(e),
         )

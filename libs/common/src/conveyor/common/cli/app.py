@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from conveyor.common import auth
 from conveyor.common.cli import admin, jobs, schedules, tokens
 from conveyor.common.cli.context import Settings
 from conveyor.common.tls import ClientTLS, TLSConfigError
@@ -29,7 +30,7 @@ from conveyor.common.tls import ClientTLS, TLSConfigError
     envvar="CONVEYOR_TOKEN",
     default="",
     show_default=False,
-    help="Bearer token, when the servers check tokens (env CONVEYOR_TOKEN).",
+    help="Bearer token, when the servers check tokens (env CONVEYOR_TOKEN, or a file named by CONVEYOR_TOKEN_FILE).",
 )
 @click.option(
     "--tls",
@@ -89,6 +90,11 @@ def cli(
     Exit codes: 0 done (watch: the job succeeded), 1 the service said no or could not be
     reached, 2 bad usage, 3 the job failed, 4 dead-lettered, 5 cancelled, 130 Ctrl-C.
     """
+    if not token:
+        try:
+            token = auth.presented_token()
+        except auth.TokenFileError as exc:
+            raise click.UsageError(str(exc)) from None
     try:
         tls = ClientTLS.create(
             tls=tls_on,
