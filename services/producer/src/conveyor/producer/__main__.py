@@ -44,6 +44,8 @@ async def run() -> None:
         auth=authorizer,
         metrics_addr=settings.metrics_addr,
         share_port=settings.process_index >= 0,
+        tls=settings.server_tls,
+        health_addr=settings.health_addr,
     )
     metrics_redis.close()
 

@@ -78,6 +78,8 @@ async def run() -> None:
         auth=authorizer,
         classify=[pgerrors.client_error],
         metrics_addr=settings.metrics_addr,
+        tls=settings.server_tls,
+        health_addr=settings.health_addr,
     )
 
 
