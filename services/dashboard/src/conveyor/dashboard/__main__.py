@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import uvicorn
 
-from conveyor.common import logs
+from conveyor.common import crypto, logs
 from conveyor.common.client import ConveyorClient
 from conveyor.dashboard.app import create_app
 from conveyor.dashboard.settings import DashboardSettings
@@ -14,6 +15,8 @@ from conveyor.dashboard.settings import DashboardSettings
 
 async def run() -> None:
     settings = DashboardSettings.from_env()
+    # The keyring (ADR 0025): a bad one stops the start with one line saying what is wrong (exit 78).
+    crypto.configure_from_env()
     logs.configure(service="dashboard", level=settings.log_level, fmt=settings.log_format)
     log = logs.get_logger("conveyor.dashboard")
     client = ConveyorClient(settings.producer_addr, settings.results_addr, coalesce=False, token=settings.token)
@@ -40,7 +43,11 @@ async def run() -> None:
 
 
 def main() -> None:
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except crypto.KeyringError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(78) from None
 
 
 if __name__ == "__main__":

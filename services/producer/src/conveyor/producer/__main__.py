@@ -7,7 +7,7 @@ import functools
 
 import redis as sync_redis
 
-from conveyor.common import logs, metrics, server, tracing
+from conveyor.common import crypto, logs, metrics, server, tracing
 from conveyor.common.auth import Authorizer
 from conveyor.common.queue_registry import QueueSweeper
 from conveyor.common.redis import REDIS_UNAVAILABLE
@@ -17,6 +17,8 @@ from conveyor.producer.app import build
 
 async def run() -> None:
     settings = ProducerSettings.from_env()
+    # The keyring (ADR 0025): a bad one stops the start with one line saying what is wrong (exit 78).
+    crypto.configure_from_env()
     # Read the token file now: a wrong one stops the start with one line saying what is wrong.
     authorizer = Authorizer.from_path(settings.auth_tokens_file)
     logs.configure(service="producer", level=settings.log_level, fmt=settings.log_format)
