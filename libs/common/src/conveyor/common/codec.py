@@ -13,6 +13,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
+from conveyor.common import crypto
 from conveyor.common.defaults import DEFAULT_RETRY
 from conveyor.common.ids import ulid_time_ms
 from conveyor.v1 import event_pb2, job_pb2
@@ -105,12 +106,32 @@ def embed_job(event: bytes, job: bytes) -> bytes:
     return event + _JOB_FIELD_TAG + varint(len(job)) + job
 
 
+def public_payload(data: bytes, job_id: str) -> struct_pb2.Struct:
+    """A stored payload (JSON bytes) as clients see it: a Struct, opened when it is sealed and
+    this process holds its key, else ``{"$sealed": "<sealed value>"}`` (ADR 0025)."""
+    if data.startswith(crypto.SEALED_JSON):
+        data = crypto.try_open(data, crypto.PAYLOAD, job_id)
+        if data.startswith(crypto.SEALED_JSON):
+            out = struct_pb2.Struct()
+            out.update({crypto.SEALED_KEY: crypto.sealed_token(data)})
+            return out
+    return json_to_struct(data)
+
+
+def public_result(data: bytes, job_id: str) -> struct_pb2.Value:
+    """A stored result (JSON bytes) as clients see it: opened when it is sealed and this process
+    holds its key, else the sealed value as a string (ADR 0025)."""
+    if data.startswith(crypto.SEALED_JSON):
+        data = crypto.try_open(data, crypto.RESULT, job_id)
+    return json_to_value(data)
+
+
 def public_job(job: job_pb2.Job) -> job_pb2.Job:
     """``job`` as clients see it: payload as a Struct."""
     if job.payload_json:
         out = job_pb2.Job()
         out.CopyFrom(job)
-        out.payload.CopyFrom(json_to_struct(job.payload_json))
+        out.payload.CopyFrom(public_payload(job.payload_json, job.id))
         out.ClearField("payload_json")
         return out
     return job
@@ -123,7 +144,7 @@ def public_event(event: event_pb2.JobEvent) -> event_pb2.JobEvent:
     out = event_pb2.JobEvent()
     out.CopyFrom(event)
     if event.result_json:
-        out.result.CopyFrom(json_to_value(event.result_json))
+        out.result.CopyFrom(public_result(event.result_json, event.job_id))
         out.ClearField("result_json")
     if event.job.payload_json:
         out.job.CopyFrom(public_job(event.job))

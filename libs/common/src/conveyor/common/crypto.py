@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 PREFIX = "$conveyor-sealed:v1:"
 _QUOTED_PREFIX = b'"' + PREFIX.encode()
 #: Any version of the format (a reader that meets a newer one says so instead of showing it as data).
-_ANY_VERSION = b'"$conveyor-sealed:'
+SEALED_JSON = _ANY_VERSION = b'"$conveyor-sealed:'
 PAYLOAD = "payload"
 RESULT = "result"
 _NONCE = 12

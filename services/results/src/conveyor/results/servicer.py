@@ -19,8 +19,9 @@ import psycopg
 from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from conveyor.common import crypto
 from conveyor.common.codec import dumps, value_to_python
-from conveyor.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from conveyor.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from conveyor.common.ids import parse_job_id, parse_stream_id
 from conveyor.common.validate import MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS, check_queue, queue_problem
 from conveyor.results.queries import (
@@ -171,7 +172,30 @@ def _filters(request: results_service_pb2.ListJobsRequest) -> JobFilter:
     )
     if violations:
         raise InvalidArgument(violations)
+    if filters.where:
+        _refuse_search_of_encrypted(request.queue)
     return filters
+
+
+def _refuse_search_of_encrypted(queue: str) -> None:
+    """Payload conditions cannot work on an encrypted queue: PostgreSQL holds only ciphertext (ADR 0025)."""
+    encryption = crypto.current()
+    if queue and encryption.encrypts(queue):
+        raise FailedPrecondition(
+            f"queue {queue!r} is encrypted at rest (CONVEYOR_ENCRYPTED_QUEUES): its payloads are stored as "
+            "ciphertext, so payload conditions (where) cannot match them; filter by queue, type, state, "
+            "time or labels instead",
+            subject=f"queue:{queue}",
+            kind="ENCRYPTED_QUEUE",
+        )
+    if not queue and encryption.queues:
+        named = "every queue" if encryption.all_queues else ", ".join(sorted(encryption.queues))
+        raise FailedPrecondition(
+            f"payload conditions (where) need a queue that is not encrypted: the payloads of {named} are "
+            "stored as ciphertext (CONVEYOR_ENCRYPTED_QUEUES), so name a queue whose payloads are not",
+            subject="where",
+            kind="ENCRYPTED_QUEUE",
+        )
 
 
 def filter_hash(filters: JobFilter) -> str:
