@@ -78,6 +78,7 @@ ACCESS: dict[str, frozenset[Role]] = {
             "ReplaySetAside": set(),
             "DiscardSetAside": set(),
             "DeleteJobs": set(),
+            "ReEncryptJobs": set(),
         },
         "AdminService": {
             "GetLimits": {_R},

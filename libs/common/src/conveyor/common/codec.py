@@ -7,6 +7,7 @@ at the door (ADR 0003). Responses always carry the Struct/Value forms.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from typing import Any
@@ -216,3 +217,37 @@ STATE_AFTER_EVENT = {
     event_pb2.EVENT_TYPE_DEAD_LETTERED: job_pb2.JOB_STATE_DEAD_LETTERED,
     event_pb2.EVENT_TYPE_CANCELLED: job_pb2.JOB_STATE_CANCELLED,
 }
+
+
+def reveal_job(job: job_pb2.Job) -> job_pb2.Job:
+    """In place, ``job`` (as a server answered it) with the payload and result the server left
+    sealed (it held no key: ``{"$sealed": ...}``, a sealed string) opened by this process's
+    keyring, when it holds their key: how the CLI and the dashboard read them (ADR 0025)."""
+    keyring = crypto.current().keyring
+    if keyring is None:
+        return job
+    fields = job.payload.fields
+    if len(fields) == 1 and crypto.SEALED_KEY in fields:
+        try:
+            plain = keyring.open(fields[crypto.SEALED_KEY].string_value, crypto.PAYLOAD, job.id)
+        except crypto.SealError:
+            pass
+        else:
+            job.payload.CopyFrom(json_to_struct(plain))
+    if job.HasField("result") and job.result.string_value.startswith(crypto.PREFIX):
+        with contextlib.suppress(crypto.SealError):
+            job.result.CopyFrom(json_to_value(keyring.open(job.result.string_value, crypto.RESULT, job.id)))
+    return job
+
+
+def reveal_event(event: event_pb2.JobEvent) -> event_pb2.JobEvent:
+    """In place, ``event`` with what its server left sealed opened here, as reveal_job does."""
+    keyring = crypto.current().keyring
+    if keyring is None:
+        return event
+    if event.HasField("result") and event.result.string_value.startswith(crypto.PREFIX):
+        with contextlib.suppress(crypto.SealError):
+            event.result.CopyFrom(json_to_value(keyring.open(event.result.string_value, crypto.RESULT, event.job_id)))
+    if event.HasField("job"):
+        reveal_job(event.job)
+    return event

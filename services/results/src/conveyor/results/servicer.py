@@ -35,6 +35,7 @@ from conveyor.results.queries import (
     from_us,
     to_us,
 )
+from conveyor.results.reencrypt import reencrypt_jobs
 from conveyor.results.setaside import Missing, SetAsideRow, SetAsideRows
 from conveyor.results.store import delete_finished_jobs
 from conveyor.v1 import job_pb2, results_service_pb2, results_service_pb2_grpc
@@ -417,7 +418,37 @@ class ResultsServicer(results_service_pb2_grpc.ResultsServiceServicer):
                 )
         return response
 
+    async def ReEncryptJobs(
+        self, request: results_service_pb2.ReEncryptJobsRequest, context: Context
+    ) -> results_service_pb2.ReEncryptJobsResponse:
+        check_queue(request.queue)
+        if request.max_jobs < 0 or request.max_jobs > MAX_REENCRYPT:
+            raise InvalidArgument({"max_jobs": f"must be between 1 and {MAX_REENCRYPT} (0 means {DEFAULT_REENCRYPT})"})
+        if request.after_job_id and parse_job_id(request.after_job_id) is None:
+            raise InvalidArgument({"after_job_id": _JOB_ID_HELP})
+        encryption = crypto.current()
+        if encryption.keyring is None:
+            raise FailedPrecondition(
+                "this results service has no keyring: start it with CONVEYOR_KEYRING_FILE or CONVEYOR_KEYRING "
+                "holding the new active key first and the old keys after it",
+                subject="keyring",
+                kind="NO_KEYRING",
+            )
+        done = await reencrypt_jobs(
+            self._queries.pool, request.queue, request.after_job_id, request.max_jobs or DEFAULT_REENCRYPT, encryption
+        )
+        return results_service_pb2.ReEncryptJobsResponse(
+            key_id=done.key_id,
+            examined=done.examined,
+            jobs_reencrypted=done.jobs,
+            events_reencrypted=done.events,
+            unreadable=done.unreadable,
+            next_after_job_id=done.next_after,
+        )
 
+
+DEFAULT_REENCRYPT = 1000
+MAX_REENCRYPT = 10_000
 DEFAULT_SET_ASIDE_PAGE = 100
 
 

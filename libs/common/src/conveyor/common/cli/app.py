@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from conveyor.common.cli import admin, jobs, schedules, tokens
+from conveyor.common.cli import admin, jobs, keys, schedules, tokens
 from conveyor.common.cli.context import Settings
 
 
@@ -41,6 +41,9 @@ def cli(ctx: click.Context, producer: str, results: str, token: str, json_: bool
     reached, 2 bad usage, 3 the job failed, 4 dead-lettered, 5 cancelled, 130 Ctrl-C.
     """
     ctx.obj = Settings(producer=producer, results=results, json=json_, timeout=timeout, token=token)
+    if ctx.invoked_subcommand != "key":
+        # Opens what a server without the key answered sealed (ADR 0025); `key` reports its own errors.
+        keys.configure_or_exit()
 
 
 for command in (
@@ -59,6 +62,8 @@ for command in (
     admin.dlq,
     schedules.schedules,
     tokens.token,
+    keys.key,
+    keys.reencrypt,
 ):
     cli.add_command(command)
 
