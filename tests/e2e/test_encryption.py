@@ -13,6 +13,7 @@ Then rotation: a new active key before the old one, old and new jobs both readab
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -199,12 +200,26 @@ def _projected(stack: Stack, job_ids: list[str]) -> bool:
 
 def test_no_plaintext_at_rest_while_readers_with_the_key_see_it(stack: Stack) -> None:
     payload = {"card": MARKER, "amount": 42}
+    # A schedule's job template is a payload at rest too (sealed for the schedule id).
+    made = stack.cli(
+        "schedules", "create", "nightly", "demo.echo", "-q", SECRET, "-p", json.dumps({"card": MARKER, "sched": 1}),
+        "--every", "1s",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
     secret_ids = [stack.enqueue(SECRET, "demo.echo", {**payload, "n": i}) for i in range(4)]
     slow = stack.enqueue(SECRET, "demo.sleep", {"seconds": 0.2, "steps": 2, "note": MARKER})
     delayed = stack.enqueue(SECRET, "demo.echo", payload, "--delay", "1h")  # parked in Redis meanwhile
     clear = stack.enqueue(PLAIN, "demo.echo", {"card": CONTROL})
     done_ids = [*secret_ids, slow, clear]
+    fired = wait_until(
+        lambda: stack.json("schedules", "get", "nightly").get("lastJobId"), "the schedule to fire", within=30
+    )
+    done_ids.append(fired)
     wait_until(lambda: _projected(stack, done_ids), "the jobs to succeed and reach PostgreSQL", within=30)
+    assert stack.json("get", fired)["result"] == {"card": MARKER, "sched": 1}
+    template = stack.json("schedules", "get", "nightly")["spec"]["template"]
+    shown = template["payload"] if "payload" in template else json.loads(base64.b64decode(template["payloadJson"]))
+    assert shown["card"] == MARKER
 
     # The handler got the plaintext: demo.echo returned it. GetJob (producer, then results) opens it.
     got = stack.json("get", secret_ids[0])
@@ -235,6 +250,8 @@ def test_no_plaintext_at_rest_while_readers_with_the_key_see_it(stack: Stack) ->
         ).fetchone()
     assert kinds is not None and kinds[:2] == ("string", "string")
     assert kinds[2].startswith("$conveyor-sealed:v1:old:")
+
+    assert stack.cli("schedules", "delete", "nightly").returncode == 0
 
     # Payload search refuses the encrypted queue, and says why.
     refused = stack.cli("jobs", "--queue", SECRET, "--where", f"card={MARKER}")

@@ -42,6 +42,8 @@ _QUOTED_PREFIX = b'"' + PREFIX.encode()
 SEALED_JSON = _ANY_VERSION = b'"$conveyor-sealed:'
 PAYLOAD = "payload"
 RESULT = "result"
+#: A schedule's job template (its payload), bound to "schedule/<schedule id>".
+TEMPLATE = "template"
 _NONCE = 12
 _KEY_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
 _ALL = "*"
