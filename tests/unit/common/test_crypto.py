@@ -159,3 +159,27 @@ def test_bad_keyring_stops_a_service_with_exit_78(tmp_path: Path) -> None:
     assert out.returncode == 78, out.stderr
     assert "CONVEYOR_KEYRING: entry 1 (key id 'k1'): the key is" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_answers_open_what_they_can_and_clients_open_the_rest(old: str) -> None:
+    from conveyor.common import codec
+    from conveyor.v1 import job_pb2
+
+    ring = Keyring.parse(old)
+    payload, result = ring.seal(PLAIN, PAYLOAD, JOB), ring.seal(b'{"ok":true}', RESULT, JOB)
+    # A server without the key answers the sealed values...
+    shown = codec.public_payload(payload, JOB)
+    assert dict(shown) == {crypto.SEALED_KEY: crypto.sealed_token(payload)}
+    job = job_pb2.Job(id=JOB)
+    job.payload.CopyFrom(shown)
+    job.result.CopyFrom(codec.public_result(result, JOB))
+    assert job.result.string_value.startswith(crypto.PREFIX)
+    assert codec.reveal_job(job).payload == shown  # ...and a client without it leaves them so.
+    # A client holding the key opens them.
+    crypto.configure(Encryption(ring))
+    codec.reveal_job(job)
+    assert job.payload["card"] == "4111-SECRET-MARKER" and job.payload["amount"] == 42
+    assert job.result.struct_value["ok"] is True
+    # A server holding the key answers in clear.
+    assert codec.public_payload(payload, JOB)["amount"] == 42
+    assert codec.public_result(result, JOB).struct_value["ok"] is True
