@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import pytest
 import redis
 
 from conveyor.common import crypto
-from conveyor.common.devstack.servers import PostgresServer, RedisServer
+from conveyor.common.devstack.servers import PostgresServer, RedisServer, free_port
 from conveyor.results.store import unpack_events
 from conveyor.v1 import event_pb2, producer_service_pb2, producer_service_pb2_grpc
 from tests.support.processes import ServiceProcess
@@ -65,13 +66,15 @@ class Stack:
             env["CONVEYOR_ENCRYPTED_QUEUES"] = ""
         return env
 
-    def start(self, name: str, service: str, keyring: bool = True, **extra: str) -> ServiceProcess:
+    def start(
+        self, name: str, service: str, keyring: bool = True, results: str = "results", **extra: str
+    ) -> ServiceProcess:
         self.stop(name)
         env = {**self.env(keyring), **extra}
         if service == "results":
             env["DATABASE_URL"] = self.database_url
         elif service == "producer":
-            env["CONVEYOR_RESULTS_ADDR"] = self.processes["results"].addr
+            env["CONVEYOR_RESULTS_ADDR"] = self.processes[results].addr
         elif service == "worker":
             env.update(CONVEYOR_QUEUES=f"{SECRET},{PLAIN}", CONVEYOR_WORKER_ID=name)
         process = ServiceProcess(service, env, name=name).start()
@@ -90,11 +93,16 @@ class Stack:
         self.start("worker", "worker")
 
     def cli(
-        self, *args: str, results: str = "results", keyring: bool = True, stdin: str | None = None
+        self,
+        *args: str,
+        results: str = "results",
+        producer: str = "producer",
+        keyring: bool = True,
+        stdin: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         env = {
             **os.environ,
-            "CONVEYOR_PRODUCER_ADDR": self.processes["producer"].addr,
+            "CONVEYOR_PRODUCER_ADDR": self.processes[producer].addr,
             "CONVEYOR_RESULTS_ADDR": self.processes[results].addr,
             "NO_COLOR": "1",
             "COLUMNS": "200",
@@ -265,21 +273,63 @@ def test_no_plaintext_at_rest_while_readers_with_the_key_see_it(stack: Stack) ->
     assert MARKER not in logs
 
 
-def test_a_results_service_without_the_key_answers_sealed_and_the_cli_with_the_key_opens_it(stack: Stack) -> None:
+def test_services_without_the_key_answer_sealed_and_the_cli_and_dashboard_with_it_open_it(stack: Stack) -> None:
     job_id = stack.enqueue(SECRET, "demo.echo", {"card": MARKER, "keyless": True})
     wait_until(lambda: _projected(stack, [job_id]), "the job to reach PostgreSQL", within=30)
-    stack.start("keyless", "results", keyring=False)
+    stack.start("keyless-results", "results", keyring=False)
+    stack.start("keyless-producer", "producer", keyring=False, results="keyless-results")
+    keyless = {"results": "keyless-results", "producer": "keyless-producer"}
+    dashboard: subprocess.Popen[bytes] | None = None
     try:
-        sealed = stack.json("events", job_id, results="keyless", keyring=False)
+        sealed = stack.json("events", job_id, keyring=False, **keyless)
         assert MARKER not in json.dumps(sealed)
         final = sealed[-1]
         assert final["job"]["payload"]["$sealed"].startswith("$conveyor-sealed:v1:")
         assert final["result"].startswith("$conveyor-sealed:v1:")
-        opened = stack.json("events", job_id, results="keyless")  # the CLI holds the keyring
+        assert MARKER not in stack.cli("get", job_id, "--json", keyring=False, **keyless).stdout
+        opened = stack.json("events", job_id, **keyless)  # the CLI holds the keyring
         assert opened[-1]["job"]["payload"]["card"] == MARKER
         assert opened[-1]["result"]["card"] == MARKER
+        assert stack.json("get", job_id, **keyless)["payload"]["card"] == MARKER
+
+        # The dashboard, holding the key, opens what the keyless services answer sealed.
+        port = free_port()
+        log = stack.tmp / "dashboard.log"
+        with log.open("wb") as out:
+            dashboard = subprocess.Popen(
+                [sys.executable, "-m", "conveyor.dashboard"],
+                env={
+                    **os.environ,
+                    **stack.env(),
+                    "CONVEYOR_PRODUCER_ADDR": stack.processes["keyless-producer"].addr,
+                    "CONVEYOR_RESULTS_ADDR": stack.processes["keyless-results"].addr,
+                    "CONVEYOR_DASHBOARD_ADDR": f"127.0.0.1:{port}",
+                    "CONVEYOR_LOG_FORMAT": "json",
+                },
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _http(f"{base}/healthz") is not None, "the dashboard to answer", within=30)
+        api = _http(f"{base}/api/payload/{job_id}")
+        assert api is not None and json.loads(api)["payload"]["card"] == MARKER
+        page = _http(f"{base}/jobs/{job_id}")
+        assert page is not None and MARKER in page
     finally:
-        stack.stop("keyless")
+        if dashboard is not None:
+            dashboard.terminate()
+            dashboard.wait(15)
+            stack.logs.append((stack.tmp / "dashboard.log").read_text(errors="replace"))
+        stack.stop("keyless-producer")
+        stack.stop("keyless-results")
+
+
+def _http(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read().decode()
+    except OSError:
+        return None
 
 
 def _key_ids_at_rest(stack: Stack, queue: str) -> set[str]:
