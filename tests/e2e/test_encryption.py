@@ -33,7 +33,7 @@ import redis
 from conveyor.common import crypto
 from conveyor.common.devstack.servers import PostgresServer, RedisServer, free_port
 from conveyor.results.store import unpack_events
-from conveyor.v1 import event_pb2, producer_service_pb2, producer_service_pb2_grpc
+from conveyor.v1 import event_pb2, job_pb2, producer_service_pb2, producer_service_pb2_grpc
 from tests.support.processes import ServiceProcess
 from tests.support.wait import wait_until
 
@@ -53,6 +53,8 @@ class Stack:
     tmp: Path
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
     logs: list[str] = field(default_factory=list)
+    #: A job delayed by an hour: parked in Redis for the whole module.
+    delayed: str = ""
 
     def env(self, keyring: bool = True) -> dict[str, str]:
         env = {
@@ -216,7 +218,7 @@ def test_no_plaintext_at_rest_while_readers_with_the_key_see_it(stack: Stack) ->
     assert made.returncode == 0, made.stderr
     secret_ids = [stack.enqueue(SECRET, "demo.echo", {**payload, "n": i}) for i in range(4)]
     slow = stack.enqueue(SECRET, "demo.sleep", {"seconds": 0.2, "steps": 2, "note": MARKER})
-    delayed = stack.enqueue(SECRET, "demo.echo", payload, "--delay", "1h")  # parked in Redis meanwhile
+    delayed = stack.delayed = stack.enqueue(SECRET, "demo.echo", payload, "--delay", "1h")  # parked in Redis
     clear = stack.enqueue(PLAIN, "demo.echo", {"card": CONTROL})
     done_ids = [*secret_ids, slow, clear]
     fired = wait_until(
@@ -367,12 +369,20 @@ def test_rotation_old_and_new_jobs_readable_reencrypt_then_drop_the_old_key(stac
     report = json.loads(done.stdout)
     assert report["key_id"] == "new" and report["jobs_reencrypted"] >= 1 and report["unreadable"] == []
     assert _key_ids_at_rest(stack, SECRET) == {"new"}
+    # Redis: the parked job was sealed again in place; what streams hold under "old" is counted.
+    assert report["redis"]["key_id"] == "new" and report["redis"]["parked_reencrypted"] >= 1
+    parked = redis.Redis.from_url(stack.redis_url).hgetall(f"conveyor:{{{SECRET}}}:parked")
+    assert parked and {crypto.key_id_of(job_pb2.Job.FromString(v).payload_json) for v in parked.values()} == {"new"}
+    assert {(r["place"], r["key_id"]) for r in report["redis"]["remaining"]} >= {("events", "old")}
     again = stack.json("reencrypt", SECRET)
     assert again["jobs_reencrypted"] == 0 and again["events_reencrypted"] == 0  # nothing left to do
 
-    # The old key can go: the results service and the CLI keep reading every job from PostgreSQL.
+    # The old key can go: the results service and the CLI keep reading every job from PostgreSQL,
+    # the producer the parked job.
     stack.keyring_file.write_text(stack.keyring_file.read_text().splitlines()[0] + "\n")
     stack.start("results", "results")
+    stack.start("producer", "producer")
+    assert stack.json("get", stack.delayed)["payload"]["card"] == MARKER
     for job_id, era in ((old_job, "old"), (new_job, "new")):
         history = stack.json("events", job_id)
         final = history[-1]

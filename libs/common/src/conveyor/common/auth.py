@@ -86,6 +86,7 @@ ACCESS: dict[str, frozenset[Role]] = {
             "GetQueueStats": {_R},
             "ListQueues": {_R},
             "ListWorkers": {_R},
+            "ReEncrypt": set(),
             "PauseQueue": set(),
             "ResumeQueue": set(),
             "SetRateLimit": set(),

@@ -508,6 +508,12 @@ class ConveyorClient:
             reveal_event(event)
         return response
 
+    async def reencrypt_redis(self, queue: str) -> admin_service_pb2.ReEncryptResponse:
+        """AdminService.ReEncrypt (admin): the queue's parked jobs in Redis sealed again with the
+        producer's active key, and counts of what Redis still holds sealed with other keys."""
+        req = admin_service_pb2.ReEncryptRequest(queue=queue)
+        return await self._call(lambda: self._admin.ReEncrypt(req, timeout=self._timeout))
+
     async def reencrypt_jobs(
         self, queue: str, after_job_id: str = "", max_jobs: int = 0
     ) -> results_service_pb2.ReEncryptJobsResponse:

@@ -104,6 +104,16 @@ class AdminServiceStub:
     stops cleanly leaves the list at once, one that dies drops off when its entry
     expires (CONVEYOR_WORKER_TTL_SECONDS after its last heartbeat, 10 s by default).
     """
+    ReEncrypt: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ReEncryptRequest, _admin_service_pb2.ReEncryptResponse]
+    """ReEncrypt seals again, with the active key of this producer's keyring, the payloads
+    of the queue's parked jobs in Redis (delayed, waiting for a retry, held back by a rate
+    key) that another key sealed (or that are in clear while the queue is encrypted here;
+    each one changed only if nobody changed it meanwhile), and counts the values still
+    sealed with other keys where Redis cannot rewrite them in place (stream entries:
+    waiting jobs, dead letters, events), so an operator knows when an old key can go
+    (ADR 0025). PostgreSQL is ResultsService.ReEncryptJobs. FAILED_PRECONDITION without a
+    keyring. Admin only.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -179,6 +189,16 @@ class AdminServiceAsyncStub(AdminServiceStub):
     and refreshes its entry with every heartbeat (at least once a second); one that
     stops cleanly leaves the list at once, one that dies drops off when its entry
     expires (CONVEYOR_WORKER_TTL_SECONDS after its last heartbeat, 10 s by default).
+    """
+    ReEncrypt: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ReEncryptRequest, _admin_service_pb2.ReEncryptResponse]  # type: ignore[assignment]
+    """ReEncrypt seals again, with the active key of this producer's keyring, the payloads
+    of the queue's parked jobs in Redis (delayed, waiting for a retry, held back by a rate
+    key) that another key sealed (or that are in clear while the queue is encrypted here;
+    each one changed only if nobody changed it meanwhile), and counts the values still
+    sealed with other keys where Redis cannot rewrite them in place (stream entries:
+    waiting jobs, dead letters, events), so an operator knows when an old key can go
+    (ADR 0025). PostgreSQL is ResultsService.ReEncryptJobs. FAILED_PRECONDITION without a
+    keyring. Admin only.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -348,6 +368,22 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         and refreshes its entry with every heartbeat (at least once a second); one that
         stops cleanly leaves the list at once, one that dies drops off when its entry
         expires (CONVEYOR_WORKER_TTL_SECONDS after its last heartbeat, 10 s by default).
+        """
+
+    @_abc_1.abstractmethod
+    def ReEncrypt(
+        self,
+        request: _admin_service_pb2.ReEncryptRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ReEncryptResponse, _abc.Awaitable[_admin_service_pb2.ReEncryptResponse]]:
+        """ReEncrypt seals again, with the active key of this producer's keyring, the payloads
+        of the queue's parked jobs in Redis (delayed, waiting for a retry, held back by a rate
+        key) that another key sealed (or that are in clear while the queue is encrypted here;
+        each one changed only if nobody changed it meanwhile), and counts the values still
+        sealed with other keys where Redis cannot rewrite them in place (stream entries:
+        waiting jobs, dead letters, events), so an operator knows when an old key can go
+        (ADR 0025). PostgreSQL is ResultsService.ReEncryptJobs. FAILED_PRECONDITION without a
+        keyring. Admin only.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

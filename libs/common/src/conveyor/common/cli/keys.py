@@ -90,15 +90,17 @@ def check(json_: bool) -> None:
 @click.option("--batch", type=click.IntRange(1, 10_000), default=1000, show_default=True, help="Jobs per call.")
 @command
 async def reencrypt(settings: Settings, queue: str, batch: int) -> int:
-    """Seal QUEUE's jobs stored in PostgreSQL again with the results service's active key.
+    """Seal QUEUE's stored jobs again with the active key: PostgreSQL (results), parked jobs in Redis (producer).
 
     Run it after putting a new key first in the keyring of every service (and restarting
-    them); once it reports nothing unreadable and the queue's jobs sealed with the old key
-    have left Redis (they drain as they run; finished ones after CONVEYOR_RETENTION_SECONDS),
-    the old key can be removed. Also seals what is stored in clear when the queue was
+    them). It also counts what Redis still holds under other keys (stream entries cannot be
+    rewritten: waiting jobs run, dead letters are retried or purged, events pass
+    CONVEYOR_RETENTION_SECONDS); once nothing is unreadable and Redis holds nothing under the
+    old key, run it once more and remove the old key. Also seals what is stored in clear when the queue was
     encrypted after it had jobs. Safe to run again. Admin token.
     """
     async with settings.client() as client:
+        in_redis = await client.reencrypt_redis(queue)
         after, key_id = "", ""
         examined = jobs = events = 0
         unreadable: list[str] = []
@@ -112,6 +114,7 @@ async def reencrypt(settings: Settings, queue: str, batch: int) -> int:
             after = done.next_after_job_id
             if not after:
                 break
+    remaining = [(r.place, r.key_id, r.count) for r in in_redis.remaining]
     if settings.json:
         output.print_json(
             {
@@ -121,10 +124,26 @@ async def reencrypt(settings: Settings, queue: str, batch: int) -> int:
                 "jobs_reencrypted": jobs,
                 "events_reencrypted": events,
                 "unreadable": unreadable,
+                "redis": {
+                    "key_id": in_redis.key_id,
+                    "parked_reencrypted": in_redis.parked_reencrypted,
+                    "remaining": [{"place": p, "key_id": k, "count": n} for p, k, n in remaining],
+                },
             }
         )
     else:
-        click.echo(f"{queue}: {examined} jobs examined, {jobs} jobs and {events} events sealed again with key {key_id}")
+        click.echo(
+            f"{queue}: PostgreSQL: {examined} jobs examined, {jobs} jobs and {events} events sealed again "
+            f"with key {key_id}; Redis: {in_redis.parked_reencrypted} parked jobs sealed again with key "
+            f"{in_redis.key_id}"
+        )
+        if remaining:
+            click.echo(
+                "still in Redis under other keys (they leave as jobs run, dead letters are retried or purged, "
+                "and events pass the retention): " + ", ".join(f"{n} {p} ({k})" for p, k, n in remaining)
+            )
+        else:
+            click.echo("Redis holds nothing sealed with another key")
         if unreadable:
             click.echo(
                 f"{len(unreadable)} jobs hold a value no key of the results service opens (keep their key): "
