@@ -183,3 +183,10 @@ def test_answers_open_what_they_can_and_clients_open_the_rest(old: str) -> None:
     # A server holding the key answers in clear.
     assert codec.public_payload(payload, JOB)["amount"] == 42
     assert codec.public_result(result, JOB).struct_value["ok"] is True
+
+
+def test_reencrypting_is_for_admins_only() -> None:
+    from conveyor.common.auth import ACCESS
+
+    assert ACCESS["/conveyor.v1.ResultsService/ReEncryptJobs"] == frozenset()
+    assert ACCESS["/conveyor.v1.AdminService/ReEncrypt"] == frozenset()
