@@ -59,6 +59,13 @@ def check(json_: bool) -> None:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(EXIT_BAD_KEYRING) from None
     keyring = encryption.keyring
+    if keyring is not None:
+        # Each key seals and opens (what the services will do with it), so a check that passes means usable keys.
+        for key_id in keyring.key_ids:
+            probe = crypto.Keyring(active=key_id, keys=keyring.keys)
+            if probe.open(probe.seal(b"{}", crypto.PAYLOAD, "check/0"), crypto.PAYLOAD, "check/0") != b"{}":
+                click.echo(f"error: key {key_id!r} does not open what it seals", err=True)
+                raise SystemExit(EXIT_BAD_KEYRING)
     source = (
         f"CONVEYOR_KEYRING_FILE={os.environ['CONVEYOR_KEYRING_FILE']}"
         if os.environ.get("CONVEYOR_KEYRING_FILE")
