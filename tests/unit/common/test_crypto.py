@@ -190,3 +190,28 @@ def test_reencrypting_is_for_admins_only() -> None:
 
     assert ACCESS["/conveyor.v1.ResultsService/ReEncryptJobs"] == frozenset()
     assert ACCESS["/conveyor.v1.AdminService/ReEncrypt"] == frozenset()
+
+
+def test_cli_key_new_and_check(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from conveyor.common.cli.app import cli
+
+    runner = CliRunner()
+    made = runner.invoke(cli, ["key", "new", "--id", "k9"], env={"CONVEYOR_KEYRING": ""})
+    assert made.exit_code == 0
+    entry = made.output.strip()
+    assert Keyring.parse(entry).active == "k9"
+    path = tmp_path / "keyring"
+    path.write_text(entry + "\n" + crypto.new_key_entry("k8") + "\n")
+    env = {"CONVEYOR_KEYRING_FILE": str(path), "CONVEYOR_ENCRYPTED_QUEUES": "vault"}
+    checked = runner.invoke(cli, ["key", "check", "--json"], env=env)
+    assert checked.exit_code == 0, checked.output
+    found = json.loads(checked.output)
+    assert found["active"] == "k9" and found["keys"] == ["k9", "k8"] and found["encrypted_queues"] == ["vault"]
+    assert entry.split(":", 1)[1] not in checked.output  # never a key
+    bad = runner.invoke(cli, ["key", "check"], env={"CONVEYOR_KEYRING": "k1:c2hvcnQ="})
+    assert bad.exit_code == 78 and "AES-256 needs 32" in bad.output
+    # Every other command loads the keyring first: a bad one stops it the same way, before any call.
+    bad = runner.invoke(cli, ["get", "default/01JD0000000000000000000000"], env={"CONVEYOR_KEYRING": "k1:c2hvcnQ="})
+    assert bad.exit_code == 78 and "CONVEYOR_KEYRING" in bad.output
