@@ -148,13 +148,14 @@ def test_process_helpers(old: str) -> None:
     assert crypto.try_open(sealed, PAYLOAD, JOB) == sealed
 
 
-def test_bad_keyring_stops_a_service_with_exit_78(tmp_path: Path) -> None:
+@pytest.mark.parametrize("service", ["producer", "worker", "results", "dashboard"])
+def test_bad_keyring_stops_a_service_with_exit_78(tmp_path: Path, service: str) -> None:
     import subprocess
     import sys
 
     env = {"PATH": "/usr/bin:/bin", "CONVEYOR_KEYRING": "k1:c2hvcnQ=", "CONVEYOR_GRPC_ADDR": "127.0.0.1:0"}
     out = subprocess.run(
-        [sys.executable, "-m", "conveyor.producer"], env=env, capture_output=True, text=True, timeout=30, cwd=tmp_path
+        [sys.executable, "-m", f"conveyor.{service}"], env=env, capture_output=True, text=True, timeout=30, cwd=tmp_path
     )
     assert out.returncode == 78, out.stderr
     assert "CONVEYOR_KEYRING: entry 1 (key id 'k1'): the key is" in out.stderr
