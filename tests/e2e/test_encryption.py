@@ -220,12 +220,16 @@ def test_no_plaintext_at_rest_while_readers_with_the_key_see_it(stack: Stack) ->
     slow = stack.enqueue(SECRET, "demo.sleep", {"seconds": 0.2, "steps": 2, "note": MARKER})
     delayed = stack.delayed = stack.enqueue(SECRET, "demo.echo", payload, "--delay", "1h")  # parked in Redis
     clear = stack.enqueue(PLAIN, "demo.echo", {"card": CONTROL})
+    # A dead letter keeps its job (payload sealed) in the dead-letter stream.
+    dead = stack.enqueue(SECRET, "demo.fail", {"message": "declined", "permanent": True, "card": MARKER})
     done_ids = [*secret_ids, slow, clear]
     fired = wait_until(
         lambda: stack.json("schedules", "get", "nightly").get("lastJobId"), "the schedule to fire", within=30
     )
     done_ids.append(fired)
     wait_until(lambda: _projected(stack, done_ids), "the jobs to succeed and reach PostgreSQL", within=30)
+    letters = wait_until(lambda: stack.json("dlq", "list", SECRET), "the dead letter", within=30)
+    assert MARKER in json.dumps(letters) and dead in json.dumps(letters), letters
     assert stack.json("get", fired)["result"] == {"card": MARKER, "sched": 1}
     template = stack.json("schedules", "get", "nightly")["spec"]["template"]
     shown = template["payload"] if "payload" in template else json.loads(base64.b64decode(template["payloadJson"]))
