@@ -116,6 +116,11 @@ class AdminServiceStub:
                 request_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/conveyor.v1.AdminService/WhoAmI',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.WhoAmIResponse.FromString,
+                _registered_method=True)
         self.ReEncrypt = channel.unary_unary(
                 '/conveyor.v1.AdminService/ReEncrypt',
                 request_serializer=conveyor_dot_v1_dot_admin__service__pb2.ReEncryptRequest.SerializeToString,
@@ -265,8 +270,22 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WhoAmI(self, request, context):
+        """--- who is calling (dashauth) ---
+        WhoAmI says who the caller is: the name, role and queues of the token it
+        presents. Any valid token may call it (a queue-limited one too); without a
+        token, or with an unknown or revoked one, it is UNAUTHENTICATED like every
+        call. When the service checks no tokens, authentication is false and the
+        caller may call everything (role ADMIN).
+        --- end who is calling ---
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReEncrypt(self, request, context):
-        """ReEncrypt seals again, with the active key of this producer's keyring, the payloads
+        """--- encryption at rest (crypt) ---
+        ReEncrypt seals again, with the active key of this producer's keyring, the payloads
         of the queue's parked jobs in Redis (delayed, waiting for a retry, held back by a rate
         key) that another key sealed (or that are in clear while the queue is encrypted here;
         each one changed only if nobody changed it meanwhile), and counts the values still
@@ -274,6 +293,7 @@ class AdminServiceServicer:
         waiting jobs, dead letters, events), so an operator knows when an old key can go
         (ADR 0025). PostgreSQL is ResultsService.ReEncryptJobs. FAILED_PRECONDITION without a
         keyring. Admin only.
+        --- end encryption at rest ---
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -361,6 +381,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListWorkersRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.WhoAmIRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.WhoAmIResponse.SerializeToString,
             ),
             'ReEncrypt': grpc.unary_unary_rpc_method_handler(
                     servicer.ReEncrypt,
@@ -801,6 +826,33 @@ class AdminService:
             '/conveyor.v1.AdminService/ListWorkers',
             conveyor_dot_v1_dot_admin__service__pb2.ListWorkersRequest.SerializeToString,
             conveyor_dot_v1_dot_admin__service__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/WhoAmI',
+            conveyor_dot_v1_dot_admin__service__pb2.WhoAmIRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.WhoAmIResponse.FromString,
             options,
             channel_credentials,
             insecure,

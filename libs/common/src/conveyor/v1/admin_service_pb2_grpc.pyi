@@ -104,8 +104,18 @@ class AdminServiceStub:
     stops cleanly leaves the list at once, one that dies drops off when its entry
     expires (CONVEYOR_WORKER_TTL_SECONDS after its last heartbeat, 10 s by default).
     """
+    WhoAmI: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.WhoAmIRequest, _admin_service_pb2.WhoAmIResponse]
+    """--- who is calling (dashauth) ---
+    WhoAmI says who the caller is: the name, role and queues of the token it
+    presents. Any valid token may call it (a queue-limited one too); without a
+    token, or with an unknown or revoked one, it is UNAUTHENTICATED like every
+    call. When the service checks no tokens, authentication is false and the
+    caller may call everything (role ADMIN).
+    --- end who is calling ---
+    """
     ReEncrypt: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ReEncryptRequest, _admin_service_pb2.ReEncryptResponse]
-    """ReEncrypt seals again, with the active key of this producer's keyring, the payloads
+    """--- encryption at rest (crypt) ---
+    ReEncrypt seals again, with the active key of this producer's keyring, the payloads
     of the queue's parked jobs in Redis (delayed, waiting for a retry, held back by a rate
     key) that another key sealed (or that are in clear while the queue is encrypted here;
     each one changed only if nobody changed it meanwhile), and counts the values still
@@ -113,6 +123,7 @@ class AdminServiceStub:
     waiting jobs, dead letters, events), so an operator knows when an old key can go
     (ADR 0025). PostgreSQL is ResultsService.ReEncryptJobs. FAILED_PRECONDITION without a
     keyring. Admin only.
+    --- end encryption at rest ---
     """
 
 @_typing.type_check_only
@@ -190,8 +201,18 @@ class AdminServiceAsyncStub(AdminServiceStub):
     stops cleanly leaves the list at once, one that dies drops off when its entry
     expires (CONVEYOR_WORKER_TTL_SECONDS after its last heartbeat, 10 s by default).
     """
+    WhoAmI: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.WhoAmIRequest, _admin_service_pb2.WhoAmIResponse]  # type: ignore[assignment]
+    """--- who is calling (dashauth) ---
+    WhoAmI says who the caller is: the name, role and queues of the token it
+    presents. Any valid token may call it (a queue-limited one too); without a
+    token, or with an unknown or revoked one, it is UNAUTHENTICATED like every
+    call. When the service checks no tokens, authentication is false and the
+    caller may call everything (role ADMIN).
+    --- end who is calling ---
+    """
     ReEncrypt: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ReEncryptRequest, _admin_service_pb2.ReEncryptResponse]  # type: ignore[assignment]
-    """ReEncrypt seals again, with the active key of this producer's keyring, the payloads
+    """--- encryption at rest (crypt) ---
+    ReEncrypt seals again, with the active key of this producer's keyring, the payloads
     of the queue's parked jobs in Redis (delayed, waiting for a retry, held back by a rate
     key) that another key sealed (or that are in clear while the queue is encrypted here;
     each one changed only if nobody changed it meanwhile), and counts the values still
@@ -199,6 +220,7 @@ class AdminServiceAsyncStub(AdminServiceStub):
     waiting jobs, dead letters, events), so an operator knows when an old key can go
     (ADR 0025). PostgreSQL is ResultsService.ReEncryptJobs. FAILED_PRECONDITION without a
     keyring. Admin only.
+    --- end encryption at rest ---
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -371,12 +393,28 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def WhoAmI(
+        self,
+        request: _admin_service_pb2.WhoAmIRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.WhoAmIResponse, _abc.Awaitable[_admin_service_pb2.WhoAmIResponse]]:
+        """--- who is calling (dashauth) ---
+        WhoAmI says who the caller is: the name, role and queues of the token it
+        presents. Any valid token may call it (a queue-limited one too); without a
+        token, or with an unknown or revoked one, it is UNAUTHENTICATED like every
+        call. When the service checks no tokens, authentication is false and the
+        caller may call everything (role ADMIN).
+        --- end who is calling ---
+        """
+
+    @_abc_1.abstractmethod
     def ReEncrypt(
         self,
         request: _admin_service_pb2.ReEncryptRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.ReEncryptResponse, _abc.Awaitable[_admin_service_pb2.ReEncryptResponse]]:
-        """ReEncrypt seals again, with the active key of this producer's keyring, the payloads
+        """--- encryption at rest (crypt) ---
+        ReEncrypt seals again, with the active key of this producer's keyring, the payloads
         of the queue's parked jobs in Redis (delayed, waiting for a retry, held back by a rate
         key) that another key sealed (or that are in clear while the queue is encrypted here;
         each one changed only if nobody changed it meanwhile), and counts the values still
@@ -384,6 +422,7 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         waiting jobs, dead letters, events), so an operator knows when an old key can go
         (ADR 0025). PostgreSQL is ResultsService.ReEncryptJobs. FAILED_PRECONDITION without a
         keyring. Admin only.
+        --- end encryption at rest ---
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
