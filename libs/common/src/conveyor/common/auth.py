@@ -80,6 +80,7 @@ ACCESS: dict[str, frozenset[Role]] = {
             "ReplaySetAside": set(),
             "DiscardSetAside": set(),
             "DeleteJobs": set(),
+            "ReEncryptJobs": set(),
         },
         "AdminService": {
             "GetLimits": {_R},
@@ -87,6 +88,7 @@ ACCESS: dict[str, frozenset[Role]] = {
             "GetQueueStats": {_R},
             "ListQueues": {_R},
             "ListWorkers": {_R},
+            "ReEncrypt": set(),
             "WhoAmI": {_P, _R},
             "PauseQueue": set(),
             "ResumeQueue": set(),

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from conveyor.common import metrics, reflection_docs
 from conveyor.common.auth import Authorizer, TokenFileError
+from conveyor.common.crypto import KeyringError
 from conveyor.common.errors import ConveyorError
 from conveyor.common.interceptors import ServerInterceptor
 from conveyor.common.settings import SettingsError
@@ -334,8 +335,8 @@ def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     except LoopsFailing:
         # Logged by the supervisor; a non-zero exit makes the orchestrator restart us.
         raise SystemExit(EXIT_LOOPS_FAILING) from None
-    except (SettingsError, TokenFileError, TLSConfigError) as exc:
-        # A configuration mistake (a variable, the token file, a certificate): one line saying what
-        # to fix, no traceback.
+    except (SettingsError, TokenFileError, TLSConfigError, KeyringError) as exc:
+        # A configuration mistake (a variable, the token file, a certificate, the keyring): one line
+        # saying what to fix, no traceback.
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(EXIT_BAD_SETTING) from None

@@ -7,7 +7,7 @@ import sys
 
 import uvicorn
 
-from conveyor.common import logs
+from conveyor.common import crypto, logs
 from conveyor.common.client import ConveyorClient
 from conveyor.common.server import EXIT_BAD_SETTING
 from conveyor.common.tls import TLSConfigError
@@ -52,7 +52,9 @@ async def run(settings: DashboardSettings) -> None:
 def main() -> None:
     try:
         settings = DashboardSettings.from_env()
-    except ValueError as exc:
+        # The keyring (ADR 0025): a bad one stops the start with one line saying what is wrong (exit 78).
+        crypto.configure_from_env()
+    except (ValueError, crypto.KeyringError) as exc:
         # A configuration mistake: one line saying what to fix, no traceback.
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(EXIT_BAD_SETTING) from None

@@ -22,6 +22,7 @@ from conveyor.producer.dead_letters import DeadLetters
 from conveyor.producer.history import History
 from conveyor.producer.jobs import JobReader
 from conveyor.producer.limits import FlowLimits
+from conveyor.producer.reencrypt import RedisReEncryptor
 from conveyor.producer.schedules import ScheduleServicer
 from conveyor.producer.servicer import ProducerServicer, add_to_server
 from conveyor.producer.stats import Stats
@@ -89,6 +90,7 @@ async def build(settings: ProducerSettings) -> ProducerApp:
         QueueControls(admin_redis),
         FlowLimits(admin_scripts),
         stats=Stats(admin_redis, history),
+        reencryptor=RedisReEncryptor(admin_redis),
     )
     schedules = ScheduleServicer(ScheduleStore(admin_redis), enqueuer, settings.max_payload_bytes)
     services = [

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from conveyor.common import auth
+from conveyor.common.codec import reveal_event, reveal_job
 from conveyor.common.errors import NotFound, Unavailable
 from conveyor.common.tls import ClientTLS
 from conveyor.v1 import event_pb2, job_pb2, results_service_pb2, results_service_pb2_grpc
@@ -46,7 +47,7 @@ class History:
             )
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc, job_id) from None
-        return response.job
+        return reveal_job(response.job)  # a results service without the key answers it sealed
 
     async def finished_stats(self, queue: str) -> results_service_pb2.FinishedStats:
         """The queue's recently finished jobs, per window (ResultsService.GetFinishedStats).
@@ -87,7 +88,7 @@ class History:
                     return
                 raise _translate(exc, job_id) from None
             for event in page.events:
-                yield event
+                yield reveal_event(event)
             if not page.has_more or not page.events:
                 return
             after = page.events[-1].id

@@ -7,7 +7,7 @@ import functools
 
 import redis as sync_redis
 
-from conveyor.common import logs, metrics, server, tracing
+from conveyor.common import crypto, logs, metrics, server, tracing
 from conveyor.common.enqueue import Enqueuer
 from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
 from conveyor.common.scripts import Heartbeat, Scripts
@@ -23,6 +23,8 @@ SCHEDULED_PAYLOAD_LIMIT = 1 << 26
 
 async def run() -> None:
     settings = WorkerSettings.from_env()
+    # The keyring (ADR 0025): a bad one stops the start with one line saying what is wrong (exit 78).
+    crypto.configure_from_env()
     logs.configure(service="worker", level=settings.log_level, fmt=settings.log_format)
     tracing.configure(service="conveyor-worker")
     handlers = load_handlers(settings.handlers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from conveyor.common import auth
-from conveyor.common.cli import admin, jobs, schedules, tokens
+from conveyor.common.cli import admin, jobs, keys, schedules, tokens
 from conveyor.common.cli.context import Settings
 from conveyor.common.tls import ClientTLS, TLSConfigError
 
@@ -109,6 +109,9 @@ def cli(
     except TLSConfigError as exc:
         raise click.UsageError(str(exc)) from None
     ctx.obj = Settings(producer=producer, results=results, json=json_, timeout=timeout, token=token, tls=tls)
+    if ctx.invoked_subcommand != "key":
+        # Opens what a server without the key answered sealed (ADR 0025); `key` reports its own errors.
+        keys.configure_or_exit()
 
 
 for command in (
@@ -128,6 +131,8 @@ for command in (
     schedules.schedules,
     tokens.token,
     tokens.whoami,
+    keys.key,
+    keys.reencrypt,
 ):
     cli.add_command(command)
 
