@@ -14,7 +14,8 @@ itself, streams that never end). Keep that list short: each one is a block no te
 The one substitution: the stack runs on free ports, so that the test never depends on the
 README's fixed ports being free: 56379, 55432, 50051, 50052, 50061, 50062, their metrics ports
 51051, 51052, 51061, 51062, the dashboard's 8080, and 8081 and 50071/51071 for the read-only
-dashboard and the handler example's worker that the README starts itself. Each of those numbers,
+dashboard and the handler example's worker that the README starts itself, and 50081/50082 for the TLS section's
+producer and its plaintext health port. Each of those numbers,
 where it follows a ':' in a block ("127.0.0.1:50051", "localhost:50051/"), is replaced by the
 stack's port. The other: `.run/admin.token`, the admin token `make up` keeps in its data
 directory, becomes the test stack's (its data directory is a temporary one). Nothing else in
@@ -187,6 +188,7 @@ def stack() -> Iterator[Stack]:
         8081: _port_with(0),
     }
     handler_worker = _port_with(0, 1000)  # the README's own worker for its handler example
+    ports[50081], ports[50082] = _port_with(0), _port_with(0)  # the TLS section's producer and its health port
     ports[50071], ports[51071] = handler_worker, handler_worker + 1000
     for readme_port, name in _GRPC_PORTS.items():
         ports[readme_port] = env_ports[name]

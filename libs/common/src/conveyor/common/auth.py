@@ -29,7 +29,7 @@ import secrets
 import threading
 import time
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -41,6 +41,7 @@ from google.protobuf.message import Message
 
 from conveyor.common.errors import PermissionDenied, Unauthenticated
 from conveyor.common.ids import parse_job_id
+from conveyor.common.tls import ClientTLS
 
 log = structlog.get_logger("conveyor.auth")
 
@@ -143,6 +144,28 @@ class Token:
     digest: bytes
     #: Empty: every queue.
     queues: frozenset[str] = frozenset()
+
+
+def presented_token(env: Mapping[str, str] | None = None) -> str:
+    """The token this process presents: ``CONVEYOR_TOKEN``, or the file ``CONVEYOR_TOKEN_FILE`` names.
+
+    The file form is for mounted secrets (a Kubernetes Secret volume, a compose secret), which
+    keep the token out of the environment and out of ``ps``. TokenFileError when both are set
+    (which one was meant?) or when the file cannot be read or is empty.
+    """
+    e = os.environ if env is None else env
+    value, path = e.get("CONVEYOR_TOKEN", ""), e.get("CONVEYOR_TOKEN_FILE", "")
+    if value and path:
+        raise TokenFileError("CONVEYOR_TOKEN and CONVEYOR_TOKEN_FILE are both set: keep one")
+    if not path:
+        return value.strip()
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise TokenFileError(f"CONVEYOR_TOKEN_FILE={path}: cannot read it ({exc.strerror})") from None
+    if not token:
+        raise TokenFileError(f"CONVEYOR_TOKEN_FILE={path}: the file is empty")
+    return token
 
 
 def digest_of(token: str) -> bytes:
@@ -405,11 +428,28 @@ def bearer_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
 
 
 def dial(
-    addr: str, token: str = "", options: Sequence[tuple[str, Any]] | None = None, *, per_call: bool = False
+    addr: str,
+    token: str = "",
+    options: Sequence[tuple[str, Any]] | None = None,
+    tls: ClientTLS | None = None,
+    *,
+    per_call: bool = False,
 ) -> grpc.aio.Channel:
     """A channel to ``addr`` that presents ``token`` on every call ("": no token).
 
-    With ``per_call``, a call made while :data:`CALL_TOKEN` is set presents that token instead.
+    Args:
+        addr: "host:port".
+        token: Bearer token, sent through the interceptors (over the TLS channel when TLS is on).
+        options: gRPC channel options.
+        tls: How to dial (ADR 0024); None: as the environment says (CONVEYOR_TLS, CONVEYOR_TLS_CA_FILE,
+            CONVEYOR_TLS_CLIENT_CERT_FILE / _KEY_FILE, CONVEYOR_TLS_SERVER_NAME), plaintext when it
+            says nothing. A TLS channel whose certificate files change dials again for its next calls.
+        per_call: A call made while :data:`CALL_TOKEN` is set presents that token instead.
+
+    Raises:
+        TLSConfigError: A TLS file is missing, unreadable or not what it should be.
     """
     interceptors = bearer_interceptors(token) if token or per_call else None
-    return grpc.aio.insecure_channel(addr, options=options, interceptors=interceptors)
+    if tls is None:
+        tls = ClientTLS.from_env()
+    return tls.dial(addr, options=options, interceptors=interceptors)

@@ -16,7 +16,6 @@ every job an idempotency key when the caller did not.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -31,6 +30,7 @@ from grpc_status import rpc_status
 from conveyor.common import auth
 from conveyor.common.codec import dumps
 from conveyor.common.errors import ConveyorError, Internal, InvalidArgument, ResourceExhausted
+from conveyor.common.tls import ClientTLS
 from conveyor.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -146,7 +146,11 @@ class ConveyorClient:
         retries: Extra tries for UNAVAILABLE / DEADLINE_EXCEEDED.
         coalesce: Send concurrent :meth:`enqueue` calls together as EnqueueBatch calls.
         token: Bearer token sent on every call, for servers with authentication on; by default
-            the environment's ``CONVEYOR_TOKEN`` (as the CLI reads it), "" for none.
+            the environment's ``CONVEYOR_TOKEN`` or ``CONVEYOR_TOKEN_FILE`` (as the CLI reads them), "" for none.
+        tls: How to dial (TLS, mTLS; ADR 0024); by default as the environment says
+            (``CONVEYOR_TLS``, ``CONVEYOR_TLS_CA_FILE``, ``CONVEYOR_TLS_CLIENT_CERT_FILE`` /
+            ``_KEY_FILE``, ``CONVEYOR_TLS_SERVER_NAME``), plaintext when it says nothing.
+            :class:`conveyor.common.tls.TLSConfigError` if its files cannot be used.
     """
 
     def __init__(
@@ -159,14 +163,19 @@ class ConveyorClient:
         coalesce: bool = True,
         token: str | None = None,
         per_call_token: bool = False,
+        tls: ClientTLS | None = None,
     ) -> None:
         if token is None:
-            token = os.environ.get("CONVEYOR_TOKEN", "")
+            token = auth.presented_token()
+        if tls is None:
+            tls = ClientTLS.from_env()
         # per_call_token: calls made while auth.CALL_TOKEN is set present that token (the dashboard's login).
-        self._channel = auth.dial(producer_addr, token, per_call=per_call_token)
+        self._channel = auth.dial(producer_addr, token, tls=tls, per_call=per_call_token)
         self._producer = producer_service_pb2_grpc.ProducerServiceStub(self._channel)
         self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
-        self._results_channel = auth.dial(results_addr, token, per_call=per_call_token) if results_addr else None
+        self._results_channel = (
+            auth.dial(results_addr, token, tls=tls, per_call=per_call_token) if results_addr else None
+        )
         self._results = (
             results_service_pb2_grpc.ResultsServiceStub(self._results_channel) if self._results_channel else None
         )

@@ -66,7 +66,7 @@ async def build(settings: ProducerSettings) -> ProducerApp:
     tail_redis = make_redis(settings.redis_url, blocking=True)
     scripts = Scripts(redis)
     admin_scripts = Scripts(admin_redis)
-    history = History(settings.results_addr, token=settings.token)
+    history = History(settings.results_addr, token=settings.token, tls=settings.client_tls)
     supervisor = settings.supervisor()
     watcher = Watcher(
         watch_redis,

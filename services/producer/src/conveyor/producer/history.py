@@ -8,6 +8,7 @@ import grpc
 
 from conveyor.common import auth
 from conveyor.common.errors import NotFound, Unavailable
+from conveyor.common.tls import ClientTLS
 from conveyor.v1 import event_pb2, job_pb2, results_service_pb2, results_service_pb2_grpc
 
 
@@ -18,11 +19,12 @@ class History:
         addr: "host:port" of ResultsService, or "" for none.
         timeout_s: Deadline of each call.
         token: The bearer token to present (CONVEYOR_TOKEN), when ResultsService checks tokens.
+        tls: How to dial it (CONVEYOR_TLS_*; ADR 0024); None: as the environment says.
     """
 
-    def __init__(self, addr: str, timeout_s: float = 5.0, token: str = "") -> None:
+    def __init__(self, addr: str, timeout_s: float = 5.0, token: str = "", tls: ClientTLS | None = None) -> None:
         self._timeout = timeout_s
-        self._channel = auth.dial(addr, token) if addr else None
+        self._channel = auth.dial(addr, token, tls=tls) if addr else None
         self._stub = results_service_pb2_grpc.ResultsServiceStub(self._channel) if self._channel else None
 
     async def close(self) -> None:

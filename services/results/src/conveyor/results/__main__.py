@@ -48,6 +48,8 @@ async def run() -> None:
         retention_s=settings.retention_s,
         defer_ms=settings.projection_defer_ms,
         defer_max=settings.projection_defer_max,
+        claim_idle_ms=int(settings.claim_idle_s * 1000),
+        claim_interval_s=min(30.0, settings.claim_idle_s / 2),
         supervisor=supervisor,
     )
 
@@ -76,6 +78,8 @@ async def run() -> None:
         auth=authorizer,
         classify=[pgerrors.client_error],
         metrics_addr=settings.metrics_addr,
+        tls=settings.server_tls,
+        health_addr=settings.health_addr,
     )
 
 

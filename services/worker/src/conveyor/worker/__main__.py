@@ -62,6 +62,8 @@ async def run() -> None:
         on_shutdown=[redis.aclose, wait_redis.aclose, close_beat],
         supervisor=supervisor,
         metrics_addr=settings.metrics_addr,
+        tls=settings.server_tls,
+        health_addr=settings.health_addr,
     )
 
 

@@ -42,7 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor.common.devstack.servers import PostgresServer, RedisServer, postgres_can_reach
 from conveyor.common.devstack.tokens import DevTokens, ensure_dashboard_secret, ensure_dev_tokens
-from conveyor.common.settings import metrics_addr_beside
+from conveyor.common.settings import metrics_addr_beside, metrics_addr_for_member
 
 READY_TIMEOUT = 30.0
 STOP_GRACE = 10.0
@@ -336,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=Path(".run"), help="where Redis/PostgreSQL keep data")
     parser.add_argument("--workers", type=int, default=2, help="number of worker processes")
     parser.add_argument("--no-auth", action="store_true", help="leave every call open (no token file)")
+    parser.add_argument(
+        "--producers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="producer processes sharing its port (CONVEYOR_PRODUCER_PROCESSES; default: 2 on 2+ cores)",
+    )
     args = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -378,7 +384,16 @@ def main(argv: list[str] | None = None) -> int:
         worker_base = _port("CONVEYOR_DEV_WORKER_PORT", 50061)
         specs = [
             ("results", "conveyor.results", results, checked),
-            ("producer", "conveyor.producer", producer, {"CONVEYOR_RESULTS_ADDR": results, **checked}),
+            (
+                "producer",
+                "conveyor.producer",
+                producer,
+                {
+                    "CONVEYOR_RESULTS_ADDR": results,
+                    "CONVEYOR_PRODUCER_PROCESSES": str(max(1, args.producers)),
+                    **checked,
+                },
+            ),
         ]
         if tokens:
             specs[1][3]["CONVEYOR_TOKEN"] = tokens.services
@@ -400,7 +415,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         for n, (name, module, addr, extra) in enumerate(specs):
             metrics_addr = metrics_addr_beside(addr)
-            if module != "conveyor.dashboard":  # HTTP pages, no /metrics
+            if module == "conveyor.producer":
+                # Each producer process serves its own /metrics: member i on the port + 100 x i.
+                for i in range(max(1, args.producers)):
+                    member = metrics_addr_for_member(metrics_addr, i)
+                    metrics_urls.append((name if i == 0 else f"{name} #{i + 1}", member))
+            elif module != "conveyor.dashboard":  # HTTP pages, no /metrics
                 metrics_urls.append((name, metrics_addr))
             env = {**base, "CONVEYOR_GRPC_ADDR": addr, "CONVEYOR_METRICS_ADDR": metrics_addr, **extra}
             services.append(Service(name, module, addr, env, _COLORS[n % len(_COLORS)]))

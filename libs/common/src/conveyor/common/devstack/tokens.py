@@ -17,9 +17,6 @@ from pathlib import Path
 
 from conveyor.common.auth import Role, TokenFileError, digest_of, entry_for, new_token, parse_tokens
 
-ADMIN_NAME = "make-up-admin"
-SERVICES_NAME = "make-up-services"
-
 
 @dataclass(frozen=True)
 class DevTokens:
@@ -53,8 +50,12 @@ def _kept(data_dir: Path) -> DevTokens | None:
     return DevTokens(file, admin_path, admin, services)
 
 
-def ensure_dev_tokens(data_dir: Path) -> DevTokens:
-    """The dev stack's tokens under ``data_dir``: the kept ones, or new ones when any is missing."""
+def ensure_dev_tokens(data_dir: Path, prefix: str = "make-up") -> DevTokens:
+    """The dev stack's tokens under ``data_dir``: the kept ones, or new ones when any is missing.
+
+    `conveyor token init DIR` makes the same starter set for a deployment (compose secrets, a
+    Kubernetes Secret), with its entries named ``<prefix>-admin`` and ``<prefix>-services``.
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
     kept = _kept(data_dir)
     if kept is not None:
@@ -64,7 +65,9 @@ def ensure_dev_tokens(data_dir: Path) -> DevTokens:
     _write_private(admin_path, admin + "\n")
     _write_private(data_dir / "services.token", services + "\n")
     file = data_dir / "tokens.toml"
-    entries = entry_for(admin, ADMIN_NAME, Role.ADMIN) + "\n" + entry_for(services, SERVICES_NAME, Role.READER)
+    entries = (
+        entry_for(admin, f"{prefix}-admin", Role.ADMIN) + "\n" + entry_for(services, f"{prefix}-services", Role.READER)
+    )
     _write_private(file, entries)
     return DevTokens(file, admin_path, admin, services)
 
