@@ -189,6 +189,7 @@ def stack() -> Iterator[Stack]:
     }
     handler_worker = _port_with(0, 1000)  # the README's own worker for its handler example
     ports[50081], ports[50082] = _port_with(0), _port_with(0)  # the TLS section's producer and its health port
+    ports[50083], ports[50084] = _port_with(0), _port_with(0)  # the encryption section's producer and worker
     ports[50071], ports[51071] = handler_worker, handler_worker + 1000
     for readme_port, name in _GRPC_PORTS.items():
         ports[readme_port] = env_ports[name]
