@@ -577,6 +577,7 @@ def test_k8s_manifests_have_the_expected_kinds(manifests: dict[tuple[str, str], 
         ("Secret", "conveyor-database"),
         ("Secret", "conveyor-auth"),
         ("Secret", "conveyor-tls"),
+        ("Secret", "conveyor-keyring"),
         ("ScaledObject", "conveyor-worker"),
         ("PodDisruptionBudget", "conveyor-producer"),
         ("PodDisruptionBudget", "conveyor-results"),
@@ -678,6 +679,29 @@ def test_k8s_only_results_gets_the_database_secret_and_the_example_is_a_placehol
 
 
 HEALTH_PORT = 8081
+
+
+def test_k8s_every_service_reads_the_keyring_secret_and_the_same_encrypted_queues(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    config = manifests[("ConfigMap", "conveyor-config")]["data"]
+    assert config["CONVEYOR_ENCRYPTED_QUEUES"] == ""  # nothing encrypted until you name queues
+    for name in ("producer", "results", "worker", "dashboard"):
+        pod = manifests[("Deployment", f"conveyor-{name}")]["spec"]["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "keyring"]
+        assert volume["secret"] == {"secretName": "conveyor-keyring", "defaultMode": 0o440}
+        assert pod["securityContext"]["fsGroup"] == IMAGE_UID
+        container = pod["containers"][0]
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "keyring"]
+        env = _env(container)
+        assert env["CONVEYOR_KEYRING_FILE"] == mount["mountPath"] + "/keyring"
+        # The same list everywhere: from the ConfigMap, loaded whole or (dashboard) by key.
+        loaded = {"configMapRef": {"name": "conveyor-config"}} in container.get("envFrom", [])
+        by_key = env.get("CONVEYOR_ENCRYPTED_QUEUES") == {
+            "configMapKeyRef": {"name": "conveyor-config", "key": "CONVEYOR_ENCRYPTED_QUEUES"}
+        }
+        assert loaded or by_key, name
+    assert "CHANGE-ME" in manifests[("Secret", "conveyor-keyring")]["stringData"]["keyring"]
 
 
 def test_k8s_producer_and_results_serve_tls_from_the_tls_secret(
