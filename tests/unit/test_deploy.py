@@ -225,6 +225,13 @@ def test_the_producer_runs_two_processes_on_one_port_in_both_deployments(
     assert container["resources"]["requests"]["cpu"] == "1"
 
 
+def test_compose_gives_every_service_the_same_keyring_and_encrypted_queues(compose: dict[str, Any]) -> None:
+    for name in ("producer", "worker", "results", "dashboard"):
+        env = compose["services"][name]["environment"]
+        assert env["CONVEYOR_KEYRING"] == "${CONVEYOR_KEYRING:-}", name
+        assert env["CONVEYOR_ENCRYPTED_QUEUES"] == "${CONVEYOR_ENCRYPTED_QUEUES:-}", name
+
+
 def test_compose_checks_tokens_on_both_grpc_services_from_a_secret(compose: dict[str, Any]) -> None:
     assert compose["secrets"]["conveyor-tokens"] == {"file": "./secrets/tokens.toml"}
     for name in ("producer", "results"):
