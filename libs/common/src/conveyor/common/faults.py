@@ -107,6 +107,7 @@ _BY_TYPE: tuple[tuple[type[BaseException], Fault], ...] = (
     (rx.NoPermissionError, AUTH),
     (rx.MasterDownError, MASTERDOWN),
     (rx.ClusterDownError, CLUSTERDOWN),
+    (rx.SlotNotCoveredError, CLUSTERDOWN),  # the client's slot map has no node for the slot (a failover)
     (rx.TryAgainError, TRYAGAIN),
     (rx.MovedError, MOVED),
     (rx.AskError, ASK),
@@ -127,6 +128,8 @@ def redis_fault(exc: BaseException) -> Fault | None:
             return fault
     if isinstance(exc, rx.ResponseError):
         return _BY_PREFIX.get(str(exc).split(" ", 1)[0])
+    if isinstance(exc, rx.RedisClusterException) and "cannot be connected" in str(exc):
+        return CONNECTION  # no seed node of a Redis Cluster answered
     return None
 
 

@@ -29,10 +29,10 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import redis.asyncio as aioredis
 from cronsim import CronSim, CronSimError
 
 from conveyor.common.keys import PREFIX
+from conveyor.common.redis import RedisClient
 from conveyor.common.scripts import ReloadingScript
 from conveyor.v1 import schedule_service_pb2
 
@@ -244,7 +244,7 @@ class InFlight:
 class ScheduleStore:
     """The schedules' Redis state; every change is one Lua script."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self._redis = client
         self._upsert = ReloadingScript(client, "schedule_upsert")
         self._claim = ReloadingScript(client, "schedule_claim")
