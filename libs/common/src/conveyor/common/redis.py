@@ -216,6 +216,47 @@ async def on_slot_of(client: RedisClient, key: str, *args: Any) -> Any:
         raise
 
 
+class _Gathered:
+    """A non-transactional pipeline's interface on a Redis Cluster: each command runs on its own, all at once.
+
+    redis-py's ClusterPipeline would group them per node, but it never runs anything when the
+    client has ``cluster_error_retry_attempts=0`` (which make_redis sets, see there).
+    """
+
+    def __init__(self, client: RedisCluster) -> None:
+        self._client = client
+        self._calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+
+        def record(*args: Any, **kwargs: Any) -> _Gathered:
+            self._calls.append((method, args, kwargs))
+            return self
+
+        return record
+
+    async def execute(self) -> list[Any]:
+        calls, self._calls = self._calls, []
+        return list(await asyncio.gather(*(method(*args, **kwargs) for method, args, kwargs in calls)))
+
+    async def __aenter__(self) -> _Gathered:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._calls = []
+
+
+def pipeline(client: RedisClient) -> Any:
+    """A non-transactional pipeline: redis-py's on one server, commands run at once on a cluster.
+
+    Use as ``async with pipeline(client) as pipe: pipe.cmd(...); replies = await pipe.execute()``.
+    """
+    if isinstance(client, RedisCluster):
+        return _Gathered(client)
+    return client.pipeline(transaction=False)
+
+
 async def xread(
     client: RedisClient, streams: Mapping[str, str | bytes], *, count: int, block: int | None = None
 ) -> list[Any]:

@@ -31,7 +31,7 @@ from conveyor.common.codec import FINAL_EVENTS, FINAL_STATES, STATE_AFTER_EVENT,
 from conveyor.common.defaults import DEFAULT_RETRY
 from conveyor.common.ids import parse_job_id, ulid_time_ms
 from conveyor.common.keys import QUEUES, RESULTS_GROUP, queue_keys
-from conveyor.common.redis import REDIS_UNAVAILABLE, RedisClient, by_slot, on_slot_of
+from conveyor.common.redis import REDIS_UNAVAILABLE, RedisClient, by_slot, on_slot_of, pipeline
 from conveyor.common.scripts import Scripts
 from conveyor.common.supervise import LoopStatus, Supervisor
 from conveyor.results import pgerrors
@@ -806,7 +806,7 @@ class Projector:
                 for queue, jobs in finished.items():
                     await self._scripts.projected(queue_keys(queue), jobs, self._retention_ms)
                 finished = {}
-                async with self._redis.pipeline(transaction=False) as pipe:
+                async with pipeline(self._redis) as pipe:
                     for stream, ids in batch.acks.items():
                         if ids:
                             pipe.xack(stream, RESULTS_GROUP, *ids)
