@@ -57,3 +57,17 @@ def test_cluster_client_faults_are_transient() -> None:
     assert faults.redis_fault(SlotNotCoveredError("Slot 1 is not covered")) is faults.CLUSTERDOWN
     assert faults.redis_fault(RedisClusterException("Redis Cluster cannot be connected. ...")) is faults.CONNECTION
     assert faults.redis_fault(RedisClusterException("all keys must map to the same key slot")) is None
+
+
+def test_errors_raised_inside_redis_connection_code_are_connection_faults() -> None:
+    # What a command in flight meets when redis-py's cluster client closes its connections.
+    namespace: dict[str, object] = {}
+    code = compile(
+        "def send():\n    raise RuntimeError('the handler is closed')\n", "/x/redis/asyncio/connection.py", "exec"
+    )
+    exec(code, namespace)
+    try:
+        namespace["send"]()  # type: ignore[operator]
+    except RuntimeError as exc:
+        assert faults.redis_fault(exc) is faults.CONNECTION
+    assert faults.redis_fault(RuntimeError("a bug of ours")) is None

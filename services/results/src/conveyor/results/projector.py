@@ -547,7 +547,9 @@ class Projector:
                     else:
                         log.warning("redis_error", error=str(exc))
                     await _sleep(stop, backoff.next())
-                except _READ_ERRORS as exc:
+                except Exception as exc:
+                    if not isinstance(exc, _READ_ERRORS) and not faults.is_transient(exc):
+                        raise
                     self._reader_status.failed(exc)
                     # A read whose reply was lost left entries pending for this consumer: read them
                     # again now rather than wait claim_idle_ms to claim them back from ourselves.
