@@ -28,6 +28,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from redis.commands.core import AsyncScript
 
 from conveyor.common import faults
 from conveyor.common.codec import FINAL_EVENTS, decode_event, public_event
@@ -336,7 +337,7 @@ class Watcher:
         supervisor: Supervisor | None = None,
     ) -> None:
         self._redis = redis
-        self._first_page = register_script(redis, _FIRST_PAGE)
+        self._first_page: AsyncScript | None = None  # registered on first use
         self._supervisor = supervisor or Supervisor()
         self._max_watches = max_watches
         #: Watch and WatchQueue streams open now (at most max_watches).
@@ -535,6 +536,8 @@ class Watcher:
         boundary = sub.boundary or (0, 0)
         start = f"({after[0]}-{after[1]}" if after > (0, 0) else "-"
         end = f"{boundary[0]}-{boundary[1]}"
+        if self._first_page is None:
+            self._first_page = register_script(self._redis, _FIRST_PAGE)
         oldest, entries = await self._first_page(keys=[keys.events], args=[start, end, _PAGE])
         oldest, entries = _entries(oldest), _entries(entries)
         if after_event_id:
