@@ -24,7 +24,7 @@ from conveyor.common.client import ConveyorClient
 from conveyor.common.devstack.servers import PostgresServer
 from conveyor.common.errors import ConveyorError
 from conveyor.common.keys import QUEUES, queue_keys
-from conveyor.common.redis import make_redis
+from conveyor.common.redis import RedisConfigError, connect_redis, make_redis
 from conveyor.v1 import event_pb2, job_pb2
 from tests.support.processes import ServiceProcess
 from tests.support.redis_cluster import RedisClusterServer
@@ -147,6 +147,20 @@ def test_queues_spread_over_every_primary(cluster_stack: ClusterStack) -> None:
     assert len(primaries) == 3
     assert len(cluster_stack.queues) >= 6
     assert sorted(set(cluster_stack.queues.values())) == primaries
+
+
+async def test_every_primary_is_checked_at_connect(cluster_stack: ClusterStack) -> None:
+    cluster = cluster_stack.cluster
+    last = cluster.node(cluster.primaries()[-1])
+    with last.client() as node:
+        node.config_set("maxmemory-policy", "allkeys-lru")
+        try:
+            with pytest.raises(RedisConfigError, match="allkeys-lru"):
+                await connect_redis(cluster.url)
+        finally:
+            node.config_set("maxmemory-policy", "noeviction")
+    client = await connect_redis(cluster.url)
+    await client.aclose()
 
 
 async def test_every_queue_runs_its_jobs_once_and_watch_works(
