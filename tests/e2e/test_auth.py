@@ -289,3 +289,52 @@ def test_watch_presents_the_token_through_the_client_and_the_cli(stack: Stack) -
         cli.kill()
         _, errors = cli.communicate()
     assert job_id in line, errors
+
+
+def test_whoami_names_the_caller_for_every_valid_token(stack: Stack) -> None:
+    expected = {
+        "admin": ("ops", admin_service_pb2.ROLE_ADMIN, []),
+        "producer": ("shop", admin_service_pb2.ROLE_PRODUCER, []),
+        "reader": ("viewer", admin_service_pb2.ROLE_READER, []),
+        # A queue-limited token may ask too: WhoAmI names no queue and reads none.
+        "billing": ("billing", admin_service_pb2.ROLE_PRODUCER, ["invoices"]),
+    }
+    for key, (name, role, queues) in expected.items():
+        me = _call(stack.producer, "admin.WhoAmI", admin_service_pb2.WhoAmIRequest(), stack.tokens[key])
+        assert isinstance(me, admin_service_pb2.WhoAmIResponse), me
+        assert (me.name, me.role, list(me.queues), me.authentication) == (name, role, queues, True)
+    for token in (None, auth.new_token()):
+        outcome = _call(stack.producer, "admin.WhoAmI", admin_service_pb2.WhoAmIRequest(), token)
+        assert _code(outcome) == grpc.StatusCode.UNAUTHENTICATED
+    env = {**os.environ, "CONVEYOR_PRODUCER_ADDR": stack.producer, "CONVEYOR_TOKEN": stack.tokens["billing"]}
+    shown = subprocess.run([CONVEYOR, "whoami"], env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == "billing: role producer, invoices"
+    env["CONVEYOR_TOKEN"] = auth.new_token()
+    refused = subprocess.run([CONVEYOR, "whoami"], env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1
+    assert "UNAUTHENTICATED" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_schedule_pause_and_resume_are_admin_only(stack: Stack) -> None:
+    env = {**os.environ, "CONVEYOR_PRODUCER_ADDR": stack.producer, "CONVEYOR_TOKEN": stack.tokens["reader"]}
+    refused = subprocess.run(
+        [CONVEYOR, "schedules", "pause", "nightly"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 1
+    assert "PERMISSION_DENIED" in refused.stderr and "PauseSchedule needs admin" in refused.stderr
+    env["CONVEYOR_TOKEN"] = stack.tokens["admin"]
+    create = [CONVEYOR, "schedules", "create", "nightly", "demo.echo", "--queue", "orders", "--cron", "0 3 * * *"]
+    assert subprocess.run(create, env=env, capture_output=True, text=True, timeout=60).returncode == 0
+    paused = subprocess.run(
+        [CONVEYOR, "schedules", "pause", "nightly"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert paused.returncode == 0, paused.stderr
+    assert paused.stdout.strip() == "nightly: paused"
+    listed = subprocess.run([CONVEYOR, "schedules", "list"], env=env, capture_output=True, text=True, timeout=60)
+    assert "paused" in listed.stdout
+    resumed = subprocess.run(
+        [CONVEYOR, "schedules", "resume", "nightly"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.startswith("nightly: resumed, next fire ")

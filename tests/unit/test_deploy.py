@@ -199,17 +199,42 @@ def test_compose_gives_workers_time_to_drain(compose: dict[str, Any]) -> None:
     assert _seconds(worker["stop_grace_period"]) >= 2 * grace + 5
 
 
-def test_compose_runs_the_dashboard_read_only_over_the_grpc_apis(compose: dict[str, Any]) -> None:
+def test_compose_runs_the_dashboard_with_sign_in_over_the_grpc_apis(compose: dict[str, Any]) -> None:
     dashboard = compose["services"]["dashboard"]
     assert dashboard["build"]["dockerfile"] == "deploy/docker/dashboard.Dockerfile"
     env = dashboard["environment"]
     assert env["CONVEYOR_PRODUCER_ADDR"] == "producer:50051"
     assert env["CONVEYOR_RESULTS_ADDR"] == "results:50052"
-    assert env["CONVEYOR_DASHBOARD_READ_ONLY"] == "${CONVEYOR_DASHBOARD_READ_ONLY:-1}"
+    # Each person signs in with their own token; no token of its own, so nobody acts with one.
+    assert env["CONVEYOR_DASHBOARD_LOGIN"] == "1"
+    assert env["CONVEYOR_DASHBOARD_SECRET"].startswith("${CONVEYOR_DASHBOARD_SECRET:?")
+    assert "CONVEYOR_TOKEN" not in env and "CONVEYOR_DASHBOARD_READ_ONLY" not in env
     # It reads only through the gRPC APIs: no Redis or PostgreSQL address, and it waits for both APIs.
     assert not {"REDIS_URL", "DATABASE_URL"} & set(env)
     assert set(dashboard["depends_on"]) == {"producer", "results"}
     assert dashboard["ports"] == ["127.0.0.1:8080:8080"]
+
+
+def test_the_producer_runs_two_processes_on_one_port_in_both_deployments(
+    compose: dict[str, Any], manifests: dict[tuple[str, str], dict[str, Any]]
+) -> None:
+    assert compose["services"]["producer"]["environment"]["CONVEYOR_PRODUCER_PROCESSES"].endswith(":-2}")
+    container = _container(manifests, "producer")
+    assert _env(container)["CONVEYOR_PRODUCER_PROCESSES"] == "2"
+    # One core per process: requested, so the scheduler places the pod where both can run.
+    assert container["resources"]["requests"]["cpu"] == "1"
+
+
+def test_compose_checks_tokens_on_both_grpc_services_from_a_secret(compose: dict[str, Any]) -> None:
+    assert compose["secrets"]["conveyor-tokens"] == {"file": "./secrets/tokens.toml"}
+    for name in ("producer", "results"):
+        service = compose["services"][name]
+        assert service["secrets"] == ["conveyor-tokens"]
+        assert service["environment"]["CONVEYOR_AUTH_TOKENS_FILE"] == "/run/secrets/conveyor-tokens"
+    # The token the producer presents is required: compose refuses to start without.
+    assert compose["services"]["producer"]["environment"]["CONVEYOR_TOKEN"].startswith("${CONVEYOR_SERVICES_TOKEN:?")
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert "deploy/secrets/" in ignored and "deploy/.env" in ignored
 
 
 # --- Dockerfiles ---------------------------------------------------------------------------------
@@ -545,6 +570,7 @@ def test_k8s_manifests_have_the_expected_kinds(manifests: dict[tuple[str, str], 
         ("Service", "conveyor-dashboard"),
         ("ConfigMap", "conveyor-config"),
         ("Secret", "conveyor-database"),
+        ("Secret", "conveyor-auth"),
         ("ScaledObject", "conveyor-worker"),
         ("PodDisruptionBudget", "conveyor-producer"),
         ("PodDisruptionBudget", "conveyor-results"),
@@ -590,7 +616,10 @@ def test_k8s_deployment_probes_grpc_health_on_the_images_port(
     container = _container(manifests, service)
     port = PORTS[service]
     assert container["image"].split(":")[0] == f"conveyor-{service}"
-    assert [p["containerPort"] for p in container["ports"]] == [port, port + 1000]  # API or health, metrics
+    # API or health, metrics (and each further producer process's metrics, + 100 apiece)
+    processes = int(_env(container).get("CONVEYOR_PRODUCER_PROCESSES", "1"))
+    metrics = [port + 1000 + 100 * i for i in range(processes)]
+    assert [p["containerPort"] for p in container["ports"]] == [port, *metrics]
     assert _env(container)["CONVEYOR_GRPC_ADDR"] == f"0.0.0.0:{port}"
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == port, probe
@@ -632,6 +661,38 @@ def test_k8s_only_results_gets_the_database_secret_and_the_example_is_a_placehol
     assert ref == {"name": "conveyor-database", "key": "DATABASE_URL"}
     for service in ("producer", "worker"):
         assert "DATABASE_URL" not in _env(_container(manifests, service))
+
+
+def _auth_files(manifests: dict[tuple[str, str], dict[str, Any]], name: str) -> set[str]:
+    """The auth Secret's keys a deployment mounts, checked to be mounted whole at /etc/conveyor/auth."""
+    pod = manifests[("Deployment", f"conveyor-{name}")]["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if "secret" in v and v["secret"]["secretName"] == "conveyor-auth"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    # No subPath: only a whole-volume mount follows edits of the Secret, so tokens reload without a restart.
+    assert mount["mountPath"] == "/etc/conveyor/auth" and mount["readOnly"] and "subPath" not in mount
+    # Group-readable by the pod's fsGroup, as the image's user is not root.
+    assert volume["secret"]["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"] == IMAGE_UID
+    return {item["key"] for item in volume["secret"]["items"]}
+
+
+def test_k8s_checks_tokens_from_the_auth_secret_and_the_dashboard_signs_people_in(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    assert _auth_files(manifests, "producer") == {"tokens.toml", "services.token"}
+    assert _auth_files(manifests, "results") == {"tokens.toml"}
+    assert _auth_files(manifests, "dashboard") == {"dashboard.secret"}
+    for name in ("producer", "results"):
+        assert _env(_container(manifests, name))["CONVEYOR_AUTH_TOKENS_FILE"] == "/etc/conveyor/auth/tokens.toml"
+    assert _env(_container(manifests, "producer"))["CONVEYOR_TOKEN_FILE"] == "/etc/conveyor/auth/services.token"
+    dashboard = _env(_container(manifests, "dashboard"))
+    assert dashboard["CONVEYOR_DASHBOARD_LOGIN"] == "1"
+    assert dashboard["CONVEYOR_DASHBOARD_SECRET_FILE"] == "/etc/conveyor/auth/dashboard.secret"
+    assert not {"CONVEYOR_TOKEN", "CONVEYOR_TOKEN_FILE"} & set(dashboard)
+    example = manifests[("Secret", "conveyor-auth")]["stringData"]
+    assert set(example) == {"tokens.toml", "services.token", "dashboard.secret"}
+    assert all("CHANGE-ME" in example[k] for k in ("services.token", "dashboard.secret"))
+    # Workers serve health only and call no service: they hold no token.
+    assert not {"CONVEYOR_TOKEN", "CONVEYOR_TOKEN_FILE"} & set(_env(_container(manifests, "worker")))
 
 
 #: The Kubernetes version whose schemas the manifests are checked against (kubernetes-validate bundles
@@ -721,13 +782,13 @@ def test_k8s_services_expose_metrics_where_prometheus_looks(
     assert annotations["prometheus.io/port"] == str(metrics_port)
 
 
-def test_k8s_dashboard_is_read_only_probed_over_http_and_behind_a_service(
+def test_k8s_dashboard_signs_people_in_is_probed_over_http_and_behind_a_service(
     manifests: dict[tuple[str, str], dict[str, Any]],
 ) -> None:
     deployment = manifests[("Deployment", "conveyor-dashboard")]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     env = _env(container)
-    assert env["CONVEYOR_DASHBOARD_READ_ONLY"] == "1"
+    assert env["CONVEYOR_DASHBOARD_LOGIN"] == "1" and "CONVEYOR_DASHBOARD_READ_ONLY" not in env
     assert env["CONVEYOR_PRODUCER_ADDR"] == f"conveyor-producer:{PORTS['producer']}"
     assert env["CONVEYOR_RESULTS_ADDR"] == f"conveyor-results:{PORTS['results']}"
     assert not {"REDIS_URL", "DATABASE_URL"} & set(env) and "envFrom" not in container

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
-from conveyor.common.auth import Role, TokenFile
-from conveyor.common.devstack.tokens import ensure_dev_tokens
+from click.testing import CliRunner
+
+from conveyor.common.auth import Role, TokenFile, digest_of
+from conveyor.common.cli.app import cli
+from conveyor.common.devstack.tokens import ensure_dashboard_secret, ensure_dev_tokens
+from conveyor.dashboard.login import LoginSettings
 
 
 def test_tokens_are_made_once_and_kept(tmp_path: Path) -> None:
@@ -36,3 +41,33 @@ def test_an_admin_token_no_longer_admitted_is_replaced(tmp_path: Path) -> None:
     first.admin_path.write_text("cvt_not-the-one\n")
     second = ensure_dev_tokens(tmp_path)
     assert second.admin not in ("cvt_not-the-one", first.admin)
+
+
+def test_token_init_makes_a_deployments_starter_set_once(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    first = CliRunner().invoke(cli, ["token", "init", str(secrets), "--json"])
+    assert first.exit_code == 0, first.output
+    paths = json.loads(first.output)
+    tokens = {t.name: t for t in TokenFile(Path(paths["tokens"])).tokens()}
+    assert {n: t.role for n, t in tokens.items()} == {"conveyor-admin": Role.ADMIN, "conveyor-services": Role.READER}
+    admin = Path(paths["admin"]).read_text().strip()
+    assert tokens["conveyor-admin"].digest == digest_of(admin)
+    dashboard = Path(paths["dashboard"]).read_text().strip()
+    assert len(dashboard) >= 32
+    again = CliRunner().invoke(cli, ["token", "init", str(secrets), "--json"])
+    assert again.exit_code == 0 and Path(paths["admin"]).read_text().strip() == admin
+    assert Path(paths["dashboard"]).read_text().strip() == dashboard
+
+
+def test_the_dashboard_secret_is_made_once_kept_private_and_remade_when_too_short(tmp_path: Path) -> None:
+    path = ensure_dashboard_secret(tmp_path)
+    secret = path.read_text().strip()
+    assert len(secret) >= 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert ensure_dashboard_secret(tmp_path).read_text().strip() == secret  # kept: nobody is signed out
+    path.write_text("short\n")
+    remade = ensure_dashboard_secret(tmp_path).read_text().strip()
+    assert len(remade) >= 32 and remade != secret
+    # It is what the dashboard's settings accept.
+    login = LoginSettings.from_env({"CONVEYOR_DASHBOARD_LOGIN": "1", "CONVEYOR_DASHBOARD_SECRET_FILE": str(path)})
+    assert login is not None and login.secret == remade.encode()

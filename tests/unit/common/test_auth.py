@@ -260,3 +260,30 @@ async def test_a_dialled_channel_presents_the_token_on_every_kind_of_call() -> N
         await server.stop(None)
     kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
     assert seen == dict.fromkeys(kinds, "Bearer cvt_secret")
+
+
+def test_the_presented_token_comes_from_the_environment_or_a_mounted_file(tmp_path: Path) -> None:
+    assert auth.presented_token({}) == ""
+    assert auth.presented_token({"CONVEYOR_TOKEN": "cvy_direct"}) == "cvy_direct"
+    mounted = tmp_path / "services.token"
+    mounted.write_text("cvy_from_a_secret\n")
+    assert auth.presented_token({"CONVEYOR_TOKEN_FILE": str(mounted)}) == "cvy_from_a_secret"
+
+
+@pytest.mark.parametrize(
+    ("env", "error"),
+    [
+        ({"CONVEYOR_TOKEN": "cvy_a", "CONVEYOR_TOKEN_FILE": "/x"}, "both set"),
+        ({"CONVEYOR_TOKEN_FILE": "/nonexistent/token"}, "cannot read it"),
+    ],
+)
+def test_an_ambiguous_or_unreadable_token_is_refused_with_one_line(env: dict[str, str], error: str) -> None:
+    with pytest.raises(TokenFileError, match=error):
+        auth.presented_token(env)
+
+
+def test_an_empty_token_file_is_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.token"
+    empty.write_text("\n")
+    with pytest.raises(TokenFileError, match="empty"):
+        auth.presented_token({"CONVEYOR_TOKEN_FILE": str(empty)})

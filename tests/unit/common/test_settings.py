@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from conveyor.common.settings import ProducerSettings, SettingsError, WorkerSettings
@@ -55,3 +57,22 @@ def test_the_scheduler_loop_is_on_by_default_and_can_be_switched_off() -> None:
     assert WorkerSettings.from_env({"CONVEYOR_SCHEDULER": "true"}).scheduler
     with pytest.raises(SettingsError, match="CONVEYOR_SCHEDULER"):
         WorkerSettings.from_env({"CONVEYOR_SCHEDULER": "maybe"})
+
+
+def test_the_presented_token_may_come_from_a_mounted_file(tmp_path: Path) -> None:
+    mounted = tmp_path / "services.token"
+    mounted.write_text("cvy_mounted\n")
+    assert ProducerSettings.from_env({"CONVEYOR_TOKEN_FILE": str(mounted)}).token == "cvy_mounted"
+    with pytest.raises(SettingsError, match="CONVEYOR_TOKEN_FILE"):
+        ProducerSettings.from_env({"CONVEYOR_TOKEN_FILE": str(tmp_path / "missing")})
+
+
+def test_members_of_a_producer_group_share_the_grpc_port_but_not_the_metrics_port() -> None:
+    alone = ProducerSettings.from_env({"CONVEYOR_GRPC_ADDR": "0.0.0.0:50051", "CONVEYOR_PRODUCER_PROCESSES": "2"})
+    assert (alone.processes, alone.process_index, alone.metrics_addr) == (2, -1, "0.0.0.0:51051")
+    member = ProducerSettings.from_env({"CONVEYOR_GRPC_ADDR": "0.0.0.0:50051", "CONVEYOR_PROCESS_INDEX": "2"})
+    assert (member.grpc_addr, member.metrics_addr) == ("0.0.0.0:50051", "0.0.0.0:51251")
+    off = ProducerSettings.from_env({"CONVEYOR_METRICS_ADDR": "off", "CONVEYOR_PROCESS_INDEX": "1"})
+    assert off.metrics_addr == "off"
+    with pytest.raises(SettingsError, match="CONVEYOR_PRODUCER_PROCESSES"):
+        ProducerSettings.from_env({"CONVEYOR_PRODUCER_PROCESSES": "0"})

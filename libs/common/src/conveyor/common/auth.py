@@ -21,6 +21,7 @@ added and revoked without a restart; a file that stops parsing keeps the tokens 
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import hmac
 import os
@@ -28,7 +29,7 @@ import secrets
 import threading
 import time
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -85,6 +86,7 @@ ACCESS: dict[str, frozenset[Role]] = {
             "GetQueueStats": {_R},
             "ListQueues": {_R},
             "ListWorkers": {_R},
+            "WhoAmI": {_P, _R},
             "PauseQueue": set(),
             "ResumeQueue": set(),
             "SetRateLimit": set(),
@@ -103,10 +105,20 @@ ACCESS: dict[str, frozenset[Role]] = {
             "CreateSchedule": set(),
             "UpdateSchedule": set(),
             "DeleteSchedule": set(),
+            "PauseSchedule": set(),
+            "ResumeSchedule": set(),
         },
     }.items()
     for method, roles in methods.items()
 }
+
+#: Methods any valid token may call whatever queues it is limited to: they name no queue and
+#: read nothing of any queue (WhoAmI answers about the token itself).
+QUEUE_FREE = frozenset({"/conveyor.v1.AdminService/WhoAmI"})
+
+#: The token of the call being served (set by the server interceptor once it is identified; None
+#: when the service checks no tokens). Each RPC runs in its own task, so this is per call.
+CALLER: contextvars.ContextVar[Token | None] = contextvars.ContextVar("conveyor_caller", default=None)
 
 #: Services every caller may use without a token.
 OPEN_SERVICES = (
@@ -131,6 +143,28 @@ class Token:
     digest: bytes
     #: Empty: every queue.
     queues: frozenset[str] = frozenset()
+
+
+def presented_token(env: Mapping[str, str] | None = None) -> str:
+    """The token this process presents: ``CONVEYOR_TOKEN``, or the file ``CONVEYOR_TOKEN_FILE`` names.
+
+    The file form is for mounted secrets (a Kubernetes Secret volume, a compose secret), which
+    keep the token out of the environment and out of ``ps``. TokenFileError when both are set
+    (which one was meant?) or when the file cannot be read or is empty.
+    """
+    e = os.environ if env is None else env
+    value, path = e.get("CONVEYOR_TOKEN", ""), e.get("CONVEYOR_TOKEN_FILE", "")
+    if value and path:
+        raise TokenFileError("CONVEYOR_TOKEN and CONVEYOR_TOKEN_FILE are both set: keep one")
+    if not path:
+        return value.strip()
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise TokenFileError(f"CONVEYOR_TOKEN_FILE={path}: cannot read it ({exc.strerror})") from None
+    if not token:
+        raise TokenFileError(f"CONVEYOR_TOKEN_FILE={path}: the file is empty")
+    return token
 
 
 def digest_of(token: str) -> bytes:
@@ -274,7 +308,7 @@ class Authorizer:
                 reason="ROLE",
                 metadata={"token": token.name, "role": token.role.value, "needs": needs},
             )
-        if token.queues:
+        if token.queues and method not in QUEUE_FREE:
             named = queues_named(request)
             if not named:
                 raise PermissionDenied(
@@ -340,15 +374,25 @@ def _collect(message: Message, found: set[str], depth: int) -> None:
                 _collect(item, found, depth + 1)
 
 
+#: A token that replaces the channel's own for the calls made in this context (a channel dialled
+#: with ``per_call=True``): the dashboard serves each signed-in person with that person's token
+#: over one shared channel. None: the channel's token; "": no token.
+CALL_TOKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar("conveyor_call_token", default=None)
+
+
 class _Bearer:
     """Adds ``authorization: Bearer <token>`` to a call's metadata."""
 
     def __init__(self, token: str) -> None:
-        self._value = f"Bearer {token}"
+        self._value = f"Bearer {token}" if token else ""
 
     def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        override = CALL_TOKEN.get()
+        value = self._value if override is None else (f"Bearer {override}" if override else "")
+        if not value:
+            return details
         metadata = grpc.aio.Metadata(*tuple(details.metadata or ()))
-        metadata.add("authorization", self._value)
+        metadata.add("authorization", value)
         return grpc.aio.ClientCallDetails(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
@@ -382,7 +426,12 @@ def bearer_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
     return [kind(token) for kind in kinds]
 
 
-def dial(addr: str, token: str = "", options: Sequence[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
-    """A channel to ``addr`` that presents ``token`` on every call ("": no token)."""
-    interceptors = bearer_interceptors(token) if token else None
+def dial(
+    addr: str, token: str = "", options: Sequence[tuple[str, Any]] | None = None, *, per_call: bool = False
+) -> grpc.aio.Channel:
+    """A channel to ``addr`` that presents ``token`` on every call ("": no token).
+
+    With ``per_call``, a call made while :data:`CALL_TOKEN` is set presents that token instead.
+    """
+    interceptors = bearer_interceptors(token) if token or per_call else None
     return grpc.aio.insecure_channel(addr, options=options, interceptors=interceptors)

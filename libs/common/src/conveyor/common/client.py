@@ -16,7 +16,6 @@ every job an idempotency key when the caller did not.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -146,7 +145,7 @@ class ConveyorClient:
         retries: Extra tries for UNAVAILABLE / DEADLINE_EXCEEDED.
         coalesce: Send concurrent :meth:`enqueue` calls together as EnqueueBatch calls.
         token: Bearer token sent on every call, for servers with authentication on; by default
-            the environment's ``CONVEYOR_TOKEN`` (as the CLI reads it), "" for none.
+            the environment's ``CONVEYOR_TOKEN`` or ``CONVEYOR_TOKEN_FILE`` (as the CLI reads them), "" for none.
     """
 
     def __init__(
@@ -158,13 +157,15 @@ class ConveyorClient:
         retries: int = 3,
         coalesce: bool = True,
         token: str | None = None,
+        per_call_token: bool = False,
     ) -> None:
         if token is None:
-            token = os.environ.get("CONVEYOR_TOKEN", "")
-        self._channel = auth.dial(producer_addr, token)
+            token = auth.presented_token()
+        # per_call_token: calls made while auth.CALL_TOKEN is set present that token (the dashboard's login).
+        self._channel = auth.dial(producer_addr, token, per_call=per_call_token)
         self._producer = producer_service_pb2_grpc.ProducerServiceStub(self._channel)
         self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
-        self._results_channel = auth.dial(results_addr, token) if results_addr else None
+        self._results_channel = auth.dial(results_addr, token, per_call=per_call_token) if results_addr else None
         self._results = (
             results_service_pb2_grpc.ResultsServiceStub(self._results_channel) if self._results_channel else None
         )
@@ -638,6 +639,35 @@ class ConveyorClient:
         """One page of schedules in id order; pass ``next_page_token`` back for the next."""
         req = schedule_service_pb2.ListSchedulesRequest(page_size=page_size, page_token=page_token)
         return await self._call(lambda: self._schedules.ListSchedules(req, timeout=self._timeout))
+
+    async def pause_schedule(self, schedule_id: str) -> tuple[schedule_service_pb2.Schedule, bool]:
+        """Stop a schedule firing until :meth:`resume_schedule`; returns it and whether it changed.
+
+        Raises:
+            NotFound: No such schedule.
+        """
+        req = schedule_service_pb2.PauseScheduleRequest(schedule_id=schedule_id)
+        response = await self._call(lambda: self._schedules.PauseSchedule(req, timeout=self._timeout))
+        return response.schedule, response.changed
+
+    async def resume_schedule(self, schedule_id: str) -> tuple[schedule_service_pb2.Schedule, bool]:
+        """Let a paused schedule fire again from its next tick after now; returns it and whether it changed.
+
+        Raises:
+            NotFound: No such schedule.
+        """
+        req = schedule_service_pb2.ResumeScheduleRequest(schedule_id=schedule_id)
+        response = await self._call(lambda: self._schedules.ResumeSchedule(req, timeout=self._timeout))
+        return response.schedule, response.changed
+
+    async def who_am_i(self) -> admin_service_pb2.WhoAmIResponse:
+        """The name, role and queues of the token this client presents.
+
+        Raises:
+            Unauthenticated: No token, or an unknown or revoked one.
+        """
+        req = admin_service_pb2.WhoAmIRequest()
+        return await self._call(lambda: self._admin.WhoAmI(req, timeout=self._timeout))
 
 
 class _Coalescer:

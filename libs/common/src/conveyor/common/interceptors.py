@@ -25,7 +25,7 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from conveyor.common import faults, metrics
-from conveyor.common.auth import OPEN_SERVICES, Authorizer
+from conveyor.common.auth import CALLER, OPEN_SERVICES, Authorizer
 from conveyor.common.errors import ConveyorError, Internal, InvalidArgument, Unavailable
 
 log = structlog.get_logger("conveyor.rpc")
@@ -169,6 +169,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             token = self._auth.identify(context.invocation_metadata())
             # Bound before the role check, so a refused call's log line says who was refused.
             structlog.contextvars.bind_contextvars(caller=token.name)
+            CALLER.set(token)
             self._auth.authorize(token, method, request)
 
     async def _until_shutdown(self, responses: AsyncIterator[Any]) -> AsyncIterator[Any]:

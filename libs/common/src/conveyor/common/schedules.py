@@ -10,7 +10,8 @@ timing fields, to tell a timing change from a template change), ``version``,
 ``next`` (the next tick in ms, 0 when none is left), ``anchor`` (the grid origin of
 interval schedules), ``created``/``updated`` (ms), ``last_tick``/``last_job`` and,
 while a tick is being enqueued, ``inflight`` (the tick) and ``inflight_spec`` (the
-spec it fires with); ``deleting`` marks a deleted schedule kept only until its
+spec it fires with); ``paused`` (ms) marks a paused schedule, kept out of the due index;
+``deleting`` marks a deleted schedule kept only until its
 in-flight tick is recorded.
 
 Exactly one job per tick: a process claims a tick with a compare-and-set on the
@@ -185,6 +186,8 @@ class StoredSchedule:
     last_tick_ms: int
     last_job_id: str
     inflight_ms: int
+    #: When it was paused (ms), 0 when it is not.
+    paused_ms: int = 0
 
     @classmethod
     def parse(cls, schedule_id: str, raw: dict[bytes, bytes]) -> StoredSchedule:
@@ -206,13 +209,17 @@ class StoredSchedule:
             last_tick_ms=num(b"last_tick"),
             last_job_id=_text(raw.get(b"last_job", b"")),
             inflight_ms=num(b"inflight"),
+            paused_ms=num(b"paused"),
         )
 
     def to_proto(self) -> schedule_service_pb2.Schedule:
         out = schedule_service_pb2.Schedule(
             schedule_id=self.schedule_id, spec=self.spec, last_job_id=self.last_job_id, version=self.version
         )
-        if self.next_ms:
+        if self.paused_ms:
+            out.paused = True
+            out.paused_at.FromMilliseconds(self.paused_ms)
+        elif self.next_ms:
             out.next_fire_at.FromMilliseconds(self.next_ms)
         if self.last_tick_ms:
             out.last_tick_at.FromMilliseconds(self.last_tick_ms)
@@ -230,6 +237,12 @@ UPSERT_NOT_FOUND = 0
 UPSERT_CREATED = 1
 UPSERT_UPDATED = 2
 UPSERT_UNCHANGED = 3
+
+#: Outcomes of :meth:`ScheduleStore.pause` and :meth:`ScheduleStore.resume`.
+SWITCH_NOT_FOUND = 0
+SWITCH_CHANGED = 1
+SWITCH_UNCHANGED = 2
+_RESUME_STALE = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +264,8 @@ class ScheduleStore:
         self._fired = ReloadingScript(client, "schedule_fired")
         self._delete = ReloadingScript(client, "schedule_delete")
         self._takeover = ReloadingScript(client, "schedule_takeover")
+        self._pause = ReloadingScript(client, "schedule_pause")
+        self._resume = ReloadingScript(client, "schedule_resume")
 
     async def upsert(
         self,
@@ -278,6 +293,34 @@ class ScheduleStore:
         if int(result) == UPSERT_NOT_FOUND:
             return UPSERT_NOT_FOUND, None
         return int(result), StoredSchedule.parse(schedule_id, _pairs(flat))
+
+    async def pause(self, schedule_id: str, now_ms: int) -> tuple[int, StoredSchedule | None]:
+        """Pause a schedule: it leaves the due index until :meth:`resume`. Returns the outcome and the schedule."""
+        result, flat = await self._pause(
+            keys=[schedule_key(schedule_id), SCHEDULE_DUE, SCHEDULE_SIGNAL], args=[schedule_id, now_ms]
+        )
+        if int(result) == SWITCH_NOT_FOUND:
+            return SWITCH_NOT_FOUND, None
+        return int(result), StoredSchedule.parse(schedule_id, _pairs(flat))
+
+    async def resume(self, schedule_id: str, now_ms: int) -> tuple[int, StoredSchedule | None]:
+        """Resume a paused schedule from its first tick after ``now_ms`` (ticks while paused are skipped)."""
+        while True:
+            stored = await self.get(schedule_id)
+            if stored is None:
+                return SWITCH_NOT_FOUND, None
+            if not stored.paused_ms:
+                return SWITCH_UNCHANGED, stored
+            next_ms = Timing.from_spec(stored.spec).tick_after(stored.anchor_ms, now_ms)
+            result, flat = await self._resume(
+                keys=[schedule_key(schedule_id), SCHEDULE_DUE, SCHEDULE_SIGNAL],
+                args=[schedule_id, stored.version, next_ms],
+            )
+            if int(result) == _RESUME_STALE:
+                continue  # the spec changed between the read and the script: compute the tick again
+            if int(result) == SWITCH_NOT_FOUND:
+                return SWITCH_NOT_FOUND, None
+            return int(result), StoredSchedule.parse(schedule_id, _pairs(flat))
 
     async def get(self, schedule_id: str) -> StoredSchedule | None:
         """The schedule, or None (also while a deleted one waits for its last tick to be recorded)."""

@@ -55,7 +55,7 @@ class AddressInUse(OSError):
         self.addr = addr
 
 
-def _address_in_use(addr: str) -> bool:
+def address_in_use(addr: str) -> bool:
     """Whether binding ``addr`` ("host:port") fails with EADDRINUSE right now."""
     host, _, port = addr.rpartition(":")
     host = host.strip("[]") or "0.0.0.0"
@@ -86,16 +86,18 @@ def bind(server: grpc.aio.Server, addr: str) -> int:
     except RuntimeError:  # grpcio >= 1.5x raises; older versions return 0
         port = 0
     if port == 0:
-        if _address_in_use(addr):
+        if address_in_use(addr):
             raise AddressInUse(addr)
         raise OSError(f"cannot listen on {addr} (set GRPC_VERBOSITY=debug for gRPC's reason)")
     return port
 
 
-def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """SERVER_OPTIONS with the receive and send message limits set to ``max_message_bytes``."""
+def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES, share_port: bool = False) -> list[tuple[str, int]]:
+    """SERVER_OPTIONS with the receive and send message limits set to ``max_message_bytes``;
+    ``share_port`` turns SO_REUSEPORT on, for the members of a process group (process_group.py)."""
     limits = {"grpc.max_receive_message_length", "grpc.max_send_message_length"}
-    return [(k, max_message_bytes if k in limits else v) for k, v in SERVER_OPTIONS]
+    options = [(k, max_message_bytes if k in limits else v) for k, v in SERVER_OPTIONS]
+    return [(k, 1 if k == "grpc.so_reuseport" and share_port else v) for k, v in options]
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ async def start(
     classify: Sequence[Callable[[BaseException], ConveyorError | None]] = (),
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     auth: Authorizer | None = None,
+    share_port: bool = False,
 ) -> RunningServer:
     """Start a server on ``addr`` ("host:port", port 0 picks a free one) hosting ``services``.
 
@@ -151,7 +154,7 @@ async def start(
     server reflection, so grpcurl and Kubernetes probes work out of the box.
     """
     interceptor = ServerInterceptor(unavailable, classify, auth)
-    server = grpc.aio.server(interceptors=[interceptor], options=server_options(max_message_bytes))
+    server = grpc.aio.server(interceptors=[interceptor], options=server_options(max_message_bytes, share_port))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [s.name for s in services]
@@ -180,6 +183,7 @@ async def serve(
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     metrics_addr: str = "",
     auth: Authorizer | None = None,
+    share_port: bool = False,
 ) -> None:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully.
 
@@ -198,6 +202,7 @@ async def serve(
         max_message_bytes: gRPC max receive and send message length.
         metrics_addr: Where to serve Prometheus metrics ("" or "off": nowhere).
         auth: Checks every call's bearer token (None: no authentication).
+        share_port: Listen with SO_REUSEPORT, beside the other members of a process group.
     """
     try:
         stop_metrics = metrics.serve(metrics_addr)
@@ -208,7 +213,13 @@ async def serve(
     if stop_metrics is not None:
         log.info("metrics_serving", addr=metrics_addr)
     running = await start(
-        addr, services, unavailable=unavailable, classify=classify, max_message_bytes=max_message_bytes, auth=auth
+        addr,
+        services,
+        unavailable=unavailable,
+        classify=classify,
+        max_message_bytes=max_message_bytes,
+        auth=auth,
+        share_port=share_port,
     )
     log.info("server_started", addr=addr, port=running.port, services=running.names)
     stop = asyncio.Event()

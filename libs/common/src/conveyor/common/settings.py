@@ -11,6 +11,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from conveyor.common.auth import TokenFileError, presented_token
 from conveyor.common.supervise import Supervisor
 from conveyor.common.validate import queue_problem
 
@@ -98,6 +99,13 @@ class _Env:
                 raise SettingsError(f"{name}: queue {queue!r} {problem}")
         return found
 
+    def token(self) -> str:
+        """CONVEYOR_TOKEN, or the content of the file CONVEYOR_TOKEN_FILE names."""
+        try:
+            return presented_token(self._env)
+        except TokenFileError as exc:
+            raise SettingsError(str(exc)) from None
+
     def items(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         raw = self._env.get(name)
         if not raw:
@@ -126,7 +134,8 @@ class CommonSettings:
     metrics_addr: str = ""
     #: CONVEYOR_AUTH_TOKENS_FILE: the token file every call is checked against ("": no authentication).
     auth_tokens_file: str = ""
-    #: CONVEYOR_TOKEN: the bearer token this process presents when it calls another service.
+    #: CONVEYOR_TOKEN (or the file CONVEYOR_TOKEN_FILE names): the bearer token this process
+    #: presents when it calls another service.
     token: str = ""
 
     def supervisor(self) -> Supervisor:
@@ -147,7 +156,7 @@ class CommonSettings:
             "exit_after_s": env.number("CONVEYOR_EXIT_AFTER_SECONDS", 300.0),
             "metrics_addr": env.text("CONVEYOR_METRICS_ADDR", metrics_addr_beside(grpc_addr)),
             "auth_tokens_file": env.text("CONVEYOR_AUTH_TOKENS_FILE", ""),
-            "token": env.text("CONVEYOR_TOKEN", ""),
+            "token": env.token(),
         }
 
 
@@ -158,6 +167,16 @@ def metrics_addr_beside(grpc_addr: str) -> str:
     if not port.isdigit() or int(port) == 0 or int(port) + 1000 > 65535:
         return "off"
     return f"{host}:{int(port) + 1000}"
+
+
+def metrics_addr_for_member(addr: str, index: int) -> str:
+    """The metrics address of member ``index`` of a process group: the port + 100 x index."""
+    host, _, port = addr.rpartition(":")
+    if addr in ("", "off") or not port.isdigit() or int(port) == 0:
+        return addr  # nowhere, or a port the system picks for each member anyway
+    if int(port) + 100 * index > 65535:
+        return "off"
+    return f"{host}:{int(port) + 100 * index}"
 
 
 @dataclass(frozen=True)
@@ -186,6 +205,10 @@ class ProducerSettings(CommonSettings):
     watch_redis_pool_size: int = 32
     #: Redis connections for AdminService and ScheduleService (CONVEYOR_ADMIN_REDIS_POOL_SIZE).
     admin_redis_pool_size: int = 16
+    #: Producer processes sharing the gRPC port (CONVEYOR_PRODUCER_PROCESSES; process_group.py).
+    processes: int = 1
+    #: This process's index in such a group (CONVEYOR_PROCESS_INDEX, set by the group); -1: alone.
+    process_index: int = -1
 
     @property
     def message_limit(self) -> int:
@@ -203,8 +226,16 @@ class ProducerSettings(CommonSettings):
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ProducerSettings:
         e = _Env(env)
+        common = cls._common(e, "127.0.0.1:50051")
+        index = e.integer("CONVEYOR_PROCESS_INDEX", -1, minimum=-1)
+        if index > 0:
+            # Members of a group share the gRPC port but not the metrics port: member i serves
+            # /metrics on that port + 100 x i (50051's 51051, 51151, 51251...).
+            common["metrics_addr"] = metrics_addr_for_member(str(common["metrics_addr"]), index)
         return cls(
-            **cls._common(e, "127.0.0.1:50051"),  # type: ignore[arg-type]
+            **common,  # type: ignore[arg-type]
+            processes=e.integer("CONVEYOR_PRODUCER_PROCESSES", 1, minimum=1),
+            process_index=index,
             results_addr=e.text("CONVEYOR_RESULTS_ADDR", "127.0.0.1:50052"),
             max_payload_bytes=e.integer("CONVEYOR_MAX_PAYLOAD_BYTES", 1 << 20, minimum=1),
             max_batch=e.integer("CONVEYOR_MAX_BATCH", 1000, minimum=1),
@@ -309,6 +340,10 @@ class ResultsSettings(CommonSettings):
     projection_defer_ms: int = 10_000
     #: Most jobs kept back at once (about 1 KB of memory each); beyond it new ones are written at once.
     projection_defer_max: int = 20_000
+    #: Events a results process read but never committed (it died) are taken over by another
+    #: results process after they sat this long; shorter than the time a live one takes to commit
+    #: a batch (projection_defer_ms included) would make two projectors write the same events.
+    claim_idle_s: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ResultsSettings:
@@ -324,4 +359,5 @@ class ResultsSettings(CommonSettings):
             prune_batch=e.integer("CONVEYOR_PG_PRUNE_BATCH", 1000, minimum=1),
             projection_defer_ms=e.integer("CONVEYOR_PROJECTION_DEFER_MS", 10_000, minimum=0),
             projection_defer_max=e.integer("CONVEYOR_PROJECTION_DEFER_MAX", 20_000, minimum=0),
+            claim_idle_s=e.number("CONVEYOR_RESULTS_CLAIM_IDLE_SECONDS", 60.0, minimum=1.0),
         )

@@ -13,6 +13,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -23,6 +24,37 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _Role:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLE_UNSPECIFIED: _Role.ValueType  # 0
+    """Never set by the server."""
+    ROLE_PRODUCER: _Role.ValueType  # 1
+    """Enqueue and watch."""
+    ROLE_READER: _Role.ValueType  # 2
+    """Get, list, watch and read stats."""
+    ROLE_ADMIN: _Role.ValueType  # 3
+    """Everything."""
+
+class Role(_Role, metaclass=_RoleEnumTypeWrapper):
+    """--- who is calling (dashauth) ---
+
+    Role is what a token may do (see the README's authentication section).
+    """
+
+ROLE_UNSPECIFIED: Role.ValueType  # 0
+"""Never set by the server."""
+ROLE_PRODUCER: Role.ValueType  # 1
+"""Enqueue and watch."""
+ROLE_READER: Role.ValueType  # 2
+"""Get, list, watch and read stats."""
+ROLE_ADMIN: Role.ValueType  # 3
+"""Everything."""
+Global___Role: _TypeAlias = Role  # noqa: Y015
 
 @_typing.final
 class DeadLetter(_message.Message):
@@ -671,3 +703,56 @@ class WorkerInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerInfo: _TypeAlias = WorkerInfo  # noqa: Y015
+
+@_typing.final
+class WhoAmIRequest(_message.Message):
+    """WhoAmIRequest has no fields: the caller is who its token says."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WhoAmIRequest: _TypeAlias = WhoAmIRequest  # noqa: Y015
+
+@_typing.final
+class WhoAmIResponse(_message.Message):
+    """WhoAmIResponse describes the caller's token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    QUEUES_FIELD_NUMBER: _builtins.int
+    AUTHENTICATION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The token's name in the token file ("" when authentication is off)."""
+    role: Global___Role.ValueType
+    """The token's role (ADMIN when authentication is off)."""
+    authentication: _builtins.bool
+    """Whether the service checks tokens at all."""
+    @_builtins.property
+    def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The queues the token is limited to; empty means every queue."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        role: Global___Role.ValueType = ...,
+        queues: _abc.Iterable[_builtins.str] | None = ...,
+        authentication: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authentication", b"authentication", "name", b"name", "queues", b"queues", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WhoAmIResponse: _TypeAlias = WhoAmIResponse  # noqa: Y015

@@ -116,6 +116,11 @@ class AdminServiceStub:
                 request_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/conveyor.v1.AdminService/WhoAmI',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.WhoAmIResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -260,6 +265,19 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WhoAmI(self, request, context):
+        """--- who is calling (dashauth) ---
+        WhoAmI says who the caller is: the name, role and queues of the token it
+        presents. Any valid token may call it (a queue-limited one too); without a
+        token, or with an unknown or revoked one, it is UNAUTHENTICATED like every
+        call. When the service checks no tokens, authentication is false and the
+        caller may call everything (role ADMIN).
+        --- end who is calling ---
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -342,6 +360,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListWorkersRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.WhoAmIRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.WhoAmIResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -777,6 +800,33 @@ class AdminService:
             '/conveyor.v1.AdminService/ListWorkers',
             conveyor_dot_v1_dot_admin__service__pb2.ListWorkersRequest.SerializeToString,
             conveyor_dot_v1_dot_admin__service__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/WhoAmI',
+            conveyor_dot_v1_dot_admin__service__pb2.WhoAmIRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.WhoAmIResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -104,6 +104,15 @@ class AdminServiceStub:
     stops cleanly leaves the list at once, one that dies drops off when its entry
     expires (CONVEYOR_WORKER_TTL_SECONDS after its last heartbeat, 10 s by default).
     """
+    WhoAmI: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.WhoAmIRequest, _admin_service_pb2.WhoAmIResponse]
+    """--- who is calling (dashauth) ---
+    WhoAmI says who the caller is: the name, role and queues of the token it
+    presents. Any valid token may call it (a queue-limited one too); without a
+    token, or with an unknown or revoked one, it is UNAUTHENTICATED like every
+    call. When the service checks no tokens, authentication is false and the
+    caller may call everything (role ADMIN).
+    --- end who is calling ---
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -179,6 +188,15 @@ class AdminServiceAsyncStub(AdminServiceStub):
     and refreshes its entry with every heartbeat (at least once a second); one that
     stops cleanly leaves the list at once, one that dies drops off when its entry
     expires (CONVEYOR_WORKER_TTL_SECONDS after its last heartbeat, 10 s by default).
+    """
+    WhoAmI: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.WhoAmIRequest, _admin_service_pb2.WhoAmIResponse]  # type: ignore[assignment]
+    """--- who is calling (dashauth) ---
+    WhoAmI says who the caller is: the name, role and queues of the token it
+    presents. Any valid token may call it (a queue-limited one too); without a
+    token, or with an unknown or revoked one, it is UNAUTHENTICATED like every
+    call. When the service checks no tokens, authentication is false and the
+    caller may call everything (role ADMIN).
+    --- end who is calling ---
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -348,6 +366,21 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         and refreshes its entry with every heartbeat (at least once a second); one that
         stops cleanly leaves the list at once, one that dies drops off when its entry
         expires (CONVEYOR_WORKER_TTL_SECONDS after its last heartbeat, 10 s by default).
+        """
+
+    @_abc_1.abstractmethod
+    def WhoAmI(
+        self,
+        request: _admin_service_pb2.WhoAmIRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.WhoAmIResponse, _abc.Awaitable[_admin_service_pb2.WhoAmIResponse]]:
+        """--- who is calling (dashauth) ---
+        WhoAmI says who the caller is: the name, role and queues of the token it
+        presents. Any valid token may call it (a queue-limited one too); without a
+        token, or with an unknown or revoked one, it is UNAUTHENTICATED like every
+        call. When the service checks no tokens, authentication is false and the
+        caller may call everything (role ADMIN).
+        --- end who is calling ---
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -27,39 +27,47 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"conveyor/v1/schedule_service.proto\x12\x0b\x63onveyor.v1\x1a\"conveyor/v1/producer_service.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa0\x02\n\x0cScheduleSpec\x12\x0c\n\x04\x63ron\x18\x01 \x01(\t\x12\x11\n\ttime_zone\x18\x02 \x01(\t\x12+\n\x08interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x08start_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x65nd_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x08template\x18\x06 \x01(\x0b\x32\x1b.conveyor.v1.EnqueueRequest\x12\x39\n\x12missed_tick_policy\x18\x07 \x01(\x0e\x32\x1d.conveyor.v1.MissedTickPolicy\"\xb2\x02\n\x08Schedule\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\x12\'\n\x04spec\x18\x02 \x01(\x0b\x32\x19.conveyor.v1.ScheduleSpec\x12\x30\n\x0cnext_fire_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_tick_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0blast_job_id\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x08 \x01(\x03\"U\n\x15\x43reateScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\x12\'\n\x04spec\x18\x02 \x01(\x0b\x32\x19.conveyor.v1.ScheduleSpec\"R\n\x16\x43reateScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"U\n\x15UpdateScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\x12\'\n\x04spec\x18\x02 \x01(\x0b\x32\x19.conveyor.v1.ScheduleSpec\"A\n\x16UpdateScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\",\n\x15\x44\x65leteScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\"A\n\x16\x44\x65leteScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\")\n\x12GetScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\">\n\x13GetScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"=\n\x14ListSchedulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x15ListSchedulesResponse\x12(\n\tschedules\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.Schedule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*p\n\x10MissedTickPolicy\x12\"\n\x1eMISSED_TICK_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17MISSED_TICK_POLICY_SKIP\x10\x01\x12\x1b\n\x17MISSED_TICK_POLICY_ONCE\x10\x02\x32\xcc\x03\n\x0fScheduleService\x12Y\n\x0e\x43reateSchedule\x12\".conveyor.v1.CreateScheduleRequest\x1a#.conveyor.v1.CreateScheduleResponse\x12Y\n\x0eUpdateSchedule\x12\".conveyor.v1.UpdateScheduleRequest\x1a#.conveyor.v1.UpdateScheduleResponse\x12Y\n\x0e\x44\x65leteSchedule\x12\".conveyor.v1.DeleteScheduleRequest\x1a#.conveyor.v1.DeleteScheduleResponse\x12P\n\x0bGetSchedule\x12\x1f.conveyor.v1.GetScheduleRequest\x1a .conveyor.v1.GetScheduleResponse\x12V\n\rListSchedules\x12!.conveyor.v1.ListSchedulesRequest\x1a\".conveyor.v1.ListSchedulesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"conveyor/v1/schedule_service.proto\x12\x0b\x63onveyor.v1\x1a\"conveyor/v1/producer_service.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa0\x02\n\x0cScheduleSpec\x12\x0c\n\x04\x63ron\x18\x01 \x01(\t\x12\x11\n\ttime_zone\x18\x02 \x01(\t\x12+\n\x08interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x08start_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x65nd_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x08template\x18\x06 \x01(\x0b\x32\x1b.conveyor.v1.EnqueueRequest\x12\x39\n\x12missed_tick_policy\x18\x07 \x01(\x0e\x32\x1d.conveyor.v1.MissedTickPolicy\"\xf1\x02\n\x08Schedule\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\x12\'\n\x04spec\x18\x02 \x01(\x0b\x32\x19.conveyor.v1.ScheduleSpec\x12\x30\n\x0cnext_fire_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_tick_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0blast_job_id\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x08 \x01(\x03\x12\x0e\n\x06paused\x18\t \x01(\x08\x12-\n\tpaused_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"U\n\x15\x43reateScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\x12\'\n\x04spec\x18\x02 \x01(\x0b\x32\x19.conveyor.v1.ScheduleSpec\"R\n\x16\x43reateScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"U\n\x15UpdateScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\x12\'\n\x04spec\x18\x02 \x01(\x0b\x32\x19.conveyor.v1.ScheduleSpec\"A\n\x16UpdateScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\",\n\x15\x44\x65leteScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\"A\n\x16\x44\x65leteScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\")\n\x12GetScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\">\n\x13GetScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"=\n\x14ListSchedulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x15ListSchedulesResponse\x12(\n\tschedules\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.Schedule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"+\n\x14PauseScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\"Q\n\x15PauseScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\",\n\x15ResumeScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\"R\n\x16ResumeScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08*p\n\x10MissedTickPolicy\x12\"\n\x1eMISSED_TICK_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17MISSED_TICK_POLICY_SKIP\x10\x01\x12\x1b\n\x17MISSED_TICK_POLICY_ONCE\x10\x02\x32\xff\x04\n\x0fScheduleService\x12Y\n\x0e\x43reateSchedule\x12\".conveyor.v1.CreateScheduleRequest\x1a#.conveyor.v1.CreateScheduleResponse\x12Y\n\x0eUpdateSchedule\x12\".conveyor.v1.UpdateScheduleRequest\x1a#.conveyor.v1.UpdateScheduleResponse\x12Y\n\x0e\x44\x65leteSchedule\x12\".conveyor.v1.DeleteScheduleRequest\x1a#.conveyor.v1.DeleteScheduleResponse\x12P\n\x0bGetSchedule\x12\x1f.conveyor.v1.GetScheduleRequest\x1a .conveyor.v1.GetScheduleResponse\x12V\n\rListSchedules\x12!.conveyor.v1.ListSchedulesRequest\x1a\".conveyor.v1.ListSchedulesResponse\x12V\n\rPauseSchedule\x12!.conveyor.v1.PauseScheduleRequest\x1a\".conveyor.v1.PauseScheduleResponse\x12Y\n\x0eResumeSchedule\x12\".conveyor.v1.ResumeScheduleRequest\x1a#.conveyor.v1.ResumeScheduleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.v1.schedule_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MISSEDTICKPOLICY']._serialized_start=1452
-  _globals['_MISSEDTICKPOLICY']._serialized_end=1564
+  _globals['_MISSEDTICKPOLICY']._serialized_start=1773
+  _globals['_MISSEDTICKPOLICY']._serialized_end=1885
   _globals['_SCHEDULESPEC']._serialized_start=153
   _globals['_SCHEDULESPEC']._serialized_end=441
   _globals['_SCHEDULE']._serialized_start=444
-  _globals['_SCHEDULE']._serialized_end=750
-  _globals['_CREATESCHEDULEREQUEST']._serialized_start=752
-  _globals['_CREATESCHEDULEREQUEST']._serialized_end=837
-  _globals['_CREATESCHEDULERESPONSE']._serialized_start=839
-  _globals['_CREATESCHEDULERESPONSE']._serialized_end=921
-  _globals['_UPDATESCHEDULEREQUEST']._serialized_start=923
-  _globals['_UPDATESCHEDULEREQUEST']._serialized_end=1008
-  _globals['_UPDATESCHEDULERESPONSE']._serialized_start=1010
-  _globals['_UPDATESCHEDULERESPONSE']._serialized_end=1075
-  _globals['_DELETESCHEDULEREQUEST']._serialized_start=1077
-  _globals['_DELETESCHEDULEREQUEST']._serialized_end=1121
-  _globals['_DELETESCHEDULERESPONSE']._serialized_start=1123
-  _globals['_DELETESCHEDULERESPONSE']._serialized_end=1188
-  _globals['_GETSCHEDULEREQUEST']._serialized_start=1190
-  _globals['_GETSCHEDULEREQUEST']._serialized_end=1231
-  _globals['_GETSCHEDULERESPONSE']._serialized_start=1233
-  _globals['_GETSCHEDULERESPONSE']._serialized_end=1295
-  _globals['_LISTSCHEDULESREQUEST']._serialized_start=1297
-  _globals['_LISTSCHEDULESREQUEST']._serialized_end=1358
-  _globals['_LISTSCHEDULESRESPONSE']._serialized_start=1360
-  _globals['_LISTSCHEDULESRESPONSE']._serialized_end=1450
-  _globals['_SCHEDULESERVICE']._serialized_start=1567
-  _globals['_SCHEDULESERVICE']._serialized_end=2027
+  _globals['_SCHEDULE']._serialized_end=813
+  _globals['_CREATESCHEDULEREQUEST']._serialized_start=815
+  _globals['_CREATESCHEDULEREQUEST']._serialized_end=900
+  _globals['_CREATESCHEDULERESPONSE']._serialized_start=902
+  _globals['_CREATESCHEDULERESPONSE']._serialized_end=984
+  _globals['_UPDATESCHEDULEREQUEST']._serialized_start=986
+  _globals['_UPDATESCHEDULEREQUEST']._serialized_end=1071
+  _globals['_UPDATESCHEDULERESPONSE']._serialized_start=1073
+  _globals['_UPDATESCHEDULERESPONSE']._serialized_end=1138
+  _globals['_DELETESCHEDULEREQUEST']._serialized_start=1140
+  _globals['_DELETESCHEDULEREQUEST']._serialized_end=1184
+  _globals['_DELETESCHEDULERESPONSE']._serialized_start=1186
+  _globals['_DELETESCHEDULERESPONSE']._serialized_end=1251
+  _globals['_GETSCHEDULEREQUEST']._serialized_start=1253
+  _globals['_GETSCHEDULEREQUEST']._serialized_end=1294
+  _globals['_GETSCHEDULERESPONSE']._serialized_start=1296
+  _globals['_GETSCHEDULERESPONSE']._serialized_end=1358
+  _globals['_LISTSCHEDULESREQUEST']._serialized_start=1360
+  _globals['_LISTSCHEDULESREQUEST']._serialized_end=1421
+  _globals['_LISTSCHEDULESRESPONSE']._serialized_start=1423
+  _globals['_LISTSCHEDULESRESPONSE']._serialized_end=1513
+  _globals['_PAUSESCHEDULEREQUEST']._serialized_start=1515
+  _globals['_PAUSESCHEDULEREQUEST']._serialized_end=1558
+  _globals['_PAUSESCHEDULERESPONSE']._serialized_start=1560
+  _globals['_PAUSESCHEDULERESPONSE']._serialized_end=1641
+  _globals['_RESUMESCHEDULEREQUEST']._serialized_start=1643
+  _globals['_RESUMESCHEDULEREQUEST']._serialized_end=1687
+  _globals['_RESUMESCHEDULERESPONSE']._serialized_start=1689
+  _globals['_RESUMESCHEDULERESPONSE']._serialized_end=1771
+  _globals['_SCHEDULESERVICE']._serialized_start=1888
+  _globals['_SCHEDULESERVICE']._serialized_end=2527
 # @@protoc_insertion_point(module_scope)

@@ -62,6 +62,16 @@ class ScheduleServiceStub:
                 request_serializer=conveyor_dot_v1_dot_schedule__service__pb2.ListSchedulesRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_schedule__service__pb2.ListSchedulesResponse.FromString,
                 _registered_method=True)
+        self.PauseSchedule = channel.unary_unary(
+                '/conveyor.v1.ScheduleService/PauseSchedule',
+                request_serializer=conveyor_dot_v1_dot_schedule__service__pb2.PauseScheduleRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_schedule__service__pb2.PauseScheduleResponse.FromString,
+                _registered_method=True)
+        self.ResumeSchedule = channel.unary_unary(
+                '/conveyor.v1.ScheduleService/ResumeSchedule',
+                request_serializer=conveyor_dot_v1_dot_schedule__service__pb2.ResumeScheduleRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_schedule__service__pb2.ResumeScheduleResponse.FromString,
+                _registered_method=True)
 
 
 class ScheduleServiceServicer:
@@ -117,6 +127,26 @@ class ScheduleServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PauseSchedule(self, request, context):
+        """PauseSchedule stops a schedule firing until ResumeSchedule: no tick comes
+        due while it is paused (a tick already claimed when the pause lands still
+        gets its one job). The spec, last tick and job stay. Idempotent (changed is
+        false when it was already paused). A missing id is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSchedule(self, request, context):
+        """ResumeSchedule lets a paused schedule fire again from its next tick after
+        now: the ticks that fell while it was paused are skipped, whatever the
+        missed-tick policy. Idempotent (changed is false when it was not paused).
+        A missing id is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ScheduleServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +174,16 @@ def add_ScheduleServiceServicer_to_server(servicer, server):
                     servicer.ListSchedules,
                     request_deserializer=conveyor_dot_v1_dot_schedule__service__pb2.ListSchedulesRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_schedule__service__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'PauseSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSchedule,
+                    request_deserializer=conveyor_dot_v1_dot_schedule__service__pb2.PauseScheduleRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_schedule__service__pb2.PauseScheduleResponse.SerializeToString,
+            ),
+            'ResumeSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSchedule,
+                    request_deserializer=conveyor_dot_v1_dot_schedule__service__pb2.ResumeScheduleRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_schedule__service__pb2.ResumeScheduleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -284,6 +324,60 @@ class ScheduleService:
             '/conveyor.v1.ScheduleService/ListSchedules',
             conveyor_dot_v1_dot_schedule__service__pb2.ListSchedulesRequest.SerializeToString,
             conveyor_dot_v1_dot_schedule__service__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ScheduleService/PauseSchedule',
+            conveyor_dot_v1_dot_schedule__service__pb2.PauseScheduleRequest.SerializeToString,
+            conveyor_dot_v1_dot_schedule__service__pb2.PauseScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ScheduleService/ResumeSchedule',
+            conveyor_dot_v1_dot_schedule__service__pb2.ResumeScheduleRequest.SerializeToString,
+            conveyor_dot_v1_dot_schedule__service__pb2.ResumeScheduleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,18 @@ class ScheduleServiceStub:
     """
     ListSchedules: _grpc.UnaryUnaryMultiCallable[_schedule_service_pb2.ListSchedulesRequest, _schedule_service_pb2.ListSchedulesResponse]
     """ListSchedules lists schedules in id order, one page at a time."""
+    PauseSchedule: _grpc.UnaryUnaryMultiCallable[_schedule_service_pb2.PauseScheduleRequest, _schedule_service_pb2.PauseScheduleResponse]
+    """PauseSchedule stops a schedule firing until ResumeSchedule: no tick comes
+    due while it is paused (a tick already claimed when the pause lands still
+    gets its one job). The spec, last tick and job stay. Idempotent (changed is
+    false when it was already paused). A missing id is NOT_FOUND.
+    """
+    ResumeSchedule: _grpc.UnaryUnaryMultiCallable[_schedule_service_pb2.ResumeScheduleRequest, _schedule_service_pb2.ResumeScheduleResponse]
+    """ResumeSchedule lets a paused schedule fire again from its next tick after
+    now: the ticks that fell while it was paused are skipped, whatever the
+    missed-tick policy. Idempotent (changed is false when it was not paused).
+    A missing id is NOT_FOUND.
+    """
 
 @_typing.type_check_only
 class ScheduleServiceAsyncStub(ScheduleServiceStub):
@@ -97,6 +109,18 @@ class ScheduleServiceAsyncStub(ScheduleServiceStub):
     """
     ListSchedules: _aio.UnaryUnaryMultiCallable[_schedule_service_pb2.ListSchedulesRequest, _schedule_service_pb2.ListSchedulesResponse]  # type: ignore[assignment]
     """ListSchedules lists schedules in id order, one page at a time."""
+    PauseSchedule: _aio.UnaryUnaryMultiCallable[_schedule_service_pb2.PauseScheduleRequest, _schedule_service_pb2.PauseScheduleResponse]  # type: ignore[assignment]
+    """PauseSchedule stops a schedule firing until ResumeSchedule: no tick comes
+    due while it is paused (a tick already claimed when the pause lands still
+    gets its one job). The spec, last tick and job stay. Idempotent (changed is
+    false when it was already paused). A missing id is NOT_FOUND.
+    """
+    ResumeSchedule: _aio.UnaryUnaryMultiCallable[_schedule_service_pb2.ResumeScheduleRequest, _schedule_service_pb2.ResumeScheduleResponse]  # type: ignore[assignment]
+    """ResumeSchedule lets a paused schedule fire again from its next tick after
+    now: the ticks that fell while it was paused are skipped, whatever the
+    missed-tick policy. Idempotent (changed is false when it was not paused).
+    A missing id is NOT_FOUND.
+    """
 
 class ScheduleServiceServicer(metaclass=_abc_1.ABCMeta):
     """ScheduleService manages repeatable jobs: a schedule enqueues one job from its
@@ -159,5 +183,29 @@ class ScheduleServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_schedule_service_pb2.ListSchedulesResponse, _abc.Awaitable[_schedule_service_pb2.ListSchedulesResponse]]:
         """ListSchedules lists schedules in id order, one page at a time."""
+
+    @_abc_1.abstractmethod
+    def PauseSchedule(
+        self,
+        request: _schedule_service_pb2.PauseScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_schedule_service_pb2.PauseScheduleResponse, _abc.Awaitable[_schedule_service_pb2.PauseScheduleResponse]]:
+        """PauseSchedule stops a schedule firing until ResumeSchedule: no tick comes
+        due while it is paused (a tick already claimed when the pause lands still
+        gets its one job). The spec, last tick and job stay. Idempotent (changed is
+        false when it was already paused). A missing id is NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeSchedule(
+        self,
+        request: _schedule_service_pb2.ResumeScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_schedule_service_pb2.ResumeScheduleResponse, _abc.Awaitable[_schedule_service_pb2.ResumeScheduleResponse]]:
+        """ResumeSchedule lets a paused schedule fire again from its next tick after
+        now: the ticks that fell while it was paused are skipped, whatever the
+        missed-tick policy. Idempotent (changed is false when it was not paused).
+        A missing id is NOT_FOUND.
+        """
 
 def add_ScheduleServiceServicer_to_server(servicer: ScheduleServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

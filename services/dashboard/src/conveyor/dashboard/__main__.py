@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import uvicorn
 
@@ -11,13 +12,22 @@ from conveyor.common.client import ConveyorClient
 from conveyor.dashboard.app import create_app
 from conveyor.dashboard.settings import DashboardSettings
 
+#: The exit status for a setting to fix (as every Conveyor service: sysexits' EX_CONFIG).
+EXIT_BAD_SETTING = 78
 
-async def run() -> None:
-    settings = DashboardSettings.from_env()
+
+async def run(settings: DashboardSettings) -> None:
     logs.configure(service="dashboard", level=settings.log_level, fmt=settings.log_format)
     log = logs.get_logger("conveyor.dashboard")
-    client = ConveyorClient(settings.producer_addr, settings.results_addr, coalesce=False, token=settings.token)
-    app = create_app(client, read_only=settings.read_only, chart_js=settings.assets)
+    # With the login on, every call presents the signed-in person's token (auth.CALL_TOKEN), not CONVEYOR_TOKEN.
+    client = ConveyorClient(
+        settings.producer_addr,
+        settings.results_addr,
+        coalesce=False,
+        token="" if settings.login else settings.token,
+        per_call_token=settings.login is not None,
+    )
+    app = create_app(client, read_only=settings.read_only, chart_js=settings.assets, login=settings.login)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -34,13 +44,20 @@ async def run() -> None:
         producer=settings.producer_addr,
         results=settings.results_addr,
         read_only=settings.read_only,
+        login=settings.login is not None,
         charts=settings.assets is not None,
     )
     await uvicorn.Server(config).serve()
 
 
 def main() -> None:
-    asyncio.run(run())
+    try:
+        settings = DashboardSettings.from_env()
+    except ValueError as exc:
+        # A configuration mistake: one line saying what to fix, no traceback.
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(EXIT_BAD_SETTING) from None
+    asyncio.run(run(settings))
 
 
 if __name__ == "__main__":

@@ -7,26 +7,45 @@ and the results service's addresses); it never opens Redis or PostgreSQL itself.
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlencode
 
 import grpc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from conveyor.common import logs
+from conveyor.common import auth, logs
 from conveyor.common.client import ConveyorClient
 from conveyor.common.errors import ConveyorError, InvalidArgument
 from conveyor.dashboard import bulk, filters, views
-from conveyor.v1 import producer_service_pb2, results_service_pb2
+from conveyor.dashboard.login import (
+    CSRF_HEADER,
+    LOGIN_COOKIE,
+    LOGIN_FORM_S,
+    SESSION_COOKIE,
+    LoginSettings,
+    Session,
+    csrf_ok,
+    safe_next,
+)
+from conveyor.v1 import admin_service_pb2, producer_service_pb2, results_service_pb2
 
 HERE = Path(__file__).resolve().parent
 log = logs.get_logger(__name__)
@@ -50,13 +69,37 @@ HTTP_STATUS = {
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Path | None = None) -> Starlette:
-    """The ASGI app. ``client`` must have a results address (jobs, events and history come from there)."""
+#: The largest sign-in form the dashboard reads (a token and two short fields).
+MAX_LOGIN_FORM = 8192
+
+
+def create_app(
+    client: ConveyorClient,
+    *,
+    read_only: bool = False,
+    chart_js: Path | None = None,
+    login: LoginSettings | None = None,
+) -> Starlette:
+    """The ASGI app. ``client`` must have a results address (jobs, events and history come from there).
+
+    With ``login``, each person signs in with their own token and ``client`` must present
+    ``auth.CALL_TOKEN`` (``per_call_token=True``); pages and actions run with that person's token.
+    """
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals["read_only"] = read_only
     templates.env.globals["chart_js"] = chart_js is not None
+    templates.env.globals["login"] = login is not None
+    signer = login.signer() if login is not None else None
+
+    def session_of(request: Request) -> Session | None:
+        session: Session | None = getattr(request.state, "session", None)
+        return session
 
     def page(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
+        session = session_of(request)
+        # Signed in, only an admin sees the action buttons (the APIs would refuse the others anyway).
+        context.setdefault("read_only", read_only or (signer is not None and (session is None or not session.admin)))
+        context.setdefault("session", session)
         return templates.TemplateResponse(request, name, context, status_code=status_code)
 
     async def error_page(request: Request, exc: Exception) -> Response:
@@ -70,6 +113,148 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
         if request.method == "POST" or request.url.path.startswith("/api/"):
             return JSONResponse({"code": code, "error": message}, status_code=status)
         return page(request, "error.html", status_code=status, status=status, code=code, message=message)
+
+    # ---- sign-in (CONVEYOR_DASHBOARD_LOGIN) ---------------------------------------------------------
+
+    def https(request: Request) -> bool:
+        return request.url.scheme == "https"
+
+    def signed_out(request: Request, why: str) -> Response:
+        """Back to the sign-in page (an action or API call gets 401 with where to sign in); the cookie goes."""
+        response: Response
+        if request.method == "POST" or request.url.path.startswith("/api/"):
+            error = why or "sign in first"
+            response = JSONResponse({"code": "UNAUTHENTICATED", "error": error, "login": "/login"}, 401)
+        else:
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            params = {"next": target, **({"expired": "1"} if why else {})}
+            response = RedirectResponse(f"/login?{urlencode(params)}", 303)
+        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=https(request))
+        return response
+
+    def signed_in(handler: Handler) -> Handler:
+        """``handler`` run with the signed-in person's token; POSTs need their CSRF token and the admin role."""
+        if signer is None:
+            return handler
+
+        async def guarded(request: Request) -> Response:
+            session = signer.read(request.cookies.get(SESSION_COOKIE))
+            if session is None:
+                return signed_out(request, "")
+            request.state.session = session
+            if request.method == "POST":
+                if not csrf_ok(session.csrf, request.headers.get(CSRF_HEADER)):
+                    error = "missing or wrong CSRF token: reload the page and try again"
+                    return JSONResponse({"code": "PERMISSION_DENIED", "error": error}, 403)
+                if not session.admin:
+                    error = f"signed in as {session.name} ({session.role}): only an admin may change anything"
+                    return JSONResponse({"code": "PERMISSION_DENIED", "error": error}, 403)
+            reset = auth.CALL_TOKEN.set(session.token)
+            try:
+                return await handler(request)
+            except ConveyorError as exc:
+                if exc.code != grpc.StatusCode.UNAUTHENTICATED:
+                    raise
+                # The services no longer know the token (revoked from the token file): sign the person out.
+                log.info("dashboard session ended", name=session.name, error=exc.message)
+                return signed_out(request, exc.message)
+            finally:
+                auth.CALL_TOKEN.reset(reset)
+
+        return guarded
+
+    def login_form(request: Request, error: str = "", status_code: int = 200, target: str = "") -> Response:
+        nonce = secrets.token_urlsafe(32)
+        response = page(
+            request,
+            "login.html",
+            status_code=status_code,
+            error=error,
+            expired=request.query_params.get("expired") == "1" and not error,
+            next=safe_next(target or request.query_params.get("next")),
+            login_csrf=nonce,
+            read_only=False,  # nobody is signed in yet: no "read-only" badge, no navigation
+            sign_in_page=True,
+        )
+        # Double submit: the form's hidden field must equal this cookie, which another site cannot read or set.
+        response.set_cookie(
+            LOGIN_COOKIE,
+            nonce,
+            max_age=LOGIN_FORM_S,
+            path="/login",
+            httponly=True,
+            samesite="strict",
+            secure=https(request),
+        )
+        return response
+
+    async def login_page(request: Request) -> Response:
+        if signer is None:
+            raise HTTPException(404, "sign-in is off (CONVEYOR_DASHBOARD_LOGIN is not set)")
+        if request.method != "POST":
+            return login_form(request)
+        body = await request.body()
+        if len(body) > MAX_LOGIN_FORM:
+            return login_form(request, "The form is too large.", 413)
+        form = parse_qs(body.decode(errors="replace"), max_num_fields=10)
+
+        def field(name: str) -> str:
+            return (form.get(name) or [""])[0]
+
+        target = field("next")
+        if not csrf_ok(request.cookies.get(LOGIN_COOKIE, ""), field("csrf")):
+            return login_form(request, "The sign-in form had expired: try again.", 403, target)
+        token = field("token").strip()
+        if not token:
+            return login_form(request, "Enter your token.", 400, target)
+        reset = auth.CALL_TOKEN.set(token)
+        try:
+            me = await client.who_am_i()
+        except ConveyorError as exc:
+            if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                log.info("dashboard sign-in refused", error=exc.message)
+                return login_form(request, f"Sign-in refused: {exc.message}.", 401, target)
+            status = HTTP_STATUS.get(exc.code, 502)
+            return login_form(request, f"Cannot check the token: {exc.code.name}: {exc.message}", status, target)
+        finally:
+            auth.CALL_TOKEN.reset(reset)
+        if not me.authentication:
+            # Any string would "sign in" as an admin: say so rather than pretend to check anything.
+            error = (
+                "The services check no tokens (no CONVEYOR_AUTH_TOKENS_FILE), so a sign-in would protect nothing: "
+                "turn tokens on, or run the dashboard without CONVEYOR_DASHBOARD_LOGIN."
+            )
+            return login_form(request, error, 409, target)
+        role = admin_service_pb2.Role.Name(me.role).removeprefix("ROLE_").lower()
+        name = me.name
+        value, _ = signer.issue(token, name, role, tuple(me.queues))
+        log.info("dashboard sign-in", name=name, role=role)
+        response = RedirectResponse(safe_next(target), 303)
+        response.set_cookie(
+            SESSION_COOKIE,
+            value,
+            max_age=signer.lifetime_s,
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=https(request),
+        )
+        response.delete_cookie(LOGIN_COOKIE, path="/login", httponly=True, samesite="strict", secure=https(request))
+        return response
+
+    async def logout(request: Request) -> Response:
+        if signer is None:
+            raise HTTPException(404, "sign-in is off (CONVEYOR_DASHBOARD_LOGIN is not set)")
+        session = signer.read(request.cookies.get(SESSION_COOKIE))
+        if session is not None:
+            body = await request.body()
+            presented = (parse_qs(body[:MAX_LOGIN_FORM].decode(errors="replace")).get("csrf") or [""])[0]
+            if not csrf_ok(session.csrf, presented or request.headers.get(CSRF_HEADER)):
+                raise HTTPException(403, "missing or wrong CSRF token: reload the page and sign out again")
+            log.info("dashboard sign-out", name=session.name)
+        response = RedirectResponse("/login", 303)
+        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=https(request))
+        return response
 
     # ---- pages -------------------------------------------------------------------------------------
 
@@ -108,6 +293,7 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
             "queue.html",
             q=views.queue_row(stats.stats),
             limits=views.limits_view(limits),
+            key_limits=views.key_limits_view(limits),
             limits_summary=views.limits_summary(limits),
             finished=finished,
             finished_json=json.dumps(finished),
@@ -174,7 +360,11 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
         after = request.headers.get("last-event-id", "")
         await client.get_job(job_id)  # a missing job is a 404 here, before the stream starts
 
+        token = auth.CALL_TOKEN.get()
+
         async def stream() -> AsyncIterator[str]:
+            # The body is sent after the handler returned (and its sign-in context with it): present the token here.
+            auth.CALL_TOKEN.set(token)
             try:
                 async for event in client.watch(job_id, after_event_id=after):
                     view = views.event_view(event)
@@ -277,6 +467,14 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
         job.CopyFrom(schedule.spec.template)
         return {"job_id": (await client.submit(job)).job_id}
 
+    async def pause_schedule(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        schedule, changed = await client.pause_schedule(request.path_params["schedule_id"])
+        return {"changed": changed, "schedule": views.schedule_view(schedule)}
+
+    async def resume_schedule(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        schedule, changed = await client.resume_schedule(request.path_params["schedule_id"])
+        return {"changed": changed, "schedule": views.schedule_view(schedule)}
+
     async def delete_schedule(request: Request, body: dict[str, Any]) -> dict[str, Any]:
         return {"deleted": (await client.delete_schedule(request.path_params["schedule_id"])).schedule_id}
 
@@ -316,24 +514,26 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
         return {"schedule": views.schedule_view(updated)}
 
     async def set_limit(request: Request, body: dict[str, Any]) -> dict[str, Any]:
-        """Set the queue-wide rate limit (limit per period_seconds) or concurrency cap (limit)."""
+        """Set a rate limit (limit per period_seconds) or a concurrency cap (limit): queue, each key or one key."""
         queue, kind = request.path_params["queue"], request.path_params["kind"]
+        key, each_key = views.limit_scope(body)
         limit = views.whole_number(body.get("limit"), "limit")
         if kind == "rate":
             period = views.whole_number(body.get("period_seconds"), "period_seconds")
-            limits = await client.set_rate_limit(queue, limit, timedelta(seconds=period))
+            limits = await client.set_rate_limit(queue, limit, timedelta(seconds=period), key=key, each_key=each_key)
         elif kind == "concurrency":
-            limits = await client.set_concurrency_limit(queue, limit)
+            limits = await client.set_concurrency_limit(queue, limit, key=key, each_key=each_key)
         else:
             raise HTTPException(404, f"no limit {kind!r}: rate or concurrency")
         return {"limits": views.limits_summary(limits)}
 
     async def clear_limit(request: Request, body: dict[str, Any]) -> dict[str, Any]:
         queue, kind = request.path_params["queue"], request.path_params["kind"]
+        key, each_key = views.limit_scope(body)
         if kind == "rate":
-            changed = await client.clear_rate_limit(queue)
+            changed = await client.clear_rate_limit(queue, key=key, each_key=each_key)
         elif kind == "concurrency":
-            changed = await client.clear_concurrency_limit(queue)
+            changed = await client.clear_concurrency_limit(queue, key=key, each_key=each_key)
         else:
             raise HTTPException(404, f"no limit {kind!r}: rate or concurrency")
         return {"changed": changed}
@@ -354,30 +554,37 @@ def create_app(client: ConveyorClient, *, read_only: bool = False, chart_js: Pat
         finally:
             await client.close()
 
+    def guarded(path: str, handler: Handler, methods: list[str] | None = None) -> Route:
+        return Route(path, signed_in(handler), methods=methods)
+
     routes = [
-        Route("/", overview),
+        guarded("/", overview),
         Route("/healthz", healthz),
-        Route("/queues/{queue}", queue_page),
-        Route("/queues/{queue}/dead-letters", dead_letters_page),
-        Route("/queues/{queue}/pause", action(pause), methods=["POST"]),
-        Route("/queues/{queue}/resume", action(resume), methods=["POST"]),
-        Route("/queues/{queue}/dead-letters/retry", action(retry_dead), methods=["POST"]),
-        Route("/queues/{queue}/dead-letters/purge", action(purge_dead), methods=["POST"]),
-        Route("/jobs", jobs_page),
-        Route("/jobs/bulk/{action}", action(bulk_action), methods=["POST"]),
-        Route("/api/jobs/count", count_jobs),
-        Route("/jobs/{job_id:path}/cancel", action(cancel), methods=["POST"]),
-        Route("/api/payload/{job_id:path}", job_payload),
-        Route("/api/watch/{job_id:path}", watch_job),
-        Route("/jobs/{job_id:path}", job_page),
-        Route("/workers", workers_page),
-        Route("/schedules", schedules_page),
-        Route("/queues/{queue}/limits/{kind}", action(set_limit), methods=["POST"]),
-        Route("/queues/{queue}/limits/{kind}/clear", action(clear_limit), methods=["POST"]),
-        Route("/schedules/{schedule_id:path}/edit", schedule_edit_page),
-        Route("/schedules/{schedule_id:path}/update", action(update_schedule), methods=["POST"]),
-        Route("/schedules/{schedule_id:path}/run-now", action(run_schedule_now), methods=["POST"]),
-        Route("/schedules/{schedule_id:path}/delete", action(delete_schedule), methods=["POST"]),
+        guarded("/queues/{queue}", queue_page),
+        guarded("/queues/{queue}/dead-letters", dead_letters_page),
+        guarded("/queues/{queue}/pause", action(pause), methods=["POST"]),
+        guarded("/queues/{queue}/resume", action(resume), methods=["POST"]),
+        guarded("/queues/{queue}/dead-letters/retry", action(retry_dead), methods=["POST"]),
+        guarded("/queues/{queue}/dead-letters/purge", action(purge_dead), methods=["POST"]),
+        guarded("/jobs", jobs_page),
+        guarded("/jobs/bulk/{action}", action(bulk_action), methods=["POST"]),
+        guarded("/api/jobs/count", count_jobs),
+        guarded("/jobs/{job_id:path}/cancel", action(cancel), methods=["POST"]),
+        guarded("/api/payload/{job_id:path}", job_payload),
+        guarded("/api/watch/{job_id:path}", watch_job),
+        guarded("/jobs/{job_id:path}", job_page),
+        guarded("/workers", workers_page),
+        guarded("/schedules", schedules_page),
+        guarded("/queues/{queue}/limits/{kind}", action(set_limit), methods=["POST"]),
+        guarded("/queues/{queue}/limits/{kind}/clear", action(clear_limit), methods=["POST"]),
+        guarded("/schedules/{schedule_id:path}/edit", schedule_edit_page),
+        guarded("/schedules/{schedule_id:path}/update", action(update_schedule), methods=["POST"]),
+        guarded("/schedules/{schedule_id:path}/run-now", action(run_schedule_now), methods=["POST"]),
+        guarded("/schedules/{schedule_id:path}/delete", action(delete_schedule), methods=["POST"]),
+        guarded("/schedules/{schedule_id:path}/pause", action(pause_schedule), methods=["POST"]),
+        guarded("/schedules/{schedule_id:path}/resume", action(resume_schedule), methods=["POST"]),
+        Route("/login", login_page, methods=["GET", "POST"]),
+        Route("/logout", logout, methods=["POST"]),
         Route("/static/vendor/chart.umd.min.js", chart_bundle),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]

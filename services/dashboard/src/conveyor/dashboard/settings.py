@@ -7,6 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from conveyor.common.auth import presented_token
+from conveyor.dashboard.login import LoginSettings
+
 CHART_JS = Path("chart.js") / "dist" / "chart.umd.min.js"
 
 
@@ -29,8 +32,11 @@ class DashboardSettings:
     assets: Path | None
     log_level: str
     log_format: str
-    #: The token the dashboard presents to the gRPC APIs (CONVEYOR_TOKEN), when they check tokens.
+    #: The token the dashboard presents to the gRPC APIs (CONVEYOR_TOKEN or CONVEYOR_TOKEN_FILE),
+    #: when they check tokens.
     token: str = ""
+    #: Each person signs in with their own token (CONVEYOR_DASHBOARD_LOGIN=1); None: the one token above.
+    login: LoginSettings | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DashboardSettings:
@@ -52,5 +58,6 @@ class DashboardSettings:
             assets=Path(assets) if assets else find_chart_js(Path(__file__).resolve().parent),
             log_level=e.get("CONVEYOR_LOG_LEVEL", "info"),
             log_format=e.get("CONVEYOR_LOG_FORMAT", "auto"),
-            token=e.get("CONVEYOR_TOKEN", ""),
+            token=presented_token(e),
+            login=LoginSettings.from_env(e),
         )

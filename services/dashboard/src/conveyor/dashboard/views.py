@@ -218,6 +218,8 @@ def schedule_view(s: schedule_service_pb2.Schedule) -> dict[str, Any]:
         "next_fire_at": ts(s, "next_fire_at"),
         "last_tick_at": ts(s, "last_tick_at"),
         "last_job_id": s.last_job_id,
+        "paused": s.paused,
+        "paused_at": ts(s, "paused_at"),
     }
 
 
@@ -232,6 +234,47 @@ def schedule_form(s: schedule_service_pb2.Schedule) -> dict[str, Any]:
         "interval_seconds": int(spec.interval.ToTimedelta().total_seconds()) if spec.HasField("interval") else "",
         "payload": json.dumps(payload, indent=2),
     }
+
+
+def limit_scope(body: dict[str, Any]) -> tuple[str | None, bool]:
+    """What a limit form's ``scope`` (and ``key``) name: ``(key, each_key)`` as the client's limit calls take them.
+
+    ``queue`` (the default): the whole queue; ``each_key``: every rate key without its own limit;
+    ``key``: the one rate key ``key``.
+    """
+    scope = body.get("scope") or "queue"
+    if scope == "queue":
+        return None, False
+    if scope == "each_key":
+        return None, True
+    if scope == "key":
+        key = body.get("key")
+        if not isinstance(key, str) or not key.strip():
+            raise InvalidArgument({"key": "name the rate key whose limit to set or clear"})
+        return key.strip(), False
+    raise InvalidArgument({"scope": f"must be queue, each_key or key, got {scope!r}"})
+
+
+def key_limits_view(limits: limits_pb2.QueueLimits) -> list[dict[str, Any]]:
+    """The per-key limits: the default for each key first (key ""), then each key with its own."""
+    rows: list[dict[str, Any]] = []
+    if (limits.HasField("rate_per_key") and limits.rate_per_key.limit) or limits.concurrency_per_key:
+        rows.append(
+            {
+                "key": "",
+                "rate": rate_text(limits.rate_per_key) if limits.HasField("rate_per_key") else "",
+                "concurrency": limits.concurrency_per_key,
+            }
+        )
+    for k in limits.keys:
+        rows.append(
+            {
+                "key": k.key,
+                "rate": rate_text(k.rate) if k.HasField("rate") and k.rate.limit else "",
+                "concurrency": k.concurrency,
+            }
+        )
+    return rows
 
 
 def whole_number(value: object, field: str) -> int:

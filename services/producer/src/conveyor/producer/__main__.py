@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 
 from conveyor.common import logs, metrics, server, tracing
 from conveyor.common.auth import Authorizer
+from conveyor.common.process_group import ProcessGroup
 from conveyor.common.queue_registry import QueueSweeper
 from conveyor.common.redis import REDIS_UNAVAILABLE, make_sync_redis
-from conveyor.common.settings import ProducerSettings
+from conveyor.common.settings import ProducerSettings, SettingsError
 from conveyor.producer.app import build
 
 
@@ -39,11 +41,25 @@ async def run() -> None:
         supervisor=app.supervisor,
         auth=authorizer,
         metrics_addr=settings.metrics_addr,
+        share_port=settings.process_index >= 0,
     )
     metrics_redis.close()
 
 
 def main() -> None:
+    try:
+        settings = ProducerSettings.from_env()
+    except SettingsError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(server.EXIT_BAD_SETTING) from None
+    if settings.processes > 1 and settings.process_index < 0:
+        # The group's parent: it serves nothing itself, it runs and watches the members.
+        logs.configure(service="producer", level=settings.log_level, fmt=settings.log_format)
+        if server.address_in_use(settings.grpc_addr):
+            sys.stderr.write(f"error: {server.AddressInUse(settings.grpc_addr).strerror}\n")
+            raise SystemExit(server.EXIT_ADDRESS_IN_USE)
+        group = ProcessGroup("conveyor.producer", settings.processes, grace_s=settings.shutdown_grace_s)
+        raise SystemExit(group.run())
     server.run_process(run)
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import grpc
 
+from conveyor.common import auth
 from conveyor.producer.controls import QueueControls
 from conveyor.producer.dead_letters import DeadLetters
 from conveyor.producer.limits import FlowLimits
@@ -106,3 +107,24 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         self, request: admin_service_pb2.ListWorkersRequest, context: Context
     ) -> admin_service_pb2.ListWorkersResponse:
         return admin_service_pb2.ListWorkersResponse(workers=await self._stats.workers(request.queue))
+
+    # --- who is calling (dashauth) ---
+    async def WhoAmI(
+        self, request: admin_service_pb2.WhoAmIRequest, context: Context
+    ) -> admin_service_pb2.WhoAmIResponse:
+        """The caller's token as the interceptor identified it (auth.CALLER); no token checked: admin."""
+        token = auth.CALLER.get()
+        if token is None:
+            return admin_service_pb2.WhoAmIResponse(role=admin_service_pb2.ROLE_ADMIN, authentication=False)
+        return admin_service_pb2.WhoAmIResponse(
+            name=token.name, role=ROLES[token.role], queues=sorted(token.queues), authentication=True
+        )
+
+    # --- end who is calling ---
+
+
+ROLES = {
+    auth.Role.PRODUCER: admin_service_pb2.ROLE_PRODUCER,
+    auth.Role.READER: admin_service_pb2.ROLE_READER,
+    auth.Role.ADMIN: admin_service_pb2.ROLE_ADMIN,
+}

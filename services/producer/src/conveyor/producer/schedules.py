@@ -20,6 +20,8 @@ from conveyor.common.enqueue import Enqueuer, enqueue_tick
 from conveyor.common.errors import InvalidArgument, NotFound
 from conveyor.common.schedules import (
     MIN_INTERVAL_MS,
+    SWITCH_CHANGED,
+    SWITCH_NOT_FOUND,
     UPSERT_CREATED,
     UPSERT_NOT_FOUND,
     ScheduleStore,
@@ -99,7 +101,7 @@ def validate_spec(spec: schedule_service_pb2.ScheduleSpec, max_payload_bytes: in
 
 
 class ScheduleServicer(schedule_service_pb2_grpc.ScheduleServiceServicer):
-    """CreateSchedule, UpdateSchedule, DeleteSchedule, GetSchedule, ListSchedules."""
+    """CreateSchedule, UpdateSchedule, DeleteSchedule, GetSchedule, ListSchedules, PauseSchedule, ResumeSchedule."""
 
     def __init__(self, store: ScheduleStore, enqueuer: Enqueuer, max_payload_bytes: int) -> None:
         self._store = store
@@ -166,3 +168,25 @@ class ScheduleServicer(schedule_service_pb2_grpc.ScheduleServiceServicer):
         if len(page) > size:
             out.next_page_token = page[size - 1].schedule_id
         return out
+
+    async def PauseSchedule(
+        self, request: schedule_service_pb2.PauseScheduleRequest, context: Context
+    ) -> schedule_service_pb2.PauseScheduleResponse:
+        _check_id(request.schedule_id)
+        outcome, stored = await self._store.pause(request.schedule_id, time.time_ns() // 1_000_000)
+        if outcome == SWITCH_NOT_FOUND or stored is None:
+            raise NotFound(f"schedule {request.schedule_id!r} does not exist")
+        log.info("schedule_paused", schedule_id=request.schedule_id, changed=outcome == SWITCH_CHANGED)
+        return schedule_service_pb2.PauseScheduleResponse(schedule=stored.to_proto(), changed=outcome == SWITCH_CHANGED)
+
+    async def ResumeSchedule(
+        self, request: schedule_service_pb2.ResumeScheduleRequest, context: Context
+    ) -> schedule_service_pb2.ResumeScheduleResponse:
+        _check_id(request.schedule_id)
+        outcome, stored = await self._store.resume(request.schedule_id, time.time_ns() // 1_000_000)
+        if outcome == SWITCH_NOT_FOUND or stored is None:
+            raise NotFound(f"schedule {request.schedule_id!r} does not exist")
+        log.info("schedule_resumed", schedule_id=request.schedule_id, changed=outcome == SWITCH_CHANGED)
+        return schedule_service_pb2.ResumeScheduleResponse(
+            schedule=stored.to_proto(), changed=outcome == SWITCH_CHANGED
+        )

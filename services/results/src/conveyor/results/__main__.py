@@ -48,6 +48,8 @@ async def run() -> None:
         retention_s=settings.retention_s,
         defer_ms=settings.projection_defer_ms,
         defer_max=settings.projection_defer_max,
+        claim_idle_ms=int(settings.claim_idle_s * 1000),
+        claim_interval_s=min(30.0, settings.claim_idle_s / 2),
         supervisor=supervisor,
     )
 

@@ -143,8 +143,8 @@ class Scheduler:
             # Its previous tick is still being enqueued: recording it wakes the loops again
             # (and a dead owner's lease running out is the fallback). No busy loop meanwhile.
             return False
-        if stored is None or not stored.next_ms or stored.next_ms > now:
-            return True  # deleted, or moved on by another process
+        if stored is None or stored.paused_ms or not stored.next_ms or stored.next_ms > now:
+            return True  # deleted, paused, or moved on by another process
         timing = Timing.from_spec(stored.spec)
         once = stored.spec.missed_tick_policy == schedule_service_pb2.MISSED_TICK_POLICY_ONCE
         fire_ms, next_ms = timing.plan(stored.anchor_ms, stored.next_ms, now, catch_up_once=once)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from conveyor.common import auth
 from conveyor.common.cli import admin, jobs, schedules, tokens
 from conveyor.common.cli.context import Settings
 
@@ -28,7 +29,7 @@ from conveyor.common.cli.context import Settings
     envvar="CONVEYOR_TOKEN",
     default="",
     show_default=False,
-    help="Bearer token, when the servers check tokens (env CONVEYOR_TOKEN).",
+    help="Bearer token, when the servers check tokens (env CONVEYOR_TOKEN, or a file named by CONVEYOR_TOKEN_FILE).",
 )
 @click.option("--json", "json_", is_flag=True, help="Print JSON for scripts (also accepted after the command).")
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds each call may take.")
@@ -40,6 +41,11 @@ def cli(ctx: click.Context, producer: str, results: str, token: str, json_: bool
     Exit codes: 0 done (watch: the job succeeded), 1 the service said no or could not be
     reached, 2 bad usage, 3 the job failed, 4 dead-lettered, 5 cancelled, 130 Ctrl-C.
     """
+    if not token:
+        try:
+            token = auth.presented_token()
+        except auth.TokenFileError as exc:
+            raise click.UsageError(str(exc)) from None
     ctx.obj = Settings(producer=producer, results=results, json=json_, timeout=timeout, token=token)
 
 
@@ -59,6 +65,7 @@ for command in (
     admin.dlq,
     schedules.schedules,
     tokens.token,
+    tokens.whoami,
 ):
     cli.add_command(command)
 

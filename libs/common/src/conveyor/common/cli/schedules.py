@@ -1,4 +1,4 @@
-"""Commands about schedules: list, get, create, delete, run-now."""
+"""Commands about schedules: list, get, create, delete, run-now, pause, resume."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _rows(found: list[schedule_service_pb2.Schedule]) -> list[tuple[str, ...]]:
             s.schedule_id,
             _timing(s.spec),
             f"{s.spec.template.queue}/{s.spec.template.type}",
-            output.when(s.next_fire_at),
+            "paused" if s.paused else output.when(s.next_fire_at),
             output.when(s.last_tick_at),
             s.last_job_id,
         )
@@ -38,7 +38,7 @@ COLUMNS = ["schedule", "when", "job", "next fire", "last tick", "last job"]
 
 @click.group()
 def schedules() -> None:
-    """Repeatable jobs: list, get, create, delete, run-now."""
+    """Repeatable jobs: list, get, create, delete, run-now, pause, resume."""
 
 
 @schedules.command(name="list")
@@ -159,4 +159,33 @@ async def schedules_run_now(settings: Settings, schedule_id: str) -> int:
         output.print_json(response)
     else:
         output.out.print(response.job_id)
+    return OK
+
+
+@schedules.command(name="pause")
+@click.argument("schedule_id")
+@command
+async def schedules_pause(settings: Settings, schedule_id: str) -> int:
+    """Stop SCHEDULE_ID firing until `schedules resume` (its spec and history stay)."""
+    async with settings.client() as client:
+        found, changed = await client.pause_schedule(schedule_id)
+    if settings.json:
+        output.print_json({"schedule": output.as_dict(found), "changed": changed})
+    else:
+        output.out.print(f"{found.schedule_id}: {'paused' if changed else 'already paused'}")
+    return OK
+
+
+@schedules.command(name="resume")
+@click.argument("schedule_id")
+@command
+async def schedules_resume(settings: Settings, schedule_id: str) -> int:
+    """Let SCHEDULE_ID fire again from its next tick after now (ticks while paused are skipped)."""
+    async with settings.client() as client:
+        found, changed = await client.resume_schedule(schedule_id)
+    if settings.json:
+        output.print_json({"schedule": output.as_dict(found), "changed": changed})
+    else:
+        state = "resumed" if changed else "was not paused"
+        output.out.print(f"{found.schedule_id}: {state}, next fire {output.when(found.next_fire_at)}")
     return OK

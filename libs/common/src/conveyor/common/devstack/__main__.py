@@ -13,7 +13,8 @@ the stack: services first (SIGTERM, then SIGKILL after 10 s), then the servers, 
 Ports come from CONVEYOR_DEV_{REDIS,PG,PRODUCER,RESULTS,WORKER}_PORT (worker i gets
 CONVEYOR_DEV_WORKER_PORT + i - 1). Colour only on a terminal and never with NO_COLOR set.
 Authentication is on, as in production: the producer and the results service check the token
-file kept in --data-dir, and the printed commands present its admin token (tokens.py);
+file kept in --data-dir, the printed commands present its admin token, and the dashboard asks
+each person to sign in with their token (tokens.py);
 --no-auth leaves every call open.
 """
 
@@ -40,8 +41,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor.common.devstack.servers import PostgresServer, RedisServer, postgres_can_reach
-from conveyor.common.devstack.tokens import DevTokens, ensure_dev_tokens
-from conveyor.common.settings import metrics_addr_beside
+from conveyor.common.devstack.tokens import DevTokens, ensure_dashboard_secret, ensure_dev_tokens
+from conveyor.common.settings import metrics_addr_beside, metrics_addr_for_member
 
 READY_TIMEOUT = 30.0
 STOP_GRACE = 10.0
@@ -304,7 +305,10 @@ def _print_commands(
         ("list jobs", results, "ResultsService/ListJobs", '{"queue":"default","pageSize":10}'),
     ]
     up = "Conveyor is up; a process that dies is restarted; Ctrl-C stops everything."
-    lines = ["", up, "", f"# the dashboard: http://{dashboard}/", ""]
+    lines = ["", up, "", f"# the dashboard: http://{dashboard}/"]
+    if tokens:
+        lines.append(f"# sign in there with the admin token: cat {shlex.quote(str(tokens.admin_path))}")
+    lines.append("")
     if tokens:
         lines += [
             f"# tokens are checked ({tokens.file}); this admin token is for you, the CLI and the commands below",
@@ -332,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=Path(".run"), help="where Redis/PostgreSQL keep data")
     parser.add_argument("--workers", type=int, default=2, help="number of worker processes")
     parser.add_argument("--no-auth", action="store_true", help="leave every call open (no token file)")
+    parser.add_argument(
+        "--producers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="producer processes sharing its port (CONVEYOR_PRODUCER_PROCESSES; default: 2 on 2+ cores)",
+    )
     args = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -374,7 +384,16 @@ def main(argv: list[str] | None = None) -> int:
         worker_base = _port("CONVEYOR_DEV_WORKER_PORT", 50061)
         specs = [
             ("results", "conveyor.results", results, checked),
-            ("producer", "conveyor.producer", producer, {"CONVEYOR_RESULTS_ADDR": results, **checked}),
+            (
+                "producer",
+                "conveyor.producer",
+                producer,
+                {
+                    "CONVEYOR_RESULTS_ADDR": results,
+                    "CONVEYOR_PRODUCER_PROCESSES": str(max(1, args.producers)),
+                    **checked,
+                },
+            ),
         ]
         if tokens:
             specs[1][3]["CONVEYOR_TOKEN"] = tokens.services
@@ -385,14 +404,23 @@ def main(argv: list[str] | None = None) -> int:
         metrics_urls: list[tuple[str, str]] = []
         dashboard = f"127.0.0.1:{_port('CONVEYOR_DEV_DASHBOARD_PORT', 8080)}"
         dashboard_env = {"CONVEYOR_DASHBOARD_ADDR": dashboard, "CONVEYOR_PRODUCER_ADDR": producer}
+        for name in ("CONVEYOR_DASHBOARD_SECRET", "CONVEYOR_DASHBOARD_SECRET_FILE", "CONVEYOR_DASHBOARD_LOGIN"):
+            base.pop(name, None)
         if tokens:
-            dashboard_env["CONVEYOR_TOKEN"] = tokens.admin
+            # Each person signs in with their own token (the admin one is in .run/admin.token).
+            dashboard_env["CONVEYOR_DASHBOARD_LOGIN"] = "1"
+            dashboard_env["CONVEYOR_DASHBOARD_SECRET_FILE"] = str(ensure_dashboard_secret(data_dir))
         specs.append(
             ("dashboard", "conveyor.dashboard", dashboard, {**dashboard_env, "CONVEYOR_RESULTS_ADDR": results})
         )
         for n, (name, module, addr, extra) in enumerate(specs):
             metrics_addr = metrics_addr_beside(addr)
-            if module != "conveyor.dashboard":  # HTTP pages, no /metrics
+            if module == "conveyor.producer":
+                # Each producer process serves its own /metrics: member i on the port + 100 x i.
+                for i in range(max(1, args.producers)):
+                    member = metrics_addr_for_member(metrics_addr, i)
+                    metrics_urls.append((name if i == 0 else f"{name} #{i + 1}", member))
+            elif module != "conveyor.dashboard":  # HTTP pages, no /metrics
                 metrics_urls.append((name, metrics_addr))
             env = {**base, "CONVEYOR_GRPC_ADDR": addr, "CONVEYOR_METRICS_ADDR": metrics_addr, **extra}
             services.append(Service(name, module, addr, env, _COLORS[n % len(_COLORS)]))

@@ -2,10 +2,10 @@
 -- KEYS: 1 schedule hash, 2 due zset, 3 in-flight zset
 -- ARGV: 1 id, 2 expected version, 3 expected next, 4 new next (0: none left),
 --       5 tick to fire (0: none, a skipped tick), 6 lease deadline (ms)
--- Returns 1 when claimed, 0 when the schedule is gone, changed, moved on, or has a tick in flight.
+-- Returns 1 when claimed, 0 when the schedule is gone, changed, moved on, paused, or has a tick in flight.
 local key = KEYS[1]
-local seen = redis.call('HMGET', key, 'version', 'next', 'inflight')
-if not seen[1] or seen[1] ~= ARGV[2] or seen[2] ~= ARGV[3] or seen[3] then
+local seen = redis.call('HMGET', key, 'version', 'next', 'inflight', 'paused')
+if not seen[1] or seen[1] ~= ARGV[2] or seen[2] ~= ARGV[3] or seen[3] or seen[4] then
   return 0
 end
 redis.call('HSET', key, 'next', ARGV[4])

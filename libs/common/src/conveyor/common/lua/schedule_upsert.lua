@@ -36,7 +36,8 @@ else
   outcome = 2
 end
 local next_tick = tonumber(redis.call('HGET', key, 'next'))
-if next_tick > 0 then
+-- A paused schedule stays out of the due index (ResumeSchedule computes its next tick afresh).
+if next_tick > 0 and redis.call('HEXISTS', key, 'paused') == 0 then
   redis.call('ZADD', KEYS[3], next_tick, ARGV[1])
 else
   redis.call('ZREM', KEYS[3], ARGV[1])

@@ -9,6 +9,21 @@ function flash(text, isError) {
   box.hidden = false;
 }
 
+// The headers of every POST: JSON, and the session's CSRF token when the dashboard has sign-in.
+function postHeaders() {
+  const meta = document.querySelector('meta[name="csrf-token"]');
+  const headers = { "Content-Type": "application/json" };
+  if (meta) headers["X-CSRF-Token"] = meta.content;
+  return headers;
+}
+
+// The services no longer accept the signed-in token (or the session ended): back to the sign-in page.
+function signedOut(response, answer) {
+  if (response.status !== 401 || !answer.login) return false;
+  location.assign(`${answer.login}?${new URLSearchParams({ next: location.pathname + location.search, expired: "1" })}`);
+  return true;
+}
+
 function confirmStep(text) {
   const dialog = document.getElementById("confirm");
   document.getElementById("confirm-text").textContent = text;
@@ -24,10 +39,11 @@ async function post(button) {
   try {
     const response = await fetch(button.dataset.post, {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: postHeaders(),
       body: button.dataset.body || "{}",
     });
     const answer = await response.json().catch(() => ({}));
+    if (signedOut(response, answer)) return;
     if (!response.ok) {
       flash(`${answer.code || response.status}: ${answer.error || response.statusText}`, true);
       button.disabled = false;
@@ -50,10 +66,11 @@ async function postForm(form) {
   try {
     const response = await fetch(form.dataset.post, {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: postHeaders(),
       body: JSON.stringify(body),
     });
     const answer = await response.json().catch(() => ({}));
+    if (signedOut(response, answer)) return;
     if (!response.ok) {
       flash(`${answer.code || response.status}: ${answer.error || response.statusText}`, true);
       return;
@@ -128,10 +145,11 @@ async function bulk(button, bar) {
   try {
     const response = await fetch(`/jobs/bulk/${action}`, {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: postHeaders(),
       body: JSON.stringify(body),
     });
     const answer = await response.json().catch(() => ({}));
+    if (signedOut(response, answer)) return;
     if (!response.ok) {
       flash(`${answer.code || response.status}: ${answer.error || response.statusText}`, true);
       return;
