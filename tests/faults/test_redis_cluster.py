@@ -265,6 +265,10 @@ async def test_killed_primary_replica_takes_over_and_jobs_keep_flowing(
     await asyncio.gather(*producers)
     for queue in on_victim:
         assert cluster.primary_of(queue_keys(queue).events) == promoted
+    # Watch follows a job on the promoted replica from QUEUED to SUCCEEDED.
+    job_id = await _enqueue(cluster_stack, client, on_victim[0], 5000)
+    types = [e.type async for e in client.watch(job_id)]
+    assert types[0] == event_pb2.EVENT_TYPE_QUEUED and types[-1] == event_pb2.EVENT_TYPE_SUCCEEDED
 
     # Nothing acknowledged is lost beyond the replication window, and nothing is stuck.
     window = [j for j in sent if killed_at - REPLICATION_WINDOW_S <= cluster_stack.acked[j] <= killed_at]
@@ -276,5 +280,6 @@ async def test_killed_primary_replica_takes_over_and_jobs_keep_flowing(
 
     await wait_for(settled, f"{len(must)} acknowledged jobs SUCCEEDED after the failover", within=90, interval=0.5)
     lost = [j for j in window if j not in _rows(cluster_stack, window)]
+    print(f"failover: {len(sent)} jobs, {len(window)} acknowledged in the window before the kill, {len(lost)} lost")
     # What the window may lose is only on the killed primary's queues.
     assert all(j.split("/", 1)[0] in on_victim for j in lost), lost
