@@ -24,7 +24,8 @@ from conveyor.common.client import ConveyorClient
 from conveyor.common.devstack.servers import PostgresServer
 from conveyor.common.errors import ConveyorError
 from conveyor.common.keys import QUEUES, queue_keys
-from conveyor.common.redis import RedisConfigError, connect_redis, make_redis
+from conveyor.common.metrics import QueueCollector
+from conveyor.common.redis import RedisConfigError, connect_redis, make_redis, make_sync_redis
 from conveyor.v1 import event_pb2, job_pb2
 from tests.support.processes import ServiceProcess
 from tests.support.redis_cluster import RedisClusterServer
@@ -199,6 +200,18 @@ async def test_every_queue_runs_its_jobs_once_and_watch_works(
     assert set(queues) <= registered
     listed = {q.queue for q in await client.list_queues()}
     assert set(queues) <= listed
+    # The worker registry (one slot) lists both workers, each serving every queue.
+    workers = await client.list_workers()
+    assert sorted(w.worker_id for w in workers) == ["cw-0", "cw-1"]
+    assert all(set(queues) <= set(w.queues) for w in workers)
+    # /metrics reads every queue's state through a synchronous cluster client.
+    sync = make_sync_redis(cluster_stack.cluster.url)
+    try:
+        families = {f.name: f for f in QueueCollector(sync, 100).collect()}
+    finally:
+        sync.close()
+    assert [s.value for s in families["conveyor_queue_scrape_ok"].samples] == [1.0]
+    assert set(queues) <= {s.labels["queue"] for s in families["conveyor_queue_backlog"].samples}
 
 
 async def test_a_schedule_fires_on_the_cluster(cluster_stack: ClusterStack, client: ConveyorClient) -> None:
