@@ -23,8 +23,9 @@ import pytest
 from conveyor.common.client import ConveyorClient
 from conveyor.common.devstack.servers import PostgresServer
 from conveyor.common.errors import ConveyorError
-from conveyor.common.keys import QUEUES, queue_keys
+from conveyor.common.keys import QUEUES, QUEUES_TOUCHED, queue_keys
 from conveyor.common.metrics import QueueCollector
+from conveyor.common.queue_registry import QueueRegistry, QueueSweeper
 from conveyor.common.redis import RedisConfigError, connect_redis, make_redis, make_sync_redis
 from conveyor.v1 import event_pb2, job_pb2
 from tests.support.processes import ServiceProcess
@@ -212,6 +213,23 @@ async def test_every_queue_runs_its_jobs_once_and_watch_works(
         sync.close()
     assert [s.value for s in families["conveyor_queue_scrape_ok"].samples] == [1.0]
     assert set(queues) <= {s.labels["queue"] for s in families["conveyor_queue_backlog"].samples}
+
+
+async def test_idle_queues_leave_the_registry_across_slots(cluster_stack: ClusterStack) -> None:
+    # The registry check and the queue's own check run on different primaries, one script each.
+    client = await connect_redis(cluster_stack.cluster.url)
+    try:
+        sweeper = QueueSweeper(client, idle_s=2.0, registration_ttl_s=1.0)
+        busy = next(iter(cluster_stack.queues))
+        assert (await sweeper.forget(busy))[0] is False
+        assert await sweeper.forget("never-used") == (False, "not registered")
+        await QueueRegistry(client, ttl_s=0.0).register("cl-idle")
+        assert await sweeper.forget("cl-idle") == (False, "recently enqueued to")
+        await client.zadd(QUEUES_TOUCHED, {"cl-idle": 1})
+        assert await sweeper.forget("cl-idle") == (True, "forgotten")
+        assert not await client.sismember(QUEUES, "cl-idle")  # type: ignore[misc]
+    finally:
+        await client.aclose()
 
 
 async def test_a_schedule_fires_on_the_cluster(cluster_stack: ClusterStack, client: ConveyorClient) -> None:
