@@ -219,13 +219,15 @@ async def test_idle_queues_leave_the_registry_across_slots(cluster_stack: Cluste
     # The registry check and the queue's own check run on different primaries, one script each.
     client = await connect_redis(cluster_stack.cluster.url)
     try:
-        sweeper = QueueSweeper(client, idle_s=2.0, registration_ttl_s=1.0)
-        busy = next(iter(cluster_stack.queues))
-        assert (await sweeper.forget(busy))[0] is False
+        # Only "cl-idle" is swept here: the stack's queues are never idle this long.
+        sweeper = QueueSweeper(client, idle_s=3600.0)
         assert await sweeper.forget("never-used") == (False, "not registered")
         await QueueRegistry(client, ttl_s=0.0).register("cl-idle")
         assert await sweeper.forget("cl-idle") == (False, "recently enqueued to")
         await client.zadd(QUEUES_TOUCHED, {"cl-idle": 1})
+        await client.set(queue_keys("cl-idle").paused, b"1")  # the queue's own slot says no
+        assert await sweeper.forget("cl-idle") == (False, "paused")
+        await client.execute_command("DEL", queue_keys("cl-idle").paused)  # (cluster DEL helper: a pipeline)
         assert await sweeper.forget("cl-idle") == (True, "forgotten")
         assert not await client.sismember(QUEUES, "cl-idle")  # type: ignore[misc]
     finally:
