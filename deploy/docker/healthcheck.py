@@ -4,8 +4,9 @@ Used by the images' HEALTHCHECK (Docker and compose). Kubernetes uses its native
 instead. The grpc_health_probe binary is not shipped; this needs only grpcio and
 grpcio-health-checking, which every Conveyor image has.
 
-Usage: healthcheck.py [ADDR [SERVICE]]. ADDR defaults to $CONVEYOR_GRPC_ADDR, the address the
-service listens on; a wildcard host (0.0.0.0, [::]) is probed on the loopback address.
+Usage: healthcheck.py [ADDR [SERVICE]]. ADDR defaults to $CONVEYOR_HEALTH_ADDR (the plaintext
+health-only port a service with TLS serves), else $CONVEYOR_GRPC_ADDR, the address it listens
+on; a wildcard host (0.0.0.0, [::]) is probed on the loopback address.
 SERVICE defaults to "" (the whole server).
 """
 
@@ -32,7 +33,10 @@ def probe_target(addr: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    addr = argv[1] if len(argv) > 1 else os.environ.get("CONVEYOR_GRPC_ADDR", "")
+    # Under TLS the gRPC port wants a certificate: the plaintext health-only port answers instead.
+    addr = (
+        argv[1] if len(argv) > 1 else os.environ.get("CONVEYOR_HEALTH_ADDR") or os.environ.get("CONVEYOR_GRPC_ADDR", "")
+    )
     service = argv[2] if len(argv) > 2 else ""
     try:
         target = probe_target(addr)

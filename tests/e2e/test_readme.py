@@ -14,7 +14,8 @@ itself, streams that never end). Keep that list short: each one is a block no te
 The one substitution: the stack runs on free ports, so that the test never depends on the
 README's fixed ports being free: 56379, 55432, 50051, 50052, 50061, 50062, their metrics ports
 51051, 51052, 51061, 51062, the dashboard's 8080, and 8081 and 50071/51071 for the read-only
-dashboard and the handler example's worker that the README starts itself. Each of those numbers,
+dashboard and the handler example's worker that the README starts itself, and 50081/50082 for the TLS section's
+producer and its plaintext health port. Each of those numbers,
 where it follows a ':' in a block ("127.0.0.1:50051", "localhost:50051/"), is replaced by the
 stack's port. The other: `.run/admin.token`, the admin token `make up` keeps in its data
 directory, becomes the test stack's (its data directory is a temporary one). Nothing else in
@@ -35,6 +36,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import http.client
 import os
 import re
 import shutil
@@ -44,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +188,8 @@ def stack() -> Iterator[Stack]:
         8081: _port_with(0),
     }
     handler_worker = _port_with(0, 1000)  # the README's own worker for its handler example
+    ports[50081], ports[50082] = _port_with(0), _port_with(0)  # the TLS section's producer and its health port
+    ports[50083], ports[50084] = _port_with(0), _port_with(0)  # the encryption section's producer and worker
     ports[50071], ports[51071] = handler_worker, handler_worker + 1000
     for readme_port, name in _GRPC_PORTS.items():
         ports[readme_port] = env_ports[name]
@@ -344,6 +349,36 @@ def test_make_up_checks_tokens(stack: Stack) -> None:
     asyncio.run(check())
     tokens = (stack.data_dir / "tokens.toml").read_text()
     assert stack.admin_token not in tokens and "make-up-admin" in tokens  # digests only
+
+
+def test_make_up_dashboard_asks_each_person_to_sign_in(stack: Stack) -> None:
+    """`make up`'s dashboard has the sign-in on (a kept secret in the data dir); the admin token opens it."""
+    assert stack.saw("# sign in there with the admin token: cat ")
+    assert len((stack.data_dir / "dashboard.secret").read_text().strip()) >= 32
+    port = stack.ports[8080]
+
+    def request(method: str, path: str, body: str = "", cookie: str = "") -> tuple[int, dict[str, str], str]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            headers = {"Cookie": cookie}
+            if body:
+                headers["Content-Type"] = "application/x-www-form-urlencoded"
+            conn.request(method, path, body=body or None, headers=headers)
+            response = conn.getresponse()
+            headers = {k.lower(): v for k, v in response.getheaders()}
+            headers["set-cookie"] = "\n".join(response.headers.get_all("set-cookie") or [])
+            return response.status, headers, response.read().decode()
+        finally:
+            conn.close()
+
+    assert request("GET", "/")[1]["location"] == "/login?next=%2F"
+    nonce = request("GET", "/login")[1]["set-cookie"].split(";")[0].split("=", 1)[1]
+    body = urllib.parse.urlencode({"csrf": nonce, "token": stack.admin_token, "next": "/workers"})
+    status, headers, _ = request("POST", "/login", body, cookie=f"conveyor_login={nonce}")
+    assert (status, headers["location"]) == (303, "/workers")
+    session = next(c.split(";")[0] for c in headers["set-cookie"].splitlines() if c.startswith("conveyor_session="))
+    status, _, page = request("GET", "/workers", cookie=session)
+    assert status == 200 and "make-up-admin · admin" in page
 
 
 # About 90 s on a 2-core machine: the stack's start, some 60 CLI, buf and grpcurl runs, jobs watched to the end.

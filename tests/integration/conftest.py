@@ -24,6 +24,7 @@ from conveyor.producer.dead_letters import DeadLetters
 from conveyor.producer.history import History
 from conveyor.producer.jobs import JobReader
 from conveyor.producer.limits import FlowLimits
+from conveyor.producer.reencrypt import RedisReEncryptor
 from conveyor.producer.schedules import ScheduleServicer
 from conveyor.producer.servicer import ProducerServicer, add_to_server
 from conveyor.producer.stats import Stats
@@ -65,7 +66,11 @@ async def start_producer(
         Canceller(scripts, history, 300_000),
     )
     admin = AdminServicer(
-        DeadLetters(client, scripts), QueueControls(client), FlowLimits(scripts), stats=Stats(client, history)
+        DeadLetters(client, scripts),
+        QueueControls(client),
+        FlowLimits(scripts),
+        stats=Stats(client, history),
+        reencryptor=RedisReEncryptor(client),
     )
     schedules = ScheduleServicer(ScheduleStore(client), enqueuer, 64 * 1024)
     running = await server.start(

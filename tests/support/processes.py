@@ -22,11 +22,16 @@ ROOT = Path(__file__).resolve().parents[2]
 class ServiceProcess:
     """One service process in its own process group, logging to a file."""
 
-    def __init__(self, service: str, env: Mapping[str, str], name: str | None = None) -> None:
+    def __init__(
+        self, service: str, env: Mapping[str, str], name: str | None = None, health_port: bool = False
+    ) -> None:
         self.service = service
         self.name = name or service
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
+        #: With ``health_port``: the plaintext grpc.health.v1 port (CONVEYOR_HEALTH_ADDR) readiness is read
+        #: from, for services whose gRPC port speaks TLS.
+        self.health_addr = f"127.0.0.1:{free_port()}" if health_port else ""
         self._env = {
             **os.environ,
             "CONVEYOR_LOG_FORMAT": "json",
@@ -38,6 +43,7 @@ class ServiceProcess:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])),
             **env,
             "CONVEYOR_GRPC_ADDR": self.addr,
+            **({"CONVEYOR_HEALTH_ADDR": self.health_addr} if self.health_addr else {}),
         }
         self._log = Path(tempfile.mkstemp(prefix=f"conveyor-{self.name}-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
@@ -57,7 +63,7 @@ class ServiceProcess:
 
     def wait_serving(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.addr) as channel:
+        with grpc.insecure_channel(self.health_addr or self.addr) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             check = stub.Check  # type: ignore[attr-defined]
             while time.monotonic() < deadline:

@@ -481,6 +481,11 @@ def test_healthcheck_exits_0_only_while_the_server_is_serving(health_server: tup
     assert unknown.returncode == 1
     assert "NOT_FOUND" in unknown.stderr
 
+    # Under TLS the plaintext health-only port (CONVEYOR_HEALTH_ADDR) is asked, not the gRPC port.
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_port = _probe(env={"CONVEYOR_GRPC_ADDR": "0.0.0.0:1", "CONVEYOR_HEALTH_ADDR": f"0.0.0.0:{port}"})
+    assert health_port.returncode == 0, health_port.stderr
+
 
 def test_healthcheck_fails_when_nothing_listens_or_no_address_is_given() -> None:
     down = _probe(f"127.0.0.1:{_free_port()}")
@@ -571,6 +576,7 @@ def test_k8s_manifests_have_the_expected_kinds(manifests: dict[tuple[str, str], 
         ("ConfigMap", "conveyor-config"),
         ("Secret", "conveyor-database"),
         ("Secret", "conveyor-auth"),
+        ("Secret", "conveyor-tls"),
         ("ScaledObject", "conveyor-worker"),
         ("PodDisruptionBudget", "conveyor-producer"),
         ("PodDisruptionBudget", "conveyor-results"),
@@ -616,13 +622,21 @@ def test_k8s_deployment_probes_grpc_health_on_the_images_port(
     container = _container(manifests, service)
     port = PORTS[service]
     assert container["image"].split(":")[0] == f"conveyor-{service}"
-    # API or health, metrics (and each further producer process's metrics, + 100 apiece)
-    processes = int(_env(container).get("CONVEYOR_PRODUCER_PROCESSES", "1"))
+    env = _env(container)
+    # API or health, its plaintext health-only port under TLS, metrics (and each further producer
+    # process's metrics, + 100 apiece)
+    tls = "CONVEYOR_TLS_CERT_FILE" in env
+    health = [HEALTH_PORT] if tls else []
+    processes = int(env.get("CONVEYOR_PRODUCER_PROCESSES", "1"))
     metrics = [port + 1000 + 100 * i for i in range(processes)]
-    assert [p["containerPort"] for p in container["ports"]] == [port, *metrics]
-    assert _env(container)["CONVEYOR_GRPC_ADDR"] == f"0.0.0.0:{port}"
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == port, probe
+    assert [p["containerPort"] for p in container["ports"]] == [port, *health, *metrics]
+    assert env["CONVEYOR_GRPC_ADDR"] == f"0.0.0.0:{port}"
+    # Probes cannot do TLS: under TLS they ask the plaintext health-only port.
+    probed = HEALTH_PORT if tls else port
+    assert not tls or env["CONVEYOR_HEALTH_ADDR"] == f"0.0.0.0:{HEALTH_PORT}"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        if probe in container:
+            assert container[probe]["grpc"]["port"] == probed, probe
     assert {"configMapRef": {"name": "conveyor-config"}} in container["envFrom"]
     security = pod["securityContext"]
     assert security["runAsNonRoot"] is True
@@ -661,6 +675,32 @@ def test_k8s_only_results_gets_the_database_secret_and_the_example_is_a_placehol
     assert ref == {"name": "conveyor-database", "key": "DATABASE_URL"}
     for service in ("producer", "worker"):
         assert "DATABASE_URL" not in _env(_container(manifests, service))
+
+
+HEALTH_PORT = 8081
+
+
+def test_k8s_producer_and_results_serve_tls_from_the_tls_secret(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    for name in ("producer", "results", "dashboard"):
+        pod = manifests[("Deployment", f"conveyor-{name}")]["spec"]["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+        assert volume["secret"]["secretName"] == "conveyor-tls"
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "tls"]
+        # Whole-volume mount: renewed certificates reach the pod and are re-read, no restart.
+        assert mount["mountPath"] == "/etc/conveyor/tls" and "subPath" not in mount
+    for name in ("producer", "results"):
+        env = _env(_container(manifests, name))
+        assert env["CONVEYOR_TLS_CERT_FILE"] == "/etc/conveyor/tls/tls.crt"
+        assert env["CONVEYOR_TLS_KEY_FILE"] == "/etc/conveyor/tls/tls.key"
+        service = manifests[("Service", f"conveyor-{name}")]["spec"]
+        assert service["ports"][0]["appProtocol"] == "grpc"
+    # Those that dial them check the certificate against the CA.
+    for name in ("producer", "dashboard"):
+        assert _env(_container(manifests, name))["CONVEYOR_TLS_CA_FILE"] == "/etc/conveyor/tls/ca.crt"
+    example = manifests[("Secret", "conveyor-tls")]
+    assert example["type"] == "kubernetes.io/tls" and set(example["stringData"]) == {"tls.crt", "tls.key", "ca.crt"}
 
 
 def _auth_files(manifests: dict[tuple[str, str], dict[str, Any]], name: str) -> set[str]:

@@ -41,6 +41,7 @@ from google.protobuf.message import Message
 
 from conveyor.common.errors import PermissionDenied, Unauthenticated
 from conveyor.common.ids import parse_job_id
+from conveyor.common.tls import ClientTLS
 
 log = structlog.get_logger("conveyor.auth")
 
@@ -79,6 +80,7 @@ ACCESS: dict[str, frozenset[Role]] = {
             "ReplaySetAside": set(),
             "DiscardSetAside": set(),
             "DeleteJobs": set(),
+            "ReEncryptJobs": set(),
         },
         "AdminService": {
             "GetLimits": {_R},
@@ -86,6 +88,7 @@ ACCESS: dict[str, frozenset[Role]] = {
             "GetQueueStats": {_R},
             "ListQueues": {_R},
             "ListWorkers": {_R},
+            "ReEncrypt": set(),
             "WhoAmI": {_P, _R},
             "PauseQueue": set(),
             "ResumeQueue": set(),
@@ -427,11 +430,28 @@ def bearer_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
 
 
 def dial(
-    addr: str, token: str = "", options: Sequence[tuple[str, Any]] | None = None, *, per_call: bool = False
+    addr: str,
+    token: str = "",
+    options: Sequence[tuple[str, Any]] | None = None,
+    tls: ClientTLS | None = None,
+    *,
+    per_call: bool = False,
 ) -> grpc.aio.Channel:
     """A channel to ``addr`` that presents ``token`` on every call ("": no token).
 
-    With ``per_call``, a call made while :data:`CALL_TOKEN` is set presents that token instead.
+    Args:
+        addr: "host:port".
+        token: Bearer token, sent through the interceptors (over the TLS channel when TLS is on).
+        options: gRPC channel options.
+        tls: How to dial (ADR 0024); None: as the environment says (CONVEYOR_TLS, CONVEYOR_TLS_CA_FILE,
+            CONVEYOR_TLS_CLIENT_CERT_FILE / _KEY_FILE, CONVEYOR_TLS_SERVER_NAME), plaintext when it
+            says nothing. A TLS channel whose certificate files change dials again for its next calls.
+        per_call: A call made while :data:`CALL_TOKEN` is set presents that token instead.
+
+    Raises:
+        TLSConfigError: A TLS file is missing, unreadable or not what it should be.
     """
     interceptors = bearer_interceptors(token) if token or per_call else None
-    return grpc.aio.insecure_channel(addr, options=options, interceptors=interceptors)
+    if tls is None:
+        tls = ClientTLS.from_env()
+    return tls.dial(addr, options=options, interceptors=interceptors)

@@ -28,8 +28,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from conveyor.common import auth
-from conveyor.common.codec import dumps
+from conveyor.common.codec import dumps, reveal_event, reveal_job
 from conveyor.common.errors import ConveyorError, Internal, InvalidArgument, ResourceExhausted
+from conveyor.common.tls import ClientTLS
 from conveyor.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -146,6 +147,10 @@ class ConveyorClient:
         coalesce: Send concurrent :meth:`enqueue` calls together as EnqueueBatch calls.
         token: Bearer token sent on every call, for servers with authentication on; by default
             the environment's ``CONVEYOR_TOKEN`` or ``CONVEYOR_TOKEN_FILE`` (as the CLI reads them), "" for none.
+        tls: How to dial (TLS, mTLS; ADR 0024); by default as the environment says
+            (``CONVEYOR_TLS``, ``CONVEYOR_TLS_CA_FILE``, ``CONVEYOR_TLS_CLIENT_CERT_FILE`` /
+            ``_KEY_FILE``, ``CONVEYOR_TLS_SERVER_NAME``), plaintext when it says nothing.
+            :class:`conveyor.common.tls.TLSConfigError` if its files cannot be used.
     """
 
     def __init__(
@@ -158,14 +163,19 @@ class ConveyorClient:
         coalesce: bool = True,
         token: str | None = None,
         per_call_token: bool = False,
+        tls: ClientTLS | None = None,
     ) -> None:
         if token is None:
             token = auth.presented_token()
+        if tls is None:
+            tls = ClientTLS.from_env()
         # per_call_token: calls made while auth.CALL_TOKEN is set present that token (the dashboard's login).
-        self._channel = auth.dial(producer_addr, token, per_call=per_call_token)
+        self._channel = auth.dial(producer_addr, token, tls=tls, per_call=per_call_token)
         self._producer = producer_service_pb2_grpc.ProducerServiceStub(self._channel)
         self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
-        self._results_channel = auth.dial(results_addr, token, per_call=per_call_token) if results_addr else None
+        self._results_channel = (
+            auth.dial(results_addr, token, tls=tls, per_call=per_call_token) if results_addr else None
+        )
         self._results = (
             results_service_pb2_grpc.ResultsServiceStub(self._results_channel) if self._results_channel else None
         )
@@ -355,7 +365,7 @@ class ConveyorClient:
         """
         req = producer_service_pb2.GetJobRequest(job_id=job_id)
         response = await self._call(lambda: self._producer.GetJob(req, timeout=self._timeout))
-        return response.job
+        return reveal_job(response.job)
 
     async def watch(self, job_id: str, after_event_id: str = "") -> AsyncIterator[event_pb2.JobEvent]:
         """Yield the job's events until its final one, resuming after a dropped stream.
@@ -371,7 +381,7 @@ class ConveyorClient:
                 async for response in call:
                     attempts = 0
                     last = response.event.id
-                    yield response.event
+                    yield reveal_event(response.event)
                 return
             except grpc.aio.AioRpcError as exc:
                 attempts += 1
@@ -409,6 +419,7 @@ class ConveyorClient:
                     attempts = 0
                     if response.HasField("event"):
                         last = response.event.id
+                        reveal_event(response.event)
                     yield response
                 return
             except grpc.aio.AioRpcError as exc:
@@ -429,7 +440,10 @@ class ConveyorClient:
         if request is not None and filters:
             raise TypeError("give a ListJobsRequest or its fields, not both")
         req = request if request is not None else results_service_pb2.ListJobsRequest(**filters)
-        return await self._call(lambda: stub.ListJobs(req, timeout=self._timeout))
+        response = await self._call(lambda: stub.ListJobs(req, timeout=self._timeout))
+        for job in response.jobs:
+            reveal_job(job)
+        return response
 
     async def delete_jobs(self, job_ids: Sequence[str]) -> results_service_pb2.DeleteJobsResponse:
         """Delete finished jobs (1-1000 ids) and their history from the results database (ResultsService.DeleteJobs).
@@ -500,7 +514,27 @@ class ConveyorClient:
         req = results_service_pb2.ListJobEventsRequest(
             job_id=job_id, after_event_id=after_event_id, page_size=page_size
         )
-        return await self._call(lambda: stub.ListJobEvents(req, timeout=self._timeout))
+        response = await self._call(lambda: stub.ListJobEvents(req, timeout=self._timeout))
+        for event in response.events:
+            reveal_event(event)
+        return response
+
+    async def reencrypt_redis(self, queue: str) -> admin_service_pb2.ReEncryptResponse:
+        """AdminService.ReEncrypt (admin): the queue's parked jobs in Redis sealed again with the
+        producer's active key, and counts of what Redis still holds sealed with other keys."""
+        req = admin_service_pb2.ReEncryptRequest(queue=queue)
+        return await self._call(lambda: self._admin.ReEncrypt(req, timeout=self._timeout))
+
+    async def reencrypt_jobs(
+        self, queue: str, after_job_id: str = "", max_jobs: int = 0
+    ) -> results_service_pb2.ReEncryptJobsResponse:
+        """One step of ResultsService.ReEncryptJobs (admin): seal the queue's stored jobs again with
+        the results service's active key; call again with ``next_after_job_id`` until it is empty."""
+        if self._results is None:
+            raise ValueError("ConveyorClient was created without results_addr")
+        stub = self._results
+        req = results_service_pb2.ReEncryptJobsRequest(queue=queue, after_job_id=after_job_id, max_jobs=max_jobs)
+        return await self._call(lambda: stub.ReEncryptJobs(req, timeout=self._timeout))
 
     async def pause_queue(self, queue: str) -> bool:
         """Pause a queue (nothing new starts); False when it was paused already."""
@@ -517,7 +551,11 @@ class ConveyorClient:
     ) -> admin_service_pb2.ListDeadLettersResponse:
         """One page of a queue's dead letters, oldest first."""
         req = admin_service_pb2.ListDeadLettersRequest(queue=queue, page_size=page_size, page_token=page_token)
-        return await self._call(lambda: self._admin.ListDeadLetters(req, timeout=self._timeout))
+        response = await self._call(lambda: self._admin.ListDeadLetters(req, timeout=self._timeout))
+        for letter in response.dead_letters:
+            reveal_job(letter.job)
+            reveal_event(letter.event)
+        return response
 
     async def retry_dead_letters(self, queue: str, job_id: str = "", *, all: bool = False) -> list[str]:
         """Put one dead letter (or all of the queue's) back as new attempts; the job ids queued again.

@@ -7,12 +7,14 @@ at the door (ADR 0003). Responses always carry the Struct/Value forms.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
+from conveyor.common import crypto
 from conveyor.common.defaults import DEFAULT_RETRY
 from conveyor.common.ids import ulid_time_ms
 from conveyor.v1 import event_pb2, job_pb2
@@ -105,12 +107,32 @@ def embed_job(event: bytes, job: bytes) -> bytes:
     return event + _JOB_FIELD_TAG + varint(len(job)) + job
 
 
+def public_payload(data: bytes, job_id: str) -> struct_pb2.Struct:
+    """A stored payload (JSON bytes) as clients see it: a Struct, opened when it is sealed and
+    this process holds its key, else ``{"$sealed": "<sealed value>"}`` (ADR 0025)."""
+    if data.startswith(crypto.SEALED_JSON):
+        data = crypto.try_open(data, crypto.PAYLOAD, job_id)
+        if data.startswith(crypto.SEALED_JSON):
+            out = struct_pb2.Struct()
+            out.update({crypto.SEALED_KEY: crypto.sealed_token(data)})
+            return out
+    return json_to_struct(data)
+
+
+def public_result(data: bytes, job_id: str) -> struct_pb2.Value:
+    """A stored result (JSON bytes) as clients see it: opened when it is sealed and this process
+    holds its key, else the sealed value as a string (ADR 0025)."""
+    if data.startswith(crypto.SEALED_JSON):
+        data = crypto.try_open(data, crypto.RESULT, job_id)
+    return json_to_value(data)
+
+
 def public_job(job: job_pb2.Job) -> job_pb2.Job:
     """``job`` as clients see it: payload as a Struct."""
     if job.payload_json:
         out = job_pb2.Job()
         out.CopyFrom(job)
-        out.payload.CopyFrom(json_to_struct(job.payload_json))
+        out.payload.CopyFrom(public_payload(job.payload_json, job.id))
         out.ClearField("payload_json")
         return out
     return job
@@ -123,7 +145,7 @@ def public_event(event: event_pb2.JobEvent) -> event_pb2.JobEvent:
     out = event_pb2.JobEvent()
     out.CopyFrom(event)
     if event.result_json:
-        out.result.CopyFrom(json_to_value(event.result_json))
+        out.result.CopyFrom(public_result(event.result_json, event.job_id))
         out.ClearField("result_json")
     if event.job.payload_json:
         out.job.CopyFrom(public_job(event.job))
@@ -195,3 +217,37 @@ STATE_AFTER_EVENT = {
     event_pb2.EVENT_TYPE_DEAD_LETTERED: job_pb2.JOB_STATE_DEAD_LETTERED,
     event_pb2.EVENT_TYPE_CANCELLED: job_pb2.JOB_STATE_CANCELLED,
 }
+
+
+def reveal_job(job: job_pb2.Job) -> job_pb2.Job:
+    """In place, ``job`` (as a server answered it) with the payload and result the server left
+    sealed (it held no key: ``{"$sealed": ...}``, a sealed string) opened by this process's
+    keyring, when it holds their key: how the CLI and the dashboard read them (ADR 0025)."""
+    keyring = crypto.current().keyring
+    if keyring is None:
+        return job
+    fields = job.payload.fields
+    if len(fields) == 1 and crypto.SEALED_KEY in fields:
+        try:
+            plain = keyring.open(fields[crypto.SEALED_KEY].string_value, crypto.PAYLOAD, job.id)
+        except crypto.SealError:
+            pass
+        else:
+            job.payload.CopyFrom(json_to_struct(plain))
+    if job.HasField("result") and job.result.string_value.startswith(crypto.PREFIX):
+        with contextlib.suppress(crypto.SealError):
+            job.result.CopyFrom(json_to_value(keyring.open(job.result.string_value, crypto.RESULT, job.id)))
+    return job
+
+
+def reveal_event(event: event_pb2.JobEvent) -> event_pb2.JobEvent:
+    """In place, ``event`` with what its server left sealed opened here, as reveal_job does."""
+    keyring = crypto.current().keyring
+    if keyring is None:
+        return event
+    if event.HasField("result") and event.result.string_value.startswith(crypto.PREFIX):
+        with contextlib.suppress(crypto.SealError):
+            event.result.CopyFrom(json_to_value(keyring.open(event.result.string_value, crypto.RESULT, event.job_id)))
+    if event.HasField("job"):
+        reveal_job(event.job)
+    return event

@@ -7,13 +7,14 @@ enqueue path without either service importing the other.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import defaultdict
 
 import grpc
 import structlog
 
-from conveyor.common import faults, metrics, tracing
+from conveyor.common import crypto, faults, metrics, tracing
 from conveyor.common.codec import length_delimited, timestamp_bytes, varint
 from conveyor.common.defaults import DEFAULT_RETRY
 from conveyor.common.errors import InvalidArgument, ResourceExhausted
@@ -192,8 +193,14 @@ class Enqueuer:
         # QUEUED event's time must not come before it.
         now_ns = time.time_ns()
         spans = None if tracing.tracer is None else _send_spans(tracing.tracer, valid, ulids, batch)
+        encryption = crypto.current()
         for index, (v, ulid) in enumerate(zip(valid, ulids, strict=True)):
             priority = v.priority or defaults[v.request.queue]
+            if encryption.keyring is not None and encryption.encrypts(v.request.queue):
+                # Sealed here, once, for its job id (ADR 0025): streams, events and PostgreSQL
+                # only ever hold the ciphertext. A duplicate's sealed copy is never written.
+                sealed = encryption.keyring.seal(v.payload_json, crypto.PAYLOAD, make_job_id(v.request.queue, ulid))
+                v = dataclasses.replace(v, payload_json=sealed)
             if spans is None:
                 stored, queued_event = build_job(v, priority, now_ns)
             else:

@@ -32,6 +32,8 @@ from zoneinfo import ZoneInfo
 
 from cronsim import CronSim, CronSimError
 
+from conveyor.common import crypto
+from conveyor.common.codec import json_to_struct, struct_to_json
 from conveyor.common.keys import PREFIX
 from conveyor.common.redis import RedisClient, pipeline
 from conveyor.common.scripts import ReloadingScript
@@ -198,7 +200,7 @@ class StoredSchedule:
 
         return cls(
             schedule_id=schedule_id,
-            spec=schedule_service_pb2.ScheduleSpec.FromString(spec_bytes),
+            spec=parse_spec(schedule_id, spec_bytes),
             spec_bytes=spec_bytes,
             version=num(b"version"),
             next_raw=raw.get(b"next", b"0"),
@@ -226,6 +228,38 @@ class StoredSchedule:
         out.created_at.FromMilliseconds(self.created_ms)
         out.updated_at.FromMilliseconds(self.updated_ms)
         return out
+
+
+def _template_id(schedule_id: str) -> str:
+    return f"schedule/{schedule_id}"
+
+
+def stored_spec(schedule_id: str, spec: schedule_service_pb2.ScheduleSpec) -> bytes:
+    """``spec`` as Redis keeps it: with its template's payload sealed when the template's queue is
+    encrypted (ADR 0025; bound to the schedule id), else as it came."""
+    encryption = crypto.current()
+    template = spec.template
+    if encryption.keyring is None or not encryption.encrypts(template.queue):
+        return spec.SerializeToString(deterministic=True)
+    plain = bytes(template.payload_json) if template.payload_json else struct_to_json(template.payload)
+    sealed = schedule_service_pb2.ScheduleSpec()
+    sealed.CopyFrom(spec)
+    sealed.template.ClearField("payload")
+    sealed.template.payload_json = encryption.keyring.seal(plain, crypto.TEMPLATE, _template_id(schedule_id))
+    return sealed.SerializeToString(deterministic=True)
+
+
+def parse_spec(schedule_id: str, data: bytes) -> schedule_service_pb2.ScheduleSpec:
+    """A spec read from Redis, its template's payload opened (as a Struct) when it is sealed and
+    this process holds the key; else left sealed (its ticks then fail to enqueue, saying so)."""
+    spec = schedule_service_pb2.ScheduleSpec.FromString(data)
+    template = spec.template
+    if template.payload_json.startswith(crypto.SEALED_JSON):
+        plain = crypto.try_open(template.payload_json, crypto.TEMPLATE, _template_id(schedule_id))
+        if not plain.startswith(crypto.SEALED_JSON):
+            template.ClearField("payload_json")
+            template.payload.CopyFrom(json_to_struct(plain))
+    return spec
 
 
 def _pairs(flat: list[Any]) -> dict[bytes, bytes]:
@@ -283,7 +317,7 @@ class ScheduleStore:
             args=[
                 schedule_id,
                 "create" if create else "update",
-                spec.SerializeToString(deterministic=True),
+                stored_spec(schedule_id, spec),
                 timing_bytes(spec),
                 first,
                 anchor,
@@ -358,7 +392,7 @@ class ScheduleStore:
         stored = StoredSchedule.parse(schedule_id, raw)
         inflight = None
         if stored.inflight_ms:
-            spec = schedule_service_pb2.ScheduleSpec.FromString(raw[b"inflight_spec"])
+            spec = parse_spec(schedule_id, raw[b"inflight_spec"])
             inflight = InFlight(schedule_id, stored.inflight_ms, spec)
         return stored, inflight
 
@@ -397,7 +431,7 @@ class ScheduleStore:
         )
         if not raw:
             return None
-        return InFlight(schedule_id, int(raw[0]), schedule_service_pb2.ScheduleSpec.FromString(raw[1]))
+        return InFlight(schedule_id, int(raw[0]), parse_spec(schedule_id, raw[1]))
 
     async def due(self, now_ms: int, count: int = 100) -> tuple[list[str], list[str], int]:
         """Due schedule ids, in-flight ticks to take over, and the earliest future time to look again (0: none)."""

@@ -18,10 +18,12 @@ from grpc_reflection.v1alpha import reflection
 
 from conveyor.common import metrics, reflection_docs
 from conveyor.common.auth import Authorizer, TokenFileError
+from conveyor.common.crypto import KeyringError
 from conveyor.common.errors import ConveyorError
 from conveyor.common.interceptors import ServerInterceptor
 from conveyor.common.settings import SettingsError
 from conveyor.common.supervise import EXIT_LOOPS_FAILING, LoopsFailing, Supervisor
+from conveyor.common.tls import ServerTLS, TLSConfigError
 
 log = structlog.get_logger("conveyor.server")
 
@@ -74,15 +76,15 @@ def address_in_use(addr: str) -> bool:
     return False
 
 
-def bind(server: grpc.aio.Server, addr: str) -> int:
-    """Listen on ``addr`` without sharing the port; returns the bound port.
+def bind(server: grpc.aio.Server, addr: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Listen on ``addr`` without sharing the port (with TLS when ``credentials``); returns the bound port.
 
     Raises:
         AddressInUse: Another process listens on ``addr``.
         OSError: ``addr`` cannot be listened on for another reason (bad host, no permission).
     """
     try:
-        port = server.add_insecure_port(addr)
+        port = server.add_insecure_port(addr) if credentials is None else server.add_secure_port(addr, credentials)
     except RuntimeError:  # grpcio >= 1.5x raises; older versions return 0
         port = 0
     if port == 0:
@@ -119,6 +121,9 @@ class RunningServer:
     health: health.aio.HealthServicer
     names: list[str] = field(default_factory=list)
     interceptor: ServerInterceptor = field(default_factory=ServerInterceptor)
+    #: The plaintext server of grpc.health.v1 alone (CONVEYOR_HEALTH_ADDR), when there is one.
+    health_server: grpc.aio.Server | None = None
+    health_port: int = 0
 
     async def set_serving(self, serving: bool) -> None:
         """Report ``serving`` for the whole server and each of its services (unless shutting down)."""
@@ -136,6 +141,11 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         self.interceptor.shutdown()
         await self.server.stop(grace)
+        await self.stop_health()
+
+    async def stop_health(self) -> None:
+        if self.health_server is not None:
+            await self.health_server.stop(None)
 
 
 async def start(
@@ -147,12 +157,24 @@ async def start(
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     auth: Authorizer | None = None,
     share_port: bool = False,
+    tls: ServerTLS | None = None,
+    health_addr: str = "",
 ) -> RunningServer:
     """Start a server on ``addr`` ("host:port", port 0 picks a free one) hosting ``services``.
 
     Every server also hosts grpc.health.v1 (SERVING for "" and each service) and
     server reflection, so grpcurl and Kubernetes probes work out of the box.
+
+    Args:
+        tls: Serve TLS (mTLS when it names a client CA) with certificates reloaded when their
+            files change; None: plaintext.
+        health_addr: Also serve grpc.health.v1 alone, in plaintext, there (probes that cannot do
+            TLS); "": nowhere.
+
+    Raises:
+        TLSConfigError: The certificate files cannot be used.
     """
+    credentials = tls.credentials() if tls is not None else None
     interceptor = ServerInterceptor(unavailable, classify, auth)
     server = grpc.aio.server(interceptors=[interceptor], options=server_options(max_message_bytes, share_port))
     health_servicer = health.aio.HealthServicer()
@@ -163,11 +185,32 @@ async def start(
     reflection_docs.enable(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    port = bind(server, addr)
+    port = bind(server, addr, credentials)
+    health_server: grpc.aio.Server | None = None
+    health_port = 0
+    if health_addr:
+        # The same servicer: both ports tell the same status. Health only (reflection describes
+        # just health, so `grpcurl -plaintext ADDR grpc.health.v1.Health/Check` works); no interceptor.
+        health_server = grpc.aio.server(options=server_options(1 << 20, share_port))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        reflection_docs.enable(
+            [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], health_server
+        )
+        health_port = bind(health_server, health_addr)
     await server.start()
+    if health_server is not None:
+        await health_server.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server=server, port=port, health=health_servicer, names=names, interceptor=interceptor)
+    return RunningServer(
+        server=server,
+        port=port,
+        health=health_servicer,
+        names=names,
+        interceptor=interceptor,
+        health_server=health_server,
+        health_port=health_port,
+    )
 
 
 async def serve(
@@ -184,6 +227,8 @@ async def serve(
     metrics_addr: str = "",
     auth: Authorizer | None = None,
     share_port: bool = False,
+    tls: ServerTLS | None = None,
+    health_addr: str = "",
 ) -> None:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully.
 
@@ -202,7 +247,10 @@ async def serve(
         max_message_bytes: gRPC max receive and send message length.
         metrics_addr: Where to serve Prometheus metrics ("" or "off": nowhere).
         auth: Checks every call's bearer token (None: no authentication).
-        share_port: Listen with SO_REUSEPORT, beside the other members of a process group.
+        share_port: Listen with SO_REUSEPORT, beside the other members of a process group (the
+            health port too).
+        tls: TLS of the server (see start); None: plaintext.
+        health_addr: Where grpc.health.v1 alone is also served in plaintext (see start).
     """
     try:
         stop_metrics = metrics.serve(metrics_addr)
@@ -220,8 +268,18 @@ async def serve(
         max_message_bytes=max_message_bytes,
         auth=auth,
         share_port=share_port,
+        tls=tls,
+        health_addr=health_addr,
     )
-    log.info("server_started", addr=addr, port=running.port, services=running.names)
+    log.info(
+        "server_started",
+        addr=addr,
+        port=running.port,
+        services=running.names,
+        tls="mtls" if tls is not None and tls.mutual else "tls" if tls is not None else "off",
+    )
+    if running.health_server is not None:
+        log.info("health_serving", addr=health_addr, port=running.health_port, tls="off")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -242,7 +300,9 @@ async def serve(
         log.info("server_stopping", grace_s=grace)
         await running.health.enter_graceful_shutdown()
         running.interceptor.shutdown()  # open streams end now with UNAVAILABLE; unary calls get the grace
-        results = await asyncio.gather(running.server.stop(grace), *tasks, return_exceptions=True)
+        results = await asyncio.gather(
+            running.server.stop(grace), running.stop_health(), *tasks, return_exceptions=True
+        )
         for result in results:
             if isinstance(result, Exception):
                 log.error("shutdown_task_failed", exc_info=result)
@@ -275,7 +335,8 @@ def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     except LoopsFailing:
         # Logged by the supervisor; a non-zero exit makes the orchestrator restart us.
         raise SystemExit(EXIT_LOOPS_FAILING) from None
-    except (SettingsError, TokenFileError) as exc:
-        # A configuration mistake (a variable, the token file): one line saying what to fix, no traceback.
+    except (SettingsError, TokenFileError, TLSConfigError, KeyringError) as exc:
+        # A configuration mistake (a variable, the token file, a certificate, the keyring): one line
+        # saying what to fix, no traceback.
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(EXIT_BAD_SETTING) from None

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from conveyor.common.auth import TokenFileError, presented_token
 from conveyor.common.supervise import Supervisor
+from conveyor.common.tls import ClientTLS, ServerTLS, TLSConfigError
 from conveyor.common.validate import queue_problem
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:56379/0"
@@ -99,6 +100,13 @@ class _Env:
                 raise SettingsError(f"{name}: queue {queue!r} {problem}")
         return found
 
+    def tls(self) -> dict[str, object]:
+        """The server and client TLS settings, their files checked (SettingsError naming the variable)."""
+        try:
+            return {"server_tls": ServerTLS.from_env(self._env), "client_tls": ClientTLS.from_env(self._env)}
+        except TLSConfigError as exc:
+            raise SettingsError(str(exc)) from None
+
     def token(self) -> str:
         """CONVEYOR_TOKEN, or the content of the file CONVEYOR_TOKEN_FILE names."""
         try:
@@ -137,6 +145,15 @@ class CommonSettings:
     #: CONVEYOR_TOKEN (or the file CONVEYOR_TOKEN_FILE names): the bearer token this process
     #: presents when it calls another service.
     token: str = ""
+    #: CONVEYOR_TLS_CERT_FILE / _KEY_FILE / CONVEYOR_TLS_CLIENT_CA_FILE: TLS (and mTLS) of the gRPC
+    #: server; None: plaintext (ADR 0024).
+    server_tls: ServerTLS | None = None
+    #: CONVEYOR_TLS, CONVEYOR_TLS_CA_FILE, CONVEYOR_TLS_CLIENT_CERT_FILE / _KEY_FILE, CONVEYOR_TLS_SERVER_NAME:
+    #: how this process dials other services.
+    client_tls: ClientTLS = field(default_factory=ClientTLS)
+    #: CONVEYOR_HEALTH_ADDR: where grpc.health.v1 alone is also served, in plaintext, for probes
+    #: that cannot do TLS ("": nowhere).
+    health_addr: str = ""
 
     def supervisor(self) -> Supervisor:
         """The supervisor of this process's background loops."""
@@ -157,6 +174,8 @@ class CommonSettings:
             "metrics_addr": env.text("CONVEYOR_METRICS_ADDR", metrics_addr_beside(grpc_addr)),
             "auth_tokens_file": env.text("CONVEYOR_AUTH_TOKENS_FILE", ""),
             "token": env.token(),
+            **env.tls(),
+            "health_addr": env.text("CONVEYOR_HEALTH_ADDR", ""),
         }
 
 

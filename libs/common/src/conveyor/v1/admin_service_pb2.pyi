@@ -756,3 +756,90 @@ class WhoAmIResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WhoAmIResponse: _TypeAlias = WhoAmIResponse  # noqa: Y015
+
+@_typing.final
+class ReEncryptRequest(_message.Message):
+    """--- encryption at rest (crypt) ---
+
+    ReEncryptRequest names the queue.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """The queue whose jobs in Redis are sealed again."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReEncryptRequest: _TypeAlias = ReEncryptRequest  # noqa: Y015
+
+@_typing.final
+class ReEncryptResponse(_message.Message):
+    """ReEncryptResponse says what was sealed again and what still needs another key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    PARKED_REENCRYPTED_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The key id the rewritten values are sealed with (the keyring's active key)."""
+    parked_reencrypted: _builtins.int
+    """Parked jobs whose payload was sealed again (or sealed for the first time)."""
+    @_builtins.property
+    def remaining(self) -> _containers.RepeatedCompositeFieldContainer[Global___SealedElsewhere]:
+        """Values in Redis still sealed with another key, by place."""
+
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        parked_reencrypted: _builtins.int = ...,
+        remaining: _abc.Iterable[Global___SealedElsewhere] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "parked_reencrypted", b"parked_reencrypted", "remaining", b"remaining"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReEncryptResponse: _TypeAlias = ReEncryptResponse  # noqa: Y015
+
+@_typing.final
+class SealedElsewhere(_message.Message):
+    """SealedElsewhere counts the values in one place of Redis sealed with one key id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLACE_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    place: _builtins.str
+    """"waiting" (job streams), "parked", "dead_letters" or "events"."""
+    key_id: _builtins.str
+    """The key id that sealed them."""
+    count: _builtins.int
+    """How many values (payloads and results)."""
+    def __init__(
+        self,
+        *,
+        place: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "key_id", b"key_id", "place", b"place"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SealedElsewhere: _TypeAlias = SealedElsewhere  # noqa: Y015

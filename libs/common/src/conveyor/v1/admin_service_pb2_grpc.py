@@ -121,6 +121,11 @@ class AdminServiceStub:
                 request_serializer=conveyor_dot_v1_dot_admin__service__pb2.WhoAmIRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.WhoAmIResponse.FromString,
                 _registered_method=True)
+        self.ReEncrypt = channel.unary_unary(
+                '/conveyor.v1.AdminService/ReEncrypt',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.ReEncryptRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ReEncryptResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -278,6 +283,22 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReEncrypt(self, request, context):
+        """--- encryption at rest (crypt) ---
+        ReEncrypt seals again, with the active key of this producer's keyring, the payloads
+        of the queue's parked jobs in Redis (delayed, waiting for a retry, held back by a rate
+        key) that another key sealed (or that are in clear while the queue is encrypted here;
+        each one changed only if nobody changed it meanwhile), and counts the values still
+        sealed with other keys where Redis cannot rewrite them in place (stream entries:
+        waiting jobs, dead letters, events), so an operator knows when an old key can go
+        (ADR 0025). PostgreSQL is ResultsService.ReEncryptJobs. FAILED_PRECONDITION without a
+        keyring. Admin only.
+        --- end encryption at rest ---
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -365,6 +386,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.WhoAmI,
                     request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.WhoAmIRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_admin__service__pb2.WhoAmIResponse.SerializeToString,
+            ),
+            'ReEncrypt': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReEncrypt,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ReEncryptRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.ReEncryptResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -827,6 +853,33 @@ class AdminService:
             '/conveyor.v1.AdminService/WhoAmI',
             conveyor_dot_v1_dot_admin__service__pb2.WhoAmIRequest.SerializeToString,
             conveyor_dot_v1_dot_admin__service__pb2.WhoAmIResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReEncrypt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/ReEncrypt',
+            conveyor_dot_v1_dot_admin__service__pb2.ReEncryptRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.ReEncryptResponse.FromString,
             options,
             channel_credentials,
             insecure,

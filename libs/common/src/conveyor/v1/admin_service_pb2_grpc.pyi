@@ -113,6 +113,18 @@ class AdminServiceStub:
     caller may call everything (role ADMIN).
     --- end who is calling ---
     """
+    ReEncrypt: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ReEncryptRequest, _admin_service_pb2.ReEncryptResponse]
+    """--- encryption at rest (crypt) ---
+    ReEncrypt seals again, with the active key of this producer's keyring, the payloads
+    of the queue's parked jobs in Redis (delayed, waiting for a retry, held back by a rate
+    key) that another key sealed (or that are in clear while the queue is encrypted here;
+    each one changed only if nobody changed it meanwhile), and counts the values still
+    sealed with other keys where Redis cannot rewrite them in place (stream entries:
+    waiting jobs, dead letters, events), so an operator knows when an old key can go
+    (ADR 0025). PostgreSQL is ResultsService.ReEncryptJobs. FAILED_PRECONDITION without a
+    keyring. Admin only.
+    --- end encryption at rest ---
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -197,6 +209,18 @@ class AdminServiceAsyncStub(AdminServiceStub):
     call. When the service checks no tokens, authentication is false and the
     caller may call everything (role ADMIN).
     --- end who is calling ---
+    """
+    ReEncrypt: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ReEncryptRequest, _admin_service_pb2.ReEncryptResponse]  # type: ignore[assignment]
+    """--- encryption at rest (crypt) ---
+    ReEncrypt seals again, with the active key of this producer's keyring, the payloads
+    of the queue's parked jobs in Redis (delayed, waiting for a retry, held back by a rate
+    key) that another key sealed (or that are in clear while the queue is encrypted here;
+    each one changed only if nobody changed it meanwhile), and counts the values still
+    sealed with other keys where Redis cannot rewrite them in place (stream entries:
+    waiting jobs, dead letters, events), so an operator knows when an old key can go
+    (ADR 0025). PostgreSQL is ResultsService.ReEncryptJobs. FAILED_PRECONDITION without a
+    keyring. Admin only.
+    --- end encryption at rest ---
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -381,6 +405,24 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         call. When the service checks no tokens, authentication is false and the
         caller may call everything (role ADMIN).
         --- end who is calling ---
+        """
+
+    @_abc_1.abstractmethod
+    def ReEncrypt(
+        self,
+        request: _admin_service_pb2.ReEncryptRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ReEncryptResponse, _abc.Awaitable[_admin_service_pb2.ReEncryptResponse]]:
+        """--- encryption at rest (crypt) ---
+        ReEncrypt seals again, with the active key of this producer's keyring, the payloads
+        of the queue's parked jobs in Redis (delayed, waiting for a retry, held back by a rate
+        key) that another key sealed (or that are in clear while the queue is encrypted here;
+        each one changed only if nobody changed it meanwhile), and counts the values still
+        sealed with other keys where Redis cannot rewrite them in place (stream entries:
+        waiting jobs, dead letters, events), so an operator knows when an old key can go
+        (ADR 0025). PostgreSQL is ResultsService.ReEncryptJobs. FAILED_PRECONDITION without a
+        keyring. Admin only.
+        --- end encryption at rest ---
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -941,3 +941,77 @@ class Percentiles(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Percentiles: _TypeAlias = Percentiles  # noqa: Y015
+
+@_typing.final
+class ReEncryptJobsRequest(_message.Message):
+    """ReEncryptJobsRequest names the queue and where to go on from."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    AFTER_JOB_ID_FIELD_NUMBER: _builtins.int
+    MAX_JOBS_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """The queue whose stored jobs are sealed again."""
+    after_job_id: _builtins.str
+    """Go on after this job id (empty: from the queue's first job)."""
+    max_jobs: _builtins.int
+    """Most job rows examined in this call, 1-10000 (0 means 1000)."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        after_job_id: _builtins.str = ...,
+        max_jobs: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_job_id", b"after_job_id", "max_jobs", b"max_jobs", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReEncryptJobsRequest: _TypeAlias = ReEncryptJobsRequest  # noqa: Y015
+
+@_typing.final
+class ReEncryptJobsResponse(_message.Message):
+    """ReEncryptJobsResponse says what one call did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    EXAMINED_FIELD_NUMBER: _builtins.int
+    JOBS_REENCRYPTED_FIELD_NUMBER: _builtins.int
+    EVENTS_REENCRYPTED_FIELD_NUMBER: _builtins.int
+    UNREADABLE_FIELD_NUMBER: _builtins.int
+    NEXT_AFTER_JOB_ID_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The key id everything is now sealed with (the keyring's active key)."""
+    examined: _builtins.int
+    """Job rows examined."""
+    jobs_reencrypted: _builtins.int
+    """Job rows whose payload or result was sealed again (or sealed for the first time)."""
+    events_reencrypted: _builtins.int
+    """Stored events (in the jobs' histories) whose payload or result was sealed again."""
+    next_after_job_id: _builtins.str
+    """Where the next call goes on (its after_job_id); empty when the queue is done."""
+    @_builtins.property
+    def unreadable(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Jobs with a value this keyring cannot open (a key id it no longer holds), at most 100."""
+
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        examined: _builtins.int = ...,
+        jobs_reencrypted: _builtins.int = ...,
+        events_reencrypted: _builtins.int = ...,
+        unreadable: _abc.Iterable[_builtins.str] | None = ...,
+        next_after_job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events_reencrypted", b"events_reencrypted", "examined", b"examined", "jobs_reencrypted", b"jobs_reencrypted", "key_id", b"key_id", "next_after_job_id", b"next_after_job_id", "unreadable", b"unreadable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReEncryptJobsResponse: _TypeAlias = ReEncryptJobsResponse  # noqa: Y015

@@ -80,6 +80,11 @@ class ResultsServiceStub:
                 request_serializer=conveyor_dot_v1_dot_results__service__pb2.GetJobSeriesRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_results__service__pb2.GetJobSeriesResponse.FromString,
                 _registered_method=True)
+        self.ReEncryptJobs = channel.unary_unary(
+                '/conveyor.v1.ResultsService/ReEncryptJobs',
+                request_serializer=conveyor_dot_v1_dot_results__service__pb2.ReEncryptJobsRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_results__service__pb2.ReEncryptJobsResponse.FromString,
+                _registered_method=True)
 
 
 class ResultsServiceServicer:
@@ -172,6 +177,21 @@ class ResultsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReEncryptJobs(self, request, context):
+        """ReEncryptJobs seals again, with the active key of this service's keyring, the
+        payloads and results of one queue's jobs stored in PostgreSQL (the jobs rows and
+        the events of their history) that another key sealed, and seals those stored in
+        clear when the queue is encrypted here (CONVEYOR_ENCRYPTED_QUEUES). Bounded work:
+        at most max_jobs rows per call, in job id order from after_job_id; call again with
+        next_after_job_id until it is empty (`conveyor reencrypt QUEUE` does). Safe to
+        repeat and to run beside the projector. A value sealed with a key the keyring no
+        longer holds is left as it is and reported in unreadable. FAILED_PRECONDITION when
+        this service has no keyring (CONVEYOR_KEYRING_FILE or CONVEYOR_KEYRING). Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ResultsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -219,6 +239,11 @@ def add_ResultsServiceServicer_to_server(servicer, server):
                     servicer.GetJobSeries,
                     request_deserializer=conveyor_dot_v1_dot_results__service__pb2.GetJobSeriesRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_results__service__pb2.GetJobSeriesResponse.SerializeToString,
+            ),
+            'ReEncryptJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReEncryptJobs,
+                    request_deserializer=conveyor_dot_v1_dot_results__service__pb2.ReEncryptJobsRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_results__service__pb2.ReEncryptJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -465,6 +490,33 @@ class ResultsService:
             '/conveyor.v1.ResultsService/GetJobSeries',
             conveyor_dot_v1_dot_results__service__pb2.GetJobSeriesRequest.SerializeToString,
             conveyor_dot_v1_dot_results__service__pb2.GetJobSeriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReEncryptJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ResultsService/ReEncryptJobs',
+            conveyor_dot_v1_dot_results__service__pb2.ReEncryptJobsRequest.SerializeToString,
+            conveyor_dot_v1_dot_results__service__pb2.ReEncryptJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -81,6 +81,17 @@ class ResultsServiceStub:
     each call, so it survives restarts; a call that would run past 5 s is stopped and
     answers RESOURCE_EXHAUSTED (nothing else waits on it).
     """
+    ReEncryptJobs: _grpc.UnaryUnaryMultiCallable[_results_service_pb2.ReEncryptJobsRequest, _results_service_pb2.ReEncryptJobsResponse]
+    """ReEncryptJobs seals again, with the active key of this service's keyring, the
+    payloads and results of one queue's jobs stored in PostgreSQL (the jobs rows and
+    the events of their history) that another key sealed, and seals those stored in
+    clear when the queue is encrypted here (CONVEYOR_ENCRYPTED_QUEUES). Bounded work:
+    at most max_jobs rows per call, in job id order from after_job_id; call again with
+    next_after_job_id until it is empty (`conveyor reencrypt QUEUE` does). Safe to
+    repeat and to run beside the projector. A value sealed with a key the keyring no
+    longer holds is left as it is and reported in unreadable. FAILED_PRECONDITION when
+    this service has no keyring (CONVEYOR_KEYRING_FILE or CONVEYOR_KEYRING). Admin only.
+    """
 
 @_typing.type_check_only
 class ResultsServiceAsyncStub(ResultsServiceStub):
@@ -134,6 +145,17 @@ class ResultsServiceAsyncStub(ResultsServiceStub):
     last start) and of the run time (last start to finish). Read from PostgreSQL at
     each call, so it survives restarts; a call that would run past 5 s is stopped and
     answers RESOURCE_EXHAUSTED (nothing else waits on it).
+    """
+    ReEncryptJobs: _aio.UnaryUnaryMultiCallable[_results_service_pb2.ReEncryptJobsRequest, _results_service_pb2.ReEncryptJobsResponse]  # type: ignore[assignment]
+    """ReEncryptJobs seals again, with the active key of this service's keyring, the
+    payloads and results of one queue's jobs stored in PostgreSQL (the jobs rows and
+    the events of their history) that another key sealed, and seals those stored in
+    clear when the queue is encrypted here (CONVEYOR_ENCRYPTED_QUEUES). Bounded work:
+    at most max_jobs rows per call, in job id order from after_job_id; call again with
+    next_after_job_id until it is empty (`conveyor reencrypt QUEUE` does). Safe to
+    repeat and to run beside the projector. A value sealed with a key the keyring no
+    longer holds is left as it is and reported in unreadable. FAILED_PRECONDITION when
+    this service has no keyring (CONVEYOR_KEYRING_FILE or CONVEYOR_KEYRING). Admin only.
     """
 
 class ResultsServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -239,6 +261,23 @@ class ResultsServiceServicer(metaclass=_abc_1.ABCMeta):
         last start) and of the run time (last start to finish). Read from PostgreSQL at
         each call, so it survives restarts; a call that would run past 5 s is stopped and
         answers RESOURCE_EXHAUSTED (nothing else waits on it).
+        """
+
+    @_abc_1.abstractmethod
+    def ReEncryptJobs(
+        self,
+        request: _results_service_pb2.ReEncryptJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_results_service_pb2.ReEncryptJobsResponse, _abc.Awaitable[_results_service_pb2.ReEncryptJobsResponse]]:
+        """ReEncryptJobs seals again, with the active key of this service's keyring, the
+        payloads and results of one queue's jobs stored in PostgreSQL (the jobs rows and
+        the events of their history) that another key sealed, and seals those stored in
+        clear when the queue is encrypted here (CONVEYOR_ENCRYPTED_QUEUES). Bounded work:
+        at most max_jobs rows per call, in job id order from after_job_id; call again with
+        next_after_job_id until it is empty (`conveyor reencrypt QUEUE` does). Safe to
+        repeat and to run beside the projector. A value sealed with a key the keyring no
+        longer holds is left as it is and reported in unreadable. FAILED_PRECONDITION when
+        this service has no keyring (CONVEYOR_KEYRING_FILE or CONVEYOR_KEYRING). Admin only.
         """
 
 def add_ResultsServiceServicer_to_server(servicer: ResultsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

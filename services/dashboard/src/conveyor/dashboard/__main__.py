@@ -7,13 +7,12 @@ import sys
 
 import uvicorn
 
-from conveyor.common import logs
+from conveyor.common import crypto, logs
 from conveyor.common.client import ConveyorClient
+from conveyor.common.server import EXIT_BAD_SETTING
+from conveyor.common.tls import TLSConfigError
 from conveyor.dashboard.app import create_app
 from conveyor.dashboard.settings import DashboardSettings
-
-#: The exit status for a setting to fix (as every Conveyor service: sysexits' EX_CONFIG).
-EXIT_BAD_SETTING = 78
 
 
 async def run(settings: DashboardSettings) -> None:
@@ -53,11 +52,18 @@ async def run(settings: DashboardSettings) -> None:
 def main() -> None:
     try:
         settings = DashboardSettings.from_env()
-    except ValueError as exc:
+        # The keyring (ADR 0025): a bad one stops the start with one line saying what is wrong (exit 78).
+        crypto.configure_from_env()
+    except (ValueError, crypto.KeyringError) as exc:
         # A configuration mistake: one line saying what to fix, no traceback.
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(EXIT_BAD_SETTING) from None
-    asyncio.run(run(settings))
+    try:
+        asyncio.run(run(settings))
+    except TLSConfigError as exc:
+        # CONVEYOR_TLS_* names a file that cannot be used: one line, the services' exit code (EX_CONFIG).
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(EXIT_BAD_SETTING) from None
 
 
 if __name__ == "__main__":

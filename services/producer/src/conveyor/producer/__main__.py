@@ -6,7 +6,7 @@ import asyncio
 import functools
 import sys
 
-from conveyor.common import logs, metrics, server, tracing
+from conveyor.common import crypto, logs, metrics, server, tracing
 from conveyor.common.auth import Authorizer
 from conveyor.common.process_group import ProcessGroup
 from conveyor.common.queue_registry import QueueSweeper
@@ -17,6 +17,8 @@ from conveyor.producer.app import build
 
 async def run() -> None:
     settings = ProducerSettings.from_env()
+    # The keyring (ADR 0025): a bad one stops the start with one line saying what is wrong (exit 78).
+    crypto.configure_from_env()
     # Read the token file now: a wrong one stops the start with one line saying what is wrong.
     authorizer = Authorizer.from_path(settings.auth_tokens_file)
     logs.configure(service="producer", level=settings.log_level, fmt=settings.log_format)
@@ -42,6 +44,8 @@ async def run() -> None:
         auth=authorizer,
         metrics_addr=settings.metrics_addr,
         share_port=settings.process_index >= 0,
+        tls=settings.server_tls,
+        health_addr=settings.health_addr,
     )
     metrics_redis.close()
 
@@ -49,7 +53,8 @@ async def run() -> None:
 def main() -> None:
     try:
         settings = ProducerSettings.from_env()
-    except SettingsError as exc:
+        crypto.Encryption.from_env()  # a bad keyring stops a process group before it starts members
+    except (SettingsError, crypto.KeyringError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(server.EXIT_BAD_SETTING) from None
     if settings.processes > 1 and settings.process_index < 0:

@@ -6,10 +6,12 @@ from typing import Any
 
 import grpc
 
-from conveyor.common import auth
+from conveyor.common import auth, crypto
+from conveyor.common.errors import Unimplemented
 from conveyor.producer.controls import QueueControls
 from conveyor.producer.dead_letters import DeadLetters
 from conveyor.producer.limits import FlowLimits
+from conveyor.producer.reencrypt import RedisReEncryptor
 from conveyor.producer.stats import Stats
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, limits_pb2
 
@@ -19,11 +21,27 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     """Operator controls: pause/resume, flow limits, dead letters, statistics and introspection."""
 
-    def __init__(self, dead_letters: DeadLetters, controls: QueueControls, limits: FlowLimits, *, stats: Stats) -> None:
+    def __init__(
+        self,
+        dead_letters: DeadLetters,
+        controls: QueueControls,
+        limits: FlowLimits,
+        *,
+        stats: Stats,
+        reencryptor: RedisReEncryptor | None = None,
+    ) -> None:
         self._dead = dead_letters
         self._controls = controls
         self._limits = limits
         self._stats = stats
+        self._reencryptor = reencryptor
+
+    async def ReEncrypt(
+        self, request: admin_service_pb2.ReEncryptRequest, context: Context
+    ) -> admin_service_pb2.ReEncryptResponse:
+        if self._reencryptor is None:
+            raise Unimplemented("ReEncrypt is not wired in this producer")
+        return await self._reencryptor.run(request.queue, crypto.current())
 
     async def PauseQueue(
         self, request: admin_service_pb2.PauseQueueRequest, context: Context

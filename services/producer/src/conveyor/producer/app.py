@@ -20,6 +20,7 @@ from conveyor.producer.dead_letters import DeadLetters
 from conveyor.producer.history import History
 from conveyor.producer.jobs import JobReader
 from conveyor.producer.limits import FlowLimits
+from conveyor.producer.reencrypt import RedisReEncryptor
 from conveyor.producer.schedules import ScheduleServicer
 from conveyor.producer.servicer import ProducerServicer, add_to_server
 from conveyor.producer.stats import Stats
@@ -64,7 +65,7 @@ async def build(settings: ProducerSettings) -> ProducerApp:
     tail_redis = make_redis(settings.redis_url, blocking=True)
     scripts = Scripts(redis)
     admin_scripts = Scripts(admin_redis)
-    history = History(settings.results_addr, token=settings.token)
+    history = History(settings.results_addr, token=settings.token, tls=settings.client_tls)
     supervisor = settings.supervisor()
     watcher = Watcher(
         watch_redis,
@@ -87,6 +88,7 @@ async def build(settings: ProducerSettings) -> ProducerApp:
         QueueControls(admin_redis),
         FlowLimits(admin_scripts),
         stats=Stats(admin_redis, history),
+        reencryptor=RedisReEncryptor(admin_redis),
     )
     schedules = ScheduleServicer(ScheduleStore(admin_redis), enqueuer, settings.max_payload_bytes)
     services = [

@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 import grpc
 
 from conveyor.common import auth
+from conveyor.common.codec import reveal_event, reveal_job
 from conveyor.common.errors import NotFound, Unavailable
+from conveyor.common.tls import ClientTLS
 from conveyor.v1 import event_pb2, job_pb2, results_service_pb2, results_service_pb2_grpc
 
 
@@ -18,11 +20,12 @@ class History:
         addr: "host:port" of ResultsService, or "" for none.
         timeout_s: Deadline of each call.
         token: The bearer token to present (CONVEYOR_TOKEN), when ResultsService checks tokens.
+        tls: How to dial it (CONVEYOR_TLS_*; ADR 0024); None: as the environment says.
     """
 
-    def __init__(self, addr: str, timeout_s: float = 5.0, token: str = "") -> None:
+    def __init__(self, addr: str, timeout_s: float = 5.0, token: str = "", tls: ClientTLS | None = None) -> None:
         self._timeout = timeout_s
-        self._channel = auth.dial(addr, token) if addr else None
+        self._channel = auth.dial(addr, token, tls=tls) if addr else None
         self._stub = results_service_pb2_grpc.ResultsServiceStub(self._channel) if self._channel else None
 
     async def close(self) -> None:
@@ -44,7 +47,7 @@ class History:
             )
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc, job_id) from None
-        return response.job
+        return reveal_job(response.job)  # a results service without the key answers it sealed
 
     async def finished_stats(self, queue: str) -> results_service_pb2.FinishedStats:
         """The queue's recently finished jobs, per window (ResultsService.GetFinishedStats).
@@ -85,7 +88,7 @@ class History:
                     return
                 raise _translate(exc, job_id) from None
             for event in page.events:
-                yield event
+                yield reveal_event(event)
             if not page.has_more or not page.events:
                 return
             after = page.events[-1].id

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conveyor.common.codec import FINAL_STATES, decode_event, json_to_value, public_job, restore_job
+from conveyor.common.codec import FINAL_STATES, decode_event, public_job, public_result, restore_job
 from conveyor.common.errors import InvalidArgument
 from conveyor.common.ids import parse_job_id
 from conveyor.common.keys import queue_keys
@@ -38,7 +38,7 @@ class JobReader:
                     job.state = record.state  # type: ignore[assignment]
                     job.attempt = record.attempt
                     if event.result_json:
-                        job.result.CopyFrom(json_to_value(event.result_json))
+                        job.result.CopyFrom(public_result(event.result_json, job_id))
                     if event.HasField("error"):
                         job.error.CopyFrom(event.error)
                     job.finished_at.CopyFrom(event.time)

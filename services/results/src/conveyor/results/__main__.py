@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 
-from conveyor.common import logs, server, tracing
+from conveyor.common import crypto, logs, server, tracing
 from conveyor.common.auth import Authorizer
 from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
 from conveyor.common.settings import ResultsSettings
@@ -24,6 +24,8 @@ from conveyor.v1 import results_service_pb2, results_service_pb2_grpc
 
 async def run() -> None:
     settings = ResultsSettings.from_env()
+    # The keyring (ADR 0025): a bad one stops the start with one line saying what is wrong (exit 78).
+    crypto.configure_from_env()
     # Read the token file now: a wrong one stops the start with one line saying what is wrong.
     authorizer = Authorizer.from_path(settings.auth_tokens_file)
     logs.configure(service="results", level=settings.log_level, fmt=settings.log_format)
@@ -78,6 +80,8 @@ async def run() -> None:
         auth=authorizer,
         classify=[pgerrors.client_error],
         metrics_addr=settings.metrics_addr,
+        tls=settings.server_tls,
+        health_addr=settings.health_addr,
     )
 
 

@@ -14,7 +14,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from conveyor.common.codec import decode_event, json_to_struct, json_to_value, public_event
+from conveyor.common.codec import decode_event, public_event, public_payload, public_result
 from conveyor.results.store import unpack_events
 from conveyor.v1 import event_pb2, job_pb2
 
@@ -167,11 +167,11 @@ def _job(row: tuple[Any, ...]) -> job_pb2.Job:
         labels=labels or {},
     )
     if payload is not None:
-        job.payload.CopyFrom(json_to_struct(payload.encode()))
+        job.payload.CopyFrom(public_payload(payload.encode(), job_id))
     else:
         job.payload.SetInParent()  # "Responses always fill this field."
     if result is not None:
-        job.result.CopyFrom(json_to_value(result.encode()))
+        job.result.CopyFrom(public_result(result.encode(), job_id))
     if error is not None:
         job.error.message = str(error.get("message", ""))
         job.error.kind = str(error.get("kind", ""))

@@ -19,8 +19,9 @@ import psycopg
 from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from conveyor.common import crypto
 from conveyor.common.codec import dumps, value_to_python
-from conveyor.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from conveyor.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from conveyor.common.ids import parse_job_id, parse_stream_id
 from conveyor.common.validate import MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS, check_queue, queue_problem
 from conveyor.results.queries import (
@@ -34,6 +35,7 @@ from conveyor.results.queries import (
     from_us,
     to_us,
 )
+from conveyor.results.reencrypt import reencrypt_jobs
 from conveyor.results.setaside import Missing, SetAsideRow, SetAsideRows
 from conveyor.results.store import delete_finished_jobs
 from conveyor.v1 import job_pb2, results_service_pb2, results_service_pb2_grpc
@@ -171,7 +173,30 @@ def _filters(request: results_service_pb2.ListJobsRequest) -> JobFilter:
     )
     if violations:
         raise InvalidArgument(violations)
+    if filters.where:
+        _refuse_search_of_encrypted(request.queue)
     return filters
+
+
+def _refuse_search_of_encrypted(queue: str) -> None:
+    """Payload conditions cannot work on an encrypted queue: PostgreSQL holds only ciphertext (ADR 0025)."""
+    encryption = crypto.current()
+    if queue and encryption.encrypts(queue):
+        raise FailedPrecondition(
+            f"queue {queue!r} is encrypted at rest (CONVEYOR_ENCRYPTED_QUEUES): its payloads are stored as "
+            "ciphertext, so payload conditions (where) cannot match them; filter by queue, type, state, "
+            "time or labels instead",
+            subject=f"queue:{queue}",
+            kind="ENCRYPTED_QUEUE",
+        )
+    if not queue and encryption.queues:
+        named = "every queue" if encryption.all_queues else ", ".join(sorted(encryption.queues))
+        raise FailedPrecondition(
+            f"payload conditions (where) need a queue that is not encrypted: the payloads of {named} are "
+            "stored as ciphertext (CONVEYOR_ENCRYPTED_QUEUES), so name a queue whose payloads are not",
+            subject="where",
+            kind="ENCRYPTED_QUEUE",
+        )
 
 
 def filter_hash(filters: JobFilter) -> str:
@@ -393,7 +418,37 @@ class ResultsServicer(results_service_pb2_grpc.ResultsServiceServicer):
                 )
         return response
 
+    async def ReEncryptJobs(
+        self, request: results_service_pb2.ReEncryptJobsRequest, context: Context
+    ) -> results_service_pb2.ReEncryptJobsResponse:
+        check_queue(request.queue)
+        if request.max_jobs < 0 or request.max_jobs > MAX_REENCRYPT:
+            raise InvalidArgument({"max_jobs": f"must be between 1 and {MAX_REENCRYPT} (0 means {DEFAULT_REENCRYPT})"})
+        if request.after_job_id and parse_job_id(request.after_job_id) is None:
+            raise InvalidArgument({"after_job_id": _JOB_ID_HELP})
+        encryption = crypto.current()
+        if encryption.keyring is None:
+            raise FailedPrecondition(
+                "this results service has no keyring: start it with CONVEYOR_KEYRING_FILE or CONVEYOR_KEYRING "
+                "holding the new active key first and the old keys after it",
+                subject="keyring",
+                kind="NO_KEYRING",
+            )
+        done = await reencrypt_jobs(
+            self._queries.pool, request.queue, request.after_job_id, request.max_jobs or DEFAULT_REENCRYPT, encryption
+        )
+        return results_service_pb2.ReEncryptJobsResponse(
+            key_id=done.key_id,
+            examined=done.examined,
+            jobs_reencrypted=done.jobs,
+            events_reencrypted=done.events,
+            unreadable=done.unreadable,
+            next_after_job_id=done.next_after,
+        )
 
+
+DEFAULT_REENCRYPT = 1000
+MAX_REENCRYPT = 10_000
 DEFAULT_SET_ASIDE_PAGE = 100
 
 

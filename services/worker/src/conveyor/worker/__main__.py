@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 
-from conveyor.common import logs, metrics, server, tracing
+from conveyor.common import crypto, logs, metrics, server, tracing
 from conveyor.common.enqueue import Enqueuer
 from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis, make_sync_redis
 from conveyor.common.scripts import Heartbeat, Scripts
@@ -21,6 +21,8 @@ SCHEDULED_PAYLOAD_LIMIT = 1 << 26
 
 async def run() -> None:
     settings = WorkerSettings.from_env()
+    # The keyring (ADR 0025): a bad one stops the start with one line saying what is wrong (exit 78).
+    crypto.configure_from_env()
     logs.configure(service="worker", level=settings.log_level, fmt=settings.log_format)
     tracing.configure(service="conveyor-worker")
     handlers = load_handlers(settings.handlers)
@@ -60,6 +62,8 @@ async def run() -> None:
         on_shutdown=[redis.aclose, wait_redis.aclose, close_beat],
         supervisor=supervisor,
         metrics_addr=settings.metrics_addr,
+        tls=settings.server_tls,
+        health_addr=settings.health_addr,
     )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import structlog
 
-from conveyor.common import tracing
+from conveyor.common import crypto, tracing
 from conveyor.common.codec import dumps, embed_job, length_delimited, timestamp_bytes, varint
 from conveyor.common.defaults import retry_policy
 from conveyor.v1 import event_pb2, job_pb2
@@ -211,7 +211,12 @@ async def run_attempt(
         )
         timeout = job.timeout.ToTimedelta().total_seconds() if job.HasField("timeout") else 0.0
         try:
-            payload: dict[str, Any] = json.loads(job.payload_json) if job.payload_json else {}
+            # An encrypted queue's payload is opened here, for the handler only (ADR 0025).
+            sealed = job.payload_json.startswith(crypto.SEALED_JSON)
+            payload_json = (
+                crypto.open_if_sealed(job.payload_json, crypto.PAYLOAD, job.id) if sealed else job.payload_json
+            )
+            payload: dict[str, Any] = json.loads(payload_json) if payload_json else {}
             if handlers.is_isolated(job.type):
                 isolated = IsolatedCall(handler, payload, ctx)
                 await isolated.start()
@@ -223,6 +228,9 @@ async def run_attempt(
                 thread = asyncio.wrap_future((pool or default_pool()).submit(handler, payload, ctx))
                 result = await _held_until_ended(thread, timeout, cancellation, lambda now: None)
             result_json = dumps(result)
+            encryption = crypto.current()
+            if encryption.keyring is not None and (sealed or encryption.encrypts(job.queue)):
+                result_json = encryption.keyring.seal(result_json, crypto.RESULT, job.id)
             log.debug("job_succeeded", duration_ms=round((time.perf_counter() - started) * 1000, 3))
         except asyncio.CancelledError:
             if not cancellation.requested.is_set():
@@ -262,6 +270,12 @@ async def run_attempt(
             event.type = event_pb2.EVENT_TYPE_FAILED
             event.error.CopyFrom(_error(str(exc) or type(exc).__name__, type(exc).__name__, False))
             log.warning("job_failed", error_kind=type(exc).__name__, error=str(exc), retryable=False)
+        except crypto.SealError as exc:
+            # No key for it here, or a damaged value: another worker (or this one, once its keyring
+            # is fixed) may open it, so the attempt is retried; the message names the key id.
+            event.type = event_pb2.EVENT_TYPE_FAILED
+            event.error.CopyFrom(_error(str(exc), "SealedPayload", True))
+            log.warning("job_failed", error_kind="SealedPayload", error=str(exc))
         except (TypeError, ValueError) as exc:
             # Includes a result that is not JSON-able; the message says which.
             event.type = event_pb2.EVENT_TYPE_FAILED

@@ -6,13 +6,14 @@ import asyncio
 import functools
 import sys
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 import click
 
 from conveyor.common.client import ConveyorClient
 from conveyor.common.errors import ConveyorError, InvalidArgument
+from conveyor.common.tls import ClientTLS
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -34,12 +35,20 @@ class Settings:
     json: bool
     timeout: float
     token: str = ""
+    #: How to dial: --tls, --cacert, --cert, --key, --servername (or their CONVEYOR_TLS* variables).
+    tls: ClientTLS = field(default_factory=ClientTLS)
 
     def client(self) -> ConveyorClient:
         # One job at a time from a terminal: no coalescing, and a short retry budget so that a
         # stack that is down is reported within seconds.
         return ConveyorClient(
-            self.producer, self.results, timeout=self.timeout, retries=2, coalesce=False, token=self.token
+            self.producer,
+            self.results,
+            timeout=self.timeout,
+            retries=2,
+            coalesce=False,
+            token=self.token,
+            tls=self.tls,
         )
 
 
