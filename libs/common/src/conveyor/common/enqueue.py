@@ -12,7 +12,6 @@ import time
 from collections import defaultdict
 
 import grpc
-import redis.asyncio as aioredis
 import structlog
 
 from conveyor.common import crypto, faults, metrics, tracing
@@ -22,7 +21,7 @@ from conveyor.common.errors import InvalidArgument, ResourceExhausted
 from conveyor.common.ids import make_job_id, new_ulid
 from conveyor.common.keys import DEFAULT_PRIORITY, queue_keys
 from conveyor.common.queue_registry import QueueRegistry
-from conveyor.common.redis import hget
+from conveyor.common.redis import RedisClient, hget
 from conveyor.common.schedules import TICK_KEY_WINDOW_MS, InFlight, ScheduleStore, tick_idempotency_key
 from conveyor.common.scripts import NewJob, Scripts
 from conveyor.common.validate import ValidJob, validate_all
@@ -136,7 +135,7 @@ class QueueDefaults:
     #: entry goes first, and costs one HGET when that queue is used again.
     MAX_QUEUES = 1024
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
         self._cache: dict[str, tuple[int, float]] = {}
 
@@ -167,7 +166,7 @@ class Enqueuer:
         max_batch: Most jobs in one EnqueueBatch.
     """
 
-    def __init__(self, redis: aioredis.Redis, scripts: Scripts, max_payload_bytes: int, max_batch: int) -> None:
+    def __init__(self, redis: RedisClient, scripts: Scripts, max_payload_bytes: int, max_batch: int) -> None:
         self._redis = redis
         self._scripts = scripts
         self._max_payload_bytes = max_payload_bytes

@@ -107,6 +107,7 @@ _BY_TYPE: tuple[tuple[type[BaseException], Fault], ...] = (
     (rx.NoPermissionError, AUTH),
     (rx.MasterDownError, MASTERDOWN),
     (rx.ClusterDownError, CLUSTERDOWN),
+    (rx.SlotNotCoveredError, CLUSTERDOWN),  # the client's slot map has no node for the slot (a failover)
     (rx.TryAgainError, TRYAGAIN),
     (rx.MovedError, MOVED),
     (rx.AskError, ASK),
@@ -127,7 +128,24 @@ def redis_fault(exc: BaseException) -> Fault | None:
             return fault
     if isinstance(exc, rx.ResponseError):
         return _BY_PREFIX.get(str(exc).split(" ", 1)[0])
+    if isinstance(exc, rx.RedisClusterException) and "cannot be connected" in str(exc):
+        return CONNECTION  # no seed node of a Redis Cluster answered
+    if isinstance(exc, RuntimeError | AttributeError) and _raised_in_redis_connection(exc):
+        # redis-py's cluster client closes every connection when one node fails; a command in
+        # flight on another connection at that instant fails inside the connection code with
+        # "handler is closed" or "'NoneType' object has no attribute ..." (ADR 0026).
+        return CONNECTION
     return None
+
+
+def _raised_in_redis_connection(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+        if filename.endswith(("/redis/asyncio/connection.py", "/redis/connection.py")):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def is_transient(exc: BaseException) -> bool:

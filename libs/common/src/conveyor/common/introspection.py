@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from conveyor.common.keys import BANDS, WORKER_GROUP, WORKERS, QueueKeys, worker_key
+from conveyor.common.redis import RedisClient
 from conveyor.common.scripts import ReloadingScript, _source, _text
 
 
@@ -52,7 +51,7 @@ class QueueSnapshot:
 class QueueStatsScript:
     """The queue_stats script on an async client."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self._script = ReloadingScript(client, "queue_stats")
 
     async def read(self, keys: QueueKeys) -> QueueSnapshot:
@@ -93,6 +92,7 @@ class WorkerRegistry:
         self._worker_id = worker_id
         self._key = worker_key(worker_id)
         self._beat = client.register_script(_source("worker_beat"))  # sync: the heartbeat thread
+        self._leave = client.register_script("redis.call('SREM', KEYS[1], ARGV[1]) return redis.call('DEL', KEYS[2])")
 
     def beat(self, info: bytes, ttl_ms: int) -> None:
         """Register or refresh this worker (one round trip)."""
@@ -100,16 +100,14 @@ class WorkerRegistry:
 
     def deregister(self) -> None:
         """Leave the registry at once (a clean stop)."""
-        pipe = self._client.pipeline(transaction=True)
-        pipe.srem(WORKERS, self._worker_id)
-        pipe.delete(self._key)
-        pipe.execute()
+        # A script rather than MULTI, which redis-py does not offer on a Redis Cluster (same slot).
+        self._leave(keys=[WORKERS, self._key], args=[self._worker_id])
 
 
 class WorkerDirectory:
     """Reads the live workers' entries (ListWorkers), forgetting the dead ones."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self._client = client
         self._list = ReloadingScript(client, "list_workers")
 

@@ -26,7 +26,11 @@ BANDS = tuple(range(MIN_PRIORITY, MAX_PRIORITY + 1))
 #: Every queue ever used (discovery for the results service and operators).
 QUEUES = f"{PREFIX}:queues"
 #: ZSET queue name -> ms of its last registration (queue_registry.py): how long it has been idle.
-QUEUES_TOUCHED = f"{PREFIX}:queues:touched"
+#: Its hash tag ``{conveyor:queues}`` hashes exactly as the untagged ``conveyor:queues`` does, so
+#: the two registry keys share one Redis Cluster slot and one script can write both (ADR 0026).
+QUEUES_TOUCHED = f"{{{QUEUES}}}:touched"
+#: Where QUEUES_TOUCHED was before ADR 0026 (another slot); moved by redis.migrate_registry at connect.
+LEGACY_QUEUES_TOUCHED = f"{PREFIX}:queues:touched"
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,10 +21,10 @@ import contextlib
 import time
 from importlib import resources
 
-import redis.asyncio as aioredis
 import structlog
 
 from conveyor.common.keys import QUEUES, QUEUES_TOUCHED, RESULTS_GROUP, queue_keys
+from conveyor.common.redis import RedisClient, register_script
 from conveyor.common.schedules import ScheduleStore
 
 log = structlog.get_logger("conveyor.queue_registry")
@@ -51,11 +51,11 @@ def _text(value: bytes | str) -> str:
 class QueueRegistry:
     """Registers queues on enqueue, at most once per ``ttl_s`` per queue in this process."""
 
-    def __init__(self, redis: aioredis.Redis, ttl_s: float | None = None, max_cached: int = MAX_CACHED) -> None:
+    def __init__(self, redis: RedisClient, ttl_s: float | None = None, max_cached: int = MAX_CACHED) -> None:
         self._ttl_s = REGISTRATION_TTL_S if ttl_s is None else ttl_s
         self._max_cached = max_cached
         self._until: dict[str, float] = {}
-        self._script = redis.register_script(_source("register_queue"))
+        self._script = register_script(redis, _source("register_queue"))
 
     @property
     def ttl_s(self) -> float:
@@ -85,7 +85,7 @@ class QueueSweeper:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         idle_s: float = DEFAULT_IDLE_S,
         interval_s: float = DEFAULT_SWEEP_S,
         registration_ttl_s: float = REGISTRATION_TTL_S,
@@ -98,7 +98,8 @@ class QueueSweeper:
         self._idle_ms = int(idle_s * 1000)
         self._interval_s = interval_s
         self._schedules = ScheduleStore(redis)
-        self._forget = redis.register_script(_source("forget_queue"))
+        self._idle = register_script(redis, _source("queue_idle"))
+        self._forget = register_script(redis, _source("forget_queue"))
 
     async def scheduled_queues(self) -> set[str]:
         """The queues some schedule enqueues to."""
@@ -110,9 +111,20 @@ class QueueSweeper:
         return queues
 
     async def forget(self, queue: str) -> tuple[bool, str]:
-        """Forget ``queue`` if it is idle; returns (forgotten, why not)."""
-        keys = [QUEUES, QUEUES_TOUCHED, *queue_keys(queue).script_keys()]
-        done, why = await self._forget(keys=keys, args=[queue, self._idle_ms, RESULTS_GROUP])
+        """Forget ``queue`` if it is idle; returns (forgotten, why not).
+
+        Two steps, each atomic on its own hash slot: the queue's keys say it is idle, then the
+        registry lets it go unless it was registered within the idle time (lua/forget_queue.lua
+        says why that order loses no enqueue in between).
+        """
+        registry = [QUEUES, QUEUES_TOUCHED]
+        maybe, why = await self._forget(keys=registry, args=[queue, self._idle_ms, "check"])
+        if not maybe:
+            return False, _text(why)
+        idle, why = await self._idle(keys=queue_keys(queue).script_keys(), args=[RESULTS_GROUP])
+        if not idle:
+            return False, _text(why)
+        done, why = await self._forget(keys=registry, args=[queue, self._idle_ms, ""])
         return bool(done), _text(why)
 
     async def sweep(self) -> list[str]:

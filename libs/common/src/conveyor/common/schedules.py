@@ -30,12 +30,12 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import redis.asyncio as aioredis
 from cronsim import CronSim, CronSimError
 
 from conveyor.common import crypto
 from conveyor.common.codec import json_to_struct, struct_to_json
 from conveyor.common.keys import PREFIX
+from conveyor.common.redis import RedisClient, pipeline
 from conveyor.common.scripts import ReloadingScript
 from conveyor.v1 import schedule_service_pb2
 
@@ -291,7 +291,7 @@ class InFlight:
 class ScheduleStore:
     """The schedules' Redis state; every change is one Lua script."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self._redis = client
         self._upsert = ReloadingScript(client, "schedule_upsert")
         self._claim = ReloadingScript(client, "schedule_claim")
@@ -367,7 +367,7 @@ class ScheduleStore:
         ids = [_text(i) for i in await self._redis.zrangebylex(SCHEDULE_IDS, low, "+", start=0, num=count)]
         if not ids:
             return []
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis) as pipe:
             for schedule_id in ids:
                 pipe.hgetall(schedule_key(schedule_id))
             raws = await pipe.execute()
@@ -435,7 +435,7 @@ class ScheduleStore:
 
     async def due(self, now_ms: int, count: int = 100) -> tuple[list[str], list[str], int]:
         """Due schedule ids, in-flight ticks to take over, and the earliest future time to look again (0: none)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis) as pipe:
             pipe.zrangebyscore(SCHEDULE_DUE, "-inf", now_ms, start=0, num=count)
             pipe.zrangebyscore(SCHEDULE_INFLIGHT, "-inf", now_ms, start=0, num=count)
             pipe.zrangebyscore(SCHEDULE_DUE, f"({now_ms}", "+inf", start=0, num=1, withscores=True)

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from conveyor.common.keys import RESULTS_GROUP, WORKER_GROUP, QueueKeys
+from conveyor.common.redis import RedisClient, register_script
 
 _INCLUDE = "--#include prelude\n"
 
@@ -40,8 +40,8 @@ class ReloadingScript:
 
     __slots__ = ("_script",)
 
-    def __init__(self, client: aioredis.Redis, name: str) -> None:
-        self._script = client.register_script(_source(name))
+    def __init__(self, client: RedisClient, name: str) -> None:
+        self._script = register_script(client, _source(name))
 
     @property
     def sha(self) -> str:
@@ -220,7 +220,7 @@ def _text(value: Any) -> str:
 class Scripts:
     """The registered scripts of one Redis client."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self._enqueue = ReloadingScript(client, "enqueue")
         self._claim = ReloadingScript(client, "claim")
         self._complete = ReloadingScript(client, "complete")

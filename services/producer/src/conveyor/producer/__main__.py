@@ -6,13 +6,11 @@ import asyncio
 import functools
 import sys
 
-import redis as sync_redis
-
 from conveyor.common import crypto, logs, metrics, server, tracing
 from conveyor.common.auth import Authorizer
 from conveyor.common.process_group import ProcessGroup
 from conveyor.common.queue_registry import QueueSweeper
-from conveyor.common.redis import REDIS_UNAVAILABLE
+from conveyor.common.redis import REDIS_UNAVAILABLE, make_sync_redis
 from conveyor.common.settings import ProducerSettings, SettingsError
 from conveyor.producer.app import build
 
@@ -27,7 +25,7 @@ async def run() -> None:
     tracing.configure(service="conveyor-producer")
     app = await build(settings)
     # Queue depths for /metrics, read at scrape time in the exposition thread (a sync client).
-    metrics_redis = sync_redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    metrics_redis = make_sync_redis(settings.redis_url)
     metrics.register_queue_collector(metrics_redis, settings.metrics_max_queues)
     sweeper = QueueSweeper(app.admin_redis, settings.queue_idle_s, settings.queue_sweep_s)
 

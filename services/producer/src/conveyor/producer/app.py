@@ -6,11 +6,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from conveyor.common import server
 from conveyor.common.enqueue import Enqueuer
-from conveyor.common.redis import connect_redis, make_redis
+from conveyor.common.redis import RedisClient, connect_redis, make_redis
 from conveyor.common.schedules import ScheduleStore
 from conveyor.common.scripts import Scripts
 from conveyor.common.settings import ProducerSettings
@@ -43,11 +41,11 @@ class ProducerApp:
     services: list[server.Service]
     watcher: Watcher
     #: Enqueue, GetJob, CancelJob (CONVEYOR_REDIS_POOL_SIZE).
-    redis: aioredis.Redis
+    redis: RedisClient
     #: Watch/WatchQueue replays and checks (CONVEYOR_WATCH_REDIS_POOL_SIZE).
-    watch_redis: aioredis.Redis
+    watch_redis: RedisClient
     #: AdminService and ScheduleService (CONVEYOR_ADMIN_REDIS_POOL_SIZE).
-    admin_redis: aioredis.Redis
+    admin_redis: RedisClient
     #: Runs the Watch/WatchQueue event tails; its health is the server's.
     supervisor: Supervisor
     closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)

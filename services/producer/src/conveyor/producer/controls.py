@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-
+from conveyor.common.redis import RedisClient, register_script
 from conveyor.producer.dead_letters import queue_of
+
+#: Resume in one step (a script, so that it is atomic on a Redis Cluster too, where MULTI is not
+#: offered by redis-py): drop the flag, and wake blocked workers through the signal stream.
+_RESUME = """
+local deleted = redis.call('DEL', KEYS[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 16, '*', 's', 'resume')
+return deleted
+"""
 
 
 class QueueControls:
     """Pause and resume: a flag in Redis (it survives every restart) and a wake-up signal."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
+        self._resume = register_script(redis, _RESUME)
 
     async def pause(self, queue: str) -> bool:
         keys = queue_of(queue)
@@ -19,9 +27,5 @@ class QueueControls:
 
     async def resume(self, queue: str) -> bool:
         keys = queue_of(queue)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.paused)
-            # Blocked workers wait on the signal stream too: they claim at once, not after a poll.
-            pipe.xadd(keys.signal, {"s": "resume"}, maxlen=16, approximate=True)
-            deleted, _ = await pipe.execute()
-        return bool(deleted)
+        # Blocked workers wait on the signal stream too: they claim at once, not after a poll.
+        return bool(await self._resume(keys=[keys.paused, keys.signal]))

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-
 from conveyor.common.codec import decode_event, public_event, public_job, restore_job
 from conveyor.common.errors import FailedPrecondition, InvalidArgument
 from conveyor.common.ids import make_job_id, parse_job_id, parse_stream_id, stream_id_key
 from conveyor.common.keys import QueueKeys, queue_keys
+from conveyor.common.redis import RedisClient
 from conveyor.common.scripts import DEAD_LETTERS_PER_CALL, Scripts
 from conveyor.common.validate import check_queue
 from conveyor.v1 import admin_service_pb2, job_pb2
@@ -39,7 +38,7 @@ def _target(queue: str, job_id: str, all_: bool) -> str:
 class DeadLetters:
     """Operations on the queues' dead-letter streams."""
 
-    def __init__(self, redis: aioredis.Redis, scripts: Scripts) -> None:
+    def __init__(self, redis: RedisClient, scripts: Scripts) -> None:
         self._redis = redis
         self._scripts = scripts
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-
 from conveyor.common.codec import FINAL_STATES, decode_event, public_job, public_result, restore_job
 from conveyor.common.errors import InvalidArgument
 from conveyor.common.ids import parse_job_id
 from conveyor.common.keys import queue_keys
-from conveyor.common.redis import hget
+from conveyor.common.redis import RedisClient, hget
 from conveyor.common.scripts import HELD, Record
 from conveyor.producer.history import History
 from conveyor.v1 import job_pb2
@@ -17,7 +15,7 @@ from conveyor.v1 import job_pb2
 class JobReader:
     """Looks jobs up where they are: Redis while live, PostgreSQL (via History) after."""
 
-    def __init__(self, redis: aioredis.Redis, history: History) -> None:
+    def __init__(self, redis: RedisClient, history: History) -> None:
         self._redis = redis
         self._history = history
 

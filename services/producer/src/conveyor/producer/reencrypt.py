@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from collections import Counter
 
-import redis.asyncio as aioredis
-
 from conveyor.common import crypto
 from conveyor.common.codec import varint
 from conveyor.common.errors import FailedPrecondition
 from conveyor.common.ids import make_job_id
 from conveyor.common.keys import queue_keys
+from conveyor.common.redis import RedisClient, register_script
 from conveyor.common.validate import check_queue
 from conveyor.v1 import admin_service_pb2, event_pb2, job_pb2
 
@@ -44,9 +43,9 @@ def _other_key(data: bytes, active: str) -> str:
 
 
 class RedisReEncryptor:
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self._redis = client
-        self._cas = client.register_script(_COMPARE_AND_SET)
+        self._cas = register_script(client, _COMPARE_AND_SET)
 
     async def run(self, queue: str, encryption: crypto.Encryption) -> admin_service_pb2.ReEncryptResponse:
         check_queue(queue)

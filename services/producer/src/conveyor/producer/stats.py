@@ -8,11 +8,11 @@ call: the Redis part is returned with the reason the rest is missing.
 from __future__ import annotations
 
 import structlog
-from redis import asyncio as aioredis
 
 from conveyor.common.errors import ConveyorError, NotFound
 from conveyor.common.introspection import QueueSnapshot, QueueStatsScript, WorkerDirectory
 from conveyor.common.keys import QUEUES, queue_keys
+from conveyor.common.redis import RedisClient
 from conveyor.common.scripts import LimitsSnapshot, Scripts
 from conveyor.producer.dead_letters import queue_of
 from conveyor.producer.history import History
@@ -59,7 +59,7 @@ class Stats:
         history: The results service client (finished-job counts).
     """
 
-    def __init__(self, redis: aioredis.Redis, history: History) -> None:
+    def __init__(self, redis: RedisClient, history: History) -> None:
         self._redis = redis
         self._history = history
         self._script = QueueStatsScript(redis)

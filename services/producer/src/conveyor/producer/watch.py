@@ -24,16 +24,18 @@ import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from redis.commands.core import AsyncScript
 
 from conveyor.common import faults
 from conveyor.common.codec import FINAL_EVENTS, decode_event, public_event
 from conveyor.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from conveyor.common.ids import parse_job_id, parse_stream_id, stream_id_key
 from conveyor.common.keys import QueueKeys, queue_keys
-from conveyor.common.redis import hget
+from conveyor.common.redis import RedisClient, hget, register_script, xread
 from conveyor.common.scripts import Record, Scripts
 from conveyor.common.supervise import Supervisor
 from conveyor.common.validate import queue_problem
@@ -48,6 +50,19 @@ WATCHER_BUFFER = 10_000
 MAX_WATCHES = 10_000
 #: Events read per XRANGE when a WatchQueue replays.
 _PAGE = 512
+#: The oldest event and the first page of a range, read at one instant (a script rather than MULTI,
+#: which redis-py does not offer on a Redis Cluster). KEYS[1] events  ARGV start, end, count.
+_FIRST_PAGE = """
+return {redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1),
+        redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', ARGV[3])}
+"""
+
+
+def _entries(raw: list[Any]) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Stream entries as a script returns them, shaped as redis-py's XRANGE answers them."""
+    return [(entry_id, dict(zip(fields[::2], fields[1::2], strict=True))) for entry_id, fields in raw]
+
+
 #: Ends a Watch inbox that overflowed.
 _OVERFLOW = None
 
@@ -187,7 +202,7 @@ class EventTail:
     """
 
     def __init__(
-        self, client: aioredis.Redis, keys: QueueKeys, block_ms: int = 5000, supervisor: Supervisor | None = None
+        self, client: RedisClient, keys: QueueKeys, block_ms: int = 5000, supervisor: Supervisor | None = None
     ) -> None:
         self._client = client
         self._keys = keys
@@ -270,7 +285,7 @@ class EventTail:
                     if qsub.boundary is None:
                         qsub.boundary = stream_id_key(self._last_id)
                 self._ready.set()
-            replies = await self._client.xread({self._keys.events: self._last_id}, count=512, block=self._block_ms)
+            replies = await xread(self._client, {self._keys.events: self._last_id}, count=512, block=self._block_ms)
             status.ok()
             for _stream, entries in replies or ():
                 for entry_id, fields in entries:
@@ -313,8 +328,8 @@ class Watcher:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
-        tail_redis: aioredis.Redis,
+        redis: RedisClient,
+        tail_redis: RedisClient,
         scripts: Scripts,
         history: History,
         buffer: int = WATCHER_BUFFER,
@@ -322,6 +337,7 @@ class Watcher:
         supervisor: Supervisor | None = None,
     ) -> None:
         self._redis = redis
+        self._first_page: AsyncScript | None = None  # registered on first use
         self._supervisor = supervisor or Supervisor()
         self._max_watches = max_watches
         #: Watch and WatchQueue streams open now (at most max_watches).
@@ -520,10 +536,10 @@ class Watcher:
         boundary = sub.boundary or (0, 0)
         start = f"({after[0]}-{after[1]}" if after > (0, 0) else "-"
         end = f"{boundary[0]}-{boundary[1]}"
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xrange(keys.events, count=1)
-            pipe.xrange(keys.events, min=start, max=end, count=_PAGE)
-            oldest, entries = await pipe.execute()
+        if self._first_page is None:
+            self._first_page = register_script(self._redis, _FIRST_PAGE)
+        oldest, entries = await self._first_page(keys=[keys.events], args=[start, end, _PAGE])
+        oldest, entries = _entries(oldest), _entries(entries)
         if after_event_id:
             gap = await self._trimmed_gap(keys, after, after_event_id, oldest[0][0].decode() if oldest else "")
             if gap is not None:

@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
 import structlog
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
@@ -32,7 +31,7 @@ from conveyor.common.codec import FINAL_EVENTS, FINAL_STATES, STATE_AFTER_EVENT,
 from conveyor.common.defaults import DEFAULT_RETRY
 from conveyor.common.ids import parse_job_id, ulid_time_ms
 from conveyor.common.keys import QUEUES, RESULTS_GROUP, queue_keys
-from conveyor.common.redis import REDIS_UNAVAILABLE
+from conveyor.common.redis import REDIS_UNAVAILABLE, RedisClient, by_slot, on_slot_of, pipeline
 from conveyor.common.scripts import Scripts
 from conveyor.common.supervise import LoopStatus, Supervisor
 from conveyor.results import pgerrors
@@ -379,7 +378,7 @@ def _trace_write(
 
 
 async def _xreadgroup(
-    client: aioredis.Redis,
+    client: RedisClient,
     consumer: str,
     streams: Iterable[str],
     start: bytes | str,
@@ -390,14 +389,23 @@ async def _xreadgroup(
 
     The command name is sent as bytes, which redis-py finds no reply callback for: the reply is
     returned raw instead of being turned into a dict per entry (a third of the read's cost).
+
+    On a Redis Cluster the streams are read per hash slot (one command each, at once), which is
+    only right without ``block``: Projector._read_blocking runs the blocking reads of several slots.
     """
+    groups = by_slot(client, streams)
+    if len(groups) > 1:
+        replies = await asyncio.gather(*(_xreadgroup(client, consumer, g, start, count, block) for g in groups))
+        return [entry for reply in replies for entry in reply]
+    if not groups:
+        return []
+    keys = groups[0]
     args: list[Any] = [b"XREADGROUP", b"GROUP", RESULTS_GROUP, consumer, b"COUNT", count]
     if block is not None:
         args += [b"BLOCK", block]
-    keys = list(streams)
     args += [b"STREAMS", *keys, *([start] * len(keys))]
-    reply = await client.execute_command(*args)  # type: ignore[no-untyped-call]
-    return reply or []
+    reply = await on_slot_of(client, keys[0], *args)
+    return list(reply or [])
 
 
 class _Backoff:
@@ -447,8 +455,8 @@ class Projector:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
-        blocking: aioredis.Redis,
+        redis: RedisClient,
+        blocking: RedisClient,
         store: Store,
         *,
         consumer: str,
@@ -485,6 +493,8 @@ class Projector:
         self._carry: Carry = {}
         #: stream key -> queue name, for every queue whose group is known to exist.
         self._streams: dict[str, str] = {}
+        #: Redis Cluster: the blocking read of each slot's streams still running (task, when it is overdue).
+        self._slot_reads: dict[tuple[str, ...], tuple[asyncio.Future[list[Any]], float]] = {}
         self._refreshed_at = -1e9
         self._claimed_at = -1e9
         self._trimmed_at: dict[str, float] = {}
@@ -510,6 +520,7 @@ class Projector:
         finally:
             reader.cancel()
             (outcome,) = await asyncio.gather(reader, return_exceptions=True)
+            self._cancel_slot_reads()
             log.info("projector_stopped", consumer=self.consumer, projected=self.projected)
         if isinstance(outcome, Exception):
             # A reader that died of a bug takes the process down (server.serve) rather than idling.
@@ -536,7 +547,9 @@ class Projector:
                     else:
                         log.warning("redis_error", error=str(exc))
                     await _sleep(stop, backoff.next())
-                except _READ_ERRORS as exc:
+                except Exception as exc:
+                    if not isinstance(exc, _READ_ERRORS) and not faults.is_transient(exc):
+                        raise
                     self._reader_status.failed(exc)
                     # A read whose reply was lost left entries pending for this consumer: read them
                     # again now rather than wait claim_idle_ms to claim them back from ourselves.
@@ -561,6 +574,7 @@ class Projector:
         if self._reread_pending:
             # The held-back jobs' entries are pending for this consumer too: the re-read brings them back.
             self._carry.clear()
+            self._cancel_slot_reads()  # their deliveries, if any, are pending: read below
             for stream, queue in list(self._streams.items()):
                 await self._read_pending(queue, stream, out)
             self._reread_pending = False
@@ -583,10 +597,7 @@ class Projector:
             # Held-back jobs are written once their window ends, whether or not anything else arrives.
             due = carry[next(iter(carry))].born + self._defer_s - time.monotonic()
             block_ms = max(1, min(block_ms, int(due * 1000) + 1))
-        async with asyncio.timeout(block_ms / 1000 + READ_GRACE_S):
-            reply = await _xreadgroup(
-                self._blocking, self.consumer, self._streams, ">", self._batch_size, block=block_ms
-            )
+        reply = await self._read_blocking(block_ms)
         if reply:
             batch = Batch(carry)
             for stream, entries in reply:
@@ -611,6 +622,56 @@ class Projector:
         else:
             # Idle: events past the retention still leave Redis (invariant 7), not only after the next batch.
             await self._trim(list(self._streams))
+
+    async def _read_blocking(self, block_ms: int) -> list[Any]:
+        """XREADGROUP ``>`` on every stream, waiting up to ``block_ms`` for something new.
+
+        One server (or every queue in one slot): one read. A Redis Cluster: one blocking read per
+        hash slot, run at once; this returns what the first ones to answer brought, and leaves the
+        others running for the next call (cancelling a read could lose the reply of entries Redis
+        already delivered; they would stay pending until claimed back).
+        """
+        groups = by_slot(self._blocking, self._streams)
+        if len(groups) <= 1:
+            async with asyncio.timeout(block_ms / 1000 + READ_GRACE_S):
+                return await _xreadgroup(
+                    self._blocking, self.consumer, self._streams, ">", self._batch_size, block=block_ms
+                )
+        now = time.monotonic()
+        for group in groups:
+            key = tuple(group)
+            if key not in self._slot_reads:
+                read = _xreadgroup(self._blocking, self.consumer, group, ">", self._batch_size, block=block_ms)
+                self._slot_reads[key] = (asyncio.ensure_future(read), now + block_ms / 1000 + READ_GRACE_S)
+        await asyncio.wait(
+            [task for task, _ in self._slot_reads.values()],
+            timeout=block_ms / 1000,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        reply: list[Any] = []
+        failed: BaseException | None = None
+        now = time.monotonic()
+        for key, (task, deadline) in list(self._slot_reads.items()):
+            if task.done():
+                del self._slot_reads[key]
+                if task.exception() is not None:
+                    failed = failed or task.exception()
+                else:
+                    reply += task.result()
+            elif now > deadline:
+                # A connection that died silently: what it had delivered is pending, and re-read.
+                del self._slot_reads[key]
+                task.cancel()
+                failed = failed or TimeoutError(f"XREADGROUP on {len(key)} streams took longer than its block time")
+        if failed is not None:
+            # What the other reads brought is pending for this consumer: the re-read after the error finds it.
+            raise failed
+        return reply
+
+    def _cancel_slot_reads(self) -> None:
+        for task, _ in self._slot_reads.values():
+            task.cancel()
+        self._slot_reads.clear()
 
     async def _put(self, out: asyncio.Queue[Batch | None], batch: Batch) -> None:
         """Hand ``batch`` to the writer, less the jobs kept back for their outcome (ADR 0020)."""
@@ -747,7 +808,7 @@ class Projector:
                 for queue, jobs in finished.items():
                     await self._scripts.projected(queue_keys(queue), jobs, self._retention_ms)
                 finished = {}
-                async with self._redis.pipeline(transaction=False) as pipe:
+                async with pipeline(self._redis) as pipe:
                     for stream, ids in batch.acks.items():
                         if ids:
                             pipe.xack(stream, RESULTS_GROUP, *ids)

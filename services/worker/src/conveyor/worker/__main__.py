@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 
-import redis as sync_redis
-
 from conveyor.common import crypto, logs, metrics, server, tracing
 from conveyor.common.enqueue import Enqueuer
-from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis
+from conveyor.common.redis import REDIS_UNAVAILABLE, connect_redis, make_redis, make_sync_redis
 from conveyor.common.scripts import Heartbeat, Scripts
 from conveyor.common.settings import WorkerSettings
 from conveyor.worker import isolate
@@ -33,7 +31,7 @@ async def run() -> None:
     redis = await connect_redis(settings.redis_url, wait=True)
     wait_redis = make_redis(settings.redis_url, blocking=True)
     # A synchronous client for the heartbeat thread (it must not share the event loop).
-    beat_redis = sync_redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    beat_redis = make_sync_redis(settings.redis_url)
     scripts = Scripts(redis)
     supervisor = settings.supervisor()
     runner = Runner(redis, wait_redis, scripts, handlers, settings, Heartbeat(beat_redis), supervisor)

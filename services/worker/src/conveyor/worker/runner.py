@@ -19,7 +19,6 @@ from collections.abc import Coroutine
 from importlib import metadata
 from typing import Any
 
-import redis.asyncio as aioredis
 import structlog
 
 from conveyor.common import metrics, tracing
@@ -27,7 +26,7 @@ from conveyor.common.faults import is_transient
 from conveyor.common.ids import ulid_time_ms
 from conveyor.common.introspection import WorkerRegistry
 from conveyor.common.keys import QueueKeys, queue_keys
-from conveyor.common.redis import REDIS_UNAVAILABLE
+from conveyor.common.redis import REDIS_UNAVAILABLE, RedisClient, xread
 from conveyor.common.scripts import Claimed, ClaimResult, Heartbeat, Outcome, Scripts
 from conveyor.common.settings import WorkerSettings
 from conveyor.common.supervise import LoopStatus, Supervisor
@@ -151,8 +150,8 @@ class QueueRunner:
     def __init__(
         self,
         keys: QueueKeys,
-        redis: aioredis.Redis,
-        wait_redis: aioredis.Redis,
+        redis: RedisClient,
+        wait_redis: RedisClient,
         scripts: Scripts,
         handlers: Handlers,
         settings: WorkerSettings,
@@ -248,11 +247,9 @@ class QueueRunner:
         block_ms = int(self._settings.poll_interval_s * 1000)
         if result.next_due_ms is not None:
             block_ms = max(1, min(block_ms, result.next_due_ms - time.time_ns() // 1_000_000 + 1))
-        streams: dict[bytes | str | memoryview, int | bytes | str | memoryview] = {
-            k: v for k, v in result.wait_from.items()
-        }
         try:
-            await self._wait_redis.xread(streams, count=1, block=block_ms)
+            # Every key waited on is of this queue: one hash slot, one command on a cluster too.
+            await xread(self._wait_redis, dict(result.wait_from), count=1, block=block_ms)
         except Exception as exc:
             if not is_transient(exc):
                 raise
@@ -497,8 +494,8 @@ class Runner:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
-        wait_redis: aioredis.Redis,
+        redis: RedisClient,
+        wait_redis: RedisClient,
         scripts: Scripts,
         handlers: Handlers,
         settings: WorkerSettings,

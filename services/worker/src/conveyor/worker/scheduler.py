@@ -14,12 +14,11 @@ import asyncio
 import contextlib
 import time
 
-import redis.asyncio as aioredis
 import structlog
 
 from conveyor.common.enqueue import Enqueuer, enqueue_tick
 from conveyor.common.faults import is_transient
-from conveyor.common.redis import REDIS_UNAVAILABLE
+from conveyor.common.redis import REDIS_UNAVAILABLE, RedisClient, xread
 from conveyor.common.schedules import SCHEDULE_SIGNAL, InFlight, ScheduleStore, Timing
 from conveyor.v1 import schedule_service_pb2
 
@@ -42,9 +41,7 @@ class Scheduler:
         idle_s: Longest sleep when nothing is due (a safety net; changes wake it anyway).
     """
 
-    def __init__(
-        self, redis: aioredis.Redis, wait_redis: aioredis.Redis, enqueuer: Enqueuer, idle_s: float = 30.0
-    ) -> None:
+    def __init__(self, redis: RedisClient, wait_redis: RedisClient, enqueuer: Enqueuer, idle_s: float = 30.0) -> None:
         self._redis = redis
         self._wait_redis = wait_redis
         self._store = ScheduleStore(redis)
@@ -83,7 +80,7 @@ class Scheduler:
                         continue
                     timeout_ms = self._idle_ms if not wake_ms else max(1, min(self._idle_ms, wake_ms - self._now_ms()))
                     read = asyncio.ensure_future(
-                        self._wait_redis.xread({SCHEDULE_SIGNAL: last_signal}, count=100, block=timeout_ms)
+                        xread(self._wait_redis, {SCHEDULE_SIGNAL: last_signal}, count=100, block=timeout_ms)
                     )
                     await asyncio.wait([read, stopper], return_when=asyncio.FIRST_COMPLETED)
                     if not read.done():
