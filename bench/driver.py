@@ -36,8 +36,12 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conveyor.common import auth
 from conveyor.v1 import event_pb2, producer_service_pb2_grpc
 from conveyor.v1 import producer_service_pb2 as p
+
+#: Presented on every call when the services check tokens (run.py passes the bench's CONVEYOR_TOKEN).
+TOKEN = os.environ.get("CONVEYOR_TOKEN", "")
 
 JOB_TYPE = "demo.noop"
 
@@ -195,7 +199,7 @@ async def run_watch(a: argparse.Namespace) -> dict:
     mine = [k for k in range(len(pairs)) if k % a.shards == a.shard]
     # A local subchannel pool per channel: otherwise channels to the same target share one connection.
     channels = [
-        grpc.aio.insecure_channel(a.addr, options=[("grpc.use_local_subchannel_pool", 1), ("bench.channel", k)])
+        auth.dial(a.addr, TOKEN, options=[("grpc.use_local_subchannel_pool", 1), ("bench.channel", k)])
         for k in range(a.channels)
     ]
     try:
@@ -285,7 +289,7 @@ async def main(a: argparse.Namespace) -> dict:
         out = await run_watch(a)
         out.update(mode=a.mode)
         return out
-    async with grpc.aio.insecure_channel(a.addr) as channel:
+    async with auth.dial(a.addr, TOKEN) as channel:
         await wait_healthy(channel, 30.0)
         stub = producer_service_pb2_grpc.ProducerServiceStub(channel)
         if a.warmup:

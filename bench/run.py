@@ -23,6 +23,7 @@ Conveyor's repetitions (same machine, same run), and the table shows ratios.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import math
@@ -115,6 +116,38 @@ SERVICES = ("producer", "worker", "results")
 
 class BenchError(RuntimeError):
     pass
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds ``authorization: Bearer`` to the bench's own unary calls (warm-up, limits)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = [*(details.metadata or ()), self._header]
+        return continuation(
+            _CallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready,
+                         details.compression),
+            request,
+        )  # fmt: skip
+
+
+def dial(addr: str) -> grpc.Channel:
+    """A channel to a service; with CONVEYOR_TOKEN set (services checking tokens: --b-env
+    CONVEYOR_AUTH_TOKENS_FILE=...), every call presents it, as the driver's do."""
+    channel = grpc.insecure_channel(addr)
+    token = os.environ.get("CONVEYOR_TOKEN", "")
+    return grpc.intercept_channel(channel, _Bearer(token)) if token else channel
 
 
 def log(msg: str) -> None:
@@ -378,7 +411,7 @@ class Stack:
 
     def warmup(self, n: int = 100) -> int:
         """Run ``n`` jobs through the whole pipeline (queue discovered, scripts loaded, connections open)."""
-        with grpc.insecure_channel(self.producer_addr) as channel:
+        with dial(self.producer_addr) as channel:
             stub = producer_service_pb2_grpc.ProducerServiceStub(channel)
             jobs = [p.EnqueueRequest(queue=QUEUE, type=JOB_TYPE, payload_json=PAYLOAD) for _ in range(n)]
             stub.EnqueueBatch(p.EnqueueBatchRequest(jobs=jobs), timeout=30)
@@ -388,7 +421,7 @@ class Stack:
 
     def set_loose_limits(self) -> None:
         """Limits on every scope, far above what one machine reaches: checked on every claim, never binding."""
-        with grpc.insecure_channel(self.producer_addr) as channel:
+        with dial(self.producer_addr) as channel:
             admin = admin_service_pb2_grpc.AdminServiceStub(channel)
             second = Duration(seconds=1)
             admin.SetRateLimit(limits_pb2.SetRateLimitRequest(queue=QUEUE, limit=100_000, period=second), timeout=10)
@@ -927,7 +960,7 @@ class Bench:
         with self.stack(worker=True, concurrency=jobs) as st:
             st.warmup(100)
             time.sleep(0.5)
-            with grpc.insecure_channel(st.producer_addr) as channel:
+            with dial(st.producer_addr) as channel:
                 stub = producer_service_pb2_grpc.ProducerServiceStub(channel)
                 req = p.EnqueueRequest(queue=QUEUE, type="demo.sleep", payload_json=payload)
                 req.delay.FromSeconds(delay_s)

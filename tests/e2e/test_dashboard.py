@@ -27,6 +27,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -166,7 +167,10 @@ def browser() -> Iterator[WebDriver]:
 
 
 def wait(driver: WebDriver, within: float = WAIT) -> WebDriverWait[WebDriver]:
-    return WebDriverWait(driver, within, poll_frequency=0.05)
+    # A page that redraws while a condition reads it detaches the node: Chrome then answers "Node
+    # with given id does not belong to the document" (a plain WebDriverException, not a stale
+    # element). Polling again finds the new node; a condition never met still fails at the deadline.
+    return WebDriverWait(driver, within, poll_frequency=0.05, ignored_exceptions=(WebDriverException,))
 
 
 def screenshot(driver: WebDriver, name: str, tmp_path: Path) -> None:
