@@ -138,15 +138,28 @@ async def run_single(stub: producer_service_pb2_grpc.ProducerServiceStub, a: arg
 
 async def run_conc(stub: producer_service_pb2_grpc.ProducerServiceStub, a: argparse.Namespace) -> dict:
     n, c = a.n, a.inflight
+    # --conc-channels > 1: the callers spread over that many connections (as callers in several
+    # services would be), which a producer with several processes shares out between them.
+    channels = [
+        auth.dial(a.addr, TOKEN, options=[("grpc.use_local_subchannel_pool", 1), ("bench.conc", k)])
+        for k in range(a.conc_channels - 1)
+    ]
+    stubs = [stub, *(producer_service_pb2_grpc.ProducerServiceStub(ch) for ch in channels)]
+    for extra in stubs[1:]:
+        await extra.Enqueue(request(a.queue), timeout=a.timeout)  # connected before timing
 
     async def caller(k: int) -> None:
+        mine = stubs[k % len(stubs)]
         for _ in range(n // c + (1 if k < n % c else 0)):
-            await stub.Enqueue(request(a.queue), timeout=a.timeout)
+            await mine.Enqueue(request(a.queue), timeout=a.timeout)
 
     c0, t0 = cpu_s(), time.time()
     await asyncio.gather(*(caller(k) for k in range(c)))
     t1, c1 = time.time(), cpu_s()
-    return {"n": n, "inflight": c, "t0": t0, "t1": t1, "jobs_per_s": n / (t1 - t0), "cpu_s": c1 - c0}
+    for ch in channels:
+        await ch.close()
+    rate = n / (t1 - t0)
+    return {"n": n, "inflight": c, "channels": len(stubs), "t0": t0, "t1": t1, "jobs_per_s": rate, "cpu_s": c1 - c0}
 
 
 async def run_client(stub: producer_service_pb2_grpc.ProducerServiceStub, a: argparse.Namespace) -> dict:
@@ -278,6 +291,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--jobs-file", help="watch mode: JSON list of job ids to watch")
     ap.add_argument("--per-job", type=int, default=5, help="watch mode: streams per job")
     ap.add_argument("--channels", type=int, default=10, help="watch mode: gRPC channels (connections)")
+    ap.add_argument("--conc-channels", type=int, default=1, help="conc mode: connections the callers share")
     ap.add_argument("--controls", action="store_true", help="a priority mix and 100 rate keys")
     ap.add_argument("--shard", type=int, default=0, help="watch mode: which share of the streams this process opens")
     ap.add_argument("--shards", type=int, default=1, help="watch mode: driver processes sharing the streams")

@@ -781,7 +781,8 @@ class Bench:
         return [e2e, lag]
 
     def enqueue_only(self, metric: str, mode: str, n: int, *args: str) -> list[dict]:
-        with self.stack(worker=False) as st:
+        # --a-env applies here too (e.g. CONVEYOR_PRODUCER_PROCESSES=2 for the unary figures).
+        with self.stack(worker=False, extra_env=parse_env(self.a.a_env)) as st:
             # Steady state: the results service knows the queue and is idle (it projects the QUEUED
             # events during the measurement, as it would in production).
             st.warmup(100)
@@ -791,7 +792,7 @@ class Bench:
                 res = d.result(300)
             cpu1, bench1 = st.cpu_ticks(), time.process_time()
         row = {"metric": metric, "value": res["jobs_per_s"], "n": n,
-               **{k: res[k] for k in ("inflight", "batch", "idem", "created") if k in res},
+               **{k: res[k] for k in ("inflight", "batch", "idem", "created", "channels") if k in res},
                **cpu_report(cpu0, cpu1, res["cpu_s"], bench1 - bench0, n)}  # fmt: skip
         if "created" in res and res["created"] != n:
             raise BenchError(f"{metric}: only {res['created']} of {n} jobs were created")
@@ -805,7 +806,8 @@ class Bench:
         return self.enqueue_only("single_jobs_per_s", "single", min(self.a.n, 5000), "--warmup", "20")
 
     def conc(self) -> list[dict]:
-        return self.enqueue_only("concurrent64_jobs_per_s", "conc", self.a.n, "--inflight", "64", "--warmup", "64")
+        return self.enqueue_only("concurrent64_jobs_per_s", "conc", self.a.n, "--inflight", "64", "--warmup", "64",
+                                 "--conc-channels", str(self.a.conc_channels))  # fmt: skip
 
     def client(self) -> list[dict]:
         return self.enqueue_only("client64_jobs_per_s", "client", self.a.n, "--inflight", "64", "--warmup", "64")
@@ -1458,7 +1460,8 @@ def main() -> int:
     ap.add_argument(
         "--a-env",
         default="",
-        help="e2e and controls: KEY=VALUE[,KEY=VALUE] added to every service's environment (the A side)",
+        help="e2e, controls and the enqueue-only figures: KEY=VALUE[,KEY=VALUE] added to every service's "
+        "environment (the A side)",
     )
     ap.add_argument(
         "--b-env",
@@ -1471,6 +1474,7 @@ def main() -> int:
         help="e2e: py-spy record every Python service into DIR (collapsed stacks) and read pg_stat_statements "
         "(slows what it watches: for where the CPU goes, not for speed figures)",
     )
+    ap.add_argument("--conc-channels", type=int, default=1, help="conc: connections the 64 callers share (default 1)")
     ap.add_argument(
         "--watch-drivers", type=int, default=1, help="watch: client processes sharing the 1,000 streams (default 1)"
     )
