@@ -120,6 +120,25 @@ def test_client_chosen_label_values_are_bounded(monkeypatch: pytest.MonkeyPatch)
     assert [bounded(v) for v in ("a", "b", "c", "d", "a", "e")] == ["a", "b", "c", "other", "a", "other"]
 
 
+def test_cached_children_count_into_other_past_the_bound_and_the_cache_stays_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(metrics, "bounded_queue", metrics._Bounded())
+    monkeypatch.setattr(metrics, "bounded_type", metrics._Bounded())
+    monkeypatch.setattr(metrics, "MAX_LABEL_VALUES", 2)
+    monkeypatch.setattr(metrics, "_jobs", {})
+
+    def value(queue: str) -> float:
+        return metrics.JOBS.labels(queue, "bounded-t", "started")._value.get()  # type: ignore[no-any-return]
+
+    other_before = value(metrics.OTHER)
+    for queue in ("bq-1", "bq-2", "bq-3", "bq-4", "bq-1"):
+        metrics.job_started(queue, "bounded-t", None)
+    assert value("bq-1") == 2 and value("bq-2") == 1
+    assert value(metrics.OTHER) == other_before + 2  # bq-3 and bq-4, past the bound
+    assert set(metrics._jobs) == {("bq-1", "bounded-t", "started"), ("bq-2", "bounded-t", "started")}
+
+
 def test_the_default_address_is_beside_the_grpc_port() -> None:
     assert ProducerSettings.from_env({}).metrics_addr == "127.0.0.1:51051"
     assert WorkerSettings.from_env({"CONVEYOR_GRPC_ADDR": "0.0.0.0:50062"}).metrics_addr == "0.0.0.0:51062"

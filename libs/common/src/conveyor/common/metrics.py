@@ -83,9 +83,28 @@ bounded_queue = _Bounded()
 bounded_type = _Bounded()
 
 
+#: Labelled children already made: prometheus_client's labels() validates, locks and builds a
+#: tuple on every call (about 1.5 µs each); a job costs four of them. Label values are bounded
+#: (OTHER past MAX_LABEL_VALUES), so these dicts are too.
+_jobs: dict[tuple[str, str, str], Any] = {}
+_waits: dict[str, Any] = {}
+_durations: dict[tuple[str, str, str], Any] = {}
+
+
+def _job_counter(queue: str, type_: str, event: str) -> Any:
+    key = (queue, type_, event)
+    child = _jobs.get(key)
+    if child is None:
+        q, t = bounded_queue(queue), bounded_type(type_)
+        child = JOBS.labels(q, t, event)
+        if (q, t) == (queue, type_):  # values folded into OTHER are not kept: the dict stays bounded
+            _jobs[key] = child
+    return child
+
+
 def job_event(queue: str, type_: str, event: str, n: int = 1) -> None:
     """Count ``n`` jobs of (queue, type) that had ``event`` (enqueued, started, succeeded...)."""
-    JOBS.labels(bounded_queue(queue), bounded_type(type_), event).inc(n)
+    _job_counter(queue, type_, event).inc(n)
 
 
 #: A final JobState's name in conveyor_jobs_total{event} and conveyor_job_duration_seconds{outcome}.
@@ -94,24 +113,45 @@ OUTCOMES = {4: "retried", 5: "succeeded", 6: "failed", 7: "dead_lettered", 8: "c
 
 def job_started(queue: str, type_: str, wait_s: float | None) -> None:
     """A worker started an attempt; ``wait_s`` is how long a first attempt waited since it was due."""
-    q = bounded_queue(queue)
-    JOBS.labels(q, bounded_type(type_), "started").inc()
+    _job_counter(queue, type_, "started").inc()
     if wait_s is not None:
-        WAIT_SECONDS.labels(q).observe(wait_s)
+        child = _waits.get(queue)
+        if child is None:
+            q = bounded_queue(queue)
+            child = WAIT_SECONDS.labels(q)
+            if q == queue:
+                _waits[queue] = child
+        child.observe(wait_s)
 
 
 def job_ended(queue: str, type_: str, state: int, seconds: float) -> None:
     """A worker's attempt ended in ``state`` (a JobState) after ``seconds`` of handler time."""
     outcome = OUTCOMES.get(state, "other")
-    q, t = bounded_queue(queue), bounded_type(type_)
-    JOBS.labels(q, t, outcome).inc()
-    HANDLER_SECONDS.labels(q, t, outcome).observe(seconds)
+    _job_counter(queue, type_, outcome).inc()
+    key = (queue, type_, outcome)
+    child = _durations.get(key)
+    if child is None:
+        q, t = bounded_queue(queue), bounded_type(type_)
+        child = HANDLER_SECONDS.labels(q, t, outcome)
+        if (q, t) == (queue, type_):
+            _durations[key] = child
+    child.observe(seconds)
+
+
+_rpcs: dict[tuple[str, grpc.StatusCode], Any] = {}
+_rpc_seconds: dict[str, Any] = {}
 
 
 def rpc_finished(method: str, code: grpc.StatusCode, seconds: float) -> None:
-    """Count one served call (method names are the server's own: bounded)."""
-    RPCS.labels(method, code.name).inc()
-    RPC_SECONDS.labels(method).observe(seconds)
+    """Count one served call (method names are the server's own: bounded, and so are these caches)."""
+    counter = _rpcs.get((method, code))
+    if counter is None:
+        counter = _rpcs[(method, code)] = RPCS.labels(method, code.name)
+    counter.inc()
+    timer = _rpc_seconds.get(method)
+    if timer is None:
+        timer = _rpc_seconds[method] = RPC_SECONDS.labels(method)
+    timer.observe(seconds)
 
 
 def serve(addr: str) -> Callable[[], None] | None:
