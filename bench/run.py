@@ -959,7 +959,8 @@ class Bench:
         jobs, per_job, channels, delay_s = 200, 5, 10, 6
         drivers = self.a.watch_drivers
         payload = json.dumps({"seconds": 3, "steps": 10}).encode()
-        with self.stack(worker=True, concurrency=jobs) as st:
+        # --a-env reaches it too (CONVEYOR_PRODUCER_PROCESSES=2: the streams spread over two processes).
+        with self.stack(worker=True, concurrency=jobs, extra_env=parse_env(self.a.a_env)) as st:
             st.warmup(100)
             time.sleep(0.5)
             with dial(st.producer_addr) as channel:
@@ -1016,6 +1017,7 @@ class Bench:
             "events_replayed": total["events_replayed"], "errors": total["errors"],
             "first_errors": [e for r in results for e in r["first_errors"]][:5],
             "jobs": jobs, "per_job": per_job, "channels": channels, "delay_s": delay_s, "drivers": drivers,
+            "a_env": self.a.a_env,
             "watch_wall_s": max(r["t1"] for r in results) - min(r["t0"] for r in results),
             "producer_cpu_us_per_event": cpu["cpu_us_per_job"]["producer"],
             "producer_live_cpu_us_per_event": round(live_s["producer"] / total["events_live"] * 1e6, 2),
@@ -1024,7 +1026,8 @@ class Bench:
             "live_cpu_s": {k: round(v, 3) for k, v in live_s.items()},
             "method": "one worker (concurrency 200), 200 demo.sleep jobs (3 s, 10 steps) enqueued with a "
             f"{delay_s} s delay; {drivers} driver process(es) open 5 Watch streams per job (1,000 in all, on the "
-            f"one producer) over {channels} channels in all; latency = client time.time() on receipt - Redis "
+            f"producer, {self.a.a_env or 'one process'}) over {channels} channels in all; "
+            "latency = client time.time() on receipt - Redis "
             "time of the event id, live events only (event time later than the stream's first message); CPU "
             "over the drivers' run per event received, and the producer's CPU from 0.3 s before the jobs run "
             "per live event (producer_live_cpu_us_per_event)",
