@@ -100,6 +100,10 @@ def _timeouts(blocking: bool) -> dict[str, Any]:
     }
 
 
+#: Longest wait of a call for a free pooled connection (make_redis), in seconds.
+POOL_WAIT_S = 5.0
+
+
 def make_redis(url: str, *, blocking: bool = False, max_connections: int = 64) -> RedisClient:
     """A client for ``url`` returning bytes: one server, or a cluster for ``redis+cluster://`` URLs.
 
@@ -123,17 +127,19 @@ def make_redis(url: str, *, blocking: bool = False, max_connections: int = 64) -
             **options,
         )
         return cast(RedisCluster, cluster)
-    client = aioredis.Redis.from_url(
-        url,
-        max_connections=max_connections,
-        **_timeouts(blocking),
-        # No transparent retries. A command whose connection broke may have run (Redis stopping
-        # right after it, a cut network): sending a script such as enqueue or claim again would
-        # run it twice. Callers see the error: RPCs answer UNAVAILABLE, loops back off and retry
-        # what is safe to retry. (The sync redis.retry.Retry this used to pass never retried
-        # anything on the asyncio client: its call_with_retry does not await.)
+    # A blocking pool: a call that finds every connection busy waits up to POOL_WAIT_S for one
+    # (backpressure) instead of failing at once with "Too many connections" (a burst of Watch
+    # replays did that to callers, as UNAVAILABLE). Still busy after the wait: ConnectionError.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=POOL_WAIT_S, **_timeouts(blocking)
     )
-    return cast(aioredis.Redis, client)
+    # No transparent retries. A command whose connection broke may have run (Redis stopping right
+    # after it, a cut network): sending a script such as enqueue or claim again would run it twice.
+    # Callers see the error: RPCs answer UNAVAILABLE, loops back off and retry what is safe to
+    # retry. (redis-py 5's asyncio client retries nothing unless given a Retry.) from_pool: the
+    # client owns the pool, so aclose() closes its connections.
+    client = aioredis.Redis.from_pool(pool)
+    return client
 
 
 def register_script(client: RedisClient, source: str) -> AsyncScript:
