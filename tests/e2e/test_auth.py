@@ -11,13 +11,11 @@ import asyncio
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import psycopg
 import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -35,6 +33,7 @@ from conveyor.v1 import (
     results_service_pb2,
     results_service_pb2_grpc,
 )
+from tests.support.databases import fresh_database
 from tests.support.processes import ServiceProcess
 from tests.support.wait import wait_until
 
@@ -64,10 +63,7 @@ def stack(pg_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -
         # What the producer itself presents to the results service.
         + auth.entry_for(tokens["service"], "producer-service", Role.READER)
     )
-    database = f"auth_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server.url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{database}"')
-    database_url = pg_server.url.rsplit("/", 1)[0] + f"/{database}"
+    database_url = fresh_database(pg_server, "auth")
     with RedisServer() as redis_server:
         common = {"REDIS_URL": redis_server.url, "CONVEYOR_AUTH_TOKENS_FILE": str(token_file)}
         processes: list[ServiceProcess] = []

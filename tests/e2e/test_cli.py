@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from conveyor.common.devstack.servers import PostgresServer, RedisServer
+from tests.support.databases import fresh_database
 from tests.support.processes import ServiceProcess
 from tests.support.wait import wait_until
 
@@ -56,10 +56,7 @@ class Cli:
 
 @pytest.fixture(scope="module")
 def cli(pg_server: PostgresServer) -> Iterator[Cli]:
-    database = f"cli_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server.url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{database}"')
-    database_url = pg_server.url.rsplit("/", 1)[0] + f"/{database}"
+    database_url = fresh_database(pg_server, "cli")
     with RedisServer() as redis_server:
         common = {"REDIS_URL": redis_server.url}
         processes: list[ServiceProcess] = []

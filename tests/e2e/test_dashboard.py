@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import pytest
 from selenium import webdriver
 from selenium.common.exceptions import WebDriverException
@@ -35,6 +34,7 @@ from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from conveyor.common.devstack.servers import PostgresServer, RedisServer, free_port
+from tests.support.databases import fresh_database
 from tests.support.processes import ServiceProcess
 from tests.support.wait import wait_until
 
@@ -122,10 +122,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(pg_server: PostgresServer) -> Iterator[Stack]:
-    database = f"dash_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server.url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{database}"')
-    database_url = pg_server.url.rsplit("/", 1)[0] + f"/{database}"
+    database_url = fresh_database(pg_server, "dash")
     with RedisServer() as redis_server:
         common = {"REDIS_URL": redis_server.url}
         processes: list[ServiceProcess] = []

@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from conveyor.common import crypto
 from conveyor.common.devstack.servers import PostgresServer, RedisServer, free_port
 from conveyor.results.store import unpack_events
 from conveyor.v1 import event_pb2, job_pb2, producer_service_pb2, producer_service_pb2_grpc
+from tests.support.databases import fresh_database
 from tests.support.processes import ServiceProcess
 from tests.support.wait import wait_until
 
@@ -139,14 +139,12 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(pg_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    database = f"crypt_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server.url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{database}"')
+    database_url = fresh_database(pg_server, "crypt")
     tmp = tmp_path_factory.mktemp("crypt")
     keyring_file = tmp / "keyring"
     keyring_file.write_text(crypto.new_key_entry("old") + "\n")
     with RedisServer() as redis_server:
-        s = Stack(redis_server.url, pg_server.url.rsplit("/", 1)[0] + f"/{database}", keyring_file, tmp)
+        s = Stack(redis_server.url, database_url, keyring_file, tmp)
         try:
             s.start_all()
             yield s

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import psycopg
 import pytest
 
 from conveyor.common.client import ConveyorClient
@@ -18,6 +16,7 @@ from conveyor.common.devstack.servers import PostgresServer, RedisServer
 from conveyor.common.keys import queue_keys
 from conveyor.common.redis import make_redis
 from conveyor.v1 import event_pb2, job_pb2, results_service_pb2, results_service_pb2_grpc
+from tests.support.databases import fresh_database
 from tests.support.processes import ServiceProcess
 from tests.support.wait import wait_for, wait_until
 
@@ -39,10 +38,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(pg_server: PostgresServer) -> Iterator[Stack]:
-    database = f"e2e_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server.url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{database}"')
-    database_url = pg_server.url.rsplit("/", 1)[0] + f"/{database}"
+    database_url = fresh_database(pg_server, "e2e")
     with RedisServer() as redis_server:
         common = {"REDIS_URL": redis_server.url, "CONVEYOR_RETENTION_SECONDS": RETENTION}
         processes: list[ServiceProcess] = []

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import psycopg
 import pytest
 
 from conveyor.common.devstack.servers import PostgresServer, RedisServer
+from tests.support.databases import fresh_database
 from tests.support.processes import ServiceProcess
 
 QUEUE = "faults"
@@ -31,10 +30,7 @@ class FaultStack:
 @pytest.fixture(scope="module")
 def fault_stack(pg_server: PostgresServer, request: pytest.FixtureRequest) -> Iterator[FaultStack]:
     retention = str(getattr(request.module, "RETENTION_SECONDS", "60"))
-    database = f"faults_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server.url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{database}"')
-    database_url = pg_server.url.rsplit("/", 1)[0] + f"/{database}"
+    database_url = fresh_database(pg_server, "faults")
     with RedisServer() as redis_server:
         common = {"REDIS_URL": redis_server.url, "CONVEYOR_RETENTION_SECONDS": retention}
         results = ServiceProcess("results", {**common, "DATABASE_URL": database_url})

@@ -28,6 +28,7 @@ from conveyor.common.metrics import QueueCollector
 from conveyor.common.queue_registry import QueueRegistry, QueueSweeper
 from conveyor.common.redis import RedisConfigError, connect_redis, make_redis, make_sync_redis
 from conveyor.v1 import event_pb2, job_pb2
+from tests.support.databases import fresh_database
 from tests.support.processes import ServiceProcess
 from tests.support.redis_cluster import RedisClusterServer
 from tests.support.wait import wait_for
@@ -71,10 +72,7 @@ def _spread_queues(cluster: RedisClusterServer) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def cluster_stack(pg_server: PostgresServer) -> Iterator[ClusterStack]:
-    database = f"cluster_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server.url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{database}"')
-    database_url = pg_server.url.rsplit("/", 1)[0] + f"/{database}"
+    database_url = fresh_database(pg_server, "cluster")
     with RedisClusterServer() as cluster:
         queues = _spread_queues(cluster)
         common = {"REDIS_URL": cluster.url, "CONVEYOR_RETENTION_SECONDS": "60"}

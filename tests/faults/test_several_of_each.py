@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from conveyor.common.keys import queue_keys
 from conveyor.common.redis import make_redis
 from conveyor.common.schedules import tick_idempotency_key
 from conveyor.v1 import event_pb2, job_pb2, producer_service_pb2, producer_service_pb2_grpc
+from tests.support.databases import fresh_database
 from tests.support.processes import ServiceProcess
 from tests.support.wait import wait_for
 
@@ -47,10 +47,7 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(pg_server: PostgresServer) -> Iterator[Fleet]:
-    database = f"fleet_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server.url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{database}"')
-    database_url = pg_server.url.rsplit("/", 1)[0] + f"/{database}"
+    database_url = fresh_database(pg_server, "fleet")
     with RedisServer(appendonly=True) as redis_server:
         common = {"REDIS_URL": redis_server.url, "CONVEYOR_RETENTION_SECONDS": "120"}
         results = [
