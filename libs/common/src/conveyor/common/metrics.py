@@ -85,26 +85,27 @@ bounded_type = _Bounded()
 
 #: Labelled children already made: prometheus_client's labels() validates, locks and builds a
 #: tuple on every call (about 1.5 µs each); a job costs four of them. Label values are bounded
-#: (OTHER past MAX_LABEL_VALUES), so these dicts are too.
-_jobs: dict[tuple[str, str, str], Any] = {}
-_waits: dict[str, Any] = {}
-_durations: dict[tuple[str, str, str], Any] = {}
+#: (OTHER past MAX_LABEL_VALUES), and only unfolded ones are kept, so these dicts are too.
+_jobs: dict[tuple[str | None, ...], Any] = {}
+_waits: dict[tuple[str | None, ...], Any] = {}
+_durations: dict[tuple[str | None, ...], Any] = {}
 
 
-def _job_counter(queue: str, type_: str, event: str) -> Any:
-    key = (queue, type_, event)
-    child = _jobs.get(key)
+def _child(cache: dict[tuple[str | None, ...], Any], metric: Any, queue: str, type_: str | None, *fixed: str) -> Any:
+    """``metric``'s child for (queue, type, *fixed) with the client-chosen values bounded; cached."""
+    key = (queue, type_, *fixed)
+    child = cache.get(key)
     if child is None:
-        q, t = bounded_queue(queue), bounded_type(type_)
-        child = JOBS.labels(q, t, event)
-        if (q, t) == (queue, type_):  # values folded into OTHER are not kept: the dict stays bounded
-            _jobs[key] = child
+        values = [bounded_queue(queue)] if type_ is None else [bounded_queue(queue), bounded_type(type_)]
+        child = metric.labels(*values, *fixed)
+        if values == [v for v in (queue, type_) if v is not None]:  # folded into OTHER: not kept
+            cache[key] = child
     return child
 
 
 def job_event(queue: str, type_: str, event: str, n: int = 1) -> None:
     """Count ``n`` jobs of (queue, type) that had ``event`` (enqueued, started, succeeded...)."""
-    _job_counter(queue, type_, event).inc(n)
+    _child(_jobs, JOBS, queue, type_, event).inc(n)
 
 
 #: A final JobState's name in conveyor_jobs_total{event} and conveyor_job_duration_seconds{outcome}.
@@ -113,29 +114,16 @@ OUTCOMES = {4: "retried", 5: "succeeded", 6: "failed", 7: "dead_lettered", 8: "c
 
 def job_started(queue: str, type_: str, wait_s: float | None) -> None:
     """A worker started an attempt; ``wait_s`` is how long a first attempt waited since it was due."""
-    _job_counter(queue, type_, "started").inc()
+    _child(_jobs, JOBS, queue, type_, "started").inc()
     if wait_s is not None:
-        child = _waits.get(queue)
-        if child is None:
-            q = bounded_queue(queue)
-            child = WAIT_SECONDS.labels(q)
-            if q == queue:
-                _waits[queue] = child
-        child.observe(wait_s)
+        _child(_waits, WAIT_SECONDS, queue, None).observe(wait_s)
 
 
 def job_ended(queue: str, type_: str, state: int, seconds: float) -> None:
     """A worker's attempt ended in ``state`` (a JobState) after ``seconds`` of handler time."""
     outcome = OUTCOMES.get(state, "other")
-    _job_counter(queue, type_, outcome).inc()
-    key = (queue, type_, outcome)
-    child = _durations.get(key)
-    if child is None:
-        q, t = bounded_queue(queue), bounded_type(type_)
-        child = HANDLER_SECONDS.labels(q, t, outcome)
-        if (q, t) == (queue, type_):
-            _durations[key] = child
-    child.observe(seconds)
+    _child(_jobs, JOBS, queue, type_, outcome).inc()
+    _child(_durations, HANDLER_SECONDS, queue, type_, outcome).observe(seconds)
 
 
 _rpcs: dict[tuple[str, grpc.StatusCode], Any] = {}

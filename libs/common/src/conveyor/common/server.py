@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -326,8 +327,17 @@ def run_process(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 
 def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    try:
+    with exit_codes():
         asyncio.run(main())
+
+
+@contextlib.contextmanager
+def exit_codes() -> Iterator[None]:
+    """Turn why a service cannot run into its exit code and one line, never a traceback: 98 for a
+    taken address, 75 for loops failing too long, 78 for a setting to fix (a variable, the token
+    file, a certificate, the keyring)."""
+    try:
+        yield
     except AddressInUse as exc:
         log.error("address_in_use", addr=exc.addr, error=exc.strerror)
         sys.stderr.write(f"error: {exc.strerror}\n")
@@ -336,7 +346,5 @@ def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         # Logged by the supervisor; a non-zero exit makes the orchestrator restart us.
         raise SystemExit(EXIT_LOOPS_FAILING) from None
     except (SettingsError, TokenFileError, TLSConfigError, KeyringError) as exc:
-        # A configuration mistake (a variable, the token file, a certificate, the keyring): one line
-        # saying what to fix, no traceback.
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(EXIT_BAD_SETTING) from None

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import sys
 
 from conveyor.common import crypto, logs, metrics, server, tracing
 from conveyor.common.auth import Authorizer
 from conveyor.common.process_group import ProcessGroup
 from conveyor.common.queue_registry import QueueSweeper
 from conveyor.common.redis import REDIS_UNAVAILABLE, make_sync_redis
-from conveyor.common.settings import ProducerSettings, SettingsError
+from conveyor.common.settings import ProducerSettings
 from conveyor.producer.app import build
 
 
-async def run() -> None:
-    settings = ProducerSettings.from_env()
-    # The keyring (ADR 0025): a bad one stops the start with one line saying what is wrong (exit 78).
-    crypto.configure_from_env()
+async def run(settings: ProducerSettings) -> None:
     # Read the token file now: a wrong one stops the start with one line saying what is wrong.
     authorizer = Authorizer.from_path(settings.auth_tokens_file)
     logs.configure(service="producer", level=settings.log_level, fmt=settings.log_format)
@@ -51,21 +47,18 @@ async def run() -> None:
 
 
 def main() -> None:
-    try:
+    with server.exit_codes():
         settings = ProducerSettings.from_env()
-        crypto.Encryption.from_env()  # a bad keyring stops a process group before it starts members
-    except (SettingsError, crypto.KeyringError) as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        raise SystemExit(server.EXIT_BAD_SETTING) from None
-    if settings.processes > 1 and settings.process_index < 0:
-        # The group's parent: it serves nothing itself, it runs and watches the members.
-        logs.configure(service="producer", level=settings.log_level, fmt=settings.log_format)
-        if server.address_in_use(settings.grpc_addr):
-            sys.stderr.write(f"error: {server.AddressInUse(settings.grpc_addr).strerror}\n")
-            raise SystemExit(server.EXIT_ADDRESS_IN_USE)
-        group = ProcessGroup("conveyor.producer", settings.processes, grace_s=settings.shutdown_grace_s)
-        raise SystemExit(group.run())
-    server.run_process(run)
+        # The keyring (ADR 0025): a bad one stops the start, a group's before it starts members.
+        crypto.configure_from_env()
+        if settings.processes > 1 and settings.process_index < 0:
+            # The group's parent: it serves nothing itself, it runs and watches the members.
+            logs.configure(service="producer", level=settings.log_level, fmt=settings.log_format)
+            if server.address_in_use(settings.grpc_addr):
+                raise server.AddressInUse(settings.grpc_addr)
+            group = ProcessGroup("conveyor.producer", settings.processes, grace_s=settings.shutdown_grace_s)
+            raise SystemExit(group.run())
+    server.run_process(functools.partial(run, settings))
 
 
 if __name__ == "__main__":
