@@ -7,7 +7,6 @@ for its configuration stops the group with its exit code.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -42,12 +41,7 @@ def _metrics_base_port() -> int:
 
 def _members(producer: ServiceProcess) -> dict[int, int]:
     """Index -> pid of the newest start of each member, from the group's log."""
-    found: dict[int, int] = {}
-    for line in producer.log_text().splitlines():
-        if '"member_started"' in line:
-            record = json.loads(line)
-            found[int(record["index"])] = int(record["pid"])
-    return found
+    return {int(record["index"]): int(record["pid"]) for record in producer.records("member_started")}
 
 
 def _enqueues(port: int) -> int:

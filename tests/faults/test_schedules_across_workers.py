@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -14,7 +13,7 @@ from conveyor.common.redis import make_redis
 from conveyor.common.schedules import tick_idempotency_key
 from conveyor.v1 import job_pb2
 from tests.faults.conftest import FaultStack, StartWorker
-from tests.support.processes import ServiceProcess
+from tests.support.schedules import ticks_fired
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -28,17 +27,6 @@ async def _tick_keys(stack: FaultStack) -> list[str]:
     finally:
         await client.aclose()
     return [job_pb2.Job.FromString(fields[b"d"]).idempotency_key for _, fields in entries]
-
-
-def _fired_by(worker: ServiceProcess, schedule_id: str, created_only: bool = True) -> int:
-    """Enqueues of ticks the worker made (``created_only``: those that made a new job)."""
-    count = 0
-    for line in worker.log_text().splitlines():
-        if '"schedule_fired"' in line:
-            record = json.loads(line)
-            if record.get("schedule_id") == schedule_id and (record.get("created") is True or not created_only):
-                count += 1
-    return count
 
 
 async def test_four_workers_one_job_per_tick_even_when_one_dies(
@@ -69,11 +57,11 @@ async def test_four_workers_one_job_per_tick_even_when_one_dies(
     first = int(start.timestamp() * 1000)
     keys = await _tick_keys(fault_stack)
     assert keys == [tick_idempotency_key("every-second", first + k * 1000) for k in range(10)]
-    creators = [_fired_by(w, "every-second") for w in workers]
+    creators = [ticks_fired(w, "every-second") for w in workers]
     assert sum(creators) == 10, creators
     # The claim, not only the idempotency key, keeps ticks single: each tick was enqueued once
     # (one more at most: a tick the killed worker claimed and another finished after the lease).
-    assert sum(_fired_by(w, "every-second", created_only=False) for w in workers) <= 11
+    assert sum(ticks_fired(w, "every-second", created_only=False) for w in workers) <= 11
 
 
 async def test_four_workers_ten_seconds_then_delete_stops_it(
@@ -106,8 +94,8 @@ async def test_four_workers_ten_seconds_then_delete_stops_it(
     assert mine(await _tick_keys(fault_stack)) == at_delete  # nothing after the delete returned
     # The producer's delete finishes a tick that was in flight when it came in (its log counts too).
     processes = [*workers, fault_stack.producer]
-    assert sum(_fired_by(w, "ten-seconds") for w in processes) == len(at_delete)
+    assert sum(ticks_fired(w, "ten-seconds") for w in processes) == len(at_delete)
     # Each tick was claimed by one process and enqueued once, not merely deduplicated by its key
     # (one more at most: the delete finishing a tick whose claimer had not enqueued it yet).
-    assert sum(_fired_by(w, "ten-seconds", created_only=False) for w in processes) <= len(at_delete) + 1
+    assert sum(ticks_fired(w, "ten-seconds", created_only=False) for w in processes) <= len(at_delete) + 1
     assert len(await _tick_keys(fault_stack)) - len(before) == len(at_delete)

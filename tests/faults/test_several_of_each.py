@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from conveyor.common.schedules import tick_idempotency_key
 from conveyor.v1 import event_pb2, job_pb2, producer_service_pb2, producer_service_pb2_grpc
 from tests.support.databases import fresh_database
 from tests.support.processes import ServiceProcess
+from tests.support.schedules import ticks_fired
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -138,16 +138,6 @@ async def test_a_watch_resumes_on_another_producer_without_gap_or_repeat(fleet: 
     fleet.producers[0].start()
 
 
-def _fired(worker: ServiceProcess, schedule_id: str) -> int:
-    return sum(
-        1
-        for line in worker.log_text().splitlines()
-        if '"schedule_fired"' in line
-        and (record := json.loads(line)).get("schedule_id") == schedule_id
-        and record.get("created") is True
-    )
-
-
 async def test_every_schedule_tick_fires_once_across_four_workers(fleet: Fleet) -> None:
     start = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
     end = start + timedelta(seconds=5)  # ticks at start, start+1 s, ..., start+5 s: six
@@ -169,7 +159,7 @@ async def test_every_schedule_tick_fires_once_across_four_workers(fleet: Fleet) 
     keys = [job_pb2.Job.FromString(fields[b"d"]).idempotency_key for _, fields in entries]
     first = int(start.timestamp() * 1000)
     assert keys == [tick_idempotency_key("fleet-ticks", first + k * 1000) for k in range(6)]
-    assert sum(_fired(w, "fleet-ticks") for w in fleet.workers) == 6
+    assert sum(ticks_fired(w, "fleet-ticks") for w in fleet.workers) == 6
 
 
 async def _enqueue_anywhere(clients: list[ConveyorClient], n: int, accepted: dict[str, str]) -> None:
@@ -262,12 +252,4 @@ async def test_killing_one_of_each_under_load_loses_and_repeats_nothing(fleet: F
 
 def _pruned(process: ServiceProcess) -> int:
     """Jobs the process's prune loop says it deleted."""
-    count = 0
-    for line in process.log_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("event") == "pruned":
-            count += int(record["jobs"])
-    return count
+    return sum(int(record["jobs"]) for record in process.records("pruned"))

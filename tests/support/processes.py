@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -82,6 +84,20 @@ class ServiceProcess:
 
     def log_text(self) -> str:
         return self._log.read_text(errors="replace")
+
+    def records(self, event: str) -> list[dict[str, Any]]:
+        """The JSON log records of ``event`` this process wrote, in order (other lines skipped)."""
+        found = []
+        for line in self.log_text().splitlines():
+            if f'"{event}"' not in line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == event:
+                found.append(record)
+        return found
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
