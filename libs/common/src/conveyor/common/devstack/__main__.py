@@ -343,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         help="producer processes sharing its port (CONVEYOR_PRODUCER_PROCESSES; default: 2 on 2+ cores)",
     )
     args = parser.parse_args(argv)
+    producers = max(1, args.producers)
 
     stop = threading.Event()
 
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                 producer,
                 {
                     "CONVEYOR_RESULTS_ADDR": results,
-                    "CONVEYOR_PRODUCER_PROCESSES": str(max(1, args.producers)),
+                    "CONVEYOR_PRODUCER_PROCESSES": str(producers),
                     **checked,
                 },
             ),
@@ -417,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_addr = metrics_addr_beside(addr)
             if module == "conveyor.producer":
                 # Each producer process serves its own /metrics: member i on the port + 100 x i.
-                for i in range(max(1, args.producers)):
+                for i in range(producers):
                     member = metrics_addr_for_member(metrics_addr, i)
                     metrics_urls.append((name if i == 0 else f"{name} #{i + 1}", member))
             elif module != "conveyor.dashboard":  # HTTP pages, no /metrics
