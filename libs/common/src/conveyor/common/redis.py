@@ -138,8 +138,7 @@ def make_redis(url: str, *, blocking: bool = False, max_connections: int = 64) -
     # Callers see the error: RPCs answer UNAVAILABLE, loops back off and retry what is safe to
     # retry. (redis-py 5's asyncio client retries nothing unless given a Retry.) from_pool: the
     # client owns the pool, so aclose() closes its connections.
-    client = aioredis.Redis.from_pool(pool)
-    return client
+    return aioredis.Redis.from_pool(pool)
 
 
 def register_script(client: RedisClient, source: str) -> AsyncScript:
