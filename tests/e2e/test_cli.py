@@ -185,7 +185,9 @@ def test_history_lists_and_stats(cli: Cli) -> None:
 
 
 def test_jobs_where_on_payload_fields_and_labels(cli: Cli) -> None:
-    run = uuid.uuid4().hex[:8]  # only this test's jobs carry it
+    # Only this test's jobs carry it. Not bare hex: "where" reads "8e870111" as a number (an
+    # infinite one, refused) and "12345678" as one too, which no string payload value equals.
+    run = f"run-{uuid.uuid4().hex[:8]}"
     gold = cli.enqueue(
         "demo.echo", {"run": run, "customer": {"id": 42, "tier": "gold"}, "total": 120}, "--label", "team=billing"
     )
