@@ -237,6 +237,9 @@ class Stack:
     #: Extra environment of every service (the B side of a paired comparison, --b-env).
     extra_env: dict[str, str] = field(default_factory=dict)
     profile: bool = False
+    #: The interpreter the services run under: another checkout's venv runs that checkout's code
+    #: (its editable installs), the other side of a paired before/after of a code change.
+    python: str = PY
     services: dict[str, Service] = field(default_factory=dict)
     redis_server: RedisServer | None = None
     pg_server: PostgresServer | None = None
@@ -291,7 +294,7 @@ class Stack:
         metrics_addr = "off" if env.get("CONVEYOR_METRICS_ADDR") == "off" else f"127.0.0.1:{free_port()}"
         with log_path.open("ab") as out:
             proc = subprocess.Popen(
-                [PY, "-m", f"conveyor.{name}"],
+                [self.python, "-m", f"conveyor.{name}"],
                 env={**env, "CONVEYOR_GRPC_ADDR": addr, "CONVEYOR_METRICS_ADDR": metrics_addr, **extra},
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 cwd=ROOT, start_new_session=True,
@@ -694,16 +697,24 @@ class Bench:
 
     def e2e_b(self) -> list[dict]:
         """e2e with --b-env added to every service's environment: the B side of a paired before/after."""
-        rows = self.e2e(extra_env=parse_env(self.a.b_env), tag="b")
+        rows = self.e2e(extra_env=parse_env(self.a.b_env), tag="b", python=self.a.b_python)
+        label = " ".join(x for x in (self.a.b_env, self.a.b_python and f"python={self.a.b_python}") if x)
         return [
-            dict(rows[0], metric="e2e_b_jobs_per_s", b_env=self.a.b_env),
+            dict(rows[0], metric="e2e_b_jobs_per_s", b_env=label),
             dict(rows[1], metric="projection_lag_b_ms"),
         ]
 
-    def e2e(self, controls: bool = False, extra_env: dict[str, str] | None = None, tag: str = "a") -> list[dict]:
+    def e2e(
+        self,
+        controls: bool = False,
+        extra_env: dict[str, str] | None = None,
+        tag: str = "a",
+        python: str | None = None,
+    ) -> list[dict]:
         n = self.a.n
         env = parse_env(self.a.a_env) if extra_env is None else extra_env
-        with self.stack(worker=True, extra_env=env, profile=bool(self.a.profile)) as st:
+        python = python or self.a.a_python or PY
+        with self.stack(worker=True, extra_env=env, profile=bool(self.a.profile), python=python) as st:
             warm = st.warmup(100)
             extra: tuple[str, ...] = ()
             if controls:
@@ -765,6 +776,7 @@ class Bench:
             "redis_per_job": redis_calls,
             "pg_per_job": pg_calls,
             **({"a_env": self.a.a_env} if self.a.a_env and extra_env is None else {}),
+            **({"python": python} if python != PY else {}),
             **({"profiles": profiles} if profiles else {}),
             **cpu_report(cpu0, cpu1, res["cpu_s"], bench1 - bench0, n),
         }
@@ -1311,7 +1323,8 @@ def print_b_pairs(rows: list[dict]) -> None:
         xs = [f(a, b) for a, b in pairs]
         return f"{statistics.median(xs):6.3f}  ({min(xs):.2f}-{max(xs):.2f})"
 
-    b_env, a_env = pairs[0][1].get("b_env"), pairs[0][0].get("a_env") or "defaults"
+    b_env = pairs[0][1].get("b_env")
+    a_env = " ".join(x for x in (pairs[0][0].get("a_env"), pairs[0][0].get("python")) if x) or "defaults"
     print(f"\nB ({b_env}) / A ({a_env}), paired by repetition ({len(pairs)} pairs): median (min-max) of ratios")
     print(f"  e2e throughput          {med(lambda a, b: b['value'] / a['value'])}")
     for name in pairs[0][0]["cpu_us_per_job"]:
@@ -1472,6 +1485,18 @@ def main() -> int:
         help="e2e_b: KEY=VALUE[,KEY=VALUE] added to every service's environment, paired with e2e per repetition",
     )
     ap.add_argument(
+        "--a-python",
+        default="",
+        help="e2e: the interpreter the services run under (another checkout's .venv/bin/python runs that "
+        "checkout's code); default this one",
+    )
+    ap.add_argument(
+        "--b-python",
+        default="",
+        help="e2e_b: the interpreter of the B side, e.g. the .venv/bin/python of a git worktree at the commit "
+        "before a change: a paired before/after of code, not settings",
+    )
+    ap.add_argument(
         "--profile",
         metavar="DIR",
         help="e2e: py-spy record every Python service into DIR (collapsed stacks) and read pg_stat_statements "
@@ -1489,8 +1514,8 @@ def main() -> int:
     bad = [w for w in only if w not in ALL]
     if bad:
         ap.error(f"unknown figures {bad}; choose from {','.join(ALL)}")
-    if "e2e_b" in only and not a.b_env:
-        ap.error("e2e_b needs --b-env KEY=VALUE[,...]")
+    if "e2e_b" in only and not (a.b_env or a.b_python):
+        ap.error("e2e_b needs --b-env KEY=VALUE[,...] or --b-python PATH")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
 
