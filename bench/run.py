@@ -799,12 +799,15 @@ class Bench:
             # events during the measurement, as it would in production).
             st.warmup(100)
             st.wait_results_caught_up(30)
+            spies = start_profiles(st, self.a.profile, f"{mode}-{self.count:02d}")
             cpu0, bench0 = st.cpu_ticks(), time.process_time()
             with driver_cleanup(st.driver(mode, "--n", str(n), *args)) as d:
                 res = d.result(300)
             cpu1, bench1 = st.cpu_ticks(), time.process_time()
+            profiles = stop_profiles(spies)
         row = {"metric": metric, "value": res["jobs_per_s"], "n": n,
                **{k: res[k] for k in ("inflight", "batch", "idem", "created", "channels") if k in res},
+               **({"profiles": profiles} if profiles else {}),
                **cpu_report(cpu0, cpu1, res["cpu_s"], bench1 - bench0, n)}  # fmt: skip
         if "created" in res and res["created"] != n:
             raise BenchError(f"{metric}: only {res['created']} of {n} jobs were created")
@@ -1499,7 +1502,8 @@ def main() -> int:
     ap.add_argument(
         "--profile",
         metavar="DIR",
-        help="e2e: py-spy record every Python service into DIR (collapsed stacks) and read pg_stat_statements "
+        help="e2e and the enqueue-only figures: py-spy record every Python service into DIR (collapsed stacks) "
+        "and read pg_stat_statements "
         "(slows what it watches: for where the CPU goes, not for speed figures)",
     )
     ap.add_argument("--conc-channels", type=int, default=1, help="conc: connections the 64 callers share (default 1)")

@@ -182,7 +182,19 @@ class Enqueuer:
             raise InvalidArgument({"jobs": "at least one job is required"})
         if len(requests) > self._max_batch:
             raise ResourceExhausted(f"jobs: {len(requests)} jobs in one batch; the limit is {self._max_batch}")
-        valid = validate_all(requests, self._max_payload_bytes, batch)
+        return await self.write(validate_all(requests, self._max_payload_bytes, batch), batch)
+
+    def validate_one(self, request: producer_service_pb2.EnqueueRequest) -> ValidJob:
+        """Validate one unary Enqueue's request (raises InvalidArgument naming the bad fields)."""
+        return validate_all([request], self._max_payload_bytes, False)[0]
+
+    async def write(self, valid: list[ValidJob], batch: bool) -> list[producer_service_pb2.EnqueueResponse]:
+        """Write validated jobs, one script call per queue; responses are in ``valid``'s order.
+
+        With ``batch`` false any failure raises (a unary Enqueue's status); with ``batch`` true
+        a queue whose write failed gives its jobs an error and the others go on, unless every
+        queue failed, which raises.
+        """
         defaults: dict[str, int] = {}
         for v in valid:
             if not v.priority and v.request.queue not in defaults:

@@ -82,6 +82,7 @@ async def build(settings: ProducerSettings) -> ProducerApp:
         watcher=watcher,
         jobs=JobReader(redis, history),
         canceller=Canceller(scripts, history, int(settings.retention_s * 1000)),
+        max_batch=settings.max_batch,
     )
     admin = AdminServicer(
         DeadLetters(admin_redis, admin_scripts),
