@@ -1,6 +1,18 @@
+import itertools
+import time
+
 import pytest
 
-from conveyor.common.ids import make_job_id, new_ulid, parse_job_id, parse_stream_id, stream_id_key, ulid_time_ms
+from conveyor.common import ids
+from conveyor.common.ids import (
+    make_job_id,
+    new_ulid,
+    new_ulids,
+    parse_job_id,
+    parse_stream_id,
+    stream_id_key,
+    ulid_time_ms,
+)
 
 
 def test_ulids_are_unique_sorted_and_carry_the_time() -> None:
@@ -8,9 +20,33 @@ def test_ulids_are_unique_sorted_and_carry_the_time() -> None:
     assert len(set(ids)) == len(ids)
     assert ids == sorted(ids)
     assert all(len(u) == 26 for u in ids)
-    import time
-
     assert abs(ulid_time_ms(ids[-1]) - time.time() * 1000) < 5000
+
+
+def test_a_batch_of_ulids_counts_up_from_one_random_start_and_goes_on_in_order() -> None:
+    batch = new_ulids(1000)
+    after = new_ulid()
+    assert len(set(batch)) == 1000 and batch == sorted(batch) and batch[-1] < after
+    assert new_ulids(0) == []
+    # Each is the 128-bit value (48-bit ms, 80-bit counter) of the one before, plus one.
+    values = [_value(u) for u in batch]
+    same_ms = [(a, b) for a, b in itertools.pairwise(values) if a >> 80 == b >> 80]
+    assert same_ms and all(b == a + 1 for a, b in same_ms)
+    assert abs(ulid_time_ms(batch[0]) - time.time() * 1000) < 5000
+
+
+def test_a_batch_that_would_overflow_the_counter_takes_the_next_millisecond() -> None:
+    gen = ids._UlidGenerator()
+    now_ms = time.time_ns() // 1_000_000
+    gen._last_ms, gen._last_rand = now_ms + 10, (1 << 80) - 3  # the clock sits in that millisecond
+    batch = gen.many(5)
+    assert [_value(u) >> 80 for u in batch] == [now_ms + 11] * 5
+    assert batch == sorted(batch) and _value(batch[-1]) - _value(batch[0]) == 4
+
+
+def _value(ulid: str) -> int:
+    crockford = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    return int("".join("0123456789abcdefghijklmnopqrstuv"[crockford.index(c)] for c in ulid), 32)
 
 
 def test_job_id_round_trips_through_parse() -> None:

@@ -18,7 +18,7 @@ from conveyor.common import crypto, faults, metrics, tracing
 from conveyor.common.codec import length_delimited, timestamp_bytes, varint
 from conveyor.common.defaults import DEFAULT_RETRY
 from conveyor.common.errors import InvalidArgument, ResourceExhausted
-from conveyor.common.ids import make_job_id, new_ulid
+from conveyor.common.ids import make_job_id, new_ulids
 from conveyor.common.keys import DEFAULT_PRIORITY, queue_keys
 from conveyor.common.queue_registry import QueueRegistry
 from conveyor.common.redis import RedisClient, hget
@@ -200,7 +200,7 @@ class Enqueuer:
             if not v.priority and v.request.queue not in defaults:
                 defaults[v.request.queue] = await self._defaults.priority(v.request.queue)
         by_queue: dict[str, list[tuple[int, NewJob]]] = defaultdict(list)
-        ulids = [new_ulid() for _ in valid]
+        ulids = new_ulids(len(valid))
         # Read after the ids: a job's created_at is its ULID's millisecond (ADR 0010), and its
         # QUEUED event's time must not come before it.
         now_ns = time.time_ns()

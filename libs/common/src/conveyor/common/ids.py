@@ -31,21 +31,27 @@ class _UlidGenerator:
         self._last_rand = 0
 
     def new(self) -> str:
+        return self.many(1)[0]
+
+    def many(self, n: int) -> list[str]:
+        """``n`` ULIDs in increasing order: one clock read, one lock and one encoding for all."""
         with self._lock:
             ms = time.time_ns() // 1_000_000
             if ms <= self._last_ms:
                 ms = self._last_ms
                 rand = self._last_rand + 1
-                if rand >= 1 << 80:  # 2^80 ids in one millisecond: borrow the next one
-                    ms, rand = ms + 1, int.from_bytes(os.urandom(10), "big") >> 1
             else:
                 # One bit short of 80, so counting up within a millisecond cannot overflow in practice.
                 rand = int.from_bytes(os.urandom(10), "big") >> 1
-            self._last_ms, self._last_rand = ms, rand
-        # 130 bits of base 32 are the last 26 characters of 20 bytes' worth (160 bits);
-        # the C base32 encoder plus a translation beats a Python loop by ~10x.
-        encoded = base64.b32encode(((ms << 80) | rand).to_bytes(20, "big"))[6:]
-        return encoded.translate(_TO_CROCKFORD).decode()
+            if rand + n > 1 << 80:  # 2^80 ids in one millisecond: borrow the next one
+                ms, rand = ms + 1, int.from_bytes(os.urandom(10), "big") >> 1
+            self._last_ms, self._last_rand = ms, rand + n - 1
+        # 130 bits of base 32 are the last 26 characters of 20 bytes' worth (160 bits), and 20
+        # bytes are exactly 32 characters: one C base32 encoding of all of them, one translation.
+        base = (ms << 80) | rand
+        packed = b"".join((base + i).to_bytes(20, "big") for i in range(n))
+        encoded = base64.b32encode(packed).translate(_TO_CROCKFORD).decode()
+        return [encoded[i + 6 : i + 32] for i in range(0, 32 * n, 32)]
 
 
 _generator = _UlidGenerator()
@@ -54,6 +60,11 @@ _generator = _UlidGenerator()
 def new_ulid() -> str:
     """A new time-ordered ULID."""
     return _generator.new()
+
+
+def new_ulids(n: int) -> list[str]:
+    """``n`` new time-ordered ULIDs, in order (a batch's ids: per batch, not per job)."""
+    return _generator.many(n) if n else []
 
 
 def make_job_id(queue: str, ulid: str) -> str:
