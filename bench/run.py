@@ -664,6 +664,7 @@ class Bench:
         self.count = 0
 
     def stack(self, **kw: Any) -> Stack:
+        kw.setdefault("python", self.a.a_python or PY)
         self.count += 1
         d = self.workdir / f"stack{self.count:02d}"
         d.mkdir()
@@ -1002,9 +1003,11 @@ class Bench:
                 # The streams are open and replayed before the jobs run (opened_before_run_at says
                 # so); CPU from here on is what delivering live events costs.
                 time.sleep(max(0.0, run_at - 0.3 - time.time()))
+                spies = start_profiles(st, self.a.profile, f"watch-{self.count:02d}")
                 cpu_live0 = st.cpu_ticks()
                 results = [d.result(180) for d in ds]
             cpu1, bench1 = st.cpu_ticks(), time.process_time()
+            stop_profiles(spies)
             st.check_alive()
         pairs = [pair for out in outs for pair in json.loads(out.read_text())]
         if not pairs:
@@ -1490,8 +1493,8 @@ def main() -> int:
     ap.add_argument(
         "--a-python",
         default="",
-        help="e2e: the interpreter the services run under (another checkout's .venv/bin/python runs that "
-        "checkout's code); default this one",
+        help="every figure: the interpreter the services run under (another checkout's .venv/bin/python runs "
+        "that checkout's code); default this one",
     )
     ap.add_argument(
         "--b-python",
@@ -1502,7 +1505,7 @@ def main() -> int:
     ap.add_argument(
         "--profile",
         metavar="DIR",
-        help="e2e and the enqueue-only figures: py-spy record every Python service into DIR (collapsed stacks) "
+        help="e2e, watch and the enqueue-only figures: py-spy record every Python service into DIR (collapsed stacks) "
         "and read pg_stat_statements "
         "(slows what it watches: for where the CPU goes, not for speed figures)",
     )

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
+import pytest
 import redis.asyncio
 
 from conveyor.common.keys import queue_keys
+from conveyor.producer.watch import Watcher
 from conveyor.v1 import event_pb2, job_pb2, producer_service_pb2_grpc
 from conveyor.v1 import producer_service_pb2 as p
 from tests.integration.conftest import Producer, StartWorker, start_producer
@@ -93,3 +96,54 @@ async def test_a_watch_that_falls_behind_ends_resource_exhausted_and_resumes_wit
     finally:
         await channel.close()
         await stop()
+
+
+async def test_watchers_reaching_a_final_event_together_share_one_read_of_the_live_record(
+    producer: Producer, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a job's final event every watcher asks whether it is the job's current final event;
+    those asking together share one read (1,000 streams made 1,000 reads in one burst), and an
+    answer is never kept past its read."""
+    asked: list[Watcher] = []
+    reads: list[str] = []
+    gate = asyncio.Event()
+    ends_at, read_ends_at = Watcher._ends_at, Watcher._read_ends_at
+
+    async def counted_ends_at(self: Watcher, keys: Any, ulid: str, key: tuple[int, int]) -> bool | None:
+        asked.append(self)
+        return await ends_at(self, keys, ulid, key)
+
+    async def gated_read(self: Watcher, keys: Any, ulid: str, key: tuple[int, int]) -> bool | None:
+        reads.append(ulid)
+        await gate.wait()
+        return await read_ends_at(self, keys, ulid, key)
+
+    monkeypatch.setattr(Watcher, "_ends_at", counted_ends_at)
+    monkeypatch.setattr(Watcher, "_read_ends_at", gated_read)
+    job = await producer.stub.Enqueue(p.EnqueueRequest(queue="default", type="demo.noop"))
+    calls = [producer.stub.Watch(p.WatchRequest(job_id=job.job_id), timeout=20) for _ in range(10)]
+    for call in calls:
+        assert (await call.read()).event.type == E.EVENT_TYPE_QUEUED
+    await start_worker()
+
+    async def all_asked() -> bool:
+        # The shared read's task may not have taken its first step yet when the last one asks.
+        return len(asked) >= len(calls) and len(reads) >= 1
+
+    await wait_for(all_asked, "every watcher to reach the final event", 15)
+    assert (len(asked), len(reads)) == (len(calls), 1), (asked, reads)
+    gate.set()
+
+    async def rest(call: grpc.aio.UnaryStreamCall[p.WatchRequest, p.WatchResponse]) -> list[int]:
+        types = []
+        while isinstance(response := await call.read(), p.WatchResponse):
+            types.append(response.event.type)
+        return types
+
+    for types in await asyncio.wait_for(asyncio.gather(*(rest(c) for c in calls)), 15):
+        assert types == [E.EVENT_TYPE_ACTIVE, E.EVENT_TYPE_SUCCEEDED]
+    assert [await c.code() for c in calls] == [grpc.StatusCode.OK] * len(calls)
+    # Asked again after that read: read again (the job may have been re-run meanwhile).
+    queue, ulid = job.job_id.split("/")
+    assert await asked[0]._ends_at(queue_keys(queue), ulid, (0, 0)) is False
+    assert len(reads) == 2

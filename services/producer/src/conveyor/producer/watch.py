@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -347,6 +348,9 @@ class Watcher:
         self._history = history
         self._buffer = buffer
         self._tails: dict[str, EventTail] = {}
+        #: Live-record reads of _ends_at in flight, shared by the watchers of one job that reach
+        #: its final event together (a burst of N watchers made N reads of the same record).
+        self._ending: dict[tuple[str, str, tuple[int, int]], asyncio.Future[bool | None]] = {}
 
     @property
     def streams(self) -> int:
@@ -450,7 +454,24 @@ class Watcher:
         or names a later one. Only the event the live record names as final ends a Watch.
         None when the live record is gone (the job finished and left Redis after its outcome
         was projected): the caller sends what the results service holds after this event.
+
+        Watchers asking about the same event while a read is out share that read; an answer is
+        never kept past it, so a watcher that asks later (the job re-run meanwhile) reads again.
         """
+        token = (keys.state, ulid, key)
+        pending = self._ending.get(token)
+        if pending is None:
+            pending = self._ending[token] = asyncio.ensure_future(self._read_ends_at(keys, ulid, key))
+            pending.add_done_callback(functools.partial(self._ended_read, token))
+        # Shielded: a watcher that goes away must not cancel the read the others wait on.
+        return await asyncio.shield(pending)
+
+    def _ended_read(self, token: tuple[str, str, tuple[int, int]], done: asyncio.Future[bool | None]) -> None:
+        self._ending.pop(token, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: every watcher that waited got it, and none may have
+
+    async def _read_ends_at(self, keys: QueueKeys, ulid: str, key: tuple[int, int]) -> bool | None:
         raw = await hget(self._redis, keys.state, ulid)
         if raw is None:
             return None
