@@ -69,6 +69,8 @@ class Record:
 
     Stored as ``state|attempt|priority|entry|first_event|final_event[|consumer]``; the
     consumer is there while the job is ACTIVE (with the attempt, it fences completions).
+    ``first_event`` may be stored as a bare sequence number, meaning the entry id's millisecond
+    (ADR 0031, as the prelude's read_record reads it); ``first_event_id`` is always the full id.
     """
 
     state: int
@@ -83,6 +85,11 @@ class Record:
     def parse(cls, raw: bytes | str) -> Record:
         text = raw.decode() if isinstance(raw, bytes) else raw
         state, attempt, priority, entry_id, first, final, *owner = text.split("|", 6)
+        if first and "-" not in first:
+            ms, dash, _ = entry_id.partition("-")
+            # No entry id to count from (an older version rewrote the record): "0-<seq>" sorts
+            # before every real event, so a replay from it misses nothing.
+            first = f"{ms}-{first}" if dash else f"0-{first}"
         return cls(int(state), int(attempt), int(priority), entry_id, first, final, owner[0] if owner else "")
 
 

@@ -55,7 +55,7 @@ for _, ulid in ipairs(due) do
     else
       entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', job)
     end
-    redis.call('XADD', events_key, '*', 'j', ulid, 'e', string.char(0x18) .. varint(1) .. bytes_field(0x2a, timestamp))
+    redis.call('XADD', events_key, '*', 'j', ulid, 'e', string.char(0x18) .. varint(1) .. bytes_field(0x2a, timestamp()))
     redis.call('HSET', state_key, ulid, record_of('1', attempt, prio, entry_id, first_ev, final_ev))
   end
   redis.call('HDEL', parked_key, ulid)

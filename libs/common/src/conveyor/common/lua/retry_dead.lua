@@ -11,7 +11,7 @@ returns {ulids queued again, more (1 when dead letters are left after an "all" c
 local state_key, events_key, done_key, dead_key, index_key = KEYS[1], KEYS[2], KEYS[3], KEYS[16], KEYS[26]
 local only, most = ARGV[1], tonumber(ARGV[2])
 
-local queued = string.char(0x18) .. varint(1) .. string.char(0x2a) .. varint(#timestamp) .. timestamp
+local queued = string.char(0x18) .. varint(1) .. string.char(0x2a) .. varint(#timestamp()) .. timestamp()
 
 local retried = {}
 local function requeue(entry)
