@@ -1,4 +1,4 @@
-"""The live-record format has one reader and one writer in Lua (the prelude's read_record and
+"""The live-record format has one reader and one writer in Lua (records.lua's read_record and
 record_of), and they agree with Python's Record.parse, field by field."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import redis.asyncio
 
 from conveyor.common.ids import new_ulid
 from conveyor.common.keys import queue_keys
-from conveyor.common.scripts import NewJob, Outcome, Record, Scripts
+from conveyor.common.scripts import NewJob, Outcome, Record, Scripts, _source
 from conveyor.v1 import event_pb2, job_pb2
 
 #: (stored, first event id as read, as record_of writes it back). The first event id is stored as
@@ -34,7 +34,11 @@ PREVIOUS = [
     ("1|0|5|1733400000000-0|1733400000000-1|", "1733400000000-1", "1|0|5|1733400000000-0|1|"),
     ("1|0|5|1733400000000-57|1733400000000-123|", "1733400000000-123", "1|0|5|1733400000000-57|123|"),
     ("3|1|1|1733400000000-0|1733400000000-1||worker-a:7", "1733400000000-1", "3|1|1|1733400000000-0|1||worker-a:7"),
-    ("6|2|5|1733400000000-0|1733400000000-1|1733400000009-0", "1733400000000-1", "6|2|5|1733400000000-0|1|1733400000009-0"),
+    (
+        "6|2|5|1733400000000-0|1733400000000-1|1733400000009-0",
+        "1733400000000-1",
+        "6|2|5|1733400000000-0|1|1733400000009-0",
+    ),
     ("2|0|9||1733400000000-1|", "1733400000000-1", "2|0|9||1733400000000-1|"),
     # A short form whose entry id an older version replaced: "0-<seq>" sorts before every event,
     # so a replay from it starts at the stream's start and misses nothing.
@@ -54,8 +58,7 @@ return out
 
 
 async def _lua_and_python_agree(redis_client: redis.asyncio.Redis, records: list[tuple[str, str, str]]) -> None:
-    prelude = (resources.files("conveyor.common") / "lua" / "prelude.lua").read_text()
-    raw = await redis_client.eval(prelude + _PROBE, 0, *(text for text, _, _ in records))
+    raw = await redis_client.eval(_source("records") + _PROBE, 0, *(text for text, _, _ in records))
     for (text, first_id, rewritten), fields in zip(records, raw, strict=True):
         st, att, prio, eid, first, final, consumer, written = (f.decode() for f in fields)
         parsed = Record.parse(text)
@@ -85,7 +88,7 @@ async def test_records_of_the_previous_version_read_as_before(redis_client: redi
 def test_no_script_parses_or_builds_a_record_by_hand() -> None:
     lua = resources.files("conveyor.common") / "lua"
     for path in lua.iterdir():
-        if not path.name.endswith(".lua") or path.name == "prelude.lua":
+        if not path.name.endswith(".lua") or path.name in ("prelude.lua", "records.lua"):
             continue
         text = path.read_text()
         assert not re.search(r"string\.match\(rec\b", text), f"{path.name} parses a record itself"
@@ -109,7 +112,7 @@ async def test_a_waiting_jobs_record_fits_a_32_byte_allocation(redis_client: red
         raw = (await redis_client.hget(keys.state, j.ulid)).decode()
         rec = Record.parse(raw)
         # The first event id read back is the QUEUED event's, whatever form it was stored in.
-        [(event_id, fields)] = await redis_client.xrange(keys.events, rec.first_event_id, rec.first_event_id)
+        [(_, fields)] = await redis_client.xrange(keys.events, rec.first_event_id, rec.first_event_id)
         assert fields[b"j"].decode() == j.ulid
         if rec.first_event_id.split("-")[0] == rec.entry_id.split("-")[0]:
             # 28 characters + sds header and NUL = 32 bytes (a 100-job call's sequence numbers < 100).
@@ -136,16 +139,17 @@ async def test_jobs_in_flight_across_the_upgrade_run_to_their_end(redis_client: 
     ok, retried, active = claimed
     succeeded = event_pb2.JobEvent(type=event_pb2.EVENT_TYPE_SUCCEEDED).SerializeToString()
     retry = event_pb2.JobEvent(type=event_pb2.EVENT_TYPE_RETRY_SCHEDULED).SerializeToString()
-    ids = await scripts.complete(
-        keys,
-        "w-a",
-        60_000,
-        [
-            Outcome(ok.band, ok.entry_id, ok.ulid, ok.attempt, job_pb2.JOB_STATE_SUCCEEDED, succeeded),
-            Outcome(retried.band, retried.entry_id, retried.ulid, retried.attempt,
-                    job_pb2.JOB_STATE_RETRY_SCHEDULED, retry, due_ms=1),  # fmt: skip
-        ],
+    done = Outcome(ok.band, ok.entry_id, ok.ulid, ok.attempt, job_pb2.JOB_STATE_SUCCEEDED, succeeded)
+    again_at_once = Outcome(
+        retried.band,
+        retried.entry_id,
+        retried.ulid,
+        retried.attempt,
+        job_pb2.JOB_STATE_RETRY_SCHEDULED,
+        retry,
+        due_ms=1,
     )
+    ids = await scripts.complete(keys, "w-a", 60_000, [done, again_at_once])
     assert all(ids)
     states = {ok.ulid: job_pb2.JOB_STATE_SUCCEEDED, retried.ulid: job_pb2.JOB_STATE_RETRY_SCHEDULED,
               active.ulid: job_pb2.JOB_STATE_ACTIVE}  # fmt: skip

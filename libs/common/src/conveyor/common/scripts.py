@@ -6,6 +6,7 @@ workers or producers can never interleave half-done changes (DESIGN.md).
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from importlib import resources
@@ -16,16 +17,25 @@ from redis.exceptions import NoScriptError
 from conveyor.common.keys import RESULTS_GROUP, WORKER_GROUP, QueueKeys
 from conveyor.common.redis import RedisClient, register_script
 
-_INCLUDE = "--#include prelude\n"
+_INCLUDE = re.compile(r"^--#include (\w+)\n", re.MULTILINE)
 
 
 def _source(name: str) -> str:
-    """A script's source, with the shared prelude spliced in where it asks for it."""
+    """A script's source, with the shared parts it asks for spliced in (records.lua, prelude.lua).
+
+    A part is spliced in once, where it is first asked for (prelude.lua includes records.lua).
+    """
     lua = resources.files("conveyor.common") / "lua"
-    text = (lua / f"{name}.lua").read_text()
-    if _INCLUDE in text:
-        text = text.replace(_INCLUDE, (lua / "prelude.lua").read_text(), 1)
-    return text
+    seen: set[str] = set()
+
+    def splice(match: re.Match[str]) -> str:
+        part = match.group(1)
+        if part in seen:
+            return ""
+        seen.add(part)
+        return _INCLUDE.sub(splice, (lua / f"{part}.lua").read_text())
+
+    return _INCLUDE.sub(splice, (lua / f"{name}.lua").read_text())
 
 
 #: How often one call loads and runs a script whose cache Redis emptied (SCRIPT FLUSH, a failover

@@ -14,7 +14,7 @@ ARGV[1] number of jobs  ARGV[2] the jobs packed back to back (one argument, so t
   rate key ("" = none)
 returns a flat array, 3 values per job: ulid, created (1|0), JobState (0 = no longer in Redis)
 ]]
---#include prelude
+--#include records
 local state_key, events_key, delayed_key, parked_key, signal_key = KEYS[1], KEYS[2], KEYS[13], KEYS[14], KEYS[15]
 local n, packed = tonumber(ARGV[1]), ARGV[2]
 local pos = 1
