@@ -96,6 +96,8 @@ async def run_once(url: str, n: int, progress: int) -> dict[str, dict[str, float
             "xadd": delta("xadd", 0) / n,
             "bytes": (mem - int(state["mem"])) / n,  # type: ignore[call-overload]
             "mem": (mem - baseline) / n,
+            # Per command (scripts' inner commands included): calls and µs per job.
+            "by_cmd": {c: (delta(c, 0) / n, delta(c, 1) / n) for c in (*plain, "evalsha") if delta(c, 0)},
         }
         state["before"] = stats(sync)  # not `after`: the INFO calls above count from here
         state["mem"] = used_memory(sync)
@@ -151,7 +153,7 @@ def one_rep(python: str, url: str, n: int, progress: int) -> dict[str, Any]:
     return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
-def table(rows: list[dict[str, Any]], label: str) -> list[str]:
+def table(rows: list[dict[str, Any]], label: str, by_cmd: bool = False) -> list[str]:
     def med(phase: str, field: str) -> float:
         return statistics.median(r[phase][field] for r in rows)
 
@@ -165,6 +167,16 @@ def table(rows: list[dict[str, Any]], label: str) -> list[str]:
     tot = {f: statistics.median(sum(r[p][f] for p in PHASES) for r in rows) for f in ("cmds", "us", "lua_us", "xadd")}
     lines.append(f"  {'total':10}{tot['cmds']:8.2f}{tot['us']:8.2f}{tot['lua_us']:8.2f}{tot['xadd']:7.2f}")
     lines.append(f"  waiting job {med('enqueue', 'mem'):.1f} B; left after the retention {med('after', 'mem'):.2f} B")
+    if by_cmd:
+        lines.append("  by command, calls/job µs/job (median):")
+        for p in PHASES:
+            cmds = sorted({c for r in rows for c in r[p]["by_cmd"]})
+            cells = []
+            for c in cmds:
+                calls = statistics.median(r[p]["by_cmd"].get(c, (0, 0))[0] for r in rows)
+                us = statistics.median(r[p]["by_cmd"].get(c, (0, 0))[1] for r in rows)
+                cells.append(f"{c} {calls:.2f}/{us:.2f}")
+            lines.append(f"    {p:10}" + ", ".join(cells))
     return lines
 
 
@@ -174,6 +186,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--progress", type=int, default=1, help="PROGRESS events per job")
     ap.add_argument("--python", help="B: another checkout's interpreter, run alternately with this one (A)")
+    ap.add_argument("--by-command", action="store_true", help="also print calls and µs per job of each command")
     ap.add_argument("--one", metavar="URL", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
@@ -190,8 +203,8 @@ def main() -> int:
             rows_a.append(one_rep(sys.executable, server.url, a.n, a.progress))
     print(f"Redis per job (n={a.n}, {a.progress} PROGRESS per job)")
     if a.python:
-        print("\n".join(table(rows_b, f"B ({a.python})")))
-    print("\n".join(table(rows_a, f"A ({sys.executable})")))
+        print("\n".join(table(rows_b, f"B ({a.python})", a.by_command)))
+    print("\n".join(table(rows_a, f"A ({sys.executable})", a.by_command)))
     if a.python:
         print("B / A, median of per-repetition ratios (> 1: B cost more):")
         for field in ("cmds", "us", "lua_us", "xadd"):

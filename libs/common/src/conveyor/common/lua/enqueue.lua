@@ -68,7 +68,7 @@ for _ = 1, n do
         entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', job)
       end
       local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
-      put_record(ulid, record_of('1', 0, prio, entry_id, event_id, ''))
+      put_record(ulid, record_of('1', 0, prio, entry_id, short_first(entry_id, event_id), ''))
       state = 1
     end
     if idem_index > 0 then

@@ -36,32 +36,38 @@ end
 -- A live record: state|attempt|priority|entry id|first event id|final event id[|consumer]
 -- (the consumer only while ACTIVE). read_record and record_of are its one reader and one writer,
 -- as scripts.py's Record is on the Python side. Fields stay the strings stored ('3', '12').
--- The first event id is stored as its sequence number alone when it has the entry id's
--- millisecond (enqueue writes both in one call: nearly always), which keeps a waiting job's record
--- within 28 characters, a 32-byte allocation rather than 48 (ADR 0031). A bare number is never a
--- stream id Redis generates ("<ms>-<seq>"), so both forms read back unambiguously, and records
--- written before this change (always the full id) read as they did.
--- read_record(rec): state, attempt, priority, entry id, first event id (always the full id),
--- final event id and consumer ('' when none), or nothing for no record.
+-- The first event id may be stored as its sequence number alone, meaning the entry id's
+-- millisecond: enqueue writes both in one call, and so a waiting job's record fits in 28
+-- characters, a 32-byte allocation rather than 48 (ADR 0031). A bare number is never an id
+-- Redis generates ("<ms>-<seq>"), so both forms read back unambiguously, and records written
+-- before this change (the full id) read as they did. The fields are passed through as stored
+-- (the claim and the outcome only copy them): a writer that gives the record another entry id
+-- passes first_event_id(entry id, first) instead, which is the full id in either form.
+-- read_record(rec): state, attempt, priority, entry id, first event id (as stored), final event
+-- id and consumer ('' when none), or nothing for no record.
 local function read_record(rec)
   if not rec then return nil end
-  local st, att, prio, eid, first, final, consumer = string.match(rec, '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)|?(.*)$')
-  if first and first ~= '' and not string.find(first, '-', 1, true) then
-    local ms = string.match(eid, '^%d+%-')
-    -- No entry id to count from (a record an older version rewrote): "0-<seq>" still sorts
-    -- before every real event, so a replay from it scans from the stream's start, missing nothing.
-    first = (ms or '0-') .. first
-  end
-  return st, att, prio, eid, first, final, consumer
+  return string.match(rec, '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)|?(.*)$')
 end
 local function record_of(st, attempt, prio, eid, first_ev, final_ev, consumer)
-  local dash = string.find(eid, '-', 1, true)
-  if dash and string.sub(first_ev, 1, dash) == string.sub(eid, 1, dash) then
-    first_ev = string.sub(first_ev, dash + 1)
-  end
   local value = st .. '|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. final_ev
   if consumer then return value .. '|' .. consumer end
   return value
+end
+-- The full id of a record's first event, as read_record returned it with its entry id.
+local function first_event_id(eid, first)
+  if first == '' or string.find(first, '-', 1, true) then return first end
+  -- No entry id to count from (an older version rewrote the record): "0-<seq>" still sorts
+  -- before every real event, so a replay from it scans from the stream's start, missing nothing.
+  return (string.match(eid, '^%d+%-') or '0-') .. first
+end
+-- The first event id as enqueue stores it beside the entry id it wrote in the same call.
+local function short_first(eid, first_id)
+  local dash = string.find(eid, '-', 1, true)
+  if dash and string.sub(first_id, 1, dash) == string.sub(eid, 1, dash) then
+    return string.sub(first_id, dash + 1)
+  end
+  return first_id
 end
 
 -- The fields of a job stream entry: ulid (j), Job bytes (d) and rate key (k, or nil).

@@ -32,7 +32,10 @@ local function requeue(entry)
   local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', queued)
   local first_ev = event_id
   local rec = redis.call('HGET', state_key, ulid)
-  if rec then first_ev = select(5, read_record(rec)) or event_id end
+  if rec then
+    local _, _, _, old_eid, old_first = read_record(rec)
+    first_ev = old_first and first_event_id(old_eid, old_first) or event_id
+  end
   redis.call('HSET', state_key, ulid, record_of('1', f['a'] or '0', prio, entry_id, first_ev, ''))
   redis.call('ZREM', done_key, ulid)
   redis.call('XDEL', dead_key, entry[1])
