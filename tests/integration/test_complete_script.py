@@ -84,3 +84,33 @@ async def test_a_cancel_request_is_cleared_by_the_outcome(
     # With no cancel request left, an outcome needs no clean-up and is recorded all the same.
     ids = await scripts.complete(keys, "w-a", 60_000, [outcome(second, job_pb2.JOB_STATE_SUCCEEDED, SUCCEEDED)])
     assert ids[0] and Record.parse(await redis_client.hget(keys.state, second.ulid)).state == 5
+
+
+async def test_projection_of_more_jobs_than_one_read_of_records_sets_every_expiry(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """projected.lua reads the records 1,000 at a time: a larger batch still reaches every job,
+    and a job with no record or not finished is left alone."""
+    from conveyor.common.ids import new_ulid
+    from conveyor.common.scripts import NewJob
+
+    keys = queue_keys("default")
+    scripts = Scripts(redis_client)
+    job = job_pb2.Job(type="test.count", priority=5).SerializeToString()
+    queued = event_pb2.JobEvent(type=event_pb2.EVENT_TYPE_QUEUED).SerializeToString()
+    jobs = [NewJob(ulid=new_ulid(), priority=5, job=job, queued_event=queued) for _ in range(2100)]
+    for i in range(0, len(jobs), 100):
+        await scripts.enqueue(keys, jobs[i : i + 100])
+    claimed: list[Claimed] = []
+    while len(claimed) < 2050:
+        claimed += (await scripts.claim(keys, "w-a", min(500, 2050 - len(claimed)))).claimed
+    finished: list[tuple[str, str]] = []
+    for i in range(0, 2050, 500):
+        batch = [outcome(c, job_pb2.JOB_STATE_SUCCEEDED, SUCCEEDED) for c in claimed[i : i + 500]]
+        ids = await scripts.complete(keys, "w-a", 60_000, batch)
+        finished += [(c.ulid, str(e)) for c, e in zip(claimed[i : i + 500], ids, strict=True)]
+    waiting = [(j.ulid, "0-1") for j in jobs[2050:]]
+    unknown = [(new_ulid(), "0-1")]
+    assert await scripts.projected(keys, finished + waiting + unknown, 60_000) == 2050
+    scores = await redis_client.zmscore(keys.done, [u for u, _ in finished])
+    assert all(s is not None and s != float("inf") for s in scores)

@@ -6,6 +6,7 @@ workers or producers can never interleave half-done changes (DESIGN.md).
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from importlib import resources
@@ -16,16 +17,25 @@ from redis.exceptions import NoScriptError
 from conveyor.common.keys import RESULTS_GROUP, WORKER_GROUP, QueueKeys
 from conveyor.common.redis import RedisClient, register_script
 
-_INCLUDE = "--#include prelude\n"
+_INCLUDE = re.compile(r"^--#include (\w+)\n", re.MULTILINE)
 
 
 def _source(name: str) -> str:
-    """A script's source, with the shared prelude spliced in where it asks for it."""
+    """A script's source, with the shared parts it asks for spliced in (records.lua, prelude.lua).
+
+    A part is spliced in once, where it is first asked for (prelude.lua includes records.lua).
+    """
     lua = resources.files("conveyor.common") / "lua"
-    text = (lua / f"{name}.lua").read_text()
-    if _INCLUDE in text:
-        text = text.replace(_INCLUDE, (lua / "prelude.lua").read_text(), 1)
-    return text
+    seen: set[str] = set()
+
+    def splice(match: re.Match[str]) -> str:
+        part = match.group(1)
+        if part in seen:
+            return ""
+        seen.add(part)
+        return _INCLUDE.sub(splice, (lua / f"{part}.lua").read_text())
+
+    return _INCLUDE.sub(splice, (lua / f"{name}.lua").read_text())
 
 
 #: How often one call loads and runs a script whose cache Redis emptied (SCRIPT FLUSH, a failover
@@ -69,6 +79,8 @@ class Record:
 
     Stored as ``state|attempt|priority|entry|first_event|final_event[|consumer]``; the
     consumer is there while the job is ACTIVE (with the attempt, it fences completions).
+    ``first_event`` may be stored as a bare sequence number, meaning the entry id's millisecond
+    (ADR 0031, as the prelude's read_record reads it); ``first_event_id`` is always the full id.
     """
 
     state: int
@@ -83,6 +95,11 @@ class Record:
     def parse(cls, raw: bytes | str) -> Record:
         text = raw.decode() if isinstance(raw, bytes) else raw
         state, attempt, priority, entry_id, first, final, *owner = text.split("|", 6)
+        if first and "-" not in first:
+            ms, dash, _ = entry_id.partition("-")
+            # No entry id to count from (an older version rewrote the record): "0-<seq>" sorts
+            # before every real event, so a replay from it misses nothing.
+            first = f"{ms}-{first}" if dash else f"0-{first}"
         return cls(int(state), int(attempt), int(priority), entry_id, first, final, owner[0] if owner else "")
 
 

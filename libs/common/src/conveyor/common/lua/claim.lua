@@ -55,8 +55,8 @@ for _, ulid in ipairs(due) do
     else
       entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', job)
     end
-    redis.call('XADD', events_key, '*', 'j', ulid, 'e', string.char(0x18) .. varint(1) .. bytes_field(0x2a, timestamp))
-    redis.call('HSET', state_key, ulid, record_of('1', attempt, prio, entry_id, first_ev, final_ev))
+    redis.call('XADD', events_key, '*', 'j', ulid, 'e', string.char(0x18) .. varint(1) .. bytes_field(0x2a, timestamp()))
+    redis.call('HSET', state_key, ulid, record_of('1', attempt, prio, entry_id, first_event_id(eid, first_ev), final_ev))
   end
   redis.call('HDEL', parked_key, ulid)
   redis.call('ZREM', delayed_key, ulid)
@@ -247,7 +247,7 @@ local function start_held(k)
   local entry_id = redis.call('XADD', KEYS[19], '*', 'j', ulid, 'd', job, 'k', k)
   redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', KEYS[19], '>')
   activate(claimed, state_key, events_key, consumer, 10, entry_id, ulid, job,
-    attempt, prio, entry_id, first_ev, final_ev)
+    attempt, prio, entry_id, first_event_id(eid, first_ev), final_ev)
   note_start(k, ulid)
   want = want - 1
   return true
@@ -307,7 +307,7 @@ for band = 9, 1, -1 do
         redis.call('HSET', keys_key, ulid, k)
         redis.call('ZADD', key_key('held', k), order, ulid)
         has_held = true
-        redis.call('HSET', state_key, ulid, record_of('1', attempt, prio, 'h', first_ev, final_ev))
+        redis.call('HSET', state_key, ulid, record_of('1', attempt, prio, 'h', first_event_id(eid, first_ev), final_ev))
         if wait > 0 then
           redis.call('ZADD', blocked_key, wait, k)
         else

@@ -70,7 +70,7 @@ for i = 1, n do
       redis.call('HSET', parked_key, ulid, job)
       redis.call('ZADD', delayed_key, due, ulid)
       redis.call('ZADD', KEYS[27], due, ulid)
-      record = record_of('4', att, prio, '', first_ev, '')
+      record = record_of('4', att, prio, '', first_event_id(eid, first_ev), '')
       signalled = true
     else
       record = record_of(new_state, att, prio, eid, first_ev, event_id)

@@ -14,7 +14,7 @@ ARGV[1] number of jobs  ARGV[2] the jobs packed back to back (one argument, so t
   rate key ("" = none)
 returns a flat array, 3 values per job: ulid, created (1|0), JobState (0 = no longer in Redis)
 ]]
---#include prelude
+--#include records
 local state_key, events_key, delayed_key, parked_key, signal_key = KEYS[1], KEYS[2], KEYS[13], KEYS[14], KEYS[15]
 local n, packed = tonumber(ARGV[1]), ARGV[2]
 local pos = 1
@@ -68,7 +68,7 @@ for _ = 1, n do
         entry_id = redis.call('XADD', stream, '*', 'j', ulid, 'd', job)
       end
       local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
-      put_record(ulid, record_of('1', 0, prio, entry_id, event_id, ''))
+      put_record(ulid, record_of('1', 0, prio, entry_id, short_first(entry_id, event_id), ''))
       state = 1
     end
     if idem_index > 0 then

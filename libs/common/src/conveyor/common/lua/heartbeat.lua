@@ -9,7 +9,7 @@ ARGV[4] the jobs packed back to back, each as struct '>B I2 c0 c26 I4': band, en
 returns an array with, per job: 1 still held, 0 lost, or the reason string when CancelJob
 asked the running attempt to stop
 ]]
---#include prelude
+--#include records
 local group, consumer, n, packed = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local pos = 1
 local out = {}

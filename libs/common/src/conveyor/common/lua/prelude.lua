@@ -1,81 +1,31 @@
--- prelude: shared by the scripts whose source says "--#include prelude" (scripts.py splices it in).
--- Protobuf encoding for the few JobEvent fields the scripts write themselves, and the time of
--- this call (Redis's clock, so every script agrees however the clients' clocks drift).
-local function varint(v)
-  local parts = {}
-  while v >= 128 do
-    parts[#parts + 1] = string.char(v % 128 + 128)
-    v = math.floor(v / 128)
-  end
-  parts[#parts + 1] = string.char(v)
-  return table.concat(parts)
-end
-local function bytes_field(tag, s) return string.char(tag) .. varint(#s) .. s end
-
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
--- google.protobuf.Timestamp{seconds, nanos} of now, ready to wrap as JobEvent.time (tag 0x2a).
-local timestamp = string.char(0x08) .. varint(tonumber(now[1])) .. string.char(0x10) .. varint(tonumber(now[2]) * 1000)
--- A live record: state|attempt|priority|entry id|first event id|final event id[|consumer]
--- (the consumer only while ACTIVE). read_record and record_of are its one reader and one writer,
--- as scripts.py's Record is on the Python side. Fields stay the strings stored ('3', '12').
--- read_record(rec): state, attempt, priority, entry id, first event id, final event id and
--- consumer ('' when none), or nothing for no record.
-local function read_record(rec)
-  if not rec then return nil end
-  return string.match(rec, '^(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)|?(.*)$')
-end
-local function record_of(st, attempt, prio, eid, first_ev, final_ev, consumer)
-  local value = st .. '|' .. attempt .. '|' .. prio .. '|' .. eid .. '|' .. first_ev .. '|' .. final_ev
-  if consumer then return value .. '|' .. consumer end
-  return value
-end
-
--- The fields of a job stream entry: ulid (j), Job bytes (d) and rate key (k, or nil).
-local function entry_fields(fields)
-  local ulid, job, k
-  for f = 1, #(fields or {}), 2 do
-    local name = fields[f]
-    if name == 'j' then ulid = fields[f + 1] elseif name == 'd' then job = fields[f + 1] elseif name == 'k' then k = fields[f + 1] end
-  end
-  return ulid, job, k
-end
-
--- Live records this call writes, set together by flush_records() before it returns (one HSET
--- for the batch instead of one per job). written[ulid] is the newest value, which Redis does
--- not have yet: a script that may read a record it wrote itself reads it here first.
-local written, record_args = {}, {}
-local function put_record(ulid, value)
-  written[ulid] = value
-  record_args[#record_args + 1] = ulid
-  record_args[#record_args + 1] = value
-end
-local function flush_records()
-  if #record_args > 0 then redis.call('HSET', KEYS[1], unpack(record_args)) end
-end
--- Whether a job is ACTIVE now, this call's own writes included.
-local function is_active(ulid)
-  return read_record(written[ulid] or redis.call('HGET', KEYS[1], ulid)) == '3'
-end
+-- prelude: shared by the scripts whose source says "--#include prelude" (scripts.py splices it in):
+-- records.lua, this call's time in ms, and the claim, finish and flow-control helpers.
+--#include records
+local now_ms = tonumber(time_now()[1]) * 1000 + math.floor(tonumber(time_now()[2]) / 1000)
 
 -- Start an attempt of a claimed entry: attempt + 1, record ACTIVE owned by `consumer`, an ACTIVE
 -- event; appends the 6 values claim/reclaim return per job to `out`. The attempt number and the
 -- consumer are the claim's fencing token (complete.lua). The rest is the job's record as read.
+-- JobEvent{type: ACTIVE, attempt, time, worker}: all but the attempt is the same for every job of
+-- a call, so it is built once (the job id is the entry's j field).
+local ACTIVE_HEAD = string.char(0x18, 2, 0x20)
+local active_tail, active_consumer = nil, nil
 local function activate(out, state_key, events_key, consumer, band, entry_id, ulid, job, prev_attempt, prio, eid, first_ev, final_ev)
   local attempt = tonumber(prev_attempt) + 1
-  -- JobEvent{type: ACTIVE, attempt, time, worker}; the job id is the entry's j field.
-  local event = string.char(0x18) .. varint(2) .. string.char(0x20) .. varint(attempt)
-    .. bytes_field(0x2a, timestamp) .. bytes_field(0x32, consumer)
-  local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', event)
+  if active_consumer ~= consumer then
+    active_tail, active_consumer = bytes_field(0x2a, timestamp()) .. bytes_field(0x32, consumer), consumer
+  end
+  local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', ACTIVE_HEAD .. varint(attempt) .. active_tail)
   put_record(ulid, record_of('3', attempt, prio, eid, first_ev, final_ev, consumer))
-  for _, v in ipairs({band, entry_id, ulid, attempt, job, event_id}) do out[#out + 1] = v end
+  local m = #out
+  out[m + 1], out[m + 2], out[m + 3], out[m + 4], out[m + 5], out[m + 6] = band, entry_id, ulid, attempt, job, event_id
 end
 
 -- A final event written inside Redis: JobEvent{type, attempt, time, worker, error{message, kind}, job}.
 local function final_event(event_type, attempt, consumer, message, kind, job)
   local err = bytes_field(0x0a, message) .. bytes_field(0x12, kind)
   return string.char(0x18) .. varint(event_type) .. string.char(0x20) .. varint(tonumber(attempt))
-    .. bytes_field(0x2a, timestamp) .. bytes_field(0x32, consumer) .. bytes_field(0x52, err) .. bytes_field(0x62, job)
+    .. bytes_field(0x2a, timestamp()) .. bytes_field(0x32, consumer) .. bytes_field(0x52, err) .. bytes_field(0x62, job)
 end
 
 -- End a job inside Redis: its final event, its final record (written by flush_records), kept

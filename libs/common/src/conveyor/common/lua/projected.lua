@@ -18,9 +18,17 @@ local function id_key(id)
 end
 local changed = 0
 local args = {}
+-- The records in one command per 1,000 jobs (a command costs more than the Lua around it; unpack
+-- is bounded by Lua's stack).
+local recs = {}
+for from = 2, #ARGV - 1, 2000 do
+  local ulids = {}
+  for i = from, math.min(from + 1998, #ARGV - 1), 2 do ulids[#ulids + 1] = ARGV[i] end
+  for _, rec in ipairs(redis.call('HMGET', KEYS[1], unpack(ulids))) do recs[#recs + 1] = rec end
+end
 for i = 2, #ARGV - 1, 2 do
   local ulid, projected = ARGV[i], ARGV[i + 1]
-  local st, _, _, _, _, final_ev = read_record(redis.call('HGET', KEYS[1], ulid))
+  local st, _, _, _, _, final_ev = read_record(recs[i / 2] or nil)
   local due = true
   if st then
     local state = tonumber(st)

@@ -11,7 +11,7 @@ returns {ulids queued again, more (1 when dead letters are left after an "all" c
 local state_key, events_key, done_key, dead_key, index_key = KEYS[1], KEYS[2], KEYS[3], KEYS[16], KEYS[26]
 local only, most = ARGV[1], tonumber(ARGV[2])
 
-local queued = string.char(0x18) .. varint(1) .. string.char(0x2a) .. varint(#timestamp) .. timestamp
+local queued = string.char(0x18) .. varint(1) .. string.char(0x2a) .. varint(#timestamp()) .. timestamp()
 
 local retried = {}
 local function requeue(entry)
@@ -32,7 +32,10 @@ local function requeue(entry)
   local event_id = redis.call('XADD', events_key, '*', 'j', ulid, 'e', queued)
   local first_ev = event_id
   local rec = redis.call('HGET', state_key, ulid)
-  if rec then first_ev = select(5, read_record(rec)) or event_id end
+  if rec then
+    local _, _, _, old_eid, old_first = read_record(rec)
+    first_ev = old_first and first_event_id(old_eid, old_first) or event_id
+  end
   redis.call('HSET', state_key, ulid, record_of('1', f['a'] or '0', prio, entry_id, first_ev, ''))
   redis.call('ZREM', done_key, ulid)
   redis.call('XDEL', dead_key, entry[1])
