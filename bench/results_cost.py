@@ -176,7 +176,10 @@ def main() -> None:
     sides = {"a": a.python} if not a.b_python else {"a": a.python, "b": a.b_python}
     rows: list[dict[str, Any]] = []
     for rep in range(a.reps):
-        with tempfile.TemporaryDirectory(prefix="results-cost-") as tmp, Backlog(Path(tmp), python=sys.executable) as st:
+        with (
+            tempfile.TemporaryDirectory(prefix="results-cost-") as tmp,
+            Backlog(Path(tmp), python=sys.executable) as st,
+        ):
             st.fill(a.n)
             urls = {side: st.database(f"side_{side}") for side in sides}
             order = list(sides) if rep % 2 == 0 else list(reversed(sides))

@@ -31,7 +31,7 @@ from conveyor.common.codec import FINAL_EVENTS, FINAL_STATES, STATE_AFTER_EVENT,
 from conveyor.common.defaults import DEFAULT_RETRY
 from conveyor.common.ids import parse_job_id, ulid_time_ms
 from conveyor.common.keys import QUEUES, RESULTS_GROUP, queue_keys
-from conveyor.common.redis import REDIS_UNAVAILABLE, RedisClient, by_slot, on_slot_of, pipeline
+from conveyor.common.redis import REDIS_UNAVAILABLE, RedisClient, by_slot, on_slot_of
 from conveyor.common.scripts import Scripts
 from conveyor.common.supervise import LoopStatus, Supervisor
 from conveyor.results import pgerrors
@@ -109,7 +109,7 @@ class Batch:
     then decides what is written now and what stays back.
     """
 
-    __slots__ = ("_carry", "_history", "acks", "events", "malformed", "rows", "size", "traces")
+    __slots__ = ("_carry", "_history", "acks", "events", "malformed", "queues", "rows", "size", "traces")
 
     def __init__(self, carry: Carry | None = None) -> None:
         self.rows: dict[str, JobRow] = {}
@@ -118,6 +118,8 @@ class Batch:
         self._carry = carry
         self.events: list[HistoryRow] = []
         self.acks: dict[str, list[bytes]] = {}
+        #: stream -> queue of every stream in ``acks``.
+        self.queues: dict[str, str] = {}
         #: Entries that are not a JobEvent of a job: set aside with the batch, never dropped.
         self.malformed: list[SetAside] = []
         self.size = 0
@@ -133,6 +135,7 @@ class Batch:
         project, but they are acked with the rest.
         """
         acks = self.acks.setdefault(stream, [])
+        self.queues[stream] = queue
         acks.extend(deleted)
         prefix = queue + "/"
         for entry_id, fields in entries:
@@ -219,6 +222,7 @@ class Batch:
                     del carry[job_id]
                     ids = kept.history[4][: kept.held]
                     self.acks.setdefault(kept.stream, []).extend(ids)
+                    self.queues[kept.stream] = kept.row.queue
                     self.size += len(ids)
                 continue
             if kept is None:
@@ -247,6 +251,7 @@ class Batch:
             self._history[job_id] = kept.history
             ids = kept.history[4]
             self.acks.setdefault(kept.stream, []).extend(ids)
+            self.queues[kept.stream] = kept.row.queue
             self.size += len(ids)
 
     def finished(self) -> dict[str, list[tuple[str, str]]]:
@@ -802,17 +807,18 @@ class Projector:
         job that PostgreSQL does not have yet.
         """
         backoff = _Backoff()
-        finished = batch.finished()
+        # Per stream, one script call sets the finished jobs' expiry and acks the entries (ADR 0030).
+        todo: dict[str, tuple[str, list[tuple[str, str]], list[bytes]]] = {
+            stream: (batch.queues[stream], [], ids) for stream, ids in batch.acks.items() if ids
+        }
+        for queue, jobs in batch.finished().items():
+            stream = queue_keys(queue).events
+            todo[stream] = (queue, jobs, todo[stream][2] if stream in todo else [])
         while True:
             try:
-                for queue, jobs in finished.items():
-                    await self._scripts.projected(queue_keys(queue), jobs, self._retention_ms)
-                finished = {}
-                async with pipeline(self._redis) as pipe:
-                    for stream, ids in batch.acks.items():
-                        if ids:
-                            pipe.xack(stream, RESULTS_GROUP, *ids)
-                    await pipe.execute()
+                for stream, (queue, jobs, ids) in list(todo.items()):
+                    await self._scripts.projected(queue_keys(queue), jobs, self._retention_ms, ids)
+                    del todo[stream]
                 break
             except Exception as exc:
                 transient = faults.is_transient(exc) or isinstance(exc, REDIS_UNAVAILABLE)
