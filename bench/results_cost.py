@@ -45,8 +45,8 @@ from run import CLK, KEYS, PG_SETTINGS, QUEUE, ROOT, BenchError, Stack, tree_tic
 
 from conveyor.common.devstack.servers import PostgresServer, RedisServer, free_port  # noqa: E402
 from conveyor.common.keys import QUEUES, RESULTS_GROUP  # noqa: E402
-from conveyor.v1 import producer_service_pb2_grpc  # noqa: E402
 from conveyor.v1 import producer_service_pb2 as p  # noqa: E402
+from conveyor.v1 import producer_service_pb2_grpc  # noqa: E402
 
 SUCCEEDED = 5
 
@@ -127,8 +127,9 @@ class Backlog(Stack):
             self._wait_healthy(s, 60.0)
             time.sleep(0.3)  # let start-up's last tasks settle (first read finds no stream)
             if profile is not None:
+                spy_bin = str(Path(sys.executable).parent / "py-spy")
                 spy = subprocess.Popen(
-                    [str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200", "-f", "raw", "-o", str(profile), "-p", str(s.proc.pid)],
+                    [spy_bin, "record", "-r", "200", "-f", "raw", "-o", str(profile), "-p", str(s.proc.pid)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )  # fmt: skip
                 time.sleep(0.5)
