@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The results service's CPU per job while it catches up (issue 13 item 2; ADR 0030).
 
-    .venv/bin/python bench/results_cost.py [--n 20000] [--reps 3] [--python PATH] [--b-python PATH] [--profile DIR]
+    .venv/bin/python bench/results_cost.py [--n 20000] [--reps 3] [--python PATH] [--b-python PATH]
+                                           [--b-env KEY=VALUE,...] [--profile DIR]
 
 What it measures: the "catching up" case only. A private Redis and PostgreSQL (bench/run.py's
 settings), a producer and one worker and NO results service: N jobs are enqueued (batches of 100,
@@ -16,7 +17,9 @@ after PostgreSQL committed), divided by N. Every job's row is then checked final
 With --b-python, each repetition runs both sides on the same events, in alternating order: between
 runs the results group is dropped (the next run reads the stream from its start) and the tables are
 emptied; each side has a database of its own (their migrations may differ). The end prints the
-medians per side and the median of the per-repetition B / A ratios (> 1: B cost more).
+medians per side and the median of the per-repetition B / A ratios (> 1: B cost more). --b-env
+gives side B's results service more environment (a setting to weigh; B runs --python unless
+--b-python says otherwise).
 
 This is not the live case (jobs arriving while the service keeps up): bench/run.py's e2e measures that.
 """
@@ -41,7 +44,7 @@ import redis
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from driver import JOB_TYPE, PAYLOAD  # noqa: E402
-from run import CLK, KEYS, PG_SETTINGS, QUEUE, ROOT, BenchError, Stack, tree_ticks, wait_until  # noqa: E402
+from run import CLK, KEYS, PG_SETTINGS, QUEUE, ROOT, BenchError, Stack, parse_env, tree_ticks, wait_until  # noqa: E402
 
 from conveyor.common.devstack.servers import PostgresServer, RedisServer, free_port  # noqa: E402
 from conveyor.common.keys import QUEUES, RESULTS_GROUP  # noqa: E402
@@ -106,7 +109,9 @@ class Backlog(Stack):
             conn.execute(f"CREATE DATABASE {name}".encode())
         return self.pg_server.url.rsplit("/", 1)[0] + "/" + name
 
-    def project(self, python: str, url: str, n: int, profile: Path | None) -> dict[str, Any]:
+    def project(
+        self, python: str, url: str, n: int, profile: Path | None, extra_env: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         """One results service under ``python`` catching up on the whole stream into ``url``."""
         assert self.r is not None
         # Fresh start: no group (the service creates it at id 0), empty tables, the queue unknown
@@ -118,7 +123,7 @@ class Backlog(Stack):
             if exists and exists[0]:
                 conn.execute("TRUNCATE jobs, job_events, projection_set_aside")
                 conn.execute("VACUUM ANALYZE")  # the catalogue as after a migration, not after a run
-        env = dict(self.env, DATABASE_URL=url)
+        env = dict(self.env, DATABASE_URL=url, **(extra_env or {}))
         self.python = python
         self._spawn("results", env, f"127.0.0.1:{free_port()}")
         s = self.services["results"]
@@ -172,9 +177,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--python", default=sys.executable, help="interpreter of the results service (side A)")
     ap.add_argument("--b-python", help="interpreter of side B (e.g. /work/wt-base/.venv/bin/python): paired")
+    ap.add_argument("--b-env", default="", help="KEY=VALUE,... added to side B's results service (e.g. a setting)")
     ap.add_argument("--profile", type=Path, help="directory for py-spy raw profiles of each run")
     a = ap.parse_args()
-    sides = {"a": a.python} if not a.b_python else {"a": a.python, "b": a.b_python}
+    b_python = a.b_python or (a.python if a.b_env else None)
+    sides = {"a": a.python} if not b_python else {"a": a.python, "b": b_python}
+    envs = {"a": {}, "b": parse_env(a.b_env)}
     rows: list[dict[str, Any]] = []
     for rep in range(a.reps):
         with (
@@ -188,7 +196,7 @@ def main() -> None:
                 prof = a.profile / f"results-{side}-{rep:02d}.txt" if a.profile else None
                 if prof is not None:
                     prof.parent.mkdir(parents=True, exist_ok=True)
-                got = st.project(sides[side], urls[side], a.n, prof)
+                got = st.project(sides[side], urls[side], a.n, prof, envs[side])
                 row = {"rep": rep, "side": side, "python": sides[side], "n": a.n, **got}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
