@@ -99,3 +99,26 @@ async def test_projection_never_extends_an_expiry_nor_brings_back_a_requeued_job
     # The newer outcome projected: now it expires too.
     assert await scripts.projected(keys, [("rerun", "900-0")], 60_000) == 1
     assert await scripts.projected(keys, [], 60_000) == 0
+
+
+async def test_projection_acks_the_committed_entries_after_setting_the_expiry_in_one_step(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """ADR 0030: the batch's acks travel packed in projected.lua's call, thousands at a time."""
+    scripts = Scripts(redis_client)
+    keys = queue_keys("proj-ack")
+    await redis_client.xgroup_create(keys.events, "results", id="0", mkstream=True)
+    ids = [await redis_client.xadd(keys.events, {"e": b"x"}) for _ in range(2500)]
+    await redis_client.xreadgroup("results", "c1", {keys.events: ">"}, count=5000)
+    await redis_client.hset(keys.state, "done", "5|1|5||100-0|300-0")
+    await redis_client.zadd(keys.done, {"done": math.inf})
+    # Acks alone (every job of the batch held back or unfinished): nothing expires, all are acked.
+    assert await scripts.projected(keys, [], 60_000, ids[:1200]) == 0
+    assert (await redis_client.xpending(keys.events, "results"))["pending"] == 1300
+    assert await scripts.projected(keys, [("done", "300-0")], 60_000, ids[1200:]) == 1
+    assert (await redis_client.xpending(keys.events, "results"))["pending"] == 0
+    assert (await redis_client.zscore(keys.done, "done") or math.inf) < math.inf
+    # A stream whose group went away (deleted, Redis restarted empty): nothing to ack, the expiry is set.
+    await redis_client.zadd(keys.done, {"done": math.inf})
+    await redis_client.xgroup_destroy(keys.events, "results")
+    assert await scripts.projected(keys, [("done", "300-0")], 60_000, ids[:1]) == 1

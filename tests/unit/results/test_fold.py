@@ -294,3 +294,22 @@ def test_a_batch_without_a_carry_keeps_nothing_back() -> None:
     batch = fold([job.queued(0)])
     batch.settle(now=1.0, window_s=1.0, max_jobs=100)
     assert [r.job_id for r in batch.finish()] == [job.job_id] and batch.acks == {STREAM: [b"1000-0"]}
+
+
+def test_fields_as_redis_sends_them_fold_as_the_same_fields_as_a_dict() -> None:
+    """The raw [k, v, ...] reply, in the scripts' order (the fast path) or any other, folds as a dict does."""
+    jobs = [JobHistory(payload={"n": i}) for i in range(3)]
+    events = [e for job in jobs for e in job.lifecycle(start=1.0, result=None)]
+    as_dicts = entries(events)
+    as_lists: list[tuple[bytes, list[bytes]]] = []
+    for i, (entry_id, fields) in enumerate(as_dicts):
+        ordered = [b"j", fields[b"j"], b"e", fields[b"e"]]
+        as_lists.append((entry_id, ordered if i % 2 else [b"e", fields[b"e"], b"x", b"1", b"j", fields[b"j"]]))
+    by_dict, by_list = Batch(), Batch()
+    by_dict.add("default", STREAM, as_dicts)
+    by_list.add("default", STREAM, as_lists)
+    rows_d = {r.job_id: {k: getattr(r, k) for k in r.__slots__} for r in by_dict.finish()}
+    rows_l = {r.job_id: {k: getattr(r, k) for k in r.__slots__} for r in by_list.finish()}
+    assert rows_l == rows_d and len(rows_l) == 3
+    assert sorted(by_list.events) == sorted(by_dict.events)
+    assert by_list.acks == by_dict.acks and by_list.queues == {STREAM: "default"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -403,18 +404,28 @@ class Scripts:
         """Drop up to ``limit`` live records whose retention has passed; returns how many."""
         return int(await self._expire_records(keys=[keys.state, keys.done], args=[limit]))
 
-    async def projected(self, keys: QueueKeys, jobs: list[tuple[str, str]], retention_ms: int) -> int:
-        """Finished jobs committed to PostgreSQL: their live records expire ``retention_ms`` from now.
+    async def projected(
+        self, keys: QueueKeys, jobs: list[tuple[str, str]], retention_ms: int, acks: Sequence[bytes] = ()
+    ) -> int:
+        """Events committed to PostgreSQL: the finished jobs' live records expire ``retention_ms`` from
+        now, then ``acks`` are acknowledged in group ``results``, in one step (ADR 0030).
 
         Args:
             jobs: (ulid, id of the job's last event committed) pairs; a job whose record holds a
                 newer outcome than that event keeps its record until that outcome is projected.
+            acks: Ids of entries of the queue's event stream to acknowledge.
+
+        Returns:
+            How many records' expiry was set.
         """
-        if not jobs:
+        if not jobs and not acks:
             return 0
-        args: list[str | int] = [retention_ms]
-        for ulid, event_id in jobs:
-            args += [ulid, event_id]
+        # One argument per list, not one per element: redis-py packs arguments one by one in
+        # Python, which for a batch's thousand ids cost more than folding the batch (ADR 0030).
+        pairs = " ".join(f"{ulid} {event_id}" for ulid, event_id in jobs)
+        args: list[str | int | bytes] = [retention_ms, pairs]
+        if acks:
+            args += [RESULTS_GROUP, b" ".join(acks)]
         return int(await self._projected(keys=[keys.state, keys.events, keys.done], args=args))
 
     async def trim_events(self, keys: QueueKeys, cutoff_ms: int) -> int:

@@ -31,11 +31,11 @@ from conveyor.common.codec import FINAL_EVENTS, FINAL_STATES, STATE_AFTER_EVENT,
 from conveyor.common.defaults import DEFAULT_RETRY
 from conveyor.common.ids import parse_job_id, ulid_time_ms
 from conveyor.common.keys import QUEUES, RESULTS_GROUP, queue_keys
-from conveyor.common.redis import REDIS_UNAVAILABLE, RedisClient, by_slot, on_slot_of, pipeline
+from conveyor.common.redis import REDIS_UNAVAILABLE, RedisClient, by_slot, on_slot_of
 from conveyor.common.scripts import Scripts
 from conveyor.common.supervise import LoopStatus, Supervisor
 from conveyor.results import pgerrors
-from conveyor.results.store import HistoryRow, JobRow, SetAside, Store, pack_event
+from conveyor.results.store import EVENT_HEAD, HistoryRow, JobRow, SetAside, Store
 from conveyor.v1 import event_pb2, job_pb2
 
 log = structlog.get_logger("conveyor.results.projector")
@@ -56,6 +56,8 @@ _DEFAULT_RETRY_BYTES = DEFAULT_RETRY.SerializeToString()
 # TimeoutError: a blocking read that outlived its grace (see READ_GRACE_S).
 _READ_ERRORS: tuple[type[BaseException], ...] = (*REDIS_UNAVAILABLE, TimeoutError)
 _TRIM_ERRORS: tuple[type[BaseException], ...] = (*REDIS_UNAVAILABLE, ResponseError)
+_decode_event = event_pb2.JobEvent.FromString
+_pack_head = EVENT_HEAD.pack
 
 
 def _us(ts: Timestamp) -> int:
@@ -109,7 +111,7 @@ class Batch:
     then decides what is written now and what stays back.
     """
 
-    __slots__ = ("_carry", "_history", "acks", "events", "malformed", "rows", "size", "traces")
+    __slots__ = ("_carry", "_history", "acks", "events", "malformed", "queues", "rows", "size", "traces")
 
     def __init__(self, carry: Carry | None = None) -> None:
         self.rows: dict[str, JobRow] = {}
@@ -118,6 +120,8 @@ class Batch:
         self._carry = carry
         self.events: list[HistoryRow] = []
         self.acks: dict[str, list[bytes]] = {}
+        #: stream -> queue of every stream in ``acks``.
+        self.queues: dict[str, str] = {}
         #: Entries that are not a JobEvent of a job: set aside with the batch, never dropped.
         self.malformed: list[SetAside] = []
         self.size = 0
@@ -133,19 +137,24 @@ class Batch:
         project, but they are acked with the rest.
         """
         acks = self.acks.setdefault(stream, [])
+        self.queues[stream] = queue
         acks.extend(deleted)
         prefix = queue + "/"
+        fold = self._fold_one
         for entry_id, fields in entries:
             if entry_id is None:  # a deleted entry as Redis 6.2 reported it
                 continue
             acks.append(entry_id)
             if not fields:
                 continue  # deleted while pending: nothing left to project
-            data, ulid = _entry_fields(fields)
+            if fields.__class__ is list and len(fields) == 4 and fields[0] == b"j" and fields[2] == b"e":
+                ulid, data = fields[1], fields[3]  # as the Lua scripts write them: the hot path
+            else:
+                data, ulid = _entry_fields(fields)
             if not data:
                 continue
             try:
-                self._fold_one(queue, prefix, entry_id, ulid, data)
+                fold(queue, prefix, entry_id, ulid, data)
             except (DecodeError, ValueError) as exc:
                 # A poison entry must not wedge the projector, nor be lost: it is set aside in the
                 # batch's commit (projection_set_aside), where an operator sees it.
@@ -158,26 +167,28 @@ class Batch:
     def _fold_one(self, queue: str, prefix: str, entry_id: bytes, ulid: bytes | None, data: bytes) -> None:
         ms_raw, _, seq_raw = entry_id.partition(b"-")
         ms, seq = int(ms_raw), int(seq_raw or 0)
-        event = event_pb2.JobEvent.FromString(data)
+        event = _decode_event(data)
         # Redis keeps events without their job id (ADR 0001): the stream's queue and the
         # entry's ULID give it. An event that does carry one is accepted as a fallback.
         job_id = prefix + ulid.decode() if ulid else event.job_id
         if not job_id:
             raise ValueError("event without job id")
-        record = pack_event(ms, seq, data)
+        record = _pack_head(ms, seq, len(data)) + data  # store.pack_event, inline: once per event
         history = self._history.get(job_id)
-        if history is None and self._carry and job_id in self._carry:
-            # Kept back by an earlier batch: fold on top of what was kept.
-            kept = self._carry[job_id]
-            history = self._history[job_id] = kept.history
-            self.rows[job_id] = kept.row
+        if history is None:
+            carry = self._carry
+            if carry and job_id in carry:
+                # Kept back by an earlier batch: fold on top of what was kept.
+                kept = carry[job_id]
+                history = self._history[job_id] = kept.history
+                self.rows[job_id] = kept.row
         if history is None:
             self._history[job_id] = [ms, seq, ms, seq, [entry_id], record]
         else:
             history[4].append(entry_id)
-            if (ms, seq) < (history[0], history[1]):
+            if ms < history[0] or (ms == history[0] and seq < history[1]):
                 history[0], history[1] = ms, seq
-            if (ms, seq) > (history[2], history[3]):
+            if ms > history[2] or (ms == history[2] and seq > history[3]):
                 history[2], history[3] = ms, seq
             history.append(record)
         etype = event.type
@@ -189,9 +200,13 @@ class Batch:
             row = self.rows[job_id] = JobRow(job_id, queue)
         elif row.state in FINAL_STATES and not (row.state in _REOPENABLE_STATES and etype in _REQUEUE_EVENTS):
             return  # Invariant 2: a final state is never overwritten (a late ACTIVE is ignored)
-        at_us = _us(event.time) if event.HasField("time") else ms * 1000
+        if event.HasField("time"):
+            t = event.time
+            at_us = t.seconds * 1_000_000 + t.nanos // 1000
+        else:
+            at_us = ms * 1000
         apply_event(row, event, etype, state, ms, seq, at_us)
-        if tracing.tracer is not None and etype in FINAL_EVENTS and event.job.traceparent:
+        if etype in FINAL_EVENTS and tracing.tracer is not None and event.job.traceparent:
             self.traces.append((job_id, queue, event.job.traceparent, event.job.tracestate))
 
     def __bool__(self) -> bool:
@@ -219,6 +234,7 @@ class Batch:
                     del carry[job_id]
                     ids = kept.history[4][: kept.held]
                     self.acks.setdefault(kept.stream, []).extend(ids)
+                    self.queues[kept.stream] = kept.row.queue
                     self.size += len(ids)
                 continue
             if kept is None:
@@ -247,6 +263,7 @@ class Batch:
             self._history[job_id] = kept.history
             ids = kept.history[4]
             self.acks.setdefault(kept.stream, []).extend(ids)
+            self.queues[kept.stream] = kept.row.queue
             self.size += len(ids)
 
     def finished(self) -> dict[str, list[tuple[str, str]]]:
@@ -802,17 +819,18 @@ class Projector:
         job that PostgreSQL does not have yet.
         """
         backoff = _Backoff()
-        finished = batch.finished()
+        # Per stream, one script call sets the finished jobs' expiry and acks the entries (ADR 0030).
+        todo: dict[str, tuple[str, list[tuple[str, str]], list[bytes]]] = {
+            stream: (batch.queues[stream], [], ids) for stream, ids in batch.acks.items() if ids
+        }
+        for queue, jobs in batch.finished().items():
+            stream = queue_keys(queue).events
+            todo[stream] = (queue, jobs, todo[stream][2] if stream in todo else [])
         while True:
             try:
-                for queue, jobs in finished.items():
-                    await self._scripts.projected(queue_keys(queue), jobs, self._retention_ms)
-                finished = {}
-                async with pipeline(self._redis) as pipe:
-                    for stream, ids in batch.acks.items():
-                        if ids:
-                            pipe.xack(stream, RESULTS_GROUP, *ids)
-                    await pipe.execute()
+                for stream, (queue, jobs, ids) in list(todo.items()):
+                    await self._scripts.projected(queue_keys(queue), jobs, self._retention_ms, ids)
+                    del todo[stream]
                 break
             except Exception as exc:
                 transient = faults.is_transient(exc) or isinstance(exc, REDIS_UNAVAILABLE)

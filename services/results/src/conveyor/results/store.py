@@ -141,21 +141,22 @@ class JobRow:
 #: One job_events row: (job_id, first_ms, first_seq, last_ms, last_seq, packed events); see pack_event.
 HistoryRow = tuple[str, int, int, int, int, bytes]
 
-_EVENT_HEAD = struct.Struct(">qqi")
+#: The head of a job_events record: the event's stream id (ms, seq) and its length (see pack_event).
+EVENT_HEAD = struct.Struct(">qqi")
 
 
 def pack_event(ms: int, seq: int, data: bytes) -> bytes:
     """One record of a job_events row: the event's stream id, its length, the serialized event."""
-    return _EVENT_HEAD.pack(ms, seq, len(data)) + data
+    return EVENT_HEAD.pack(ms, seq, len(data)) + data
 
 
 def unpack_events(packed: bytes) -> list[tuple[int, int, bytes]]:
     """The (event_ms, event_seq, data) records of a job_events row, as packed."""
     out: list[tuple[int, int, bytes]] = []
     view = memoryview(packed)
-    pos, end, head = 0, len(packed), _EVENT_HEAD.size
+    pos, end, head = 0, len(packed), EVENT_HEAD.size
     while pos < end:
-        ms, seq, size = _EVENT_HEAD.unpack_from(packed, pos)
+        ms, seq, size = EVENT_HEAD.unpack_from(packed, pos)
         pos += head
         out.append((ms, seq, bytes(view[pos : pos + size])))
         pos += size
