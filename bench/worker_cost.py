@@ -54,6 +54,7 @@ CLK = os.sysconf("SC_CLK_TCK")
 PAYLOAD = json.dumps({"data": "x" * 88}).encode()  # 100 bytes of JSON, as the e2e driver sends
 MODES = {"async": "cost.noop", "sync": "cost.noop_sync"}
 WARMUP = 500
+SPY_FLAGS = os.environ.get("WORKER_COST_SPY_FLAGS", "").split()
 CONCURRENCY = 50
 
 
@@ -117,7 +118,10 @@ class Worker:
                 if self.proc.poll() is not None:
                     raise SystemExit(f"worker exited with {self.proc.returncode}; see {self.log_path}")
                 with contextlib.suppress(grpc.RpcError):
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
+                    if (
+                        stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    ):
                         return
                 if time.monotonic() > deadline:
                     raise SystemExit(f"worker not SERVING after {timeout:.0f} s; see {self.log_path}")
@@ -157,7 +161,7 @@ def run_once(python: str, url: str, queue: str, mode: str, n: int, logdir: Path,
                 spy_bin = Path(sys.executable).with_name("py-spy")
             profile.parent.mkdir(parents=True, exist_ok=True)
             spy = subprocess.Popen(
-                [str(spy_bin), "record", "--pid", str(worker.proc.pid), "--rate", "250",
+                [str(spy_bin), "record", "--pid", str(worker.proc.pid), "--rate", "250", *SPY_FLAGS,
                  "--format", "raw", "--output", str(profile)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
