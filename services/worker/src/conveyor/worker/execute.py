@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -127,23 +128,30 @@ async def _held_until_ended(
     stop (:class:`_Stopped`); what it returns after that is dropped. Cancelling this task (the
     worker stopping) ends the wait and leaves the claim pending.
     """
-    woken = asyncio.Event()
-    cancellation.interrupt = woken.set
-    waker = asyncio.ensure_future(woken.wait())
+    # One future woken by whichever comes first (the call's end, CancelJob, the timeout): an
+    # Event, a task waiting on it and asyncio.wait cost more than the rest of a no-op sync job.
+    loop = asyncio.get_running_loop()
+    first: asyncio.Future[None] = loop.create_future()
+
+    def wake(*_: object) -> None:
+        if not first.done():
+            first.set_result(None)
+
+    cancellation.interrupt = wake
+    done.add_done_callback(wake)
+    timer = loop.call_later(limit_s, wake) if limit_s > 0 else None
     try:
         if cancellation.requested.is_set():  # asked before the attempt got here
-            woken.set()
+            wake()
         try:
-            finished, _ = await asyncio.wait(
-                {done, waker}, timeout=limit_s if limit_s > 0 else None, return_when=asyncio.FIRST_COMPLETED
-            )
+            await first
         except asyncio.CancelledError:
             # The worker is stopping (its grace is over): the claim stays pending for another
             # worker, so a child must not run on beside that one; it is killed at once.
             stop(True)
             done.add_done_callback(_retrieve)  # nobody awaits it any more: no "never retrieved" noise
             raise
-        if done in finished:
+        if done.done():
             return done.result()
         cancelled = cancellation.requested.is_set()
         cancellation.stop.set()
@@ -160,8 +168,17 @@ async def _held_until_ended(
         log.info("attempt_stopped", waited_ms=round((time.perf_counter() - started) * 1000, 3))
         raise _Stopped(cancelled)
     finally:
-        waker.cancel()
+        if timer is not None:
+            timer.cancel()
         cancellation.interrupt = None
+
+
+async def _progress_recorded(ctx: JobContext) -> None:
+    """Wait for the progress a sync handler reported from its thread (``progress_threadsafe`` does
+    not wait): what it reported before it returned is recorded before its outcome."""
+    for sent in ctx._progress_sent:
+        with contextlib.suppress(Exception):  # best effort, as progress is (report logs what it drops)
+            await asyncio.wrap_future(sent)
 
 
 async def run_attempt(
@@ -232,7 +249,14 @@ async def run_attempt(
                 result = await (asyncio.wait_for(call, timeout) if timeout > 0 else call)
             else:
                 thread = asyncio.wrap_future((pool or default_pool()).submit(handler, payload, ctx))
-                result = await _held_until_ended(thread, timeout, cancellation, lambda now: None)
+                try:
+                    result = await _held_until_ended(thread, timeout, cancellation, lambda now: None)
+                except asyncio.CancelledError:
+                    raise
+                except BaseException:
+                    await _progress_recorded(ctx)
+                    raise
+                await _progress_recorded(ctx)
             result_json = dumps(result)
             encryption = crypto.current()
             if encryption.keyring is not None and (sealed or encryption.encrypts(job.queue)):
