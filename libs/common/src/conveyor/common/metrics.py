@@ -135,9 +135,8 @@ class JobTally:
     ``conveyor_job_duration_seconds`` get exactly what :func:`job_started` and :func:`job_ended`
     would give them, but a job costs two dict updates and a ``bisect`` instead of four locked
     prometheus_client updates (about 5 µs; ADR 0029). The first tally of a loop turn schedules the
-    flush with ``call_soon``: it runs before anything the same turn schedules later (an outcome's
-    completer wakes after it), so a recorded outcome is never ahead of its figures. Used on one
-    event loop only (the worker's).
+    flush with ``call_soon``, and the worker's completer flushes before it records a batch, so a
+    recorded outcome is never ahead of its figures. Used on one event loop only (the worker's).
     """
 
     def __init__(self) -> None:
@@ -182,6 +181,8 @@ class JobTally:
     def flush(self) -> None:
         """Add what was counted since the last flush to the Prometheus metrics."""
         self._scheduled = False
+        if not self._counts and not self._observed:
+            return
         counts, self._counts = self._counts, {}
         observed, self._observed = self._observed, {}
         for (queue, type_, event), n in counts.items():

@@ -396,6 +396,9 @@ class QueueRunner:
                 batch += outcomes[:MAX_COMPLETE]
                 del outcomes[:MAX_COMPLETE]
             self.completing.update(o.entry_id for o in batch)
+            # The figures of these attempts are tallied; their flush is due this loop turn, but the
+            # outcomes must not be visible before them (a scrape between the two).
+            metrics.tally.flush()
             try:
                 results = await self._scripts.complete(self._keys, self._settings.worker_id, self._retention_ms, batch)
                 backoff.reset()
