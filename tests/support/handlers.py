@@ -9,6 +9,8 @@ import time
 from collections import Counter
 from typing import Any
 
+import structlog
+
 from conveyor.worker.demo import handlers as demo
 from conveyor.worker.handlers import Handlers, JobContext, PermanentError, RateLimited
 
@@ -300,3 +302,20 @@ def traced_sync(payload: dict[str, Any], ctx: JobContext) -> str:
     with trace.get_tracer("tests.handlers").start_as_current_span("render in a thread"):
         pass
     return "rendered"
+
+
+_LOG_FIELDS = ("job_id", "queue", "type", "attempt", "worker")
+
+
+@handlers.register("test.log_context")
+async def log_context(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Returns the logging context its log lines carry (structlog's contextvars)."""
+    bound = structlog.contextvars.get_contextvars()
+    return {k: bound.get(k) for k in _LOG_FIELDS}
+
+
+@handlers.register("test.log_context_sync")
+def log_context_sync(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """As test.log_context, from a sync handler's thread."""
+    bound = structlog.contextvars.get_contextvars()
+    return {k: bound.get(k) for k in _LOG_FIELDS}

@@ -73,3 +73,12 @@ def test_a_queued_event_names_only_the_type_and_priority_as_before() -> None:
     event = event_pb2.JobEvent(type=event_pb2.EVENT_TYPE_QUEUED, job=job_pb2.Job(type="t", priority=5))
     decoded = decode_event(b"1-0", event.SerializeToString(), f"q/{_ULID}")
     assert decoded.job == job_pb2.Job(id=f"q/{_ULID}", queue="q", type="t", priority=5)
+
+
+def test_dumps_of_none_is_null_as_the_encoder_writes_it() -> None:
+    import json
+
+    from conveyor.common.codec import dumps
+
+    assert dumps(None) == json.dumps(None).encode() == b"null"
+    assert dumps({"a": None, "b": [1, "é"]}) == '{"a":null,"b":[1,"é"]}'.encode()

@@ -49,6 +49,8 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan
 
 def dumps(value: Any) -> bytes:
     """Compact JSON bytes of a JSON-able value."""
+    if value is None:  # what most handlers return: the encoder's set-up alone costs microseconds
+        return b"null"
     return _ENCODER.encode(value).encode()
 
 

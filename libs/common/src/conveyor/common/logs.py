@@ -14,6 +14,14 @@ from typing import Any
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+#: The lowest level written, as configured (everything until configure() is called, as structlog does).
+_level = logging.NOTSET
+
+
+def enabled_for(level: int) -> bool:
+    """Whether lines at ``level`` are written: a guard for hot paths, where even a filtered-out call
+    costs microseconds (the module logger is a lazy proxy resolving the method on each call)."""
+    return level >= _level
 
 
 def console_colors() -> bool:
@@ -32,6 +40,8 @@ def configure(service: str, level: str = "info", fmt: str = "auto", cache: bool 
         fmt: "json", "console", or "auto" (JSON unless stdout is a terminal).
         cache: Cache loggers on first use; tests turn this off so capture_logs sees them.
     """
+    global _level
+    _level = _LEVELS[level]
     use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
 
     def add_service(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:

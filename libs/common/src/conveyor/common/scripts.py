@@ -127,9 +127,11 @@ class EnqueueResult:
     state: int
 
 
-@dataclass(frozen=True, slots=True)
+# Claimed and Outcome are made once per job on the worker's hot path: not frozen, as a frozen
+# dataclass's __init__ sets each field through object.__setattr__ (about three times the cost).
+@dataclass(slots=True)
 class Claimed:
-    """A job a worker claimed."""
+    """A job a worker claimed (treat as read-only)."""
 
     band: int
     entry_id: str
@@ -150,9 +152,9 @@ class ClaimResult:
     next_due_ms: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outcome:
-    """A final outcome for the complete script."""
+    """A final outcome for the complete script (treat as read-only)."""
 
     band: int
     entry_id: str

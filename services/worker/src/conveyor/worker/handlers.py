@@ -33,6 +33,7 @@ Point the worker at it with ``CONVEYOR_HANDLERS=myapp.jobs:handlers``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib
 import inspect
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -134,6 +135,8 @@ class JobContext:
     rate_key: str = ""
     _cancel: Flag = field(default_factory=Flag, repr=False)
     traceparent: str = ""
+    #: Progress reported from the handler's thread: the worker records it before the outcome.
+    _progress_sent: list[concurrent.futures.Future[None]] = field(default_factory=list, repr=False)
 
     @property
     def cancelled(self) -> bool:
@@ -168,7 +171,7 @@ class JobContext:
             percent: How far the job is, 0 to 100.
             message: A short note for people.
         """
-        asyncio.run_coroutine_threadsafe(self.progress(percent, message), self._loop)
+        self._progress_sent.append(asyncio.run_coroutine_threadsafe(self.progress(percent, message), self._loop))
 
     async def back_off(self, seconds: float, *, whole_queue: bool = False) -> None:
         """Hold back starts of this job's rate key (or of the whole queue) for ``seconds``.

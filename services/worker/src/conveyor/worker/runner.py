@@ -167,8 +167,9 @@ class QueueRunner:
         self._handlers = handlers
         self._settings = settings
         self._slots = slots
-        self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
-        self._running: set[asyncio.Task[None]] = set()
+        #: Outcomes of ended attempts, not yet taken by the completer; ``_outcome_ready`` wakes it.
+        self._outcomes: list[Outcome] = []
+        self._outcome_ready = asyncio.Event()
         #: Claims held until their outcome is recorded (entry id -> claim); the heartbeat reads it.
         self.active: dict[str, Claimed] = {}
         #: Entries whose outcome is being recorded: a heartbeat that finds them no longer ACTIVE is not a loss.
@@ -191,6 +192,8 @@ class QueueRunner:
         backoff = _Backoff()
         status = self.status("claim")
         consumer = self._settings.worker_id
+        # Bound once for every attempt this loop starts: its tasks' contexts are copies of this one.
+        structlog.contextvars.bind_contextvars(queue=self._keys.queue, worker=consumer)
         # At start (a restart under the same id, or of this loop) and after any failed claim (its
         # reply may have been lost after the script ran), take back the jobs our pending list says we hold.
         recover = True
@@ -258,29 +261,35 @@ class QueueRunner:
             await asyncio.sleep(0.5)
 
     def _start(self, claimed: list[Claimed]) -> None:
-        """Run claimed jobs; each holds a slot its claim reserved (Slots.reserve) until its outcome is recorded."""
-        for c in claimed:
-            self.active[c.entry_id] = c
-            cancellation = self._cancels[c.entry_id] = Cancellation()
-            task = self._tasks[c.entry_id] = asyncio.create_task(self._run(c, cancellation))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
-            task.add_done_callback(functools.partial(self._attempt_ended, c))
+        """Run claimed jobs; each holds a slot its claim reserved (Slots.reserve) until its outcome is recorded.
 
-    def _attempt_ended(self, claimed: Claimed, task: asyncio.Task[None]) -> None:
-        """An attempt whose task failed without an outcome to record lets go of its claim.
+        One task per attempt and nothing else per job: no done-callbacks (the attempt's own
+        coroutine lets go of a claim it crashed on), no queue wake-up (see _run).
+        """
+        active, cancels, tasks, create_task, run = (
+            self.active,
+            self._cancels,
+            self._tasks,
+            asyncio.create_task,
+            self._run,
+        )
+        for c in claimed:
+            active[c.entry_id] = c
+            cancellation = cancels[c.entry_id] = Cancellation()
+            tasks[c.entry_id] = create_task(run(c, cancellation))
+
+    def _attempt_crashed(self, claimed: Claimed, exc: BaseException) -> None:
+        """An attempt that failed without an outcome to record lets go of its claim.
 
         Its claim is no longer renewed (it is reclaimed after the visibility timeout, as if
         this worker had died) and its slot is free: nothing stays ACTIVE forever on a live worker.
         """
-        if task.cancelled() or task.exception() is None:
-            return
         log.error(
             "attempt_crashed",
             queue=self._keys.queue,
             job_id=f"{self._keys.queue}/{claimed.ulid}",
             attempt=claimed.attempt,
-            exc_info=task.exception(),
+            exc_info=exc,
         )
         if self.active.pop(claimed.entry_id, None) is not None:
             self._tasks.pop(claimed.entry_id, None)
@@ -300,25 +309,35 @@ class QueueRunner:
         return self._keys
 
     async def _run(self, claimed: Claimed, cancellation: Cancellation) -> None:
+        try:
+            outcome = await self._attempt(claimed, cancellation)
+        except Exception as exc:  # a bug (CancelledError, the worker stopping, is not one: it propagates)
+            self._attempt_crashed(claimed, exc)
+            return
+        outcomes = self._outcomes
+        outcomes.append(outcome)
+        if len(outcomes) == 1:  # the completer waits only when it found none: one wake-up per batch
+            self._outcome_ready.set()
+
+    async def _attempt(self, claimed: Claimed, cancellation: Cancellation) -> Outcome:
+        queue = self._keys.queue
         job = job_pb2.Job.FromString(claimed.job)
-        job.id = f"{self._keys.queue}/{claimed.ulid}"
-        job.queue = self._keys.queue
-        attempt = Attempt(job=job, job_bytes=claimed.job, attempt=claimed.attempt)
+        job.id = job_id = f"{queue}/{claimed.ulid}"
+        job.queue = queue
+        job_type, rate_key, number = job.type, job.rate_key, claimed.attempt
+        attempt = Attempt(job=job, job_bytes=claimed.job, attempt=number)
         worker_id = self._settings.worker_id
-        # Each attempt runs in its own task, whose context is a copy: bind without unbinding.
-        structlog.contextvars.bind_contextvars(
-            job_id=job.id, queue=job.queue, type=job.type, attempt=claimed.attempt, worker=worker_id
-        )
+        # Each attempt runs in its own task, whose context is a copy of its loop's, where queue
+        # and worker are bound already: bind the rest without unbinding.
+        structlog.contextvars.bind_contextvars(job_id=job_id, type=job_type, attempt=number)
 
         async def report(percent: float, message: str) -> None:
-            event = event_pb2.JobEvent(type=event_pb2.EVENT_TYPE_PROGRESS, attempt=claimed.attempt, worker=worker_id)
+            event = event_pb2.JobEvent(type=event_pb2.EVENT_TYPE_PROGRESS, attempt=number, worker=worker_id)
             event.progress.percent = percent
             event.progress.message = message
             event.time.FromNanoseconds(time.time_ns())
             try:
-                await self._scripts.progress(
-                    self._keys, worker_id, claimed.ulid, claimed.attempt, event.SerializeToString()
-                )
+                await self._scripts.progress(self._keys, worker_id, claimed.ulid, number, event.SerializeToString())
             except Exception as exc:
                 if not is_transient(exc):
                     raise
@@ -326,15 +345,17 @@ class QueueRunner:
                 log.warning("progress_dropped", error=str(exc))
 
         async def back_off(seconds: float, whole_queue: bool) -> None:
-            key = "" if whole_queue else job.rate_key
+            key = "" if whole_queue else rate_key
             await self._scripts.back_off(self._keys, key, max(1, round(seconds * 1000)))
             log.info("backed_off", rate_key=key, seconds=seconds)
 
         wait_s = None
-        if claimed.attempt == 1:
-            due_ms = max(ulid_time_ms(claimed.ulid), job.run_at.ToMilliseconds() if job.HasField("run_at") else 0)
+        if number == 1:
+            due_ms = ulid_time_ms(claimed.ulid)
+            if job.HasField("run_at"):
+                due_ms = max(due_ms, job.run_at.ToMilliseconds())
             wait_s = max(0.0, time.time() - due_ms / 1000)
-        metrics.job_started(job.queue, job.type, wait_s)
+        metrics.tally.started(queue, job_type, wait_s)
         began = time.monotonic()
         if tracing.tracer is None:
             state, event_bytes, due_ms = await run_attempt(
@@ -347,19 +368,8 @@ class QueueRunner:
                 worker_id,
                 run_attempt(attempt, self._handlers, worker_id, report, cancellation, back_off, self._pool),
             )
-        metrics.job_ended(job.queue, job.type, state, time.monotonic() - began)
-        self._outcomes.put_nowait(
-            Outcome(
-                band=claimed.band,
-                entry_id=claimed.entry_id,
-                ulid=claimed.ulid,
-                attempt=claimed.attempt,
-                state=state,
-                event=event_bytes,
-                due_ms=due_ms,
-                rate_key=job.rate_key,
-            )
-        )
+        metrics.tally.ended(queue, job_type, state, time.monotonic() - began)
+        return Outcome(claimed.band, claimed.entry_id, claimed.ulid, number, state, event_bytes, due_ms, rate_key)
 
     async def complete_loop(self, stop: asyncio.Event, drained: asyncio.Event) -> None:
         """Record outcomes in batches until ``drained`` is set and none is left.
@@ -372,19 +382,23 @@ class QueueRunner:
         while True:
             batch = self._recording
             if not batch:
-                if drained.is_set() and self._outcomes.empty():
-                    return
-                getter = asyncio.ensure_future(self._outcomes.get())
-                drainer = asyncio.ensure_future(drained.wait())
-                await asyncio.wait([getter, drainer], return_when=asyncio.FIRST_COMPLETED)
-                drainer.cancel()
-                if not getter.done():
+                outcomes = self._outcomes
+                if not outcomes:
+                    if drained.is_set():
+                        return
+                    self._outcome_ready.clear()
+                    getter = asyncio.ensure_future(self._outcome_ready.wait())
+                    drainer = asyncio.ensure_future(drained.wait())
+                    await asyncio.wait([getter, drainer], return_when=asyncio.FIRST_COMPLETED)
+                    drainer.cancel()
                     getter.cancel()
                     continue
-                batch.append(getter.result())
-                while len(batch) < MAX_COMPLETE and not self._outcomes.empty():
-                    batch.append(self._outcomes.get_nowait())
+                batch += outcomes[:MAX_COMPLETE]
+                del outcomes[:MAX_COMPLETE]
             self.completing.update(o.entry_id for o in batch)
+            # The figures of these attempts are tallied; their flush is due this loop turn, but the
+            # outcomes must not be visible before them (a scrape between the two).
+            metrics.tally.flush()
             try:
                 results = await self._scripts.complete(self._keys, self._settings.worker_id, self._retention_ms, batch)
                 backoff.reset()
@@ -417,6 +431,8 @@ class QueueRunner:
         """On a timer: take over jobs of dead workers, and expire finished records (idle queues too)."""
         settings = self._settings
         status = self.status("maintain")
+        # Bound once for the attempts it starts (reclaimed jobs), as the claim loop does.
+        structlog.contextvars.bind_contextvars(queue=self._keys.queue, worker=settings.worker_id)
         visibility_s = settings.visibility_for(self._keys.queue)
         interval = min(MAINTENANCE_INTERVAL_S, visibility_s / 4)
         while not stop.is_set():
@@ -454,8 +470,9 @@ class QueueRunner:
 
     async def drain(self, grace_s: float) -> None:
         """Let running attempts finish within ``grace_s``; cancel the rest (their entries stay pending)."""
-        if self._running:
-            _, pending = await asyncio.wait(set(self._running), timeout=grace_s)
+        running = {task for task in self._tasks.values() if not task.done()}
+        if running:
+            _, pending = await asyncio.wait(running, timeout=grace_s)
             for task in pending:
                 task.cancel()
             if pending:
