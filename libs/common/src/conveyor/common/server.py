@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import signal
 import socket
 import sys
@@ -214,6 +215,26 @@ async def start(
     )
 
 
+#: Allocations between two young collections (CPython's default: 700); see tune_gc.
+GC_THRESHOLD0 = 20_000
+
+
+def tune_gc() -> None:
+    """Spare a service most of the cyclic collector's passes (ADR 0030); reference counting frees its garbage.
+
+    A service's per-job objects (a read's reply, a batch's rows and history, a claim's jobs and
+    their tasks) live long enough to be scanned by every young collection meanwhile and promoted
+    to the oldest generation; each time enough pile up there, a full collection rescans the whole
+    heap (modules, protobuf descriptors, gRPC). In the results service catching up on 20,000
+    jobs that was 0.14 s of CPU, 7 µs per job. Frozen, what start-up made is never scanned again;
+    a young collection every 20,000 allocations instead of 700 leaves 3 passes where there were
+    200 (cyclic garbage, rare here, waits a little longer: memory stays bounded).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD0, *gc.get_threshold()[1:])
+
+
 async def serve(
     addr: str,
     services: Sequence[Service],
@@ -253,6 +274,7 @@ async def serve(
         tls: TLS of the server (see start); None: plaintext.
         health_addr: Where grpc.health.v1 alone is also served in plaintext (see start).
     """
+    tune_gc()  # start-up is over: what it made stays for the process's life
     try:
         stop_metrics = metrics.serve(metrics_addr)
     except OSError as exc:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import logging
 import os
 import socket
@@ -21,9 +20,6 @@ from conveyor.results.servicer import ResultsServicer
 from conveyor.results.setaside import SetAsideRows
 from conveyor.results.store import Store, open_pool
 from conveyor.v1 import results_service_pb2, results_service_pb2_grpc
-
-#: Allocations between two young collections (CPython's default: 700); see _tune_gc.
-GC_THRESHOLD0 = 20_000
 
 
 async def run() -> None:
@@ -67,7 +63,6 @@ async def run() -> None:
     async def prune(stop: asyncio.Event) -> None:
         await supervisor.run("prune", functools.partial(pruner.run, stop), stop)
 
-    _tune_gc()
     await server.serve(
         settings.grpc_addr,
         [
@@ -88,22 +83,6 @@ async def run() -> None:
         tls=settings.server_tls,
         health_addr=settings.health_addr,
     )
-
-
-def _tune_gc() -> None:
-    """Spare the projector most of the cyclic collector's passes (ADR 0030); reference counting frees its garbage.
-
-    Every batch's objects (the read's reply, rows, history) live from its read to its ack, long
-    enough to be scanned by every young collection meanwhile and promoted to the oldest
-    generation; each time enough pile up there, a full collection rescans the whole heap (modules,
-    protobuf descriptors, gRPC). Catching up on 20,000 jobs that was 0.14 s of CPU, 7 us per job.
-    Frozen, what start-up made is never scanned again; a young collection every 20,000
-    allocations instead of 700 leaves 3 passes where there were 200 (cyclic garbage, rare here,
-    waits a little longer: memory stays bounded).
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_THRESHOLD0, *gc.get_threshold()[1:])
 
 
 def main() -> None:
