@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 import uvloop
+from worker_cost_handlers import handlers  # the same no-op handlers as bench/worker_cost.py
 
 from conveyor.common import logs
 from conveyor.common.enqueue import build_job
@@ -32,21 +33,9 @@ from conveyor.common.scripts import Scripts
 from conveyor.common.settings import WorkerSettings
 from conveyor.common.validate import validate_all
 from conveyor.v1 import producer_service_pb2 as p
-from conveyor.worker.handlers import Handlers, JobContext
 from conveyor.worker.runner import QueueRunner, Slots
 
 PAYLOAD = b'{"data": "' + b"x" * 88 + b'"}'
-handlers = Handlers()
-
-
-@handlers.register("cost.noop")
-async def noop(payload: dict[str, Any], ctx: JobContext) -> None:
-    return None
-
-
-@handlers.register("cost.noop_sync")
-def noop_sync(payload: dict[str, Any], ctx: JobContext) -> None:
-    return None
 
 
 def stored_job(job_type: str) -> bytes:
