@@ -183,8 +183,10 @@ async def test_an_isolated_handler_that_ignores_its_timeout_is_killed(
     producer: Producer, start_worker: StartWorker, redis_client: redis.asyncio.Redis, redis_url: str
 ) -> None:
     payload = {"redis": redis_url, "key": "iso:timeout", "sleep": 60}
+    # 3 s, not less: the child must have started and noted its pid before the timeout, even on a
+    # loaded machine (a fresh interpreter importing the handlers took over 300 ms at load 7).
     job = await enqueue(
-        producer, "test.isolated_stubborn", queue="iso-t", payload=payload, timeout=_ms(300), retry=ONCE
+        producer, "test.isolated_stubborn", queue="iso-t", payload=payload, timeout=_ms(3000), retry=ONCE
     )
     worker = await start_worker(queues=("iso-t",), concurrency=1)
     events = await watch_all(producer, job.job_id)
