@@ -96,7 +96,8 @@ class Coalescer:
 
     async def _write(self, queue: str, writes: _QueueWrites, batch: list[Waiter]) -> None:
         try:
-            responses = await self._enqueuer.write([valid for valid, _ in batch], batch=len(batch) > 1)
+            # One queue's jobs: a failed write raises (batch=False), as a lone Enqueue's would.
+            responses = await self._enqueuer.write([valid for valid, _ in batch], batch=False)
         except Exception as exc:
             for _, future in batch:
                 if not future.done():
@@ -110,10 +111,6 @@ class Coalescer:
             self.jobs += len(batch)
             for (_, future), response in zip(batch, responses, strict=True):
                 if not future.done():
-                    if response.HasField("error"):
-                        # Only a write of several queues answers per job; one queue's write raises.
-                        future.set_exception(RuntimeError(f"unexpected per-job error: {response.error.message}"))
-                    else:
-                        future.set_result(response)
+                    future.set_result(response)
         finally:
             self._written(queue, writes)
