@@ -18,8 +18,16 @@ concurrent callers over 8 connections,
 and prints, per server and mode, calls/s and the server process's CPU µs per call (utime+stime
 from /proc around the timed part), with the client's. Medians of --reps.
 
+With ``--batch N`` the call is an ``EnqueueBatch`` of N jobs (the driver's job, without
+idempotency keys, so that the producer creates N new jobs on every call), one call at a time and
+4 in flight on one connection (as bench/run.py's ``bulk`` figure), and each figure is also given
+per job: ``aio-proto`` parses the ``EnqueueBatchRequest`` and answers N results with job ids, and
+``producer`` is the real ``EnqueueBatch`` (validation, ids, the enqueue script on a Redis with AOF,
+the response). This is the floor under the batch enqueue figure (issue 13, 3x BullMQ's addBulk).
+
     .venv/bin/python bench/grpc_floor.py --n 5000 --reps 3 --producer
     .venv/bin/python bench/grpc_floor.py --only producer,producer-b --producer --b-python ../before/.venv/bin/python
+    .venv/bin/python bench/grpc_floor.py --batch 100 --n 300 --reps 3 --producer
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ def proc_cpu_s(pid: int) -> float:
 # ---- the servers (run as a child: python grpc_floor.py --serve KIND --port P) ----
 
 
-def serve(kind: str, port: int) -> None:
+def serve(kind: str, port: int, batch: int = 0) -> None:
     if kind == "sync":
         server = grpc.server(futures.ThreadPoolExecutor(16))
         server.add_generic_rpc_handlers(
@@ -66,14 +74,14 @@ def serve(kind: str, port: int) -> None:
     import uvloop
 
     uvloop.install()
-    asyncio.run(_serve_aio(kind, port))
+    asyncio.run(_serve_aio(kind, port, batch))
 
 
 def _bare(request: bytes, context: object) -> bytes:
     return b""
 
 
-async def _serve_aio(kind: str, port: int) -> None:
+async def _serve_aio(kind: str, port: int, batch: int) -> None:
     from conveyor.v1 import producer_service_pb2 as p
 
     async def bare(request: bytes, context: object) -> bytes:
@@ -82,15 +90,29 @@ async def _serve_aio(kind: str, port: int) -> None:
     async def proto(request: p.EnqueueRequest, context: object) -> p.EnqueueResponse:
         return p.EnqueueResponse(job_id=f"{request.queue}/01JAAAAAAAAAAAAAAAAAAAAAAA", created=True)
 
-    handler = (
-        grpc.unary_unary_rpc_method_handler(bare)
-        if kind == "aio"
-        else grpc.unary_unary_rpc_method_handler(
+    async def proto_batch(request: p.EnqueueBatchRequest, context: object) -> p.EnqueueBatchResponse:
+        # What any EnqueueBatch must do at least: read every job, answer each with its id.
+        return p.EnqueueBatchResponse(
+            results=[
+                p.EnqueueResponse(job_id=f"{job.queue}/01JAAAAAAAAAAAAAAAAAAAAAAA", created=True, state=1)
+                for job in request.jobs
+            ]
+        )
+
+    if kind == "aio":
+        handler = grpc.unary_unary_rpc_method_handler(bare)
+    elif batch:
+        handler = grpc.unary_unary_rpc_method_handler(
+            proto_batch,
+            request_deserializer=p.EnqueueBatchRequest.FromString,
+            response_serializer=p.EnqueueBatchResponse.SerializeToString,
+        )
+    else:
+        handler = grpc.unary_unary_rpc_method_handler(
             proto,
             request_deserializer=p.EnqueueRequest.FromString,
             response_serializer=p.EnqueueResponse.SerializeToString,
         )
-    )
     interceptors = []
     if kind == "aio-icpt":
         from conveyor.common import logs
@@ -110,20 +132,23 @@ async def _serve_aio(kind: str, port: int) -> None:
 # ---- the client (in this process) ----
 
 
-def _request() -> bytes:
+def _request(batch: int) -> bytes:
     sys.path.insert(0, str(HERE))
     from driver import PAYLOAD
 
     from conveyor.v1 import producer_service_pb2 as p
 
-    return p.EnqueueRequest(queue="bench", type="demo.noop", payload_json=PAYLOAD).SerializeToString()
+    job = p.EnqueueRequest(queue="bench", type="demo.noop", payload_json=PAYLOAD)
+    if batch:
+        return p.EnqueueBatchRequest(jobs=[job] * batch).SerializeToString()
+    return job.SerializeToString()
 
 
 async def _load(addr: str, method: str, request: bytes, mode: str, n: int) -> tuple[float, float]:
     """Calls/s and this process's CPU s over n calls (after 50 untimed ones)."""
     channels = [
         grpc.aio.insecure_channel(addr, options=[("grpc.use_local_subchannel_pool", 1)])
-        for _ in range(1 if mode == "single" else 8)
+        for _ in range(8 if mode == "conc" else 1)
     ]
     calls = [c.unary_unary(method) for c in channels]
     for _ in range(50):
@@ -142,7 +167,8 @@ async def _load(addr: str, method: str, request: bytes, mode: str, n: int) -> tu
                 left[0] -= 1
                 await call(request, timeout=10)
 
-        await asyncio.gather(*(caller(i) for i in range(64)))
+        # conc: 64 callers over 8 connections; batch4: 4 batches in flight on one (bench/run.py's bulk).
+        await asyncio.gather(*(caller(i) for i in range(64 if mode == "conc" else 4)))
     t1, c1 = time.perf_counter(), time.process_time()
     for c in channels:
         await c.close()
@@ -171,23 +197,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_floor(kind: str, n: int, request: bytes) -> dict[str, dict[str, float]]:
+def modes(batch: int) -> tuple[str, str]:
+    return ("single", "batch4") if batch else ("single", "conc")
+
+
+def run_floor(kind: str, n: int, request: bytes, batch: int) -> dict[str, dict[str, float]]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", kind, "--port", str(port)], stdout=subprocess.PIPE, start_new_session=True
+        [sys.executable, __file__, "--serve", kind, "--port", str(port), "--batch", str(batch)],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
     )
     try:
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != b"ready":
             raise RuntimeError(f"server {kind} did not start")
         method_request = b"" if kind in ("aio", "sync") else request
-        return {m: measure(f"127.0.0.1:{port}", proc.pid, METHOD, method_request, m, n) for m in ("single", "conc")}
+        return {m: measure(f"127.0.0.1:{port}", proc.pid, METHOD, method_request, m, n) for m in modes(batch)}
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 
-def run_producer(n: int, request: bytes, python: str | None) -> dict[str, dict[str, float]]:
+def run_producer(n: int, request: bytes, python: str | None, batch: int) -> dict[str, dict[str, float]]:
     sys.path.insert(0, str(HERE))
     from run import PY, Stack
 
@@ -196,16 +228,26 @@ def run_producer(n: int, request: bytes, python: str | None) -> dict[str, dict[s
         Stack(Path(d), worker=False, python=python or PY) as st,
     ):
         producer = st.services["producer"]
-        return {
-            m: measure(producer.addr, producer.proc.pid, "/conveyor.v1.ProducerService/Enqueue", request, m, n)
-            for m in ("single", "conc")
-        }
+        method = "/conveyor.v1.ProducerService/" + ("EnqueueBatch" if batch else "Enqueue")
+        figures = {}
+        for m in modes(batch):
+            ticks0 = st.cpu_ticks()
+            figures[m] = measure(producer.addr, producer.proc.pid, method, request, m, n)
+            ticks1 = st.cpu_ticks()
+            # What the same calls cost the rest of the stack: Redis (the enqueue script, AOF) and the
+            # results service (reading and acking the QUEUED events, as in production).
+            for name in ("redis", "results"):
+                figures[m][f"{name}_us_per_call"] = (ticks1[name] - ticks0[name]) / CLK / (n + 50) * 1e6
+        return figures
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--serve", choices=["aio", "aio-proto", "aio-icpt", "sync"], help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--batch", type=int, default=0, help="each call an EnqueueBatch of this many jobs (figures also per job)"
+    )
     ap.add_argument("--n", type=int, default=5000, help="calls per figure (5,000)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--producer", action="store_true", help="also Conveyor's producer answering Enqueue")
@@ -216,9 +258,9 @@ def main() -> None:
     ap.add_argument("--json", help="append the figures as one JSON line to this file")
     a = ap.parse_args()
     if a.serve:
-        serve(a.serve, a.port)
+        serve(a.serve, a.port, a.batch)
         return
-    request = _request()
+    request = _request(a.batch)
     kinds = ["aio", "aio-proto", "aio-icpt", "sync"] + (["producer"] if a.producer else [])
     if a.producer and a.b_python:
         kinds.append("producer-b")
@@ -229,24 +271,36 @@ def main() -> None:
         for kind in kinds:
             print(f"# rep {rep + 1}/{a.reps}: {kind}", file=sys.stderr, flush=True)
             if kind.startswith("producer"):
-                runs[kind].append(run_producer(a.n, request, a.b_python if kind == "producer-b" else None))
+                runs[kind].append(run_producer(a.n, request, a.b_python if kind == "producer-b" else None, a.batch))
             else:
-                runs[kind].append(run_floor(kind, a.n, request))
+                runs[kind].append(run_floor(kind, a.n, request, a.batch))
     table: dict[str, dict[str, dict[str, float]]] = {}
-    print(f"\nUnary gRPC calls, {a.n} per figure, medians of {a.reps}; CPU in µs per call")
-    print(f"{'server':12s} {'mode':7s} {'calls/s':>9s} {'server CPU':>11s} {'client CPU':>11s}")
+    per = max(a.batch, 1)
+    what = f"EnqueueBatch calls of {a.batch} jobs" if a.batch else "Unary gRPC calls"
+    print(f"\n{what}, {a.n} per figure, medians of {a.reps}; CPU in µs per call (and per job)")
+    print(
+        f"{'server':12s} {'mode':7s} {'calls/s':>9s} {'jobs/s':>9s} {'server CPU':>18s} {'client CPU':>18s}"
+        "  (producer: the rest of the stack, µs per job)"
+    )
     for kind, reps in runs.items():
         table[kind] = {}
-        for mode in ("single", "conc"):
+        for mode in modes(a.batch):
             med = {k: statistics.median(r[mode][k] for r in reps) for k in reps[0][mode]}
             table[kind][mode] = med
+            server, client = med["server_us_per_call"], med["client_us_per_call"]
+            others = "".join(
+                f"  {name} {med[f'{name}_us_per_call'] / per:.1f}"
+                for name in ("redis", "results")
+                if f"{name}_us_per_call" in med
+            )
             print(
-                f"{kind:12s} {mode:7s} {med['calls_per_s']:9,.0f} {med['server_us_per_call']:11.0f}"
-                f" {med['client_us_per_call']:11.0f}"
+                f"{kind:12s} {mode:7s} {med['calls_per_s']:9,.0f} {med['calls_per_s'] * per:9,.0f}"
+                f" {server:8.0f} ({server / per:6.1f}) {client:8.0f} ({client / per:6.1f}){others}"
             )
     if a.json:
         with open(a.json, "a") as f:
-            f.write(json.dumps({"metric": "grpc_floor", "n": a.n, "reps": a.reps, "figures": table}) + "\n")
+            row = {"metric": "grpc_floor", "n": a.n, "reps": a.reps, "batch": a.batch, "figures": table}
+            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,19 @@ def test_a_batch_that_would_overflow_the_counter_takes_the_next_millisecond() ->
     assert batch == sorted(batch) and _value(batch[-1]) - _value(batch[0]) == 4
 
 
+@pytest.mark.parametrize("below", [1, 2, 7, 99])
+def test_a_batch_counting_across_its_last_four_characters_is_still_consecutive(below: int) -> None:
+    # The common batch shares its first 22 characters; one that carries into them must not.
+    gen = ids._UlidGenerator()
+    now_ms = time.time_ns() // 1_000_000
+    start = (12345 << 20) | ((1 << 20) - below)
+    gen._last_ms, gen._last_rand = now_ms + 10, start - 1
+    batch = gen.many(100)
+    values = [_value(u) for u in batch]
+    assert values == list(range(values[0], values[0] + 100))
+    assert values[0] & ((1 << 80) - 1) == start and len(set(batch)) == 100
+
+
 def _value(ulid: str) -> int:
     crockford = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
     return int("".join("0123456789abcdefghijklmnopqrstuv"[crockford.index(c)] for c in ulid), 32)

@@ -42,6 +42,13 @@ def test_a_valid_request_passes_with_defaults() -> None:
         (ok(payload_json=b"\xff\xfe"), "payload_json"),
         (ok(payload_json=b"[1,2]"), "payload_json"),
         (ok(payload_json=b"{not json"), "payload_json"),
+        (ok(payload_json=b'{"a":1} {"b":2}'), "payload_json"),
+        (ok(payload_json=b'{"a":1} x'), "payload_json"),
+        (ok(payload_json=b"   "), "payload_json"),
+        # UTF-8 only, as the field says: not UTF-16, not with a byte order mark (neither would
+        # be stored as jsonb by the results service).
+        (ok(payload_json='{"a":1}'.encode("utf-16")), "payload_json"),
+        (ok(payload_json=b'\xef\xbb\xbf{"a":1}'), "payload_json"),
         (ok(payload_json=b"{}", payload={"a": 1}), "payload_json"),
         (ok(delay=duration_pb2.Duration(seconds=-1)), "delay"),
         (ok(timeout=duration_pb2.Duration(seconds=-5)), "timeout"),
@@ -52,6 +59,12 @@ def test_a_valid_request_passes_with_defaults() -> None:
 )
 def test_bad_fields_are_named(req: p.EnqueueRequest, field: str) -> None:
     assert field in violations(req)
+
+
+@pytest.mark.parametrize("text", [b"{}", b' {"a": [1, {"b": null}]}\n', '{"é":"ü"}'.encode(), b'{"\\u00e9":1}'])
+def test_json_objects_with_whitespace_around_them_are_kept_byte_for_byte(text: bytes) -> None:
+    (job,) = validate_all([ok(payload_json=text)], 1000, False)
+    assert job.payload_json == text
 
 
 def test_batch_violations_name_the_job_index() -> None:

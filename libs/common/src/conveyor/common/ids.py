@@ -46,12 +46,25 @@ class _UlidGenerator:
             if rand + n > 1 << 80:  # 2^80 ids in one millisecond: borrow the next one
                 ms, rand = ms + 1, int.from_bytes(os.urandom(10), "big") >> 1
             self._last_ms, self._last_rand = ms, rand + n - 1
-        # 130 bits of base 32 are the last 26 characters of 20 bytes' worth (160 bits), and 20
-        # bytes are exactly 32 characters: one C base32 encoding of all of them, one translation.
         base = (ms << 80) | rand
-        packed = b"".join((base + i).to_bytes(20, "big") for i in range(n))
-        encoded = base64.b32encode(packed).translate(_TO_CROCKFORD).decode()
-        return [encoded[i + 6 : i + 32] for i in range(0, 32 * n, 32)]
+        low = base & _LOW_MASK
+        if low + n <= _LOW_MASK + 1:
+            # Counting up within the last four characters (20 bits): every id shares the first
+            # 22, so they are encoded once and each id is two lookups of a 10-bit pair.
+            # base64.b32encode is pure Python here and cost 1.6 µs per id (issue 13).
+            head = _encode(base)[:22]
+            return [head + _PAIRS[(v := low + i) >> 10] + _PAIRS[v & 1023] for i in range(n)]
+        return [_encode(base + i) for i in range(n)]
+
+
+def _encode(value: int) -> str:
+    """A 130-bit value as 26 Crockford characters: the last 26 of 20 bytes' (32 characters') base 32."""
+    return base64.b32encode(value.to_bytes(20, "big")).translate(_TO_CROCKFORD).decode()[6:]
+
+
+_LOW_MASK = (1 << 20) - 1
+#: Every 10-bit value as its two Crockford characters.
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
 
 
 _generator = _UlidGenerator()

@@ -104,7 +104,7 @@ class Record:
         return cls(int(state), int(attempt), int(priority), entry_id, first, final, owner[0] if owner else "")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made once per job on the enqueue path: not frozen (see Claimed below)
 class NewJob:
     """One job for the enqueue script."""
 
@@ -120,7 +120,7 @@ class NewJob:
     rate_key: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per job on the enqueue path: not frozen (see Claimed below)
 class EnqueueResult:
     ulid: str
     created: bool
@@ -284,7 +284,8 @@ class Scripts:
                 rate_key,
             ]
         raw = await self._enqueue(keys=[*keys.script_keys(), *idem_keys], args=[len(jobs), b"".join(parts)])
-        return [EnqueueResult(_text(raw[i]), bool(raw[i + 1]), int(raw[i + 2])) for i in range(0, len(raw), 3)]
+        triples = iter(raw)
+        return [EnqueueResult(_text(u), bool(c), int(st)) for u, c, st in zip(triples, triples, triples, strict=True)]
 
     async def claim(self, keys: QueueKeys, consumer: str, count: int) -> ClaimResult:
         """Promote due delayed jobs, then claim up to ``count`` jobs, highest band first."""

@@ -8,8 +8,10 @@ person can act on.
 from __future__ import annotations
 
 import json
+import json.scanner
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from conveyor.common.codec import struct_to_json
@@ -56,7 +58,9 @@ def check_queue(queue: str, field: str = "queue") -> None:
         raise InvalidArgument({field: problem})
 
 
-@dataclass(frozen=True, slots=True)
+# Made once per job on the enqueue path: not frozen, as a frozen dataclass's __init__ costs
+# twice as much (object.__setattr__ per field).
+@dataclass(slots=True)
 class ValidJob:
     """An EnqueueRequest that passed validation, with its payload as JSON bytes."""
 
@@ -70,6 +74,35 @@ class ValidJob:
     retry: job_pb2.RetryPolicy
     #: When the job becomes due (ms since the epoch), or 0 for now.
     due_ms: int = 0
+
+
+# The C scanner json.loads itself uses (typeshed types make_scanner as the class it is in Python).
+_scan_json: Callable[[str, int], tuple[object, int]] = json.scanner.make_scanner(
+    json.JSONDecoder()  # type: ignore[arg-type]
+)
+#: The whitespace JSON allows around a value (RFC 8259; json.decoder.WHITESPACE).
+_JSON_SPACE = " \t\n\r"
+
+
+def _json_value(payload: bytes) -> object:
+    """The value of UTF-8 JSON text, as ``json.loads`` reads it from a str.
+
+    ``json.loads`` of bytes first guesses the encoding (UTF-16 and UTF-32 too) and then walks
+    three layers of Python: 1.7 µs for the 100-byte payload of a typical job, against 0.3 µs for
+    its C scanner called directly (issue 13). Strict UTF-8 is what the field promises.
+
+    Raises:
+        UnicodeDecodeError: Not UTF-8.
+        ValueError: Not one JSON value (with only whitespace around it).
+    """
+    text = payload.decode()
+    try:
+        value, end = _scan_json(text, len(text) - len(text.lstrip(_JSON_SPACE)))
+    except StopIteration:
+        raise ValueError("not JSON") from None
+    if end != len(text) and text[end:].strip(_JSON_SPACE):
+        raise ValueError("extra data after the JSON value")
+    return value
 
 
 def _duration_ms(seconds: int, nanos: int) -> int:
@@ -101,7 +134,7 @@ def validate(
     elif request.payload_json:
         payload = bytes(request.payload_json)
         try:
-            if not isinstance(json.loads(payload), dict):
+            if not isinstance(_json_value(payload), dict):
                 bad[f"{prefix}payload_json"] = "must be a JSON object"
         except (UnicodeDecodeError, ValueError):
             bad[f"{prefix}payload_json"] = "must be UTF-8 JSON text of an object"
