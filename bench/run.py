@@ -75,6 +75,7 @@ ALL = (
     "controls",
     "bulk",
     "client",
+    "client_b",
     "conc",
     "single",
     "latency",
@@ -89,6 +90,7 @@ BULLMQ_NAMES = {
     "single": "single",
     "conc": "conc",
     "client": "conc",
+    "client_b": "conc",
     "latency": "latency",
     "mem": "mem",
 }
@@ -454,7 +456,10 @@ class Stack:
         wait_until(check, "the results service to ack every event", timeout, 0.05)
 
     def driver(self, mode: str, *args: str) -> Driver:
-        return Driver(self, [PY, str(HERE / "driver.py"), mode, "--addr", self.producer_addr, "--queue", QUEUE, *args])
+        # The stack's interpreter: with --b-python the driver's client code is the B side's too.
+        return Driver(
+            self, [self.python, str(HERE / "driver.py"), mode, "--addr", self.producer_addr, "--queue", QUEUE, *args]
+        )
 
 
 class Driver:
@@ -793,9 +798,12 @@ class Bench:
         }
         return [e2e, lag]
 
-    def enqueue_only(self, metric: str, mode: str, n: int, *args: str) -> list[dict]:
+    def enqueue_only(
+        self, metric: str, mode: str, n: int, *args: str, env: dict[str, str] | None = None, python: str | None = None
+    ) -> list[dict]:
         # --a-env applies here too (e.g. CONVEYOR_PRODUCER_PROCESSES=2 for the unary figures).
-        with self.stack(worker=False, extra_env=parse_env(self.a.a_env)) as st:
+        env = parse_env(self.a.a_env) if env is None else env
+        with self.stack(worker=False, extra_env=env, **({"python": python} if python else {})) as st:
             # Steady state: the results service knows the queue and is idle (it projects the QUEUED
             # events during the measurement, as it would in production).
             st.warmup(100)
@@ -827,6 +835,13 @@ class Bench:
 
     def client(self) -> list[dict]:
         return self.enqueue_only("client64_jobs_per_s", "client", self.a.n, "--inflight", "64", "--warmup", "64")
+
+    def client_b(self) -> list[dict]:
+        """client with --b-env / --b-python (services and driver): the B side of a paired before/after."""
+        rows = self.enqueue_only("client64_b_jobs_per_s", "client", self.a.n, "--inflight", "64", "--warmup", "64",
+                                 env=parse_env(self.a.b_env), python=self.a.b_python)  # fmt: skip
+        label = " ".join(x for x in (self.a.b_env, self.a.b_python and f"python={self.a.b_python}") if x)
+        return [dict(rows[0], b_env=label)]
 
     def latency(self) -> list[dict]:
         rate, duration = 200.0, self.a.latency_s
@@ -1168,6 +1183,13 @@ FIGURES = [
         _ratio_at_least(1.0),
     ),
     Figure(
+        "  client B (--b-env / --b-python), jobs/s",
+        ("client64_b_jobs_per_s", "value"),
+        ("concurrent64_jobs_per_s", "value"),
+        "info (paired below)",
+        lambda c, b: None,
+    ),
+    Figure(
         "  same, plain stubs (no coalescing)",
         ("concurrent64_jobs_per_s", "value"),
         ("concurrent64_jobs_per_s", "value"),
@@ -1310,16 +1332,37 @@ def print_pairs(rows: list[dict]) -> None:
         )
 
 
-def b_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
-    """Per repetition with both: (e2e row, e2e_b row)."""
+def b_pairs(
+    rows: list[dict], a_metric: str = "e2e_jobs_per_s", b_metric: str = "e2e_b_jobs_per_s"
+) -> list[tuple[dict, dict]]:
+    """Per repetition with both: (A row, B row)."""
     by_rep: dict[int, dict[str, dict]] = {}
     for r in rows:
-        if r.get("peer") == "conveyor" and r.get("metric") in ("e2e_jobs_per_s", "e2e_b_jobs_per_s"):
+        if r.get("peer") == "conveyor" and r.get("metric") in (a_metric, b_metric):
             by_rep.setdefault(r["rep"], {})[r["metric"]] = r
-    return [(g["e2e_jobs_per_s"], g["e2e_b_jobs_per_s"]) for g in by_rep.values() if len(g) == 2]
+    return [(g[a_metric], g[b_metric]) for g in by_rep.values() if len(g) == 2]
+
+
+def print_client_b_pairs(rows: list[dict]) -> None:
+    pairs = b_pairs(rows, "client64_jobs_per_s", "client64_b_jobs_per_s")
+    if not pairs:
+        return
+
+    def med(xs: list[float]) -> str:
+        return f"{statistics.median(xs):6.3f}  ({min(xs):.2f}-{max(xs):.2f})"
+
+    print(f"\nB ({pairs[0][1].get('b_env')}) / A, 64 callers through the client, paired by repetition "
+          f"({len(pairs)} pairs): median (min-max) of ratios")  # fmt: skip
+    print(f"  client throughput       {med([b['value'] / a['value'] for a, b in pairs])}")
+    for name in pairs[0][0]["cpu_us_per_job"]:
+        ratios = [b["cpu_us_per_job"][name] / max(a["cpu_us_per_job"][name], 1e-9) for a, b in pairs]
+        print(f"  CPU/job {name:16s}{med(ratios)}"
+              f"   A {statistics.median(a['cpu_us_per_job'][name] for a, _ in pairs):7.1f}"
+              f"  B {statistics.median(b['cpu_us_per_job'][name] for _, b in pairs):7.1f} us/job")  # fmt: skip
 
 
 def print_b_pairs(rows: list[dict]) -> None:
+    print_client_b_pairs(rows)
     pairs = b_pairs(rows)
     if not pairs:
         return
@@ -1462,7 +1505,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=20000, help="jobs per throughput measurement")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--only", default=",".join(ALL), help="comma list of " + ",".join(ALL))
+    ap.add_argument(
+        "--only",
+        # The B sides of paired figures need --b-env or --b-python: asked for by name only.
+        default=",".join(w for w in ALL if w not in ("e2e_b", "client_b")),
+        help="comma list of " + ",".join(ALL),
+    )
     ap.add_argument("--json", help="append every measurement to this JSON-lines file")
     ap.add_argument("--with-bullmq", action="store_true", help="also run ../shared/peers/baseline.py, interleaved")
     ap.add_argument(
@@ -1521,8 +1569,9 @@ def main() -> int:
     bad = [w for w in only if w not in ALL]
     if bad:
         ap.error(f"unknown figures {bad}; choose from {','.join(ALL)}")
-    if "e2e_b" in only and not (a.b_env or a.b_python):
-        ap.error("e2e_b needs --b-env KEY=VALUE[,...] or --b-python PATH")
+    for paired in ("e2e_b", "client_b"):
+        if paired in only and not (a.b_env or a.b_python):
+            ap.error(f"{paired} needs --b-env KEY=VALUE[,...] or --b-python PATH")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
 
@@ -1553,10 +1602,10 @@ def main() -> int:
                     failures += 1
                     emit({"metric": "error", "peer": "bullmq-node", "rep": rep, "error": str(exc)})
             order = list(only)
-            for other in ("controls", "e2e_b"):
-                if rep % 2 and "e2e" in order and other in order:
+            for first, other in (("e2e", "controls"), ("e2e", "e2e_b"), ("client", "client_b")):
+                if rep % 2 and first in order and other in order:
                     # Paired figures alternate which goes first, so a drift of the machine favours neither.
-                    i, j = order.index("e2e"), order.index(other)
+                    i, j = order.index(first), order.index(other)
                     order[i], order[j] = order[j], order[i]
             paired = [w for w in order if w in ("e2e", "metrics_off", "tracing")]
             if len(paired) > 1:
