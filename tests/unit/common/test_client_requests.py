@@ -154,33 +154,39 @@ async def test_a_lone_call_goes_alone_as_a_unary_enqueue() -> None:
     assert (fake.unary, fake.batches) == (["k1"], [])
 
 
-async def test_calls_made_together_are_split_between_the_two_slots() -> None:
+async def test_calls_made_together_go_together_in_one_batch() -> None:
     fake = GatedClient()
     coalescer = _Coalescer(fake)  # type: ignore[arg-type]
     calls = [asyncio.ensure_future(coalescer.submit(_req(f"k{i}"))) for i in range(64)]
-    await _until(lambda: fake.out == 2, "two batches out")
-    assert [len(b) for b in fake.batches] == [32, 32]
+    await _until(lambda: fake.out == 1, "a batch out")
+    assert [len(b) for b in fake.batches] == [64] and not fake.unary
     fake.open_all()
     results = await asyncio.gather(*calls)
     assert [r.job_id for r in results] == [f"q/k{i}" for i in range(64)]
-    assert fake.most_out == 2
+    assert fake.batches == [[f"k{i}" for i in range(64)]]
 
 
-async def test_calls_made_while_both_slots_are_out_wait_and_go_in_the_next_batches() -> None:
+async def test_calls_woken_by_one_answer_go_together_in_the_next_batch() -> None:
+    fake = GatedClient()
+    fake.open_all()
+    coalescer = _Coalescer(fake)  # type: ignore[arg-type]
+
+    async def caller(k: int) -> None:
+        for round in range(3):
+            await coalescer.submit(_req(f"k{k}-{round}"))
+
+    await asyncio.gather(*(caller(k) for k in range(16)))
+    assert [len(b) for b in fake.batches] == [16, 16, 16] and not fake.unary
+
+
+async def test_no_more_than_max_batch_jobs_go_in_one_call() -> None:
     fake = GatedClient()
     coalescer = _Coalescer(fake)  # type: ignore[arg-type]
-    first = [asyncio.ensure_future(coalescer.submit(_req(f"a{i}"))) for i in range(4)]
+    calls = [asyncio.ensure_future(coalescer.submit(_req(f"k{i}"))) for i in range(_Coalescer.MAX_BATCH + 20)]
     await _until(lambda: fake.out == 2, "two batches out")
-    later = [asyncio.ensure_future(coalescer.submit(_req(f"b{i}"))) for i in range(10)]
-    await asyncio.sleep(0)
-    assert fake.out == 2 and len(fake.batches) == 2  # nobody jumps the queue
+    assert [len(b) for b in fake.batches] == [_Coalescer.MAX_BATCH, 20]
     fake.open_all()
-    results = await asyncio.gather(*first, *later)
-    # Both slots came free at once, so the ten waiting calls were split between them.
-    assert [len(b) for b in fake.batches[2:]] == [5, 5]
-    assert [k for b in fake.batches[2:] for k in b] == [f"b{i}" for i in range(10)]
-    assert [r.job_id for r in results[4:]] == [f"q/b{i}" for i in range(10)] and not fake.unary
-    assert fake.most_out == 2
+    await asyncio.gather(*calls)
 
 
 async def test_calls_made_while_both_slots_are_out_go_together_when_one_comes_free() -> None:
@@ -225,7 +231,7 @@ async def test_a_cancelled_send_cancels_its_callers_and_frees_its_slot() -> None
     fake = GatedClient()
     coalescer = _Coalescer(fake)  # type: ignore[arg-type]
     calls = [asyncio.ensure_future(coalescer.submit(_req(f"k{i}"))) for i in range(6)]
-    await _until(lambda: fake.out == 2, "two batches out")
+    await _until(lambda: fake.out == 1, "the batch out")
     for task in list(coalescer._tasks):
         task.cancel()
     results = await asyncio.gather(*calls, return_exceptions=True)
