@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -72,16 +73,25 @@ def _key_in_child(conn: Any) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_makes_keys_of_its_own() -> None:
-    parent = ConveyorClient.request("q", "t").idempotency_key
+def test_a_forked_child_does_not_hand_out_its_parents_keys() -> None:
+    ConveyorClient.request("q", "t")  # the parent holds random bytes drawn for keys to come
     ctx = multiprocessing.get_context("fork")
     mine, theirs = ctx.Pipe()
     child = ctx.Process(target=_key_in_child, args=(theirs,))
     child.start()
-    key = mine.recv()
+    child_key = mine.recv()
     child.join(10)
-    # Same counter state after the fork; only a new prefix keeps the two apart.
-    assert key.rsplit("-", 1)[0] != parent.rsplit("-", 1)[0]
+    parent_next = {ConveyorClient.request("q", "t").idempotency_key for _ in range(400)}
+    assert child_key not in parent_next
+
+
+def test_keys_made_from_many_threads_are_distinct() -> None:
+    def make(_: int) -> list[str]:
+        return [ConveyorClient.request("q", "t").idempotency_key for _ in range(2_000)]
+
+    with ThreadPoolExecutor(8) as pool:
+        keys = [k for chunk in pool.map(make, range(8)) for k in chunk]
+    assert len(set(keys)) == len(keys) == 16_000
 
 
 class GatedClient:

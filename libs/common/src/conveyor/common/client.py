@@ -16,10 +16,9 @@ every job an idempotency key when the caller did not.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import random
-import secrets
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -81,21 +80,32 @@ _CLIENT_KEY_WINDOW = duration_pb2.Duration(seconds=int(CLIENT_KEY_WINDOW.total_s
 
 
 class _KeySource:
-    """Idempotency keys for the client's own retries: a random 80-bit prefix per process and a
-    counter. Two keys meet only if two processes draw the same prefix (the child of a fork
-    draws its own), and a key costs no system call, where a uuid4 each cost about 2 µs."""
+    """Idempotency keys for the client's own retries: 96 random bits each, as unguessable as a
+    uuid4's, drawn from the OS 4 KiB at a time (a uuid4 per key was a system call, about 2 µs).
+    A forked child throws away what its parent drew, so the two never hand out the same key."""
+
+    _KEYS_PER_DRAW = 341
+    _HEX = 24  # 12 bytes
 
     def __init__(self) -> None:
-        self._draw()
+        self._lock = threading.Lock()
+        self._drop()
         if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._draw)
+            os.register_at_fork(after_in_child=self._drop)
 
-    def _draw(self) -> None:
-        self._prefix = f"client:{secrets.token_hex(10)}-"
-        self._counter = itertools.count()
+    def _drop(self) -> None:
+        self._hex = ""
+        self._at = 0
 
     def __call__(self) -> str:
-        return f"{self._prefix}{next(self._counter):x}"
+        with self._lock:
+            at = self._at
+            if at >= len(self._hex):
+                self._hex = os.urandom(self._KEYS_PER_DRAW * self._HEX // 2).hex()
+                at = 0
+            self._at = at + self._HEX
+            buffer = self._hex
+        return "client:" + buffer[at : at + self._HEX]
 
 
 _client_key = _KeySource()
