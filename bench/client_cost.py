@@ -9,8 +9,9 @@ it beside what any asyncio client must spend:
 
 - ``asyncio``: 64 tasks, each making a future and awaiting it, resolved by a batcher in groups
   as the coalescer does, no gRPC: what waking a caller costs Python's event loop (uvloop);
-- ``grpc-batch``: EnqueueBatch calls of prebuilt requests, --batch jobs each, 2 in flight (as the
-  coalescer keeps them), no per-job Python on the client: grpc's cost per job;
+- ``grpc-batch``: EnqueueBatch calls of prebuilt requests, --batch jobs each (64: what the
+  coalescer sends for 64 callers), 2 calls in flight, no per-job Python on the client: grpc's
+  cost per job;
 - ``request``: ``ConveyorClient.request`` alone (building one EnqueueRequest with its key);
 - ``client``: ``ConveyorClient.enqueue`` from 64 callers: the real thing.
 
@@ -205,7 +206,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=50_000)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument(
-        "--batch", type=int, default=32, help="jobs per batch of asyncio and grpc-batch (64 callers, 2 out)"
+        "--batch", type=int, default=64, help="jobs per batch of asyncio and grpc-batch (64: as the client sends)"
     )
     ap.add_argument("--b-python", help="also run `client` under this interpreter (another checkout's venv)")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
