@@ -49,6 +49,9 @@ def test_a_valid_request_passes_with_defaults() -> None:
         # be stored as jsonb by the results service).
         (ok(payload_json='{"a":1}'.encode("utf-16")), "payload_json"),
         (ok(payload_json=b'\xef\xbb\xbf{"a":1}'), "payload_json"),
+        (ok(payload_json=b'{"a":NaN}'), "payload_json"),
+        (ok(payload_json=b'{"a":[1,Infinity]}'), "payload_json"),
+        (ok(payload_json=b'{"a":{"b":-Infinity}}'), "payload_json"),
         (ok(payload_json=b"{}", payload={"a": 1}), "payload_json"),
         (ok(delay=duration_pb2.Duration(seconds=-1)), "delay"),
         (ok(timeout=duration_pb2.Duration(seconds=-5)), "timeout"),

@@ -76,9 +76,15 @@ class ValidJob:
     due_ms: int = 0
 
 
+def _not_json(constant: str) -> object:
+    # Python's scanner takes NaN and Infinity; JSON (and PostgreSQL's jsonb, where the payload
+    # ends up) does not.
+    raise ValueError(f"{constant} is not JSON")
+
+
 # The C scanner json.loads itself uses (typeshed types make_scanner as the class it is in Python).
 _scan_json: Callable[[str, int], tuple[object, int]] = json.scanner.make_scanner(
-    json.JSONDecoder()  # type: ignore[arg-type]
+    json.JSONDecoder(parse_constant=_not_json)  # type: ignore[arg-type]
 )
 #: The whitespace JSON allows around a value (RFC 8259; json.decoder.WHITESPACE).
 _JSON_SPACE = " \t\n\r"
@@ -93,7 +99,7 @@ def _json_value(payload: bytes) -> object:
 
     Raises:
         UnicodeDecodeError: Not UTF-8.
-        ValueError: Not one JSON value (with only whitespace around it).
+        ValueError: Not one JSON value (with only whitespace around it), or NaN or Infinity in it.
     """
     text = payload.decode()
     try:
