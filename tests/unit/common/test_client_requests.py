@@ -12,6 +12,7 @@ import multiprocessing
 import os
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -50,6 +51,11 @@ def test_request_sets_every_option_given() -> None:
     expected.retry.CopyFrom(job_pb2.RetryPolicy(max_attempts=4))
     assert req == expected
     assert not req.HasField("idempotency_window")
+
+
+def test_request_takes_any_mapping_for_payload_and_labels() -> None:
+    req = ConveyorClient.request("q", "t", MappingProxyType({"a": 1}), labels=MappingProxyType({"k": "v"}))
+    assert (req.payload_json, dict(req.labels)) == (b'{"a":1}', {"k": "v"})
 
 
 def test_request_leaves_unset_options_unset() -> None:

@@ -290,7 +290,7 @@ class ConveyorClient:
         if priority:
             fields["priority"] = priority
         if labels:
-            fields["labels"] = labels
+            fields["labels"] = labels if isinstance(labels, dict) else dict(labels)
         if rate_key:
             fields["rate_key"] = rate_key
         if delay is not None:
@@ -798,7 +798,7 @@ class _Coalescer:
         loop = asyncio.get_running_loop()
         while self._pending and self._in_flight < self.IN_FLIGHT:
             # Everything waiting goes in one call: splitting it to keep both slots busy cost the
-            # producer 10 µs per job more (gRPC's price per call) and gained nothing (ADR 0033).
+            # producer 10 µs per job more (gRPC's price per call) for 7 % more speed (ADR 0033).
             batch = self._pending[: self.MAX_BATCH]
             del self._pending[: self.MAX_BATCH]
             self._in_flight += 1
