@@ -28,31 +28,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-CLK = os.sysconf("SC_CLK_TCK")
+from grpc_floor import free_port, proc_cpu_s  # bench/ is the script's directory, on sys.path
+
 CALLERS = 64
 PAYLOAD = {"p": "x" * 92}  # 100 bytes of JSON, as bench/driver.py's
-
-
-def proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- the bare server (a child: client_cost.py --serve PORT) ----

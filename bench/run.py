@@ -669,7 +669,7 @@ class Bench:
         self.count = 0
 
     def stack(self, **kw: Any) -> Stack:
-        kw.setdefault("python", self.a.a_python or PY)
+        kw["python"] = kw.get("python") or self.a.a_python or PY
         self.count += 1
         d = self.workdir / f"stack{self.count:02d}"
         d.mkdir()
@@ -803,7 +803,7 @@ class Bench:
     ) -> list[dict]:
         # --a-env applies here too (e.g. CONVEYOR_PRODUCER_PROCESSES=2 for the unary figures).
         env = parse_env(self.a.a_env) if env is None else env
-        with self.stack(worker=False, extra_env=env, **({"python": python} if python else {})) as st:
+        with self.stack(worker=False, extra_env=env, python=python) as st:
             # Steady state: the results service knows the queue and is idle (it projects the QUEUED
             # events during the measurement, as it would in production).
             st.warmup(100)
@@ -1343,46 +1343,35 @@ def b_pairs(
     return [(g[a_metric], g[b_metric]) for g in by_rep.values() if len(g) == 2]
 
 
-def print_client_b_pairs(rows: list[dict]) -> None:
-    pairs = b_pairs(rows, "client64_jobs_per_s", "client64_b_jobs_per_s")
-    if not pairs:
-        return
+def _ratios(xs: list[float]) -> str:
+    return f"{statistics.median(xs):6.3f}  ({min(xs):.2f}-{max(xs):.2f})"
 
-    def med(xs: list[float]) -> str:
-        return f"{statistics.median(xs):6.3f}  ({min(xs):.2f}-{max(xs):.2f})"
 
-    print(f"\nB ({pairs[0][1].get('b_env')}) / A, 64 callers through the client, paired by repetition "
-          f"({len(pairs)} pairs): median (min-max) of ratios")  # fmt: skip
-    print(f"  client throughput       {med([b['value'] / a['value'] for a, b in pairs])}")
+def print_pair_ratios(pairs: list[tuple[dict, dict]], figure: str, what: str = "") -> None:
+    """The header, throughput and CPU-per-job lines of a paired B / A comparison."""
+    b_env = pairs[0][1].get("b_env")
+    a_env = " ".join(x for x in (pairs[0][0].get("a_env"), pairs[0][0].get("python")) if x) or "defaults"
+    print(f"\nB ({b_env}) / A ({a_env}){what}, paired by repetition ({len(pairs)} pairs): median (min-max) of ratios")
+    print(f"  {figure + ' throughput':24s}{_ratios([b['value'] / a['value'] for a, b in pairs])}")
     for name in pairs[0][0]["cpu_us_per_job"]:
         ratios = [b["cpu_us_per_job"][name] / max(a["cpu_us_per_job"][name], 1e-9) for a, b in pairs]
-        print(f"  CPU/job {name:16s}{med(ratios)}"
+        print(f"  CPU/job {name:16s}{_ratios(ratios)}"
               f"   A {statistics.median(a['cpu_us_per_job'][name] for a, _ in pairs):7.1f}"
               f"  B {statistics.median(b['cpu_us_per_job'][name] for _, b in pairs):7.1f} us/job")  # fmt: skip
 
 
 def print_b_pairs(rows: list[dict]) -> None:
-    print_client_b_pairs(rows)
+    client_pairs = b_pairs(rows, "client64_jobs_per_s", "client64_b_jobs_per_s")
+    if client_pairs:
+        print_pair_ratios(client_pairs, "client", ", 64 callers through the client")
     pairs = b_pairs(rows)
     if not pairs:
         return
+    print_pair_ratios(pairs, "e2e")
     lags = {(r["rep"], r["metric"]): r for r in rows if r.get("metric") in ("projection_lag_ms", "projection_lag_b_ms")}
-
-    def med(f: Callable[[dict, dict], float]) -> str:
-        xs = [f(a, b) for a, b in pairs]
-        return f"{statistics.median(xs):6.3f}  ({min(xs):.2f}-{max(xs):.2f})"
-
-    b_env = pairs[0][1].get("b_env")
-    a_env = " ".join(x for x in (pairs[0][0].get("a_env"), pairs[0][0].get("python")) if x) or "defaults"
-    print(f"\nB ({b_env}) / A ({a_env}), paired by repetition ({len(pairs)} pairs): median (min-max) of ratios")
-    print(f"  e2e throughput          {med(lambda a, b: b['value'] / a['value'])}")
-    for name in pairs[0][0]["cpu_us_per_job"]:
-        ratio = med(lambda a, b, k=name: b["cpu_us_per_job"][k] / max(a["cpu_us_per_job"][k], 1e-9))
-        print(f"  CPU/job {name:16s}{ratio}"
-              f"   A {statistics.median(a['cpu_us_per_job'][name] for a, _ in pairs):7.1f}"
-              f"  B {statistics.median(b['cpu_us_per_job'][name] for _, b in pairs):7.1f} us/job")  # fmt: skip
     for key in ("wal_bytes", "tuples_inserted", "tuples_updated"):
-        print(f"  PG {key:21s}{med(lambda a, b, k=key: b['pg_per_job'][k] / max(a['pg_per_job'][k], 1e-9))}"
+        ratios = [b["pg_per_job"][key] / max(a["pg_per_job"][key], 1e-9) for a, b in pairs]
+        print(f"  PG {key:21s}{_ratios(ratios)}"
               f"   A {statistics.median(a['pg_per_job'][key] for a, _ in pairs):7.1f}"
               f"  B {statistics.median(b['pg_per_job'][key] for _, b in pairs):7.1f} per job")  # fmt: skip
     lag_pairs = [

@@ -252,6 +252,6 @@ async def test_a_cancelled_send_cancels_its_callers_and_frees_its_slot() -> None
         task.cancel()
     results = await asyncio.gather(*calls, return_exceptions=True)
     assert all(isinstance(r, asyncio.CancelledError) for r in results)
-    await _until(lambda: coalescer._in_flight == 0, "the slots freed")
+    await _until(lambda: not coalescer._tasks, "the slots freed")
     fake.open_all()
     assert (await coalescer.submit(_req("after"))).job_id == "q/after"
